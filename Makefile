@@ -1,0 +1,21 @@
+# The two commands of the README: `make demo` runs the main job, `make test` runs the tests.
+# Both create the virtual environment from requirements.lock first (scripts/setup.sh, idempotent).
+.PHONY: setup demo test test-unit bench clean
+
+setup:
+	@bash scripts/setup.sh >/dev/null
+
+demo: setup
+	.venv/bin/home-mixer demo $(ARGS)
+
+test: setup
+	.venv/bin/python -m pytest -q $(ARGS)
+
+test-unit: setup
+	.venv/bin/python -m pytest -q -m "not integration" $(ARGS)
+
+bench: setup
+	.venv/bin/python bench/hydration.py
+
+clean:
+	@if [ -x .venv/bin/home-mixer ]; then .venv/bin/home-mixer clean; else rm -rf .state; fi

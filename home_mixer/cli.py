@@ -1,0 +1,250 @@
+"""``home-mixer`` command line: the demo, services, features, training, evaluation, serving, clean.
+
+Every command works on one state folder (``--state`` or ``$HOME_MIXER_STATE``, default
+``<checkout>/.state``) and prints a clear error, not a traceback, for a user's mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from home_mixer.state import DEFAULT_DATA_DIR, StateDir
+
+
+def _state(args) -> StateDir:
+    if args.state:
+        os.environ["HOME_MIXER_STATE"] = str(Path(args.state).resolve())
+    return StateDir.from_env().ensure()
+
+
+def cmd_demo(args) -> int:
+    from home_mixer.demo import run_demo
+
+    return run_demo(_state(args), Path(args.data), users=args.users, n_users=args.n_users,
+                    keep_running=args.keep_running)
+
+
+def cmd_services(args) -> int:
+    from home_mixer.services import RedisServer
+
+    state = _state(args)
+    running = RedisServer.running(state)
+    if args.action == "start":
+        if running:
+            print(f"redis already running: {running.url} (pid {running.pid})")
+        else:
+            srv = RedisServer(state).start()
+            print(f"redis started: {srv.url} (pid {srv.pid})")
+    elif args.action == "stop":
+        if running:
+            running.stop()
+            print("redis stopped")
+        else:
+            print("redis is not running")
+    else:
+        print(f"redis: {'running ' + running.url if running else 'stopped'}")
+    return 0
+
+
+def cmd_env(args) -> int:
+    from home_mixer.jobs import feast_connection, redis_url_for
+
+    state = _state(args)
+    url = redis_url_for(state)
+    print(f"export HOME_MIXER_STATE={state.root}")
+    print(f"export HOME_MIXER_REDIS_URL={url}")
+    print(f"export HOME_MIXER_REDIS={feast_connection(url)}")
+    print(f"export MLFLOW_TRACKING_URI={state.mlflow_tracking_uri}")
+    print("export SPARK_LOCAL_IP=127.0.0.1")
+    return 0
+
+
+def cmd_features(args) -> int:
+    from home_mixer import feature_store as fs
+    from home_mixer import jobs
+    from home_mixer.stages import StageTimer
+    from pipelines.spark import spark_session
+
+    state = _state(args)
+    url = jobs.redis_url_for(state)
+    timer = StageTimer(total=5 if args.materialize else 4)
+    with timer.stage("load + validate raw data, write canonical tables"):
+        logs = [Path(p) for p in args.log] if args.log else None
+        rep = jobs.prepare_data(state, Path(args.data), log_paths=logs)
+        print(rep.stats)
+    spark = spark_session("home-mixer-features")
+    with timer.stage("Spark offline features"):
+        print(jobs.build_features(spark, state))
+    store = fs.open_store(state, jobs.feast_connection(url))
+    with timer.stage("feast apply"):
+        fs.apply(store)
+    with timer.stage("point-in-time training set (get_historical_features)"):
+        df = jobs.training_set(spark, store, state)
+        print(f"training set: {len(df):,} rows x {df.shape[1]} columns")
+    if args.materialize:
+        with timer.stage("materialise to Redis"):
+            print(jobs.materialize(store, state))
+    print(timer.summary())
+    return 0
+
+
+def cmd_materialize(args) -> int:
+    from home_mixer import feature_store as fs
+    from home_mixer import jobs
+
+    state = _state(args)
+    store = fs.open_store(state, jobs.feast_connection(jobs.redis_url_for(state)))
+    start, end = jobs.materialize(store, state)
+    print(f"materialised {start.isoformat()} .. {end.isoformat()}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from home_mixer import jobs
+    from models.data import split_by_days
+    from models.train import train_heavy, train_light
+
+    state = _state(args)
+    train, valid = split_by_days(jobs.load_training_set(state), valid_days=args.valid_days)
+    results = {}
+    if args.model in ("light", "both"):
+        results["light_ranker"] = train_light(train, valid, state, register=not args.no_register)
+    if args.model in ("heavy", "both"):
+        results["heavy_ranker"] = train_heavy(train, valid, state, register=not args.no_register)
+    for name, res in results.items():
+        print(f"{name}: run {res.run_id} version {res.model_version}")
+        print(json.dumps(res.metrics, indent=1, default=float))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from home_mixer.evaluation import evaluate_log
+
+    state = _state(args)
+    report = evaluate_log(state, Path(args.log), data_dir=Path(args.data),
+                          history=Path(args.history) if args.history else None,
+                          from_date=args.from_date, out=Path(args.out) if args.out else None)
+    print(report.to_table())
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from models.registry import promote
+
+    state = _state(args)
+    name = {"light": "light_ranker", "heavy": "heavy_ranker"}[args.model]
+    promote(name, args.version, alias=args.alias, tracking_uri=state.mlflow_tracking_uri)
+    print(f"{name}@{args.alias} -> version {args.version}")
+    return 0
+
+
+def cmd_serve_mixer(args) -> int:
+    from home_mixer import jobs
+    from mixer.api import serve
+
+    state = _state(args)
+    os.environ.setdefault("HOME_MIXER_REDIS_URL", jobs.redis_url_for(state))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", state.mlflow_tracking_uri)
+    serve(config_path=Path(args.config) if args.config else None, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_clean(args) -> int:
+    from home_mixer.services import RedisServer
+
+    state = _state(args)
+    srv = RedisServer.running(state)
+    if srv:
+        srv.stop()
+    state.clean()
+    print(f"removed {state.root}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="home-mixer", description=__doc__.splitlines()[0])
+    p.add_argument("--state", help="state folder (default $HOME_MIXER_STATE or <checkout>/.state)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the main job end to end on the real data")
+    d.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="KuaiRand-Pure folder")
+    d.add_argument("--users", type=int, nargs="*", help="user ids to show timelines for")
+    d.add_argument("--n-users", type=int, default=3, help="how many users when --users is not given")
+    d.add_argument("--keep-running", action="store_true", help="leave Redis and the mixer running")
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("services", help="start/stop/status of the local Redis")
+    s.add_argument("action", choices=["start", "stop", "status"])
+    s.set_defaults(func=cmd_services)
+
+    e = sub.add_parser("env", help="print shell exports for the feast/mlflow CLIs")
+    e.set_defaults(func=cmd_env)
+
+    f = sub.add_parser("features", help="offline features")
+    fsub = f.add_subparsers(dest="action", required=True)
+    fb = fsub.add_parser("build", help="validate, canonical tables, Spark features, feast apply, training set")
+    fb.add_argument("--data", default=str(DEFAULT_DATA_DIR))
+    fb.add_argument("--log", nargs="*", help="impression log CSVs instead of the shared one")
+    fb.add_argument("--materialize", action="store_true", help="also materialise into Redis")
+    fb.set_defaults(func=cmd_features)
+    fm = fsub.add_parser("materialize", help="fill the Redis online store")
+    fm.set_defaults(func=cmd_materialize)
+
+    t = sub.add_parser("train", help="train, log to MLflow, register and alias the rankers")
+    t.add_argument("--model", choices=["light", "heavy", "both"], default="both")
+    t.add_argument("--valid-days", type=int, default=2)
+    t.add_argument("--no-register", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="evaluate the champions on an impression log")
+    ev.add_argument("--log", required=True, help="impression log CSV (KuaiRand log schema)")
+    ev.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="users/videos folder")
+    ev.add_argument("--history", help="log whose events precede --log (default: the shared log)")
+    ev.add_argument("--from-date", type=int, help="only evaluate rows with date >= this yyyymmdd")
+    ev.add_argument("--out", help="JSON report path (default state/reports/evaluation.json)")
+    ev.set_defaults(func=cmd_evaluate)
+
+    m = sub.add_parser("models", help="registry operations")
+    msub = m.add_subparsers(dest="action", required=True)
+    pr = msub.add_parser("promote", help="point an alias at a registered version")
+    pr.add_argument("--model", choices=["light", "heavy"], required=True)
+    pr.add_argument("--version", type=int, required=True)
+    pr.add_argument("--alias", default="champion")
+    pr.set_defaults(func=cmd_promote)
+
+    sv = sub.add_parser("serve", help="run a service in the foreground")
+    svsub = sv.add_subparsers(dest="service", required=True)
+    mx = svsub.add_parser("mixer", help="the mixer HTTP API")
+    mx.add_argument("--config", help="mixer YAML (default: embedded mixer/mixer.yaml)")
+    mx.add_argument("--host", default="127.0.0.1")
+    mx.add_argument("--port", type=int, default=8080)
+    mx.set_defaults(func=cmd_serve_mixer)
+
+    c = sub.add_parser("clean", help="stop services and remove the state folder")
+    c.set_defaults(func=cmd_clean)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from home_mixer.services import ServiceError
+
+    try:
+        return args.func(args)
+    except (ServiceError, FileNotFoundError) as exc:
+        print(f"home-mixer: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # domain errors carry their own advice
+        name = type(exc).__name__
+        if name in {"DataValidationError", "RankerNotFoundError", "ConfigError"}:
+            print(f"home-mixer: {name}: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

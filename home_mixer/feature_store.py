@@ -1,0 +1,79 @@
+"""The Feast feature store of home-mixer: open, apply, point-in-time training sets, materialise.
+
+Thin wrappers over the Feast SDK that put the state folder and the Redis address into the
+environment ``feature_repo/feature_store.yaml`` reads (``${HOME_MIXER_STATE}``, ``${HOME_MIXER_REDIS}``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from home_mixer.schema import FEATURE_VIEWS
+from home_mixer.state import PROJECT_ROOT, StateDir
+
+FEATURE_REPO = PROJECT_ROOT / "feature_repo"
+
+
+def feast_env(state: StateDir, redis_connection: str) -> dict[str, str]:
+    """Environment variables ``feature_store.yaml`` needs (``redis_connection`` is ``host:port``)."""
+    return {"HOME_MIXER_STATE": str(state.root), "HOME_MIXER_REDIS": redis_connection}
+
+
+def open_store(state: StateDir, redis_connection: str):
+    """A ``feast.FeatureStore`` on ``feature_repo/`` with this state folder and Redis.
+
+    Args:
+        state: the state folder (registry in ``state/feast``, tables in ``state/tables``).
+        redis_connection: Redis as ``host:port`` (Feast's connection_string form).
+    """
+    os.environ.update(feast_env(state, redis_connection))
+    state.ensure()
+    import prometheus_client  # noqa: F401  (import before feast so metrics stay in memory)
+    from feast import FeatureStore
+
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return FeatureStore(repo_path=str(FEATURE_REPO))
+
+
+def definitions(tables_dir: Path) -> list:
+    """Entities and feature views of ``feature_repo/definitions.py`` over another tables folder."""
+    if str(FEATURE_REPO) not in sys.path:
+        sys.path.insert(0, str(FEATURE_REPO))
+    import definitions as defs  # feature_repo/definitions.py
+
+    return defs.build_definitions(tables_dir)
+
+
+def apply(store, tables_dir: Path | None = None) -> None:
+    """Register entities and feature views (``feast apply``) over ``tables_dir`` (default: state)."""
+    tables = tables_dir or Path(os.environ["HOME_MIXER_STATE"]) / "tables"
+    store.apply(definitions(tables))
+
+
+def feature_refs() -> list[str]:
+    """All ``view:feature`` references of the four feature views, in schema order."""
+    return [f"{v.name}:{f}" for v in FEATURE_VIEWS for f in v.features]
+
+
+def historical_features(store, entity_df):
+    """Point-in-time correct features for each entity row (``get_historical_features``).
+
+    Args:
+        entity_df: a Spark DataFrame (a large pandas frame runs the JVM out of memory) with
+            ``user_id``, ``post_id``, ``author_id`` (int64) and ``event_timestamp`` (UTC), plus
+            any label columns to carry through.
+
+    Returns:
+        pandas DataFrame: the entity columns plus every feature of ``feature_refs()``; a feature
+        with no row at or before the entity time (within the view TTL) is NaN/None.
+    """
+    job = store.get_historical_features(entity_df=entity_df, features=feature_refs())
+    return job.to_df()
+
+
+def materialize(store, start: datetime, end: datetime) -> None:
+    """Load the latest feature values in ``[start, end]`` from the offline store into Redis."""
+    store.materialize(start_date=start, end_date=end)

@@ -1,0 +1,185 @@
+"""The contract every part of home-mixer shares: labels (heads), canonical tables, feature views.
+
+One place names every column, so the Spark jobs that write features, the Feast definitions that
+register them, the trainers that read training sets and the mixer that hydrates candidates cannot
+drift apart (training/serving skew starts with two spellings of one feature).
+
+Conventions
+- Ids are int64. Timestamps in tables are ``timestamp[us, tz=UTC]`` (Spark rejects nanoseconds).
+- Feature rows carry ``event_timestamp``: the first instant at which the row's values are known.
+  A value at time t only aggregates events strictly before t (rows are stamped 1 ms after the
+  last event they include, or at the end of the hour bucket they summarise).
+- Feature names are unique across views (prefixes ``user_``, ``post_``, ``ua_``, ``tmp_``) so a
+  training set can use ``full_feature_names=False``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Engagement heads, in the order of the heavy ranker's output columns. Twitter's heavy ranker
+# (the-algorithm, `home-mixer/.../HomeFeatures` + `ScoredTweetsParam`) predicts one probability per
+# engagement; KuaiRand labels map one to one.
+HEADS: tuple[str, ...] = ("click", "long_view", "like", "follow", "comment", "forward", "hate")
+
+# Raw KuaiRand log column -> canonical label column.
+RAW_LABEL_COLUMNS: dict[str, str] = {
+    "is_click": "click",
+    "long_view": "long_view",
+    "is_like": "like",
+    "is_follow": "follow",
+    "is_comment": "comment",
+    "is_forward": "forward",
+    "is_hate": "hate",
+}
+
+# Positive engagements (hate is negative feedback) used for engagement counts and affinity.
+POSITIVE_HEADS: tuple[str, ...] = ("click", "long_view", "like", "follow", "comment", "forward")
+
+# ---- canonical tables (parquet, written by pipelines/canonical.py) ----
+# impressions.date is the log's local calendar day (yyyymmdd, China time) used for day splits.
+IMPRESSIONS_COLUMNS: tuple[str, ...] = (
+    "user_id", "post_id", "author_id", "event_ts", "date", *HEADS, "play_time_ms", "duration_ms", "tab",
+)
+POSTS_COLUMNS: tuple[str, ...] = (
+    "post_id", "author_id", "created_ts", "duration_ms", "video_type", "tags", "primary_tag",
+)
+USERS_COLUMNS: tuple[str, ...] = (
+    "user_id", "user_active_degree", "is_lowactive_period", "is_live_streamer", "is_video_author",
+    "follow_user_num", "fans_user_num", "friend_user_num", "register_days",
+    *(f"onehot_feat{i}" for i in range(18)),
+)
+# edge_type: "follow" (explicit is_follow event, weight 1) or "engagement" (one per impression with
+# any positive engagement, weight = RealGraph-style sum of per-head weights below).
+SOCIAL_EDGES_COLUMNS: tuple[str, ...] = ("user_id", "author_id", "event_ts", "edge_type", "weight")
+# Per-head weights of an engagement edge (RealGraph idea, Kamath et al. 2014: heavier interactions
+# count more); values chosen by rank of effort, not fitted.
+ENGAGEMENT_EDGE_WEIGHTS: dict[str, float] = {
+    "click": 1.0, "long_view": 1.0, "like": 3.0, "comment": 4.0, "forward": 4.0, "follow": 5.0,
+}
+
+# user_active_degree categories, encoded as their index (unknown -> -1).
+ACTIVE_DEGREES: tuple[str, ...] = (
+    "full_active", "high_active", "middle_active", "low_active", "single_low_active",
+    "2_14_day_new", "30day_retention", "day_new", "UNKNOWN",
+)
+
+
+@dataclass(frozen=True)
+class FeatureViewSpec:
+    """One Feast feature view: its name, entity join keys, source table and features.
+
+    ``features`` maps feature name -> dtype, one of ``"int64"`` or ``"float64"`` (Feast Int64 /
+    Float64). ``ttl_days`` bounds how old a row may be for the point-in-time join.
+    """
+
+    name: str
+    join_keys: tuple[str, ...]
+    table: str
+    features: dict[str, str]
+    ttl_days: int
+
+
+WINDOWS_HOURS: dict[str, int] = {"1h": 1, "24h": 24, "7d": 168}
+
+USER_VIEW = FeatureViewSpec(
+    name="user_features",
+    join_keys=("user_id",),
+    table="user_features",
+    features={
+        "user_active_degree_code": "int64",
+        "user_is_video_author": "int64",
+        "user_follow_num": "float64",
+        "user_fans_num": "float64",
+        "user_friend_num": "float64",
+        "user_register_days": "float64",
+        # rolling over all of the user's impressions strictly before the row time
+        "user_impressions": "float64",
+        # rates are Bayesian-smoothed: (k + prior_rate * m) / (n + m), m = 10 (see pipelines)
+        "user_click_rate": "float64",
+        "user_long_view_rate": "float64",
+        "user_like_rate": "float64",
+        "user_follow_rate": "float64",
+        "user_hate_rate": "float64",
+    },
+    ttl_days=365,
+)
+
+CONTENT_VIEW = FeatureViewSpec(
+    name="content_features",
+    join_keys=("post_id",),
+    table="content_features",
+    features={
+        "post_duration_ms": "float64",
+        "post_created_ts": "int64",  # epoch seconds; age is computed at request time
+        "post_is_ad": "int64",
+        **{f"post_{kind}_{w}": "float64"
+           for w in WINDOWS_HOURS for kind in ("impressions", "clicks", "long_views", "likes")},
+        "post_click_rate_24h": "float64",
+        "post_long_view_rate_24h": "float64",
+        "post_like_rate_7d": "float64",
+        "post_impressions_total": "float64",
+        "post_engagement_rate_total": "float64",
+    },
+    ttl_days=30,
+)
+
+SOCIAL_VIEW = FeatureViewSpec(
+    name="social_features",
+    join_keys=("user_id", "author_id"),
+    table="social_features",
+    features={
+        "ua_impressions": "float64",       # user's past impressions of this author's posts
+        "ua_engagements": "float64",       # weighted engagement sum (ENGAGEMENT_EDGE_WEIGHTS)
+        "ua_clicks": "float64",
+        "ua_follows": "int64",             # 1 if the user followed the author before
+        "ua_engagement_rate": "float64",   # smoothed engagements / impressions
+    },
+    ttl_days=365,
+)
+
+TEMPORAL_VIEW = FeatureViewSpec(
+    name="temporal_features",
+    join_keys=("user_id",),
+    table="temporal_features",
+    features={
+        "tmp_last_impression_ts": "int64",  # epoch seconds of the user's previous impression
+        "tmp_impressions_1h": "float64",    # user's impressions in the hour before (session depth)
+        "tmp_impressions_24h": "float64",
+    },
+    ttl_days=365,
+)
+
+FEATURE_VIEWS: tuple[FeatureViewSpec, ...] = (USER_VIEW, CONTENT_VIEW, SOCIAL_VIEW, TEMPORAL_VIEW)
+
+# Computed at request time from the request timestamp and hydrated values (same code offline and
+# online: pipelines/request_features.py).
+REQUEST_FEATURES: tuple[str, ...] = (
+    "req_hour_of_day", "req_day_of_week", "req_secs_since_last_impression", "req_post_age_hours",
+)
+
+# Raw timestamps are inputs to request features, not model inputs.
+_NOT_MODEL_INPUTS = {"post_created_ts", "tmp_last_impression_ts"}
+
+ALL_FEATURES: tuple[str, ...] = tuple(
+    f for v in FEATURE_VIEWS for f in v.features
+) + REQUEST_FEATURES
+
+HEAVY_RANKER_FEATURES: tuple[str, ...] = tuple(f for f in ALL_FEATURES if f not in _NOT_MODEL_INPUTS)
+
+# Light ranker: a small, cheap set (Twitter's light ranker used a few dozen static/real-time
+# features; here the strongest per group).
+LIGHT_RANKER_FEATURES: tuple[str, ...] = (
+    "user_click_rate", "user_long_view_rate", "user_impressions",
+    "post_impressions_24h", "post_click_rate_24h", "post_long_view_rate_24h", "post_like_rate_7d",
+    "post_duration_ms", "post_engagement_rate_total",
+    "ua_engagements", "ua_follows", "ua_engagement_rate",
+    "req_hour_of_day", "req_post_age_hours",
+)
+
+ENTITY_COLUMNS: tuple[str, ...] = ("user_id", "post_id", "author_id", "event_timestamp")
+
+# Registered model names in MLflow and the alias the mixer serves.
+LIGHT_RANKER_NAME = "light_ranker"
+HEAVY_RANKER_NAME = "heavy_ranker"
+CHAMPION_ALIAS = "champion"

@@ -1,0 +1,1 @@
+"""Batch data path: raw logs -> validated canonical tables -> Spark offline feature tables."""

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create the virtual environment from requirements.lock and install system services (redis-server).
+# Idempotent: a venv whose lock hash matches is reused. Prints the venv path on its last line.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "[setup] installing Debian's redis-server" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >&2
+fi
+# Debian starts a system redis on 6379 after install; we never use it (ours run on free ports).
+
+PY=${PYTHON:-python3.11}
+hash=$( (cat requirements.lock; $PY --version) | sha256sum | cut -c1-12)
+VENV=${HOME_MIXER_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/home-mixer/venv-$hash}
+if [ ! -f "$VENV/.complete" ]; then
+  echo "[setup] creating $VENV (first run installs ~200 packages, a few minutes)" >&2
+  rm -rf "$VENV"
+  $PY -m venv "$VENV"
+  # torch first, from its exact CPU wheel; any looser spec pulls a multi-GB CUDA build.
+  "$VENV/bin/pip" install -q "torch==2.13.0" >&2
+  "$VENV/bin/pip" install -q --no-deps -r requirements.lock >&2
+  touch "$VENV/.complete"
+fi
+"$VENV/bin/pip" install -q --no-deps -e . >&2
+ln -sfn "$VENV" .venv
+echo "$VENV"

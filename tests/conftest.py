@@ -1,0 +1,61 @@
+"""Shared fixtures: a real Redis server, a temporary state folder, a real local Spark session.
+
+Services are real (Debian's redis-server, pyspark local mode); each is started once per test
+session and stopped by pid at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+
+from home_mixer.services import RedisServer  # noqa: E402
+from home_mixer.state import DEFAULT_DATA_DIR, StateDir  # noqa: E402
+
+DATA_DIR = Path(os.environ.get("HOME_MIXER_DATA", DEFAULT_DATA_DIR))
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real KuaiRand-Pure folder (../shared/data/kuairand-pure)."""
+    if not (DATA_DIR / "log_standard_20220425_20220504.csv").exists():
+        pytest.fail(f"real data not found in {DATA_DIR}; set HOME_MIXER_DATA")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def session_state(tmp_path_factory) -> StateDir:
+    return StateDir(tmp_path_factory.mktemp("state")).ensure()
+
+
+@pytest.fixture(scope="session")
+def redis_server(session_state):
+    """A real redis-server on a free loopback port for the whole test session."""
+    srv = RedisServer(session_state).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def redis_client(redis_server):
+    """A client on a flushed database."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """A real local Spark session (local[2], UTC)."""
+    from pipelines.spark import spark_session
+
+    session = spark_session("home-mixer-tests")
+    yield session
+    session.stop()
