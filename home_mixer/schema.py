@@ -133,7 +133,7 @@ SOCIAL_VIEW = FeatureViewSpec(
         "ua_engagements": "float64",       # weighted engagement sum (ENGAGEMENT_EDGE_WEIGHTS)
         "ua_clicks": "float64",
         "ua_follows": "int64",             # 1 if the user followed the author before
-        "ua_engagement_rate": "float64",   # smoothed engagements / impressions
+        "ua_engagement_rate": "float64",   # smoothed share of impressions with any positive engagement
     },
     ttl_days=365,
 )
