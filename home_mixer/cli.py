@@ -105,7 +105,7 @@ def cmd_materialize(args) -> int:
 
 def cmd_train(args) -> int:
     from home_mixer import jobs
-    from models.data import split_by_days
+    from models.split import split_by_days
     from models.train import train_heavy, train_light
 
     state = _state(args)
@@ -144,12 +144,14 @@ def cmd_promote(args) -> int:
 
 def cmd_serve_mixer(args) -> int:
     from home_mixer import jobs
-    from mixer.api import serve
+    from mixer.api import main as serve_main
 
     state = _state(args)
-    os.environ.setdefault("HOME_MIXER_REDIS_URL", jobs.redis_url_for(state))
+    argv = ["--host", args.host, "--port", str(args.port), "--redis-url", jobs.redis_url_for(state)]
+    if args.config:
+        argv += ["--config", args.config]
     os.environ.setdefault("MLFLOW_TRACKING_URI", state.mlflow_tracking_uri)
-    serve(config_path=Path(args.config) if args.config else None, host=args.host, port=args.port)
+    serve_main(argv)
     return 0
 
 
@@ -240,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:  # domain errors carry their own advice
         name = type(exc).__name__
-        if name in {"DataValidationError", "RankerNotFoundError", "ConfigError"}:
+        if name in {"DataValidationError", "RawDataMissingError", "RawDataParseError",
+                    "RankerNotFoundError", "ConfigError", "MissingFeaturesError"}:
             print(f"home-mixer: {name}: {exc}", file=sys.stderr)
             return 2
         raise

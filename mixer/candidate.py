@@ -1,0 +1,83 @@
+"""The objects a home-timeline request passes between components: Query and Candidate.
+
+``Query`` is the request plus what query hydrators add (user context, experiment arm); it is
+immutable: each hydrator returns a copy (``dataclasses.replace``). ``Candidate`` is one post
+moving through the pipeline; sources create it, later stages fill their own fields.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Query:
+    """One home-timeline request.
+
+    Attributes:
+        user_id: the viewer (int64 id).
+        page_size: posts to return (1..page.max_size).
+        now_s: request time in epoch seconds UTC (the configured clock: wall time or a fixed instant).
+        request_id: unique id of this request (hex), logged with every served impression.
+        excluded_posts: post ids served on earlier pages of this timeline (from the cursor).
+        page_index: 0 for the first page, n for the page after n cursors.
+        arm: experiment arm name (set by ExperimentArmQueryHydrator).
+        follows: author ids the user followed.
+        engaged_authors: author id -> engagement weight (RealGraph-style), strongest first.
+        tag_interests: tag -> weight, strongest first.
+        hated_authors: author ids whose posts the user marked with hate.
+        seen_posts: post ids with an impression in the log before the index cutoff.
+        served_posts: post ids the mixer served within the served TTL.
+    """
+
+    user_id: int
+    page_size: int
+    now_s: float
+    request_id: str
+    excluded_posts: frozenset[int] = frozenset()
+    page_index: int = 0
+    arm: str | None = None
+    follows: frozenset[int] = frozenset()
+    engaged_authors: dict[int, float] = field(default_factory=dict)
+    tag_interests: dict[int, float] = field(default_factory=dict)
+    hated_authors: frozenset[int] = frozenset()
+    seen_posts: frozenset[int] = frozenset()
+    served_posts: frozenset[int] = frozenset()
+
+    @property
+    def in_network_authors(self) -> frozenset[int]:
+        """Authors whose posts count as in-network: followed or engaged with (RealGraph edges)."""
+        return self.follows | frozenset(self.engaged_authors)
+
+    @property
+    def is_cold_start(self) -> bool:
+        """True when the index knows nothing about the user (no follows, engagement or history)."""
+        return not (self.follows or self.engaged_authors or self.tag_interests or self.seen_posts)
+
+
+@dataclass(slots=True)
+class Candidate:
+    """One post in the pipeline.
+
+    Attributes:
+        post_id: int64 id.
+        source: name of the candidate source that produced it (first source wins on duplicates).
+        author_id: int64 id (-1 until the candidate hydrator fills it).
+        created_ts: creation time, epoch seconds (NaN until hydrated).
+        in_network: the author is in the user's follow/engagement graph.
+        source_score: the source's own ordering score (engagement weight, recency...).
+        light_score: light ranker output (NaN until scored).
+        heads: head name -> heavy ranker probability (empty until scored).
+        score: blended score used for ranking (NaN until blended).
+    """
+
+    post_id: int
+    source: str
+    author_id: int = -1
+    created_ts: float = math.nan
+    in_network: bool = False
+    source_score: float = 0.0
+    light_score: float = math.nan
+    heads: dict[str, float] = field(default_factory=dict)
+    score: float = math.nan

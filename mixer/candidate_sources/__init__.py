@@ -1,0 +1,12 @@
+"""Candidate sources: each returns posts for a query; the runner calls them in parallel, fail-open."""
+
+from mixer.candidate_sources.base import CandidateSource, SourceResult
+from mixer.candidate_sources.in_network import InNetworkCandidateSource
+from mixer.candidate_sources.parallel_runner import ParallelSourceRunner
+from mixer.candidate_sources.popular import PopularCandidateSource
+from mixer.candidate_sources.tag_interest import TagInterestCandidateSource
+
+__all__ = [
+    "CandidateSource", "SourceResult", "InNetworkCandidateSource", "ParallelSourceRunner",
+    "PopularCandidateSource", "TagInterestCandidateSource",
+]

@@ -1,0 +1,265 @@
+"""Configuration of the mixer service: pydantic models over a YAML file.
+
+The embedded default is ``mixer/mixer.yaml`` (package data). ``load_config(path)`` reads another
+file and merges it over the embedded default (keys left out keep the default; mappings merge key by
+key, lists are replaced whole); unknown keys are errors (a typo must not be silently ignored).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from home_mixer.schema import HEADS
+
+DEFAULT_CONFIG_NAME = "mixer.yaml"
+
+
+class ConfigError(ValueError):
+    """The mixer configuration is invalid; the message names the key and what to change."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FeastSettings(_Strict):
+    """Where the online features live (Feast's Redis layout)."""
+
+    project: str = "home_mixer"
+    entity_key_serialization_version: int = 3
+    # redis_layout reads Feast's hashes directly; feast_sdk goes through store.get_online_features
+    hydrator: Literal["redis_layout", "feast_sdk"] = "redis_layout"
+
+
+class ModelSettings(_Strict):
+    """Registered model names in MLflow and the alias to serve."""
+
+    tracking_uri: str | None = None
+    light_ranker: str = "light_ranker"
+    heavy_ranker: str = "heavy_ranker"
+    alias: str = "champion"
+
+
+class InNetworkSourceSettings(_Strict):
+    max_candidates: int = Field(400, ge=1)
+    max_authors: int = Field(100, ge=1)
+    posts_per_author: int = Field(20, ge=1)
+    timeout_ms: float = Field(50, gt=0)
+
+
+class PopularSourceSettings(_Strict):
+    max_candidates: int = Field(400, ge=1)
+    window: Literal["24h", "7d"] = "7d"
+    timeout_ms: float = Field(50, gt=0)
+
+
+class TagInterestSourceSettings(_Strict):
+    max_candidates: int = Field(400, ge=1)
+    top_tags: int = Field(5, ge=1)
+    timeout_ms: float = Field(50, gt=0)
+
+
+class CandidateSourceSettings(_Strict):
+    in_network: InNetworkSourceSettings = InNetworkSourceSettings()
+    popular: PopularSourceSettings = PopularSourceSettings()
+    tag_interest: TagInterestSourceSettings = TagInterestSourceSettings()
+
+
+class RankingSettings(_Strict):
+    heavy_ranker_top_k: int = Field(200, ge=1)
+    author_diversity_decay: float = Field(0.5, gt=0, le=1)
+    author_diversity_floor: float = Field(0.25, ge=0, le=1)
+
+
+class FilterSettings(_Strict):
+    max_post_age_days: float = Field(30, gt=0)
+    max_posts_per_author: int = Field(2, ge=1)
+
+
+class PageSettings(_Strict):
+    default_size: int = Field(20, ge=1)
+    max_size: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> "PageSettings":
+        if self.default_size > self.max_size:
+            raise ValueError(f"page.default_size ({self.default_size}) exceeds page.max_size ({self.max_size})")
+        return self
+
+
+class ServedSettings(_Strict):
+    ttl_seconds: int = Field(3600, ge=1)
+    max_per_user: int = Field(2000, ge=1)
+    impression_stream_maxlen: int = Field(100_000, ge=1)
+
+
+class ArmSettings(_Strict):
+    """One experiment arm: its share of users and its blender weight per head."""
+
+    name: str = Field(min_length=1)
+    traffic_share: float = Field(ge=0, le=1)
+    weights: dict[str, float]
+
+    @field_validator("weights")
+    @classmethod
+    def _known_heads(cls, weights: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(weights) - set(HEADS))
+        if unknown:
+            raise ValueError(f"unknown heads {unknown}; heads are {list(HEADS)}")
+        if not weights:
+            raise ValueError("an arm needs at least one head weight")
+        return weights
+
+
+class ExperimentSettings(_Strict):
+    salt: str = Field(min_length=1)
+    arms: tuple[ArmSettings, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _shares_sum_to_one(self) -> "ExperimentSettings":
+        total = sum(a.traffic_share for a in self.arms)
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"experiment.arms traffic_share values sum to {total}, they must sum to 1")
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment.arms names must be unique, got {names}")
+        return self
+
+
+class ClockSettings(_Strict):
+    """``now: "real"`` serves wall-clock time; an ISO-8601 instant serves "as of" that instant."""
+
+    now: str = "real"
+
+    @field_validator("now")
+    @classmethod
+    def _real_or_instant(cls, value: str) -> str:
+        if value != "real":
+            _parse_instant(value)
+        return value
+
+    def now_s(self) -> float:
+        """The request time in epoch seconds (UTC)."""
+        if self.now == "real":
+            return datetime.now(timezone.utc).timestamp()
+        return _parse_instant(self.now).timestamp()
+
+
+def _parse_instant(value: str) -> datetime:
+    try:
+        ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"clock.now must be 'real' or an ISO-8601 instant like 2022-05-04T16:00:00Z, got {value!r}") from None
+    if ts.tzinfo is None:
+        raise ValueError(f"clock.now {value!r} has no time zone; add 'Z' or an offset")
+    return ts
+
+
+class MixerConfig(_Strict):
+    """The whole mixer configuration (see ``mixer/mixer.yaml`` for the documented defaults)."""
+
+    redis_url: str | None = None
+    feast: FeastSettings = FeastSettings()
+    models: ModelSettings = ModelSettings()
+    candidate_sources: CandidateSourceSettings = CandidateSourceSettings()
+    ranking: RankingSettings = RankingSettings()
+    filters: FilterSettings = FilterSettings()
+    page: PageSettings = PageSettings()
+    served: ServedSettings = ServedSettings()
+    experiment: ExperimentSettings
+    clock: ClockSettings = ClockSettings()
+    source_pool_workers: int = Field(8, ge=1)
+
+    def resolved_redis_url(self) -> str:
+        """``redis_url``, else ``$HOME_MIXER_REDIS_URL``, else the Redis recorded in the state folder.
+
+        Raises:
+            ConfigError: none of the three is available.
+        """
+        if self.redis_url:
+            return self.redis_url
+        if os.environ.get("HOME_MIXER_REDIS_URL"):
+            return os.environ["HOME_MIXER_REDIS_URL"]
+        from home_mixer.services import RedisServer
+        from home_mixer.state import StateDir
+
+        srv = RedisServer.running(StateDir.from_env())
+        if srv is None:
+            raise ConfigError(
+                "no Redis for the mixer: set redis_url in the config, export HOME_MIXER_REDIS_URL, "
+                "or start one with `home-mixer services start`."
+            )
+        return srv.url
+
+    def resolved_tracking_uri(self) -> str:
+        """``models.tracking_uri``, else the state folder's MLflow (``MLFLOW_TRACKING_URI`` wins there)."""
+        if self.models.tracking_uri:
+            return self.models.tracking_uri
+        from home_mixer.state import StateDir
+
+        return StateDir.from_env().mlflow_tracking_uri
+
+    def with_overrides(self, **changes) -> "MixerConfig":
+        """A copy with top-level fields replaced, validated again (e.g. ``redis_url=...``)."""
+        return MixerConfig.model_validate({**self.model_dump(), **changes})
+
+
+def parse_config(data: dict) -> MixerConfig:
+    """Validate a config mapping (as read from YAML).
+
+    Raises:
+        ConfigError: naming each invalid key path and why.
+    """
+    try:
+        return MixerConfig.model_validate(data or {})
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"invalid mixer config: {problems}") from None
+
+
+def default_config_text() -> str:
+    """The embedded ``mixer/mixer.yaml``."""
+    return resources.files("mixer").joinpath(DEFAULT_CONFIG_NAME).read_text()
+
+
+def _read_yaml(text: str, where: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a mapping at top level, got {type(data).__name__}")
+    return data or {}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None) -> MixerConfig:
+    """Load a YAML config file merged over the embedded default; ``None`` loads the default alone.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or fails validation.
+    """
+    data = _read_yaml(default_config_text(), "embedded mixer.yaml")
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"mixer config {p} does not exist; pass an existing YAML file or omit --config")
+        data = _merge(data, _read_yaml(p.read_text(), str(p)))
+    return parse_config(data)

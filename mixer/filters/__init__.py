@@ -1,0 +1,11 @@
+"""Pre-scoring filters, cheapest first: previously seen, hated author, max age, duplicates.
+
+Each filter has a ``name`` and ``apply(query, candidates) -> kept candidates`` (order preserved).
+"""
+
+from mixer.filters.duplicate import DuplicateFilter
+from mixer.filters.hated_author import HatedAuthorFilter
+from mixer.filters.max_age import MaxAgeFilter
+from mixer.filters.previously_seen import PreviouslySeenFilter
+
+__all__ = ["DuplicateFilter", "HatedAuthorFilter", "MaxAgeFilter", "PreviouslySeenFilter"]

@@ -1,0 +1,6 @@
+"""Query hydrators: add user context and the experiment arm to a Query before candidates are fetched."""
+
+from mixer.query_hydrators.experiment_arm import ExperimentArmQueryHydrator, assign_arm
+from mixer.query_hydrators.user_context import UserContextQueryHydrator
+
+__all__ = ["ExperimentArmQueryHydrator", "UserContextQueryHydrator", "assign_arm"]

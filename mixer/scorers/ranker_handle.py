@@ -1,0 +1,58 @@
+"""The interface the scorers need from a registered model (``models.registry.load_ranker``)."""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+import pandas as pd
+
+from home_mixer.schema import ALL_FEATURES
+
+
+class RankerHandle(Protocol):
+    """A loaded ranker (``models.registry.RankerHandle`` satisfies it).
+
+    Attributes:
+        version: registered model version served (int or str).
+        feature_names: input columns, a subset of ``home_mixer.schema.ALL_FEATURES``.
+        heads: output columns, e.g. ``("engaged",)`` (light) or ``home_mixer.schema.HEADS`` (heavy).
+    """
+
+    @property
+    def version(self) -> int | str: ...
+
+    @property
+    def feature_names(self) -> Sequence[str]: ...
+
+    @property
+    def heads(self) -> Sequence[str]: ...
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        """float32 [len(frame), len(heads)] probabilities; ``frame`` has ``feature_names`` columns
+        (float64, NaN for missing)."""
+        ...
+
+
+def check_handle(handle: RankerHandle, role: str) -> None:
+    """Raise ValueError if the handle asks for features the mixer cannot hydrate or has no heads."""
+    unknown = sorted(set(handle.feature_names) - set(ALL_FEATURES))
+    if unknown:
+        raise ValueError(f"{role} (version {handle.version}) needs features {unknown} that the mixer does not "
+                         "hydrate (home_mixer.schema.ALL_FEATURES); retrain it on the shared schema")
+    if not list(handle.heads):
+        raise ValueError(f"{role} (version {handle.version}) declares no heads")
+
+
+def predict_matrix(handle: RankerHandle, frame: pd.DataFrame, role: str) -> np.ndarray:
+    """``handle.predict`` on the handle's columns, checked to be [len(frame), len(heads)].
+
+    Raises:
+        ValueError: the model returned another shape.
+    """
+    out = np.asarray(handle.predict(frame[list(handle.feature_names)]), dtype="float64")
+    if out.ndim == 1:
+        out = out.reshape(-1, 1)
+    if out.shape != (len(frame), len(handle.heads)):
+        raise ValueError(f"{role} returned shape {out.shape}, expected ({len(frame)}, {len(handle.heads)})")
+    return out

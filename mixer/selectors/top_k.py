@@ -1,0 +1,32 @@
+"""Keeps the K candidates with the highest light-ranker score (the heavy ranker's input)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from mixer.candidate import Candidate
+
+
+class TopKSelector:
+    """Top ``k`` by ``Candidate.light_score`` (NaN last; ties keep input order).
+
+    Raises:
+        ValueError: ``k < 1``.
+    """
+
+    name = "top_k"
+
+    def __init__(self, k: int):
+        if k < 1:
+            raise ValueError(f"heavy ranker top K must be >= 1, got {k}")
+        self.k = k
+
+    def select(self, candidates: list[Candidate], features: pd.DataFrame) -> tuple[list[Candidate], pd.DataFrame]:
+        """Return the kept candidates (best first) and their feature rows (re-indexed 0..k-1)."""
+        scores = np.array([c.light_score for c in candidates], dtype="float64")
+        scores = np.where(np.isnan(scores), -np.inf, scores)
+        order = np.argsort(-scores, kind="stable")[: self.k]
+        kept = [candidates[i] for i in order]
+        rows = features.iloc[order].reset_index(drop=True)
+        return kept, rows

@@ -1,0 +1,7 @@
+"""Side effects after a page is chosen: served-posts record, impression log, metrics. All fail-open."""
+
+from mixer.side_effects.impression_log import ImpressionLogSideEffect
+from mixer.side_effects.request_metrics import RequestMetricsSideEffect
+from mixer.side_effects.served_posts import ServedPostsSideEffect
+
+__all__ = ["ImpressionLogSideEffect", "RequestMetricsSideEffect", "ServedPostsSideEffect"]

@@ -1,0 +1,49 @@
+"""Appends each served post to the ``hm:served_impressions`` Redis stream (future training data)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable
+
+import redis
+
+from mixer import index_keys as keys
+
+
+class ImpressionLogSideEffect:
+    """One XADD per served item, capped at about ``maxlen`` entries (``MAXLEN ~``).
+
+    Entry fields (strings): request_id, user_id, post_id, author_id, position (0-based), score,
+    light_score, heads (JSON), arm, source, in_network (0/1), page_index, served_at (wall epoch s),
+    as_of (ranking clock epoch s), light_ranker_version, heavy_ranker_version.
+    """
+
+    name = "impression_log"
+
+    def __init__(self, client: redis.Redis, maxlen: int, stream: str = keys.SERVED_IMPRESSIONS,
+                 wall_clock: Callable[[], float] = time.time):
+        self.client = client
+        self.maxlen = int(maxlen)
+        self.stream = stream
+        self.wall_clock = wall_clock
+
+    def apply(self, result) -> None:
+        """Log ``result.items`` (``result``: pipeline.TimelineResult)."""
+        if not result.items:
+            return
+        q = result.query
+        served_at = f"{self.wall_clock():.3f}"
+        versions = result.model_versions
+        pipe = self.client.pipeline(transaction=False)
+        for pos, c in enumerate(result.items):
+            pipe.xadd(self.stream, {
+                "request_id": q.request_id, "user_id": q.user_id, "post_id": c.post_id,
+                "author_id": c.author_id, "position": pos, "score": repr(c.score),
+                "light_score": repr(c.light_score), "heads": json.dumps(c.heads), "arm": q.arm or "",
+                "source": c.source, "in_network": int(c.in_network), "page_index": q.page_index,
+                "served_at": served_at, "as_of": f"{q.now_s:.3f}",
+                "light_ranker_version": versions.get("light_ranker", ""),
+                "heavy_ranker_version": versions.get("heavy_ranker", ""),
+            }, maxlen=self.maxlen, approximate=True)
+        pipe.execute()

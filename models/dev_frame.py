@@ -1,0 +1,188 @@
+"""Development training frames computed straight from the raw KuaiRand log (pandas, in memory).
+
+Production training sets come from the Spark feature pipelines + Feast's point-in-time join. The
+model code only needs a frame with the same *contract* (columns of ``home_mixer.schema``), so this
+module builds one directly from the log for unit/integration tests and quick experiments:
+every feature of ``schema.ALL_FEATURES`` is computed point-in-time (from impressions strictly
+before each row) with vectorised cumulative sums. It approximates, and does not replace, the
+pipeline's definitions (e.g. rate priors here are the whole log's mean rates, a dev shortcut).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from home_mixer.schema import (
+    ACTIVE_DEGREES, ENGAGEMENT_EDGE_WEIGHTS, HEADS, POSITIVE_HEADS, RAW_LABEL_COLUMNS, WINDOWS_HOURS,
+)
+from pipelines.request_features import LOCAL_UTC_OFFSET_HOURS, add_request_features
+
+LOG_FILE = "log_standard_20220425_20220504.csv"
+SMOOTHING_M = 10.0  # pseudo-count of the Bayesian-smoothed rates (as schema.USER_VIEW says)
+_HOUR_MS = 3_600_000
+
+
+class PriorWindowSums:
+    """Sums of per-row values over earlier rows of the same key, optionally within a time window.
+
+    For row i with key k and time t, ``sums(v, w)[i] = sum of v[j]`` over rows j with key k and
+    ``t - w <= t_j < t`` (strictly before t: rows at the same instant are not included).
+    Sort once, then each sum is two ``searchsorted`` lookups on a cumulative sum: O(N log N).
+    """
+
+    def __init__(self, keys: np.ndarray, t_ms: np.ndarray, max_window_ms: int):
+        self.n = len(keys)
+        self.order = np.lexsort((t_ms, keys))
+        k = keys[self.order].astype(np.int64)
+        t = t_ms[self.order].astype(np.int64) - int(t_ms.min()) + max_window_ms
+        span = int(t.max()) + 1
+        if k.max(initial=0) * span > 2**62:
+            raise OverflowError("too many keys x time span for int64 composite keys")
+        self.k, self.t, self.span = k, t, span
+        self.combined = k * span + t
+        self.end = np.searchsorted(self.combined, self.combined, side="left")
+        self.group_start = np.searchsorted(self.combined, k * span, side="left")
+
+    def sums(self, values: np.ndarray, window_ms: int | None = None) -> np.ndarray:
+        """``float64 [N]`` prior sums of ``values`` (aligned with the input rows)."""
+        cs = np.r_[0.0, np.cumsum(np.asarray(values, dtype=np.float64)[self.order])]
+        if window_ms is None:
+            start = self.group_start
+        else:
+            start = np.searchsorted(self.combined, self.k * self.span + self.t - window_ms, side="left")
+        out = np.empty(self.n)
+        out[self.order] = cs[self.end] - cs[start]
+        return out
+
+    def previous_time(self, t_ms: np.ndarray) -> np.ndarray:
+        """Time (ms) of the latest earlier row of the same key, NaN if none: ``float64 [N]``."""
+        has_prev = self.end > self.group_start
+        sorted_t = t_ms[self.order].astype(np.float64)
+        prev = np.where(has_prev, sorted_t[np.maximum(self.end - 1, 0)], np.nan)
+        out = np.empty(self.n)
+        out[self.order] = prev
+        return out
+
+
+def _smoothed(k: np.ndarray, n: np.ndarray, prior: float) -> np.ndarray:
+    return (k + prior * SMOOTHING_M) / (n + SMOOTHING_M)
+
+
+def load_impressions(data_dir: Path) -> pd.DataFrame:
+    """The log as canonical impressions: deduplicated, label columns renamed, ``post_id``/``author_id``.
+
+    Returns columns user_id, post_id, author_id (int64), time_ms (int64), event_timestamp (UTC),
+    date (int yyyymmdd), the ``schema.HEADS`` labels (int64 0/1), sorted by time.
+
+    Raises:
+        FileNotFoundError: the log or the video features file is missing from ``data_dir``.
+    """
+    data_dir = Path(data_dir)
+    log = pd.read_csv(data_dir / LOG_FILE)
+    # ~2.5% of rows repeat (user, video, time): one impression each
+    log = log.drop_duplicates(["user_id", "video_id", "time_ms"]).rename(
+        columns={**RAW_LABEL_COLUMNS, "video_id": "post_id"}
+    )
+    videos = pd.read_csv(data_dir / "video_features_basic_pure.csv",
+                         usecols=["video_id", "author_id", "video_type", "upload_dt", "video_duration"])
+    videos = videos.rename(columns={"video_id": "post_id"})
+    df = log.merge(videos, on="post_id", how="left", validate="many_to_one")
+    df["author_id"] = df["author_id"].fillna(-1).astype("int64")
+    df["event_timestamp"] = pd.to_datetime(df["time_ms"], unit="ms", utc=True)
+    for h in HEADS:
+        df[h] = (df[h] > 0).astype("int64")
+    return df.sort_values("time_ms", kind="stable").reset_index(drop=True)
+
+
+def build_dev_frame(data_dir: Path, user_sample_mod: int = 1) -> pd.DataFrame:
+    """A training frame with the training-set contract, from the raw log in ``data_dir``.
+
+    Args:
+        data_dir: the KuaiRand-Pure folder (``home_mixer.state.DEFAULT_DATA_DIR``).
+        user_sample_mod: keep users with ``user_id % user_sample_mod == 0`` (features are still
+            computed over every user, as the real pipeline would); 1 keeps all (~167k rows).
+
+    Returns:
+        DataFrame with user_id, post_id, author_id (int64), event_timestamp (UTC), date (int),
+        the ``schema.HEADS`` labels (int64 0/1) and every feature of ``schema.ALL_FEATURES``
+        (float64, NaN where the feature view would have no row: cold user/post/pair), sorted by
+        time.
+    """
+    df = load_impressions(data_dir)
+    t = df["time_ms"].to_numpy()
+    labels = {h: df[h].to_numpy(dtype=np.float64) for h in HEADS}
+    ones = np.ones(len(df))
+    engaged = np.zeros(len(df))
+    for h in POSITIVE_HEADS:
+        engaged = np.maximum(engaged, labels[h])
+    weighted = sum(ENGAGEMENT_EDGE_WEIGHTS[h] * labels[h] for h in ENGAGEMENT_EDGE_WEIGHTS)
+    max_w = max(WINDOWS_HOURS.values()) * _HOUR_MS
+    feats: dict[str, np.ndarray] = {}
+    nan = np.nan
+
+    # user view: static attributes + rolling rates over all earlier impressions
+    users = pd.read_csv(Path(data_dir) / "user_features_pure.csv").set_index("user_id")
+    u = users.reindex(df["user_id"])
+    degree_code = {d: i for i, d in enumerate(ACTIVE_DEGREES)}
+    feats["user_active_degree_code"] = u["user_active_degree"].map(degree_code).fillna(-1).to_numpy(float)
+    feats["user_is_video_author"] = u["is_video_author"].to_numpy(float)
+    for src, dst in (("follow_user_num", "user_follow_num"), ("fans_user_num", "user_fans_num"),
+                     ("friend_user_num", "user_friend_num"), ("register_days", "user_register_days")):
+        feats[dst] = u[src].to_numpy(float)
+    by_user = PriorWindowSums(df["user_id"].to_numpy(), t, max_w)
+    n_user = by_user.sums(ones)
+    cold_user = n_user == 0
+    feats["user_impressions"] = np.where(cold_user, nan, n_user)
+    for h in ("click", "long_view", "like", "follow", "hate"):
+        rate = _smoothed(by_user.sums(labels[h]), n_user, labels[h].mean())
+        feats[f"user_{h}_rate"] = np.where(cold_user, nan, rate)
+
+    # content view: windowed counts and rates over the post's earlier impressions
+    feats["post_duration_ms"] = df["video_duration"].to_numpy(float)
+    created = pd.to_datetime(df["upload_dt"]) - pd.Timedelta(hours=LOCAL_UTC_OFFSET_HOURS)  # local midnight
+    feats["post_created_ts"] = (created.astype("int64") // 10**9).to_numpy(float)
+    feats["post_is_ad"] = (df["video_type"] == "AD").to_numpy(float)
+    by_post = PriorWindowSums(df["post_id"].to_numpy(), t, max_w)
+    n_post = by_post.sums(ones)
+    cold_post = n_post == 0
+    kinds = {"impressions": ones, "clicks": labels["click"], "long_views": labels["long_view"],
+             "likes": labels["like"]}
+    for w, hours in WINDOWS_HOURS.items():
+        for kind, v in kinds.items():
+            feats[f"post_{kind}_{w}"] = np.where(cold_post, nan, by_post.sums(v, hours * _HOUR_MS))
+    feats["post_click_rate_24h"] = _smoothed(feats["post_clicks_24h"], feats["post_impressions_24h"], labels["click"].mean())
+    feats["post_long_view_rate_24h"] = _smoothed(feats["post_long_views_24h"], feats["post_impressions_24h"],
+                                                 labels["long_view"].mean())
+    feats["post_like_rate_7d"] = _smoothed(feats["post_likes_7d"], feats["post_impressions_7d"], labels["like"].mean())
+    feats["post_impressions_total"] = np.where(cold_post, nan, n_post)
+    feats["post_engagement_rate_total"] = np.where(
+        cold_post, nan, _smoothed(by_post.sums(engaged), n_post, engaged.mean()))
+
+    # social view: the user's history with the author
+    pair = pd.factorize(pd.MultiIndex.from_arrays([df["user_id"], df["author_id"]]))[0]
+    by_pair = PriorWindowSums(pair, t, max_w)
+    n_pair = by_pair.sums(ones)
+    cold_pair = n_pair == 0
+    eng_pair = by_pair.sums(weighted)
+    feats["ua_impressions"] = np.where(cold_pair, nan, n_pair)
+    feats["ua_engagements"] = np.where(cold_pair, nan, eng_pair)
+    feats["ua_clicks"] = np.where(cold_pair, nan, by_pair.sums(labels["click"]))
+    feats["ua_follows"] = np.where(cold_pair, nan, (by_pair.sums(labels["follow"]) > 0).astype(float))
+    feats["ua_engagement_rate"] = np.where(cold_pair, nan, _smoothed(eng_pair, n_pair, weighted.mean()))
+
+    # temporal view: session activity of the user
+    prev = by_user.previous_time(t)
+    feats["tmp_last_impression_ts"] = np.floor(prev / 1000.0)
+    feats["tmp_impressions_1h"] = np.where(cold_user, nan, by_user.sums(ones, _HOUR_MS))
+    feats["tmp_impressions_24h"] = np.where(cold_user, nan, by_user.sums(ones, 24 * _HOUR_MS))
+
+    out = df[["user_id", "post_id", "author_id", "event_timestamp", "date", *HEADS]].copy()
+    out["date"] = out["date"].astype("int64")
+    out = pd.concat([out, pd.DataFrame(feats, index=out.index)], axis=1)
+    out = add_request_features(out, out["event_timestamp"])
+    if user_sample_mod > 1:
+        out = out.loc[out["user_id"] % user_sample_mod == 0].reset_index(drop=True)
+    return out

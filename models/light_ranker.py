@@ -1,0 +1,147 @@
+"""Light ranker: a small LightGBM binary classifier of "any positive engagement".
+
+It scores every candidate, so it is kept cheap: ``schema.LIGHT_RANKER_FEATURES`` (14 features),
+at most 200 trees of 31 leaves, early-stopped on the last training day. Missing features stay NaN
+(LightGBM learns a default direction per split). Target ``engaged`` = 1 if any head of
+``schema.POSITIVE_HEADS`` (click, long_view, like, follow, comment, forward) is 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+
+from home_mixer.schema import LIGHT_RANKER_FEATURES, POSITIVE_HEADS
+from models.features import feature_matrix
+from models.split import split_calibration_day
+
+LIGHT_HEADS: tuple[str, ...] = ("engaged",)
+
+
+def engaged_label(frame: pd.DataFrame) -> np.ndarray:
+    """``int8`` array ``[N]``: 1 where any of ``schema.POSITIVE_HEADS`` is 1, else 0.
+
+    Raises:
+        KeyError: a positive head's label column is missing (the message names it).
+    """
+    missing = [h for h in POSITIVE_HEADS if h not in frame.columns]
+    if missing:
+        raise KeyError(f"frame lacks label column(s) {missing}; training sets carry every head of schema.HEADS")
+    return (frame[list(POSITIVE_HEADS)].to_numpy(dtype=np.float64) > 0).any(axis=1).astype(np.int8)
+
+
+@dataclass(frozen=True)
+class LightRankerParams:
+    """LightGBM settings. Defaults favour a cheap, stable model (values are common defaults)."""
+
+    num_boost_round: int = 200
+    early_stopping_rounds: int = 20
+    learning_rate: float = 0.05
+    num_leaves: int = 31
+    min_data_in_leaf: int = 100
+    feature_fraction: float = 0.9
+    bagging_fraction: float = 0.8
+    bagging_freq: int = 1
+    lambda_l2: float = 1.0
+    num_threads: int = 2
+    seed: int = 7
+    extra: dict = field(default_factory=dict)
+
+    def lgb_params(self) -> dict:
+        """The ``lightgbm.train`` parameter dict (deterministic on a fixed thread count)."""
+        p = {
+            "objective": "binary",
+            "metric": "binary_logloss",
+            "learning_rate": self.learning_rate,
+            "num_leaves": self.num_leaves,
+            "min_data_in_leaf": self.min_data_in_leaf,
+            "feature_fraction": self.feature_fraction,
+            "bagging_fraction": self.bagging_fraction,
+            "bagging_freq": self.bagging_freq,
+            "lambda_l2": self.lambda_l2,
+            "num_threads": self.num_threads,
+            "seed": self.seed,
+            "deterministic": True,
+            "force_row_wise": True,
+            "verbosity": -1,
+        }
+        p.update(self.extra)
+        return p
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        return d
+
+
+@dataclass
+class LightRankerFit:
+    """A trained light ranker.
+
+    Attributes:
+        booster: the LightGBM booster (``best_iteration`` set by early stopping).
+        feature_names: input columns, in order.
+        best_iteration: number of trees used for prediction.
+        fit_rows / calibration_rows: rows of the fit part and of the early-stopping day.
+    """
+
+    booster: lgb.Booster
+    feature_names: tuple[str, ...]
+    best_iteration: int
+    fit_rows: int
+    calibration_rows: int
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        """P(engaged) per row: ``float32 [N, 1]`` (frame needs the feature columns; NaN allowed)."""
+        return predict_booster(self.booster, feature_matrix(frame, self.feature_names))
+
+
+def predict_booster(booster: lgb.Booster, x: np.ndarray) -> np.ndarray:
+    """Probabilities of a binary booster on ``x`` (``float32 [N, F]``) as ``float32 [N, 1]``."""
+    if len(x) == 0:
+        return np.zeros((0, 1), dtype=np.float32)
+    p = booster.predict(x, num_iteration=booster.best_iteration or None)
+    return np.asarray(p, dtype=np.float32).reshape(-1, 1)
+
+
+def fit_light_ranker(
+    train: pd.DataFrame,
+    params: LightRankerParams | None = None,
+    feature_names: Sequence[str] = LIGHT_RANKER_FEATURES,
+) -> LightRankerFit:
+    """Train on all but the last day of ``train``; early-stop on the last day.
+
+    Args:
+        train: training set (see ``models.train``): ``date``, the positive-head label columns and
+            the feature columns.
+        params: LightGBM settings (default :class:`LightRankerParams`).
+        feature_names: input columns (default ``schema.LIGHT_RANKER_FEATURES``).
+
+    Raises:
+        ValueError: fewer than 2 days, or the fit part has a single class.
+        KeyError / MissingFeaturesError: label or feature columns are missing.
+    """
+    params = params or LightRankerParams()
+    names = tuple(feature_names)
+    fit_df, cal_df = split_calibration_day(train)
+    y_fit, y_cal = engaged_label(fit_df), engaged_label(cal_df)
+    if y_fit.min() == y_fit.max():
+        raise ValueError("the fit part has a single class of 'engaged'; need both to train")
+    d_fit = lgb.Dataset(feature_matrix(fit_df, names), label=y_fit, feature_name=list(names),
+                        free_raw_data=True)
+    d_cal = lgb.Dataset(feature_matrix(cal_df, names), label=y_cal, reference=d_fit)
+    booster = lgb.train(
+        params.lgb_params(),
+        d_fit,
+        num_boost_round=params.num_boost_round,
+        valid_sets=[d_cal],
+        valid_names=["calibration"],
+        callbacks=[lgb.early_stopping(params.early_stopping_rounds, verbose=False)],
+    )
+    best = booster.best_iteration or booster.current_iteration()
+    booster.best_iteration = best
+    return LightRankerFit(booster, names, best, len(fit_df), len(cal_df))

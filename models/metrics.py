@@ -1,0 +1,212 @@
+"""Ranking and calibration metrics, vectorised with numpy/pandas (no Python loop over users).
+
+Every function takes 1-D arrays of equal length: ``y`` labels in {0, 1}, ``p`` scores or
+probabilities (finite floats), ``groups`` a per-row group key (the user id). A metric that is
+undefined on its input (one class only, no eligible user) returns ``nan`` rather than raising,
+so a report over rare heads (a day without a ``forward``) still renders; malformed input raises
+``ValueError`` saying what was wrong.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def _as_1d(name: str, a, n: int | None = None) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if n is not None and len(arr) != n:
+        raise ValueError(f"{name} has {len(arr)} rows but the labels have {n}")
+    return arr
+
+
+def _labels(y) -> np.ndarray:
+    y = _as_1d("y", y)
+    yf = y.astype(np.float64)
+    if len(yf) and not np.isin(yf, (0.0, 1.0)).all():
+        raise ValueError("labels must be 0/1 (binary); got other values")
+    return yf
+
+
+def _scores(p, n: int) -> np.ndarray:
+    p = _as_1d("p", p, n).astype(np.float64)
+    if not np.isfinite(p).all():
+        raise ValueError("scores must be finite numbers (no NaN/inf); impute or drop those rows first")
+    return p
+
+
+def _group_codes(groups, n: int) -> np.ndarray:
+    g = _as_1d("groups", groups, n)
+    codes, _ = pd.factorize(g, sort=False)
+    if (codes < 0).any():
+        raise ValueError("groups must not contain missing values")
+    return codes
+
+
+def auc(y, p) -> float:
+    """Area under the ROC curve via the Mann-Whitney U statistic (ties count one half).
+
+    AUC = (sum of ranks of positives - n_pos (n_pos + 1) / 2) / (n_pos n_neg), ranks 1-based with
+    ties given their average rank (Hanley & McNeil 1982). Equals ``sklearn.metrics.roc_auc_score``.
+
+    Returns:
+        float in [0, 1]; ``nan`` when ``y`` holds a single class (AUC is undefined).
+    """
+    y = _labels(y)
+    p = _scores(p, len(y))
+    n_pos = y.sum()
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = pd.Series(p).rank(method="average").to_numpy()
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def gauc(y, p, groups) -> float:
+    """Group AUC: per-user AUC averaged over users, weighted by their impression count.
+
+    GAUC = sum_u n_u AUC_u / sum_u n_u over users u having both a positive and a negative row,
+    n_u = the user's row (impression) count. Definition of Zhou et al. 2018, "Deep Interest
+    Network for Click-Through Rate Prediction" (KDD), eq. (7) with impression weights.
+
+    Returns:
+        float in [0, 1]; ``nan`` when no user has both classes.
+    """
+    y = _labels(y)
+    p = _scores(p, len(y))
+    codes = _group_codes(groups, len(y))
+    if len(y) == 0:
+        return float("nan")
+    ranks = pd.Series(p).groupby(codes).rank(method="average").to_numpy()
+    n = np.bincount(codes).astype(np.float64)
+    pos = np.bincount(codes, weights=y)
+    neg = n - pos
+    rank_sum_pos = np.bincount(codes, weights=ranks * y)
+    ok = (pos > 0) & (neg > 0)
+    if not ok.any():
+        return float("nan")
+    auc_u = (rank_sum_pos[ok] - pos[ok] * (pos[ok] + 1) / 2) / (pos[ok] * neg[ok])
+    return float(np.sum(n[ok] * auc_u) / np.sum(n[ok]))
+
+
+def log_loss(y, p, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy ``-mean(y log p + (1 - y) log(1 - p))`` in nats.
+
+    ``p`` is clipped to ``[eps, 1 - eps]`` so a confident miss costs ``-log(eps)`` (16.1 nats at
+    the default) instead of infinity.
+
+    Raises:
+        ValueError: ``p`` lies outside [0, 1], or the input is malformed / empty.
+    """
+    y = _labels(y)
+    p = _scores(p, len(y))
+    if len(y) == 0:
+        raise ValueError("log_loss of an empty set is undefined")
+    if (p < 0).any() or (p > 1).any():
+        raise ValueError("log_loss needs probabilities in [0, 1]")
+    p = np.clip(p, eps, 1 - eps)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
+
+
+def expected_calibration_error(y, p, n_bins: int = 15, strategy: str = "equal_mass") -> float:
+    """Expected calibration error: sum over bins of (bin share) x |mean label - mean prediction|.
+
+    ECE = sum_b (n_b / N) |mean(y_b) - mean(p_b)| (Naeini, Cooper & Hauskrecht 2015, "Obtaining
+    Well Calibrated Probabilities Using Bayesian Binning", AAAI; 15 bins as in Guo et al. 2017).
+
+    Args:
+        n_bins: number of bins (default 15).
+        strategy: ``"equal_mass"`` (default): rows sorted by ``p`` and cut into ``n_bins`` bins of
+            equal size (+-1 row; tied predictions may straddle a cut). Chosen as default because
+            rare heads put almost every prediction below 1/15, where equal-width bins would
+            collapse to a single bin and hide miscalibration. ``"equal_width"``: bins
+            ``[i/n_bins, (i+1)/n_bins)``, the last one closed; empty bins contribute 0.
+
+    Returns:
+        float in [0, 1]; ``nan`` for empty input.
+
+    Raises:
+        ValueError: unknown ``strategy``, ``n_bins < 1``, ``p`` outside [0, 1], malformed input.
+    """
+    y = _labels(y)
+    p = _scores(p, len(y))
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    if (p < 0).any() or (p > 1).any():
+        raise ValueError("expected_calibration_error needs probabilities in [0, 1]")
+    n = len(y)
+    if n == 0:
+        return float("nan")
+    if strategy == "equal_mass":
+        order = np.argsort(p, kind="stable")
+        bins = np.empty(n, dtype=np.int64)
+        bins[order] = (np.arange(n) * n_bins) // n
+    elif strategy == "equal_width":
+        bins = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    else:
+        raise ValueError(f"strategy must be 'equal_mass' or 'equal_width', got {strategy!r}")
+    sum_y = np.bincount(bins, weights=y, minlength=n_bins)
+    sum_p = np.bincount(bins, weights=p, minlength=n_bins)
+    # per bin: (n_b / N) |sum_y/n_b - sum_p/n_b| = |sum_y - sum_p| / N
+    return float(np.sum(np.abs(sum_y - sum_p)) / n)
+
+
+def ndcg_per_user(gain, score, groups, k: int = 10) -> pd.Series:
+    """NDCG@k of each user's ranking by ``score`` (descending) with graded relevance ``gain``.
+
+    DCG@k = sum_{r=1..k} gain_r / log2(r + 1) over the user's rows in score order; NDCG@k =
+    DCG@k / IDCG@k, IDCG from the rows sorted by gain (Jarvelin & Kekalainen 2002, "Cumulated
+    gain-based evaluation of IR techniques", TOIS, with the log2(r + 1) discount of Burges et al.
+    2005). Ties in ``score`` keep the input row order (stable sort): to rank ties on purpose,
+    encode the tie-break in ``score``.
+
+    Args:
+        gain: non-negative graded relevance per row (e.g. weighted sum of engagement labels).
+        score: finite ranking score per row; higher is ranked first.
+        groups: user id per row.
+        k: cut-off, >= 1.
+
+    Returns:
+        ``pd.Series`` indexed by group key, NDCG@k in [0, 1] for users whose total gain is > 0
+        (users without any positive gain have no ideal ranking and are left out).
+
+    Raises:
+        ValueError: negative or non-finite gains, ``k < 1``, malformed input.
+    """
+    g = _as_1d("gain", gain).astype(np.float64)
+    n = len(g)
+    s = _scores(score, n)
+    if not np.isfinite(g).all() or (g < 0).any():
+        raise ValueError("gains must be finite and >= 0")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    groups_arr = _as_1d("groups", groups, n)
+    codes, uniques = pd.factorize(groups_arr, sort=False)
+    if (codes < 0).any():
+        raise ValueError("groups must not contain missing values")
+    n_groups = len(uniques)
+    if n == 0:
+        return pd.Series([], dtype=np.float64)
+
+    def dcg(sort_key: np.ndarray) -> np.ndarray:
+        # sort by group, then by key descending; stable keeps input order on ties
+        order = np.lexsort((-sort_key, codes))  # lexsort is stable
+        c = codes[order]
+        starts = np.r_[0, np.flatnonzero(np.diff(c)) + 1]
+        first = np.repeat(starts, np.diff(np.r_[starts, n]))
+        rank = np.arange(n) - first + 1  # 1-based position within the user
+        contrib = np.where(rank <= k, g[order] / np.log2(rank + 1.0), 0.0)
+        return np.bincount(c, weights=contrib, minlength=n_groups)
+
+    dcg_u = dcg(s)
+    idcg_u = dcg(g)
+    ok = idcg_u > 0
+    return pd.Series(dcg_u[ok] / idcg_u[ok], index=pd.Index(uniques[ok], name="group"), name=f"ndcg@{k}")
+
+
+def ndcg_at_k(gain, score, groups, k: int = 10) -> float:
+    """Mean of :func:`ndcg_per_user` over users with positive total gain (``nan`` if none)."""
+    per_user = ndcg_per_user(gain, score, groups, k)
+    return float(per_user.mean()) if len(per_user) else float("nan")

@@ -1,0 +1,367 @@
+"""MLflow side of the rankers: experiment, model logging, the registry, and loading by alias.
+
+The mixer loads rankers only through :func:`load_ranker` (``models:/<name>@<alias>``), never from
+a file path, so promoting a new version is one alias move (:func:`promote`).
+
+Formats:
+- light ranker: ``mlflow.lightgbm`` (LightGBM's text model), input float32 ``[N, F]``.
+- heavy ranker: ``mlflow.pytorch`` with MLflow's default ``pt2`` format (``torch.export``): the
+  graph with its buffers, no pickle, dynamic batch size; loading needs only torch.
+- both carry ``metadata = {"ranker", "feature_names", "heads"}`` in their ``MLmodel`` file, and
+  explicit ``pip_requirements`` pinned from ``requirements.lock`` (MLflow would otherwise infer
+  them from the whole test environment).
+
+MLflow's fluent API keeps the tracking URI in process-global state (and in the
+``MLFLOW_TRACKING_URI`` environment variable); :func:`mlflow_uris` sets it for one block and
+restores what was there, so this module leaves no global state behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from home_mixer.schema import CHAMPION_ALIAS
+from home_mixer.state import PROJECT_ROOT, StateDir
+from models.features import feature_matrix
+
+EXPERIMENT_NAME = "home-mixer-rankers"
+LOCK_FILE = PROJECT_ROOT / "requirements.lock"
+LIGHT_REQUIREMENTS: tuple[str, ...] = ("lightgbm", "numpy", "pandas")
+HEAVY_REQUIREMENTS: tuple[str, ...] = ("torch", "numpy", "pandas")
+
+
+class RankerNotFoundError(LookupError):
+    """The registered model, its alias or version does not exist; the message says what to run."""
+
+
+# ---------------------------------------------------------------- tracking URI scope
+
+
+@contextlib.contextmanager
+def mlflow_uris(tracking_uri: str) -> Iterator[None]:
+    """Use ``tracking_uri`` as MLflow's tracking and registry URI inside the block, then restore.
+
+    Artifact progress bars are off inside the block. Restores MLflow's module-level URIs and the
+    ``MLFLOW_TRACKING_URI`` / ``MLFLOW_REGISTRY_URI`` / ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``
+    environment variables exactly as they were (``mlflow.set_tracking_uri`` also writes the
+    environment variable, which ``StateDir.mlflow_tracking_uri`` reads).
+    """
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    saved_env = {k: os.environ.get(k) for k in (
+        "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    try:
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # no tqdm bars in service logs
+        tracking_utils.set_tracking_uri(tracking_uri)
+        registry_utils.set_registry_uri(tracking_uri)
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _resolve_uri(tracking_uri: str | None) -> str:
+    return tracking_uri or StateDir.from_env().mlflow_tracking_uri
+
+
+def _store_missing(tracking_uri: str) -> bool:
+    """True if the URI names a SQLite file that does not exist (opening it would create it)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return not Path(tracking_uri[len("sqlite:///"):]).exists()
+    return False
+
+
+def ensure_experiment(tracking_uri: str, artifact_root: Path) -> str:
+    """Id of the experiment ``EXPERIMENT_NAME``, created with ``artifact_location=artifact_root``.
+
+    A deleted experiment of that name is restored. An existing experiment keeps its artifact
+    location (MLflow cannot move it).
+    """
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(EXPERIMENT_NAME)
+    if exp is None:
+        artifact_root.mkdir(parents=True, exist_ok=True)
+        return client.create_experiment(EXPERIMENT_NAME, artifact_location=artifact_root.resolve().as_uri())
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+# ---------------------------------------------------------------- requirements
+
+
+def pinned_requirements(packages: Sequence[str], lock_file: Path = LOCK_FILE) -> list[str]:
+    """``name==version`` pins for ``packages``, from ``requirements.lock`` (else installed versions).
+
+    A local version label is dropped (``torch==2.13.0+cpu`` -> ``torch==2.13.0``): PEP 440 lets
+    ``==2.13.0`` match any local build, and PyPI serves no ``+cpu`` wheels.
+
+    Raises:
+        LookupError: a package is neither in the lock nor installed.
+    """
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    locked: dict[str, str] = {}
+    if lock_file.exists():
+        for line in lock_file.read_text().splitlines():
+            m = re.match(r"^\s*([A-Za-z0-9_.\-]+)\s*==\s*([^\s;#]+)", line)
+            if m:
+                locked[norm(m.group(1))] = m.group(2)
+    pins = []
+    for pkg in packages:
+        version = locked.get(norm(pkg))
+        if version is None:
+            try:
+                version = importlib.metadata.version(pkg)
+            except importlib.metadata.PackageNotFoundError:
+                raise LookupError(f"{pkg} is neither pinned in {lock_file} nor installed") from None
+        pins.append(f"{pkg}=={version.split('+')[0]}")
+    return pins
+
+
+# ---------------------------------------------------------------- logging models
+
+
+def _metadata(kind: str, feature_names: Sequence[str], heads: Sequence[str]) -> dict[str, Any]:
+    return {"ranker": kind, "feature_names": list(feature_names), "heads": list(heads)}
+
+
+def log_light_model(booster, feature_names: Sequence[str], heads: Sequence[str],
+                    registered_name: str | None):
+    """Log a LightGBM booster to the active run (``name="model"``); register it if a name is given.
+
+    Must run inside :func:`mlflow_uris` with an active run. Returns MLflow's ``ModelInfo``
+    (``registered_model_version`` is set when registered).
+    """
+    import mlflow.lightgbm
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(DataType.float, n, required=False) for n in feature_names]),
+        outputs=Schema([TensorSpec(np.dtype(np.float64), (-1,))]),
+    )
+    return mlflow.lightgbm.log_model(
+        booster,
+        name="model",
+        signature=signature,
+        pip_requirements=pinned_requirements(LIGHT_REQUIREMENTS),
+        metadata=_metadata("light", feature_names, heads),
+        registered_model_name=registered_name,
+    )
+
+
+def log_heavy_model(module, example: np.ndarray, registered_name: str | None):
+    """Log a heavy-ranker module as ``pt2`` (``torch.export``) to the active run, ``name="model"``.
+
+    Args:
+        module: a ``HeavyRankerNet`` (put in eval mode here: dropout must not be traced).
+        example: ``float32 [n >= 2, F]`` rows without NaN, used to trace the graph (a batch of at
+            least 2 keeps the batch dimension dynamic).
+        registered_name: registered model name, or None to only log.
+
+    Must run inside :func:`mlflow_uris` with an active run. Returns MLflow's ``ModelInfo``.
+    """
+    import mlflow.pytorch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    if example.ndim != 2 or example.shape[0] < 2:
+        raise ValueError(f"example must be [n >= 2, F], got shape {example.shape}")
+    module.eval()
+    n_features, n_heads = len(module.feature_names), len(module.heads)
+    # unnamed tensors: pyfunc then takes a plain ndarray (a named one makes it expect a dict,
+    # which the pytorch pyfunc rejects)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_features))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, n_heads))]),
+    )
+    return mlflow.pytorch.log_model(
+        module,
+        name="model",
+        signature=signature,
+        input_example=np.ascontiguousarray(example, dtype=np.float32),
+        serialization_format="pt2",
+        pip_requirements=pinned_requirements(HEAVY_REQUIREMENTS),
+        metadata=_metadata("heavy", module.feature_names, module.heads),
+        registered_model_name=registered_name,
+    )
+
+
+# ---------------------------------------------------------------- registry
+
+
+def promote(name: str, version: int, alias: str = CHAMPION_ALIAS, tracking_uri: str | None = None) -> None:
+    """Point ``alias`` of registered model ``name`` at ``version`` (moves it if it pointed elsewhere).
+
+    Args:
+        tracking_uri: MLflow URI; default ``StateDir.from_env().mlflow_tracking_uri``.
+
+    Raises:
+        RankerNotFoundError: the registered model or the version does not exist.
+    """
+    from mlflow.exceptions import MlflowException
+
+    uri = _resolve_uri(tracking_uri)
+    if _store_missing(uri):
+        raise RankerNotFoundError(f"no MLflow store at {uri}: run `home-mixer train` first")
+    client = _client(uri)
+    try:
+        client.get_model_version(name, str(int(version)))
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise RankerNotFoundError(
+            f"registered model {name!r} has no version {version} in {uri}; list versions with the "
+            "MLflow UI or run `home-mixer train` first"
+        ) from None
+    client.set_registered_model_alias(name, alias, str(int(version)))
+
+
+@dataclass(frozen=True)
+class RankerHandle:
+    """A registered ranker loaded by alias, ready to score frames.
+
+    Attributes:
+        name: registered model name; alias: the alias it was loaded through.
+        version: model version number; run_id: the MLflow run that trained it.
+        feature_names: input columns, in model order.
+        heads: output columns: ``("engaged",)`` for the light ranker, ``schema.HEADS`` for the heavy.
+        kind: ``"light"`` or ``"heavy"``.
+        model: the loaded model (``lightgbm.Booster``, or the ``torch.export`` module of the heavy
+            ranker), for exporters; scoring goes through :meth:`predict`.
+    """
+
+    name: str
+    alias: str
+    version: int
+    run_id: str
+    feature_names: tuple[str, ...]
+    heads: tuple[str, ...]
+    kind: str
+    model: Any
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        """Scores for each row of ``frame``: ``np.ndarray float32 [N, len(heads)]``, probabilities.
+
+        Args:
+            frame: any frame with at least the ``feature_names`` columns (NaN allowed; extra
+                columns ignored). An empty frame gives shape ``[0, len(heads)]``.
+
+        Raises:
+            MissingFeaturesError: feature columns are missing (listed in the message).
+            TypeError: a feature column is not numeric.
+        """
+        x = feature_matrix(frame, self.feature_names)
+        if len(x) == 0:
+            return np.zeros((0, len(self.heads)), dtype=np.float32)
+        if self.kind == "light":
+            from models.light_ranker import predict_booster
+
+            out = predict_booster(self.model, x)
+        else:
+            from models.heavy_ranker import predict_module
+
+            out = predict_module(self.model, x)
+        if out.shape != (len(x), len(self.heads)):
+            raise RuntimeError(f"{self.name} v{self.version} returned shape {out.shape}, expected {(len(x), len(self.heads))}")
+        return out
+
+
+def load_ranker(name: str, alias: str = CHAMPION_ALIAS, tracking_uri: str | None = None) -> RankerHandle:
+    """Load registered model ``name`` through ``models:/<name>@<alias>``.
+
+    Args:
+        name: ``schema.LIGHT_RANKER_NAME`` or ``schema.HEAVY_RANKER_NAME`` (any registered ranker).
+        alias: registry alias, default ``"champion"``.
+        tracking_uri: MLflow URI; default ``StateDir.from_env().mlflow_tracking_uri``.
+
+    Returns:
+        :class:`RankerHandle` (model held in memory; the downloaded files are removed).
+
+    Raises:
+        RankerNotFoundError: no store, no registered model ``name``, or no such alias; the message
+            says to run ``home-mixer train`` first.
+        ValueError: the model version was not logged by ``models.registry`` (no ranker metadata).
+    """
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    uri = _resolve_uri(tracking_uri)
+    hint = "run `home-mixer train` first (it registers both rankers and sets the champion alias)"
+    if _store_missing(uri):
+        raise RankerNotFoundError(f"no MLflow store at {uri}: {hint}")
+    client = _client(uri)
+    for _attempt in range(2):  # retry once if the alias moved between lookup and download
+        try:
+            registered = client.get_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise RankerNotFoundError(f"no registered model {name!r} in {uri}: {hint}") from None
+        if alias not in registered.aliases:
+            raise RankerNotFoundError(
+                f"registered model {name!r} has no alias {alias!r} (aliases: {registered.aliases or 'none'}) "
+                f"in {uri}: {hint}, or point the alias at a version with models.registry.promote"
+            )
+        version = client.get_model_version(name, registered.aliases[alias])
+        with tempfile.TemporaryDirectory(prefix="home-mixer-ranker-") as tmp:
+            with mlflow_uris(uri):  # the models:/ resolver reads the global registry URI
+                local = mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"models:/{name}@{alias}", dst_path=tmp, tracking_uri=uri, registry_uri=uri,
+                )
+            mlmodel = Model.load(local)
+            if mlmodel.run_id is not None and mlmodel.run_id != version.run_id:
+                continue
+            meta = mlmodel.metadata or {}
+            if not {"ranker", "feature_names", "heads"} <= set(meta):
+                raise ValueError(
+                    f"{name} v{version.version} has no ranker metadata; it was not logged by "
+                    "models.train (train it with `home-mixer train`)"
+                )
+            if meta["ranker"] == "light":
+                import mlflow.lightgbm
+
+                model = mlflow.lightgbm.load_model(local)
+            elif meta["ranker"] == "heavy":
+                import mlflow.pytorch
+
+                model = mlflow.pytorch.load_model(local)
+            else:
+                raise ValueError(f"{name} v{version.version}: unknown ranker kind {meta['ranker']!r}")
+        return RankerHandle(
+            name=name,
+            alias=alias,
+            version=int(version.version),
+            run_id=version.run_id,
+            feature_names=tuple(meta["feature_names"]),
+            heads=tuple(meta["heads"]),
+            kind=meta["ranker"],
+            model=model,
+        )
+    raise RuntimeError(f"alias {alias!r} of {name!r} kept moving while loading; try again")

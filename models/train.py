@@ -1,0 +1,264 @@
+"""Training runs: fit a ranker, measure it on the validation days, log it all to MLflow, register.
+
+Each call is one MLflow run in the experiment ``home-mixer-rankers`` (artifacts under
+``StateDir.mlflow_artifacts``) with:
+- params: model settings, row and day counts, per-head positive weights (heavy);
+- metrics on the validation frame, named ``valid_<head>_<metric>`` (auc, gauc, log_loss, ece;
+  ``valid_<head>_ece_uncalibrated`` for the heavy ranker before Platt scaling; the light ranker's
+  single score gets ``valid_engaged_*`` plus auc/gauc against every head of ``schema.HEADS``);
+- artifacts: ``features.json`` (inputs, heads, and the heavy ranker's log1p features),
+  ``metrics.json`` (the same metrics nested by head, plus label counts);
+- the model (see ``models.registry``), registered as ``schema.LIGHT_RANKER_NAME`` /
+  ``schema.HEAVY_RANKER_NAME``, with alias ``schema.CHAMPION_ALIAS`` moved to the new version
+  unless ``set_champion=False``.
+
+Input frames follow the training-set contract: user_id, post_id, author_id, event_timestamp,
+date (int yyyymmdd), the label columns of ``schema.HEADS`` (0/1), and the feature columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from home_mixer.schema import (
+    CHAMPION_ALIAS, HEADS, HEAVY_RANKER_FEATURES, HEAVY_RANKER_NAME, LIGHT_RANKER_FEATURES, LIGHT_RANKER_NAME,
+)
+from home_mixer.state import StateDir
+from models import metrics as M
+from models.features import feature_matrix
+from models.heavy_ranker import HeavyRankerParams, fit_heavy_ranker
+from models.light_ranker import LIGHT_HEADS, LightRankerParams, engaged_label, fit_light_ranker
+from models.registry import (
+    ensure_experiment, log_heavy_model, log_light_model, mlflow_uris, promote,
+)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of one training run.
+
+    Attributes:
+        run_id: the MLflow run id.
+        model_version: registered version number, or None when ``register=False``.
+        metrics: flat ``{"valid_<head>_<metric>": value}`` as logged to MLflow (NaN where a metric
+            is undefined, e.g. a head without positives in the validation days).
+        model: the in-memory fitted ranker (``LightRankerFit`` or ``HeavyRankerFit``), e.g. for
+            an exporter that runs right after training.
+    """
+
+    run_id: str
+    model_version: int | None
+    metrics: dict[str, float]
+    model: Any = field(default=None, repr=False, compare=False)
+
+
+def head_metrics(y: np.ndarray, p: np.ndarray, users: np.ndarray, calibration: bool = True) -> dict[str, float]:
+    """AUC, GAUC (and log loss, ECE if ``calibration``) of probabilities ``p`` for labels ``y``.
+
+    Also returns ``positives`` and ``rows`` for context. Shapes: ``[N]`` each.
+    """
+    out = {"auc": M.auc(y, p), "gauc": M.gauc(y, p, users)}
+    if calibration:
+        out["log_loss"] = M.log_loss(y, p)
+        out["ece"] = M.expected_calibration_error(y, p)
+    out["positives"] = float(np.sum(y))
+    out["rows"] = float(len(y))
+    return out
+
+
+def _flat(nested: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"valid_{head}_{k}": v for head, d in nested.items() for k, v in d.items()
+            if k not in ("positives", "rows")}
+
+
+def _require_rows(train_df: pd.DataFrame, valid_df: pd.DataFrame) -> None:
+    if len(train_df) == 0 or len(valid_df) == 0:
+        raise ValueError(
+            f"training needs non-empty train and validation frames (got {len(train_df)} and "
+            f"{len(valid_df)} rows); build them with models.split.split_by_days"
+        )
+
+
+def _days(df: pd.DataFrame) -> str:
+    days = sorted(int(d) for d in pd.unique(df["date"]))
+    return f"{days[0]}-{days[-1]} ({len(days)})"
+
+
+def _log_run_data(params: dict, nested: dict, features: dict) -> dict[str, float]:
+    import mlflow
+
+    mlflow.log_params({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in params.items()})
+    flat = _flat(nested)
+    # MLflow stores NaN fine in SQLite, but skip it so UI charts stay clean; metrics.json keeps all
+    mlflow.log_metrics({k: v for k, v in flat.items() if math.isfinite(v)})
+    mlflow.log_dict(features, "features.json")
+    # strict JSON: an undefined metric (NaN) is written as null
+    mlflow.log_dict({h: {k: (v if math.isfinite(v) else None) for k, v in d.items()} for h, d in nested.items()},
+                    "metrics.json")
+    return flat
+
+
+def _finish(state: StateDir, name: str, info, register: bool, set_champion: bool) -> int | None:
+    if not register:
+        return None
+    version = int(info.registered_model_version)
+    if set_champion:
+        promote(name, version, CHAMPION_ALIAS, tracking_uri=state.mlflow_tracking_uri)
+    return version
+
+
+def train_light(
+    train_df: pd.DataFrame,
+    valid_df: pd.DataFrame,
+    state: StateDir,
+    register: bool = True,
+    set_champion: bool = True,
+    params: LightRankerParams | None = None,
+    feature_names: Sequence[str] = LIGHT_RANKER_FEATURES,
+) -> TrainResult:
+    """Train, evaluate, log and register the light ranker (LightGBM, target ``engaged``).
+
+    Args:
+        train_df: training days (the last one is the early-stopping slice).
+        valid_df: validation days (metrics only).
+        state: state folder: MLflow URI and artifact location.
+        register: register the model as ``schema.LIGHT_RANKER_NAME``.
+        set_champion: move alias ``champion`` to the new version (needs ``register``).
+        params: LightGBM settings; feature_names: input columns.
+
+    Raises:
+        ValueError: empty frames or fewer than 2 training days.
+        KeyError / MissingFeaturesError: label or feature columns missing.
+    """
+    import mlflow
+
+    _require_rows(train_df, valid_df)
+    params = params or LightRankerParams()
+    started = time.monotonic()
+    fit = fit_light_ranker(train_df, params, feature_names)
+    seconds = time.monotonic() - started
+
+    p = fit.predict(valid_df)[:, 0]
+    users = valid_df["user_id"].to_numpy()
+    nested = {"engaged": head_metrics(engaged_label(valid_df), p, users)}
+    for head in HEADS:  # how well the single score ranks each engagement
+        nested[head] = head_metrics(valid_df[head].to_numpy(), p, users, calibration=False)
+    run_params = {
+        **params.as_dict(),
+        "ranker": "light", "n_features": len(fit.feature_names), "best_iteration": fit.best_iteration,
+        "fit_rows": fit.fit_rows, "calibration_rows": fit.calibration_rows, "valid_rows": len(valid_df),
+        "train_days": _days(train_df), "valid_days": _days(valid_df), "train_seconds": round(seconds, 2),
+    }
+    features = {"feature_names": list(fit.feature_names), "heads": list(LIGHT_HEADS)}
+
+    state.ensure()
+    uri = state.mlflow_tracking_uri
+    with mlflow_uris(uri):
+        exp_id = ensure_experiment(uri, state.mlflow_artifacts)
+        with mlflow.start_run(experiment_id=exp_id, run_name=f"light-{time.strftime('%Y%m%d-%H%M%S')}",
+                              tags={"ranker": "light"}, nested=mlflow.active_run() is not None) as run:
+            flat = _log_run_data(run_params, nested, features)
+            info = log_light_model(fit.booster, fit.feature_names, LIGHT_HEADS,
+                                   LIGHT_RANKER_NAME if register else None)
+    version = _finish(state, LIGHT_RANKER_NAME, info, register, set_champion)
+    return TrainResult(run.info.run_id, version, flat, fit)
+
+
+def train_heavy(
+    train_df: pd.DataFrame,
+    valid_df: pd.DataFrame,
+    state: StateDir,
+    register: bool = True,
+    set_champion: bool = True,
+    params: HeavyRankerParams | None = None,
+    feature_names: Sequence[str] = HEAVY_RANKER_FEATURES,
+) -> TrainResult:
+    """Train, calibrate, evaluate, log and register the heavy ranker (7 heads of ``schema.HEADS``).
+
+    Arguments and errors as :func:`train_light`; the model is registered as
+    ``schema.HEAVY_RANKER_NAME``.
+    """
+    import mlflow
+
+    _require_rows(train_df, valid_df)
+    params = params or HeavyRankerParams()
+    fit = fit_heavy_ranker(train_df, params, feature_names, HEADS)
+
+    p_cal = fit.predict(valid_df)
+    p_raw = fit.predict_uncalibrated(valid_df)
+    users = valid_df["user_id"].to_numpy()
+    nested = {}
+    for j, head in enumerate(HEADS):
+        y = valid_df[head].to_numpy()
+        nested[head] = head_metrics(y, p_cal[:, j], users)
+        nested[head]["ece_uncalibrated"] = M.expected_calibration_error(y, p_raw[:, j])
+    run_params = {
+        **params.as_dict(),
+        "ranker": "heavy", "n_features": len(fit.feature_names), "loss": "bce_sqrt_pos_weight",
+        "epochs": fit.epochs, "best_epoch": fit.best_epoch, "calibration": "platt_per_head",
+        "fit_rows": fit.fit_rows, "calibration_rows": fit.calibration_rows, "valid_rows": len(valid_df),
+        "train_days": _days(train_df), "valid_days": _days(valid_df), "train_seconds": round(fit.seconds, 2),
+        **{f"pos_weight_{h}": round(w, 4) for h, w in fit.pos_weight.items()},
+    }
+    norm_log1p = [n for n, flag in zip(fit.feature_names, fit.model.in_log1p.tolist()) if flag]
+    features = {
+        "feature_names": list(fit.feature_names),
+        "heads": list(HEADS),
+        "log1p_features": norm_log1p,
+        "platt": {h: {"a": a, "b": b} for h, (a, b) in fit.platt.items()},
+    }
+    # trace with real rows, NaN imputed by the training medians (the JSON example cannot hold NaN)
+    example = feature_matrix(train_df.head(8), fit.feature_names)
+    example = np.where(np.isnan(example), fit.model.in_median.numpy(), example).astype(np.float32)
+
+    state.ensure()
+    uri = state.mlflow_tracking_uri
+    with mlflow_uris(uri):
+        exp_id = ensure_experiment(uri, state.mlflow_artifacts)
+        with mlflow.start_run(experiment_id=exp_id, run_name=f"heavy-{time.strftime('%Y%m%d-%H%M%S')}",
+                              tags={"ranker": "heavy"}, nested=mlflow.active_run() is not None) as run:
+            flat = _log_run_data(run_params, nested, features)
+            info = log_heavy_model(fit.model, example, HEAVY_RANKER_NAME if register else None)
+    version = _finish(state, HEAVY_RANKER_NAME, info, register, set_champion)
+    return TrainResult(run.info.run_id, version, flat, fit)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Development entry point: ``python -m models.train --dev`` trains both rankers on a frame
+    built from the raw log (``models.dev_frame``), registers them, and prints the evaluation."""
+    from home_mixer.state import DEFAULT_DATA_DIR
+    from models.dev_frame import build_dev_frame
+    from models.evaluate import EXAMPLE_WEIGHTS, evaluate_rankers
+    from models.split import split_by_days
+
+    ap = argparse.ArgumentParser(prog="python -m models.train", description=main.__doc__)
+    ap.add_argument("--dev", action="store_true", required=True, help="use the dev frame from the raw log")
+    ap.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    ap.add_argument("--user-sample-mod", type=int, default=1, help="keep users with id %% N == 0")
+    ap.add_argument("--valid-days", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    state = StateDir.from_env().ensure()
+    frame = build_dev_frame(args.data_dir, args.user_sample_mod)
+    train_df, valid_df = split_by_days(frame, args.valid_days)
+    print(f"train {len(train_df)} rows {_days(train_df)}, valid {len(valid_df)} rows {_days(valid_df)}")
+    for label, fn in (("light", train_light), ("heavy", train_heavy)):
+        res = fn(train_df, valid_df, state)
+        print(f"{label}: run {res.run_id} version {res.model_version}")
+        for k, v in sorted(res.metrics.items()):
+            print(f"  {k:40s} {v:.4f}")
+    report = evaluate_rankers(valid_df, EXAMPLE_WEIGHTS, state.mlflow_tracking_uri)
+    print(report.to_table())
+    report.to_json(state.reports / "ranker_evaluation.json")
+
+
+if __name__ == "__main__":
+    main()

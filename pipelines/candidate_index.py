@@ -1,0 +1,377 @@
+"""Build the mixer's Redis candidate index from the canonical tables, as of a cutoff time.
+
+Only events strictly before the cutoff (``as_of``) are used and only posts created before it are
+indexed, so an index built as of an impression's time holds nothing the user could not have known.
+
+Redis layout (prefix ``hm:``; names spelled in ``mixer/index_keys.py``; ids are decimal strings,
+times are epoch seconds UTC):
+
+| key | type | member -> score / value | read by |
+| --- | --- | --- | --- |
+| ``hm:post_meta`` | hash | post_id -> ``"author_id|created_ts|tag,tag"`` | candidate hydrator |
+| ``hm:author_posts:{author_id}`` | zset | post_id -> created_ts | InNetworkCandidateSource |
+| ``hm:popular:24h``, ``hm:popular:7d`` | zset | post_id -> weighted engagements in the window | PopularCandidateSource |
+| ``hm:tag_posts:{tag}`` | zset | post_id -> weighted engagements in the last 7 d (0 if none) | TagInterestCandidateSource |
+| ``hm:follows:{user_id}`` | set | author_id (explicit follow events) | query hydrator |
+| ``hm:engaged_authors:{user_id}`` | zset | author_id -> summed engagement edge weight | query hydrator |
+| ``hm:tag_interest:{user_id}`` | zset | tag -> summed engagement weight of engaged posts with the tag | query hydrator |
+| ``hm:hated_authors:{user_id}`` | set | author_id of posts the user marked with hate | query hydrator |
+| ``hm:seen:{user_id}`` | zset | post_id -> last impression time | query hydrator |
+| ``hm:index_meta`` | hash | ``as_of``, ``built_at``, one count per family | operators |
+
+"Weighted engagements" are ``sum_h ENGAGEMENT_EDGE_WEIGHTS[h] * label_h`` over impressions
+(``home_mixer.schema``; RealGraph idea, Kamath et al. 2014); engaged-author weights are the summed
+``weight`` of ``social_edges`` rows with ``edge_type == "engagement"`` (the same weights).
+
+The mixer writes ``hm:served:{user_id}`` and the ``hm:served_impressions`` stream; a rebuild leaves
+them alone. A rebuild deletes every index key first (SCAN + UNLINK) and then writes in pipelined
+batches, so it is idempotent; it is not atomic for concurrent readers (a request during the
+rebuild may see a partial index), so rebuild before serving or during a quiet period.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import redis
+
+from home_mixer.schema import (
+    ENGAGEMENT_EDGE_WEIGHTS,
+    IMPRESSIONS_COLUMNS,
+    POSTS_COLUMNS,
+    SOCIAL_EDGES_COLUMNS,
+)
+from home_mixer.state import StateDir
+from mixer import index_keys as keys
+
+log = logging.getLogger(__name__)
+
+POPULAR_WINDOWS_HOURS: dict[str, int] = {"24h": 24, "7d": 168}
+TAG_POSTS_WINDOW_HOURS = 168
+BATCH_COMMANDS = 5000  # commands per pipeline round trip
+
+
+@dataclass(frozen=True)
+class CanonicalTables:
+    """The three canonical tables the index needs (pandas, columns of ``home_mixer.schema``)."""
+
+    impressions: pd.DataFrame
+    posts: pd.DataFrame
+    social_edges: pd.DataFrame
+
+    @classmethod
+    def load(cls, state: StateDir) -> "CanonicalTables":
+        """Read ``impressions``, ``posts`` and ``social_edges`` from ``state.table(name)``.
+
+        Raises:
+            FileNotFoundError: a table is missing (run the canonical pipeline first).
+        """
+        frames = {}
+        for name, cols in (("impressions", IMPRESSIONS_COLUMNS), ("posts", POSTS_COLUMNS),
+                           ("social_edges", SOCIAL_EDGES_COLUMNS)):
+            path = state.table(name)
+            if not path.exists():
+                raise FileNotFoundError(
+                    f"canonical table {path} is missing; run the canonical pipeline (pipelines/canonical.py) first"
+                )
+            needed = [c for c in cols if c in _NEEDED[name]]
+            frames[name] = pd.read_parquet(path, columns=needed)
+        return cls(**frames)
+
+
+_NEEDED = {
+    "impressions": {"user_id", "post_id", "author_id", "event_ts", *ENGAGEMENT_EDGE_WEIGHTS, "hate"},
+    "posts": {"post_id", "author_id", "created_ts", "tags", "primary_tag"},
+    "social_edges": {"user_id", "author_id", "event_ts", "edge_type", "weight"},
+}
+
+
+def _require(frame: pd.DataFrame, name: str) -> None:
+    missing = sorted(_NEEDED[name] - set(frame.columns))
+    if missing:
+        raise ValueError(f"table {name} lacks columns {missing} (see home_mixer.schema); rebuild it")
+
+
+def _epoch_seconds(ts: pd.Series) -> np.ndarray:
+    """UTC timestamps (tz-aware, or naive meaning UTC; any unit) -> int64 epoch seconds (floor)."""
+    values = pd.to_datetime(ts, utc=True)
+    if values.isna().any():
+        raise ValueError(f"column {ts.name} has {int(values.isna().sum())} null timestamps; fix the table")
+    return ((values - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(dtype="int64")
+
+
+def _as_utc(as_of: datetime | pd.Timestamp | str) -> pd.Timestamp:
+    ts = pd.Timestamp(as_of)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def _parse_tags(value) -> tuple[int, ...]:
+    """Tags as a list/array of ints or a comma-separated string (KuaiRand's ``tag``) -> ints."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(int(float(t)) for t in value.split(",") if t.strip())
+    if isinstance(value, float):
+        return () if np.isnan(value) else (int(value),)
+    if isinstance(value, (int, np.integer)):
+        return (int(value),)
+    return tuple(int(t) for t in value if t is not None and not (isinstance(t, float) and np.isnan(t)))
+
+
+def _engagement_weight(impressions: pd.DataFrame) -> np.ndarray:
+    w = np.zeros(len(impressions), dtype="float64")
+    for head, weight in ENGAGEMENT_EDGE_WEIGHTS.items():
+        w += weight * impressions[head].fillna(0).to_numpy(dtype="float64")
+    return w
+
+
+@dataclass(frozen=True)
+class CandidateIndexContent:
+    """What the index holds, computed in memory (pandas) before it is written.
+
+    Frames (all ids int64, scores float64, times int64 epoch s):
+      posts: post_id, author_id, created_ts, tags (tuple of int)
+      popular: {window: Series post_id -> score}
+      tag_posts: tag, post_id, score
+      follows: user_id, author_id
+      engaged_authors: user_id, author_id, weight
+      tag_interest: user_id, tag, weight
+      hated_authors: user_id, author_id
+      seen: user_id, post_id, ts
+    """
+
+    as_of: pd.Timestamp
+    posts: pd.DataFrame
+    popular: dict[str, pd.Series]
+    tag_posts: pd.DataFrame
+    follows: pd.DataFrame
+    engaged_authors: pd.DataFrame
+    tag_interest: pd.DataFrame
+    hated_authors: pd.DataFrame
+    seen: pd.DataFrame
+
+    def counts(self) -> dict[str, int]:
+        """Rows per family (keys are stable names used in ``hm:index_meta``)."""
+        return {
+            "posts": len(self.posts),
+            "authors": int(self.posts["author_id"].nunique()),
+            **{f"popular_{w}": len(s) for w, s in self.popular.items()},
+            "tags": int(self.tag_posts["tag"].nunique()) if len(self.tag_posts) else 0,
+            "follow_edges": len(self.follows),
+            "engaged_author_edges": len(self.engaged_authors),
+            "tag_interest_edges": len(self.tag_interest),
+            "hated_author_edges": len(self.hated_authors),
+            "seen_edges": len(self.seen),
+            "users": int(pd.concat([self.follows["user_id"], self.engaged_authors["user_id"],
+                                    self.seen["user_id"]]).nunique()),
+        }
+
+
+def compute_candidate_index(tables: CanonicalTables, as_of: datetime | pd.Timestamp | str) -> CandidateIndexContent:
+    """Compute every index family from the canonical tables using only what is known before ``as_of``.
+
+    Args:
+        tables: canonical impressions, posts, social_edges (``home_mixer.schema`` columns).
+        as_of: the cutoff; tz-aware, or naive meaning UTC.
+
+    Raises:
+        ValueError: a table lacks a needed column.
+    """
+    for name in ("impressions", "posts", "social_edges"):
+        _require(getattr(tables, name), name)
+    cutoff = _as_utc(as_of)
+    cutoff_s = int(cutoff.value // 1_000_000_000)
+
+    posts = tables.posts
+    undated = pd.to_datetime(posts["created_ts"], utc=True).isna()
+    if undated.any():  # no creation time: age cannot be checked, so the post is not servable
+        log.warning("%d posts have no created_ts and are left out of the index", int(undated.sum()))
+        posts = posts.loc[~undated]
+    created = _epoch_seconds(posts["created_ts"])
+    posts = pd.DataFrame({
+        "post_id": posts["post_id"].to_numpy(dtype="int64"),
+        "author_id": posts["author_id"].to_numpy(dtype="int64"),
+        "created_ts": created,
+        "tags": [_parse_tags(t) for t in posts["tags"]],
+    })
+    posts = posts[posts["created_ts"] < cutoff_s].drop_duplicates("post_id", keep="last").reset_index(drop=True)
+    known_posts = set(posts["post_id"].tolist())
+
+    imp = tables.impressions
+    imp_ts = _epoch_seconds(imp["event_ts"])
+    mask = imp_ts < cutoff_s
+    imp = pd.DataFrame({
+        "user_id": imp["user_id"].to_numpy(dtype="int64")[mask],
+        "post_id": imp["post_id"].to_numpy(dtype="int64")[mask],
+        "author_id": imp["author_id"].to_numpy(dtype="int64")[mask],
+        "ts": imp_ts[mask],
+        "weight": _engagement_weight(imp)[mask],
+        "hate": imp["hate"].fillna(0).to_numpy(dtype="int64")[mask],
+    })
+
+    def window_scores(hours: int) -> pd.Series:
+        recent = imp[(imp["ts"] >= cutoff_s - hours * 3600) & (imp["weight"] > 0)]
+        scores = recent.groupby("post_id")["weight"].sum()
+        return scores[scores.index.isin(known_posts)].astype("float64")
+
+    popular = {window: window_scores(hours) for window, hours in POPULAR_WINDOWS_HOURS.items()}
+    tag_score = window_scores(TAG_POSTS_WINDOW_HOURS)
+    exploded = posts[["post_id", "tags"]].explode("tags").dropna(subset=["tags"])
+    tag_posts = pd.DataFrame({
+        "tag": exploded["tags"].astype("int64").to_numpy(),
+        "post_id": exploded["post_id"].astype("int64").to_numpy(),
+    })
+    tag_posts["score"] = tag_posts["post_id"].map(tag_score).fillna(0.0).astype("float64").to_numpy()
+
+    edges = tables.social_edges
+    edge_ts = _epoch_seconds(edges["event_ts"])
+    edges = edges.loc[edge_ts < cutoff_s]
+    follows = (edges.loc[edges["edge_type"] == "follow", ["user_id", "author_id"]]
+               .astype("int64").drop_duplicates().reset_index(drop=True))
+    engaged = (edges.loc[edges["edge_type"] == "engagement"]
+               .groupby(["user_id", "author_id"], as_index=False)["weight"].sum())
+    engaged = engaged[engaged["weight"] > 0].astype({"user_id": "int64", "author_id": "int64", "weight": "float64"})
+
+    positive = imp[imp["weight"] > 0][["user_id", "post_id", "weight"]]
+    post_tags = posts.set_index("post_id")["tags"]
+    positive = positive.assign(tag=positive["post_id"].map(post_tags)).explode("tag").dropna(subset=["tag"])
+    tag_interest = (positive.astype({"tag": "int64"}).groupby(["user_id", "tag"], as_index=False)["weight"].sum())
+
+    hated = (imp.loc[imp["hate"] > 0, ["user_id", "author_id"]].drop_duplicates().reset_index(drop=True))
+    seen = imp.groupby(["user_id", "post_id"], as_index=False)["ts"].max()
+
+    return CandidateIndexContent(
+        as_of=cutoff, posts=posts, popular=popular, tag_posts=tag_posts, follows=follows,
+        engaged_authors=engaged.reset_index(drop=True), tag_interest=tag_interest.reset_index(drop=True),
+        hated_authors=hated, seen=seen.reset_index(drop=True),
+    )
+
+
+class _BatchedPipeline:
+    """A redis-py pipeline that executes every ``BATCH_COMMANDS`` commands (bounded memory)."""
+
+    def __init__(self, client: redis.Redis, batch: int = BATCH_COMMANDS):
+        self.pipe = client.pipeline(transaction=False)
+        self.batch = batch
+        self.pending = 0
+
+    def add(self, method: str, *args, **kwargs) -> None:
+        getattr(self.pipe, method)(*args, **kwargs)
+        self.pending += 1
+        if self.pending >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.pipe.execute()
+            self.pending = 0
+
+
+def _grouped(frame: pd.DataFrame, key: str, cols: list[str]) -> Iterable[tuple[int, list[np.ndarray]]]:
+    """Yield ``(key value, [column arrays of that group])`` using one sort instead of groupby objects."""
+    if frame.empty:
+        return
+    frame = frame.sort_values(key, kind="stable")
+    k = frame[key].to_numpy()
+    arrays = [frame[c].to_numpy() for c in cols]
+    bounds = np.flatnonzero(np.diff(k)) + 1
+    starts = np.concatenate(([0], bounds))
+    ends = np.concatenate((bounds, [len(k)]))
+    for s, e in zip(starts, ends):
+        yield int(k[s]), [a[s:e] for a in arrays]
+
+
+def delete_candidate_index(client: redis.Redis) -> int:
+    """Delete every key the index builder owns (not the mixer's served records). Returns keys deleted."""
+    deleted = 0
+    for pattern in keys.INDEX_KEY_PATTERNS:
+        batch = []
+        for key in client.scan_iter(match=pattern, count=10_000):
+            batch.append(key)
+            if len(batch) >= 5000:
+                deleted += client.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += client.unlink(*batch)
+    deleted += client.unlink(*keys.INDEX_SINGLE_KEYS)
+    return deleted
+
+
+def write_candidate_index(client: redis.Redis, content: CandidateIndexContent) -> dict[str, int]:
+    """Replace the index in Redis with ``content`` (delete first, then pipelined batched writes).
+
+    Returns:
+        ``content.counts()`` (also stored in ``hm:index_meta`` with ``as_of`` and ``built_at``).
+    """
+    delete_candidate_index(client)
+    p = _BatchedPipeline(client)
+
+    posts = content.posts
+    meta = {int(pid): keys.encode_post_meta(a, c, t)
+            for pid, a, c, t in zip(posts["post_id"], posts["author_id"], posts["created_ts"], posts["tags"])}
+    items = list(meta.items())
+    for i in range(0, len(items), 1000):
+        p.add("hset", keys.POST_META, mapping=dict(items[i:i + 1000]))
+
+    for author, (pids, created) in _grouped(posts, "author_id", ["post_id", "created_ts"]):
+        p.add("zadd", keys.author_posts(author), dict(zip(pids.tolist(), created.tolist())))
+    for window, scores in content.popular.items():
+        if len(scores):
+            p.add("zadd", keys.popular(window), dict(zip(scores.index.tolist(), scores.tolist())))
+    for tag, (pids, scores) in _grouped(content.tag_posts, "tag", ["post_id", "score"]):
+        p.add("zadd", keys.tag_posts(tag), dict(zip(pids.tolist(), scores.tolist())))
+    for user, (authors,) in _grouped(content.follows, "user_id", ["author_id"]):
+        p.add("sadd", keys.follows(user), *authors.tolist())
+    for user, (authors, w) in _grouped(content.engaged_authors, "user_id", ["author_id", "weight"]):
+        p.add("zadd", keys.engaged_authors(user), dict(zip(authors.tolist(), w.tolist())))
+    for user, (tags, w) in _grouped(content.tag_interest, "user_id", ["tag", "weight"]):
+        p.add("zadd", keys.tag_interest(user), dict(zip(tags.tolist(), w.tolist())))
+    for user, (authors,) in _grouped(content.hated_authors, "user_id", ["author_id"]):
+        p.add("sadd", keys.hated_authors(user), *authors.tolist())
+    for user, (pids, ts) in _grouped(content.seen, "user_id", ["post_id", "ts"]):
+        p.add("zadd", keys.seen_posts(user), dict(zip(pids.tolist(), ts.tolist())))
+
+    counts = content.counts()
+    p.add("hset", keys.INDEX_META, mapping={
+        "as_of": content.as_of.isoformat(), "built_at": pd.Timestamp.now(tz="UTC").isoformat(), **counts,
+    })
+    p.flush()
+    return counts
+
+
+def build_candidate_index(state: StateDir, redis_url: str, as_of: datetime | pd.Timestamp | str,
+                          tables: CanonicalTables | None = None) -> dict[str, int]:
+    """Build (or rebuild, replacing) the candidate index in Redis from the state's canonical tables.
+
+    Args:
+        state: state folder whose ``tables/`` hold impressions, posts, social_edges (parquet).
+        redis_url: e.g. ``redis://127.0.0.1:6390/0``.
+        as_of: cutoff; only events strictly before it are used (tz-aware, or naive meaning UTC).
+        tables: already loaded tables (skips reading ``state``), e.g. in tests.
+
+    Returns:
+        counts per family (``posts``, ``authors``, ``popular_24h``, ``popular_7d``, ``tags``,
+        ``follow_edges``, ``engaged_author_edges``, ``tag_interest_edges``, ``hated_author_edges``,
+        ``seen_edges``, ``users``).
+
+    Raises:
+        FileNotFoundError: a canonical table is missing.
+        ValueError: a table lacks a needed column.
+        redis.RedisError: Redis is unreachable.
+    """
+    t0 = time.perf_counter()
+    tables = tables or CanonicalTables.load(state)
+    content = compute_candidate_index(tables, as_of)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        counts = write_candidate_index(client, content)
+    finally:
+        client.close()
+    log.info("candidate index as of %s built in %.1f s: %s", content.as_of, time.perf_counter() - t0, counts)
+    return counts

@@ -1,0 +1,184 @@
+"""Train both rankers on a slice of the real log, register them in a real MLflow (SQLite) store,
+load them back by alias, promote, and evaluate."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from home_mixer.schema import (
+    CHAMPION_ALIAS, HEADS, HEAVY_RANKER_FEATURES, HEAVY_RANKER_NAME, LIGHT_RANKER_FEATURES, LIGHT_RANKER_NAME,
+)
+from home_mixer.state import StateDir
+from models.dev_frame import build_dev_frame
+from models.evaluate import EXAMPLE_WEIGHTS, ORDERINGS, evaluate_rankers
+from models.features import MissingFeaturesError
+from models.heavy_ranker import HeavyRankerParams
+from models.light_ranker import LightRankerParams
+from models.registry import EXPERIMENT_NAME, RankerNotFoundError, load_ranker, mlflow_uris, promote
+from models.split import split_by_days
+from models.train import train_heavy, train_light
+
+pytestmark = pytest.mark.integration
+
+# one thread each: robust when other processes share the 2 cores (two OpenMP threads waiting on a
+# descheduled sibling slow training down many times over)
+HEAVY_PARAMS = HeavyRankerParams(max_epochs=6, num_threads=1)
+LIGHT_PARAMS = LightRankerParams(num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def frames(data_dir):
+    return split_by_days(build_dev_frame(data_dir, user_sample_mod=6), valid_days=2)
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory):
+    return StateDir(tmp_path_factory.mktemp("mlflow-state")).ensure()
+
+
+@pytest.fixture(scope="module")
+def trained(frames, state):
+    env_before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    train, valid = frames
+    light = train_light(train, valid, state, params=LIGHT_PARAMS)
+    heavy = train_heavy(train, valid, state, params=HEAVY_PARAMS)
+    # MLflow's fluent API must not leak the test store into the process environment
+    assert {k: os.environ.get(k) for k in env_before} == env_before
+    return light, heavy
+
+
+def _client(state):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=state.mlflow_tracking_uri, registry_uri=state.mlflow_tracking_uri)
+
+
+def test_runs_log_params_metrics_and_artifacts(trained, state):
+    client = _client(state)
+    exp = client.get_experiment_by_name(EXPERIMENT_NAME)
+    assert exp.artifact_location == state.mlflow_artifacts.resolve().as_uri()
+    for result, heads in ((trained[0], ("engaged",)), (trained[1], HEADS)):
+        run = client.get_run(result.run_id)
+        assert run.info.experiment_id == exp.experiment_id
+        for head in heads:
+            for metric in ("auc", "gauc", "log_loss", "ece"):
+                key = f"valid_{head}_{metric}"
+                if math.isfinite(result.metrics[key]):
+                    assert run.data.metrics[key] == pytest.approx(result.metrics[key])
+        assert "fit_rows" in run.data.params and "valid_days" in run.data.params
+        names = {a.path for a in client.list_artifacts(result.run_id)}
+        assert {"features.json", "metrics.json"} <= names
+    heavy = trained[1]
+    assert heavy.metrics["valid_click_auc"] > 0.6
+    assert heavy.metrics["valid_like_ece"] < heavy.metrics["valid_like_ece_uncalibrated"]
+    local = client.download_artifacts(heavy.run_id, "features.json", str(state.root))
+    assert json.loads(Path(local).read_text())["feature_names"] == list(HEAVY_RANKER_FEATURES)
+
+
+def test_models_pin_only_runtime_requirements(trained, state):
+    import mlflow.artifacts
+
+    lock = (Path(__file__).resolve().parents[2] / "requirements.lock").read_text()
+    for name in (LIGHT_RANKER_NAME, HEAVY_RANKER_NAME):
+        with mlflow_uris(state.mlflow_tracking_uri):  # models:/ resolution reads the global URI
+            reqs = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/1/requirements.txt", dst_path=str(state.root / name),
+            )).read_text().split()
+        pkgs = {r.split("==")[0] for r in reqs}
+        assert not pkgs & {"pytest", "scikit-learn", "pyspark", "feast"}, reqs
+        assert {"numpy", "pandas"} <= pkgs
+        for r in reqs:
+            pkg, version = r.split("==")
+            if pkg != "mlflow":
+                assert f"{pkg}=={version}" in lock  # the lock's exact version (local label dropped)
+
+
+def test_load_by_alias_predicts_like_the_in_memory_models(trained, frames, state):
+    _, valid = frames
+    light_res, heavy_res = trained
+    light = load_ranker(LIGHT_RANKER_NAME, CHAMPION_ALIAS, state.mlflow_tracking_uri)
+    heavy = load_ranker(HEAVY_RANKER_NAME, tracking_uri=state.mlflow_tracking_uri)
+    assert (light.version, light.run_id) == (light_res.model_version, light_res.run_id) == (1, light_res.run_id)
+    assert (heavy.version, heavy.run_id) == (1, heavy_res.run_id)
+    assert light.feature_names == LIGHT_RANKER_FEATURES and light.heads == ("engaged",)
+    assert heavy.feature_names == HEAVY_RANKER_FEATURES and heavy.heads == HEADS
+
+    frame = valid.sample(2000, random_state=0)
+    lp, hp = light.predict(frame), heavy.predict(frame)
+    assert lp.shape == (2000, 1) and hp.shape == (2000, 7) and lp.dtype == hp.dtype == np.float32
+    np.testing.assert_allclose(lp, light_res.model.predict(frame), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(hp, heavy_res.model.predict(frame), rtol=1e-5, atol=1e-6)
+    # one row, no rows, and all-missing features work through the exported graph too
+    assert heavy.predict(frame.head(1)).shape == (1, 7)
+    assert heavy.predict(frame.head(0)).shape == (0, 7)
+    nan_frame = frame.head(3).copy()
+    nan_frame[list(HEAVY_RANKER_FEATURES)] = np.nan
+    assert np.isfinite(heavy.predict(nan_frame)).all()
+    with pytest.raises(MissingFeaturesError, match="user_click_rate"):
+        light.predict(frame.drop(columns="user_click_rate"))
+
+
+def test_promote_moves_the_alias(trained, frames, state):
+    train, valid = frames
+    uri = state.mlflow_tracking_uri
+    challenger = train_light(train, valid, state, set_champion=False, params=LIGHT_PARAMS)
+    assert challenger.model_version == 2
+    assert load_ranker(LIGHT_RANKER_NAME, tracking_uri=uri).version == 1  # champion untouched
+    promote(LIGHT_RANKER_NAME, 2, "challenger", tracking_uri=uri)
+    assert load_ranker(LIGHT_RANKER_NAME, "challenger", uri).version == 2
+    promote(LIGHT_RANKER_NAME, 2, tracking_uri=uri)
+    champion = load_ranker(LIGHT_RANKER_NAME, tracking_uri=uri)
+    assert (champion.version, champion.run_id) == (2, challenger.run_id)
+    np.testing.assert_allclose(champion.predict(valid.head(100)), challenger.model.predict(valid.head(100)),
+                               rtol=1e-6, atol=1e-7)
+    promote(LIGHT_RANKER_NAME, 1, tracking_uri=uri)
+    assert load_ranker(LIGHT_RANKER_NAME, tracking_uri=uri).version == 1
+    with pytest.raises(RankerNotFoundError, match="no version 9"):
+        promote(LIGHT_RANKER_NAME, 9, tracking_uri=uri)
+
+
+def test_missing_model_alias_or_store_is_a_clear_error(trained, state, tmp_path):
+    uri = state.mlflow_tracking_uri
+    with pytest.raises(RankerNotFoundError, match="no alias 'canary'.*home-mixer train"):
+        load_ranker(HEAVY_RANKER_NAME, "canary", uri)
+    with pytest.raises(RankerNotFoundError, match="no registered model 'tiny_ranker'.*home-mixer train"):
+        load_ranker("tiny_ranker", tracking_uri=uri)
+    missing_db = tmp_path / "nothing" / "mlflow.db"
+    with pytest.raises(RankerNotFoundError, match="home-mixer train"):
+        load_ranker(LIGHT_RANKER_NAME, tracking_uri=f"sqlite:///{missing_db}")
+    assert not missing_db.exists()  # looking did not create a store
+
+
+def test_unregistered_training_run_leaves_the_registry_alone(frames, state):
+    train, valid = frames
+    client = _client(state)
+    before = len(client.search_model_versions(f"name='{LIGHT_RANKER_NAME}'"))
+    result = train_light(train, valid, state, register=False, params=LIGHT_PARAMS)
+    assert result.model_version is None and client.get_run(result.run_id).info.status == "FINISHED"
+    assert len(client.search_model_versions(f"name='{LIGHT_RANKER_NAME}'")) == before
+
+
+def test_evaluate_rankers_reports_heads_and_orderings(trained, frames, state):
+    _, valid = frames
+    light_res, heavy_res = trained
+    report = evaluate_rankers(valid, EXAMPLE_WEIGHTS, state.mlflow_tracking_uri)
+    # same models, same frame: the report agrees with the training runs' validation metrics
+    for head in HEADS:
+        assert report.head_metrics["heavy"][head]["auc"] == pytest.approx(
+            heavy_res.metrics[f"valid_{head}_auc"], abs=1e-6)
+        assert report.head_metrics["light"][head]["auc"] == pytest.approx(
+            light_res.metrics[f"valid_{head}_auc"], abs=1e-6)
+    assert set(report.ndcg) == set(ORDERINGS)
+    assert all(0 < v <= 1 for v in report.ndcg.values())
+    assert 0 < report.users_with_gain <= report.users
+    # learned orderings beat the label-free ones on engagement gain
+    assert report.ndcg["blended"] > report.ndcg["chronological"]
+    path = report.to_json(state.reports / "eval.json")
+    assert json.loads(path.read_text())["rows"] == len(valid)
+    assert "blended" in report.to_table()

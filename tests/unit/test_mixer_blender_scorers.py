@@ -1,0 +1,70 @@
+"""Light/heavy scorers on a fake ranker handle, and the weighted-sum blender."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from home_mixer.schema import ALL_FEATURES, HEADS
+from mixer.blenders import WeightedSumBlender
+from mixer.candidate import Candidate, Query
+from mixer.scorers import HeavyRankerScorer, LightRankerScorer
+
+
+@dataclass
+class FakeHandle:
+    """Predicts column j = feature value * (j + 1) / 10 (deterministic, checkable)."""
+
+    feature_names: tuple
+    heads: tuple
+    version: str = "3"
+    bad_shape: bool = False
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        x = frame[self.feature_names[0]].to_numpy()
+        out = np.stack([x * (j + 1) / 10 for j in range(len(self.heads))], axis=1).astype(np.float32)
+        return out[:, :1] if self.bad_shape else out
+
+
+def _frame(values):
+    f = pd.DataFrame(np.nan, index=range(len(values)), columns=list(ALL_FEATURES))
+    f["user_click_rate"] = values
+    return f
+
+
+def test_light_scorer_uses_named_head_and_reports_version():
+    h = FakeHandle(("user_click_rate",), ("engaged", "other"))
+    cands = [Candidate(i, "popular") for i in range(3)]
+    scorer = LightRankerScorer(h, head="other")
+    scorer.score(cands, _frame([1.0, 2.0, 3.0]))
+    assert [c.light_score for c in cands] == pytest.approx([0.2, 0.4, 0.6])
+    assert scorer.version == "3"
+    with pytest.raises(ValueError, match="not 'nope'"):
+        LightRankerScorer(h, head="nope")
+
+
+def test_heavy_scorer_sets_heads_and_checks_shape_and_features():
+    cands = [Candidate(i, "popular") for i in range(2)]
+    HeavyRankerScorer(FakeHandle(("user_click_rate",), HEADS)).score(cands, _frame([1.0, 5.0]))
+    assert list(cands[1].heads) == list(HEADS)
+    assert cands[1].heads["long_view"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="shape"):
+        HeavyRankerScorer(FakeHandle(("user_click_rate",), HEADS, bad_shape=True)).score(cands, _frame([1.0, 5.0]))
+    with pytest.raises(ValueError, match="does not hydrate"):
+        HeavyRankerScorer(FakeHandle(("made_up_feature",), HEADS))
+
+
+def test_weighted_sum_uses_the_query_arm():
+    blender = WeightedSumBlender({"a": {"click": 1.0, "hate": -10.0}, "b": {"like": 2.0}}, HEADS)
+    c = Candidate(1, "popular", heads={"click": 0.5, "like": 0.25, "hate": 0.01})
+    blender.blend(Query(1, 1, 0.0, "r", arm="a"), [c])
+    assert c.score == pytest.approx(0.5 - 0.1)
+    blender.blend(Query(1, 1, 0.0, "r", arm="b"), [c])
+    assert c.score == pytest.approx(0.5)
+    with pytest.raises(KeyError, match="zzz"):
+        blender.blend(Query(1, 1, 0.0, "r", arm="zzz"), [c])
+    with pytest.raises(ValueError, match="does not predict"):
+        WeightedSumBlender({"a": {"like": 1.0}}, ("click",))

@@ -1,0 +1,56 @@
+"""Mixer config: embedded default, merging a file over it, and clear errors for bad values."""
+
+from __future__ import annotations
+
+import pytest
+
+from home_mixer.schema import HEADS
+from mixer.config import ConfigError, load_config
+
+
+def test_embedded_default_is_valid_and_documented_values_hold():
+    cfg = load_config()
+    assert cfg.feast.project == "home_mixer"
+    assert cfg.ranking.heavy_ranker_top_k == 200
+    assert cfg.filters.max_post_age_days == 30 and cfg.filters.max_posts_per_author == 2
+    assert (cfg.page.default_size, cfg.page.max_size) == (20, 100)
+    assert [a.name for a in cfg.experiment.arms] == ["control", "engagement_plus"]
+    for arm in cfg.experiment.arms:
+        assert set(arm.weights) == set(HEADS) and arm.weights["hate"] < 0
+    # the demo serves as of the end of the log: 2022-05-04T16:00:00Z
+    assert cfg.clock.now_s() == 1651680000.0
+
+
+def test_file_merges_over_default(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("redis_url: redis://127.0.0.1:1/0\nranking:\n  heavy_ranker_top_k: 50\nclock:\n  now: real\n")
+    cfg = load_config(path)
+    assert cfg.redis_url == "redis://127.0.0.1:1/0"
+    assert cfg.ranking.heavy_ranker_top_k == 50
+    assert cfg.ranking.author_diversity_decay == 0.5  # sibling key kept from the default
+    assert cfg.clock.now == "real"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("ranking:\n  heavy_ranker_top_k: 0\n", "ranking.heavy_ranker_top_k"),
+    ("rankng:\n  heavy_ranker_top_k: 5\n", "rankng"),
+    ("clock:\n  now: yesterday\n", "clock.now"),
+    ("clock:\n  now: '2022-05-04T16:00:00'\n", "time zone"),
+    ("page:\n  default_size: 200\n", "page.default_size"),
+    ("experiment:\n  salt: s\n  arms:\n    - {name: a, traffic_share: 0.7, weights: {click: 1}}\n", "sum to"),
+    ("experiment:\n  salt: s\n  arms:\n    - {name: a, traffic_share: 1.0, weights: {clicks: 1}}\n", "unknown heads"),
+])
+def test_bad_values_name_the_key(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(path)
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)

@@ -1,0 +1,47 @@
+"""Pre-scoring filters, each on its own."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mixer.candidate import Candidate, Query
+from mixer.filters import DuplicateFilter, HatedAuthorFilter, MaxAgeFilter, PreviouslySeenFilter
+
+NOW = 1_000_000.0
+DAY = 86400.0
+
+
+def _q(**kw):
+    return Query(user_id=1, page_size=10, now_s=NOW, request_id="r", **kw)
+
+
+def _c(pid, author=10, age_days=1.0, source="popular"):
+    return Candidate(post_id=pid, source=source, author_id=author, created_ts=NOW - age_days * DAY)
+
+
+def test_previously_seen_drops_log_served_and_cursor_posts():
+    cands = [_c(i) for i in range(6)]
+    q = _q(seen_posts=frozenset({0}), served_posts=frozenset({2}), excluded_posts=frozenset({4}))
+    assert [c.post_id for c in PreviouslySeenFilter().apply(q, cands)] == [1, 3, 5]
+
+
+def test_hated_author_filter():
+    cands = [_c(1, author=7), _c(2, author=8), _c(3, author=7)]
+    kept = HatedAuthorFilter().apply(_q(hated_authors=frozenset({7})), cands)
+    assert [c.post_id for c in kept] == [2]
+
+
+def test_max_age_keeps_window_and_drops_future_and_unknown():
+    cands = [_c(1, age_days=29.9), _c(2, age_days=30.1), _c(3, age_days=-0.5), _c(4)]
+    cands[3].created_ts = math.nan
+    assert [c.post_id for c in MaxAgeFilter(30).apply(_q(), cands)] == [1]
+    with pytest.raises(ValueError, match="max_age_days"):
+        MaxAgeFilter(0)
+
+
+def test_duplicate_keeps_first_source():
+    cands = [_c(1, source="in_network"), _c(2), _c(1, source="popular"), _c(2, source="tag_interest")]
+    kept = DuplicateFilter().apply(_q(), cands)
+    assert [(c.post_id, c.source) for c in kept] == [(1, "in_network"), (2, "popular")]

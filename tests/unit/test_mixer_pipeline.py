@@ -1,0 +1,139 @@
+"""The pipeline's control flow with in-memory components: stage order, fail-open paths, paging."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from home_mixer.schema import ALL_FEATURES, HEADS
+from mixer.blenders import WeightedSumBlender
+from mixer.candidate import Candidate
+from mixer.candidate_sources import ParallelSourceRunner
+from mixer.config import load_config
+from mixer.filters import DuplicateFilter, HatedAuthorFilter, MaxAgeFilter, PreviouslySeenFilter
+from mixer.metrics import MixerMetrics
+from mixer.pipeline import HomeTimelinePipeline
+from mixer.query_hydrators import ExperimentArmQueryHydrator
+from mixer.scorers import HeavyRankerScorer, LightRankerScorer
+from mixer.selectors import AuthorDiversitySelector, PageSelector, TopKSelector
+from mixer.side_effects import RequestMetricsSideEffect
+
+CONFIG = load_config()
+NOW = CONFIG.clock.now_s()
+
+
+@dataclass
+class Handle:
+    feature_names: tuple
+    heads: tuple
+    version: int = 1
+
+    def predict(self, frame):
+        x = np.nan_to_num(frame[self.feature_names[0]].to_numpy(), nan=0.5)
+        return np.stack([x] * len(self.heads), axis=1).astype(np.float32)
+
+
+class ListSource:
+    name, timeout_ms = "popular", 500
+
+    def fetch(self, query):
+        # 60 posts, 3 per author, created 1 day ago; post 0 is hated by author, 1 is seen
+        return [Candidate(post_id=i, source=self.name, source_score=float(i)) for i in range(60)]
+
+
+class MetaHydrator:
+    name = "post_metadata"
+
+    def hydrate(self, query, candidates):
+        for c in candidates:
+            c.author_id, c.created_ts = c.post_id // 3, NOW - 86400.0
+        return candidates, 0
+
+
+class ScoreByIdFeatures:
+    """user_click_rate = post_id / 100 so higher ids rank higher."""
+
+    name = "fake_features"
+
+    def __init__(self, fail=False):
+        self.fail = fail
+
+    def hydrate(self, query, candidates):
+        if self.fail:
+            raise ConnectionError("online store down")
+        f = pd.DataFrame(np.nan, index=range(len(candidates)), columns=list(ALL_FEATURES))
+        f["user_click_rate"] = [c.post_id / 100 for c in candidates]
+        return f
+
+
+class Boom:
+    name = "boom"
+
+    def apply(self, result):
+        raise RuntimeError("stream full")
+
+
+class SeenHydrator:
+    name = "user_context"
+
+    def hydrate(self, query):
+        import dataclasses
+
+        return dataclasses.replace(query, seen_posts=frozenset({59}), hated_authors=frozenset({19}))
+
+
+@pytest.fixture()
+def make_pipeline():
+    pool = ThreadPoolExecutor(2)
+
+    def make(features=None, side_effects=()):
+        metrics = MixerMetrics()
+        light, heavy = Handle(("user_click_rate",), ("engaged",)), Handle(("user_click_rate",), HEADS)
+        return HomeTimelinePipeline(
+            config=CONFIG, query_hydrators=[SeenHydrator(), ExperimentArmQueryHydrator(CONFIG.experiment)],
+            source_runner=ParallelSourceRunner([ListSource()], pool), candidate_hydrator=MetaHydrator(),
+            filters=[PreviouslySeenFilter(), HatedAuthorFilter(), MaxAgeFilter(30), DuplicateFilter()],
+            feature_hydrator=features or ScoreByIdFeatures(), light_ranker=LightRankerScorer(light),
+            top_k=TopKSelector(10), heavy_ranker=HeavyRankerScorer(heavy),
+            blender=WeightedSumBlender({a.name: a.weights for a in CONFIG.experiment.arms}, HEADS),
+            author_diversity=AuthorDiversitySelector(2), page=PageSelector(), side_effects=list(side_effects),
+            metrics_side_effect=RequestMetricsSideEffect(metrics), metrics=metrics), metrics
+
+    yield make
+    pool.shutdown()
+
+
+def test_stages_run_in_order_and_filters_apply(make_pipeline):
+    pipeline, metrics = make_pipeline()
+    res = pipeline.run(user_id=4, page_size=4)
+    # 59 seen, 57/58 hated author 19; top K=10 by light score = 47..56; at most 2 per author
+    ids = [c.post_id for c in res.items]
+    assert ids[0] == 56 and len(ids) == 4 and 59 not in ids and 58 not in ids
+    assert max(pd.Series([c.author_id for c in res.items]).value_counts()) <= 2
+    assert res.counts == {"retrieved": 60, "hydrated": 60, "after_filters": 57, "heavy_ranked": 10, "selected": 4}
+    assert res.filtered == {"previously_seen": 1, "hated_author": 2, "max_age": 0, "duplicate": 0}
+    assert list(res.timings_ms)[:3] == ["query_hydration", "candidate_sources", "candidate_hydration"]
+    assert res.timings_ms["total"] >= sum(v for k, v in res.timings_ms.items() if k != "total") * 0.99
+    assert metrics.registry.get_sample_value("hm_mixer_filtered_total", {"filter": "hated_author"}) == 2
+
+
+def test_feature_failure_and_side_effect_failure_fail_open(make_pipeline):
+    pipeline, metrics = make_pipeline(features=ScoreByIdFeatures(fail=True), side_effects=[Boom()])
+    res = pipeline.run(user_id=4, page_size=5)
+    assert len(res.items) == 5 and res.degraded == ["feature_hydration"]
+    assert metrics.registry.get_sample_value("hm_mixer_side_effect_failures_total", {"side_effect": "boom"}) == 1
+    assert metrics.registry.get_sample_value("hm_mixer_requests_total", {"status": "degraded"}) == 1
+
+
+def test_cursor_pages_do_not_repeat_and_page_size_is_checked(make_pipeline):
+    pipeline, _ = make_pipeline()
+    first = pipeline.run(user_id=4, page_size=4)
+    second = pipeline.run(user_id=4, page_size=4, cursor=first.next_cursor)
+    assert not {c.post_id for c in first.items} & {c.post_id for c in second.items}
+    assert second.query.page_index == 1
+    with pytest.raises(ValueError, match="between 1 and 100"):
+        pipeline.run(user_id=4, page_size=101)

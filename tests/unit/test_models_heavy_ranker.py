@@ -1,0 +1,154 @@
+"""Heavy ranker: learns a synthetic per-head signal, calibrates, exports to ONNX, is reproducible."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from home_mixer.schema import HEADS
+from models import metrics as M
+from models.features import InputNormalisation
+from models.heavy_ranker import HeavyRankerNet, HeavyRankerParams, fit_heavy_ranker, fit_platt
+
+FEATURES = [f"f{i}" for i in range(6)]
+# skewed base rates, like the real log: two common heads, five rare ones
+BASE_RATES = dict(zip(HEADS, (0.3, 0.2, 0.05, 0.01, 0.02, 0.01, 0.01)))
+# one thread: the tests must stay fast when other processes share the 2 cores (OpenMP threads
+# waiting on a descheduled sibling slow two-thread training down many times over)
+SMALL = HeavyRankerParams(hidden=(64, 32), tower=16, max_epochs=8, patience=2, num_threads=1)
+
+
+def _bias_for_rate(logit: np.ndarray, rate: float) -> float:
+    lo, hi = -20.0, 20.0
+    for _ in range(60):  # bisection on the mean probability
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.mean(1 / (1 + np.exp(-(logit + mid)))) < rate else (lo, mid)
+    return (lo + hi) / 2
+
+
+def synthetic_frame(per_day: int = 6000, days: int = 4, seed: int = 3) -> tuple[pd.DataFrame, dict]:
+    """Features ~ N(0, 1) (f0 10% missing, f5 a heavy-tailed count); each head's label is
+    Bernoulli(sigmoid(w_h . x + b_h)) with its own direction w_h and a bias for its base rate."""
+    rng = np.random.default_rng(seed)
+    n = per_day * days
+    x = rng.normal(size=(n, len(FEATURES)))
+    w = rng.normal(size=(len(HEADS), len(FEATURES)))
+    w = 2.0 * w / np.linalg.norm(w, axis=1, keepdims=True)
+    logits = x @ w.T
+    frame = pd.DataFrame(x, columns=FEATURES)
+    frame["f5"] = np.round(np.exp(2 * x[:, 5]))  # same signal, seen as a count
+    frame.loc[rng.random(n) < 0.1, "f0"] = np.nan
+    true_p = {}
+    for j, head in enumerate(HEADS):
+        p = 1 / (1 + np.exp(-(logits[:, j] + _bias_for_rate(logits[:, j], BASE_RATES[head]))))
+        frame[head] = (rng.random(n) < p).astype(np.int64)
+        true_p[head] = p
+    frame["date"] = np.repeat(20220101 + np.arange(days), per_day)
+    frame["user_id"] = rng.integers(0, 1500, n)
+    return frame, true_p
+
+
+@pytest.fixture(scope="module")
+def trained():
+    frame, true_p = synthetic_frame()
+    last = frame["date"] == frame["date"].max()
+    fit = fit_heavy_ranker(frame[~last], SMALL, feature_names=FEATURES)
+    holdout = frame[last]
+    return fit, holdout, {h: p[last.to_numpy()] for h, p in true_p.items()}
+
+
+def test_learns_each_head_close_to_the_oracle(trained):
+    fit, holdout, true_p = trained
+    probs = fit.predict(holdout)
+    assert probs.shape == (len(holdout), len(HEADS)) and probs.dtype == np.float32
+    for j, head in enumerate(HEADS):
+        y = holdout[head].to_numpy()
+        ours, oracle = M.auc(y, probs[:, j]), M.auc(y, true_p[head])
+        assert ours > 0.8, head
+        assert ours > oracle - 0.05, (head, ours, oracle)
+
+
+def test_calibration_reduces_ece_on_rare_heads(trained):
+    fit, holdout, _ = trained
+    calibrated = fit.predict(holdout)
+    raw = fit.predict_uncalibrated(holdout)
+    for j, head in enumerate(HEADS):
+        if BASE_RATES[head] > 0.05:
+            continue
+        y = holdout[head].to_numpy()
+        ece_cal = M.expected_calibration_error(y, calibrated[:, j])
+        ece_raw = M.expected_calibration_error(y, raw[:, j])
+        # pos_weight inflates raw probabilities; Platt scaling must remove most of that
+        assert ece_cal < 0.5 * ece_raw, (head, ece_cal, ece_raw)
+        assert calibrated[:, j].mean() == pytest.approx(y.mean(), rel=0.35, abs=0.003), head
+
+
+def test_rare_heads_get_larger_positive_weights(trained):
+    fit, _, _ = trained
+    assert fit.pos_weight["follow"] > fit.pos_weight["like"] > fit.pos_weight["click"] >= 1.0
+    assert max(fit.pos_weight.values()) <= SMALL.max_pos_weight
+    assert 1 <= fit.best_epoch <= fit.epochs <= SMALL.max_epochs
+
+
+def test_missing_values_and_counts_are_handled_inside_the_module(trained):
+    fit, holdout, _ = trained
+    assert "f5" in [n for n, flag in zip(fit.feature_names, fit.model.in_log1p.tolist()) if flag]
+    all_missing = pd.DataFrame(np.nan, index=range(3), columns=FEATURES)
+    probs = fit.predict(all_missing)
+    assert np.isfinite(probs).all() and ((probs > 0) & (probs < 1)).all()
+
+
+def test_module_exports_to_onnx_with_the_same_outputs(trained, tmp_path):
+    import onnxruntime as ort
+
+    fit, holdout, _ = trained
+    x = holdout[FEATURES].to_numpy(dtype=np.float32)[:64]
+    program = torch.onnx.export(
+        fit.model.eval(), (torch.from_numpy(x[:4]),), dynamo=True,
+        input_names=["features"], output_names=["probabilities"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+    )
+    program.save(str(tmp_path / "heavy.onnx"))
+    out = ort.InferenceSession(str(tmp_path / "heavy.onnx")).run(None, {"features": x})[0]
+    np.testing.assert_allclose(out, fit.predict(holdout.iloc[:64]), atol=1e-5)
+
+
+def test_training_is_reproducible_with_a_seed():
+    frame, _ = synthetic_frame(per_day=1500, days=3, seed=5)
+    params = HeavyRankerParams(hidden=(16,), tower=8, max_epochs=2, patience=5, num_threads=1)
+    a = fit_heavy_ranker(frame, params, feature_names=FEATURES).predict(frame)
+    b = fit_heavy_ranker(frame, params, feature_names=FEATURES).predict(frame)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_thread_count_is_restored():
+    before = torch.get_num_threads()
+    frame, _ = synthetic_frame(per_day=500, days=2, seed=6)
+    fit_heavy_ranker(frame, HeavyRankerParams(hidden=(8,), tower=4, max_epochs=1, num_threads=1),
+                     feature_names=FEATURES)
+    assert torch.get_num_threads() == before
+
+
+def test_fit_platt_recovers_known_parameters():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=100_000)
+    y = (rng.random(len(z)) < 1 / (1 + np.exp(-(2.0 * z - 3.0)))).astype(int)
+    a, b = fit_platt(z, y)
+    assert a == pytest.approx(2.0, abs=0.08) and b == pytest.approx(-3.0, abs=0.08)
+
+
+def test_fit_platt_without_positives_predicts_small_probabilities():
+    z = np.linspace(-2, 2, 1000)
+    a, b = fit_platt(z, np.zeros_like(z))
+    p = 1 / (1 + np.exp(-(a * z + b)))
+    assert np.isfinite([a, b]).all() and p.max() < 0.01
+
+
+def test_untrained_module_is_identity_calibrated():
+    norm = InputNormalisation.fit(np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32), list("abc"))
+    net = HeavyRankerNet(norm, HEADS).eval()
+    x = torch.zeros(2, 3)
+    with torch.no_grad():
+        np.testing.assert_allclose(net(x).numpy(), torch.sigmoid(net.logits(x)).numpy(), rtol=1e-6)
