@@ -83,7 +83,6 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="hm-bench-hydration-") as tmp:
         state = StateDir(Path(tmp)).ensure()
         srv = RedisServer(state).start()
-        saved = {k: os.environ.get(k) for k in ("HOME_MIXER_STATE", "HOME_MIXER_REDIS")}
         try:
             from home_mixer import feature_store as fs
             from mixer.candidate import Candidate, Query
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
             store = fs.open_store(state, srv.feast_connection_string)
-            fs.apply(store)
+            fs.apply(store, state.tables)
             t0 = time.perf_counter()
             user = 7
             pairs = populate(store, user, args.posts, np.random.default_rng(0))
@@ -115,8 +114,6 @@ def main(argv: list[str] | None = None) -> None:
                   f"p99 {np.percentile(t_sdk, 99) / np.percentile(t_direct, 99):.1f}x")
             client.close()
         finally:
-            for k, v in saved.items():
-                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
             srv.stop()
 
 

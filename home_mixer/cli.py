@@ -15,6 +15,10 @@ from pathlib import Path
 from home_mixer.state import DEFAULT_DATA_DIR, StateDir
 
 
+class UsageError(ValueError):
+    """A command was called with arguments that cannot work; the message says what to change."""
+
+
 def _state(args) -> StateDir:
     if args.state:
         os.environ["HOME_MIXER_STATE"] = str(Path(args.state).resolve())
@@ -81,7 +85,7 @@ def cmd_features(args) -> int:
         print(jobs.build_features(spark, state))
     store = fs.open_store(state, jobs.feast_connection(url))
     with timer.stage("feast apply"):
-        fs.apply(store)
+        fs.apply(store, state.tables)
     with timer.stage("point-in-time training set (get_historical_features)"):
         df = jobs.training_set(spark, store, state)
         print(f"training set: {len(df):,} rows x {df.shape[1]} columns")
@@ -108,7 +112,13 @@ def cmd_train(args) -> int:
     from models.split import split_by_days
     from models.train import train_heavy, train_light
 
+    from home_mixer.schema import VALIDATION_DAYS
+
     state = _state(args)
+    if not 1 <= args.valid_days <= VALIDATION_DAYS:
+        raise UsageError(f"--valid-days must be 1..{VALIDATION_DAYS}: the feature smoothing priors were "
+                         f"computed with the last {VALIDATION_DAYS} days held out, so validating on more "
+                         "days would leak their labels into the features")
     train, valid = split_by_days(jobs.load_training_set(state), valid_days=args.valid_days)
     results = {}
     if args.model in ("light", "both"):
@@ -156,9 +166,15 @@ def cmd_serve_mixer(args) -> int:
 
 
 def cmd_clean(args) -> int:
-    from home_mixer.services import RedisServer
+    from home_mixer.services import RedisServer, stop_pid
 
     state = _state(args)
+    mixer_pid = state.run / "mixer.pid"
+    if mixer_pid.exists():
+        pid = int(mixer_pid.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        if cmdline.exists() and b"mixer.api" in cmdline.read_bytes():  # not a recycled pid
+            stop_pid(pid)
     srv = RedisServer.running(state)
     if srv:
         srv.stop()
@@ -198,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train, log to MLflow, register and alias the rankers")
     t.add_argument("--model", choices=["light", "heavy", "both"], default="both")
-    t.add_argument("--valid-days", type=int, default=2)
+    t.add_argument("--valid-days", type=int, default=2, help="validation days at the end of the log (1..2)")
     t.add_argument("--no-register", action="store_true")
     t.set_defaults(func=cmd_train)
 
@@ -237,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ServiceError, FileNotFoundError) as exc:
+    except (ServiceError, FileNotFoundError, UsageError) as exc:
         print(f"home-mixer: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # domain errors carry their own advice

@@ -44,8 +44,8 @@ def start_mixer(state: StateDir, redis_url: str, port: int | None = None,
     if config:
         cmd += ["--config", str(config)]
     log_path = state.run / "mixer.log"
-    proc = subprocess.Popen(cmd, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    with open(log_path, "ab") as log:  # the child keeps its own copy
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     (state.run / "mixer.pid").write_text(str(proc.pid))
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
@@ -112,7 +112,7 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
                 print(f"  {name}: {rows:,} rows")
         store = fs.open_store(state, srv.feast_connection_string)
         with timer.stage("feast apply"):
-            fs.apply(store)
+            fs.apply(store, state.tables)
         with timer.stage("training set: Feast point-in-time join (Spark offline store)"):
             ts = jobs.training_set(spark, store, state)
             print(f"  {len(ts):,} rows x {ts.shape[1]} columns")
@@ -134,7 +134,10 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
             report = evaluate_rankers(valid, control_weights(), tracking_uri=state.mlflow_tracking_uri)
             report.to_json(state.reports / "evaluation.json")
         with timer.stage("start the mixer and request home timelines over HTTP"):
-            mixer_proc, base = start_mixer(state, srv.url)
+            as_of = jobs.log_end(state)
+            config = state.run / "demo-mixer.yaml"  # merged over the embedded mixer/mixer.yaml
+            config.write_text(f"clock:\n  now: \"{as_of.isoformat().replace('+00:00', 'Z')}\"\n")
+            mixer_proc, base = start_mixer(state, srv.url, config=config)
             print(f"  mixer {base} (OpenAPI at {base}/docs)")
             chosen = users or pick_users(ts, n_users)
             responses = []

@@ -42,6 +42,7 @@ def featurize_log(state: StateDir, log: Path, data_dir: Path, history: Path | No
     from pyspark.sql import functions as F
 
     from home_mixer.schema import HEADS
+    from pipelines.features.common import PRIORS_REPORT, RatePriors
     from pipelines.request_features import add_request_features
     from pipelines.spark import spark_session
 
@@ -54,7 +55,11 @@ def featurize_log(state: StateDir, log: Path, data_dir: Path, history: Path | No
     ev_state = StateDir(state.root / "eval" / key).ensure()
     jobs.prepare_data(ev_state, data_dir, log_paths=logs)
     spark = spark_session("home-mixer-evaluate")
-    jobs.build_features(spark, ev_state)
+    priors_path = state.reports / PRIORS_REPORT
+    if not priors_path.exists():
+        raise FileNotFoundError(f"{priors_path} does not exist: build the training features first "
+                                "(`home-mixer features build` or `home-mixer demo`)")
+    jobs.build_features(spark, ev_state, priors=RatePriors.read_json(priors_path))
     # Registry in the eval state; the online store is never written here.
     store = fs.open_store(ev_state, "127.0.0.1:0")
     fs.apply(store, ev_state.tables)

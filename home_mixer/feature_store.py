@@ -29,13 +29,22 @@ def open_store(state: StateDir, redis_connection: str):
         state: the state folder (registry in ``state/feast``, tables in ``state/tables``).
         redis_connection: Redis as ``host:port`` (Feast's connection_string form).
     """
-    os.environ.update(feast_env(state, redis_connection))
     state.ensure()
     import prometheus_client  # noqa: F401  (import before feast so metrics stay in memory)
     from feast import FeatureStore
 
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    return FeatureStore(repo_path=str(FEATURE_REPO))
+    env = feast_env(state, redis_connection)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:  # feature_store.yaml is read (and ${VAR}s expanded) here, once
+        return FeatureStore(repo_path=str(FEATURE_REPO))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def definitions(tables_dir: Path) -> list:
@@ -47,10 +56,9 @@ def definitions(tables_dir: Path) -> list:
     return defs.build_definitions(tables_dir)
 
 
-def apply(store, tables_dir: Path | None = None) -> None:
-    """Register entities and feature views (``feast apply``) over ``tables_dir`` (default: state)."""
-    tables = tables_dir or Path(os.environ["HOME_MIXER_STATE"]) / "tables"
-    store.apply(definitions(tables))
+def apply(store, tables_dir: Path) -> None:
+    """Register entities and feature views (``feast apply``) over the parquet tables in ``tables_dir``."""
+    store.apply(definitions(tables_dir))
 
 
 def feature_refs() -> list[str]:

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
 
 from home_mixer import feature_store as fs
 from home_mixer.schema import HEADS
-from home_mixer.services import RedisServer, ServiceError
+from home_mixer.services import RedisServer, ServiceError, feast_connection_string
 from home_mixer.state import StateDir
 
-# Features exist from this instant on (base rows of users/posts are stamped here).
-FEATURES_START = datetime(2022, 4, 1, tzinfo=timezone.utc)
 TRAINING_SET_TABLE = "training_set"
 
 
@@ -39,10 +37,7 @@ def redis_url_for(state: StateDir) -> str:
     return srv.url
 
 
-def feast_connection(redis_url: str) -> str:
-    """``redis://host:port/db`` -> Feast's ``host:port`` connection string."""
-    rest = redis_url.split("://", 1)[-1]
-    return rest.split("/", 1)[0]
+feast_connection = feast_connection_string
 
 
 @dataclass
@@ -74,11 +69,17 @@ def prepare_data(state: StateDir, data_dir: Path, log_paths: list[Path] | None =
     return DataReport(stats=stats, validation=report)
 
 
-def build_features(spark, state: StateDir) -> dict[str, int]:
-    """Run the Spark feature jobs; returns row counts per feature table."""
+def build_features(spark, state: StateDir, priors=None) -> dict[str, int]:
+    """Run the Spark feature jobs; returns row counts per feature table.
+
+    Args:
+        priors: ``pipelines.features.common.RatePriors`` to smooth with (default: computed from
+            this state's impressions, validation days held out). Evaluation passes the training
+            state's priors so features mean the same as in training.
+    """
     from pipelines.features import build_offline_features
 
-    return build_offline_features(spark, state)
+    return build_offline_features(spark, state, priors=priors)
 
 
 def training_set(spark, store, state: StateDir) -> pd.DataFrame:
@@ -116,19 +117,26 @@ def load_training_set(state: StateDir) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def log_end(state: StateDir) -> datetime:
-    """One hour after the last impression of the canonical log (UTC)."""
+def _log_span(state: StateDir) -> tuple[datetime, datetime]:
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     ts = pq.read_table(state.table("impressions"), columns=["event_ts"]).column(0)
-    import pyarrow.compute as pc
+    return pc.min(ts).as_py(), pc.max(ts).as_py()
 
-    last = pc.max(ts).as_py()
+
+def log_end(state: StateDir) -> datetime:
+    """The hour boundary after the last impression of the canonical log (UTC): "now" for serving."""
+    last = _log_span(state)[1]
     return (last + timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
 
 
 def materialize(store, state: StateDir) -> tuple[datetime, datetime]:
-    """Fill the Redis online store with the latest feature values up to the end of the log."""
+    """Fill the Redis online store with the latest feature values, from the features' base rows
+    (``pipelines.features.common.BASE_ROW_TS`` or the first impression if earlier) to ``log_end``."""
+    from pipelines.features.common import BASE_ROW_TS
+
+    start = min(BASE_ROW_TS.to_pydatetime(), _log_span(state)[0])
     end = log_end(state)
-    fs.materialize(store, FEATURES_START, end)
-    return FEATURES_START, end
+    fs.materialize(store, start, end)
+    return start, end

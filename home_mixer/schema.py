@@ -179,6 +179,9 @@ LIGHT_RANKER_FEATURES: tuple[str, ...] = (
 
 ENTITY_COLUMNS: tuple[str, ...] = ("user_id", "post_id", "author_id", "event_timestamp")
 
+# The last days of a log are the validation days (time split); smoothing priors never see them.
+VALIDATION_DAYS = 2
+
 # Registered model names in MLflow and the alias the mixer serves.
 LIGHT_RANKER_NAME = "light_ranker"
 HEAVY_RANKER_NAME = "heavy_ranker"

@@ -31,6 +31,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def feast_connection_string(redis_url: str) -> str:
+    """``redis://[:password@]host:port[/db]`` -> Feast's ``host:port[,db=N][,password=P]``.
+
+    Feast's RedisOnlineStoreConfig.connection_string takes ``host:port`` plus comma-separated
+    redis-py keyword options; dropping the db or password would make Feast write elsewhere than the
+    mixer reads.
+
+    Raises:
+        ValueError: not a ``redis://`` or ``rediss://`` URL.
+    """
+    from urllib.parse import urlparse
+
+    u = urlparse(redis_url)
+    if u.scheme not in ("redis", "rediss") or not u.hostname:
+        raise ValueError(f"not a Redis URL: {redis_url!r} (expected redis://host:port/db)")
+    parts = [f"{u.hostname}:{u.port or 6379}"]
+    db = (u.path or "/").strip("/")
+    if db and db != "0":
+        parts.append(f"db={int(db)}")
+    if u.password:
+        parts.append(f"password={u.password}")
+    if u.scheme == "rediss":
+        parts.append("ssl=true")
+    return ",".join(parts)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -79,8 +105,8 @@ class RedisServer:
 
     @property
     def feast_connection_string(self) -> str:
-        """Feast's RedisOnlineStoreConfig.connection_string form: ``host:port``."""
-        return f"127.0.0.1:{self.port}"
+        """Feast's RedisOnlineStoreConfig.connection_string form of ``url``."""
+        return feast_connection_string(self.url)
 
     def _files(self) -> tuple[Path, Path]:
         return self.state.run / "redis.pid", self.state.run / "redis.port"
@@ -116,13 +142,13 @@ class RedisServer:
             )
         self.state.ensure()
         self.port = self.port or free_port()
-        log = open(self.state.redis / "redis.log", "ab")
-        proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.state.redis),
-             "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-             "--protected-mode", "yes", "--daemonize", "no"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(self.state.redis / "redis.log", "ab") as log:  # the child keeps its own copy
+            proc = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.state.redis),
+                 "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                 "--protected-mode", "yes", "--daemonize", "no"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         self.pid = proc.pid
         client = redis.Redis.from_url(self.url, socket_timeout=1)
         deadline = time.monotonic() + timeout_s

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data" / "kuairand-pure"
+DEFAULT_DATA_DIR = Path(os.environ.get("HOME_MIXER_DATA", PROJECT_ROOT.parent / "shared" / "data" / "kuairand-pure"))
 
 
 @dataclass(frozen=True)

@@ -96,9 +96,9 @@ def _feature_hydrator(config: MixerConfig, client: redis.Redis):
     from home_mixer.feature_store import open_store
     from home_mixer.state import StateDir
 
-    kw = client.connection_pool.connection_kwargs
-    connection = f"{kw['host']}:{kw['port']}" + (f",db={kw['db']}" if kw.get("db") else "")
-    return FeastSdkFeatureHydrator(open_store(StateDir.from_env(), connection))
+    from home_mixer.services import feast_connection_string
+
+    return FeastSdkFeatureHydrator(open_store(StateDir.from_env(), feast_connection_string(config.resolved_redis_url())))
 
 
 def _load_rankers(config: MixerConfig) -> tuple[RankerHandle, RankerHandle]:

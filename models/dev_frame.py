@@ -20,7 +20,7 @@ from home_mixer.schema import (
 )
 from pipelines.request_features import LOCAL_UTC_OFFSET_HOURS, add_request_features
 
-LOG_FILE = "log_standard_20220425_20220504.csv"
+from pipelines.raw import LOG_FILE
 SMOOTHING_M = 10.0  # pseudo-count of the Bayesian-smoothed rates (as schema.USER_VIEW says)
 _HOUR_MS = 3_600_000
 

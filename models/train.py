@@ -229,36 +229,3 @@ def train_heavy(
             info = log_heavy_model(fit.model, example, HEAVY_RANKER_NAME if register else None)
     version = _finish(state, HEAVY_RANKER_NAME, info, register, set_champion)
     return TrainResult(run.info.run_id, version, flat, fit)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Development entry point: ``python -m models.train --dev`` trains both rankers on a frame
-    built from the raw log (``models.dev_frame``), registers them, and prints the evaluation."""
-    from home_mixer.state import DEFAULT_DATA_DIR
-    from models.dev_frame import build_dev_frame
-    from models.evaluate import EXAMPLE_WEIGHTS, evaluate_rankers
-    from models.split import split_by_days
-
-    ap = argparse.ArgumentParser(prog="python -m models.train", description=main.__doc__)
-    ap.add_argument("--dev", action="store_true", required=True, help="use the dev frame from the raw log")
-    ap.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
-    ap.add_argument("--user-sample-mod", type=int, default=1, help="keep users with id %% N == 0")
-    ap.add_argument("--valid-days", type=int, default=2)
-    args = ap.parse_args(argv)
-
-    state = StateDir.from_env().ensure()
-    frame = build_dev_frame(args.data_dir, args.user_sample_mod)
-    train_df, valid_df = split_by_days(frame, args.valid_days)
-    print(f"train {len(train_df)} rows {_days(train_df)}, valid {len(valid_df)} rows {_days(valid_df)}")
-    for label, fn in (("light", train_light), ("heavy", train_heavy)):
-        res = fn(train_df, valid_df, state)
-        print(f"{label}: run {res.run_id} version {res.model_version}")
-        for k, v in sorted(res.metrics.items()):
-            print(f"  {k:40s} {v:.4f}")
-    report = evaluate_rankers(valid_df, EXAMPLE_WEIGHTS, state.mlflow_tracking_uri)
-    print(report.to_table())
-    report.to_json(state.reports / "ranker_evaluation.json")
-
-
-if __name__ == "__main__":
-    main()

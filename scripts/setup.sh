@@ -13,7 +13,9 @@ fi
 # Debian starts a system redis on 6379 after install; we never use it (ours run on free ports).
 
 PY=${PYTHON:-python3.11}
-hash=$( (cat requirements.lock; $PY --version) | sha256sum | cut -c1-12)
+# One venv per (lock, interpreter, checkout): the project is installed editable, so two checkouts
+# must not share a venv (the last install would win for both).
+hash=$( (cat requirements.lock; $PY --version; pwd -P) | sha256sum | cut -c1-12)
 VENV=${HOME_MIXER_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/home-mixer/venv-$hash}
 if [ ! -f "$VENV/.complete" ]; then
   echo "[setup] creating $VENV (first run installs ~200 packages, a few minutes)" >&2

@@ -37,7 +37,7 @@ SMOOTHING_M = 10.0
 # 2022-04-25 and its posts were uploaded 2022-04-09..11.
 BASE_ROW_TS = pd.Timestamp("2022-04-01T00:00:00Z")
 # Days at the start of the log whose labels the priors may use (the training period).
-PRIOR_DAYS = 8
+from home_mixer.schema import VALIDATION_DAYS  # noqa: E402  (days held out of the priors)
 PRIORS_REPORT = "feature_priors.json"
 
 _SPARK_TYPES = {"int64": LongType(), "float64": DoubleType()}
@@ -52,7 +52,7 @@ class RatePriors:
         engaged: share of impressions with any positive head (``POSITIVE_HEADS``).
         period: human-readable description of the events they were computed from.
 
-    Why the first ``PRIOR_DAYS`` days only: the priors are constants inside every feature value, so
+    Why all days but the last ``VALIDATION_DAYS`` (the validation days): the priors are constants inside every feature value, so
     computing them over the whole log would leak the evaluation days' label rates into training
     features. Over the training period itself the leak is one global constant per head, weighted by
     m = 10 pseudo-impressions, which is negligible and the usual practice for smoothing priors.
@@ -69,8 +69,10 @@ class RatePriors:
     period: str = ""
 
     @classmethod
-    def from_impressions(cls, impressions: DataFrame, first_days: int = PRIOR_DAYS) -> "RatePriors":
-        """Priors from the impressions of the first ``first_days`` local days (``date``) of the log.
+    def from_impressions(cls, impressions: DataFrame, holdout_days: int = VALIDATION_DAYS) -> "RatePriors":
+        """Priors from the impressions of all local days (``date``) but the last ``holdout_days``.
+
+        A log with no more than ``holdout_days`` days uses its first day only.
 
         Raises:
             ValueError: the impressions are empty.
@@ -78,7 +80,7 @@ class RatePriors:
         dates = sorted(r["date"] for r in impressions.select("date").distinct().collect())
         if not dates:
             raise ValueError("cannot compute rate priors from an empty impressions table")
-        used = dates[:first_days]
+        used = dates[:-holdout_days] if len(dates) > holdout_days else dates[:1]
         rows = impressions.where(F.col("date") <= used[-1])
         heads = ("click", "long_view", "like", "follow", "hate")
         agg = rows.agg(

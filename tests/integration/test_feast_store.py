@@ -7,8 +7,6 @@ store must hold each entity's latest row.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,6 +15,7 @@ from home_mixer import feature_store as fs
 from home_mixer import jobs
 from home_mixer.schema import FEATURE_VIEWS, HEADS
 from home_mixer.state import StateDir
+from pipelines.request_features import add_request_features
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +24,6 @@ SLICE_ROWS = 6000
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, spark, redis_server, data_dir):
-    saved = {k: os.environ.get(k) for k in ("HOME_MIXER_STATE", "HOME_MIXER_REDIS")}
     root = tmp_path_factory.mktemp("feast_store")
     log = root / "log_slice.csv"
     pd.read_csv(data_dir / "log_standard_20220425_20220504.csv", nrows=SLICE_ROWS).to_csv(log, index=False)
@@ -33,14 +31,9 @@ def built(tmp_path_factory, spark, redis_server, data_dir):
     jobs.prepare_data(state, data_dir, log_paths=[log])
     jobs.build_features(spark, state)
     store = fs.open_store(state, redis_server.feast_connection_string)
-    fs.apply(store)
+    fs.apply(store, state.tables)
     ts = jobs.training_set(spark, store, state)
-    yield state, store, ts
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    return state, store, ts
 
 
 def _latest_at_or_before(table: pd.DataFrame, keys: list[str], rows: pd.DataFrame, ttl_days: int) -> pd.DataFrame:
@@ -74,11 +67,15 @@ def test_point_in_time_join_equals_reference_lookup(built, spec):
     table = pd.read_parquet(state.table(spec.table))
     table["event_timestamp"] = pd.to_datetime(table["event_timestamp"], utc=True)
     sample = ts.sample(n=150, random_state=3)
-    expected = _latest_at_or_before(table, list(spec.join_keys), sample, spec.ttl_days)
+    rows = _latest_at_or_before(table, list(spec.join_keys), sample, spec.ttl_days)
+    expected = pd.DataFrame([{f: (np.nan if r is None else r[f]) for f in spec.features} for r in rows],
+                            index=sample.index)
+    # the training set applies the request-time rules (window counts age out) to the joined values
+    expected = add_request_features(expected, sample["event_timestamp"])
     mismatches = []
-    for (_, got), exp in zip(sample.iterrows(), expected):
+    for (_, got), (_, exp) in zip(sample.iterrows(), expected.iterrows()):
         for f in spec.features:
-            want = np.nan if exp is None else exp[f]
+            want = exp[f]
             have = got[f]
             if pd.isna(want) and pd.isna(have):
                 continue

@@ -62,7 +62,8 @@ def _train_rankers(data_dir, state: StateDir) -> pd.DataFrame:
 def _latest_rows(frame: pd.DataFrame, spec) -> pd.DataFrame:
     """The newest row per entity of one view, as the online store would hold after materialising."""
     cols = [*spec.join_keys, "event_timestamp", *spec.features]
-    rows = frame[cols].sort_values("event_timestamp").groupby(list(spec.join_keys), as_index=False).last()
+    # tail(1), not last(): last() takes each column's last non-null value and mixes rows
+    rows = frame[cols].sort_values("event_timestamp", kind="stable").groupby(list(spec.join_keys)).tail(1)
     ints = [f for f, t in spec.features.items() if t == "int64"]
     rows = rows.dropna(subset=ints)  # Feast Int64 cannot hold NaN: such an entity stays missing
     return rows.astype({f: "int64" for f in ints})
@@ -71,16 +72,12 @@ def _latest_rows(frame: pd.DataFrame, spec) -> pd.DataFrame:
 def _write_online_features(frame: pd.DataFrame, users: list[int], state: StateDir, redis_server) -> None:
     from home_mixer import feature_store as fs
 
-    mp = pytest.MonkeyPatch()  # open_store exports HOME_MIXER_STATE / HOME_MIXER_REDIS
-    try:
-        store = fs.open_store(state, f"{redis_server.feast_connection_string},db={DB}")
-        fs.apply(store)
-        scoped = frame[frame.user_id.isin(users)]
-        for spec in FEATURE_VIEWS:
-            source = frame if spec.join_keys == ("post_id",) else scoped
-            store.write_to_online_store(spec.name, _latest_rows(source, spec))
-    finally:
-        mp.undo()
+    store = fs.open_store(state, f"{redis_server.feast_connection_string},db={DB}")
+    fs.apply(store, state.tables)
+    scoped = frame[frame.user_id.isin(users)]
+    for spec in FEATURE_VIEWS:
+        source = frame if spec.join_keys == ("post_id",) else scoped
+        store.write_to_online_store(spec.name, _latest_rows(source, spec))
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +96,8 @@ def mixer_server(data_dir, redis_server, tmp_path_factory, known_users):
     client = redis.Redis.from_url(url)
     client.flushdb()
     build_candidate_index(state, url, AS_OF, tables=_canonical(data_dir))
-    saved_env = {k: os.environ.get(k) for k in ("HOME_MIXER_STATE", "HOME_MIXER_REDIS", "MLFLOW_TRACKING_URI")}
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
-        frame = _train_rankers(data_dir, state)
-        _write_online_features(frame, known_users, state, redis_server)
-    finally:
-        for k, v in saved_env.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    frame = _train_rankers(data_dir, state)
+    _write_online_features(frame, known_users, state, redis_server)
 
     config = state.root / "mixer.yaml"
     config.write_text(yaml.safe_dump({

@@ -55,23 +55,19 @@ def _synthetic_rows(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
 
 @pytest.fixture(scope="module")
 def feast_store(redis_server, tmp_path_factory):
-    mp = pytest.MonkeyPatch()  # open_store exports HOME_MIXER_STATE / HOME_MIXER_REDIS: restore after
     from home_mixer import feature_store as fs
 
     state = StateDir(tmp_path_factory.mktemp("feast_state")).ensure()
-    mp.setenv("HOME_MIXER_STATE", str(state.root))
-    mp.setenv("HOME_MIXER_REDIS", redis_server.feast_connection_string)
     redis.Redis.from_url(redis_server.url).flushdb()
     store = fs.open_store(state, redis_server.feast_connection_string)
     rows = _synthetic_rows(np.random.default_rng(11))
     for spec in FEATURE_VIEWS:  # the offline tables the views point at, as the pipelines write them
         pq.write_table(pa.Table.from_pandas(rows[spec.name], preserve_index=False), state.table(spec.table),
                        coerce_timestamps="us")
-    fs.apply(store)
+    fs.apply(store, state.tables)
     for spec in FEATURE_VIEWS:
         store.write_to_online_store(spec.name, rows[spec.name])
     yield store, rows
-    mp.undo()
 
 
 def _candidates(post_ids):

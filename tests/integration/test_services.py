@@ -26,3 +26,22 @@ def test_redis_server_starts_on_free_port_persists_and_stops(tmp_path):
 def test_url_before_start_is_a_clear_error(tmp_path):
     with pytest.raises(Exception, match="services start"):
         RedisServer(StateDir(tmp_path)).url
+
+
+@pytest.mark.parametrize("url,expected", [
+    ("redis://127.0.0.1:6380/0", "127.0.0.1:6380"),
+    ("redis://127.0.0.1:6380/3", "127.0.0.1:6380,db=3"),
+    ("redis://:s3cret@cache.local:6390/1", "cache.local:6390,db=1,password=s3cret"),
+    ("rediss://cache.local", "cache.local:6379,ssl=true"),
+])
+def test_feast_connection_string_keeps_db_and_password(url, expected):
+    from home_mixer.services import feast_connection_string
+
+    assert feast_connection_string(url) == expected
+
+
+def test_feast_connection_string_rejects_other_urls():
+    from home_mixer.services import feast_connection_string
+
+    with pytest.raises(ValueError, match="not a Redis URL"):
+        feast_connection_string("http://127.0.0.1:6379")

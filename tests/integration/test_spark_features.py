@@ -306,17 +306,22 @@ def test_spark_session_settings(spark):
     assert spark_session("another-name") is spark  # getOrCreate: Feast reuses the same session
 
 
-def test_priors_use_only_the_first_days_and_round_trip(spark, real_slice, tmp_path):
-    from pipelines.features.common import PRIOR_DAYS, PRIORS_REPORT
+def test_priors_hold_out_the_validation_days_and_round_trip(spark, real_slice, tmp_path):
+    from home_mixer.schema import VALIDATION_DAYS
+    from pipelines.features.common import PRIORS_REPORT
 
     # ten days; the last two are all clicks: they must not move the prior
     days = [20220425 + i for i in range(6)] + [20220501, 20220502, 20220503, 20220504]
     rows = [{"date": d, "click": int(d >= 20220503 or j == 0), "long_view": 0, "like": 0,
              "follow": 0, "comment": 0, "forward": 0, "hate": 0}
             for d in days for j in range(4)]
-    priors = RatePriors.from_impressions(spark.createDataFrame(pd.DataFrame(rows)))
-    assert PRIOR_DAYS == 8 and priors.click == pytest.approx(0.25) and priors.engaged == pytest.approx(0.25)
+    frame = spark.createDataFrame(pd.DataFrame(rows))
+    priors = RatePriors.from_impressions(frame)
+    assert VALIDATION_DAYS == 2 and priors.click == pytest.approx(0.25) and priors.engaged == pytest.approx(0.25)
     assert "20220425..20220502" in priors.period
+    # holding out three days drops 20220502 too (still one click in four)
+    three = RatePriors.from_impressions(frame, holdout_days=3)
+    assert "20220425..20220501" in three.period and three.click == pytest.approx(0.25)
     written = RatePriors.read_json(real_slice["state"].reports / PRIORS_REPORT)
     imp = real_slice["impressions"]
     assert written.click == pytest.approx(imp["click"].mean())  # the slice is within the first day
