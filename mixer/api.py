@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from mixer import index_keys as keys
 from mixer.config import MixerConfig, load_config
 from mixer.metrics import MixerMetrics
+from mixer.model_watcher import ModelAliasWatcher
 from mixer.pipeline import HomeTimelinePipeline, TimelineResult, build_pipeline, finite
 from mixer.scorers import RankerHandle
 from mixer.selectors import CursorError, PageCursor
@@ -59,6 +60,9 @@ class TimelineResponse(BaseModel):
     items: list[TimelineItem]
     next_cursor: str | None = Field(description="send back as `cursor` for the next page; null when exhausted")
     model_versions: dict[str, str]
+    scoring_paths: dict[str, str] = Field(
+        description="per ranker: in_process, triton_grpc, triton_http, bentoml, or in_process_fallback "
+                    "(the model server failed or missed its deadline)")
     timings_ms: dict[str, float]
 
 
@@ -69,6 +73,7 @@ class MixerResources:
     client: redis.Redis
     executor: ThreadPoolExecutor
     pipeline: HomeTimelinePipeline
+    watcher: ModelAliasWatcher | None = None
 
 
 def _request_model(config: MixerConfig) -> type[BaseModel]:
@@ -101,16 +106,34 @@ def _feature_hydrator(config: MixerConfig, client: redis.Redis):
     return FeastSdkFeatureHydrator(open_store(StateDir.from_env(), feast_connection_string(config.resolved_redis_url())))
 
 
-def _load_rankers(config: MixerConfig) -> tuple[RankerHandle, RankerHandle]:
-    try:
-        from models.registry import load_ranker
-    except ImportError as e:
-        raise RuntimeError(f"models.registry is not importable ({e}); the mixer loads rankers through it") from e
+def _load_rankers(config: MixerConfig, metrics: MixerMetrics) -> tuple[RankerHandle, RankerHandle]:
+    """Both rankers at the alias's versions, wrapped for the configured scoring backend."""
+    from models.registry import load_ranker
+
     uri = config.resolved_tracking_uri()
     m = config.models
     light = load_ranker(m.light_ranker, alias=m.alias, tracking_uri=uri)
     heavy = load_ranker(m.heavy_ranker, alias=m.alias, tracking_uri=uri)
-    return light, heavy
+    scoring = config.scoring
+    if scoring.backend == "in_process":
+        return light, heavy
+    from mixer.scorers.remote import RemoteRankerHandle, make_backend
+
+    backend = make_backend(scoring.backend, scoring.url)
+
+    def on_fallback(model: str, path: str, reason: str) -> None:
+        metrics.scoring_fallbacks.labels(model=model, backend=path, reason=reason).inc()
+
+    return tuple(RemoteRankerHandle(h, backend, scoring.backend, scoring.timeout_ms / 1000.0, on_fallback)
+                 for h in (light, heavy))
+
+
+def _alias_versions(config: MixerConfig) -> dict[str, int]:
+    from models.registry import alias_version
+
+    uri, m = config.resolved_tracking_uri(), config.models
+    return {"light_ranker": alias_version(m.light_ranker, m.alias, uri),
+            "heavy_ranker": alias_version(m.heavy_ranker, m.alias, uri)}
 
 
 def _warm_up(*handles: RankerHandle) -> None:
@@ -136,7 +159,7 @@ def open_resources(config: MixerConfig, metrics: MixerMetrics,
     client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
     try:
         client.ping()
-        light, heavy = rankers or _load_rankers(config)
+        light, heavy = rankers or _load_rankers(config, metrics)
         hydrator = feature_hydrator or _feature_hydrator(config, client)
         _warm_up(light, heavy)
         executor = ThreadPoolExecutor(max_workers=config.source_pool_workers, thread_name_prefix="hm-source")
@@ -145,7 +168,12 @@ def open_resources(config: MixerConfig, metrics: MixerMetrics,
     except BaseException:
         client.close()
         raise
-    return MixerResources(client=client, executor=executor, pipeline=pipeline)
+    watcher = None
+    if rankers is None and config.models.reload_interval_s > 0:
+        watcher = ModelAliasWatcher(pipeline, lambda: _alias_versions(config),
+                                    lambda: _load_rankers(config, metrics), config.models.reload_interval_s,
+                                    metrics).start()
+    return MixerResources(client=client, executor=executor, pipeline=pipeline, watcher=watcher)
 
 
 def _response(result: TimelineResult) -> dict:
@@ -159,6 +187,7 @@ def _response(result: TimelineResult) -> dict:
         } for c in result.items],
         "next_cursor": result.next_cursor.encode() if result.next_cursor else None,
         "model_versions": result.model_versions,
+        "scoring_paths": result.scoring_paths,
         "timings_ms": result.timings_ms,
     }
 
@@ -187,6 +216,8 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
         try:
             yield
         finally:
+            if res.watcher is not None:
+                res.watcher.stop()
             res.executor.shutdown(wait=False, cancel_futures=True)
             res.client.close()
 

@@ -46,6 +46,24 @@ class ModelSettings(_Strict):
     light_ranker: str = "light_ranker"
     heavy_ranker: str = "heavy_ranker"
     alias: str = "champion"
+    # Poll the registry aliases this often and swap in a newly promoted version (0 = never).
+    reload_interval_s: float = Field(5.0, ge=0)
+
+
+class ScoringSettings(_Strict):
+    """Where the rankers run. ``in_process`` (embedded default) scores with the models loaded from
+    the registry; the remote backends score on a model server and fall back to in-process scoring of
+    the same model version on error or when ``timeout_ms`` passes."""
+
+    backend: Literal["in_process", "triton_grpc", "triton_http", "bentoml"] = "in_process"
+    url: str | None = None  # triton_grpc: host:port; triton_http: host:port; bentoml: http://host:port
+    timeout_ms: float = Field(100, gt=0)
+
+    @model_validator(mode="after")
+    def _remote_needs_url(self) -> "ScoringSettings":
+        if self.backend != "in_process" and not self.url:
+            raise ValueError(f"scoring.url is required for backend {self.backend!r}")
+        return self
 
 
 class InNetworkSourceSettings(_Strict):
@@ -169,6 +187,7 @@ class MixerConfig(_Strict):
     redis_url: str | None = None
     feast: FeastSettings = FeastSettings()
     models: ModelSettings = ModelSettings()
+    scoring: ScoringSettings = ScoringSettings()
     candidate_sources: CandidateSourceSettings = CandidateSourceSettings()
     ranking: RankingSettings = RankingSettings()
     filters: FilterSettings = FilterSettings()

@@ -4,7 +4,8 @@ Names (all prefixed ``hm_mixer_``): ``request_seconds`` (histogram), ``stage_sec
 (histogram per pipeline stage), ``candidates_total{source}`` (counter), ``source_failures_total
 {source,reason}`` (timeout/error), ``filtered_total{filter}``, ``arm_requests_total{arm}``,
 ``served_items_total``, ``side_effect_failures_total{side_effect}``, ``model_version_info{model,
-version}`` (gauge = 1 for the version in use), ``requests_total{status}``.
+version}`` (gauge = 1 for the version in use), ``requests_total{status}``, ``scoring_total{model,path}``,
+``scoring_fallbacks_total{model,backend,reason}``, ``model_reloads_total{model,outcome}``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ class MixerMetrics:
         self.model_version = prom.Gauge("hm_mixer_model_version_info", "Registered model version in use (1)",
                                         ["model", "version"], registry=r)
         self.requests = prom.Counter("hm_mixer_requests_total", "Requests by outcome", ["status"], registry=r)
+        self.scoring = prom.Counter("hm_mixer_scoring_total", "Ranker calls by the path that served them "
+                                    "(in_process, triton_grpc, triton_http, bentoml, in_process_fallback)",
+                                    ["model", "path"], registry=r)
+        self.scoring_fallbacks = prom.Counter("hm_mixer_scoring_fallbacks_total",
+                                              "Remote ranker calls answered in-process instead",
+                                              ["model", "backend", "reason"], registry=r)
+        self.model_reloads = prom.Counter("hm_mixer_model_reloads_total",
+                                          "Alias changes picked up without a restart", ["model", "outcome"],
+                                          registry=r)
 
     def set_model_versions(self, versions: dict[str, str]) -> None:
         """Mark ``{model role: version}`` as the versions in use (gauge 1; previous versions removed)."""

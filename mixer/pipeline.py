@@ -65,6 +65,8 @@ class TimelineResult:
         counts: retrieved, hydrated, after_filters, heavy_ranked, selected.
         model_versions: {"light_ranker": version, "heavy_ranker": version}.
         degraded: stages that failed open (e.g. "feature_hydration" served with NaN features).
+        scoring_paths: {"light_ranker": path, "heavy_ranker": path}, path one of "in_process",
+            a remote backend ("triton_grpc", "triton_http", "bentoml") or "in_process_fallback".
     """
 
     query: Query
@@ -76,6 +78,19 @@ class TimelineResult:
     counts: dict[str, int]
     model_versions: dict[str, str]
     degraded: list[str] = field(default_factory=list)
+    scoring_paths: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RankerSet:
+    """The scorers in use, swapped as one object so a request never mixes model versions."""
+
+    light: LightRankerScorer
+    heavy: HeavyRankerScorer
+
+    @property
+    def model_versions(self) -> dict[str, str]:
+        return {"light_ranker": self.light.version, "heavy_ranker": self.heavy.version}
 
 
 class _StageClock:
@@ -109,16 +124,32 @@ class HomeTimelinePipeline:
         self.candidate_hydrator = candidate_hydrator
         self.filters = list(filters)
         self.feature_hydrator = feature_hydrator
-        self.light_ranker = light_ranker
+        self.rankers = RankerSet(light_ranker, heavy_ranker)
         self.top_k = top_k
-        self.heavy_ranker = heavy_ranker
         self.blender = blender
         self.author_diversity = author_diversity
         self.page = page
         self.side_effects = list(side_effects)
         self.metrics_side_effect = metrics_side_effect
         self.metrics = metrics
-        self.model_versions = {"light_ranker": light_ranker.version, "heavy_ranker": heavy_ranker.version}
+
+    @property
+    def model_versions(self) -> dict[str, str]:
+        return self.rankers.model_versions
+
+    def swap_rankers(self, light: RankerHandle, heavy: RankerHandle) -> None:
+        """Serve new model versions from the next request on (in-flight requests finish on the old).
+
+        Raises:
+            ValueError: the new heavy ranker has other heads than the blender's (a restart with a
+                matching config is needed), or a model needs features the mixer cannot hydrate.
+        """
+        new = RankerSet(LightRankerScorer(light), HeavyRankerScorer(heavy))
+        if list(new.heavy.heads) != list(self.rankers.heavy.heads):
+            raise ValueError(f"heavy ranker v{heavy.version} has heads {list(new.heavy.heads)}, "
+                             f"the running blender expects {list(self.rankers.heavy.heads)}")
+        self.rankers = new  # one attribute assignment: atomic for readers
+        self.metrics.set_model_versions(new.model_versions)
 
     def run(self, user_id: int, page_size: int | None = None, cursor: PageCursor | None = None) -> TimelineResult:
         """Rank one page of ``user_id``'s home timeline.
@@ -177,11 +208,15 @@ class HomeTimelinePipeline:
         clock.lap("feature_hydration")
 
         # 6. light ranker on all, keep top K, heavy ranker on those
-        self.light_ranker.score(candidates, features)
+        rankers = self.rankers  # one snapshot per request: versions cannot change mid-request
+        paths = {"light_ranker": rankers.light.score(candidates, features)}
         clock.lap("light_ranker")
         candidates, features = self.top_k.select(candidates, features)
-        self.heavy_ranker.score(candidates, features)
+        paths["heavy_ranker"] = rankers.heavy.score(candidates, features)
         clock.lap("heavy_ranker")
+        for model, path in paths.items():
+            if path is not None:
+                self.metrics.scoring.labels(model=model, path=path).inc()
 
         # 7. blender
         self.blender.blend(query, candidates)
@@ -197,7 +232,8 @@ class HomeTimelinePipeline:
             source_results=source_results, filtered=filtered,
             counts={"retrieved": retrieved, "hydrated": hydrated, "after_filters": after_filters,
                     "heavy_ranked": len(candidates), "selected": len(items)},
-            model_versions=dict(self.model_versions), degraded=degraded,
+            model_versions=rankers.model_versions, degraded=degraded,
+            scoring_paths={k: v for k, v in paths.items() if v is not None},
         )
 
         # 9. side effects (fail-open)

@@ -242,6 +242,25 @@ def promote(name: str, version: int, alias: str = CHAMPION_ALIAS, tracking_uri: 
     client.set_registered_model_alias(name, alias, str(int(version)))
 
 
+def alias_version(name: str, alias: str = CHAMPION_ALIAS, tracking_uri: str | None = None) -> int:
+    """The registered version ``alias`` of model ``name`` points at (one registry call, no download).
+
+    Raises:
+        RankerNotFoundError: no store, model or alias.
+    """
+    from mlflow.exceptions import MlflowException
+
+    uri = _resolve_uri(tracking_uri)
+    if _store_missing(uri):
+        raise RankerNotFoundError(f"no MLflow store at {uri}: run `home-mixer train` first")
+    try:
+        return int(_client(uri).get_model_version_by_alias(name, alias).version)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise RankerNotFoundError(f"registered model {name!r} has no alias {alias!r} in {uri}") from None
+
+
 @dataclass(frozen=True)
 class RankerHandle:
     """A registered ranker loaded by alias, ready to score frames.

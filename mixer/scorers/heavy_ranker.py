@@ -26,10 +26,12 @@ class HeavyRankerScorer:
     def version(self) -> str:
         return str(self.handle.version)
 
-    def score(self, candidates: list[Candidate], features: pd.DataFrame) -> None:
-        """Score in place; ``features`` row i belongs to ``candidates[i]``."""
+    def score(self, candidates: list[Candidate], features: pd.DataFrame) -> str | None:
+        """Score in place; ``features`` row i belongs to ``candidates[i]``. Returns the scoring path
+        (None when there was nothing to score)."""
         if not candidates:
-            return
-        probs = predict_matrix(self.handle, features, "heavy ranker")
+            return None
+        probs, path = predict_matrix(self.handle, features, "heavy ranker")
         for c, row in zip(candidates, probs.tolist()):
             c.heads = dict(zip(self.heads, row))
+        return path

@@ -34,10 +34,12 @@ class LightRankerScorer:
     def version(self) -> str:
         return str(self.handle.version)
 
-    def score(self, candidates: list[Candidate], features: pd.DataFrame) -> None:
-        """Score in place; ``features`` row i belongs to ``candidates[i]``."""
+    def score(self, candidates: list[Candidate], features: pd.DataFrame) -> str | None:
+        """Score in place; ``features`` row i belongs to ``candidates[i]``. Returns the scoring path
+        (None when there was nothing to score)."""
         if not candidates:
-            return
-        scores = predict_matrix(self.handle, features, "light ranker")[:, self.column]
-        for c, s in zip(candidates, scores.tolist()):
+            return None
+        probs, path = predict_matrix(self.handle, features, "light ranker")
+        for c, s in zip(candidates, probs[:, self.column].tolist()):
             c.light_score = s
+        return path

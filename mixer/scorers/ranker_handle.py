@@ -44,15 +44,22 @@ def check_handle(handle: RankerHandle, role: str) -> None:
         raise ValueError(f"{role} (version {handle.version}) declares no heads")
 
 
-def predict_matrix(handle: RankerHandle, frame: pd.DataFrame, role: str) -> np.ndarray:
+def predict_matrix(handle: RankerHandle, frame: pd.DataFrame, role: str) -> tuple[np.ndarray, str]:
     """``handle.predict`` on the handle's columns, checked to be [len(frame), len(heads)].
+
+    Returns:
+        (float64 [len(frame), len(heads)], the scoring path: "in_process", a remote backend's name
+        or "in_process_fallback"; see ``mixer.scorers.remote``).
 
     Raises:
         ValueError: the model returned another shape.
     """
-    out = np.asarray(handle.predict(frame[list(handle.feature_names)]), dtype="float64")
+    from mixer.scorers.remote import predict_with_path
+
+    raw, path = predict_with_path(handle, frame[list(handle.feature_names)])
+    out = np.asarray(raw, dtype="float64")
     if out.ndim == 1:
         out = out.reshape(-1, 1)
     if out.shape != (len(frame), len(handle.heads)):
         raise ValueError(f"{role} returned shape {out.shape}, expected ({len(frame)}, {len(handle.heads)})")
-    return out
+    return out, path
