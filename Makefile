@@ -4,6 +4,7 @@
 
 setup:
 	@bash scripts/setup.sh >/dev/null
+	@bash scripts/setup_triton.sh >/dev/null
 
 demo: setup
 	.venv/bin/home-mixer demo $(ARGS)
@@ -16,6 +17,8 @@ test-unit: setup
 
 bench: setup
 	.venv/bin/python bench/hydration.py
+	.venv/bin/python bench/mixer_latency.py
+	.venv/bin/python bench/serving.py
 
 clean:
 	@if [ -x .venv/bin/home-mixer ]; then .venv/bin/home-mixer clean; else rm -rf .state; fi

@@ -145,10 +145,25 @@ def cmd_evaluate(args) -> int:
 def cmd_promote(args) -> int:
     from models.registry import promote
 
+    import time
+
     state = _state(args)
     name = {"light": "light_ranker", "heavy": "heavy_ranker"}[args.model]
+    started = time.monotonic()
     promote(name, args.version, alias=args.alias, tracking_uri=state.mlflow_tracking_uri)
     print(f"{name}@{args.alias} -> version {args.version}")
+    from serving.triton.server import TritonServer
+
+    triton = TritonServer.running(state)
+    if triton is not None:  # export the version if new, then (re)load it: no Triton restart
+        from serving.export import validation_rows
+        from serving.triton.repository import sync_repository
+
+        sync_repository(state.mlflow_tracking_uri, triton.repo_dir,
+                        check_rows=lambda: validation_rows(state, n=2000), models=(name,))
+        print(f"triton: {name} ready versions {triton.load(name)} "
+              f"({time.monotonic() - started:.1f} s after promote)")
+    print("mixers pick the new version up within models.reload_interval_s (default 5 s), no restart")
     return 0
 
 
@@ -175,9 +190,12 @@ def cmd_clean(args) -> int:
         cmdline = Path(f"/proc/{pid}/cmdline")
         if cmdline.exists() and b"mixer.api" in cmdline.read_bytes():  # not a recycled pid
             stop_pid(pid)
-    srv = RedisServer.running(state)
-    if srv:
-        srv.stop()
+    from serving.bento.server import BentoServer
+    from serving.triton.server import TritonServer
+
+    for server in (BentoServer.running(state), TritonServer.running(state), RedisServer.running(state)):
+        if server is not None:
+            server.stop()
     state.clean()
     print(f"removed {state.root}")
     return 0
@@ -234,8 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--alias", default="champion")
     pr.set_defaults(func=cmd_promote)
 
-    sv = sub.add_parser("serve", help="run a service in the foreground")
+    sv = sub.add_parser("serve", help="the mixer (foreground) and the model servers (background)")
     svsub = sv.add_subparsers(dest="service", required=True)
+    from serving.bento.cli import add_commands as add_bentoml_commands
+    from serving.triton.cli import add_commands as add_triton_commands
+
+    add_bentoml_commands(svsub)
+    add_triton_commands(sub, svsub)
     mx = svsub.add_parser("mixer", help="the mixer HTTP API")
     mx.add_argument("--config", help="mixer YAML (default: embedded mixer/mixer.yaml)")
     mx.add_argument("--host", default="127.0.0.1")

@@ -258,7 +258,9 @@ def alias_version(name: str, alias: str = CHAMPION_ALIAS, tracking_uri: str | No
     except MlflowException as e:
         if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
-        raise RankerNotFoundError(f"registered model {name!r} has no alias {alias!r} in {uri}") from None
+        raise RankerNotFoundError(
+            f"registered model {name!r} has no alias {alias!r} in {uri}: run `home-mixer train` first, "
+            "or point the alias at a version with `home-mixer models promote`") from None
 
 
 @dataclass(frozen=True)
@@ -354,33 +356,63 @@ def load_ranker(name: str, alias: str = CHAMPION_ALIAS, tracking_uri: str | None
                 local = mlflow.artifacts.download_artifacts(
                     artifact_uri=f"models:/{name}@{alias}", dst_path=tmp, tracking_uri=uri, registry_uri=uri,
                 )
-            mlmodel = Model.load(local)
-            if mlmodel.run_id is not None and mlmodel.run_id != version.run_id:
+            if Model.load(local).run_id not in (None, version.run_id):
                 continue
-            meta = mlmodel.metadata or {}
-            if not {"ranker", "feature_names", "heads"} <= set(meta):
-                raise ValueError(
-                    f"{name} v{version.version} has no ranker metadata; it was not logged by "
-                    "models.train (train it with `home-mixer train`)"
-                )
-            if meta["ranker"] == "light":
-                import mlflow.lightgbm
-
-                model = mlflow.lightgbm.load_model(local)
-            elif meta["ranker"] == "heavy":
-                import mlflow.pytorch
-
-                model = mlflow.pytorch.load_model(local)
-            else:
-                raise ValueError(f"{name} v{version.version}: unknown ranker kind {meta['ranker']!r}")
-        return RankerHandle(
-            name=name,
-            alias=alias,
-            version=int(version.version),
-            run_id=version.run_id,
-            feature_names=tuple(meta["feature_names"]),
-            heads=tuple(meta["heads"]),
-            kind=meta["ranker"],
-            model=model,
-        )
+            return _handle_from_download(local, name, alias, version)
     raise RuntimeError(f"alias {alias!r} of {name!r} kept moving while loading; try again")
+
+
+def load_ranker_version(name: str, version: int, tracking_uri: str | None = None) -> RankerHandle:
+    """Load version ``version`` of registered model ``name`` through ``models:/<name>/<version>``
+    (model servers keep several versions loaded for rollout; the mixer loads by alias).
+
+    Raises:
+        RankerNotFoundError: no store, registered model or version.
+        ValueError: the version was not logged by ``models.registry`` (no ranker metadata).
+    """
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    uri = _resolve_uri(tracking_uri)
+    if _store_missing(uri):
+        raise RankerNotFoundError(f"no MLflow store at {uri}: run `home-mixer train` first")
+    try:
+        mv = _client(uri).get_model_version(name, str(int(version)))
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise RankerNotFoundError(f"registered model {name!r} has no version {version} in {uri}: "
+                                  "run `home-mixer train` first") from None
+    with tempfile.TemporaryDirectory(prefix="home-mixer-ranker-") as tmp:
+        with mlflow_uris(uri):  # the models:/ resolver reads the global registry URI
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{int(version)}", dst_path=tmp, tracking_uri=uri, registry_uri=uri,
+            )
+        return _handle_from_download(local, name, "", mv)
+
+
+def _handle_from_download(local: str, name: str, alias: str, version) -> RankerHandle:
+    """Build a handle from a downloaded model folder (``version``: an MLflow ModelVersion)."""
+    from mlflow.models import Model
+
+    meta = Model.load(local).metadata or {}
+    if not {"ranker", "feature_names", "heads"} <= set(meta):
+        raise ValueError(
+            f"{name} v{version.version} has no ranker metadata; it was not logged by "
+            "models.train (train it with `home-mixer train`)"
+        )
+    if meta["ranker"] == "light":
+        import mlflow.lightgbm
+
+        model = mlflow.lightgbm.load_model(local)
+    elif meta["ranker"] == "heavy":
+        import mlflow.pytorch
+
+        model = mlflow.pytorch.load_model(local)
+    else:
+        raise ValueError(f"{name} v{version.version}: unknown ranker kind {meta['ranker']!r}")
+    return RankerHandle(
+        name=name, alias=alias, version=int(version.version), run_id=version.run_id,
+        feature_names=tuple(meta["feature_names"]), heads=tuple(meta["heads"]),
+        kind=meta["ranker"], model=model,
+    )
