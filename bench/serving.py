@@ -12,7 +12,13 @@ and model, and the ratio of each p50 to the in-process p50.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path and its name would shadow the
+# project's `serving` package.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
 
 import numpy as np
 import pandas as pd

@@ -122,9 +122,11 @@ def cmd_train(args) -> int:
     train, valid = split_by_days(jobs.load_training_set(state), valid_days=args.valid_days)
     results = {}
     if args.model in ("light", "both"):
-        results["light_ranker"] = train_light(train, valid, state, register=not args.no_register)
+        results["light_ranker"] = train_light(train, valid, state, register=not args.no_register,
+                                              set_champion=not args.no_promote)
     if args.model in ("heavy", "both"):
-        results["heavy_ranker"] = train_heavy(train, valid, state, register=not args.no_register)
+        results["heavy_ranker"] = train_heavy(train, valid, state, register=not args.no_register,
+                                              set_champion=not args.no_promote)
     for name, res in results.items():
         print(f"{name}: run {res.run_id} version {res.model_version}")
         print(json.dumps(res.metrics, indent=1, default=float))
@@ -233,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train, log to MLflow, register and alias the rankers")
     t.add_argument("--model", choices=["light", "heavy", "both"], default="both")
     t.add_argument("--valid-days", type=int, default=2, help="validation days at the end of the log (1..2)")
-    t.add_argument("--no-register", action="store_true")
+    t.add_argument("--no-register", action="store_true", help="log the run only")
+    t.add_argument("--no-promote", action="store_true",
+                   help="register the new version without moving the champion alias (promote it later)")
     t.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", help="evaluate the champions on an impression log")
