@@ -149,22 +149,34 @@ def cmd_promote(args) -> int:
 
     import time
 
-    state = _state(args)
-    name = {"light": "light_ranker", "heavy": "heavy_ranker"}[args.model]
-    started = time.monotonic()
-    promote(name, args.version, alias=args.alias, tracking_uri=state.mlflow_tracking_uri)
-    print(f"{name}@{args.alias} -> version {args.version}")
+    from models.registry import alias_version, RankerNotFoundError
     from serving.triton.server import TritonServer
 
+    state = _state(args)
+    uri = state.mlflow_tracking_uri
+    name = {"light": "light_ranker", "heavy": "heavy_ranker"}[args.model]
+    try:
+        previous = alias_version(name, args.alias, tracking_uri=uri)
+    except RankerNotFoundError:
+        previous = None
+    started = time.monotonic()
+    promote(name, args.version, alias=args.alias, tracking_uri=uri)
+    print(f"{name}@{args.alias} -> version {args.version}")
     triton = TritonServer.running(state)
     if triton is not None:  # export the version if new, then (re)load it: no Triton restart
         from serving.export import validation_rows
         from serving.triton.repository import sync_repository
 
-        sync_repository(state.mlflow_tracking_uri, triton.repo_dir,
-                        check_rows=lambda: validation_rows(state, n=2000), models=(name,))
-        print(f"triton: {name} ready versions {triton.load(name)} "
-              f"({time.monotonic() - started:.1f} s after promote)")
+        try:
+            sync_repository(uri, triton.repo_dir, check_rows=lambda: validation_rows(state, n=2000),
+                            models=(name,))
+            print(f"triton: {name} ready versions {triton.load(name)} "
+                  f"({time.monotonic() - started:.1f} s after promote)")
+        except Exception as exc:  # the alias must not point at a version the servers cannot serve
+            if previous is not None:
+                promote(name, previous, alias=args.alias, tracking_uri=uri)
+            raise UsageError(f"Triton could not serve {name} v{args.version} ({type(exc).__name__}: {exc}); "
+                             f"{args.alias} moved back to v{previous}") from exc
     print("mixers pick the new version up within models.reload_interval_s (default 5 s), no restart")
     return 0
 

@@ -74,6 +74,7 @@ class MixerResources:
     executor: ThreadPoolExecutor
     pipeline: HomeTimelinePipeline
     watcher: ModelAliasWatcher | None = None
+    backend: object | None = None  # the model-server client, closed at shutdown
 
 
 def _request_model(config: MixerConfig) -> type[BaseModel]:
@@ -106,20 +107,29 @@ def _feature_hydrator(config: MixerConfig, client: redis.Redis):
     return FeastSdkFeatureHydrator(open_store(StateDir.from_env(), feast_connection_string(config.resolved_redis_url())))
 
 
-def _load_rankers(config: MixerConfig, metrics: MixerMetrics) -> tuple[RankerHandle, RankerHandle]:
-    """Both rankers at the alias's versions, wrapped for the configured scoring backend."""
+def _scoring_backend(config: MixerConfig):
+    """The model-server client of ``scoring.backend`` (None for in-process); one per mixer."""
+    if config.scoring.backend == "in_process":
+        return None
+    from mixer.scorers.remote import make_backend
+
+    return make_backend(config.scoring.backend, config.scoring.url)
+
+
+def _load_rankers(config: MixerConfig, metrics: MixerMetrics, backend=None) -> tuple[RankerHandle, RankerHandle]:
+    """Both rankers at the alias's versions, warmed up, wrapped for ``backend`` (None: in-process)."""
     from models.registry import load_ranker
 
     uri = config.resolved_tracking_uri()
     m = config.models
     light = load_ranker(m.light_ranker, alias=m.alias, tracking_uri=uri)
     heavy = load_ranker(m.heavy_ranker, alias=m.alias, tracking_uri=uri)
-    scoring = config.scoring
-    if scoring.backend == "in_process":
+    _warm_up(light, heavy)  # also the fallback of a remote backend: it must not be cold either
+    if backend is None:
         return light, heavy
-    from mixer.scorers.remote import RemoteRankerHandle, make_backend
+    from mixer.scorers.remote import RemoteRankerHandle
 
-    backend = make_backend(scoring.backend, scoring.url)
+    scoring = config.scoring
 
     def on_fallback(model: str, path: str, reason: str) -> None:
         metrics.scoring_fallbacks.labels(model=model, backend=path, reason=reason).inc()
@@ -157,23 +167,30 @@ def open_resources(config: MixerConfig, metrics: MixerMetrics,
     """
     url = config.resolved_redis_url()
     client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    backend = None
     try:
         client.ping()
-        light, heavy = rankers or _load_rankers(config, metrics)
+        if rankers is None:
+            backend = _scoring_backend(config)
+            light, heavy = _load_rankers(config, metrics, backend)
+        else:
+            light, heavy = rankers
+            _warm_up(light, heavy)
         hydrator = feature_hydrator or _feature_hydrator(config, client)
-        _warm_up(light, heavy)
         executor = ThreadPoolExecutor(max_workers=config.source_pool_workers, thread_name_prefix="hm-source")
         pipeline = build_pipeline(config, client=client, light=light, heavy=heavy, feature_hydrator=hydrator,
                                   executor=executor, metrics=metrics)
     except BaseException:
         client.close()
+        if backend is not None:
+            backend.close()
         raise
     watcher = None
     if rankers is None and config.models.reload_interval_s > 0:
         watcher = ModelAliasWatcher(pipeline, lambda: _alias_versions(config),
-                                    lambda: _load_rankers(config, metrics), config.models.reload_interval_s,
-                                    metrics).start()
-    return MixerResources(client=client, executor=executor, pipeline=pipeline, watcher=watcher)
+                                    lambda: _load_rankers(config, metrics, backend),
+                                    config.models.reload_interval_s, metrics).start()
+    return MixerResources(client=client, executor=executor, pipeline=pipeline, watcher=watcher, backend=backend)
 
 
 def _response(result: TimelineResult) -> dict:
@@ -218,6 +235,8 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
         finally:
             if res.watcher is not None:
                 res.watcher.stop()
+            if res.backend is not None:
+                res.backend.close()
             res.executor.shutdown(wait=False, cancel_futures=True)
             res.client.close()
 

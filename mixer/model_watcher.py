@@ -33,6 +33,7 @@ class ModelAliasWatcher:
         self.load = load
         self.interval_s = interval_s
         self.metrics = metrics
+        self._failed: dict[str, str] | None = None  # versions that could not be served
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -45,12 +46,13 @@ class ModelAliasWatcher:
             return False
         current = self.pipeline.model_versions
         changed = [m for m, v in wanted.items() if current.get(m) != v]
-        if not changed:
+        if not changed or wanted == self._failed:  # a failed version is retried only after a new promote
             return False
         try:
             light, heavy = self.load()
             self.pipeline.swap_rankers(light, heavy)
         except Exception as e:  # noqa: BLE001
+            self._failed = wanted
             log.error("could not load promoted versions %s: %r; still serving %s", wanted, e, current)
             for m in changed:
                 self.metrics.model_reloads.labels(model=m, outcome="failed").inc()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import os
+import threading
 import re
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -48,6 +49,9 @@ class RankerNotFoundError(LookupError):
 # ---------------------------------------------------------------- tracking URI scope
 
 
+_URIS_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def mlflow_uris(tracking_uri: str) -> Iterator[None]:
     """Use ``tracking_uri`` as MLflow's tracking and registry URI inside the block, then restore.
@@ -60,6 +64,7 @@ def mlflow_uris(tracking_uri: str) -> Iterator[None]:
     import mlflow.tracking._model_registry.utils as registry_utils
     import mlflow.tracking._tracking_service.utils as tracking_utils
 
+    _URIS_LOCK.acquire()  # process-wide MLflow globals: one block at a time (servers load in threads)
     saved_env = {k: os.environ.get(k) for k in (
         "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")}
     saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
@@ -75,6 +80,7 @@ def mlflow_uris(tracking_uri: str) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        _URIS_LOCK.release()
 
 
 def _client(tracking_uri: str):

@@ -75,7 +75,7 @@ class RemoteRankerHandle:
                 raise ValueError(f"server returned shape {out.shape}, expected ({len(frame)}, {len(self.heads)})")
             return out, self.path
         except Exception as e:  # noqa: BLE001 - any server failure falls back, never fails the request
-            reason = "timeout" if "timeout" in repr(e).lower() or "deadline" in repr(e).lower() else "error"
+            reason = fallback_reason(e)
             log.warning("%s v%s on %s failed (%s: %r); scoring in-process", self.name, self.version,
                         self.path, reason, e)
             if self.on_fallback:
@@ -84,6 +84,24 @@ class RemoteRankerHandle:
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         return self.predict_with_path(frame)[0]
+
+
+def fallback_reason(exc: BaseException) -> str:
+    """``"timeout"`` when the server missed the deadline, else ``"error"``.
+
+    Decided by type along the exception's cause chain: ``TimeoutError`` (the Triton client raises it
+    for its own deadline), BentoML's ``BentoTimeout``, or gRPC's ``DEADLINE_EXCEEDED`` status
+    (carried in ``TritonUnavailable.reason``).
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, TimeoutError) or type(seen).__name__ == "BentoTimeout":
+            return "timeout"
+        reason = str(getattr(seen, "reason", ""))
+        if "DEADLINE_EXCEEDED" in reason or reason.startswith("TimeoutError"):
+            return "timeout"
+        seen = seen.__cause__
+    return "error"
 
 
 def predict_with_path(handle, frame: pd.DataFrame) -> tuple[np.ndarray, str]:
@@ -101,16 +119,28 @@ class TritonBackend:
     """
 
     def __init__(self, url: str, protocol: str):
+        import threading
+
         from serving.triton.client import TritonRankerClient
 
+        self._lock = threading.Lock()
         self._clients: dict[str, TritonRankerClient] = {}
         self._factory = lambda model: TritonRankerClient(url, model, protocol=protocol)
 
     def predict(self, features: np.ndarray, model: str, version: int, timeout_s: float) -> np.ndarray:
         client = self._clients.get(model)
         if client is None:
-            client = self._clients[model] = self._factory(model)
+            with self._lock:  # one client (channel / pool) per model, even under concurrent first calls
+                client = self._clients.get(model)
+                if client is None:
+                    client = self._clients[model] = self._factory(model)
         return client.predict(features, version=version, timeout_s=timeout_s)
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
 
 
 class BentoBackend:
@@ -123,6 +153,9 @@ class BentoBackend:
 
     def predict(self, features: np.ndarray, model: str, version: int, timeout_s: float) -> np.ndarray:
         return self._client.predict(features, model=model, version=version, timeout_s=timeout_s)
+
+    def close(self) -> None:
+        self._client.close()
 
 
 def make_backend(backend: str, url: str) -> RemoteBackend:

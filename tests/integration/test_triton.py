@@ -155,8 +155,11 @@ def test_client_errors_are_clear(server, rows, state):
             with pytest.raises(ValueError, match=r"\[N, F\]"):
                 client.predict(x[0])
             # a deadline shorter than any answer: the call gives up instead of waiting
-            with pytest.raises(TritonUnavailable):
+            with pytest.raises(TritonUnavailable) as missed:
                 client.predict(big, timeout_s=1e-4)
+            from mixer.scorers.remote import fallback_reason
+
+            assert fallback_reason(missed.value) == "timeout", missed.value.reason  # counted as a deadline
             # and the client still works afterwards
             assert client.predict(x).shape == (len(x), 1)
 

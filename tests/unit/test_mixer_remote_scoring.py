@@ -101,6 +101,10 @@ def test_watcher_swaps_only_when_an_alias_moves_and_keeps_serving_on_failure():
     assert w.check_once() is True and pipe.model_versions == {"light_ranker": "1", "heavy_ranker": "2"}
     wanted["light_ranker"] = 9  # a version that cannot be served
     assert w.check_once() is False and pipe.model_versions["light_ranker"] == "1"
+    n_loads = len(loads)
+    assert w.check_once() is False and len(loads) == n_loads  # not retried until the alias moves again
+    wanted["light_ranker"] = 4
+    assert w.check_once() is True and pipe.model_versions["light_ranker"] == "4"
     text = metrics.render().decode()
     assert 'hm_mixer_model_reloads_total{model="heavy_ranker",outcome="swapped"} 1.0' in text
     assert 'hm_mixer_model_reloads_total{model="light_ranker",outcome="failed"} 1.0' in text
@@ -113,3 +117,17 @@ def test_watcher_survives_registry_errors():
     pipe = FakePipeline()
     assert ModelAliasWatcher(pipe, boom, lambda: (1, 1), 60, MixerMetrics()).check_once() is False
     assert pipe.swaps == []
+
+
+def test_fallback_reason_is_decided_by_the_error_type():
+    from mixer.scorers.remote import fallback_reason
+    from serving.bento.client import BentoTimeout, BentoUnavailable
+    from serving.triton.client import TritonUnavailable
+
+    assert fallback_reason(TimeoutError("slow")) == "timeout"
+    assert fallback_reason(BentoTimeout("no answer within 0.1 s")) == "timeout"
+    assert fallback_reason(BentoUnavailable("connection refused")) == "error"
+    assert fallback_reason(TritonUnavailable("grpc://x", "heavy_ranker", 2, "InferenceServerException: "
+                                             "Deadline Exceeded (StatusCode.DEADLINE_EXCEEDED)")) == "timeout"
+    assert fallback_reason(TritonUnavailable("grpc://x", "heavy_ranker", 2, "failed to connect")) == "error"
+    assert fallback_reason(ValueError("timeout in the message is not a deadline")) == "error"
