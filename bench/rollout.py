@@ -59,19 +59,19 @@ def main() -> None:
                       params=LightRankerParams(num_boost_round=50)).model_version
     print(f"registered light_ranker v{new} (champion stays v{old})")
 
-    started_redis = None
-    redis_srv = RedisServer.running(state)
-    if redis_srv is None:
-        redis_srv = started_redis = RedisServer(state).start()
-    sync_repository(uri, repository_dir(state), check_rows=lambda: validation_rows(state, n=2000))
-    triton = TritonServer(state).start()
-    config = state.run / "rollout-mixer.yaml"
-    config.write_text(f"clock:\n  now: \"{log_end(state).isoformat().replace('+00:00', 'Z')}\"\n"
-                      f"models:\n  reload_interval_s: 1\n"
-                      f"scoring:\n  backend: triton_grpc\n  url: \"{triton.grpc_url}\"\n  timeout_ms: 200\n")
-    proc, base = start_mixer(state, redis_srv.url, config=config)
-    user = int(load_training_set(state)["user_id"].iloc[0])
+    started_redis = triton = proc = None
     try:
+        redis_srv = RedisServer.running(state)
+        if redis_srv is None:
+            redis_srv = started_redis = RedisServer(state).start()
+        sync_repository(uri, repository_dir(state), check_rows=lambda: validation_rows(state, n=2000))
+        triton = TritonServer(state).start()
+        config = state.run / "rollout-mixer.yaml"
+        config.write_text(f"clock:\n  now: \"{log_end(state).isoformat().replace('+00:00', 'Z')}\"\n"
+                          f"models:\n  reload_interval_s: 1\n"
+                          f"scoring:\n  backend: triton_grpc\n  url: \"{triton.grpc_url}\"\n  timeout_ms: 200\n")
+        proc, base = start_mixer(state, redis_srv.url, config=config)
+        user = int(load_training_set(state)["user_id"].iloc[0])
         body = wait_for(base, user, old)
         print(f"mixer serving light_ranker v{old} via {body['scoring_paths']}")
         for target, label in ((new, "promote"), (old, "rollback")):
@@ -83,8 +83,10 @@ def main() -> None:
             print(f"{label} to v{target}: command {t_cmd:.1f} s (alias + Triton export/load), "
                   f"serving after {t_all:.1f} s, paths {body['scoring_paths']}")
     finally:
-        stop_pid(proc.pid)
-        triton.stop()
+        if proc is not None:
+            stop_pid(proc.pid)
+        if triton is not None:
+            triton.stop()
         if started_redis is not None:
             started_redis.stop()
 

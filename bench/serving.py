@@ -48,10 +48,20 @@ def main() -> None:
     uri = state.mlflow_tracking_uri
     handles = {n: load_ranker(n, tracking_uri=uri) for n in (LIGHT_RANKER_NAME, HEAVY_RANKER_NAME)}
     sync_repository(uri, repository_dir(state), check_rows=frame)
-    triton = TritonServer.running(state) or TritonServer(state).start()
-    bento = BentoServer.running(state) or BentoServer(state).start()
+    started = []  # only what this bench started is stopped at the end
     rows = []
     try:
+        triton = TritonServer.running(state)
+        if triton is None:
+            triton = TritonServer(state).start()
+            started.append(triton)
+        else:
+            for name in handles:
+                triton.load(name)  # serve what the sync just wrote
+        bento = BentoServer.running(state)
+        if bento is None:
+            bento = BentoServer(state).start()
+            started.append(bento)
         bento_client = BentoRankerClient(bento.url)
         for name, h in handles.items():
             cols = frame[list(h.feature_names)]
@@ -70,10 +80,12 @@ def main() -> None:
                 diff = float(np.nanmax(np.abs(np.asarray(fn()) - reference)))
                 t = timings_ms(fn, args.requests)
                 rows.append((name, path, np.percentile(t, 50), np.percentile(t, 99), diff))
+            grpc.close()
+            http.close()
         bento_client.close()
     finally:
-        bento.stop()
-        triton.stop()
+        for server in started:
+            server.stop()
 
     table = pd.DataFrame(rows, columns=["model", "path", "p50_ms", "p99_ms", "max_abs_diff"])
     base = table[table.path == "in_process"].set_index("model")["p50_ms"]
