@@ -185,18 +185,22 @@ class TritonServer:
                                     start_new_session=True)
         self.pid = proc.pid
         deadline = started + timeout_s
-        while True:
-            if proc.poll() is not None:
-                self.pid = None
-                raise ServiceError(f"tritonserver exited with code {proc.returncode} while starting:\n"
-                                   f"{self._log_tail()}\n(full log: {self.log_file})")
-            if self._ready():
-                break
-            if time.monotonic() > deadline:
+        try:
+            while True:
+                if proc.poll() is not None:
+                    self.pid = None
+                    raise ServiceError(f"tritonserver exited with code {proc.returncode} while starting:\n"
+                                       f"{self._log_tail()}\n(full log: {self.log_file})")
+                if self._ready():
+                    break
+                if time.monotonic() > deadline:
+                    raise ServiceError(f"tritonserver was not ready within {timeout_s:.0f} s:\n"
+                                       f"{self._log_tail()}\n(full log: {self.log_file})")
+                time.sleep(0.1)
+        except BaseException:  # timeout, Ctrl-C, anything: never leave an unrecorded server behind
+            if self.pid is not None:
                 self.stop()
-                raise ServiceError(f"tritonserver was not ready within {timeout_s:.0f} s:\n{self._log_tail()}\n"
-                                   f"(full log: {self.log_file})")
-            time.sleep(0.1)
+            raise
         self.started_seconds = time.monotonic() - started
         self._record_file(self.state).write_text(json.dumps({
             "pid": self.pid, "http_port": self.http_port, "grpc_port": self.grpc_port,
