@@ -67,6 +67,34 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def child_pids(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (from ``/proc/<pid>/stat``; empty without ``/proc``)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields and int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants (a crash, not a stop: used to test fail-over)."""
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(child_pids(p))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
     """SIGTERM a process, then SIGKILL it if it is still alive after ``timeout_s`` seconds."""
     if not pid_alive(pid):

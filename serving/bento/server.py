@@ -18,25 +18,12 @@ from pathlib import Path
 
 import httpx
 
-from home_mixer.services import ServiceError, free_port, pid_alive, stop_pid
+from home_mixer.services import ServiceError, child_pids, free_port, pid_alive, stop_pid
 from home_mixer.state import PROJECT_ROOT, StateDir
 from serving.bento.protocol import MODELS_ROUTE, READY_ROUTE
 
 SERVICE_TARGET = "serving.bento.service:HomeMixerRankers"
 HOST = "127.0.0.1"
-
-
-def child_pids(pid: int) -> list[int]:
-    """Pids whose parent is ``pid`` (from ``/proc/<pid>/stat``; empty without ``/proc``)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields and int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:

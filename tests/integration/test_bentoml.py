@@ -22,7 +22,8 @@ from models.registry import load_ranker, promote
 from models.split import split_by_days
 from models.train import train_heavy, train_light
 from serving.bento.client import BentoRankerClient, BentoRequestError, BentoTimeout, BentoUnavailable
-from serving.bento.server import BentoServer, child_pids
+from home_mixer.services import child_pids
+from serving.bento.server import BentoServer
 
 pytestmark = pytest.mark.integration
 

@@ -104,14 +104,25 @@ def mixer_server(data_dir, redis_server, mixer_state, known_users):
     frame = _train_rankers(data_dir, state)
     _write_online_features(frame, known_users, state, redis_server)
 
-    config = state.root / "mixer.yaml"
-    config.write_text(yaml.safe_dump({
+    proc, base = _start_mixer(state, {
         "redis_url": url,
         "models": {"tracking_uri": state.mlflow_tracking_uri, "reload_interval_s": 0.5},
         "clock": {"now": AS_OF.isoformat().replace("+00:00", "Z")},
-    }))
+    }, "mixer")
+    try:
+        with httpx.Client(base_url=base, timeout=30) as http:
+            yield http, client
+    finally:
+        stop_pid(proc.pid)
+        client.close()
+
+
+def _start_mixer(state: StateDir, config_data: dict, name: str) -> tuple[subprocess.Popen, str]:
+    """``python -m mixer.api`` on a free loopback port with this config; waits for /healthz."""
+    config = state.root / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(config_data))
     port = free_port()
-    log_path = state.root / "mixer.log"
+    log_path = state.root / f"{name}.log"
     env = {**os.environ, "HOME_MIXER_STATE": str(state.root), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     with open(log_path, "wb") as log:
@@ -119,24 +130,19 @@ def mixer_server(data_dir, redis_server, mixer_state, known_users):
                                 cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mixer exited with {proc.returncode}:\n{Path(log_path).read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mixer did not become healthy:\n{Path(log_path).read_text()[-3000:]}")
-            time.sleep(0.25)
-        with httpx.Client(base_url=base, timeout=30) as http:
-            yield http, client
-    finally:
-        stop_pid(proc.pid)
-        client.close()
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"mixer exited with {proc.returncode}:\n{Path(log_path).read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            stop_pid(proc.pid)
+            pytest.fail(f"mixer did not become healthy:\n{Path(log_path).read_text()[-3000:]}")
+        time.sleep(0.25)
 
 
 def _timeline(http, **body) -> dict:
@@ -262,3 +268,38 @@ def test_promote_and_rollback_without_restart(mixer_server, mixer_state, known_u
     promote("light_ranker", old, tracking_uri=uri)  # rollback
     _wait_for_version(http, known_users[0], "light_ranker", old)
     assert swap_s < 30
+
+
+def test_mixer_on_bentoml_answers_every_request_when_the_server_dies(mixer_server, mixer_state, known_users,
+                                                                    redis_server):
+    """scoring.backend: bentoml; the BentoML server is SIGKILLed mid-run of HTTP requests."""
+    from home_mixer.services import kill_tree
+    from serving.bento.server import BentoServer
+
+    bento = BentoServer(mixer_state).start(tracking_uri=mixer_state.mlflow_tracking_uri)
+    proc = None
+    try:
+        proc, base = _start_mixer(mixer_state, {
+            "redis_url": f"redis://127.0.0.1:{redis_server.port}/{DB}",
+            "models": {"tracking_uri": mixer_state.mlflow_tracking_uri, "reload_interval_s": 0},
+            "scoring": {"backend": "bentoml", "url": bento.url, "timeout_ms": 300},
+            "clock": {"now": AS_OF.isoformat().replace("+00:00", "Z")},
+        }, "mixer-bento")
+        paths = []
+        with httpx.Client(base_url=base, timeout=30) as http:
+            for i in range(14):
+                if i == 6:
+                    kill_tree(bento.pid)
+                body = _timeline(http, user_id=known_users[i % len(known_users)], limit=5)
+                assert body["items"], body
+                paths.append(body["scoring_paths"])
+            metrics = http.get("/metrics").text
+        assert all(p == {"light_ranker": "bentoml", "heavy_ranker": "bentoml"} for p in paths[:6]), paths
+        assert all(set(p.values()) == {"in_process_fallback"} for p in paths[6:]), paths
+        scoring_lines = [line for line in metrics.splitlines() if line.startswith("hm_mixer_scoring")]
+        assert 'hm_mixer_scoring_fallbacks_total{backend="bentoml",model="heavy_ranker",reason="error"} 8.0' \
+            in scoring_lines, scoring_lines
+    finally:
+        if proc is not None:
+            stop_pid(proc.pid)
+        bento.stop()

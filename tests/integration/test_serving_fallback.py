@@ -9,14 +9,13 @@ scores: remote before the kill, the in-process fallback of the same version afte
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import numpy as np
 import pytest
 
 from home_mixer.schema import HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
+from home_mixer.services import kill_tree
 from home_mixer.state import StateDir
 from mixer.scorers.remote import FALLBACK, RemoteRankerHandle, make_backend
 from models.dev_frame import build_dev_frame
@@ -59,22 +58,6 @@ def _start(kind: str, state: StateDir, rows):
     return srv, srv.url
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL the server and all its descendants (BentoML's worker has a session of its own)."""
-    from serving.bento.server import child_pids
-
-    todo, tree = [pid], []
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(child_pids(p))
-    for p in tree:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.mark.parametrize("kind", ["triton_grpc", "triton_http", "bentoml"])
 def test_every_call_is_answered_when_the_server_is_killed_mid_run(registered, kind):
     state, rows = registered
@@ -89,7 +72,7 @@ def test_every_call_is_answered_when_the_server_is_killed_mid_run(registered, ki
             paths, slowest = [], 0.0
             for i in range(CALLS):
                 if name == HEAVY_RANKER_NAME and i == KILL_AT:
-                    _kill_tree(srv.pid)
+                    kill_tree(srv.pid)
                 started = time.monotonic()
                 out, path = handle.predict_with_path(rows)
                 slowest = max(slowest, time.monotonic() - started)

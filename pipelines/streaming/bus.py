@@ -1,0 +1,291 @@
+"""The event bus: a small interface (``EventBus``) and its Redis Streams implementation.
+
+Semantics (at least once, nothing dropped silently):
+- ``publish`` validates nothing more (events are models, valid by construction) and appends the
+  entry to the topic's stream, trimmed to about ``maxlen`` entries.
+- ``consume`` reads new entries for a consumer group; the consumer calls ``ack`` only after its
+  feature write succeeded, so a crash before the write leaves the entry pending.
+- ``reclaim`` takes over entries another consumer of the group left pending for ``min_idle_ms``
+  (a crashed consumer) and returns them like ``consume``.
+- An entry that is not a valid event, that was delivered more than ``max_deliveries`` times
+  (a poison entry that crashes every consumer), or that was trimmed away while still pending is
+  written to the topic's dead-letter stream with the reason and the original fields and id, and
+  acknowledged in the same transaction. The dead-letter stream is never trimmed.
+
+The interface is deliberately small (publish / consume / ack / reclaim / dead_letter) so a Kafka
+implementation can follow: topic = Kafka topic, group = consumer group, ack = offset commit,
+reclaim = partition rebalance, dead letter = a ``<topic>.dead`` topic.
+
+Redis layout: stream ``hm:events:<topic>``, dead letters ``hm:events:<topic>:dead``. Stream ids are
+``"<ms>-<seq>"`` strings (Redis server time in ms).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import redis
+
+from pipelines.streaming.events import (
+    EngagementEvent,
+    EventValidationError,
+    PostCreatedEvent,
+    SocialGraphEvent,
+    encode_event,
+    parse_event,
+)
+
+STREAM_PREFIX = "hm:events:"
+DEAD_SUFFIX = ":dead"
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+
+AnyEvent = EngagementEvent | PostCreatedEvent | SocialGraphEvent
+
+
+def stream_key(topic: str) -> str:
+    """Redis key of a topic's stream: ``hm:events:<topic>``.
+
+    Raises:
+        ValueError: the topic is empty, longer than 100 characters or has characters other than
+            letters, digits, ``_ . -`` (a ``:`` would collide with the dead-letter suffix).
+    """
+    if not isinstance(topic, str) or not _TOPIC_RE.match(topic):
+        raise ValueError(f"bad topic {topic!r}: use 1-100 letters, digits, '_', '.', '-' (e.g. 'engagements')")
+    return f"{STREAM_PREFIX}{topic}"
+
+
+def dead_letter_key(topic: str) -> str:
+    """Redis key of a topic's dead-letter stream: ``hm:events:<topic>:dead``."""
+    return stream_key(topic) + DEAD_SUFFIX
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One stream entry handed to a consumer.
+
+    ``id`` is the stream id (``"<ms>-<seq>"``); ``event`` the validated event (``None`` only in a
+    delivery built by hand for ``dead_letter``: ``consume`` and ``reclaim`` dead-letter invalid
+    entries themselves); ``fields`` the raw entry fields (bytes -> bytes); ``delivery_count`` how
+    many times the group delivered it (1 on first read, more after reclaims).
+    """
+
+    topic: str
+    group: str
+    id: str
+    event: AnyEvent | None
+    fields: dict[bytes, bytes]
+    delivery_count: int
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One dead-letter entry: why, which original entry (topic, id, group) and its raw fields."""
+
+    id: str
+    reason: str
+    original_topic: str
+    original_id: str
+    group: str
+    fields: dict[bytes, bytes]
+
+
+@runtime_checkable
+class EventBus(Protocol):
+    """The bus every producer and consumer uses; implementations: ``RedisStreamsBus``."""
+
+    def publish(self, topic: str, event: AnyEvent) -> str:
+        """Append ``event`` to ``topic``; returns its id."""
+
+    def consume(self, topic: str, group: str, consumer: str, count: int = 100,
+                block_ms: int | None = None) -> list[Delivery]:
+        """Up to ``count`` new valid events for ``consumer`` of ``group`` (waits up to ``block_ms``)."""
+
+    def ack(self, delivery: Delivery) -> None:
+        """Mark ``delivery`` processed for its group (call after the feature write)."""
+
+    def reclaim(self, topic: str, group: str, consumer: str, min_idle_ms: int,
+                count: int = 100) -> list[Delivery]:
+        """Take over up to ``count`` entries pending longer than ``min_idle_ms`` in ``group``."""
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> str:
+        """Move ``delivery`` to the topic's dead-letter stream and acknowledge it; returns the dead-letter id."""
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class RedisStreamsBus:
+    """``EventBus`` on Redis Streams (Redis >= 6.2 for XAUTOCLAIM; tested on 7.0).
+
+    Args:
+        client: a ``redis.Redis`` with ``decode_responses=False`` (fields stay bytes, so a
+            non-UTF-8 payload reaches the dead-letter stream unchanged).
+        maxlen: approximate cap on entries per topic stream (``XADD MAXLEN ~``: Redis trims whole
+            macro nodes, so the length can exceed it by up to one node, 100 entries by default).
+        max_deliveries: an entry reclaimed more often than this is a poison entry and goes to the
+            dead-letter stream instead of being handed out again.
+        group_start_id: where a new consumer group starts reading: ``"0"`` = the whole retained
+            stream (no event published before the group existed is missed), ``"$"`` = only new ones.
+
+    Raises:
+        ValueError: ``maxlen`` < 1 or ``max_deliveries`` < 1.
+    """
+
+    def __init__(self, client: redis.Redis, maxlen: int = 1_000_000, max_deliveries: int = 5,
+                 group_start_id: str = "0"):
+        if maxlen < 1:
+            raise ValueError(f"maxlen must be >= 1, got {maxlen}")
+        if max_deliveries < 1:
+            raise ValueError(f"max_deliveries must be >= 1, got {max_deliveries}")
+        if client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("RedisStreamsBus needs a client with decode_responses=False (payloads are bytes)")
+        self.client = client
+        self.maxlen = maxlen
+        self.max_deliveries = max_deliveries
+        self.group_start_id = group_start_id
+        self._groups: set[tuple[str, str]] = set()  # groups known to exist (saves a round trip per read)
+
+    # ---- producer ----
+    def publish(self, topic: str, event: AnyEvent) -> str:
+        """XADD the event's fields (``encode_event``) to ``hm:events:<topic>`` with ``MAXLEN ~ maxlen``.
+
+        Returns the stream id. Raises ``TypeError`` for a non-event, ``ValueError`` for a bad topic.
+        """
+        key = stream_key(topic)
+        return _s(self.client.xadd(key, encode_event(event), maxlen=self.maxlen, approximate=True))
+
+    # ---- consumer ----
+    def ensure_group(self, topic: str, group: str) -> None:
+        """XGROUP CREATE ... MKSTREAM; an existing group (BUSYGROUP) is fine."""
+        key = stream_key(topic)
+        if (key, group) in self._groups:
+            return
+        try:
+            self.client.xgroup_create(key, group, id=self.group_start_id, mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._groups.add((key, group))
+
+    def consume(self, topic: str, group: str, consumer: str, count: int = 100,
+                block_ms: int | None = None) -> list[Delivery]:
+        """XREADGROUP up to ``count`` new entries (``>``) for ``consumer``.
+
+        ``block_ms``: ``None`` returns at once, ``N`` waits up to N ms for an entry (``0`` would wait
+        forever). Invalid entries are dead-lettered (and acknowledged) here; the returned list holds
+        valid events only, in stream order, each with ``delivery_count == 1``.
+        """
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        self.ensure_group(topic, group)
+        key = stream_key(topic)
+        try:
+            resp = self.client.xreadgroup(group, consumer, {key: ">"}, count=count, block=block_ms)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream or group was deleted since we created it: recreate and read again.
+            self._groups.discard((key, group))
+            self.ensure_group(topic, group)
+            resp = self.client.xreadgroup(group, consumer, {key: ">"}, count=count, block=block_ms)
+        entries = resp[0][1] if resp else []
+        return self._deliver(topic, group, [(_s(i), f, 1) for i, f in entries])
+
+    def ack(self, delivery: Delivery) -> None:
+        """XACK the delivery's id for its group."""
+        self.client.xack(stream_key(delivery.topic), delivery.group, delivery.id)
+
+    def reclaim(self, topic: str, group: str, consumer: str, min_idle_ms: int,
+                count: int = 100) -> list[Delivery]:
+        """XAUTOCLAIM to ``consumer`` up to ``count`` entries of ``group`` idle >= ``min_idle_ms`` ms.
+
+        Returns the valid ones as deliveries with their delivery count (read with XPENDING). Entries
+        reclaimed more than ``max_deliveries`` times, invalid entries, and entries trimmed from the
+        stream while pending go to the dead-letter stream instead.
+        """
+        if min_idle_ms < 0 or count < 1:
+            raise ValueError(f"need min_idle_ms >= 0 and count >= 1, got {min_idle_ms}, {count}")
+        self.ensure_group(topic, group)
+        key = stream_key(topic)
+        claimed: list[tuple[str, dict[bytes, bytes]]] = []
+        trimmed: list[str] = []
+        cursor = "0-0"
+        while len(claimed) < count:
+            resp = self.client.xautoclaim(key, group, consumer, min_idle_ms, start_id=cursor,
+                                          count=count - len(claimed))
+            cursor = _s(resp[0])
+            for i, f in resp[1]:
+                # Redis 6.2 returns a trimmed entry with nil fields; 7.x lists its id in resp[2]
+                # (and has already removed it from the pending list).
+                if f:
+                    claimed.append((_s(i), f))
+                else:
+                    trimmed.append(_s(i))
+            if len(resp) > 2:
+                trimmed.extend(_s(i) for i in resp[2])
+            if cursor == "0-0":
+                break
+        for entry_id in trimmed:
+            self._dead_letter(topic, group, entry_id, {},
+                              "entry was trimmed from the stream (MAXLEN) before it was acknowledged; payload lost",
+                              ack=False)
+        if not claimed:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id, _ in claimed:
+            pipe.xpending_range(key, group, min=entry_id, max=entry_id, count=1)
+        counts = []
+        for rows in pipe.execute():
+            counts.append(int(rows[0]["times_delivered"]) if rows else 1)
+        return self._deliver(topic, group, [(i, f, n) for (i, f), n in zip(claimed, counts)])
+
+    # ---- dead letters ----
+    def dead_letter(self, delivery: Delivery, reason: str) -> str:
+        """Write ``delivery`` (reason, original topic / id / group, original fields) to
+        ``hm:events:<topic>:dead`` and XACK it, in one MULTI transaction; returns the dead-letter id.
+
+        Use it when the consumer cannot process a valid event (say, it references an unknown post)
+        and retrying will not help.
+        """
+        if not reason:
+            raise ValueError("a dead letter needs a reason")
+        return self._dead_letter(delivery.topic, delivery.group, delivery.id, delivery.fields, reason, ack=True)
+
+    def dead_letters(self, topic: str, count: int = 1000) -> list[DeadLetter]:
+        """The oldest ``count`` entries of the topic's dead-letter stream, decoded."""
+        out = []
+        for dl_id, f in self.client.xrange(dead_letter_key(topic), count=count):
+            orig = {k[len(b"orig:"):]: v for k, v in f.items() if k.startswith(b"orig:")}
+            out.append(DeadLetter(id=_s(dl_id), reason=_s(f[b"reason"]), original_topic=_s(f[b"original_topic"]),
+                                  original_id=_s(f[b"original_id"]), group=_s(f[b"group"]), fields=orig))
+        return out
+
+    def _dead_letter(self, topic: str, group: str, entry_id: str, fields: dict[bytes, bytes], reason: str,
+                     ack: bool) -> str:
+        # Original fields are kept byte for byte under "orig:<name>" (they may not be UTF-8 or JSON).
+        dl = {b"reason": reason.encode("utf-8"), b"original_topic": topic.encode(),
+              b"original_id": entry_id.encode(), b"group": group.encode()}
+        dl.update({b"orig:" + (k if isinstance(k, bytes) else str(k).encode()): v for k, v in fields.items()})
+        pipe = self.client.pipeline(transaction=True)  # dead letter and ack together or not at all
+        pipe.xadd(dead_letter_key(topic), dl)
+        if ack:
+            pipe.xack(stream_key(topic), group, entry_id)
+        return _s(pipe.execute()[0])
+
+    def _deliver(self, topic: str, group: str, entries: list[tuple[str, dict[bytes, bytes], int]]) -> list[Delivery]:
+        out = []
+        for entry_id, fields, n in entries:
+            if n > self.max_deliveries:
+                reason = f"delivered {n} times (max_deliveries={self.max_deliveries}) without an ack"
+                self._dead_letter(topic, group, entry_id, fields, reason, ack=True)
+                continue
+            try:
+                event = parse_event(fields)
+            except EventValidationError as exc:
+                self._dead_letter(topic, group, entry_id, fields, f"invalid event: {exc.reason}", ack=True)
+                continue
+            out.append(Delivery(topic=topic, group=group, id=entry_id, event=event, fields=fields, delivery_count=n))
+        return out
