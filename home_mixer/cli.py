@@ -194,6 +194,42 @@ def cmd_serve_mixer(args) -> int:
     return 0
 
 
+def cmd_stream(args) -> int:
+    """``stream run``: the stream processor until Ctrl-C; ``stream replay``: a log into the bus."""
+    from home_mixer import jobs
+
+    state = _state(args)
+    url = jobs.redis_url_for(state)
+    if args.action == "replay":
+        from pipelines.streaming.replay import main as replay_main
+
+        argv = ["--redis-url", url, "--speed", str(args.speed)]
+        if args.log:
+            argv += ["--log", args.log]
+        if args.limit:
+            argv += ["--limit", str(args.limit)]
+        return replay_main(argv)
+    import signal
+    import threading
+
+    import redis
+
+    from pipelines.streaming.bus import RedisStreamsBus
+    from pipelines.streaming.processor import StreamProcessor
+
+    client = redis.Redis.from_url(url)
+    processor = StreamProcessor(client, RedisStreamsBus(client))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"stream processor consuming {url} (Ctrl-C stops)", flush=True)
+    applied = processor.run(stop)
+    p50, p99 = processor.lag_percentiles()
+    print(f"applied {applied} events; event->online lag p50 {p50:.3f} s, p99 {p99:.3f} s; {dict(processor.stats)}")
+    client.close()
+    return 0
+
+
 def cmd_clean(args) -> int:
     from home_mixer.services import RedisServer, stop_pid
 
@@ -280,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     mx.add_argument("--host", default="127.0.0.1")
     mx.add_argument("--port", type=int, default=8080)
     mx.set_defaults(func=cmd_serve_mixer)
+
+    st = sub.add_parser("stream", help="the real-time path: stream processor and log replay (Redis Streams)")
+    st.add_argument("action", choices=["run", "replay"])
+    st.add_argument("--log", help="replay: impression log CSV (default: the shared KuaiRand log)")
+    st.add_argument("--speed", type=float, default=60.0, help="replay: log seconds per wall second (0 = max)")
+    st.add_argument("--limit", type=int, help="replay: first N log rows only")
+    st.set_defaults(func=cmd_stream)
 
     c = sub.add_parser("clean", help="stop services and remove the state folder")
     c.set_defaults(func=cmd_clean)

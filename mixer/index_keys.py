@@ -49,6 +49,16 @@ def hated_authors(user_id: int) -> str:
     return f"hm:hated_authors:{user_id}"
 
 
+def blocked_authors(user_id: int) -> str:
+    """set of author_ids the user blocked (written by the stream processor)."""
+    return f"hm:blocked_authors:{user_id}"
+
+
+def muted_authors(user_id: int) -> str:
+    """set of author_ids the user muted (written by the stream processor)."""
+    return f"hm:muted_authors:{user_id}"
+
+
 def seen_posts(user_id: int) -> str:
     """zset post_id -> last impression time (epoch s) in the log."""
     return f"hm:seen:{user_id}"

@@ -1,0 +1,268 @@
+"""The stream processor: engagement / social events -> real-time features in Redis (the online store).
+
+Each event is applied in ONE Lua script (atomic in Redis) that first checks the key types (a
+script is not rolled back on an error, so every check that can fail comes before the first write),
+then sets ``hm:rt:seen:{event_id}`` (``EX ttl``) only if absent and changes nothing if it existed, so an
+event delivered twice (at-least-once bus, reclaim after a crash) counts once. The bus entry is
+acknowledged only after the script returned; a failed write leaves it pending, and a processor
+reclaims entries idle for ``reclaim_idle_ms`` when it starts and every ``reclaim_every_s`` after.
+Key layout and the window / decay math: ``pipelines/streaming/realtime_features.py``.
+
+``PostCreatedEvent`` entries are acknowledged without a write (the candidate index owns posts).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+import redis
+
+from home_mixer.schema import POSITIVE_HEADS
+from pipelines.streaming import realtime_features as rt
+from pipelines.streaming.bus import Delivery, EventBus
+from pipelines.streaming.events import EngagementEvent, SocialGraphEvent
+
+log = logging.getLogger(__name__)
+
+# KEYS: 1 seen, 2 counts, 3 meta, 4 post score, 5 author score, 6 user posts, 7 user authors,
+#       8 hated authors, 9 follows, 10 social ts
+# ARGV: 1 seen ttl, 2 kind, 3 bucket start, 4 event ts, 5 write ts, 6 weight, 7 half-life,
+#       8 counts ttl, 9 score ttl, 10 recent cap, 11 post id, 12 author id, 13 positive (0/1),
+#       14 retention s, 15 bucket s
+_ENGAGEMENT_LUA = r"""
+-- Every check that can fail runs before the first write: a Lua script is not rolled back on an
+-- error, so a failure must leave nothing (not even the seen marker) and the entry stays pending.
+local want = {'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'zset', 'set', 'set', 'hash'}
+for i, t in ipairs(want) do
+  local got = redis.call('TYPE', KEYS[i])['ok']
+  if got ~= 'none' and got ~= t then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' is a ' .. got .. ', expected ' .. t)
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
+local kind = ARGV[2]
+local bucket = tonumber(ARGV[3])
+local ets = tonumber(ARGV[4])
+local w = tonumber(ARGV[6])
+local half = tonumber(ARGV[7])
+local retention = tonumber(ARGV[14])
+local bucket_s = tonumber(ARGV[15])
+local prev = redis.call('HGET', KEYS[3], 'last_event_ts')
+local newest = ets
+if prev and tonumber(prev) > ets then newest = tonumber(prev) end
+redis.call('HSET', KEYS[3], 'last_event_ts', string.format('%.6f', newest), 'last_write_ts', ARGV[5])
+redis.call('EXPIRE', KEYS[3], ARGV[8])
+-- a bucket wholly older than the 24 h window of the newest event is dropped, never written
+local horizon = newest - retention
+if bucket + bucket_s > horizon then
+  local n = redis.call('HINCRBY', KEYS[2], kind .. ':' .. ARGV[3], 1)
+  if n == 1 then
+    -- a new field: prune expired buckets (at most once per kind and bucket, so O(fields) is cheap)
+    for _, f in ipairs(redis.call('HKEYS', KEYS[2])) do
+      local b = tonumber(string.match(f, ':(%-?%d+)$'))
+      if b and b + bucket_s <= horizon then redis.call('HDEL', KEYS[2], f) end
+    end
+  end
+  redis.call('EXPIRE', KEYS[2], ARGV[8])
+end
+local function decayed_add(key)
+  local cur = redis.call('HMGET', key, 'v', 't')
+  local v, t = 0.0, ets
+  if cur[1] then v = tonumber(cur[1]); t = tonumber(cur[2]) end
+  if ets >= t then
+    v = v * math.pow(2, -(ets - t) / half) + w
+    t = ets
+  else
+    v = v + w * math.pow(2, -(t - ets) / half)
+  end
+  redis.call('HSET', key, 'v', string.format('%.17g', v), 't', string.format('%.17g', t))
+  redis.call('EXPIRE', key, ARGV[9])
+end
+if w ~= 0 then
+  decayed_add(KEYS[4])
+  decayed_add(KEYS[5])
+end
+if ARGV[13] == '1' then
+  local cap = tonumber(ARGV[10])
+  redis.call('ZADD', KEYS[6], 'GT', ets, ARGV[11])
+  redis.call('ZREMRANGEBYRANK', KEYS[6], 0, -(cap + 1))
+  redis.call('ZADD', KEYS[7], 'GT', ets, ARGV[12])
+  redis.call('ZREMRANGEBYRANK', KEYS[7], 0, -(cap + 1))
+end
+if kind == 'hate' then redis.call('SADD', KEYS[8], ARGV[12]) end
+if kind == 'follow' then
+  -- an engagement "follow" is a follow action: same stale-event rule as SocialGraphEvent
+  local f = 'follow:' .. ARGV[12]
+  local last = redis.call('HGET', KEYS[10], f)
+  if (not last) or tonumber(last) <= ets then
+    redis.call('HSET', KEYS[10], f, ARGV[4])
+    redis.call('SADD', KEYS[9], ARGV[12])
+  end
+end
+return 1
+"""
+
+# KEYS: 1 seen, 2 social ts, 3 follows, 4 blocked, 5 muted; ARGV: 1 seen ttl, 2 action, 3 author, 4 event ts
+# An older action than the last applied one of the same family (follow/unfollow, block, mute) for
+# the pair is stale (arrived out of order) and ignored; a block also counts as the latest follow action.
+_SOCIAL_LUA = r"""
+local want = {'string', 'hash', 'set', 'set', 'set'}
+for i, t in ipairs(want) do
+  local got = redis.call('TYPE', KEYS[i])['ok']
+  if got ~= 'none' and got ~= t then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' is a ' .. got .. ', expected ' .. t)
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
+local action, author, ets = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local family = action
+if action == 'unfollow' then family = 'follow' end
+local last = redis.call('HGET', KEYS[2], family .. ':' .. author)
+if last and tonumber(last) > ets then return 2 end
+redis.call('HSET', KEYS[2], family .. ':' .. author, ARGV[4])
+if action == 'follow' then redis.call('SADD', KEYS[3], author)
+elseif action == 'unfollow' then redis.call('SREM', KEYS[3], author)
+elseif action == 'block' then
+  redis.call('SADD', KEYS[4], author)
+  local lf = redis.call('HGET', KEYS[2], 'follow:' .. author)
+  if (not lf) or tonumber(lf) <= ets then
+    redis.call('SREM', KEYS[3], author)
+    redis.call('HSET', KEYS[2], 'follow:' .. author, ARGV[4])
+  end
+elseif action == 'mute' then redis.call('SADD', KEYS[5], author)
+end
+return 1
+"""
+
+
+class StreamProcessor:
+    """Consumes ``topic`` as ``consumer`` of ``group`` and writes real-time features.
+
+    Args:
+        client: ``redis.Redis`` of the online store (any ``decode_responses``).
+        bus: the event bus (``RedisStreamsBus``).
+        consumer: this process's consumer name (default ``<host>-<pid>``); unique per live process.
+        reclaim_idle_ms: entries pending this long (ms) in the group are assumed orphaned by a
+            crashed consumer and taken over.
+        reclaim_every_s: ``run`` reclaims again after this many seconds.
+        seen_ttl_s: lifetime of the idempotency marker (s); a redelivery later than this is applied again.
+        clock: wall clock (epoch s) for write times and lag; injectable for tests.
+        lag_window: how many recent lags ``lag_percentiles`` keeps.
+    """
+
+    def __init__(self, client: redis.Redis, bus: EventBus, topic: str = "engagements",
+                 group: str = "feature-writer", consumer: str | None = None, reclaim_idle_ms: int = 30_000,
+                 reclaim_every_s: float = 30.0, seen_ttl_s: int = rt.SEEN_TTL_S,
+                 clock: Callable[[], float] = time.time, lag_window: int = 10_000):
+        if reclaim_idle_ms < 0 or seen_ttl_s < 1 or lag_window < 1:
+            raise ValueError("need reclaim_idle_ms >= 0, seen_ttl_s >= 1, lag_window >= 1")
+        self.client, self.bus, self.topic, self.group = client, bus, topic, group
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.reclaim_idle_ms, self.reclaim_every_s, self.seen_ttl_s = reclaim_idle_ms, reclaim_every_s, seen_ttl_s
+        self.clock = clock
+        self._engagement = client.register_script(_ENGAGEMENT_LUA)
+        self._social = client.register_script(_SOCIAL_LUA)
+        self._lags: collections.deque[float] = collections.deque(maxlen=lag_window)
+        self._last_reclaim: float | None = None
+        self.stats = collections.Counter()  # applied, duplicate, stale, skipped, failed
+
+    # ---- applying one event ----
+    def apply(self, event) -> bool:
+        """Write one event's features atomically; ``True`` if applied now, ``False`` if it was a
+        duplicate (already applied) or needs no write. Raises ``redis.RedisError`` on a failed write."""
+        write_ts = self.clock()
+        if isinstance(event, EngagementEvent):
+            ets = event.event_ts.timestamp()
+            u, p, a = event.user_id, event.post_id, event.author_id
+            res = self._engagement(
+                keys=[rt.seen_key(event.event_id), rt.post_counts_key(p), rt.post_meta_key(p), rt.post_score_key(p),
+                      rt.author_score_key(a), rt.user_recent_posts_key(u), rt.user_recent_authors_key(u),
+                      rt.hated_authors_key(u), rt.follows_key(u), rt.social_ts_key(u)],
+                args=[self.seen_ttl_s, event.kind, rt.bucket_start(ets), f"{ets:.6f}", f"{write_ts:.6f}",
+                      repr(rt.kind_weight(event.kind)), repr(rt.HALF_LIFE_S), rt.COUNTS_TTL_S, rt.SCORE_TTL_S,
+                      rt.RECENT_CAP, p, a, int(event.kind in POSITIVE_HEADS), rt.RETENTION_S, rt.BUCKET_S])
+        elif isinstance(event, SocialGraphEvent):
+            ets = event.event_ts.timestamp()
+            u = event.user_id
+            res = self._social(
+                keys=[rt.seen_key(event.event_id), rt.social_ts_key(u), rt.follows_key(u),
+                      rt.blocked_authors_key(u), rt.muted_authors_key(u)],
+                args=[self.seen_ttl_s, event.action, event.author_id, f"{ets:.6f}"])
+        else:
+            self.stats["skipped"] += 1
+            return False
+        res = int(res)
+        if res == 0:
+            self.stats["duplicate"] += 1
+            return False
+        self.stats["applied" if res == 1 else "stale"] += 1
+        self._lags.append(write_ts - ets)
+        return res == 1
+
+    # ---- consuming ----
+    def _process(self, deliveries: list[Delivery]) -> int:
+        applied = 0
+        for d in deliveries:
+            try:
+                applied += self.apply(d.event)
+            except redis.RedisError as exc:
+                # No ack: the entry stays pending and is reclaimed later (or dead-lettered after
+                # max_deliveries by the bus).
+                self.stats["failed"] += 1
+                log.warning("write failed for %s %s: %s; left pending", self.topic, d.id, exc)
+                continue
+            self.bus.ack(d)
+        return applied
+
+    def reclaim(self, count: int = 100) -> int:
+        """Take over and apply entries of the group pending >= ``reclaim_idle_ms``; returns events applied."""
+        self._last_reclaim = self.clock()
+        applied = 0
+        while True:
+            got = self.bus.reclaim(self.topic, self.group, self.consumer, self.reclaim_idle_ms, count=count)
+            if not got:
+                return applied
+            applied += self._process(got)
+            if len(got) < count:
+                return applied
+
+    def run_once(self, count: int = 100, block_ms: int | None = None) -> int:
+        """Reclaim orphaned entries if due (always on the first call), then read up to ``count`` new
+        entries (waiting up to ``block_ms`` ms; ``None`` = no wait) and apply them.
+
+        Returns the number of events applied now (duplicates and post-created events excluded).
+        """
+        applied = 0
+        if self._last_reclaim is None or self.clock() - self._last_reclaim >= self.reclaim_every_s:
+            applied += self.reclaim(count)
+        return applied + self._process(
+            self.bus.consume(self.topic, self.group, self.consumer, count=count, block_ms=block_ms))
+
+    def run(self, stop_event: threading.Event, count: int = 100, block_ms: int = 1000) -> int:
+        """Loop ``run_once`` until ``stop_event`` is set (checked at least every ``block_ms`` ms);
+        returns the total events applied. A Redis error is logged and retried after a second."""
+        total = 0
+        while not stop_event.is_set():
+            try:
+                total += self.run_once(count, block_ms)
+            except redis.RedisError as exc:
+                log.warning("stream processor: %s; retrying", exc)
+                stop_event.wait(1.0)
+        return total
+
+    def lag_percentiles(self) -> tuple[float, float]:
+        """``(p50, p99)`` of event-time -> write-time lag (s) over the last ``lag_window`` applied
+        events; ``(nan, nan)`` before any."""
+        if not self._lags:
+            return float("nan"), float("nan")
+        p50, p99 = np.percentile(np.fromiter(self._lags, dtype=np.float64), [50, 99])
+        return float(p50), float(p99)

@@ -1,0 +1,249 @@
+"""Real-time engagement features in Redis: key names, window / decay math, and their reader.
+
+Written by ``pipelines.streaming.processor.StreamProcessor`` from ``EngagementEvent`` /
+``SocialGraphEvent``; read by ``RealtimeFeatureReader`` (for the mixer). Times are epoch seconds
+UTC (float, microsecond precision); ids are decimal strings.
+
+| key | type | content |
+| --- | --- | --- |
+| ``hm:rt:seen:{event_id}`` | string (TTL) | ``1``: the event was applied (idempotency) |
+| ``hm:rt:post:{post_id}:counts`` | hash (TTL) | ``{kind}:{bucket_start_s}`` -> count in that 5-min bucket |
+| ``hm:rt:post:{post_id}:meta`` | hash (TTL) | ``last_event_ts`` (newest event), ``last_write_ts`` |
+| ``hm:rt:post:{post_id}:score`` | hash (TTL) | ``v`` decayed engagement score at time ``t`` |
+| ``hm:rt:author:{author_id}:score`` | hash (TTL) | same, summed over the author's posts |
+| ``hm:rt:user:{user_id}:posts`` / ``:authors`` | zset | last 50 positively engaged post / author -> event ts |
+| ``hm:rt:social_ts:{user_id}`` | hash | ``{family}:{author_id}`` -> ts of the last applied social action |
+| ``hm:follows:{user_id}``, ``hm:hated_authors:{user_id}`` | set | the mixer's keys (``mixer/index_keys.py``) |
+| ``hm:blocked_authors:{user_id}``, ``hm:muted_authors:{user_id}`` | set | authors the user blocked / muted |
+
+Decayed score (Twitter's real-time aggregates idea: exponentially decayed counts with a half-life):
+``score(now) = sum_i w_i * 2 ** (-(now - t_i) / HALF_LIFE_S)`` with ``w_i`` =
+``schema.ENGAGEMENT_EDGE_WEIGHTS[kind]`` (0 for impressions and hate). It is stored as one value
+``v`` at time ``t`` (the newest event time), so one update is O(1) and out-of-order events still
+give the closed form.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+import redis
+
+from home_mixer.schema import ENGAGEMENT_EDGE_WEIGHTS
+from mixer import index_keys
+from pipelines.streaming.events import ENGAGEMENT_KINDS
+
+BUCKET_S = 300                    # 5-minute buckets
+HALF_LIFE_S = 6 * 3600.0          # 6 h half-life of the decayed engagement score
+RETENTION_S = 24 * 3600           # the longest window; older buckets are pruned
+COUNTS_TTL_S = 26 * 3600          # counts / meta keys outlive the 24 h window by 2 h
+SCORE_TTL_S = 7 * 24 * 3600       # after 7 days of silence a score has decayed by 2**-28
+SEEN_TTL_S = 7 * 24 * 3600        # a redelivery later than this would be applied again
+RECENT_CAP = 50                   # last N engaged posts / authors per user
+WINDOWS_S: dict[str, int] = {"5m": 300, "1h": 3600, "24h": 86400}
+
+
+def seen_key(event_id: str) -> str:
+    """Idempotency marker of one event."""
+    return f"hm:rt:seen:{event_id}"
+
+
+def post_counts_key(post_id: int) -> str:
+    """hash ``{kind}:{bucket_start_s}`` -> count."""
+    return f"hm:rt:post:{post_id}:counts"
+
+
+def post_meta_key(post_id: int) -> str:
+    """hash ``last_event_ts``, ``last_write_ts`` (epoch s)."""
+    return f"hm:rt:post:{post_id}:meta"
+
+
+def post_score_key(post_id: int) -> str:
+    """hash ``v`` (decayed score at ``t``), ``t`` (epoch s)."""
+    return f"hm:rt:post:{post_id}:score"
+
+
+def author_score_key(author_id: int) -> str:
+    """hash ``v``, ``t`` like ``post_score_key``, over all of the author's posts."""
+    return f"hm:rt:author:{author_id}:score"
+
+
+def user_recent_posts_key(user_id: int) -> str:
+    """zset post_id -> newest positive engagement ts, capped at ``RECENT_CAP``."""
+    return f"hm:rt:user:{user_id}:posts"
+
+
+def user_recent_authors_key(user_id: int) -> str:
+    """zset author_id -> newest positive engagement ts, capped at ``RECENT_CAP``."""
+    return f"hm:rt:user:{user_id}:authors"
+
+
+def social_ts_key(user_id: int) -> str:
+    """hash ``{follow|block|mute}:{author_id}`` -> ts of the last applied action (drops stale events)."""
+    return f"hm:rt:social_ts:{user_id}"
+
+
+def blocked_authors_key(user_id: int) -> str:
+    """The mixer's blocked-author set (``mixer.index_keys.blocked_authors``)."""
+    return index_keys.blocked_authors(user_id)
+
+
+def muted_authors_key(user_id: int) -> str:
+    """The mixer's muted-author set (``mixer.index_keys.muted_authors``)."""
+    return index_keys.muted_authors(user_id)
+
+
+def follows_key(user_id: int) -> str:
+    """The mixer's follow set (``mixer.index_keys.follows``)."""
+    return index_keys.follows(user_id)
+
+
+def hated_authors_key(user_id: int) -> str:
+    """The mixer's hated-author set (``mixer.index_keys.hated_authors``)."""
+    return index_keys.hated_authors(user_id)
+
+
+def kind_weight(kind: str) -> float:
+    """Score weight of one event kind: ``ENGAGEMENT_EDGE_WEIGHTS`` (0 for impression and hate).
+
+    Raises:
+        ValueError: ``kind`` is not one of ``events.ENGAGEMENT_KINDS``.
+    """
+    if kind not in ENGAGEMENT_KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {list(ENGAGEMENT_KINDS)}")
+    return float(ENGAGEMENT_EDGE_WEIGHTS.get(kind, 0.0))
+
+
+def bucket_start(ts_s: float, bucket_s: int = BUCKET_S) -> int:
+    """Start (epoch s, int) of the ``bucket_s``-second bucket holding ``ts_s`` (floor, also for negatives)."""
+    if bucket_s < 1:
+        raise ValueError(f"bucket_s must be >= 1, got {bucket_s}")
+    return int(math.floor(ts_s / bucket_s)) * bucket_s
+
+
+def window_buckets(now_s: float, window_s: int, bucket_s: int = BUCKET_S) -> tuple[int, int]:
+    """Inclusive range ``(first, last)`` of bucket starts a window of ``window_s`` ending at ``now_s`` sums.
+
+    The window is bucket-aligned: the bucket holding ``now_s`` plus the ``window_s / bucket_s - 1``
+    before it (so "5m" is the current bucket, and a window covers up to one bucket less of the past
+    than its nominal length; buckets after ``now_s`` are excluded).
+
+    Raises:
+        ValueError: ``window_s`` is not a positive multiple of ``bucket_s``.
+    """
+    if window_s < bucket_s or window_s % bucket_s:
+        raise ValueError(f"window_s={window_s} must be a positive multiple of bucket_s={bucket_s}")
+    last = bucket_start(now_s, bucket_s)
+    return last - window_s + bucket_s, last
+
+
+def sum_window_counts(counts: Mapping[str, float], now_s: float, windows_s: Mapping[str, int] = WINDOWS_S,
+                      kinds: Iterable[str] = ENGAGEMENT_KINDS, bucket_s: int = BUCKET_S) -> dict[str, float]:
+    """Window sums from one post's bucket hash.
+
+    Args:
+        counts: ``{"{kind}:{bucket_start}": count}`` (str keys, as ``HGETALL`` decoded).
+        now_s: the reference time (epoch s).
+    Returns:
+        ``{"rt_{kind}s_{window}": float}`` for every kind and window (0.0 when empty), e.g.
+        ``rt_clicks_5m``, ``rt_impressions_1h``, ``rt_long_views_24h``.
+    Raises:
+        ValueError: a field is not ``kind:int``.
+    """
+    ranges = {w: window_buckets(now_s, s, bucket_s) for w, s in windows_s.items()}
+    out = {feature_name(k, w): 0.0 for k in kinds for w in windows_s}
+    for field, value in counts.items():
+        kind, sep, b = field.rpartition(":")
+        if not sep:
+            raise ValueError(f"bad counts field {field!r}: expected 'kind:bucket_start'")
+        b = int(b)
+        for w, (lo, hi) in ranges.items():
+            name = feature_name(kind, w)
+            if lo <= b <= hi and name in out:
+                out[name] += float(value)
+    return out
+
+
+def feature_name(kind: str, window: str) -> str:
+    """``rt_{kind}s_{window}`` (``click``, ``5m`` -> ``rt_clicks_5m``)."""
+    return f"rt_{kind}s_{window}"
+
+
+def decay(value: float, from_s: float, to_s: float, half_life_s: float = HALF_LIFE_S) -> float:
+    """``value * 2 ** (-(to_s - from_s) / half_life_s)`` (exponential decay with a half-life)."""
+    if half_life_s <= 0:
+        raise ValueError(f"half_life_s must be > 0, got {half_life_s}")
+    return value * 2.0 ** (-(to_s - from_s) / half_life_s)
+
+
+def decayed_add(value: float, t_s: float, weight: float, event_s: float,
+                half_life_s: float = HALF_LIFE_S) -> tuple[float, float]:
+    """Add one event of ``weight`` at ``event_s`` to a score ``value`` held at time ``t_s``.
+
+    Returns ``(value', t')`` with ``t' = max(t_s, event_s)``; the result equals the closed form
+    ``sum_i w_i 2**(-(t' - t_i)/half_life_s)`` whatever the arrival order. The Lua writer in
+    ``processor.py`` implements the same rule.
+    """
+    if event_s >= t_s:
+        return decay(value, t_s, event_s, half_life_s) + weight, event_s
+    return value + decay(weight, event_s, t_s, half_life_s), t_s
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class RealtimeFeatureReader:
+    """Reads the processor's real-time features (one pipelined round trip per call).
+
+    Args:
+        client: a ``redis.Redis`` (bytes or decoded responses both work).
+    """
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+
+    def post_window_counts(self, post_ids: Iterable[int], now_s: float,
+                           windows_s: Mapping[str, int] = WINDOWS_S) -> dict[int, dict[str, float]]:
+        """``{post_id: {"rt_{kind}s_{window}": count}}`` for every kind and window ending at ``now_s``
+        (all 0.0 for a post with no events)."""
+        ids = [int(p) for p in post_ids]
+        pipe = self.client.pipeline(transaction=False)
+        for p in ids:
+            pipe.hgetall(post_counts_key(p))
+        out = {}
+        for p, raw in zip(ids, pipe.execute()):
+            counts = {_s(k): float(v) for k, v in raw.items()}
+            out[p] = sum_window_counts(counts, now_s, windows_s)
+        return out
+
+    def decayed_scores(self, ids: Iterable[int], now_s: float, entity: str = "post") -> dict[int, float]:
+        """``{id: decayed engagement score at now_s}`` for ``entity`` ``"post"`` or ``"author"`` (0.0 if none).
+
+        Raises:
+            ValueError: unknown ``entity``.
+        """
+        key_of = {"post": post_score_key, "author": author_score_key}.get(entity)
+        if key_of is None:
+            raise ValueError(f"entity must be 'post' or 'author', got {entity!r}")
+        ids = [int(i) for i in ids]
+        pipe = self.client.pipeline(transaction=False)
+        for i in ids:
+            pipe.hmget(key_of(i), "v", "t")
+        out = {}
+        for i, (v, t) in zip(ids, pipe.execute()):
+            out[i] = 0.0 if v is None else decay(float(v), float(t), now_s)
+        return out
+
+    def user_recent(self, user_id: int) -> tuple[list[int], list[int]]:
+        """``(post_ids, author_ids)`` the user engaged with most recently, newest first (<= 50 each)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrevrange(user_recent_posts_key(user_id), 0, -1)
+        pipe.zrevrange(user_recent_authors_key(user_id), 0, -1)
+        posts, authors = pipe.execute()
+        return [int(p) for p in posts], [int(a) for a in authors]
+
+    def post_meta(self, post_id: int) -> dict[str, float]:
+        """``{"last_event_ts": s, "last_write_ts": s}`` (empty if the post has no events)."""
+        return {_s(k): float(v) for k, v in self.client.hgetall(post_meta_key(post_id)).items()}

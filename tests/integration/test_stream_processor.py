@@ -1,0 +1,204 @@
+"""The stream processor on a real redis-server: windows, idempotency, decay, crash recovery,
+write failures and the mixer's social keys."""
+
+import math
+import random
+import threading
+from datetime import datetime, timezone
+
+import pytest
+
+from mixer import index_keys
+from pipelines.streaming import realtime_features as rt
+from pipelines.streaming.bus import RedisStreamsBus, stream_key
+from pipelines.streaming.events import EngagementEvent, PostCreatedEvent, SocialGraphEvent
+from pipelines.streaming.processor import StreamProcessor
+
+pytestmark = pytest.mark.integration
+
+NOW = 1_651_406_400 + 100.0  # 2022-05-01 12:01:40 UTC, 100 s into a 5-min bucket
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+def _eng(eid, kind, ts, user=1, post=10, author=7) -> EngagementEvent:
+    return EngagementEvent(event_id=str(eid), kind=kind, user_id=user, post_id=post, author_id=author,
+                           event_ts=_dt(ts))
+
+
+def _proc(redis_client, bus, name="c1", **kw) -> StreamProcessor:
+    return StreamProcessor(redis_client, bus, consumer=name, clock=lambda: NOW + 1.0, **kw)
+
+
+def _pending(client, group="feature-writer") -> int:
+    return client.xpending(stream_key("engagements"), group)["pending"]
+
+
+def _expected_windows(events, post, now):
+    """Recompute window counts straight from the events (bucket-aligned windows)."""
+    now_b = math.floor(now / 300)
+    out = {}
+    for kind in ("click", "impression", "like", "hate"):
+        for w, secs in rt.WINDOWS_S.items():
+            out[rt.feature_name(kind, w)] = float(sum(
+                1 for e in events if e.post_id == post and e.kind == kind
+                and now_b - secs // 300 < math.floor(e.event_ts.timestamp() / 300) <= now_b))
+    return out
+
+
+def _closed_score(events, now, key):
+    return sum(rt.kind_weight(e.kind) * 2 ** (-(now - e.event_ts.timestamp()) / rt.HALF_LIFE_S)
+               for e in events if key(e))
+
+
+def test_window_counts_for_a_crafted_sequence(redis_client):
+    bus = RedisStreamsBus(redis_client)
+    offsets = {"click": [10, 90, 200, 3000, 4000, 50_000, 90_000], "impression": [5, 5, 1000, 80_000]}
+    events = [_eng(f"{k}{i}", k, NOW - off) for k, offs in offsets.items() for i, off in enumerate(offs)]
+    for e in events:
+        bus.publish("engagements", e)
+    proc = _proc(redis_client, bus)
+    assert proc.run_once(count=100) == len(events)
+    got = rt.RealtimeFeatureReader(redis_client).post_window_counts([10, 11], NOW)
+    # current bucket holds offsets 10, 90 (NOW is 100 s into it); 200 s is the previous bucket
+    assert got[10]["rt_clicks_5m"] == 2 and got[10]["rt_clicks_1h"] == 4 and got[10]["rt_clicks_24h"] == 6
+    assert got[10]["rt_impressions_5m"] == 2 and got[10]["rt_impressions_1h"] == 3
+    assert got[10]["rt_impressions_24h"] == 4
+    assert got[10] == pytest.approx({**got[10], **_expected_windows(events, 10, NOW)})
+    assert all(v == 0.0 for v in got[11].values())
+    meta = rt.RealtimeFeatureReader(redis_client).post_meta(10)
+    assert meta["last_event_ts"] == pytest.approx(NOW - 5) and meta["last_write_ts"] == pytest.approx(NOW + 1)
+    p50, p99 = proc.lag_percentiles()
+    assert 1.0 <= p50 <= p99 <= 90_001
+    assert _pending(redis_client) == 0
+    # the counts hash expires beyond 24 h
+    assert rt.COUNTS_TTL_S > 86400 and redis_client.ttl(rt.post_counts_key(10)) > 86400
+
+
+def test_duplicate_event_ids_are_applied_once(redis_client):
+    bus = RedisStreamsBus(redis_client)
+    e = _eng("dup", "like", NOW - 60)
+    for _ in range(3):
+        bus.publish("engagements", e)
+    bus.publish("engagements", _eng("other", "like", NOW - 30))
+    proc = _proc(redis_client, bus)
+    assert proc.run_once(count=10) == 2
+    assert proc.stats["duplicate"] == 2
+    assert proc.apply(e) is False  # applying again directly is also a no-op
+    reader = rt.RealtimeFeatureReader(redis_client)
+    assert reader.post_window_counts([10], NOW)[10]["rt_likes_5m"] == 2
+    want = _closed_score([e, _eng("other", "like", NOW - 30)], NOW, lambda x: True)
+    assert reader.decayed_scores([10], NOW)[10] == pytest.approx(want, rel=1e-9)
+    assert _pending(redis_client) == 0
+
+
+def test_decayed_scores_match_closed_form_for_posts_and_authors(redis_client):
+    rng = random.Random(11)
+    kinds = ["click", "like", "comment", "impression", "hate", "long_view", "forward"]
+    events = [_eng(i, rng.choice(kinds), NOW - rng.uniform(0, 2 * 86400), user=rng.randrange(5),
+                   post=rng.randrange(4), author=100 + rng.randrange(2)) for i in range(300)]
+    # authors are per post in reality; keep post -> author consistent
+    events = [e.model_copy(update={"author_id": 100 + e.post_id % 2}) for e in events]
+    proc = _proc(redis_client, RedisStreamsBus(redis_client))
+    for e in events:  # random arrival order
+        proc.apply(e)
+    reader = rt.RealtimeFeatureReader(redis_client)
+    later = NOW + 3 * 3600
+    posts = reader.decayed_scores(range(4), later)
+    authors = reader.decayed_scores([100, 101], later, entity="author")
+    for p in range(4):
+        assert posts[p] == pytest.approx(_closed_score(events, later, lambda e: e.post_id == p), rel=1e-9)
+    for a in (100, 101):
+        assert authors[a] == pytest.approx(_closed_score(events, later, lambda e: e.author_id == a), rel=1e-9)
+    assert reader.decayed_scores([99], later) == {99: 0.0}
+    with pytest.raises(ValueError, match="entity"):
+        reader.decayed_scores([1], later, entity="user")
+
+
+def test_crashed_consumer_entries_are_reclaimed_without_loss_or_double_count(redis_client):
+    rng = random.Random(5)
+    bus = RedisStreamsBus(redis_client)
+    events = [_eng(i, rng.choice(["click", "impression", "like"]), NOW - rng.uniform(0, 7200),
+                   post=rng.randrange(3)) for i in range(60)]
+    for e in events:
+        bus.publish("engagements", e)
+    bus.publish("engagements", PostCreatedEvent(event_id="pc", post_id=1, author_id=7, event_ts=_dt(NOW)))
+    # Consumer A reads 40 entries, writes the first 20 and crashes before acking anything.
+    crashed = _proc(redis_client, bus, name="A")
+    got = bus.consume("engagements", "feature-writer", "A", count=40)
+    for d in got[:20]:
+        crashed.apply(d.event)
+    assert _pending(redis_client) == 40
+    # Consumer B starts: reclaims A's 40 (only 20 still need a write), then reads the other 21.
+    b = _proc(redis_client, bus, name="B", reclaim_idle_ms=0)
+    applied = b.run_once(count=100)
+    assert applied + 20 == len(events)
+    assert b.stats["duplicate"] == 20
+    assert _pending(redis_client) == 0
+    got = rt.RealtimeFeatureReader(redis_client).post_window_counts(range(3), NOW)
+    for p in range(3):
+        assert got[p] == pytest.approx({**got[p], **_expected_windows(events, p, NOW)})
+        assert sum(got[p][rt.feature_name(k, "24h")] for k in ("click", "impression", "like")) == \
+            sum(1 for e in events if e.post_id == p)
+
+
+def test_failed_write_is_not_acked_and_is_applied_after_reclaim(redis_client):
+    bus = RedisStreamsBus(redis_client)
+    e = _eng("x1", "click", NOW - 10, post=42)
+    bus.publish("engagements", e)
+    redis_client.set(rt.post_counts_key(42), "not a hash")  # makes the script fail before any write
+    proc = _proc(redis_client, bus, name="A")
+    assert proc.run_once(count=10) == 0
+    assert proc.stats["failed"] == 1 and _pending(redis_client) == 1
+    assert not redis_client.exists(rt.seen_key("x1"))
+    assert not redis_client.exists(rt.post_score_key(42))  # nothing half-written
+    redis_client.delete(rt.post_counts_key(42))
+    b = _proc(redis_client, bus, name="B", reclaim_idle_ms=0)
+    assert b.run_once(count=10) == 1
+    assert _pending(redis_client) == 0
+    assert rt.RealtimeFeatureReader(redis_client).post_window_counts([42], NOW)[42]["rt_clicks_5m"] == 1
+
+
+def test_social_events_update_the_mixers_keys(redis_client):
+    bus = RedisStreamsBus(redis_client)
+    soc = [("s1", "follow", 7, NOW - 100), ("s2", "follow", 8, NOW - 90), ("s3", "block", 8, NOW - 50),
+           ("s4", "mute", 9, NOW - 40), ("s5", "follow", 10, NOW - 30), ("s6", "unfollow", 10, NOW - 20),
+           ("s7", "follow", 10, NOW - 25)]  # s7 arrives after the later unfollow: stale, ignored
+    for eid, action, author, ts in soc:
+        bus.publish("engagements", SocialGraphEvent(event_id=eid, action=action, user_id=1, author_id=author,
+                                                    event_ts=_dt(ts)))
+    bus.publish("engagements", _eng("h1", "hate", NOW - 5, author=11))
+    bus.publish("engagements", _eng("f1", "follow", NOW - 4, author=12))
+    proc = _proc(redis_client, bus)
+    proc.run_once(count=100)
+    members = lambda k: {int(m) for m in redis_client.smembers(k)}  # noqa: E731
+    assert members(index_keys.follows(1)) == {7, 12}
+    assert members(rt.blocked_authors_key(1)) == {8}
+    assert members(rt.muted_authors_key(1)) == {9}
+    assert members(index_keys.hated_authors(1)) == {11}
+    assert proc.stats["stale"] == 1 and _pending(redis_client) == 0
+
+
+def test_user_recent_is_capped_and_run_stops_on_event(redis_client):
+    bus = RedisStreamsBus(redis_client)
+    for i in range(55):
+        bus.publish("engagements", _eng(f"r{i}", "click", NOW - 1000 + i, post=1000 + i, author=i % 60))
+    bus.publish("engagements", _eng("imp", "impression", NOW, post=5000, author=77))  # not an engagement
+    proc = _proc(redis_client, bus)
+    stop = threading.Event()
+    t = threading.Thread(target=proc.run, args=(stop,), kwargs={"count": 20, "block_ms": 50})
+    t.start()
+    try:
+        for _ in range(100):
+            if proc.stats["applied"] == 56:
+                break
+            stop.wait(0.05)
+    finally:
+        stop.set()
+        t.join(timeout=5)
+    assert not t.is_alive() and proc.stats["applied"] == 56
+    posts, authors = rt.RealtimeFeatureReader(redis_client).user_recent(1)
+    assert posts == [1000 + i for i in range(54, 4, -1)]
+    assert len(authors) == 50 and authors[0] == 54 and 77 not in authors
