@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from home_mixer.state import DEFAULT_DATA_DIR, StateDir
+from home_mixer.state import DEFAULT_DATA_DIR, StateDir, state_from_cli
 
 
 class UsageError(ValueError):
@@ -20,9 +20,7 @@ class UsageError(ValueError):
 
 
 def _state(args) -> StateDir:
-    if args.state:
-        os.environ["HOME_MIXER_STATE"] = str(Path(args.state).resolve())
-    return StateDir.from_env().ensure()
+    return state_from_cli(args.state)
 
 
 def cmd_demo(args) -> int:

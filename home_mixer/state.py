@@ -15,6 +15,17 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = Path(os.environ.get("HOME_MIXER_DATA", PROJECT_ROOT.parent / "shared" / "data" / "kuairand-pure"))
 
 
+def state_from_cli(root: str | None) -> "StateDir":
+    """The state folder a command was given (``--state``), else the environment's; created.
+
+    A given folder is also exported as ``HOME_MIXER_STATE`` so child processes (mixer, servers)
+    and the Feast repository see the same one.
+    """
+    if root:
+        os.environ["HOME_MIXER_STATE"] = str(Path(root).resolve())
+    return StateDir.from_env().ensure()
+
+
 @dataclass(frozen=True)
 class StateDir:
     """Paths inside one state folder. Creating the object creates nothing; ``ensure()`` does."""

@@ -31,15 +31,14 @@ from pipelines.streaming.events import EngagementEvent, SocialGraphEvent
 
 log = logging.getLogger(__name__)
 
-# KEYS: 1 seen, 2 counts, 3 meta, 4 post score, 5 author score, 6 user posts, 7 user authors,
-#       8 hated authors, 9 follows, 10 social ts
-# ARGV: 1 seen ttl, 2 kind, 3 bucket start, 4 event ts, 5 write ts, 6 weight, 7 half-life,
-#       8 counts ttl, 9 score ttl, 10 recent cap, 11 post id, 12 author id, 13 positive (0/1),
-#       14 retention s, 15 bucket s
-_ENGAGEMENT_LUA = r"""
--- Every check that can fail runs before the first write: a Lua script is not rolled back on an
--- error, so a failure must leave nothing (not even the seen marker) and the entry stays pending.
-local want = {'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'zset', 'set', 'set', 'hash'}
+def _guarded_once(key_types: str) -> str:
+    """Lua prelude shared by the scripts: check every KEYS[i] has the type named at position i
+    (or does not exist) before any write, since a Lua script is not rolled back on an error and a
+    failure must leave nothing behind, not even the seen marker (the entry then stays pending);
+    then return 0 if KEYS[1], the event's seen marker, exists, else set it with TTL ARGV[1]."""
+    want = ", ".join(f"'{t}'" for t in key_types.split())
+    return f"""
+local want = {{{want}}}
 for i, t in ipairs(want) do
   local got = redis.call('TYPE', KEYS[i])['ok']
   if got ~= 'none' and got ~= t then
@@ -48,6 +47,15 @@ for i, t in ipairs(want) do
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
+"""
+
+
+# KEYS: 1 seen, 2 counts, 3 meta, 4 post score, 5 author score, 6 user posts, 7 user authors,
+#       8 hated authors, 9 follows, 10 social ts
+# ARGV: 1 seen ttl, 2 kind, 3 bucket start, 4 event ts, 5 write ts, 6 weight, 7 half-life,
+#       8 counts ttl, 9 score ttl, 10 recent cap, 11 post id, 12 author id, 13 positive (0/1),
+#       14 retention s, 15 bucket s
+_ENGAGEMENT_LUA = _guarded_once("string hash hash hash hash zset zset set set hash") + r"""
 local kind = ARGV[2]
 local bucket = tonumber(ARGV[3])
 local ets = tonumber(ARGV[4])
@@ -113,16 +121,7 @@ return 1
 # KEYS: 1 seen, 2 social ts, 3 follows, 4 blocked, 5 muted; ARGV: 1 seen ttl, 2 action, 3 author, 4 event ts
 # An older action than the last applied one of the same family (follow/unfollow, block, mute) for
 # the pair is stale (arrived out of order) and ignored; a block also counts as the latest follow action.
-_SOCIAL_LUA = r"""
-local want = {'string', 'hash', 'set', 'set', 'set'}
-for i, t in ipairs(want) do
-  local got = redis.call('TYPE', KEYS[i])['ok']
-  if got ~= 'none' and got ~= t then
-    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' is a ' .. got .. ', expected ' .. t)
-  end
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
+_SOCIAL_LUA = _guarded_once("string hash set set set") + r"""
 local action, author, ets = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local family = action
 if action == 'unfollow' then family = 'follow' end

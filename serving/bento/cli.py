@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from home_mixer.state import StateDir
+from home_mixer.state import StateDir, state_from_cli
 
 
 def _state(args) -> StateDir:
-    root = getattr(args, "state", None)
-    return (StateDir(Path(root).resolve()) if root else StateDir.from_env()).ensure()
+    return state_from_cli(getattr(args, "state", None))
 
 
 def cmd_serve_bentoml(args) -> int:

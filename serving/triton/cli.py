@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from home_mixer.schema import CHAMPION_ALIAS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
-from home_mixer.state import StateDir
+from home_mixer.state import StateDir, state_from_cli
 
 MODEL_NAMES = {"light": LIGHT_RANKER_NAME, "heavy": HEAVY_RANKER_NAME}
 _USER_ERRORS = {"TritonNotInstalledError", "ServiceError", "RankerNotFoundError", "ExportError",
@@ -27,8 +27,7 @@ _USER_ERRORS = {"TritonNotInstalledError", "ServiceError", "RankerNotFoundError"
 
 
 def _state(args) -> StateDir:
-    root = getattr(args, "state", None)
-    return (StateDir(Path(root).resolve()) if root else StateDir.from_env()).ensure()
+    return state_from_cli(getattr(args, "state", None))
 
 
 def _guarded(func):
