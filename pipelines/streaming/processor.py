@@ -51,11 +51,12 @@ redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
 
 
 # KEYS: 1 seen, 2 counts, 3 meta, 4 post score, 5 author score, 6 user posts, 7 user authors,
-#       8 hated authors, 9 follows, 10 social ts
+#       8 hated authors, 9 follows, 10 social ts, 11 post meta (candidate index), 12 trending posts,
+#       13 trending tags, 14 coverage
 # ARGV: 1 seen ttl, 2 kind, 3 bucket start, 4 event ts, 5 write ts, 6 weight, 7 half-life,
 #       8 counts ttl, 9 score ttl, 10 recent cap, 11 post id, 12 author id, 13 positive (0/1),
-#       14 retention s, 15 bucket s
-_ENGAGEMENT_LUA = _guarded_once("string hash hash hash hash zset zset set set hash") + r"""
+#       14 retention s, 15 bucket s, 16 trending half-life, 17 trending cap
+_ENGAGEMENT_LUA = _guarded_once("string hash hash hash hash zset zset set set hash hash zset zset hash") + r"""
 local kind = ARGV[2]
 local bucket = tonumber(ARGV[3])
 local ets = tonumber(ARGV[4])
@@ -94,9 +95,31 @@ local function decayed_add(key)
   redis.call('HSET', key, 'v', string.format('%.17g', v), 't', string.format('%.17g', t))
   redis.call('EXPIRE', key, ARGV[9])
 end
-if w ~= 0 then
+local since = redis.call('HGET', KEYS[14], 'since')
+if (not since) or tonumber(since) > ets then redis.call('HSET', KEYS[14], 'since', ARGV[4]) end
+-- forward decay in log2 space: score = log2(sum_i w_i 2^(t_i / half)), summed with log-sum-exp
+local function trending_add(key, member, x)
+  local cur = redis.call('ZSCORE', key, member)
+  if cur then
+    cur = tonumber(cur)
+    local hi, lo = math.max(cur, x), math.min(cur, x)
+    x = hi + math.log(1 + math.pow(2, lo - hi)) / math.log(2)
+  end
+  redis.call('ZADD', key, string.format('%.17g', x), member)
+  redis.call('ZREMRANGEBYRANK', key, 0, -(tonumber(ARGV[17]) + 1))
+end
+if w > 0 then
   decayed_add(KEYS[4])
   decayed_add(KEYS[5])
+  local x = math.log(w) / math.log(2) + ets / tonumber(ARGV[16])
+  trending_add(KEYS[12], ARGV[11], x)
+  local meta = redis.call('HGET', KEYS[11], ARGV[11])
+  if meta then
+    local tags = string.match(meta, '|([%d,]*)$')
+    if tags then
+      for tag in string.gmatch(tags, '%d+') do trending_add(KEYS[13], tag, x) end
+    end
+  end
 end
 if ARGV[13] == '1' then
   local cap = tonumber(ARGV[10])
@@ -185,10 +208,12 @@ class StreamProcessor:
             res = self._engagement(
                 keys=[rt.seen_key(event.event_id), rt.post_counts_key(p), rt.post_meta_key(p), rt.post_score_key(p),
                       rt.author_score_key(a), rt.user_recent_posts_key(u), rt.user_recent_authors_key(u),
-                      rt.hated_authors_key(u), rt.follows_key(u), rt.social_ts_key(u)],
+                      rt.hated_authors_key(u), rt.follows_key(u), rt.social_ts_key(u), rt.POST_META_KEY,
+                      rt.TRENDING_POSTS_KEY, rt.TRENDING_TAGS_KEY, rt.COVERAGE_KEY],
                 args=[self.seen_ttl_s, event.kind, rt.bucket_start(ets), f"{ets:.6f}", f"{write_ts:.6f}",
                       repr(rt.kind_weight(event.kind)), repr(rt.HALF_LIFE_S), rt.COUNTS_TTL_S, rt.SCORE_TTL_S,
-                      rt.RECENT_CAP, p, a, int(event.kind in POSITIVE_HEADS), rt.RETENTION_S, rt.BUCKET_S])
+                      rt.RECENT_CAP, p, a, int(event.kind in POSITIVE_HEADS), rt.RETENTION_S, rt.BUCKET_S,
+                      repr(rt.TRENDING_HALF_LIFE_S), rt.TRENDING_CAP])
         elif isinstance(event, SocialGraphEvent):
             ets = event.event_ts.timestamp()
             u = event.user_id

@@ -15,12 +15,23 @@ UTC (float, microsecond precision); ids are decimal strings.
 | ``hm:rt:social_ts:{user_id}`` | hash | ``{family}:{author_id}`` -> ts of the last applied social action |
 | ``hm:follows:{user_id}``, ``hm:hated_authors:{user_id}`` | set | the mixer's keys (``mixer/index_keys.py``) |
 | ``hm:blocked_authors:{user_id}``, ``hm:muted_authors:{user_id}`` | set | authors the user blocked / muted |
+| ``hm:rt:trending:posts`` / ``hm:rt:trending:tags`` | zset | post / tag -> log2 forward-decayed score (below) |
+| ``hm:rt:coverage`` | hash | ``since``: the earliest event time applied (the stream covers events from it on) |
 
 Decayed score (Twitter's real-time aggregates idea: exponentially decayed counts with a half-life):
 ``score(now) = sum_i w_i * 2 ** (-(now - t_i) / HALF_LIFE_S)`` with ``w_i`` =
 ``schema.ENGAGEMENT_EDGE_WEIGHTS[kind]`` (0 for impressions and hate). It is stored as one value
 ``v`` at time ``t`` (the newest event time), so one update is O(1) and out-of-order events still
 give the closed form.
+
+Trending score per post and per tag (tags from the candidate index's ``hm:post_meta``): the same
+decayed sum with a 1 h half-life, kept by *forward decay* (Cormode, Shkapenyuk, Srivastava, Xu,
+"Forward Decay: A Practical Time Decay Model for Streaming Systems", ICDE 2009): each event adds
+``w * 2 ** (t_i / h)``, a static weight, so the ranking by the stored sum is the ranking by decayed
+score at any common time and one ZSET serves "top trending now" without rescoring. The zset holds
+``log2`` of the sum (summed by log-sum-exp; ``t_i / h`` is ~4.6e5 today, far inside a double), and
+``score(now) = 2 ** (stored - now / h)``. It keeps the ``TRENDING_CAP`` highest members; a member
+trimmed and seen again restarts from its new events.
 """
 
 from __future__ import annotations
@@ -42,6 +53,12 @@ SCORE_TTL_S = 7 * 24 * 3600       # after 7 days of silence a score has decayed 
 SEEN_TTL_S = 7 * 24 * 3600        # a redelivery later than this would be applied again
 RECENT_CAP = 50                   # last N engaged posts / authors per user
 WINDOWS_S: dict[str, int] = {"5m": 300, "1h": 3600, "24h": 86400}
+TRENDING_HALF_LIFE_S = 3600.0     # trending reacts within the hour (the 6 h score is the slower signal)
+TRENDING_CAP = 10_000             # members kept per trending zset
+TRENDING_POSTS_KEY = "hm:rt:trending:posts"
+TRENDING_TAGS_KEY = "hm:rt:trending:tags"
+COVERAGE_KEY = "hm:rt:coverage"
+POST_META_KEY = index_keys.POST_META  # read for a post's tags
 
 
 def seen_key(event_id: str) -> str:
@@ -125,17 +142,19 @@ def bucket_start(ts_s: float, bucket_s: int = BUCKET_S) -> int:
 def window_buckets(now_s: float, window_s: int, bucket_s: int = BUCKET_S) -> tuple[int, int]:
     """Inclusive range ``(first, last)`` of bucket starts a window of ``window_s`` ending at ``now_s`` sums.
 
-    The window is bucket-aligned: the bucket holding ``now_s`` plus the ``window_s / bucket_s - 1``
-    before it (so "5m" is the current bucket, and a window covers up to one bucket less of the past
-    than its nominal length; buckets after ``now_s`` are excluded).
+    With ``c = ceil(now_s / bucket_s) * bucket_s`` the window is the buckets of ``[c - window_s, c)``:
+    at a bucket boundary (``now_s = c``) exactly the events in ``[now_s - window_s, now_s)``, the
+    batch definition of ``pipelines.features.content`` (so an hourly batch row stamped H equals the
+    stream's window at H); between boundaries it includes the current, partial bucket, so an event
+    counts from the moment it is written.
 
     Raises:
         ValueError: ``window_s`` is not a positive multiple of ``bucket_s``.
     """
     if window_s < bucket_s or window_s % bucket_s:
         raise ValueError(f"window_s={window_s} must be a positive multiple of bucket_s={bucket_s}")
-    last = bucket_start(now_s, bucket_s)
-    return last - window_s + bucket_s, last
+    end = -bucket_start(-now_s, bucket_s)  # ceil to the bucket grid
+    return end - window_s, end - bucket_s
 
 
 def sum_window_counts(counts: Mapping[str, float], now_s: float, windows_s: Mapping[str, int] = WINDOWS_S,
@@ -243,6 +262,25 @@ class RealtimeFeatureReader:
         pipe.zrevrange(user_recent_authors_key(user_id), 0, -1)
         posts, authors = pipe.execute()
         return [int(p) for p in posts], [int(a) for a in authors]
+
+    def trending(self, now_s: float, k: int = 100, entity: str = "post") -> list[tuple[int, float]]:
+        """The ``k`` top trending posts (``entity="post"``) or tags (``"tag"``) as ``[(id, score at
+        now_s)]``, best first; score = decayed weighted engagements (1 h half-life).
+
+        Raises:
+            ValueError: unknown ``entity`` or ``k < 1``.
+        """
+        key = {"post": TRENDING_POSTS_KEY, "tag": TRENDING_TAGS_KEY}.get(entity)
+        if key is None or k < 1:
+            raise ValueError(f"need entity 'post' or 'tag' and k >= 1, got {entity!r}, {k}")
+        rows = self.client.zrevrange(key, 0, k - 1, withscores=True)
+        return [(int(m), 2.0 ** (float(x) - now_s / TRENDING_HALF_LIFE_S)) for m, x in rows]
+
+    def coverage_since(self) -> float | None:
+        """Earliest event time (epoch s) the processor applied, i.e. the stream's windows are
+        complete from then on; ``None`` before the first event."""
+        v = self.client.hget(COVERAGE_KEY, "since")
+        return None if v is None else float(v)
 
     def post_meta(self, post_id: int) -> dict[str, float]:
         """``{"last_event_ts": s, "last_write_ts": s}`` (empty if the post has no events)."""

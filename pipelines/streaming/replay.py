@@ -7,8 +7,12 @@ Per log row, after ``pipelines.canonical.deduplicate_log`` and the author join o
 - one ``EngagementEvent`` per positive label (``schema.RAW_LABEL_COLUMNS`` -> ``schema.HEADS``),
 - one ``SocialGraphEvent`` ``action="follow"`` if ``is_follow == 1`` (unless user == author).
 
-``event_ts`` is the log time; event ids are ``f"{user_id}:{post_id}:{time_ms}:{kind}"`` (the follow
-edge: ``...:social_follow``) so a second replay of the same log is idempotent downstream.
+``event_ts``: with ``time_mode="live"`` (default) the wall-clock time the event is published, as a
+live producer would stamp it, so event->online lag and the mixer's windows (evaluated at wall time)
+mean what they mean in production; with ``time_mode="log"`` the row's log time (a backfill, or a
+comparison with the batch features of the same log). Event ids are
+``f"{user_id}:{post_id}:{log_time_ms}:{kind}"`` (the follow edge: ``...:social_follow``) in both
+modes, so a second replay of the same log is idempotent downstream.
 
 Pacing: ``speed`` log seconds per wall second (60 -> one log minute per wall second; ``0``/``None``
 -> as fast as possible). Each row is due at ``start + (t_row - t_first) / speed`` on a monotonic
@@ -26,7 +30,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -130,11 +134,12 @@ class ReplayRowsBuilder:
 class ReplayEventBuilder:
     """The events of one replay row, in publish order: impression, engagements, follow edge."""
 
-    def events(self, rows: ReplayRows, i: int) -> list[AnyEvent]:
-        """Events of row ``i`` (``event_ts`` = the row's log time, UTC). A follow of oneself
-        (user_id == author_id) yields the engagement event but no ``SocialGraphEvent``."""
+    def events(self, rows: ReplayRows, i: int, event_ts: datetime | None = None) -> list[AnyEvent]:
+        """Events of row ``i``, stamped ``event_ts`` (timezone-aware; default the row's log time,
+        UTC). A follow of oneself (user_id == author_id) yields the engagement event but no
+        ``SocialGraphEvent``."""
         u, p, a, ms = int(rows.user_id[i]), int(rows.post_id[i]), int(rows.author_id[i]), int(rows.time_ms[i])
-        ts = pd.Timestamp(ms, unit="ms", tz="UTC").to_pydatetime()
+        ts = event_ts or pd.Timestamp(ms, unit="ms", tz="UTC").to_pydatetime()
         out: list[AnyEvent] = [EngagementEvent(event_id=event_id(u, p, ms, "impression"), event_ts=ts,
                                                kind="impression", user_id=u, post_id=p, author_id=a)]
         for head in _HEADS:
@@ -247,14 +252,22 @@ class LogReplayer:
         social_topic: topic of the follow ``SocialGraphEvent``s (default: ``topic``, so a consumer
             sees one time-ordered stream).
         tick_s: pacing granularity in wall seconds (see ``ReplayPacer``).
+        time_mode: ``"live"`` stamps events with ``wall_clock()`` at publish, ``"log"`` with the log
+            time (module docstring).
+        wall_clock: epoch seconds for live stamps (injectable for tests).
 
     Raises:
-        ValueError: bad speed / tick_s (from ``ReplayPacer``).
+        ValueError: bad speed / tick_s (from ``ReplayPacer``) or an unknown ``time_mode``.
     """
 
     def __init__(self, bus: EventBus, topic: str = "engagements", speed: float | None = 60.0,
                  social_topic: str | None = None, tick_s: float = 0.05,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 time_mode: str = "live", wall_clock: Callable[[], float] = time.time):
+        if time_mode not in ("live", "log"):
+            raise ValueError(f"time_mode must be 'live' (stamp at publish) or 'log' (keep log times), got {time_mode!r}")
+        self.time_mode = time_mode
+        self.wall_clock = wall_clock
         self.bus = bus
         self.topic = topic
         self.social_topic = social_topic or topic
@@ -295,7 +308,9 @@ class LogReplayer:
         t_start = self.clock()
         for batch in self.pacer.batches(rows.time_ms):
             for i in range(batch.start, batch.stop):
-                for ev in self.event_builder.events(rows, i):
+                stamp = (datetime.fromtimestamp(self.wall_clock(), tz=timezone.utc)
+                         if self.time_mode == "live" else None)
+                for ev in self.event_builder.events(rows, i, stamp):
                     kind = ev.kind if isinstance(ev, EngagementEvent) else FOLLOW_ID_SUFFIX
                     self.bus.publish(self.topic if kind != FOLLOW_ID_SUFFIX else self.social_topic, ev)
                     stats.events_by_kind[kind] = stats.events_by_kind.get(kind, 0) + 1
@@ -321,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed", type=float, default=60.0, help="log seconds per wall second; 0 = as fast as possible")
     ap.add_argument("--redis-url", default=os.environ.get("HOME_MIXER_REDIS_URL", "redis://127.0.0.1:6379/0"))
     ap.add_argument("--topic", default="engagements")
+    ap.add_argument("--time", dest="time_mode", choices=("live", "log"), default="live",
+                    help="event time: live = wall clock at publish (default), log = the log's own time")
     ap.add_argument("--limit", type=int, default=None, help="replay only the first N rows")
     ap.add_argument("--start", default=None, help="ISO time with offset, inclusive")
     ap.add_argument("--end", default=None, help="ISO time with offset, exclusive")
@@ -332,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cannot reach Redis at {args.redis_url} ({exc}); start it or pass --redis-url", file=sys.stderr)
         return 2
     try:
-        replayer = LogReplayer(RedisStreamsBus(client), topic=args.topic, speed=args.speed)
+        replayer = LogReplayer(RedisStreamsBus(client), topic=args.topic, speed=args.speed,
+                               time_mode=args.time_mode)
         log, videos = load_replay_inputs(args.log, args.data_dir)
         with tqdm(unit="row", desc="replay") as bar:
             def set_total(n: int) -> None:  # known only after dedup / filters

@@ -35,7 +35,7 @@ def _expected_events(log, videos):
 def test_replay_real_log_slice_into_redis(redis_client, real_slice):
     log, videos = real_slice
     bus = RedisStreamsBus(redis_client)
-    stats = LogReplayer(bus, topic="engagements", speed=0).replay(log, videos)
+    stats = LogReplayer(bus, topic="engagements", speed=0, time_mode="log").replay(log, videos)
     n_rows, n_events = _expected_events(log, videos)
     assert stats.rows == n_rows and stats.events_published == n_events
     entries = redis_client.xrange(stream_key("engagements"))

@@ -202,3 +202,32 @@ def test_user_recent_is_capped_and_run_stops_on_event(redis_client):
     posts, authors = rt.RealtimeFeatureReader(redis_client).user_recent(1)
     assert posts == [1000 + i for i in range(54, 4, -1)]
     assert len(authors) == 50 and authors[0] == 54 and 77 not in authors
+
+
+def test_trending_posts_and_tags_match_the_closed_form_and_coverage_is_the_first_event(redis_client):
+    bus = RedisStreamsBus(redis_client)
+    redis_client.hset(index_keys.POST_META, mapping={
+        "10": index_keys.encode_post_meta(7, 0, [3, 5]), "11": index_keys.encode_post_meta(8, 0, [5]),
+        "12": index_keys.encode_post_meta(9, 0, [])})
+    rng = random.Random(11)
+    kinds = ["click", "like", "long_view", "impression", "hate", "follow"]
+    events = [_eng(f"t{i}", rng.choice(kinds), NOW - rng.uniform(0, 20_000), post=rng.choice([10, 11, 12, 13]))
+              for i in range(300)]
+    for e in events:
+        bus.publish("engagements", e)
+    assert _proc(redis_client, bus).run_once(count=500) > 0
+    reader = rt.RealtimeFeatureReader(redis_client)
+    half = rt.TRENDING_HALF_LIFE_S
+
+    def closed(keep):
+        return sum(rt.kind_weight(e.kind) * 2 ** (-(NOW - e.event_ts.timestamp()) / half) for e in events if keep(e))
+
+    posts = reader.trending(NOW, k=10)
+    want = {p: closed(lambda e, p=p: e.post_id == p) for p in (10, 11, 12, 13)}
+    assert [p for p, _ in posts] == sorted(want, key=want.get, reverse=True)
+    assert dict(posts) == pytest.approx(want, rel=1e-9)
+    tags = dict(reader.trending(NOW, k=10, entity="tag"))
+    assert tags == pytest.approx({3: want[10], 5: want[10] + want[11]}, rel=1e-9)  # post 13 has no meta
+    assert reader.coverage_since() == pytest.approx(min(e.event_ts.timestamp() for e in events), abs=1e-6)
+    with pytest.raises(ValueError, match="entity"):
+        reader.trending(NOW, entity="author")

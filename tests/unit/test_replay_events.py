@@ -57,7 +57,7 @@ def _expected_kinds(log, videos):
 def test_events_counts_ids_authors_follows(crafted):
     log, videos = crafted
     bus = RecordingBus()
-    stats = LogReplayer(bus, topic="eng", speed=0).replay(log, videos)
+    stats = LogReplayer(bus, topic="eng", speed=0, time_mode="log").replay(log, videos)
     assert stats.rows == 5 and stats.dropped_duplicates == 1 and stats.unknown_video_rows == 1
     assert stats.events_by_kind == _expected_kinds(log, videos)
     assert stats.events_published == len(bus.published) == sum(stats.events_by_kind.values())
@@ -80,9 +80,24 @@ def test_events_counts_ids_authors_follows(crafted):
 def test_replay_is_deterministic(crafted):
     log, videos = crafted
     a, b = RecordingBus(), RecordingBus()
-    LogReplayer(a, speed=0).replay(log, videos)
-    LogReplayer(b, speed=0).replay(log, videos)
+    LogReplayer(a, speed=0, time_mode="log").replay(log, videos)
+    LogReplayer(b, speed=0, time_mode="log").replay(log, videos)
     assert [e.model_dump_json() for _, e in a.published] == [e.model_dump_json() for _, e in b.published]
+
+
+def test_live_mode_stamps_publish_time_and_keeps_log_ids(crafted):
+    log, videos = crafted
+    ticks = iter(range(1_800_000_000, 1_800_000_100))
+    live, logged = RecordingBus(), RecordingBus()
+    LogReplayer(live, speed=0, wall_clock=lambda: float(next(ticks))).replay(log, videos)
+    LogReplayer(logged, speed=0, time_mode="log").replay(log, videos)
+    assert [e.event_id for _, e in live.published] == [e.event_id for _, e in logged.published]
+    stamps = [e.event_ts.timestamp() for _, e in live.published]
+    assert stamps == sorted(stamps) and stamps[0] == 1_800_000_000
+    # one stamp per log row: a row's impression, engagements and follow share it
+    assert len(set(stamps)) == 5
+    with pytest.raises(ValueError, match="time_mode"):
+        LogReplayer(live, time_mode="wall")
 
 
 def test_social_topic_separate(crafted):

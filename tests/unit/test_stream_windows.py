@@ -25,6 +25,15 @@ def test_window_buckets_are_aligned_and_end_at_now_bucket():
         rt.window_buckets(now, 450)
 
 
+def test_window_at_a_bucket_boundary_is_the_batch_window_before_it():
+    # At H:00 the 1 h window is [H-1h, H): the bucket starting at H is not in it (batch rule).
+    h = 3600 * 10
+    assert rt.window_buckets(h, 3600) == (h - 3600, h - 300)
+    counts = {f"click:{h}": 5, f"click:{h - 300}": 2, f"click:{h - 3600}": 1, f"click:{h - 3900}": 7}
+    assert rt.sum_window_counts(counts, h)["rt_clicks_1h"] == 3
+    assert rt.sum_window_counts(counts, h + 0.001)["rt_clicks_1h"] == 7  # now in bucket h: [h-55m, h+5m)
+
+
 def test_sum_window_counts_against_brute_force():
     rng = random.Random(3)
     now = 1_651_406_400 + 177.0
