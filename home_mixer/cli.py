@@ -201,11 +201,10 @@ def cmd_stream(args) -> int:
     if args.action == "replay":
         from pipelines.streaming.replay import main as replay_main
 
-        argv = ["--redis-url", url, "--speed", str(args.speed)]
-        if args.log:
-            argv += ["--log", args.log]
-        if args.limit:
-            argv += ["--limit", str(args.limit)]
+        argv = ["--redis-url", url, "--speed", str(args.speed), "--time", args.time]
+        for flag in ("log", "limit", "start", "end"):
+            if getattr(args, flag):
+                argv += [f"--{flag}", str(getattr(args, flag))]
         return replay_main(argv)
     import signal
     import threading
@@ -216,14 +215,26 @@ def cmd_stream(args) -> int:
     from pipelines.streaming.processor import StreamProcessor
 
     client = redis.Redis.from_url(url)
-    processor = StreamProcessor(client, RedisStreamsBus(client))
+    processor = StreamProcessor(client, RedisStreamsBus(client), consumer=args.consumer,
+                                reclaim_idle_ms=args.reclaim_idle_ms)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"stream processor consuming {url} (Ctrl-C stops)", flush=True)
+    server = None
+    if args.metrics_port is not None:
+        try:
+            server, _ = processor.metrics.serve(args.metrics_port)
+        except OSError as exc:
+            print(f"cannot serve metrics on 127.0.0.1:{args.metrics_port} ({exc}); pick another --metrics-port",
+                  file=sys.stderr)
+            return 2
+        print(f"metrics on http://127.0.0.1:{server.server_port}/metrics", flush=True)
+    print(f"stream processor {processor.consumer} consuming {url} (Ctrl-C stops)", flush=True)
     applied = processor.run(stop)
     p50, p99 = processor.lag_percentiles()
     print(f"applied {applied} events; event->online lag p50 {p50:.3f} s, p99 {p99:.3f} s; {dict(processor.stats)}")
+    if server is not None:
+        server.shutdown()
     client.close()
     return 0
 
@@ -320,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--log", help="replay: impression log CSV (default: the shared KuaiRand log)")
     st.add_argument("--speed", type=float, default=60.0, help="replay: log seconds per wall second (0 = max)")
     st.add_argument("--limit", type=int, help="replay: first N log rows only")
+    st.add_argument("--start", help="replay: first log time, ISO 8601 with offset (inclusive)")
+    st.add_argument("--end", help="replay: last log time, ISO 8601 with offset (exclusive)")
+    st.add_argument("--time", choices=("live", "log"), default="live",
+                    help="replay: stamp events with the wall clock at publish (live) or keep log times (log)")
+    st.add_argument("--metrics-port", type=int, help="run: serve Prometheus /metrics on this port (0 = any free)")
+    st.add_argument("--consumer", help="run: consumer name in the group (default <host>-<pid>)")
+    st.add_argument("--reclaim-idle-ms", type=int, default=30_000,
+                    help="run: take over entries another consumer left pending this long (ms)")
     st.set_defaults(func=cmd_stream)
 
     c = sub.add_parser("clean", help="stop services and remove the state folder")

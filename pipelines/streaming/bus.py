@@ -91,6 +91,17 @@ class DeadLetter:
     fields: dict[bytes, bytes]
 
 
+@dataclass(frozen=True)
+class Backlog:
+    """Consumer lag of one group on one topic: ``lag`` entries not yet delivered to the group
+    (``None`` if unknown), ``pending`` delivered but not acknowledged, ``dead_letters`` entries in
+    the topic's dead-letter stream (all groups)."""
+
+    lag: int | None
+    pending: int
+    dead_letters: int
+
+
 @runtime_checkable
 class EventBus(Protocol):
     """The bus every producer and consumer uses; implementations: ``RedisStreamsBus``."""
@@ -104,6 +115,12 @@ class EventBus(Protocol):
 
     def ack(self, delivery: Delivery) -> None:
         """Mark ``delivery`` processed for its group (call after the feature write)."""
+
+    def ack_many(self, deliveries: list[Delivery]) -> None:
+        """``ack`` of several deliveries (any topics / groups) in as few calls as the broker allows."""
+
+    def backlog(self, topic: str, group: str) -> "Backlog":
+        """How far ``group`` is behind on ``topic`` (consumer lag), for monitoring."""
 
     def reclaim(self, topic: str, group: str, consumer: str, min_idle_ms: int,
                 count: int = 100) -> list[Delivery]:
@@ -197,6 +214,33 @@ class RedisStreamsBus:
     def ack(self, delivery: Delivery) -> None:
         """XACK the delivery's id for its group."""
         self.client.xack(stream_key(delivery.topic), delivery.group, delivery.id)
+
+    def ack_many(self, deliveries: list[Delivery]) -> None:
+        """One XACK per (topic, group) for all their ids."""
+        by_group: dict[tuple[str, str], list[str]] = {}
+        for d in deliveries:
+            by_group.setdefault((d.topic, d.group), []).append(d.id)
+        for (topic, group), ids in by_group.items():
+            self.client.xack(stream_key(topic), group, *ids)
+
+    def backlog(self, topic: str, group: str) -> "Backlog":
+        """``Backlog`` of ``group`` on ``topic`` from XINFO GROUPS (``lag`` needs Redis >= 7.0; it is
+        ``None`` when Redis cannot compute it, e.g. after entries were deleted mid-stream) and the
+        dead-letter stream's length. A group not created yet is behind by what it will read first:
+        the whole stream (``group_start_id="0"``) or nothing (``"$"``)."""
+        key = stream_key(topic)
+        try:
+            groups = self.client.xinfo_groups(key)
+        except redis.ResponseError:  # no such stream yet
+            groups = []
+        lag = int(self.client.xlen(key)) if self.group_start_id == "0" else 0
+        pending = 0
+        for g in groups:
+            if _s(g["name"]) == group:
+                lag = g.get("lag")
+                lag = None if lag is None else int(lag)
+                pending = int(g["pending"])
+        return Backlog(lag=lag, pending=pending, dead_letters=int(self.client.xlen(dead_letter_key(topic))))
 
     def reclaim(self, topic: str, group: str, consumer: str, min_idle_ms: int,
                 count: int = 100) -> list[Delivery]:

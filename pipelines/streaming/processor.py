@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import socket
 import threading
@@ -28,6 +29,7 @@ from home_mixer.schema import POSITIVE_HEADS
 from pipelines.streaming import realtime_features as rt
 from pipelines.streaming.bus import Delivery, EventBus
 from pipelines.streaming.events import EngagementEvent, SocialGraphEvent
+from pipelines.streaming.metrics import StreamMetrics
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +171,9 @@ return 1
 class StreamProcessor:
     """Consumes ``topic`` as ``consumer`` of ``group`` and writes real-time features.
 
+    A batch of deliveries is written in one pipelined round trip (one Lua call per event, each
+    atomic on its own) and acknowledged with one XACK for the events whose write succeeded.
+
     Args:
         client: ``redis.Redis`` of the online store (any ``decode_responses``).
         bus: the event bus (``RedisStreamsBus``).
@@ -179,33 +184,40 @@ class StreamProcessor:
         seen_ttl_s: lifetime of the idempotency marker (s); a redelivery later than this is applied again.
         clock: wall clock (epoch s) for write times and lag; injectable for tests.
         lag_window: how many recent lags ``lag_percentiles`` keeps.
+        metrics: where to export Prometheus metrics (``StreamMetrics``; default a private registry).
+        backlog_every_s: ``run`` refreshes the consumer-lag gauges this often.
+
+    Raises:
+        ValueError: a negative ``reclaim_idle_ms`` or a non-positive ttl / window.
     """
 
     def __init__(self, client: redis.Redis, bus: EventBus, topic: str = "engagements",
                  group: str = "feature-writer", consumer: str | None = None, reclaim_idle_ms: int = 30_000,
                  reclaim_every_s: float = 30.0, seen_ttl_s: int = rt.SEEN_TTL_S,
-                 clock: Callable[[], float] = time.time, lag_window: int = 10_000):
+                 clock: Callable[[], float] = time.time, lag_window: int = 10_000,
+                 metrics: StreamMetrics | None = None, backlog_every_s: float = 1.0):
         if reclaim_idle_ms < 0 or seen_ttl_s < 1 or lag_window < 1:
             raise ValueError("need reclaim_idle_ms >= 0, seen_ttl_s >= 1, lag_window >= 1")
         self.client, self.bus, self.topic, self.group = client, bus, topic, group
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.reclaim_idle_ms, self.reclaim_every_s, self.seen_ttl_s = reclaim_idle_ms, reclaim_every_s, seen_ttl_s
         self.clock = clock
+        self.metrics = metrics or StreamMetrics()
+        self.backlog_every_s = backlog_every_s
         self._engagement = client.register_script(_ENGAGEMENT_LUA)
         self._social = client.register_script(_SOCIAL_LUA)
         self._lags: collections.deque[float] = collections.deque(maxlen=lag_window)
         self._last_reclaim: float | None = None
+        self._last_backlog = -math.inf
         self.stats = collections.Counter()  # applied, duplicate, stale, skipped, failed
 
-    # ---- applying one event ----
-    def apply(self, event) -> bool:
-        """Write one event's features atomically; ``True`` if applied now, ``False`` if it was a
-        duplicate (already applied) or needs no write. Raises ``redis.RedisError`` on a failed write."""
-        write_ts = self.clock()
+    # ---- applying events ----
+    def _call(self, event, write_ts: float, client) -> bool:
+        """Queue (on a pipeline) or run the event's script; False if the event needs no write."""
+        ets = event.event_ts.timestamp() if hasattr(event, "event_ts") else 0.0
         if isinstance(event, EngagementEvent):
-            ets = event.event_ts.timestamp()
             u, p, a = event.user_id, event.post_id, event.author_id
-            res = self._engagement(
+            self._engagement(
                 keys=[rt.seen_key(event.event_id), rt.post_counts_key(p), rt.post_meta_key(p), rt.post_score_key(p),
                       rt.author_score_key(a), rt.user_recent_posts_key(u), rt.user_recent_authors_key(u),
                       rt.hated_authors_key(u), rt.follows_key(u), rt.social_ts_key(u), rt.POST_META_KEY,
@@ -213,39 +225,79 @@ class StreamProcessor:
                 args=[self.seen_ttl_s, event.kind, rt.bucket_start(ets), f"{ets:.6f}", f"{write_ts:.6f}",
                       repr(rt.kind_weight(event.kind)), repr(rt.HALF_LIFE_S), rt.COUNTS_TTL_S, rt.SCORE_TTL_S,
                       rt.RECENT_CAP, p, a, int(event.kind in POSITIVE_HEADS), rt.RETENTION_S, rt.BUCKET_S,
-                      repr(rt.TRENDING_HALF_LIFE_S), rt.TRENDING_CAP])
-        elif isinstance(event, SocialGraphEvent):
-            ets = event.event_ts.timestamp()
+                      repr(rt.TRENDING_HALF_LIFE_S), rt.TRENDING_CAP],
+                client=client)
+            return True
+        if isinstance(event, SocialGraphEvent):
             u = event.user_id
-            res = self._social(
+            self._social(
                 keys=[rt.seen_key(event.event_id), rt.social_ts_key(u), rt.follows_key(u),
                       rt.blocked_authors_key(u), rt.muted_authors_key(u)],
-                args=[self.seen_ttl_s, event.action, event.author_id, f"{ets:.6f}"])
-        else:
-            self.stats["skipped"] += 1
-            return False
-        res = int(res)
-        if res == 0:
-            self.stats["duplicate"] += 1
-            return False
-        self.stats["applied" if res == 1 else "stale"] += 1
-        self._lags.append(write_ts - ets)
-        return res == 1
+                args=[self.seen_ttl_s, event.action, event.author_id, f"{ets:.6f}"],
+                client=client)
+            return True
+        return False
+
+    def _record(self, outcome: str, event=None, write_ts: float = 0.0) -> None:
+        self.stats[outcome] += 1
+        self.metrics.events.labels(topic=self.topic, outcome=outcome).inc()
+        if outcome == "applied":
+            lag = write_ts - event.event_ts.timestamp()
+            self._lags.append(lag)
+            self.metrics.lag.labels(topic=self.topic).observe(max(lag, 0.0))
+
+    def apply(self, event) -> bool:
+        """Write one event's features atomically; ``True`` if applied now, ``False`` if it was a
+        duplicate (already applied) or needs no write. Raises ``redis.RedisError`` on a failed write."""
+        return self.apply_many([event])[0]
+
+    def apply_many(self, events: list) -> list[bool | Exception]:
+        """Write several events in one pipelined round trip (each event's script is atomic).
+
+        Returns per event ``True`` (applied now), ``False`` (duplicate, stale or no write needed) or
+        the ``redis.RedisError`` its write raised (nothing of that event was written).
+
+        Raises:
+            redis.RedisError: the round trip itself failed (connection lost): events before the
+                failure may have been applied, which is safe since a retry is idempotent.
+        """
+        write_ts = self.clock()
+        pipe = self.client.pipeline(transaction=False)
+        queued = [self._call(e, write_ts, pipe) for e in events]
+        results = iter(pipe.execute(raise_on_error=False) if any(queued) else [])
+        out: list[bool | Exception] = []
+        for event, q in zip(events, queued):
+            if not q:
+                self._record("skipped")
+                out.append(False)
+                continue
+            res = next(results)
+            if isinstance(res, Exception):
+                self._record("failed")
+                out.append(res)
+                continue
+            outcome = {0: "duplicate", 1: "applied"}.get(int(res), "stale")
+            self._record(outcome, event, write_ts)
+            out.append(outcome == "applied")
+        return out
 
     # ---- consuming ----
     def _process(self, deliveries: list[Delivery]) -> int:
-        applied = 0
-        for d in deliveries:
-            try:
-                applied += self.apply(d.event)
-            except redis.RedisError as exc:
+        if not deliveries:
+            return 0
+        results = self.apply_many([d.event for d in deliveries])
+        done = []
+        for d, res in zip(deliveries, results):
+            if isinstance(res, Exception):
                 # No ack: the entry stays pending and is reclaimed later (or dead-lettered after
                 # max_deliveries by the bus).
-                self.stats["failed"] += 1
-                log.warning("write failed for %s %s: %s; left pending", self.topic, d.id, exc)
-                continue
-            self.bus.ack(d)
-        return applied
+                log.warning("write failed for %s %s: %s; left pending", self.topic, d.id, res)
+            else:
+                done.append(d)
+        if done:
+            self.bus.ack_many(done)
+        self._publish_lag()
+        return sum(r is True for r in results)
 
     def reclaim(self, count: int = 100) -> int:
         """Take over and apply entries of the group pending >= ``reclaim_idle_ms``; returns events applied."""
@@ -268,8 +320,11 @@ class StreamProcessor:
         applied = 0
         if self._last_reclaim is None or self.clock() - self._last_reclaim >= self.reclaim_every_s:
             applied += self.reclaim(count)
-        return applied + self._process(
+        applied += self._process(
             self.bus.consume(self.topic, self.group, self.consumer, count=count, block_ms=block_ms))
+        if time.monotonic() - self._last_backlog >= self.backlog_every_s:
+            self.refresh_backlog()
+        return applied
 
     def run(self, stop_event: threading.Event, count: int = 100, block_ms: int = 1000) -> int:
         """Loop ``run_once`` until ``stop_event`` is set (checked at least every ``block_ms`` ms);
@@ -282,6 +337,22 @@ class StreamProcessor:
                 log.warning("stream processor: %s; retrying", exc)
                 stop_event.wait(1.0)
         return total
+
+    def refresh_backlog(self):
+        """Read the group's backlog from the bus into the consumer-lag gauges; returns the ``Backlog``."""
+        self._last_backlog = time.monotonic()
+        b = self.bus.backlog(self.topic, self.group)
+        self.metrics.consumer_lag.labels(topic=self.topic, group=self.group).set(
+            math.nan if b.lag is None else b.lag)
+        self.metrics.pending.labels(topic=self.topic, group=self.group).set(b.pending)
+        self.metrics.dead_letters.labels(topic=self.topic).set(b.dead_letters)
+        return b
+
+    def _publish_lag(self) -> None:
+        p50, p99 = self.lag_percentiles()
+        if not math.isnan(p50):
+            self.metrics.lag_p50.labels(topic=self.topic).set(p50)
+            self.metrics.lag_p99.labels(topic=self.topic).set(p99)
 
     def lag_percentiles(self) -> tuple[float, float]:
         """``(p50, p99)`` of event-time -> write-time lag (s) over the last ``lag_window`` applied

@@ -231,3 +231,38 @@ def test_trending_posts_and_tags_match_the_closed_form_and_coverage_is_the_first
     assert reader.coverage_since() == pytest.approx(min(e.event_ts.timestamp() for e in events), abs=1e-6)
     with pytest.raises(ValueError, match="entity"):
         reader.trending(NOW, entity="author")
+
+
+def test_metrics_export_lag_outcomes_and_consumer_backlog(redis_client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    bus = RedisStreamsBus(redis_client)
+    events = [_eng(f"m{i}", "click", NOW - 10 * i) for i in range(30)]
+    for e in events:
+        bus.publish("engagements", e)
+    bus.publish("engagements", events[0])  # a redelivered duplicate
+    proc = _proc(redis_client, bus)
+    assert proc.refresh_backlog().lag == 31  # nothing delivered yet
+    proc.run_once(count=20)
+    b = proc.refresh_backlog()
+    assert (b.lag, b.pending, b.dead_letters) == (11, 0, 0)
+    proc.run_once(count=20)
+    proc.refresh_backlog()
+
+    def samples():
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(proc.metrics.render().decode()) for s in fam.samples}
+
+    got = samples()
+    topic = (("topic", "engagements"),)
+    assert got[("hm_stream_events_total", (("outcome", "applied"), *topic))] == 30
+    assert got[("hm_stream_events_total", (("outcome", "duplicate"), *topic))] == 1
+    assert got[("hm_stream_event_to_online_seconds_count", topic)] == 30
+    # lag = write (NOW + 1) - event time, i.e. 1 s .. 291 s here
+    assert got[("hm_stream_event_to_online_seconds_sum", topic)] == pytest.approx(sum(1 + 10 * i for i in range(30)))
+    p50, p99 = proc.lag_percentiles()
+    assert got[("hm_stream_event_to_online_p50_seconds", topic)] == pytest.approx(p50) == pytest.approx(146.0)
+    assert got[("hm_stream_event_to_online_p99_seconds", topic)] == pytest.approx(p99)
+    group = (("group", "feature-writer"), *topic)
+    assert got[("hm_stream_consumer_lag_entries", group)] == 0
+    assert got[("hm_stream_pending_entries", group)] == 0
