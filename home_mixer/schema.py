@@ -82,6 +82,10 @@ class FeatureViewSpec:
 
 WINDOWS_HOURS: dict[str, int] = {"1h": 1, "24h": 24, "7d": 168}
 
+# Pseudo-impressions of the Bayesian-smoothed rates: rate = (k + prior * m) / (n + m), the
+# posterior mean of a rate under a Beta(prior * m, (1 - prior) * m) prior (pipelines/features/common.py).
+SMOOTHING_M = 10.0
+
 USER_VIEW = FeatureViewSpec(
     name="user_features",
     join_keys=("user_id",),

@@ -27,6 +27,7 @@ class Query:
         engaged_authors: author id -> engagement weight (RealGraph-style), strongest first.
         tag_interests: tag -> weight, strongest first.
         hated_authors: author ids whose posts the user marked with hate.
+        blocked_authors, muted_authors: author ids the user blocked / muted (stream processor).
         seen_posts: post ids with an impression in the log before the index cutoff.
         served_posts: post ids the mixer served within the served TTL.
     """
@@ -42,6 +43,8 @@ class Query:
     engaged_authors: dict[int, float] = field(default_factory=dict)
     tag_interests: dict[int, float] = field(default_factory=dict)
     hated_authors: frozenset[int] = frozenset()
+    blocked_authors: frozenset[int] = frozenset()
+    muted_authors: frozenset[int] = frozenset()
     seen_posts: frozenset[int] = frozenset()
     served_posts: frozenset[int] = frozenset()
 

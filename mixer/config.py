@@ -85,10 +85,23 @@ class TagInterestSourceSettings(_Strict):
     timeout_ms: float = Field(50, gt=0)
 
 
+class TrendingSourceSettings(_Strict):
+    enabled: bool = True
+    max_candidates: int = Field(200, ge=1)
+    timeout_ms: float = Field(50, gt=0)
+
+
 class CandidateSourceSettings(_Strict):
     in_network: InNetworkSourceSettings = InNetworkSourceSettings()
     popular: PopularSourceSettings = PopularSourceSettings()
     tag_interest: TagInterestSourceSettings = TagInterestSourceSettings()
+    trending: TrendingSourceSettings = TrendingSourceSettings()
+
+
+class RealtimeSettings(_Strict):
+    """Stream-processor features (``mixer/feature_hydrators/realtime.py``)."""
+
+    enabled: bool = True
 
 
 class RankingSettings(_Strict):
@@ -195,6 +208,7 @@ class MixerConfig(_Strict):
     served: ServedSettings = ServedSettings()
     experiment: ExperimentSettings
     clock: ClockSettings = ClockSettings()
+    realtime: RealtimeSettings = RealtimeSettings()
     source_pool_workers: int = Field(8, ge=1)
 
     def resolved_redis_url(self) -> str:

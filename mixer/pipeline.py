@@ -1,10 +1,13 @@
 """The home-timeline pipeline, declared top to bottom in one place.
 
     query hydration      UserContextQueryHydrator (Redis), ExperimentArmQueryHydrator (hash)
-    candidate sources    InNetwork, TagInterest, Popular - in parallel, per-source timeout, fail-open
+    candidate sources    InNetwork, TagInterest, Trending, Popular - in parallel, per-source timeout,
+                         fail-open
     candidate hydration  PostMetadataCandidateHydrator (author, created time, in-network)
-    filters              PreviouslySeen -> HatedAuthor -> MaxAge -> Duplicate (cheapest first)
-    feature hydration    FeastLayoutFeatureHydrator (or FeastSdkFeatureHydrator) + request features
+    filters              PreviouslySeen -> HatedAuthor -> BlockedMutedAuthor -> MaxAge -> Duplicate
+                         (cheapest first)
+    feature hydration    FeastLayoutFeatureHydrator (or FeastSdkFeatureHydrator) + request features,
+                         then RealtimeFeatureHydrator (fresh post counts from the stream processor)
     light ranker         LightRankerScorer over all candidates
     top K                TopKSelector (heavy_ranker_top_k by light score)
     heavy ranker         HeavyRankerScorer: one probability per head
@@ -38,10 +41,18 @@ from mixer.candidate_sources import (
     PopularCandidateSource,
     SourceResult,
     TagInterestCandidateSource,
+    TrendingCandidateSource,
 )
 from mixer.config import MixerConfig
 from mixer.feature_hydrators.frame import empty_feature_frame
-from mixer.filters import DuplicateFilter, HatedAuthorFilter, MaxAgeFilter, PreviouslySeenFilter
+from mixer.feature_hydrators.realtime import RealtimeFeatureHydrator
+from mixer.filters import (
+    BlockedMutedAuthorFilter,
+    DuplicateFilter,
+    HatedAuthorFilter,
+    MaxAgeFilter,
+    PreviouslySeenFilter,
+)
 from mixer.metrics import MixerMetrics
 from mixer.query_hydrators import ExperimentArmQueryHydrator, UserContextQueryHydrator
 from mixer.scorers import HeavyRankerScorer, LightRankerScorer, RankerHandle
@@ -64,7 +75,8 @@ class TimelineResult:
         filtered: filter name -> candidates it removed.
         counts: retrieved, hydrated, after_filters, heavy_ranked, selected.
         model_versions: {"light_ranker": version, "heavy_ranker": version}.
-        degraded: stages that failed open (e.g. "feature_hydration" served with NaN features).
+        degraded: stages that failed open (e.g. "feature_hydration" served with NaN features,
+            "realtime_features" served with the batch values).
         scoring_paths: {"light_ranker": path, "heavy_ranker": path}, path one of "in_process",
             a remote backend ("triton_grpc", "triton_http", "bentoml") or "in_process_fallback".
     """
@@ -115,6 +127,7 @@ class HomeTimelinePipeline:
 
     def __init__(self, *, config: MixerConfig, query_hydrators, source_runner: ParallelSourceRunner,
                  candidate_hydrator, filters, feature_hydrator, light_ranker: LightRankerScorer,
+                 realtime_hydrator: RealtimeFeatureHydrator | None = None,
                  top_k: TopKSelector, heavy_ranker: HeavyRankerScorer, blender: WeightedSumBlender,
                  author_diversity: AuthorDiversitySelector, page: PageSelector, side_effects,
                  metrics_side_effect: RequestMetricsSideEffect, metrics: MixerMetrics):
@@ -124,6 +137,7 @@ class HomeTimelinePipeline:
         self.candidate_hydrator = candidate_hydrator
         self.filters = list(filters)
         self.feature_hydrator = feature_hydrator
+        self.realtime_hydrator = realtime_hydrator
         self.rankers = RankerSet(light_ranker, heavy_ranker)
         self.top_k = top_k
         self.blender = blender
@@ -206,6 +220,13 @@ class HomeTimelinePipeline:
             degraded.append("feature_hydration")
             features = empty_feature_frame().reindex(range(len(candidates)))
         clock.lap("feature_hydration")
+        if self.realtime_hydrator is not None:
+            try:
+                features = self.realtime_hydrator.hydrate(query, candidates, features)
+            except Exception as e:  # noqa: BLE001
+                log.warning("real-time features failed for user %s: %r; ranking with batch values", user_id, e)
+                degraded.append("realtime_features")
+            clock.lap("realtime_features")
 
         # 6. light ranker on all, keep top K, heavy ranker on those
         rankers = self.rankers  # one snapshot per request: versions cannot change mid-request
@@ -272,6 +293,8 @@ def build_pipeline(config: MixerConfig, *, client: redis.Redis, light: RankerHan
                                    src.tag_interest.timeout_ms),
         PopularCandidateSource(client, src.popular.max_candidates, src.popular.window, src.popular.timeout_ms),
     ]
+    if src.trending.enabled:  # before popular: a post both trending and popular is named trending
+        sources.insert(2, TrendingCandidateSource(client, src.trending.max_candidates, src.trending.timeout_ms))
     heavy_scorer = HeavyRankerScorer(heavy)
     pipeline = HomeTimelinePipeline(
         config=config,
@@ -279,9 +302,10 @@ def build_pipeline(config: MixerConfig, *, client: redis.Redis, light: RankerHan
                          ExperimentArmQueryHydrator(config.experiment)],
         source_runner=ParallelSourceRunner(sources, executor),
         candidate_hydrator=PostMetadataCandidateHydrator(client),
-        filters=[PreviouslySeenFilter(), HatedAuthorFilter(), MaxAgeFilter(config.filters.max_post_age_days),
-                 DuplicateFilter()],
+        filters=[PreviouslySeenFilter(), HatedAuthorFilter(), BlockedMutedAuthorFilter(),
+                 MaxAgeFilter(config.filters.max_post_age_days), DuplicateFilter()],
         feature_hydrator=feature_hydrator,
+        realtime_hydrator=RealtimeFeatureHydrator(client) if config.realtime.enabled else None,
         light_ranker=LightRankerScorer(light),
         top_k=TopKSelector(config.ranking.heavy_ranker_top_k),
         heavy_ranker=heavy_scorer,

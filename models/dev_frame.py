@@ -16,12 +16,11 @@ import numpy as np
 import pandas as pd
 
 from home_mixer.schema import (
-    ACTIVE_DEGREES, ENGAGEMENT_EDGE_WEIGHTS, HEADS, POSITIVE_HEADS, RAW_LABEL_COLUMNS, WINDOWS_HOURS,
+    ACTIVE_DEGREES, ENGAGEMENT_EDGE_WEIGHTS, HEADS, POSITIVE_HEADS, RAW_LABEL_COLUMNS, SMOOTHING_M, WINDOWS_HOURS,
 )
 from pipelines.request_features import LOCAL_UTC_OFFSET_HOURS, add_request_features
 
 from pipelines.raw import LOG_FILE
-SMOOTHING_M = 10.0  # pseudo-count of the Bayesian-smoothed rates (as schema.USER_VIEW says)
 _HOUR_MS = 3_600_000
 
 

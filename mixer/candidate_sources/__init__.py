@@ -5,8 +5,9 @@ from mixer.candidate_sources.in_network import InNetworkCandidateSource
 from mixer.candidate_sources.parallel_runner import ParallelSourceRunner
 from mixer.candidate_sources.popular import PopularCandidateSource
 from mixer.candidate_sources.tag_interest import TagInterestCandidateSource
+from mixer.candidate_sources.trending import TrendingCandidateSource
 
 __all__ = [
     "CandidateSource", "SourceResult", "InNetworkCandidateSource", "ParallelSourceRunner",
-    "PopularCandidateSource", "TagInterestCandidateSource",
+    "PopularCandidateSource", "TagInterestCandidateSource", "TrendingCandidateSource",
 ]

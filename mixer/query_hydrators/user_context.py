@@ -1,4 +1,4 @@
-"""User context from the Redis candidate index: follows, engaged authors, tags, hates, seen, served."""
+"""User context from Redis: follows, engaged authors, tags, hates, blocks, mutes, seen, served."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _ints(values) -> frozenset[int]:
 
 
 class UserContextQueryHydrator:
-    """Reads the user's graph and history in one Redis round trip (a pipeline of 6 reads).
+    """Reads the user's graph and history in one Redis round trip (a pipeline of 8 reads).
 
     Args:
         client: Redis holding the ``hm:`` index (``pipelines/candidate_index.py``).
@@ -39,8 +39,8 @@ class UserContextQueryHydrator:
         self.wall_clock = wall_clock
 
     def hydrate(self, query: Query) -> Query:
-        """Return ``query`` with follows, engaged_authors, tag_interests, hated_authors, seen_posts and
-        served_posts filled (empty for an unknown user: a cold start).
+        """Return ``query`` with follows, engaged_authors, tag_interests, hated_authors,
+        blocked_authors, muted_authors, seen_posts and served_posts filled (empty for an unknown user: a cold start).
 
         Raises:
             redis.RedisError: Redis is unreachable (the request cannot be personalised; the API
@@ -52,15 +52,19 @@ class UserContextQueryHydrator:
         pipe.zrevrange(keys.engaged_authors(uid), 0, self.max_engaged_authors - 1, withscores=True)
         pipe.zrevrange(keys.tag_interest(uid), 0, self.max_tags - 1, withscores=True)
         pipe.smembers(keys.hated_authors(uid))
+        pipe.smembers(keys.blocked_authors(uid))
+        pipe.smembers(keys.muted_authors(uid))
         pipe.zrange(keys.seen_posts(uid), 0, -1)
         pipe.zrangebyscore(keys.served_posts(uid), self.wall_clock() - self.served_ttl_s, "+inf")
-        follows, engaged, tags, hated, seen, served = pipe.execute()
+        follows, engaged, tags, hated, blocked, muted, seen, served = pipe.execute()
         return dataclasses.replace(
             query,
             follows=_ints(follows),
             engaged_authors={int(a): float(w) for a, w in engaged},
             tag_interests={int(t): float(w) for t, w in tags},
             hated_authors=_ints(hated),
+            blocked_authors=_ints(blocked),
+            muted_authors=_ints(muted),
             seen_posts=_ints(seen),
             served_posts=_ints(served),
         )

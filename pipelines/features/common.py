@@ -28,10 +28,9 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, LongType, TimestampType
 
-from home_mixer.schema import ENGAGEMENT_EDGE_WEIGHTS, POSITIVE_HEADS, FeatureViewSpec
+from home_mixer.schema import ENGAGEMENT_EDGE_WEIGHTS, POSITIVE_HEADS, SMOOTHING_M, FeatureViewSpec
 from home_mixer.state import StateDir
 
-SMOOTHING_M = 10.0
 # Users and posts get a "known, no history yet" row at this time (earlier if the log starts
 # earlier), so every known user/post has profile/static features. KuaiRand-Pure's log starts
 # 2022-04-25 and its posts were uploaded 2022-04-09..11.

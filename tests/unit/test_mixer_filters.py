@@ -7,7 +7,7 @@ import math
 import pytest
 
 from mixer.candidate import Candidate, Query
-from mixer.filters import DuplicateFilter, HatedAuthorFilter, MaxAgeFilter, PreviouslySeenFilter
+from mixer.filters import BlockedMutedAuthorFilter, DuplicateFilter, HatedAuthorFilter, MaxAgeFilter, PreviouslySeenFilter
 
 NOW = 1_000_000.0
 DAY = 86400.0
@@ -31,6 +31,13 @@ def test_hated_author_filter():
     cands = [_c(1, author=7), _c(2, author=8), _c(3, author=7)]
     kept = HatedAuthorFilter().apply(_q(hated_authors=frozenset({7})), cands)
     assert [c.post_id for c in kept] == [2]
+
+
+def test_blocked_and_muted_authors_are_dropped():
+    cands = [_c(1, author=7), _c(2, author=8), _c(3, author=9), _c(4, author=7)]
+    q = _q(blocked_authors=frozenset({7}), muted_authors=frozenset({9}), hated_authors=frozenset({8}))
+    assert [c.post_id for c in BlockedMutedAuthorFilter().apply(q, cands)] == [2]
+    assert BlockedMutedAuthorFilter().apply(_q(), cands) == cands
 
 
 def test_max_age_keeps_window_and_drops_future_and_unknown():

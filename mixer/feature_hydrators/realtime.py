@@ -1,0 +1,104 @@
+"""Fresh post engagement counts from the stream processor, merged into the batch content features.
+
+The batch view (``pipelines/features/content.py``) holds ``post_{kind}_{1h,24h}`` = events in
+``[H - W, H)`` for the last materialised hour H, so it is up to an hour (plus the materialisation
+delay) old. The stream processor keeps the same counts in 5-minute buckets
+(``pipelines/streaming/realtime_features.py``; at a bucket boundary its window equals the batch
+definition, a test checks it). This hydrator replaces the batch values by the stream's window
+ending at the request time, so an engagement counts for ranking as soon as it is written.
+
+The stream only knows events since its coverage start T0 (its first applied event). For a window
+``[s, c)`` (``c`` = request time rounded up to the 5-minute grid, ``s = c - W``) that starts
+before T0, the part ``[s, T0)`` comes from the batch value, assumed uniform over its window:
+
+    fresh_W = stream_W + batch_W * clip((T0 - s) / W, 0, 1)
+
+(the sliding-window estimate of Cloudflare's rate limiter, "How we built rate limiting capable of
+scaling to millions of domains", 2017). Once the stream has run for W, ``fresh_W = stream_W``. The
+batch value is taken to describe the window ending at T0, which holds when the stream starts
+where the batch data ends; with no stream data at all (no T0) nothing changes.
+
+The 24 h smoothed rates ``post_click_rate_24h`` / ``post_long_view_rate_24h`` are recomputed from
+the fresh counts with the batch job's own prior, recovered from the batch rows:
+``rate = (k + p m) / (n + m)`` => ``p = (rate (n + m) - k) / m`` (median over the candidates,
+since the prior is one global constant per head). 7-day and all-time features stay batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import redis
+
+from home_mixer.schema import SMOOTHING_M
+from mixer.candidate import Candidate, Query
+from pipelines.streaming import realtime_features as rt
+
+# batch feature -> stream kind (``events.ENGAGEMENT_KINDS``)
+COUNT_KINDS: dict[str, str] = {"impressions": "impression", "clicks": "click", "long_views": "long_view",
+                               "likes": "like"}
+WINDOWS: dict[str, int] = {"1h": 3600, "24h": 86400}
+# smoothed 24 h rate -> its numerator count (denominator: post_impressions_24h)
+RATES_24H: dict[str, str] = {"post_click_rate_24h": "post_clicks_24h",
+                             "post_long_view_rate_24h": "post_long_views_24h"}
+
+
+def merge_window(stream: np.ndarray, batch: np.ndarray, window_start_s: float, window_s: float,
+                 coverage_since_s: float) -> np.ndarray:
+    """``stream + batch * clip((T0 - window_start) / window, 0, 1)`` (module docstring); a NaN
+    batch value (no batch row) counts as 0. Arrays are float64 of one length."""
+    share = min(max((coverage_since_s - window_start_s) / window_s, 0.0), 1.0)
+    return stream + np.nan_to_num(batch, nan=0.0) * share
+
+
+def recover_prior(rate: np.ndarray, clicks: np.ndarray, impressions: np.ndarray,
+                  m: float = SMOOTHING_M) -> float:
+    """The prior ``p`` of ``rate = (k + p m) / (n + m)``, median over rows with all three values;
+    NaN if there are none."""
+    p = (rate * (impressions + m) - clicks) / m
+    p = p[np.isfinite(p)]
+    return float(np.median(p)) if len(p) else float("nan")
+
+
+class RealtimeFeatureHydrator:
+    """Overwrites the batch ``post_{impressions,clicks,long_views,likes}_{1h,24h}`` and the 24 h
+    rates of a hydrated feature frame with counts fresh from the stream (module docstring).
+
+    Args:
+        client: Redis holding the stream processor's ``hm:rt:*`` keys.
+    """
+
+    name = "realtime"
+
+    def __init__(self, client: redis.Redis):
+        self.reader = rt.RealtimeFeatureReader(client)
+
+    def hydrate(self, query: Query, candidates: list[Candidate], features: pd.DataFrame) -> pd.DataFrame:
+        """Return ``features`` (float64, row i = candidate i, ``schema.ALL_FEATURES`` columns) with
+        the fresh values; unchanged when the stream has written nothing yet.
+
+        Raises:
+            redis.RedisError: Redis is unreachable (the pipeline then keeps the batch values).
+        """
+        since = self.reader.coverage_since()
+        if since is None or not candidates:
+            return features
+        now = query.now_s
+        posts = list(dict.fromkeys(c.post_id for c in candidates))
+        counts = self.reader.post_window_counts(posts, now, WINDOWS)
+        index = {p: i for i, p in enumerate(posts)}
+        pos = np.fromiter((index[c.post_id] for c in candidates), dtype=np.int64, count=len(candidates))
+        end = -rt.bucket_start(-now)  # the windows end on the bucket grid (rt.window_buckets)
+        out = features.copy()
+        priors = {rate: recover_prior(out[rate].to_numpy(), out[k].to_numpy(), out["post_impressions_24h"].to_numpy())
+                  for rate, k in RATES_24H.items()}
+        for w, secs in WINDOWS.items():
+            for name, kind in COUNT_KINDS.items():
+                col = f"post_{name}_{w}"
+                stream = np.array([counts[p][rt.feature_name(kind, w)] for p in posts], dtype=np.float64)[pos]
+                out[col] = merge_window(stream, out[col].to_numpy(), end - secs, secs, since)
+        n = out["post_impressions_24h"].to_numpy()
+        for rate, k in RATES_24H.items():
+            if np.isfinite(priors[rate]):
+                out[rate] = (out[k].to_numpy() + priors[rate] * SMOOTHING_M) / (n + SMOOTHING_M)
+        return out
