@@ -109,6 +109,9 @@ class EventBus(Protocol):
     def publish(self, topic: str, event: AnyEvent) -> str:
         """Append ``event`` to ``topic``; returns its id."""
 
+    def publish_many(self, items: list[tuple[str, AnyEvent]]) -> list[str]:
+        """Append ``(topic, event)`` pairs in order; returns their ids."""
+
     def consume(self, topic: str, group: str, consumer: str, count: int = 100,
                 block_ms: int | None = None) -> list[Delivery]:
         """Up to ``count`` new valid events for ``consumer`` of ``group`` (waits up to ``block_ms``)."""
@@ -173,6 +176,17 @@ class RedisStreamsBus:
         """
         key = stream_key(topic)
         return _s(self.client.xadd(key, encode_event(event), maxlen=self.maxlen, approximate=True))
+
+    def publish_many(self, items: list[tuple[str, AnyEvent]]) -> list[str]:
+        """``publish`` of several ``(topic, event)`` pairs in one pipelined round trip, in order.
+
+        Not atomic: if the connection drops, a prefix may have been appended; publishing the same
+        events again is safe downstream (consumers are idempotent by event id).
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for topic, event in items:
+            pipe.xadd(stream_key(topic), encode_event(event), maxlen=self.maxlen, approximate=True)
+        return [_s(i) for i in pipe.execute()] if items else []
 
     # ---- consumer ----
     def ensure_group(self, topic: str, group: str) -> None:

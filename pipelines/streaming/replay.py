@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -280,7 +281,8 @@ class LogReplayer:
                log_path: Path | str | None = None, data_dir: Path | str | None = None,
                start=None, end=None, limit: int | None = None,
                on_total: Callable[[int], None] | None = None,
-               on_rows: Callable[[int], None] | None = None) -> ReplayStats:
+               on_rows: Callable[[int], None] | None = None,
+               stop: threading.Event | None = None) -> ReplayStats:
         """Replay ``log`` (or, if ``None``, the file ``log_path`` / the shared log) and return stats.
 
         Args:
@@ -289,6 +291,7 @@ class LogReplayer:
             start, end, limit: as ``ReplayRowsBuilder.build`` (start inclusive, end exclusive).
             on_total: called once with the number of rows to replay, before publishing.
             on_rows: called with the number of rows of each published batch (progress bars).
+            stop: when set, the replay ends after the current batch (the stats count what was published).
 
         Raises:
             ValueError: only one of ``log`` / ``videos`` given, or bad filters (see the builder).
@@ -298,25 +301,31 @@ class LogReplayer:
         if log is None:
             log, videos = load_replay_inputs(log_path, data_dir)
         rows = self.rows_builder.build(log, videos, start=start, end=end, limit=limit)
-        stats = ReplayStats(rows=len(rows), dropped_duplicates=rows.dropped_duplicates,
-                            unknown_video_rows=rows.unknown_video_rows)
-        if len(rows):
-            stats.first_ts_ms, stats.last_ts_ms = int(rows.time_ms[0]), int(rows.time_ms[-1])
-            stats.log_seconds = (stats.last_ts_ms - stats.first_ts_ms) / 1000.0
+        stats = ReplayStats(dropped_duplicates=rows.dropped_duplicates, unknown_video_rows=rows.unknown_video_rows)
         if on_total is not None:
             on_total(len(rows))
         t_start = self.clock()
         for batch in self.pacer.batches(rows.time_ms):
+            if stop is not None and stop.is_set():
+                break
+            out: list[tuple[str, AnyEvent]] = []
             for i in range(batch.start, batch.stop):
                 stamp = (datetime.fromtimestamp(self.wall_clock(), tz=timezone.utc)
                          if self.time_mode == "live" else None)
                 for ev in self.event_builder.events(rows, i, stamp):
                     kind = ev.kind if isinstance(ev, EngagementEvent) else FOLLOW_ID_SUFFIX
-                    self.bus.publish(self.topic if kind != FOLLOW_ID_SUFFIX else self.social_topic, ev)
+                    out.append((self.topic if kind != FOLLOW_ID_SUFFIX else self.social_topic, ev))
                     stats.events_by_kind[kind] = stats.events_by_kind.get(kind, 0) + 1
-                    stats.events_published += 1
+            self.bus.publish_many(out)  # one round trip per batch, in order
+            stats.events_published += len(out)
+            if stats.first_ts_ms is None:
+                stats.first_ts_ms = int(rows.time_ms[batch.start])
+            stats.last_ts_ms = int(rows.time_ms[batch.stop - 1])
+            stats.rows += batch.stop - batch.start
             if on_rows is not None:
                 on_rows(batch.stop - batch.start)
+        if stats.rows:
+            stats.log_seconds = (stats.last_ts_ms - stats.first_ts_ms) / 1000.0
         stats.wall_seconds = self.clock() - t_start
         if stats.wall_seconds > 0 and stats.log_seconds > 0:
             stats.achieved_speed = stats.log_seconds / stats.wall_seconds

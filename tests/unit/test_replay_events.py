@@ -43,6 +43,9 @@ class RecordingBus:
         self.published.append((topic, event))
         return f"{len(self.published)}-0"
 
+    def publish_many(self, items):
+        return [self.publish(t, e) for t, e in items]
+
 
 def _expected_kinds(log, videos):
     known = log.drop_duplicates(["user_id", "video_id", "time_ms"])
@@ -175,3 +178,16 @@ def test_pacer_unpaced_never_sleeps():
     t = (pd.Series(range(2_500)) * 60_000 + T0).to_numpy()
     sl = list(pacer.batches(t, max_batch=1000))
     assert [(s.start, s.stop) for s in sl] == [(0, 1000), (1000, 2000), (2000, 2500)] and clock.sleeps == []
+
+
+def test_stop_event_ends_the_replay_after_the_current_batch(crafted):
+    import threading
+
+    log, videos = crafted
+    bus, stop = RecordingBus(), threading.Event()
+    replayer = LogReplayer(bus, speed=0, time_mode="log")
+    replayer.pacer.batches = lambda t, max_batch=1000: iter([slice(0, 2), slice(2, 4), slice(4, len(t))])
+    stats = replayer.replay(log, videos, on_rows=lambda n: stop.set(), stop=stop)
+    assert stats.rows == 2 and stats.events_published == len(bus.published) > 0
+    rows = {(e.user_id, e.post_id) for _, e in bus.published if isinstance(e, EngagementEvent)}
+    assert len(rows) == 2 and stats.last_ts_ms >= stats.first_ts_ms
