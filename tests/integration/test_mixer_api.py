@@ -303,3 +303,78 @@ def test_mixer_on_bentoml_answers_every_request_when_the_server_dies(mixer_serve
         if proc is not None:
             stop_pid(proc.pid)
         bento.stop()
+
+
+def test_a_burst_on_a_post_during_a_replay_raises_its_rank_within_a_second(mixer_server, mixer_state, redis_server,
+                                                                           known_users, data_dir):
+    """Production shape: a mixer on the wall clock, the stream processor as its own process, a
+    live replay of the log running, and a burst of engagement on one post of a user's page."""
+    import threading
+    from datetime import datetime, timezone
+
+    from pipelines.streaming.bus import RedisStreamsBus
+    from pipelines.streaming.events import EngagementEvent
+    from pipelines.streaming.replay import LogReplayer, load_replay_inputs
+
+    _, client = mixer_server  # index, models and online features in DB 3
+    url = f"redis://127.0.0.1:{redis_server.port}/{DB}"
+    env = {**os.environ, "HOME_MIXER_REDIS_URL": url, "HOME_MIXER_STATE": str(mixer_state.root)}
+    processor = subprocess.Popen([sys.executable, "-m", "home_mixer.cli", "stream", "run"], cwd=PROJECT_ROOT,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)
+    # KuaiRand posts are years old on the wall clock: no age filter here
+    mixer, base = _start_mixer(mixer_state, {
+        "redis_url": url, "models": {"tracking_uri": mixer_state.mlflow_tracking_uri, "reload_interval_s": 0},
+        "clock": {"now": "real"}, "filters": {"max_post_age_days": 100_000}}, "mixer-live")
+    stream_client = redis.Redis.from_url(url)
+    bus = RedisStreamsBus(stream_client)
+    log, videos = load_replay_inputs(data_dir=data_dir)
+    stop = threading.Event()
+    replay = threading.Thread(target=LogReplayer(RedisStreamsBus(redis.Redis.from_url(url)), speed=600).replay,
+                              args=(log.head(200_000), videos), kwargs={"stop": stop}, daemon=True)
+    user = known_users[0]
+
+    def rank_of(http, post: int) -> tuple[int | None, dict]:
+        client.delete(keys.served_posts(user))  # compare like with like: the same posts stay eligible
+        page = _timeline(http, user_id=user, limit=30)
+        ids = [it["post_id"] for it in page["items"]]
+        return (ids.index(post) if post in ids else None), page
+
+    try:
+        replay.start()
+        deadline = time.monotonic() + 30
+        while not stream_client.exists("hm:rt:coverage"):  # the processor has applied replayed events
+            assert time.monotonic() < deadline and processor.poll() is None, "the processor applies nothing"
+            time.sleep(0.1)
+        with httpx.Client(base_url=base, timeout=30) as http:
+            _, page = rank_of(http, -1)
+            assert len(page["items"]) == 30
+            target = page["items"][20]
+            before, _ = rank_of(http, target["post_id"])
+            assert before is not None and before > 0
+            now = datetime.now(timezone.utc)
+            burst = []
+            for k in range(100):  # 100 viewers who click, watch long and like it
+                for kind in ("impression", "click", "long_view", "like"):
+                    burst.append(("engagements", EngagementEvent(
+                        event_id=f"burst:{k}:{kind}", kind=kind, user_id=10**12 + k, post_id=target["post_id"],
+                        author_id=target["author_id"], event_ts=now)))
+            bus.publish_many(burst)
+            t_burst = time.monotonic()
+            after = before
+            while time.monotonic() - t_burst < 1.0:
+                after, _ = rank_of(http, target["post_id"])
+                if after is not None and after < before:
+                    break
+            elapsed = time.monotonic() - t_burst
+        assert after is not None and after < before, (before, after)
+        assert elapsed < 1.0
+        print(f"burst on post {target['post_id']}: rank {before} -> {after} in {elapsed * 1000:.0f} ms")
+    finally:
+        stop.set()
+        replay.join(timeout=10)
+        stop_pid(mixer.pid)
+        processor.terminate()
+        out, _ = processor.communicate(timeout=15)
+        stream_client.close()
+    assert "applied" in out and processor.returncode == 0, out
