@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -166,9 +167,17 @@ class ExperimentSettings(_Strict):
 
 
 class ClockSettings(_Strict):
-    """``now: "real"`` serves wall-clock time; an ISO-8601 instant serves "as of" that instant."""
+    """The mixer's request time.
+
+    ``now: "real"`` serves wall-clock time; an ISO-8601 instant serves "as of" that instant. With an
+    instant and ``since`` (an ISO-8601 wall-clock instant) the clock runs: it reads ``now`` at wall
+    time ``since`` and advances with the wall clock, ``now + (wall - since)``, so a replay stamped
+    with the same clock (``running_clock``) is live for the mixer while the batch data stays as of
+    ``now`` (the demo's real-time stage).
+    """
 
     now: str = "real"
+    since: str | None = None
 
     @field_validator("now")
     @classmethod
@@ -177,20 +186,39 @@ class ClockSettings(_Strict):
             _parse_instant(value)
         return value
 
+    @model_validator(mode="after")
+    def _since_needs_an_instant(self) -> "ClockSettings":
+        if self.since is not None:
+            if self.now == "real":
+                raise ValueError("clock.since needs clock.now to be an instant (with now: real the clock already runs)")
+            _parse_instant(self.since, "clock.since")
+        return self
+
     def now_s(self) -> float:
         """The request time in epoch seconds (UTC)."""
         if self.now == "real":
             return datetime.now(timezone.utc).timestamp()
-        return _parse_instant(self.now).timestamp()
+        t = _parse_instant(self.now).timestamp()
+        if self.since is None:
+            return t
+        return t + datetime.now(timezone.utc).timestamp() - _parse_instant(self.since, "clock.since").timestamp()
 
 
-def _parse_instant(value: str) -> datetime:
+def running_clock(now: datetime, since: datetime) -> Callable[[], float]:
+    """Epoch seconds of the clock ``ClockSettings(now, since)``: ``now + (wall - since)``; both
+    instants timezone-aware. For replays and processors that must share the mixer's running clock."""
+    offset = now.timestamp() - since.timestamp()
+    return lambda: time.time() + offset
+
+
+def _parse_instant(value: str, key: str = "clock.now") -> datetime:
     try:
         ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise ValueError(f"clock.now must be 'real' or an ISO-8601 instant like 2022-05-04T16:00:00Z, got {value!r}") from None
+        real = " or 'real'" if key == "clock.now" else ""
+        raise ValueError(f"{key} must be an ISO-8601 instant like 2022-05-04T16:00:00Z{real}, got {value!r}") from None
     if ts.tzinfo is None:
-        raise ValueError(f"clock.now {value!r} has no time zone; add 'Z' or an offset")
+        raise ValueError(f"{key} {value!r} has no time zone; add 'Z' or an offset")
     return ts
 
 

@@ -31,11 +31,29 @@ def test_file_merges_over_default(tmp_path):
     assert cfg.clock.now == "real"
 
 
+def test_running_clock_advances_from_now_at_since():
+    import time
+    from datetime import datetime, timedelta, timezone
+
+    from mixer.config import ClockSettings, running_clock
+
+    since = datetime.now(timezone.utc) - timedelta(seconds=90)
+    clock = ClockSettings(now="2022-05-04T16:00:00Z", since=since.isoformat())
+    assert clock.now_s() == pytest.approx(1651680000.0 + 90, abs=0.5)
+    sim = running_clock(datetime(2022, 5, 4, 16, tzinfo=timezone.utc), since)
+    assert sim() == pytest.approx(clock.now_s(), abs=0.5)
+    t = sim()
+    time.sleep(0.05)
+    assert sim() - t == pytest.approx(0.05, abs=0.03)
+
+
 @pytest.mark.parametrize("text, needle", [
     ("ranking:\n  heavy_ranker_top_k: 0\n", "ranking.heavy_ranker_top_k"),
     ("rankng:\n  heavy_ranker_top_k: 5\n", "rankng"),
     ("clock:\n  now: yesterday\n", "clock.now"),
     ("clock:\n  now: '2022-05-04T16:00:00'\n", "time zone"),
+    ("clock:\n  now: real\n  since: '2026-01-01T00:00:00Z'\n", "clock.since needs"),
+    ("clock:\n  now: '2022-05-04T16:00:00Z'\n  since: soon\n", "clock.since must be an ISO-8601"),
     ("page:\n  default_size: 200\n", "page.default_size"),
     ("experiment:\n  salt: s\n  arms:\n    - {name: a, traffic_share: 0.7, weights: {click: 1}}\n", "sum to"),
     ("experiment:\n  salt: s\n  arms:\n    - {name: a, traffic_share: 1.0, weights: {clicks: 1}}\n", "unknown heads"),
