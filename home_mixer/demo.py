@@ -3,7 +3,12 @@
 Starts Redis, builds features (Spark), registers them (Feast), trains and registers both rankers
 (MLflow), materialises features into Redis, builds the candidate index, evaluates the champions on
 the validation days, starts the mixer, asks it for real users' home timelines over HTTP, prints
-them, and stops everything it started (unless ``--keep-running``).
+them, then runs the real-time path: the stream processor consumes a live replay of the log's last
+hours and the same timelines are asked for again. It stops everything it started (unless
+``--keep-running``).
+
+The mixer serves as of the end of the log, on a running clock (``clock.since``): the replayed
+events are stamped with the same clock, so for the mixer they happen now, after the batch data.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from home_mixer.services import RedisServer, ServiceError, free_port, stop_pid
 from home_mixer.stages import StageTimer
 from home_mixer.state import StateDir
 
-STAGES = 12
+STAGES = 13
+REPLAY_HOURS = 2.5   # the log's last hours replayed by the real-time stage ...
+REPLAY_SPEED = 600   # ... at 10 log minutes per wall second (15 s)
 
 
 def start_mixer(state: StateDir, redis_url: str, port: int | None = None,
@@ -83,6 +90,69 @@ def format_timeline(resp: dict, rows: int = 10) -> str:
     return "\n".join(lines)
 
 
+def realtime_stage(state: StateDir, redis_url: str, base: str, data_dir: Path, as_of,
+                   since, before: list[dict]) -> str:
+    """Run the stream processor (a thread) on a live replay of the log's last ``REPLAY_HOURS``
+    hours, both on the mixer's running clock, then ask for the users of ``before`` again.
+
+    Returns a text report: events applied, event->online lag p50/p99, consumer lag, the top
+    trending posts, and per user how the page changed. The users' served records are cleared first
+    so that the pages compare (otherwise the mixer would not serve the same posts twice).
+    """
+    import threading
+
+    import redis
+
+    from mixer import index_keys
+    from mixer.config import running_clock
+    from pipelines.streaming.bus import RedisStreamsBus
+    from pipelines.streaming.processor import StreamProcessor
+    from pipelines.streaming.realtime_features import RealtimeFeatureReader
+    from pipelines.streaming.replay import LogReplayer, load_replay_inputs
+
+    as_of, since = pd.Timestamp(as_of), pd.Timestamp(since)  # tz-aware datetimes or Timestamps
+    clock = running_clock(as_of.to_pydatetime(), since.to_pydatetime())
+    client = redis.Redis.from_url(redis_url)
+    bus = RedisStreamsBus(client)
+    processor = StreamProcessor(client, bus, clock=clock)
+    stop = threading.Event()
+    worker = threading.Thread(target=processor.run, args=(stop,), kwargs={"block_ms": 100}, daemon=True)
+    worker.start()
+    try:
+        log, videos = load_replay_inputs(data_dir=data_dir)
+        stats = LogReplayer(bus, speed=REPLAY_SPEED, wall_clock=clock).replay(
+            log, videos, start=as_of - pd.Timedelta(hours=REPLAY_HOURS), end=as_of)
+        deadline = time.monotonic() + 30
+        while processor.refresh_backlog().lag and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+    backlog = processor.refresh_backlog()
+    p50, p99 = processor.lag_percentiles()
+    now = clock()
+    trending = RealtimeFeatureReader(client).trending(now, k=5)
+    lines = [f"  replayed {stats.rows:,} log rows = {stats.events_published:,} events in {stats.wall_seconds:.1f} s; "
+             f"processor applied {processor.stats['applied']:,} ({dict(processor.stats)})",
+             f"  event->online lag p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; consumer lag {backlog.lag} "
+             f"entries, {backlog.pending} pending, {backlog.dead_letters} dead letters",
+             "  trending now: " + ", ".join(f"post {p} ({s:.1f})" for p, s in trending)]
+    for old in before:
+        uid = old["user_id"]
+        client.delete(index_keys.served_posts(uid))
+        r = httpx.post(f"{base}/v1/home-timeline", json={"user_id": uid, "limit": len(old["items"])}, timeout=30)
+        r.raise_for_status()
+        new = r.json()
+        old_rank = {it["post_id"]: i for i, it in enumerate(old["items"])}
+        moved = [(old_rank.get(it["post_id"]), i) for i, it in enumerate(new["items"])]
+        entered = sum(o is None for o, _ in moved)
+        up = sum(o is not None and n < o for o, n in moved)
+        sources = pd.Series([it["source"] for it in new["items"]]).value_counts().to_dict()
+        lines.append(f"  user {uid}: {entered} of {len(moved)} posts new, {up} moved up; sources {sources}")
+    client.close()
+    return "\n".join(lines)
+
+
 def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_users: int = 3,
              keep_running: bool = False) -> int:
     """Run every stage on the data in ``data_dir``; returns a process exit code."""
@@ -136,7 +206,8 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
         with timer.stage("start the mixer and request home timelines over HTTP"):
             as_of = jobs.log_end(state)
             config = state.run / "demo-mixer.yaml"  # merged over the embedded mixer/mixer.yaml
-            config.write_text(f"clock:\n  now: \"{as_of.isoformat().replace('+00:00', 'Z')}\"\n")
+            since = pd.Timestamp.now(tz="UTC")
+            config.write_text(f"clock:\n  now: \"{as_of.isoformat()}\"\n  since: \"{since.isoformat()}\"\n")
             mixer_proc, base = start_mixer(state, srv.url, config=config)
             print(f"  mixer {base} (OpenAPI at {base}/docs)")
             chosen = users or pick_users(ts, n_users)
@@ -149,6 +220,11 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
         for resp in responses:
             print(format_timeline(resp))
             print()
+        with timer.stage(f"real time: stream processor + live replay of the log's last {REPLAY_HOURS} h "
+                         f"at {REPLAY_SPEED}x, timelines again"):
+            rt_report = realtime_stage(state, srv.url, base, data_dir, as_of, since, responses)
+        print(rt_report)
+        print()
         print("Offline evaluation on the validation days")
         print(report.to_table())
         print()
