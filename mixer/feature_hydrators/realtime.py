@@ -26,6 +26,9 @@ since the prior is one global constant per head). 7-day and all-time features st
 
 from __future__ import annotations
 
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import redis
@@ -60,45 +63,83 @@ def recover_prior(rate: np.ndarray, clicks: np.ndarray, impressions: np.ndarray,
     return float(np.median(p)) if len(p) else float("nan")
 
 
+@dataclass(frozen=True)
+class FreshCounts:
+    """What ``RealtimeFeatureHydrator.fetch`` read: coverage start T0 (epoch s, None = no stream
+    data), the request time, and counts ``[candidates, COUNT_KINDS, WINDOWS]`` (float64)."""
+
+    since: float | None
+    now_s: float
+    counts: np.ndarray
+
+
 class RealtimeFeatureHydrator:
     """Overwrites the batch ``post_{impressions,clicks,long_views,likes}_{1h,24h}`` and the 24 h
     rates of a hydrated feature frame with counts fresh from the stream (module docstring).
 
+    The Redis read (``fetch``, ~3 ms for 1000 posts) does not depend on the batch features, so the
+    pipeline starts it (``start``) before the batch hydration and merges (``merge``) after.
+
     Args:
         client: Redis holding the stream processor's ``hm:rt:*`` keys.
+        executor: where ``start`` runs ``fetch`` (None: at once, in the caller's thread).
     """
 
     name = "realtime"
 
-    def __init__(self, client: redis.Redis):
+    def __init__(self, client: redis.Redis, executor: Executor | None = None):
         self.reader = rt.RealtimeFeatureReader(client)
+        self.executor = executor
 
-    def hydrate(self, query: Query, candidates: list[Candidate], features: pd.DataFrame) -> pd.DataFrame:
-        """Return ``features`` (float64, row i = candidate i, ``schema.ALL_FEATURES`` columns) with
-        the fresh values; unchanged when the stream has written nothing yet.
+    def fetch(self, query: Query, candidates: list[Candidate]) -> FreshCounts:
+        """Read the coverage start and the stream counts of the candidates' posts (one script call).
 
         Raises:
-            redis.RedisError: Redis is unreachable (the pipeline then keeps the batch values).
+            redis.RedisError: Redis is unreachable.
         """
         since = self.reader.coverage_since()
         if since is None or not candidates:
-            return features
-        now = query.now_s
+            return FreshCounts(since, query.now_s, np.zeros((len(candidates), len(COUNT_KINDS), len(WINDOWS))))
         posts = list(dict.fromkeys(c.post_id for c in candidates))
-        counts = self.reader.post_window_counts(posts, now, WINDOWS)
+        counts = self.reader.post_window_matrix(posts, query.now_s, COUNT_KINDS.values(), WINDOWS)
         index = {p: i for i, p in enumerate(posts)}
         pos = np.fromiter((index[c.post_id] for c in candidates), dtype=np.int64, count=len(candidates))
-        end = -rt.bucket_start(-now)  # the windows end on the bucket grid (rt.window_buckets)
+        return FreshCounts(since, query.now_s, counts[pos])
+
+    def start(self, query: Query, candidates: list[Candidate]) -> Future:
+        """``fetch`` on the executor; the future's ``result()`` raises what ``fetch`` raised."""
+        if self.executor is not None:
+            return self.executor.submit(self.fetch, query, candidates)
+        future: Future = Future()
+        try:
+            future.set_result(self.fetch(query, candidates))
+        except Exception as e:  # noqa: BLE001  (delivered through the future, like the executor does)
+            future.set_exception(e)
+        return future
+
+    def merge(self, fresh: FreshCounts, features: pd.DataFrame) -> pd.DataFrame:
+        """``features`` (float64, row i = candidate i, ``schema.ALL_FEATURES`` columns) with the
+        fresh values, as a new frame; ``features`` itself when the stream has written nothing."""
+        if fresh.since is None or not len(features):
+            return features
+        end = -rt.bucket_start(-fresh.now_s)  # the windows end on the bucket grid (rt.window_buckets)
         out = features.copy()
-        priors = {rate: recover_prior(out[rate].to_numpy(), out[k].to_numpy(), out["post_impressions_24h"].to_numpy())
-                  for rate, k in RATES_24H.items()}
-        for w, secs in WINDOWS.items():
-            for name, kind in COUNT_KINDS.items():
+        n_batch = out["post_impressions_24h"].to_numpy()
+        priors = {rate: recover_prior(out[rate].to_numpy(), out[k].to_numpy(), n_batch) for rate, k in RATES_24H.items()}
+        for j, (w, secs) in enumerate(WINDOWS.items()):
+            for i, name in enumerate(COUNT_KINDS):
                 col = f"post_{name}_{w}"
-                stream = np.array([counts[p][rt.feature_name(kind, w)] for p in posts], dtype=np.float64)[pos]
-                out[col] = merge_window(stream, out[col].to_numpy(), end - secs, secs, since)
+                out[col] = merge_window(fresh.counts[:, i, j], out[col].to_numpy(), end - secs, secs, fresh.since)
         n = out["post_impressions_24h"].to_numpy()
         for rate, k in RATES_24H.items():
             if np.isfinite(priors[rate]):
                 out[rate] = (out[k].to_numpy() + priors[rate] * SMOOTHING_M) / (n + SMOOTHING_M)
         return out
+
+    def hydrate(self, query: Query, candidates: list[Candidate], features: pd.DataFrame) -> pd.DataFrame:
+        """``merge(fetch(query, candidates), features)``.
+
+        Raises:
+            redis.RedisError: Redis is unreachable (the pipeline then keeps the batch values).
+        """
+        return self.merge(self.fetch(query, candidates), features)

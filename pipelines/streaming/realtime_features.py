@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, Mapping
 
+import numpy as np
 import redis
 
 from home_mixer.schema import ENGAGEMENT_EDGE_WEIGHTS
@@ -213,8 +214,40 @@ def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
+# Window sums computed in Redis: KEYS = counts hashes; ARGV = n windows, then (first, last) bucket
+# start per window, then the kinds. Returns per key, per kind, per window the count (flat, ints).
+# Read-only; it runs for O(fields of the keys), e.g. ~1 ms for 1000 posts of the demo's replay.
+_WINDOW_SUMS_LUA = r"""
+local nw = tonumber(ARGV[1])
+local lo, hi = {}, {}
+for w = 1, nw do lo[w] = tonumber(ARGV[2 * w]); hi[w] = tonumber(ARGV[2 * w + 1]) end
+local kinds, nk = {}, 0
+for i = 2 * nw + 2, #ARGV do nk = nk + 1; kinds[ARGV[i]] = nk end
+local out = {}
+for j = 1, #KEYS * nk * nw do out[j] = 0 end
+for p = 1, #KEYS do
+  local base = (p - 1) * nk * nw
+  local f = redis.call('HGETALL', KEYS[p])
+  for i = 1, #f, 2 do
+    local kind, b = string.match(f[i], '^(.*):(%-?%d+)$')
+    local k = kinds[kind]
+    if k then
+      b = tonumber(b)
+      for w = 1, nw do
+        if b >= lo[w] and b <= hi[w] then
+          local idx = base + (k - 1) * nw + w
+          out[idx] = out[idx] + tonumber(f[i + 1])
+        end
+      end
+    end
+  end
+end
+return out
+"""
+
+
 class RealtimeFeatureReader:
-    """Reads the processor's real-time features (one pipelined round trip per call).
+    """Reads the processor's real-time features (one round trip per call).
 
     Args:
         client: a ``redis.Redis`` (bytes or decoded responses both work).
@@ -222,20 +255,32 @@ class RealtimeFeatureReader:
 
     def __init__(self, client: redis.Redis):
         self.client = client
+        self._window_sums = client.register_script(_WINDOW_SUMS_LUA)
+
+    def post_window_matrix(self, post_ids: Iterable[int], now_s: float, kinds: Iterable[str] = ENGAGEMENT_KINDS,
+                           windows_s: Mapping[str, int] = WINDOWS_S) -> np.ndarray:
+        """Window counts ending at ``now_s`` (``window_buckets``) as float64 ``[posts, kinds, windows]``
+        in the given orders (0 for a post with no events), summed inside Redis by one script call.
+
+        Raises:
+            ValueError: a window is not a positive multiple of ``BUCKET_S``.
+        """
+        ids, kinds, windows = [int(p) for p in post_ids], list(kinds), list(windows_s.values())
+        if not ids:
+            return np.zeros((0, len(kinds), len(windows)))
+        bounds = [b for w in windows for b in window_buckets(now_s, w)]
+        flat = self._window_sums(keys=[post_counts_key(p) for p in ids], args=[len(windows), *bounds, *kinds])
+        return np.asarray(flat, dtype=np.float64).reshape(len(ids), len(kinds), len(windows))
 
     def post_window_counts(self, post_ids: Iterable[int], now_s: float,
                            windows_s: Mapping[str, int] = WINDOWS_S) -> dict[int, dict[str, float]]:
         """``{post_id: {"rt_{kind}s_{window}": count}}`` for every kind and window ending at ``now_s``
         (all 0.0 for a post with no events)."""
         ids = [int(p) for p in post_ids]
-        pipe = self.client.pipeline(transaction=False)
-        for p in ids:
-            pipe.hgetall(post_counts_key(p))
-        out = {}
-        for p, raw in zip(ids, pipe.execute()):
-            counts = {_s(k): float(v) for k, v in raw.items()}
-            out[p] = sum_window_counts(counts, now_s, windows_s)
-        return out
+        m = self.post_window_matrix(ids, now_s, ENGAGEMENT_KINDS, windows_s)
+        names = [[feature_name(k, w) for w in windows_s] for k in ENGAGEMENT_KINDS]
+        return {p: {names[i][j]: float(m[n, i, j]) for i in range(len(names)) for j in range(len(names[i]))}
+                for n, p in enumerate(ids)}
 
     def decayed_scores(self, ids: Iterable[int], now_s: float, entity: str = "post") -> dict[int, float]:
         """``{id: decayed engagement score at now_s}`` for ``entity`` ``"post"`` or ``"author"`` (0.0 if none).
