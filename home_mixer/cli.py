@@ -216,7 +216,7 @@ def cmd_stream(args) -> int:
 
     client = redis.Redis.from_url(url)
     processor = StreamProcessor(client, RedisStreamsBus(client), consumer=args.consumer,
-                                reclaim_idle_ms=args.reclaim_idle_ms)
+                                reclaim_idle_ms=args.reclaim_idle_ms, reclaim_every_s=args.reclaim_every_s)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -339,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--consumer", help="run: consumer name in the group (default <host>-<pid>)")
     st.add_argument("--reclaim-idle-ms", type=int, default=30_000,
                     help="run: take over entries another consumer left pending this long (ms)")
+    st.add_argument("--reclaim-every-s", type=float, default=30.0,
+                    help="run: look for entries orphaned by crashed consumers this often (s)")
     st.set_defaults(func=cmd_stream)
 
     c = sub.add_parser("clean", help="stop services and remove the state folder")

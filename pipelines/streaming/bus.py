@@ -116,6 +116,9 @@ class EventBus(Protocol):
                 block_ms: int | None = None) -> list[Delivery]:
         """Up to ``count`` new valid events for ``consumer`` of ``group`` (waits up to ``block_ms``)."""
 
+    def consume_own_pending(self, topic: str, group: str, consumer: str, count: int = 100) -> list[Delivery]:
+        """Events delivered to ``consumer`` earlier and not acknowledged (after a restart or an error)."""
+
     def ack(self, delivery: Delivery) -> None:
         """Mark ``delivery`` processed for its group (call after the feature write)."""
 
@@ -224,6 +227,36 @@ class RedisStreamsBus:
             resp = self.client.xreadgroup(group, consumer, {key: ">"}, count=count, block=block_ms)
         entries = resp[0][1] if resp else []
         return self._deliver(topic, group, [(_s(i), f, 1) for i, f in entries])
+
+    def consume_own_pending(self, topic: str, group: str, consumer: str, count: int = 100) -> list[Delivery]:
+        """All entries already delivered to ``consumer`` and not acknowledged (its own pending list,
+        XREADGROUP from id ``0``), e.g. the batch in hand when the connection dropped or the process
+        restarted under the same name. Entries trimmed meanwhile are dead-lettered, as in ``reclaim``;
+        delivery counts come from XPENDING, so poison entries still end in the dead-letter stream.
+        """
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        self.ensure_group(topic, group)
+        key, out, after = stream_key(topic), [], "0"
+        while True:
+            resp = self.client.xreadgroup(group, consumer, {key: after}, count=count)
+            entries = resp[0][1] if resp else []
+            if not entries:
+                return out
+            after = _s(entries[-1][0])
+            live = []
+            for i, f in entries:
+                if f:
+                    live.append((_s(i), f))
+                else:
+                    self._dead_letter(topic, group, _s(i), {}, "entry was trimmed from the stream (MAXLEN) "
+                                      "before it was acknowledged; payload lost", ack=True)
+            if live:
+                pipe = self.client.pipeline(transaction=False)
+                for i, _ in live:
+                    pipe.xpending_range(key, group, min=i, max=i, count=1)
+                counts = [int(r[0]["times_delivered"]) if r else 1 for r in pipe.execute()]
+                out += self._deliver(topic, group, [(i, f, n) for (i, f), n in zip(live, counts)])
 
     def ack(self, delivery: Delivery) -> None:
         """XACK the delivery's id for its group."""

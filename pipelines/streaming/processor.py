@@ -328,13 +328,22 @@ class StreamProcessor:
 
     def run(self, stop_event: threading.Event, count: int = 100, block_ms: int = 1000) -> int:
         """Loop ``run_once`` until ``stop_event`` is set (checked at least every ``block_ms`` ms);
-        returns the total events applied. A Redis error is logged and retried after a second."""
-        total = 0
+        returns the total events applied. A Redis error is logged and retried after a second.
+
+        At start and after every error it first re-reads its own pending entries (what this
+        consumer name read but did not acknowledge, e.g. the batch in hand when Redis went away),
+        which ``XREADGROUP >`` never returns and the reclaim would only take after ``reclaim_idle_ms``.
+        """
+        total, own_pending = 0, True
         while not stop_event.is_set():
             try:
+                if own_pending:
+                    total += self._process(self.bus.consume_own_pending(self.topic, self.group, self.consumer, count))
+                    own_pending = False
                 total += self.run_once(count, block_ms)
             except redis.RedisError as exc:
                 log.warning("stream processor: %s; retrying", exc)
+                own_pending = True
                 stop_event.wait(1.0)
         return total
 

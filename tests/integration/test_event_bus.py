@@ -68,6 +68,23 @@ def test_unacked_delivery_of_a_crashed_consumer_is_reclaimed_after_min_idle(redi
     assert _pending(redis_client, "engagements", "features") == 0
 
 
+def test_a_consumer_gets_its_own_unacked_entries_back_and_no_one_elses(redis_client):
+    bus = RedisStreamsBus(redis_client, max_deliveries=2)
+    ids = [bus.publish("engagements", _ev(i)) for i in range(5)]
+    mine = bus.consume("engagements", "features", "me", count=3)
+    other = bus.consume("engagements", "features", "other", count=10)
+    bus.ack(mine[1])
+    again = bus.consume_own_pending("engagements", "features", "me", count=1)  # pages through all
+    assert [d.id for d in again] == [ids[0], ids[2]] and [d.event for d in again] == [mine[0].event, mine[2].event]
+    assert bus.consume("engagements", "features", "me") == []  # ">" never returns them
+    assert [d.id for d in bus.consume_own_pending("engagements", "features", "other")] == [d.id for d in other]
+    # read a third time: over max_deliveries, a poison entry goes to the dead letters
+    assert bus.consume_own_pending("engagements", "features", "me") == []
+    assert {dl.original_id for dl in bus.dead_letters("engagements")} == {ids[0], ids[2]}
+    bus.ack_many(other)
+    assert _pending(redis_client, "engagements", "features") == 0
+
+
 def test_malformed_entries_go_to_dead_letters_while_valid_ones_flow(redis_client):
     bus = RedisStreamsBus(redis_client)
     key = stream_key("engagements")
