@@ -305,8 +305,16 @@ class RedisStreamsBus:
         trimmed: list[str] = []
         cursor = "0-0"
         while len(claimed) < count:
-            resp = self.client.xautoclaim(key, group, consumer, min_idle_ms, start_id=cursor,
-                                          count=count - len(claimed))
+            try:
+                resp = self.client.xautoclaim(key, group, consumer, min_idle_ms, start_id=cursor,
+                                              count=count - len(claimed))
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # the stream or group was deleted since we created it: nothing is pending in it
+                self._groups.discard((key, group))
+                self.ensure_group(topic, group)
+                return []
             cursor = _s(resp[0])
             for i, f in resp[1]:
                 # Redis 6.2 returns a trimmed entry with nil fields; 7.x lists its id in resp[2]
