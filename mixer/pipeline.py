@@ -212,9 +212,7 @@ class HomeTimelinePipeline:
         after_filters = len(candidates)
         clock.lap("filters")
 
-        # 5. feature hydration (fail-open: NaN features rather than no timeline); the real-time
-        # read runs meanwhile (it does not need the batch values)
-        fresh = self.realtime_hydrator.start(query, candidates) if self.realtime_hydrator is not None else None
+        # 5. feature hydration (fail-open: NaN features rather than no timeline)
         try:
             features = self.feature_hydrator.hydrate(query, candidates)
         except Exception as e:  # noqa: BLE001
@@ -222,9 +220,9 @@ class HomeTimelinePipeline:
             degraded.append("feature_hydration")
             features = empty_feature_frame().reindex(range(len(candidates)))
         clock.lap("feature_hydration")
-        if fresh is not None:
+        if self.realtime_hydrator is not None:
             try:
-                features = self.realtime_hydrator.merge(fresh.result(), features)
+                features = self.realtime_hydrator.hydrate(query, candidates, features)
             except Exception as e:  # noqa: BLE001
                 log.warning("real-time features failed for user %s: %r; ranking with batch values", user_id, e)
                 degraded.append("realtime_features")
@@ -307,7 +305,7 @@ def build_pipeline(config: MixerConfig, *, client: redis.Redis, light: RankerHan
         filters=[PreviouslySeenFilter(), HatedAuthorFilter(), BlockedMutedAuthorFilter(),
                  MaxAgeFilter(config.filters.max_post_age_days), DuplicateFilter()],
         feature_hydrator=feature_hydrator,
-        realtime_hydrator=RealtimeFeatureHydrator(client, executor) if config.realtime.enabled else None,
+        realtime_hydrator=RealtimeFeatureHydrator(client) if config.realtime.enabled else None,
         light_ranker=LightRankerScorer(light),
         top_k=TopKSelector(config.ranking.heavy_ranker_top_k),
         heavy_ranker=heavy_scorer,

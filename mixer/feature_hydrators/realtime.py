@@ -26,7 +26,6 @@ since the prior is one global constant per head). 7-day and all-time features st
 
 from __future__ import annotations
 
-from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,19 +76,18 @@ class RealtimeFeatureHydrator:
     """Overwrites the batch ``post_{impressions,clicks,long_views,likes}_{1h,24h}`` and the 24 h
     rates of a hydrated feature frame with counts fresh from the stream (module docstring).
 
-    The Redis read (``fetch``, ~3 ms for 1000 posts) does not depend on the batch features, so the
-    pipeline starts it (``start``) before the batch hydration and merges (``merge``) after.
+    ``hydrate`` = ``fetch`` (one Redis script call, ~2 ms for 1000 posts) + ``merge``. Starting the
+    fetch in parallel with the batch hydration measured no gain (bench/mixer_latency.py), so it
+    runs after it.
 
     Args:
         client: Redis holding the stream processor's ``hm:rt:*`` keys.
-        executor: where ``start`` runs ``fetch`` (None: at once, in the caller's thread).
     """
 
     name = "realtime"
 
-    def __init__(self, client: redis.Redis, executor: Executor | None = None):
+    def __init__(self, client: redis.Redis):
         self.reader = rt.RealtimeFeatureReader(client)
-        self.executor = executor
 
     def fetch(self, query: Query, candidates: list[Candidate]) -> FreshCounts:
         """Read the coverage start and the stream counts of the candidates' posts (one script call).
@@ -105,17 +103,6 @@ class RealtimeFeatureHydrator:
         index = {p: i for i, p in enumerate(posts)}
         pos = np.fromiter((index[c.post_id] for c in candidates), dtype=np.int64, count=len(candidates))
         return FreshCounts(since, query.now_s, counts[pos])
-
-    def start(self, query: Query, candidates: list[Candidate]) -> Future:
-        """``fetch`` on the executor; the future's ``result()`` raises what ``fetch`` raised."""
-        if self.executor is not None:
-            return self.executor.submit(self.fetch, query, candidates)
-        future: Future = Future()
-        try:
-            future.set_result(self.fetch(query, candidates))
-        except Exception as e:  # noqa: BLE001  (delivered through the future, like the executor does)
-            future.set_exception(e)
-        return future
 
     def merge(self, fresh: FreshCounts, features: pd.DataFrame) -> pd.DataFrame:
         """``features`` (float64, row i = candidate i, ``schema.ALL_FEATURES`` columns) with the
