@@ -90,14 +90,15 @@ class SeenHydrator:
 def make_pipeline():
     pool = ThreadPoolExecutor(2)
 
-    def make(features=None, side_effects=()):
+    def make(features=None, side_effects=(), realtime=None):
         metrics = MixerMetrics()
         light, heavy = Handle(("user_click_rate",), ("engaged",)), Handle(("user_click_rate",), HEADS)
         return HomeTimelinePipeline(
             config=CONFIG, query_hydrators=[SeenHydrator(), ExperimentArmQueryHydrator(CONFIG.experiment)],
             source_runner=ParallelSourceRunner([ListSource()], pool), candidate_hydrator=MetaHydrator(),
             filters=[PreviouslySeenFilter(), HatedAuthorFilter(), MaxAgeFilter(30), DuplicateFilter()],
-            feature_hydrator=features or ScoreByIdFeatures(), light_ranker=LightRankerScorer(light),
+            feature_hydrator=features or ScoreByIdFeatures(), realtime_hydrator=realtime,
+            light_ranker=LightRankerScorer(light),
             top_k=TopKSelector(10), heavy_ranker=HeavyRankerScorer(heavy),
             blender=WeightedSumBlender({a.name: a.weights for a in CONFIG.experiment.arms}, HEADS),
             author_diversity=AuthorDiversitySelector(2), page=PageSelector(), side_effects=list(side_effects),
@@ -127,6 +128,29 @@ def test_feature_failure_and_side_effect_failure_fail_open(make_pipeline):
     assert len(res.items) == 5 and res.degraded == ["feature_hydration"]
     assert metrics.registry.get_sample_value("hm_mixer_side_effect_failures_total", {"side_effect": "boom"}) == 1
     assert metrics.registry.get_sample_value("hm_mixer_requests_total", {"status": "degraded"}) == 1
+
+
+class RealtimeBoost:
+    """Stand-in real-time hydrator: raises, or lifts one post's feature to the top."""
+
+    def __init__(self, post=None):
+        self.post = post
+
+    def hydrate(self, query, candidates, features):
+        if self.post is None:
+            raise ConnectionError("redis went away")
+        out = features.copy()
+        out.loc[[c.post_id == self.post for c in candidates], "user_click_rate"] = 1e9
+        return out
+
+
+def test_realtime_features_feed_the_rankers_and_fail_open(make_pipeline):
+    pipeline, _ = make_pipeline(realtime=RealtimeBoost(post=3))
+    res = pipeline.run(user_id=4, page_size=4)
+    assert res.items[0].post_id == 3 and "realtime_features" in res.timings_ms
+    pipeline, _ = make_pipeline(realtime=RealtimeBoost())
+    res = pipeline.run(user_id=4, page_size=4)
+    assert res.degraded == ["realtime_features"] and res.items[0].post_id == 56  # the batch ranking
 
 
 def test_cursor_pages_do_not_repeat_and_page_size_is_checked(make_pipeline):
