@@ -21,9 +21,8 @@ positive labels + follow edge). Consumers run in spawned child processes (own in
    with the wall clock at publish). The rows are real but re-timed one log second apart, with
    ``speed`` = rows per wall second, so the offered rate is constant within a step (the log's own
    diurnal curve would swing it several-fold inside one step). Per applied event: ``lag`` = the
-   processor's write time - event time (its ``lag_percentiles`` / histogram; write time is read just
-   before the batch's pipeline runs), ``visible`` = when that write returned - event time, and
-   ``publish`` = when the producer's XADD returned - event time (the producer's share). The consumer
+   time the processor's write of its batch returned (readers see it from then on) - event time (its
+   ``lag_percentiles`` / histogram), and ``publish`` = when the producer's XADD returned - event time (the producer's share). The consumer
    lag (XINFO GROUPS ``lag``) and pending entries are read the moment the producer stops, then the
    time to catch up. A rate ``max`` (``0.8max``) is (a fraction of) the one-processor drain rate.
 
@@ -59,44 +58,31 @@ LAG_GROUP = "feature-writer"
 
 # ---------------------------------------------------------------- child side (own interpreter)
 
-class _RecordingClock:
-    """``time.time`` that remembers its last value: the processor reads the clock once per batch,
-    just before the batch's write, so after the write returns ``last`` is that batch's write_ts."""
-
-    def __init__(self):
-        self.last = 0.0
-
-    def __call__(self) -> float:
-        self.last = time.time()
-        return self.last
-
-
 class _LagTap:
     """Stands in for ``StreamMetrics.lag``: forwards to the real histogram and keeps every sample,
     so percentiles cover all events of a step, not only the processor's last ``lag_window``.
 
-    ``sink`` gets ``(lag_s, visible_lag_s)``: the processor's lag (its write_ts is taken before the
-    batch's pipeline runs) and the lag at the moment the batch's write returned (features visible)."""
+    ``sink`` gets each lag (s): event time -> the return of the batch's write."""
 
-    def __init__(self, hist, sink: list, clock: _RecordingClock):
-        self.hist, self.sink, self.clock, self._children = hist, sink, clock, {}
+    def __init__(self, hist, sink: list):
+        self.hist, self.sink, self._children = hist, sink, {}
 
     def labels(self, **kw):
         key = tuple(sorted(kw.items()))
         tap = self._children.get(key)
         if tap is None:
-            tap = self._children[key] = _LagTapChild(self.hist.labels(**kw), self.sink, self.clock)
+            tap = self._children[key] = _LagTapChild(self.hist.labels(**kw), self.sink)
         return tap
 
 
 class _LagTapChild:
-    __slots__ = ("child", "sink", "clock")
+    __slots__ = ("child", "sink")
 
-    def __init__(self, child, sink: list, clock: _RecordingClock):
-        self.child, self.sink, self.clock = child, sink, clock
+    def __init__(self, child, sink: list):
+        self.child, self.sink = child, sink
 
     def observe(self, v: float) -> None:
-        self.sink.append((v, v + time.time() - self.clock.last))
+        self.sink.append(v)
         self.child.observe(v)
 
 
@@ -119,11 +105,11 @@ def _make_processor(client, bus, group: str, consumer: str, proto: bool, lags: l
     from pipelines.streaming.metrics import StreamMetrics
     from pipelines.streaming.processor import StreamProcessor
 
-    metrics, clock = StreamMetrics(), _RecordingClock()
+    metrics = StreamMetrics()
     if lags is not None:
-        metrics.lag = _LagTap(metrics.lag, lags, clock)
+        metrics.lag = _LagTap(metrics.lag, lags)
     cls = _lean_processor_class() if proto else StreamProcessor
-    return cls(client, bus, topic=TOPIC, group=group, consumer=consumer, metrics=metrics, clock=clock)
+    return cls(client, bus, topic=TOPIC, group=group, consumer=consumer, metrics=metrics)
 
 
 def _lean_processor_class():
@@ -301,7 +287,7 @@ def consumer_child(url: str, count: int, group: str, consumer: str, barrier, out
 
 def lag_child(url: str, count: int, block_ms: int, consumer: str, proto: bool, ready, stop, out) -> None:
     """Run ``StreamProcessor.run`` on ``TOPIC`` as ``consumer`` of ``LAG_GROUP`` until ``stop`` is
-    set; put ``{"lags": [(lag_s, visible_lag_s)...], "stats": {...}, "window_p50_p99": (s, s), "cpu_s": s}``
+    set; put ``{"lags": [lag_s...], "stats": {...}, "window_p50_p99": (s, s), "cpu_s": s}``
     on ``out`` (``window_p50_p99``: the processor's own ``lag_percentiles``, to cross-check the tap)."""
     import redis
 
@@ -522,8 +508,7 @@ def _lag_step(ctx, url, client, bus, rows, videos, post_meta, rate, seconds, cou
             p.join(10)
             if p.is_alive():
                 p.terminate()
-    both = np.concatenate([np.asarray(r["lags"], dtype="float64").reshape(-1, 2) for r in res]) * 1000.0
-    lags, visible = both[:, 0], both[:, 1]
+    lags = np.concatenate([np.asarray(r["lags"], dtype="float64") for r in res]) * 1000.0
     wall = stats.wall_seconds + catch_up
     proc_cpu = sum(r["cpu_s"] for r in res)
     if consumers == 1 and 0 < len(lags) <= 10_000:  # the tap must agree with the processor's own window
@@ -538,7 +523,6 @@ def _lag_step(ctx, url, client, bus, rows, videos, post_meta, rate, seconds, cou
         "offered_ev_s": rate, "achieved_ev_s": stats.events_published / stats.wall_seconds,
         "events": stats.events_published, "applied": sum(r["stats"].get("applied", 0) for r in res),
         "lag_p50_ms": pct(lags, 50), "lag_p99_ms": pct(lags, 99), "lag_max_ms": pct(lags, 100),
-        "visible_p50_ms": pct(visible, 50), "visible_p99_ms": pct(visible, 99),
         "publish_p50_ms": pct(np.asarray(timed.delays) * 1000.0, 50),
         "publish_p99_ms": pct(np.asarray(timed.delays) * 1000.0, 99),
         "consumer_lag_end": end.lag, "pending_end": end.pending, "catch_up_s": catch_up,

@@ -103,6 +103,8 @@ class RealtimeSettings(_Strict):
     """Stream-processor features (``mixer/feature_hydrators/realtime.py``)."""
 
     enabled: bool = True
+    # the processor's counts are used only if it drained the stream this recently (s, request clock)
+    max_staleness_s: float = Field(60.0, gt=0)
 
 
 class RankingSettings(_Strict):

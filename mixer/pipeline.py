@@ -305,7 +305,8 @@ def build_pipeline(config: MixerConfig, *, client: redis.Redis, light: RankerHan
         filters=[PreviouslySeenFilter(), HatedAuthorFilter(), BlockedMutedAuthorFilter(),
                  MaxAgeFilter(config.filters.max_post_age_days), DuplicateFilter()],
         feature_hydrator=feature_hydrator,
-        realtime_hydrator=RealtimeFeatureHydrator(client) if config.realtime.enabled else None,
+        realtime_hydrator=(RealtimeFeatureHydrator(client, config.realtime.max_staleness_s)
+                           if config.realtime.enabled else None),
         light_ranker=LightRankerScorer(light),
         top_k=TopKSelector(config.ranking.heavy_ranker_top_k),
         heavy_ranker=heavy_scorer,

@@ -22,6 +22,12 @@ The 24 h smoothed rates ``post_click_rate_24h`` / ``post_long_view_rate_24h`` ar
 the fresh counts with the batch job's own prior, recovered from the batch rows:
 ``rate = (k + p m) / (n + m)`` => ``p = (rate (n + m) - k) / m`` (median over the candidates,
 since the prior is one global constant per head). 7-day and all-time features stay batch.
+
+A stopped or overloaded processor would leave the stream's counts short of the truth (and, once
+its coverage start is a window behind, replace the batch counts by them). The processor stamps
+``caught_up`` each time it drains the stream; when that is older than ``max_staleness_s`` at the
+request time, ``fetch`` raises ``StaleStreamError`` and the pipeline keeps the batch values
+(degraded ``realtime_features``).
 """
 
 from __future__ import annotations
@@ -62,6 +68,10 @@ def recover_prior(rate: np.ndarray, clicks: np.ndarray, impressions: np.ndarray,
     return float(np.median(p)) if len(p) else float("nan")
 
 
+class StaleStreamError(RuntimeError):
+    """The stream processor has not drained the stream recently: its counts may be short."""
+
+
 @dataclass(frozen=True)
 class FreshCounts:
     """What ``RealtimeFeatureHydrator.fetch`` read: coverage start T0 (epoch s, None = no stream
@@ -82,20 +92,39 @@ class RealtimeFeatureHydrator:
 
     Args:
         client: Redis holding the stream processor's ``hm:rt:*`` keys.
+        max_staleness_s: the stream counts are used only if the processor drained the stream
+            within this many seconds before the request time (it stamps at least once a second
+            when idle, so the default 60 s tolerates a restart, not an outage).
+
+    Raises:
+        ValueError: ``max_staleness_s <= 0``.
     """
 
     name = "realtime"
 
-    def __init__(self, client: redis.Redis):
+    def __init__(self, client: redis.Redis, max_staleness_s: float = 60.0):
+        if max_staleness_s <= 0:
+            raise ValueError(f"max_staleness_s must be > 0, got {max_staleness_s}")
         self.reader = rt.RealtimeFeatureReader(client)
+        self.max_staleness_s = max_staleness_s
 
     def fetch(self, query: Query, candidates: list[Candidate]) -> FreshCounts:
-        """Read the coverage start and the stream counts of the candidates' posts (one script call).
+        """Read the stream's coverage and the counts of the candidates' posts (two round trips).
 
         Raises:
             redis.RedisError: Redis is unreachable.
+            StaleStreamError: the stream has data but the processor last drained it more than
+                ``max_staleness_s`` before ``query.now_s`` (or never stamped it).
         """
-        since = self.reader.coverage_since()
+        coverage = self.reader.coverage()
+        since = coverage.since
+        if since is not None and (coverage.caught_up is None
+                                  or query.now_s - coverage.caught_up > self.max_staleness_s):
+            last = "never" if coverage.caught_up is None else f"{query.now_s - coverage.caught_up:.0f} s before the request"
+            raise StaleStreamError(
+                f"the stream processor last caught up {last} (limit {self.max_staleness_s:.0f} s); serving batch "
+                "counts. Check that `home-mixer stream run` is up and its consumer lag "
+                "(hm_stream_consumer_lag_entries)")
         if since is None or not candidates:
             return FreshCounts(since, query.now_s, np.zeros((len(candidates), len(COUNT_KINDS), len(WINDOWS))))
         posts = list(dict.fromkeys(c.post_id for c in candidates))

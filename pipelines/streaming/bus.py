@@ -117,7 +117,8 @@ class EventBus(Protocol):
         """Up to ``count`` new valid events for ``consumer`` of ``group`` (waits up to ``block_ms``)."""
 
     def consume_own_pending(self, topic: str, group: str, consumer: str, count: int = 100) -> list[Delivery]:
-        """Events delivered to ``consumer`` earlier and not acknowledged (after a restart or an error)."""
+        """All events delivered to ``consumer`` earlier and not acknowledged (after a restart or an
+        error), read ``count`` per call (a page size, not a cap)."""
 
     def ack(self, delivery: Delivery) -> None:
         """Mark ``delivery`` processed for its group (call after the feature write)."""
@@ -233,6 +234,8 @@ class RedisStreamsBus:
         XREADGROUP from id ``0``), e.g. the batch in hand when the connection dropped or the process
         restarted under the same name. Entries trimmed meanwhile are dead-lettered, as in ``reclaim``;
         delivery counts come from XPENDING, so poison entries still end in the dead-letter stream.
+        ``count`` is the page size of each read, not a cap: a consumer's pending list is at most
+        what it read in one batch (it acknowledges each batch), so all of it is returned.
         """
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")

@@ -97,8 +97,14 @@ local function decayed_add(key)
   redis.call('HSET', key, 'v', string.format('%.17g', v), 't', string.format('%.17g', t))
   redis.call('EXPIRE', key, ARGV[9])
 end
-local since = redis.call('HGET', KEYS[14], 'since')
-if (not since) or tonumber(since) > ets then redis.call('HSET', KEYS[14], 'since', ARGV[4]) end
+-- coverage: the newest event time seen, and the earliest one applied within 24 h of it (an event
+-- older than that counts in no window, so a late straggler must not claim coverage back to it)
+local cov = redis.call('HMGET', KEYS[14], 'since', 'newest')
+local gnewest = ets
+if cov[2] and tonumber(cov[2]) > ets then gnewest = tonumber(cov[2]) else redis.call('HSET', KEYS[14], 'newest', ARGV[4]) end
+if ets > gnewest - retention and ((not cov[1]) or tonumber(cov[1]) > ets) then
+  redis.call('HSET', KEYS[14], 'since', ARGV[4])
+end
 -- forward decay in log2 space: score = log2(sum_i w_i 2^(t_i / half)), summed with log-sum-exp
 local function trending_add(key, member, x)
   local cur = redis.call('ZSCORE', key, member)
@@ -171,8 +177,9 @@ return 1
 class StreamProcessor:
     """Consumes ``topic`` as ``consumer`` of ``group`` and writes real-time features.
 
-    A batch of deliveries is written in one pipelined round trip (one Lua call per event, each
-    atomic on its own) and acknowledged with one XACK for the events whose write succeeded.
+    A batch of deliveries is written in one pipeline (one EVALSHA per event, each atomic on its
+    own; redis-py first checks the scripts are loaded with one SCRIPT EXISTS, so two round trips)
+    and acknowledged with one XACK for the events whose write succeeded.
 
     Args:
         client: ``redis.Redis`` of the online store (any ``decode_responses``).
@@ -256,8 +263,12 @@ class StreamProcessor:
         duplicate (already applied) or needs no write. Raises ``redis.RedisError`` on a failed write."""
         return self.apply_many([event])[0]
 
-    def apply_many(self, events: list) -> list[bool | Exception]:
-        """Write several events in one pipelined round trip (each event's script is atomic).
+    def apply_many(self, events: list, caught_up_ts: float | None = None) -> list[bool | Exception]:
+        """Write several events in one pipeline (each event's script is atomic; see the class).
+
+        ``caught_up_ts`` (epoch s, processor clock): the events are everything the stream held at
+        that time; written with them as ``hm:rt:coverage`` ``caught_up``, which the mixer reads to
+        tell a live stream from a stopped or overloaded one.
 
         Returns per event ``True`` (applied now), ``False`` (duplicate, stale or no write needed) or
         the ``redis.RedisError`` its write raised (nothing of that event was written).
@@ -269,7 +280,9 @@ class StreamProcessor:
         write_ts = self.clock()
         pipe = self.client.pipeline(transaction=False)
         queued = [self._call(e, write_ts, pipe) for e in events]
-        results = iter(pipe.execute(raise_on_error=False) if any(queued) else [])
+        if caught_up_ts is not None:  # after the events: its result is past the ones read below
+            pipe.hset(rt.COVERAGE_KEY, "caught_up", f"{caught_up_ts:.6f}")
+        results = iter(pipe.execute(raise_on_error=False) if any(queued) or caught_up_ts is not None else [])
         done_ts = self.clock()  # the writes are visible to readers from here: the lag's end
         out: list[bool | Exception] = []
         for event, q in zip(events, queued):
@@ -288,10 +301,12 @@ class StreamProcessor:
         return out
 
     # ---- consuming ----
-    def _process(self, deliveries: list[Delivery]) -> int:
+    def _process(self, deliveries: list[Delivery], caught_up_ts: float | None = None) -> int:
         if not deliveries:
+            if caught_up_ts is not None:
+                self.client.hset(rt.COVERAGE_KEY, "caught_up", f"{caught_up_ts:.6f}")
             return 0
-        results = self.apply_many([d.event for d in deliveries])
+        results = self.apply_many([d.event for d in deliveries], caught_up_ts)
         done = []
         for d, res in zip(deliveries, results):
             if isinstance(res, Exception):
@@ -318,15 +333,19 @@ class StreamProcessor:
 
     def run_once(self, count: int = 100, block_ms: int | None = None) -> int:
         """Reclaim orphaned entries if due (always on the first call), then read up to ``count`` new
-        entries (waiting up to ``block_ms`` ms; ``None`` = no wait) and apply them.
+        entries (waiting up to ``block_ms`` ms; ``None`` = no wait) and apply them. A read that
+        returns fewer than ``count`` drained the stream: it stamps ``hm:rt:coverage`` ``caught_up``
+        with the clock (the mixer's liveness signal; an idle processor stamps once per ``block_ms``).
 
         Returns the number of events applied now (duplicates and post-created events excluded).
         """
         applied = 0
         if self._last_reclaim is None or self.clock() - self._last_reclaim >= self.reclaim_every_s:
             applied += self.reclaim(count)
-        applied += self._process(
-            self.bus.consume(self.topic, self.group, self.consumer, count=count, block_ms=block_ms))
+        got = self.bus.consume(self.topic, self.group, self.consumer, count=count, block_ms=block_ms)
+        # a short read drained the stream: everything published before it is being written now
+        caught_up_ts = self.clock() if len(got) < count else None
+        applied += self._process(got, caught_up_ts)
         if time.monotonic() - self._last_backlog >= self.backlog_every_s:
             self.refresh_backlog()
         return applied

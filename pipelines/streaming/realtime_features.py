@@ -16,7 +16,7 @@ UTC (float, microsecond precision); ids are decimal strings.
 | ``hm:follows:{user_id}``, ``hm:hated_authors:{user_id}`` | set | the mixer's keys (``mixer/index_keys.py``) |
 | ``hm:blocked_authors:{user_id}``, ``hm:muted_authors:{user_id}`` | set | authors the user blocked / muted |
 | ``hm:rt:trending:posts`` / ``hm:rt:trending:tags`` | zset | post / tag -> log2 forward-decayed score (below) |
-| ``hm:rt:coverage`` | hash | ``since``: the earliest event time applied (the stream covers events from it on) |
+| ``hm:rt:coverage`` | hash | ``since``: the earliest event time applied within 24 h of ``newest``, the newest event time applied (the stream's windows are complete from ``since`` on); ``caught_up``: processor clock when it last drained the stream (liveness) |
 
 Decayed score (Twitter's real-time aggregates idea: exponentially decayed counts with a half-life):
 ``score(now) = sum_i w_i * 2 ** (-(now - t_i) / HALF_LIFE_S)`` with ``w_i`` =
@@ -37,6 +37,7 @@ trimmed and seen again restarts from its new events.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -56,6 +57,7 @@ RECENT_CAP = 50                   # last N engaged posts / authors per user
 WINDOWS_S: dict[str, int] = {"5m": 300, "1h": 3600, "24h": 86400}
 TRENDING_HALF_LIFE_S = 3600.0     # trending reacts within the hour (the 6 h score is the slower signal)
 TRENDING_CAP = 10_000             # members kept per trending zset
+MAX_TRENDING_EXPONENT = 1000.0    # log2 cap of a trending score read (see trending())
 TRENDING_POSTS_KEY = "hm:rt:trending:posts"
 TRENDING_TAGS_KEY = "hm:rt:trending:tags"
 COVERAGE_KEY = "hm:rt:coverage"
@@ -246,6 +248,23 @@ return out
 """
 
 
+@dataclass(frozen=True)
+class StreamCoverage:
+    """What the stream processor has covered (epoch s; ``None`` = never written).
+
+    Attributes:
+        since: the earliest event time applied (within 24 h of ``newest``): the stream's window
+            counts are complete for windows starting at or after it.
+        newest: the newest event time applied.
+        caught_up: the processor's clock when it last drained the stream; a stopped or overloaded
+            processor stops advancing it.
+    """
+
+    since: float | None
+    newest: float | None
+    caught_up: float | None
+
+
 class RealtimeFeatureReader:
     """Reads the processor's real-time features (one round trip per call).
 
@@ -319,13 +338,20 @@ class RealtimeFeatureReader:
         if key is None or k < 1:
             raise ValueError(f"need entity 'post' or 'tag' and k >= 1, got {entity!r}, {k}")
         rows = self.client.zrevrange(key, 0, k - 1, withscores=True)
-        return [(int(m), 2.0 ** (float(x) - now_s / TRENDING_HALF_LIFE_S)) for m, x in rows]
+        # Events stamped ahead of now_s (a replay on another clock) would overflow 2 ** x; the
+        # order is what matters, so the exponent is capped (2 ** 1000 ~ 1e301 stays finite).
+        return [(int(m), 2.0 ** min(float(x) - now_s / TRENDING_HALF_LIFE_S, MAX_TRENDING_EXPONENT))
+                for m, x in rows]
+
+    def coverage(self) -> StreamCoverage:
+        """What the stream covers (``hm:rt:coverage``); fields ``None`` before the first write."""
+        since, newest, caught_up = self.client.hmget(COVERAGE_KEY, ["since", "newest", "caught_up"])
+        return StreamCoverage(*(None if v is None else float(v) for v in (since, newest, caught_up)))
 
     def coverage_since(self) -> float | None:
-        """Earliest event time (epoch s) the processor applied, i.e. the stream's windows are
-        complete from then on; ``None`` before the first event."""
-        v = self.client.hget(COVERAGE_KEY, "since")
-        return None if v is None else float(v)
+        """``coverage().since``: the earliest event time (epoch s) from which the stream's windows
+        are complete; ``None`` before the first event."""
+        return self.coverage().since
 
     def post_meta(self, post_id: int) -> dict[str, float]:
         """``{"last_event_ts": s, "last_write_ts": s}`` (empty if the post has no events)."""

@@ -362,13 +362,13 @@ def test_a_burst_on_a_post_during_a_replay_raises_its_rank_within_a_second(mixer
             bus.publish_many(burst)
             t_burst = time.monotonic()
             after = before
-            while time.monotonic() - t_burst < 1.0:
+            while time.monotonic() - t_burst < 5.0:  # past the 1 s target only to report how late
                 after, _ = rank_of(http, target["post_id"])
                 if after is not None and after < before:
                     break
             elapsed = time.monotonic() - t_burst
         assert after is not None and after < before, (before, after)
-        assert elapsed < 1.0
+        assert elapsed < 1.0, f"the burst moved the post up only after {elapsed:.2f} s"
         print(f"burst on post {target['post_id']}: rank {before} -> {after} in {elapsed * 1000:.0f} ms")
     finally:
         stop.set()

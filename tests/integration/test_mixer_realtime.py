@@ -9,7 +9,8 @@ import pytest
 
 from home_mixer.schema import ALL_FEATURES, SMOOTHING_M
 from mixer.candidate import Candidate, Query
-from mixer.feature_hydrators.realtime import RealtimeFeatureHydrator, merge_window, recover_prior
+from mixer.feature_hydrators.realtime import (RealtimeFeatureHydrator, StaleStreamError, merge_window,
+                                              recover_prior)
 from pipelines.streaming.bus import RedisStreamsBus
 from pipelines.streaming.events import EngagementEvent
 from pipelines.streaming.processor import StreamProcessor
@@ -98,6 +99,7 @@ def test_stream_counts_replace_batch_counts_merged_by_coverage(redis_client):
 
     # once the stream covers the whole window, the batch value no longer counts
     late = Query(user_id=5, page_size=10, now_s=t0 + 3600.0 + 1.0, request_id="r")
+    StreamProcessor(redis_client, bus, clock=lambda: late.now_s).run_once(count=1000)  # still live then
     out = hydrator.hydrate(late, cands[:1], _frame([10]))
     assert out.loc[0, "post_impressions_1h"] == sum(
         1 for e in events if e.post_id == 10 and e.kind == "impression" and e.event_ts.timestamp() >= t0 + 300)
@@ -109,3 +111,23 @@ def test_no_stream_data_leaves_the_frame_unchanged(redis_client):
     out = RealtimeFeatureHydrator(redis_client).hydrate(Query(user_id=5, page_size=10, now_s=H, request_id="r"),
                                                         cands, batch)
     pd.testing.assert_frame_equal(out, batch)
+
+
+def test_a_processor_that_stopped_catching_up_leaves_the_batch_values(redis_client):
+    """A stopped processor's counts are short of the truth: past max_staleness_s the hydrator
+    refuses them (the pipeline then keeps the batch values, degraded "realtime_features")."""
+    bus = RedisStreamsBus(redis_client)
+    for e in _events(10, H - 3 * 3600.0, 30):  # the stream ran for a while, 3 h ago
+        bus.publish("engagements", e)
+    StreamProcessor(redis_client, bus, clock=lambda: H - 2 * 3600.0).run_once(count=1000)
+    cands = [Candidate(post_id=10, source="x", author_id=1)]
+    query = Query(user_id=5, page_size=10, now_s=H, request_id="r")
+    with pytest.raises(StaleStreamError, match="7200 s before the request"):
+        RealtimeFeatureHydrator(redis_client, max_staleness_s=60).hydrate(query, cands, _frame([10]))
+    # the same data with a live processor (caught up 30 s ago) is used: the 1 h count is the
+    # stream's (no events in the last hour), no longer the batch's
+    StreamProcessor(redis_client, bus, clock=lambda: H - 30.0).run_once(count=1000)
+    out = RealtimeFeatureHydrator(redis_client, max_staleness_s=60).hydrate(query, cands, _frame([10]))
+    assert out.loc[0, "post_impressions_1h"] == 0.0
+    with pytest.raises(ValueError, match="max_staleness_s"):
+        RealtimeFeatureHydrator(redis_client, max_staleness_s=0)

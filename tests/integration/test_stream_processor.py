@@ -266,3 +266,37 @@ def test_metrics_export_lag_outcomes_and_consumer_backlog(redis_client):
     group = (("group", "feature-writer"), *topic)
     assert got[("hm_stream_consumer_lag_entries", group)] == 0
     assert got[("hm_stream_pending_entries", group)] == 0
+
+
+def test_coverage_ignores_stragglers_and_caught_up_marks_only_drained_reads(redis_client):
+    bus = RedisStreamsBus(redis_client)
+    for i in range(5):
+        bus.publish("engagements", _eng(f"cv{i}", "click", NOW - 100 * (5 - i)))
+    reader = rt.RealtimeFeatureReader(redis_client)
+    proc = _proc(redis_client, bus)
+    proc.run_once(count=2)  # a full read: more may be waiting, so not caught up
+    assert reader.coverage() == rt.StreamCoverage(since=NOW - 500, newest=NOW - 400, caught_up=None)
+    proc.run_once(count=10)  # 3 < 10: the stream is drained
+    assert reader.coverage() == rt.StreamCoverage(since=NOW - 500, newest=NOW - 100, caught_up=NOW + 1.0)
+
+    # a straggler two days old counts in no window: it must not claim coverage back to its time
+    bus.publish("engagements", _eng("old", "click", NOW - 2 * 86400))
+    # one 2 h older than the coverage start is within 24 h of the newest event: it extends it
+    bus.publish("engagements", _eng("late", "click", NOW - 7200))
+    proc.run_once(count=10)
+    assert reader.coverage() == rt.StreamCoverage(since=NOW - 7200, newest=NOW - 100, caught_up=NOW + 1.0)
+
+
+def test_trending_read_stays_finite_for_events_stamped_far_ahead_of_the_reader_clock(redis_client):
+    # a live replay stamps wall-clock time while a mixer may read on a pinned 2022 clock
+    bus = RedisStreamsBus(redis_client)
+    ahead = NOW + 5 * 365 * 86400
+    for i, (kind, post) in enumerate([("like", 20), ("like", 20), ("click", 21)]):
+        bus.publish("engagements", _eng(f"f{i}", kind, ahead, post=post))
+    _proc(redis_client, bus).run_once(count=10)
+    got = rt.RealtimeFeatureReader(redis_client).trending(NOW, k=5)
+    assert [p for p, _ in got] == [20, 21]
+    assert all(math.isfinite(s) and s > 0 for _, s in got)
+    # read on the events' own clock the closed form holds again
+    later = dict(rt.RealtimeFeatureReader(redis_client).trending(ahead, k=5))
+    assert later[20] == pytest.approx(2 * rt.kind_weight("like"), rel=1e-9)
