@@ -103,7 +103,7 @@ class RealtimeSettings(_Strict):
     """Stream-processor features (``mixer/feature_hydrators/realtime.py``)."""
 
     enabled: bool = True
-    # the processor's counts are used only if it drained the stream this recently (s, request clock)
+    # the processor's counts are used only if no stream entry waited longer than this (s, Redis clock)
     max_staleness_s: float = Field(60.0, gt=0)
 
 

@@ -25,9 +25,11 @@ since the prior is one global constant per head). 7-day and all-time features st
 
 A stopped or overloaded processor would leave the stream's counts short of the truth (and, once
 its coverage start is a window behind, replace the batch counts by them). The processor stamps
-``caught_up`` each time it drains the stream; when that is older than ``max_staleness_s`` at the
-request time, ``fetch`` raises ``StaleStreamError`` and the pipeline keeps the batch values
-(degraded ``realtime_features``).
+``caught_up``, the Redis server time before which its group applied every stream entry; when that
+is more than ``max_staleness_s`` behind the Redis server's clock, ``fetch`` raises
+``StaleStreamError`` and the pipeline keeps the batch values (degraded ``realtime_features``).
+Liveness is judged on the Redis clock alone, not on the request time, which may be a pinned or
+replayed clock (``clock`` in mixer.yaml).
 """
 
 from __future__ import annotations
@@ -92,9 +94,10 @@ class RealtimeFeatureHydrator:
 
     Args:
         client: Redis holding the stream processor's ``hm:rt:*`` keys.
-        max_staleness_s: the stream counts are used only if the processor drained the stream
-            within this many seconds before the request time (it stamps at least once a second
-            when idle, so the default 60 s tolerates a restart, not an outage).
+        max_staleness_s: the stream counts are used only if the processors' group had applied
+            every stream entry older than this many seconds (Redis server clock). An idle
+            processor stamps at least once a second, a busy one with every batch, so the default
+            60 s tolerates a restart (and the 30 s reclaim of a crashed peer's entries), not an outage.
 
     Raises:
         ValueError: ``max_staleness_s <= 0``.
@@ -113,16 +116,15 @@ class RealtimeFeatureHydrator:
 
         Raises:
             redis.RedisError: Redis is unreachable.
-            StaleStreamError: the stream has data but the processor last drained it more than
-                ``max_staleness_s`` before ``query.now_s`` (or never stamped it).
+            StaleStreamError: the stream has data but its processors last caught up more than
+                ``max_staleness_s`` ago (or never did).
         """
         coverage = self.reader.coverage()
-        since = coverage.since
-        if since is not None and (coverage.caught_up is None
-                                  or query.now_s - coverage.caught_up > self.max_staleness_s):
-            last = "never" if coverage.caught_up is None else f"{query.now_s - coverage.caught_up:.0f} s before the request"
+        since, stale = coverage.since, coverage.staleness_s
+        if since is not None and (stale is None or stale > self.max_staleness_s):
+            last = "never" if stale is None else f"{stale:.1f} s ago"
             raise StaleStreamError(
-                f"the stream processor last caught up {last} (limit {self.max_staleness_s:.0f} s); serving batch "
+                f"the stream processor last caught up {last} (limit {self.max_staleness_s:g} s); serving batch "
                 "counts. Check that `home-mixer stream run` is up and its consumer lag "
                 "(hm_stream_consumer_lag_entries)")
         if since is None or not candidates:

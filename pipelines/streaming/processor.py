@@ -27,7 +27,7 @@ import redis
 
 from home_mixer.schema import POSITIVE_HEADS
 from pipelines.streaming import realtime_features as rt
-from pipelines.streaming.bus import Delivery, EventBus
+from pipelines.streaming.bus import Delivery, EventBus, stream_key
 from pipelines.streaming.events import EngagementEvent, SocialGraphEvent
 from pipelines.streaming.metrics import StreamMetrics
 
@@ -57,7 +57,7 @@ redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
 #       13 trending tags, 14 coverage
 # ARGV: 1 seen ttl, 2 kind, 3 bucket start, 4 event ts, 5 write ts, 6 weight, 7 half-life,
 #       8 counts ttl, 9 score ttl, 10 recent cap, 11 post id, 12 author id, 13 positive (0/1),
-#       14 retention s, 15 bucket s, 16 trending half-life, 17 trending cap
+#       14 retention s, 15 bucket s, 16 trending half-life, 17 trending cap, 18 out-of-order margin s
 _ENGAGEMENT_LUA = _guarded_once("string hash hash hash hash zset zset set set hash hash zset zset hash") + r"""
 local kind = ARGV[2]
 local bucket = tonumber(ARGV[3])
@@ -97,13 +97,20 @@ local function decayed_add(key)
   redis.call('HSET', key, 'v', string.format('%.17g', v), 't', string.format('%.17g', t))
   redis.call('EXPIRE', key, ARGV[9])
 end
--- coverage: the newest event time seen, and the earliest one applied within 24 h of it (an event
--- older than that counts in no window, so a late straggler must not claim coverage back to it)
-local cov = redis.call('HMGET', KEYS[14], 'since', 'newest')
-local gnewest = ets
-if cov[2] and tonumber(cov[2]) > ets then gnewest = tonumber(cov[2]) else redis.call('HSET', KEYS[14], 'newest', ARGV[4]) end
-if ets > gnewest - retention and ((not cov[1]) or tonumber(cov[1]) > ets) then
-  redis.call('HSET', KEYS[14], 'since', ARGV[4])
+-- coverage (rt.StreamCoverage): ``newest`` event time, ``first`` (the first event applied) and
+-- ``since``, the earliest event time applied that can count in a window: within 24 h of newest and at
+-- most ARGV[18] (rt.OUT_OF_ORDER_S) before first, so a lone straggler cannot claim that the stream
+-- holds everything back to its time. An event more than a bucket ahead of the processor's
+-- clock (a skewed producer) is applied but moves no coverage field.
+if ets <= tonumber(ARGV[5]) + bucket_s then
+  local cov = redis.call('HMGET', KEYS[14], 'since', 'newest', 'first')
+  local gnewest = ets
+  if cov[2] and tonumber(cov[2]) > ets then gnewest = tonumber(cov[2]) else redis.call('HSET', KEYS[14], 'newest', ARGV[4]) end
+  local first = ets
+  if cov[3] then first = tonumber(cov[3]) else redis.call('HSET', KEYS[14], 'first', ARGV[4]) end
+  if ets > gnewest - retention and ets >= first - tonumber(ARGV[18]) and ((not cov[1]) or tonumber(cov[1]) > ets) then
+    redis.call('HSET', KEYS[14], 'since', ARGV[4])
+  end
 end
 -- forward decay in log2 space: score = log2(sum_i w_i 2^(t_i / half)), summed with log-sum-exp
 local function trending_add(key, member, x)
@@ -174,6 +181,38 @@ return 1
 """
 
 
+# The liveness stamp. KEYS: 1 coverage, 2 stream; ARGV: 1 group. On the Redis server clock (stream
+# ids are Redis ms too, so the processor's and the mixer's clocks never enter): caught_up = the
+# time before which every entry of the stream has been applied or dead-lettered by the group, i.e.
+# min(now, the oldest entry not yet delivered to the group, the oldest entry pending in it). It
+# only moves forward (processors of a group stamp concurrently). Returns the value (s) or nil
+# when the group does not exist.
+_STAMP_LUA = r"""
+local function id_ms(id) return tonumber(string.match(id, '^(%d+)')) end
+local now = redis.call('TIME')
+local t = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local groups = redis.pcall('XINFO', 'GROUPS', KEYS[2])
+if groups['err'] then return nil end
+local last = nil
+for _, g in ipairs(groups) do
+  local name, ld = nil, nil
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then ld = g[i + 1] end
+  end
+  if name == ARGV[1] then last = ld end
+end
+if not last then return nil end
+local undelivered = redis.call('XRANGE', KEYS[2], '(' .. last, '+', 'COUNT', 1)
+if #undelivered > 0 then t = math.min(t, id_ms(undelivered[1][1])) end
+local pending = redis.call('XPENDING', KEYS[2], ARGV[1])
+if pending[1] > 0 then t = math.min(t, id_ms(pending[2])) end
+local v = t / 1000
+local cur = redis.call('HGET', KEYS[1], 'caught_up')
+if (not cur) or tonumber(cur) < v then redis.call('HSET', KEYS[1], 'caught_up', string.format('%.3f', v)) end
+return string.format('%.3f', v)
+"""
+
+
 class StreamProcessor:
     """Consumes ``topic`` as ``consumer`` of ``group`` and writes real-time features.
 
@@ -213,6 +252,7 @@ class StreamProcessor:
         self.backlog_every_s = backlog_every_s
         self._engagement = client.register_script(_ENGAGEMENT_LUA)
         self._social = client.register_script(_SOCIAL_LUA)
+        self._stamp = client.register_script(_STAMP_LUA)
         self._lags: collections.deque[float] = collections.deque(maxlen=lag_window)
         self._last_reclaim: float | None = None
         self._last_backlog = -math.inf
@@ -234,7 +274,7 @@ class StreamProcessor:
                 args=[self.seen_ttl_s, event.kind, rt.bucket_start(ets), f"{ets:.6f}", f"{write_ts:.6f}",
                       repr(rt.kind_weight(event.kind)), repr(rt.HALF_LIFE_S), rt.COUNTS_TTL_S, rt.SCORE_TTL_S,
                       rt.RECENT_CAP, p, a, int(event.kind in POSITIVE_HEADS), rt.RETENTION_S, rt.BUCKET_S,
-                      repr(rt.TRENDING_HALF_LIFE_S), rt.TRENDING_CAP],
+                      repr(rt.TRENDING_HALF_LIFE_S), rt.TRENDING_CAP, rt.OUT_OF_ORDER_S],
                 client=client)
             return True
         if isinstance(event, SocialGraphEvent):
@@ -263,12 +303,8 @@ class StreamProcessor:
         duplicate (already applied) or needs no write. Raises ``redis.RedisError`` on a failed write."""
         return self.apply_many([event])[0]
 
-    def apply_many(self, events: list, caught_up_ts: float | None = None) -> list[bool | Exception]:
+    def apply_many(self, events: list) -> list[bool | Exception]:
         """Write several events in one pipeline (each event's script is atomic; see the class).
-
-        ``caught_up_ts`` (epoch s, processor clock): the events are everything the stream held at
-        that time; written with them as ``hm:rt:coverage`` ``caught_up``, which the mixer reads to
-        tell a live stream from a stopped or overloaded one.
 
         Returns per event ``True`` (applied now), ``False`` (duplicate, stale or no write needed) or
         the ``redis.RedisError`` its write raised (nothing of that event was written).
@@ -277,12 +313,17 @@ class StreamProcessor:
             redis.RedisError: the round trip itself failed (connection lost): events before the
                 failure may have been applied, which is safe since a retry is idempotent.
         """
+        return self._write(events, stamp=False)
+
+    def _write(self, events: list, stamp: bool) -> list[bool | Exception]:
         write_ts = self.clock()
         pipe = self.client.pipeline(transaction=False)
         queued = [self._call(e, write_ts, pipe) for e in events]
-        if caught_up_ts is not None:  # after the events: its result is past the ones read below
-            pipe.hset(rt.COVERAGE_KEY, "caught_up", f"{caught_up_ts:.6f}")
-        results = iter(pipe.execute(raise_on_error=False) if any(queued) or caught_up_ts is not None else [])
+        if stamp:
+            # after the writes, before their XACK: this batch is still pending, so the stamp
+            # claims only what preceded it (a failed write keeps it there until it succeeds)
+            self._stamp(keys=[rt.COVERAGE_KEY, stream_key(self.topic)], args=[self.group], client=pipe)
+        results = iter(pipe.execute(raise_on_error=False) if any(queued) or stamp else [])
         done_ts = self.clock()  # the writes are visible to readers from here: the lag's end
         out: list[bool | Exception] = []
         for event, q in zip(events, queued):
@@ -298,15 +339,15 @@ class StreamProcessor:
             outcome = {0: "duplicate", 1: "applied"}.get(int(res), "stale")
             self._record(outcome, event, done_ts)
             out.append(outcome == "applied")
+        if stamp and isinstance(res := next(results), Exception):
+            log.warning("liveness stamp of %s failed: %s", self.topic, res)
         return out
 
     # ---- consuming ----
-    def _process(self, deliveries: list[Delivery], caught_up_ts: float | None = None) -> int:
-        if not deliveries:
-            if caught_up_ts is not None:
-                self.client.hset(rt.COVERAGE_KEY, "caught_up", f"{caught_up_ts:.6f}")
-            return 0
-        results = self.apply_many([d.event for d in deliveries], caught_up_ts)
+    def _process(self, deliveries: list[Delivery]) -> int:
+        """Write ``deliveries`` with the liveness stamp (``_STAMP_LUA``) in one pipeline, then XACK
+        the ones written; an empty batch writes the stamp alone (an idle processor stays live)."""
+        results = self._write([d.event for d in deliveries], stamp=True)
         done = []
         for d, res in zip(deliveries, results):
             if isinstance(res, Exception):
@@ -333,9 +374,9 @@ class StreamProcessor:
 
     def run_once(self, count: int = 100, block_ms: int | None = None) -> int:
         """Reclaim orphaned entries if due (always on the first call), then read up to ``count`` new
-        entries (waiting up to ``block_ms`` ms; ``None`` = no wait) and apply them. A read that
-        returns fewer than ``count`` drained the stream: it stamps ``hm:rt:coverage`` ``caught_up``
-        with the clock (the mixer's liveness signal; an idle processor stamps once per ``block_ms``).
+        entries (waiting up to ``block_ms`` ms; ``None`` = no wait) and apply them, with the liveness
+        stamp ``hm:rt:coverage`` ``caught_up`` (``_STAMP_LUA``; an idle processor stamps once per
+        ``block_ms``), which the mixer reads to tell a live stream from a stopped or overloaded one.
 
         Returns the number of events applied now (duplicates and post-created events excluded).
         """
@@ -343,9 +384,7 @@ class StreamProcessor:
         if self._last_reclaim is None or self.clock() - self._last_reclaim >= self.reclaim_every_s:
             applied += self.reclaim(count)
         got = self.bus.consume(self.topic, self.group, self.consumer, count=count, block_ms=block_ms)
-        # a short read drained the stream: everything published before it is being written now
-        caught_up_ts = self.clock() if len(got) < count else None
-        applied += self._process(got, caught_up_ts)
+        applied += self._process(got)
         if time.monotonic() - self._last_backlog >= self.backlog_every_s:
             self.refresh_backlog()
         return applied

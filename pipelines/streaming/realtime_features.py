@@ -16,7 +16,7 @@ UTC (float, microsecond precision); ids are decimal strings.
 | ``hm:follows:{user_id}``, ``hm:hated_authors:{user_id}`` | set | the mixer's keys (``mixer/index_keys.py``) |
 | ``hm:blocked_authors:{user_id}``, ``hm:muted_authors:{user_id}`` | set | authors the user blocked / muted |
 | ``hm:rt:trending:posts`` / ``hm:rt:trending:tags`` | zset | post / tag -> log2 forward-decayed score (below) |
-| ``hm:rt:coverage`` | hash | ``since``: the earliest event time applied within 24 h of ``newest``, the newest event time applied (the stream's windows are complete from ``since`` on); ``caught_up``: processor clock when it last drained the stream (liveness) |
+| ``hm:rt:coverage`` | hash | ``newest``, ``first`` and ``since`` event times (``StreamCoverage``); ``caught_up``: Redis server time before which the group applied every entry (liveness) |
 
 Decayed score (Twitter's real-time aggregates idea: exponentially decayed counts with a half-life):
 ``score(now) = sum_i w_i * 2 ** (-(now - t_i) / HALF_LIFE_S)`` with ``w_i`` =
@@ -58,6 +58,9 @@ WINDOWS_S: dict[str, int] = {"5m": 300, "1h": 3600, "24h": 86400}
 TRENDING_HALF_LIFE_S = 3600.0     # trending reacts within the hour (the 6 h score is the slower signal)
 TRENDING_CAP = 10_000             # members kept per trending zset
 MAX_TRENDING_EXPONENT = 1000.0    # log2 cap of a trending score read (see trending())
+# Coverage (StreamCoverage): an event more than this before the first one applied is a straggler,
+# not the start of the stream; it also absorbs two processors racing on their first batches.
+OUT_OF_ORDER_S = 3600
 TRENDING_POSTS_KEY = "hm:rt:trending:posts"
 TRENDING_TAGS_KEY = "hm:rt:trending:tags"
 COVERAGE_KEY = "hm:rt:coverage"
@@ -253,16 +256,29 @@ class StreamCoverage:
     """What the stream processor has covered (epoch s; ``None`` = never written).
 
     Attributes:
-        since: the earliest event time applied (within 24 h of ``newest``): the stream's window
-            counts are complete for windows starting at or after it.
-        newest: the newest event time applied.
-        caught_up: the processor's clock when it last drained the stream; a stopped or overloaded
-            processor stops advancing it.
+        since: the earliest event time applied that is within 24 h of ``newest`` and at most one
+            ``OUT_OF_ORDER_S`` before ``first``: the stream's window counts are complete for
+            windows starting at or after it.
+        newest: the newest event time applied (events more than ``BUCKET_S`` ahead of the
+            processor's clock, from a skewed producer, move no coverage field).
+        first: the time of the first event the stream applied.
+        caught_up: Redis server time before which every entry of the stream was applied or
+            dead-lettered by the processors' group (``processor._STAMP_LUA``); a stopped or
+            overloaded processor stops advancing it.
+        server_now: Redis server time when this was read (the clock ``caught_up`` is on).
     """
 
     since: float | None
     newest: float | None
+    first: float | None
     caught_up: float | None
+    server_now: float
+
+    @property
+    def staleness_s(self) -> float | None:
+        """``server_now - caught_up`` (s): how long the stream's counts may have been short;
+        ``None`` if the processor never stamped."""
+        return None if self.caught_up is None else self.server_now - self.caught_up
 
 
 class RealtimeFeatureReader:
@@ -344,9 +360,13 @@ class RealtimeFeatureReader:
                 for m, x in rows]
 
     def coverage(self) -> StreamCoverage:
-        """What the stream covers (``hm:rt:coverage``); fields ``None`` before the first write."""
-        since, newest, caught_up = self.client.hmget(COVERAGE_KEY, ["since", "newest", "caught_up"])
-        return StreamCoverage(*(None if v is None else float(v) for v in (since, newest, caught_up)))
+        """What the stream covers (``hm:rt:coverage``) and the Redis server time, in one round trip;
+        fields ``None`` before the first write."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(COVERAGE_KEY, ["since", "newest", "first", "caught_up"])
+        pipe.time()
+        fields, (secs, micros) = pipe.execute()
+        return StreamCoverage(*(None if v is None else float(v) for v in fields), server_now=secs + micros / 1e6)
 
     def coverage_since(self) -> float | None:
         """``coverage().since``: the earliest event time (epoch s) from which the stream's windows

@@ -1,6 +1,7 @@
 """RealtimeFeatureHydrator on a real redis-server: stream counts written by the real processor
 replace the batch content counts, merged by coverage, and the 24 h rates keep the batch prior."""
 
+import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -99,7 +100,6 @@ def test_stream_counts_replace_batch_counts_merged_by_coverage(redis_client):
 
     # once the stream covers the whole window, the batch value no longer counts
     late = Query(user_id=5, page_size=10, now_s=t0 + 3600.0 + 1.0, request_id="r")
-    StreamProcessor(redis_client, bus, clock=lambda: late.now_s).run_once(count=1000)  # still live then
     out = hydrator.hydrate(late, cands[:1], _frame([10]))
     assert out.loc[0, "post_impressions_1h"] == sum(
         1 for e in events if e.post_id == 10 and e.kind == "impression" and e.event_ts.timestamp() >= t0 + 300)
@@ -114,20 +114,26 @@ def test_no_stream_data_leaves_the_frame_unchanged(redis_client):
 
 
 def test_a_processor_that_stopped_catching_up_leaves_the_batch_values(redis_client):
-    """A stopped processor's counts are short of the truth: past max_staleness_s the hydrator
-    refuses them (the pipeline then keeps the batch values, degraded "realtime_features")."""
+    """A stopped processor's counts are short of the truth: past max_staleness_s (Redis clock) the
+    hydrator refuses them (the pipeline then keeps the batch values, degraded "realtime_features").
+    The request clock plays no part: it is 2022 here, years behind the stamps."""
     bus = RedisStreamsBus(redis_client)
-    for e in _events(10, H - 3 * 3600.0, 30):  # the stream ran for a while, 3 h ago
+    for e in _events(10, H - 3 * 3600.0, 30):  # engagements 3 h before the request time
         bus.publish("engagements", e)
-    StreamProcessor(redis_client, bus, clock=lambda: H - 2 * 3600.0).run_once(count=1000)
+    processor = StreamProcessor(redis_client, bus, clock=lambda: H)
+    processor.run_once(count=1000)
     cands = [Candidate(post_id=10, source="x", author_id=1)]
     query = Query(user_id=5, page_size=10, now_s=H, request_id="r")
-    with pytest.raises(StaleStreamError, match="7200 s before the request"):
-        RealtimeFeatureHydrator(redis_client, max_staleness_s=60).hydrate(query, cands, _frame([10]))
-    # the same data with a live processor (caught up 30 s ago) is used: the 1 h count is the
-    # stream's (no events in the last hour), no longer the batch's
-    StreamProcessor(redis_client, bus, clock=lambda: H - 30.0).run_once(count=1000)
-    out = RealtimeFeatureHydrator(redis_client, max_staleness_s=60).hydrate(query, cands, _frame([10]))
-    assert out.loc[0, "post_impressions_1h"] == 0.0
+    hydrator = RealtimeFeatureHydrator(redis_client, max_staleness_s=0.3)
+    # live: the 1 h count is the stream's (no events in the last hour), no longer the batch's
+    assert hydrator.hydrate(query, cands, _frame([10])).loc[0, "post_impressions_1h"] == 0.0
+    # the processor stops while producers go on
+    bus.publish("engagements", _events(11, H - 60.0, 1)[0])
+    time.sleep(0.4)
+    with pytest.raises(StaleStreamError, match=r"last caught up [\d.]+ s ago \(limit 0.3 s\)"):
+        hydrator.hydrate(query, cands, _frame([10]))
+    processor.run_once(count=1000)  # back: it applies the waiting event (stamped up to it) ...
+    processor.run_once(count=1000)  # ... and its next read, empty, stamps the server time
+    assert hydrator.hydrate(query, cands, _frame([10])).loc[0, "post_impressions_1h"] == 0.0
     with pytest.raises(ValueError, match="max_staleness_s"):
         RealtimeFeatureHydrator(redis_client, max_staleness_s=0)

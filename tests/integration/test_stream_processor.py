@@ -4,6 +4,7 @@ write failures and the mixer's social keys."""
 import math
 import random
 import threading
+import time
 from datetime import datetime, timezone
 
 import pytest
@@ -204,7 +205,7 @@ def test_user_recent_is_capped_and_run_stops_on_event(redis_client):
     assert len(authors) == 50 and authors[0] == 54 and 77 not in authors
 
 
-def test_trending_posts_and_tags_match_the_closed_form_and_coverage_is_the_first_event(redis_client):
+def test_trending_posts_and_tags_match_the_closed_form_and_coverage_starts_near_the_first_event(redis_client):
     bus = RedisStreamsBus(redis_client)
     redis_client.hset(index_keys.POST_META, mapping={
         "10": index_keys.encode_post_meta(7, 0, [3, 5]), "11": index_keys.encode_post_meta(8, 0, [5]),
@@ -228,7 +229,11 @@ def test_trending_posts_and_tags_match_the_closed_form_and_coverage_is_the_first
     assert dict(posts) == pytest.approx(want, rel=1e-9)
     tags = dict(reader.trending(NOW, k=10, entity="tag"))
     assert tags == pytest.approx({3: want[10], 5: want[10] + want[11]}, rel=1e-9)  # post 13 has no meta
-    assert reader.coverage_since() == pytest.approx(min(e.event_ts.timestamp() for e in events), abs=1e-6)
+    # published in random time order: coverage reaches back to the earliest event within
+    # OUT_OF_ORDER_S of the first one applied, not to the earliest overall
+    first = events[0].event_ts.timestamp()
+    want = min(t for t in (e.event_ts.timestamp() for e in events) if t >= first - rt.OUT_OF_ORDER_S)
+    assert reader.coverage_since() == pytest.approx(want, abs=1e-6)
     with pytest.raises(ValueError, match="entity"):
         reader.trending(NOW, entity="author")
 
@@ -268,23 +273,71 @@ def test_metrics_export_lag_outcomes_and_consumer_backlog(redis_client):
     assert got[("hm_stream_pending_entries", group)] == 0
 
 
-def test_coverage_ignores_stragglers_and_caught_up_marks_only_drained_reads(redis_client):
+def test_coverage_ignores_stragglers_and_events_from_a_skewed_clock(redis_client):
     bus = RedisStreamsBus(redis_client)
     for i in range(5):
         bus.publish("engagements", _eng(f"cv{i}", "click", NOW - 100 * (5 - i)))
     reader = rt.RealtimeFeatureReader(redis_client)
     proc = _proc(redis_client, bus)
-    proc.run_once(count=2)  # a full read: more may be waiting, so not caught up
-    assert reader.coverage() == rt.StreamCoverage(since=NOW - 500, newest=NOW - 400, caught_up=None)
-    proc.run_once(count=10)  # 3 < 10: the stream is drained
-    assert reader.coverage() == rt.StreamCoverage(since=NOW - 500, newest=NOW - 100, caught_up=NOW + 1.0)
-
-    # a straggler two days old counts in no window: it must not claim coverage back to its time
-    bus.publish("engagements", _eng("old", "click", NOW - 2 * 86400))
-    # one 2 h older than the coverage start is within 24 h of the newest event: it extends it
-    bus.publish("engagements", _eng("late", "click", NOW - 7200))
     proc.run_once(count=10)
-    assert reader.coverage() == rt.StreamCoverage(since=NOW - 7200, newest=NOW - 100, caught_up=NOW + 1.0)
+    cov = reader.coverage()
+    assert (cov.since, cov.newest, cov.first) == (NOW - 500, NOW - 100, NOW - 500)
+    # a straggler two days old counts in no window; one 2 h before the first event is a single
+    # late event, not proof that the stream holds those 2 h: neither claims coverage back to it
+    bus.publish("engagements", _eng("old", "click", NOW - 2 * 86400))
+    bus.publish("engagements", _eng("late", "click", NOW - 500 - 2 * rt.OUT_OF_ORDER_S))
+    # ordinary out-of-order delivery, 10 min before the first event, extends it
+    bus.publish("engagements", _eng("near", "click", NOW - 500 - 600))
+    # a day ahead of the processor's clock (a skewed producer): applied, but moves no coverage
+    bus.publish("engagements", _eng("ahead", "click", NOW + 86400))
+    assert proc.run_once(count=10) == 4
+    cov = reader.coverage()
+    assert (cov.since, cov.newest, cov.first) == (NOW - 1100, NOW - 100, NOW - 500)
+
+
+def test_caught_up_is_the_oldest_entry_the_group_has_not_applied(redis_client):
+    """The liveness stamp is on the Redis clock: the stream id (ms) of the oldest entry that is
+    undelivered or pending in the group, or the server time once there is none."""
+    bus = RedisStreamsBus(redis_client)
+    reader = rt.RealtimeFeatureReader(redis_client)
+
+    def publish(eid, **kw) -> float:
+        time.sleep(0.003)  # distinct stream-id milliseconds
+        return int(bus.publish("engagements", _eng(eid, "click", NOW - 10, **kw)).split("-")[0]) / 1000
+
+    ids = [publish(f"lv{i}") for i in range(5)]
+    proc = _proc(redis_client, bus, reclaim_every_s=0.0, reclaim_idle_ms=0)
+    proc.run_once(count=2)  # stamped before its XACK: the batch itself is not claimed yet
+    assert reader.coverage().caught_up == ids[0]
+    proc.run_once(count=2)
+    assert reader.coverage().caught_up == ids[2]
+    proc.run_once(count=10)
+    proc.run_once(count=10)  # nothing left: the server's time
+    cov = reader.coverage()
+    assert ids[4] < cov.caught_up <= cov.server_now and cov.staleness_s < 1.0
+
+    # a write that fails leaves its entry pending: the stamp stays before it while time passes
+    redis_client.set(rt.post_counts_key(99), "not a hash")
+    bad = publish("bad", post=99)
+    proc.run_once(count=10)
+    proc.run_once(count=10)
+    assert proc.stats["failed"] >= 1 and reader.coverage().caught_up == bad
+    time.sleep(0.05)
+    assert reader.coverage().staleness_s >= 0.05
+    redis_client.delete(rt.post_counts_key(99))
+    proc.run_once(count=10)  # reclaimed (idle >= 0 ms) and applied: caught up again
+    cov = reader.coverage()
+    assert cov.caught_up > bad and cov.staleness_s < 0.05 and _pending(redis_client) == 0
+
+    # a peer that read an entry and died holds the stamp too, until the entry is reclaimed
+    held = publish("held")
+    assert len(bus.consume("engagements", "feature-writer", "dead-peer", count=1)) == 1
+    slow = _proc(redis_client, bus, name="c2")  # reclaims only entries idle 30 s
+    slow.run_once(count=10)
+    slow.run_once(count=10)
+    assert reader.coverage().caught_up == held
+    proc.run_once(count=10)
+    assert reader.coverage().caught_up > held and _pending(redis_client) == 0
 
 
 def test_trending_read_stays_finite_for_events_stamped_far_ahead_of_the_reader_clock(redis_client):
