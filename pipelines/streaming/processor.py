@@ -232,24 +232,28 @@ class StreamProcessor:
         lag_window: how many recent lags ``lag_percentiles`` keeps.
         metrics: where to export Prometheus metrics (``StreamMetrics``; default a private registry).
         backlog_every_s: ``run`` refreshes the consumer-lag gauges this often.
+        stamp_every_s: batches write the liveness stamp (``_STAMP_LUA``, ~50 us in Redis) at
+            most this often (s); the mixer's staleness limit is tens of seconds.
 
     Raises:
-        ValueError: a negative ``reclaim_idle_ms`` or a non-positive ttl / window.
+        ValueError: a negative ``reclaim_idle_ms`` / ``stamp_every_s`` or a non-positive ttl / window.
     """
 
     def __init__(self, client: redis.Redis, bus: EventBus, topic: str = "engagements",
                  group: str = "feature-writer", consumer: str | None = None, reclaim_idle_ms: int = 30_000,
                  reclaim_every_s: float = 30.0, seen_ttl_s: int = rt.SEEN_TTL_S,
                  clock: Callable[[], float] = time.time, lag_window: int = 10_000,
-                 metrics: StreamMetrics | None = None, backlog_every_s: float = 1.0):
-        if reclaim_idle_ms < 0 or seen_ttl_s < 1 or lag_window < 1:
-            raise ValueError("need reclaim_idle_ms >= 0, seen_ttl_s >= 1, lag_window >= 1")
+                 metrics: StreamMetrics | None = None, backlog_every_s: float = 1.0,
+                 stamp_every_s: float = 0.1):
+        if reclaim_idle_ms < 0 or seen_ttl_s < 1 or lag_window < 1 or stamp_every_s < 0:
+            raise ValueError("need reclaim_idle_ms >= 0, seen_ttl_s >= 1, lag_window >= 1, stamp_every_s >= 0")
         self.client, self.bus, self.topic, self.group = client, bus, topic, group
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.reclaim_idle_ms, self.reclaim_every_s, self.seen_ttl_s = reclaim_idle_ms, reclaim_every_s, seen_ttl_s
         self.clock = clock
         self.metrics = metrics or StreamMetrics()
-        self.backlog_every_s = backlog_every_s
+        self.backlog_every_s, self.stamp_every_s = backlog_every_s, stamp_every_s
+        self._last_stamp = -math.inf
         self._engagement = client.register_script(_ENGAGEMENT_LUA)
         self._social = client.register_script(_SOCIAL_LUA)
         self._stamp = client.register_script(_STAMP_LUA)
@@ -345,9 +349,13 @@ class StreamProcessor:
 
     # ---- consuming ----
     def _process(self, deliveries: list[Delivery]) -> int:
-        """Write ``deliveries`` with the liveness stamp (``_STAMP_LUA``) in one pipeline, then XACK
-        the ones written; an empty batch writes the stamp alone (an idle processor stays live)."""
-        results = self._write([d.event for d in deliveries], stamp=True)
+        """Write ``deliveries`` with the liveness stamp (``_STAMP_LUA``; if ``stamp_every_s`` has
+        passed) in one pipeline, then XACK the ones written; an empty batch writes the stamp alone
+        (an idle processor stays live)."""
+        stamp = time.monotonic() - self._last_stamp >= self.stamp_every_s
+        if stamp:
+            self._last_stamp = time.monotonic()
+        results = self._write([d.event for d in deliveries], stamp=stamp)
         done = []
         for d, res in zip(deliveries, results):
             if isinstance(res, Exception):
@@ -376,7 +384,8 @@ class StreamProcessor:
         """Reclaim orphaned entries if due (always on the first call), then read up to ``count`` new
         entries (waiting up to ``block_ms`` ms; ``None`` = no wait) and apply them, with the liveness
         stamp ``hm:rt:coverage`` ``caught_up`` (``_STAMP_LUA``; an idle processor stamps once per
-        ``block_ms``), which the mixer reads to tell a live stream from a stopped or overloaded one.
+        ``block_ms``, a busy one every ``stamp_every_s``), which the mixer reads to tell a live
+        stream from a stopped or overloaded one.
 
         Returns the number of events applied now (duplicates and post-created events excluded).
         """

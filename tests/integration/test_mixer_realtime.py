@@ -120,7 +120,7 @@ def test_a_processor_that_stopped_catching_up_leaves_the_batch_values(redis_clie
     bus = RedisStreamsBus(redis_client)
     for e in _events(10, H - 3 * 3600.0, 30):  # engagements 3 h before the request time
         bus.publish("engagements", e)
-    processor = StreamProcessor(redis_client, bus, clock=lambda: H)
+    processor = StreamProcessor(redis_client, bus, clock=lambda: H, stamp_every_s=0.0)
     processor.run_once(count=1000)
     cands = [Candidate(post_id=10, source="x", author_id=1)]
     query = Query(user_id=5, page_size=10, now_s=H, request_id="r")

@@ -306,7 +306,7 @@ def test_caught_up_is_the_oldest_entry_the_group_has_not_applied(redis_client):
         return int(bus.publish("engagements", _eng(eid, "click", NOW - 10, **kw)).split("-")[0]) / 1000
 
     ids = [publish(f"lv{i}") for i in range(5)]
-    proc = _proc(redis_client, bus, reclaim_every_s=0.0, reclaim_idle_ms=0)
+    proc = _proc(redis_client, bus, reclaim_every_s=0.0, reclaim_idle_ms=0, stamp_every_s=0.0)
     proc.run_once(count=2)  # stamped before its XACK: the batch itself is not claimed yet
     assert reader.coverage().caught_up == ids[0]
     proc.run_once(count=2)
@@ -332,12 +332,20 @@ def test_caught_up_is_the_oldest_entry_the_group_has_not_applied(redis_client):
     # a peer that read an entry and died holds the stamp too, until the entry is reclaimed
     held = publish("held")
     assert len(bus.consume("engagements", "feature-writer", "dead-peer", count=1)) == 1
-    slow = _proc(redis_client, bus, name="c2")  # reclaims only entries idle 30 s
+    slow = _proc(redis_client, bus, name="c2", stamp_every_s=0.0)  # reclaims only entries idle 30 s
     slow.run_once(count=10)
     slow.run_once(count=10)
     assert reader.coverage().caught_up == held
     proc.run_once(count=10)
     assert reader.coverage().caught_up > held and _pending(redis_client) == 0
+    # a busy processor stamps at most every stamp_every_s
+    throttled = _proc(redis_client, bus, name="c3", stamp_every_s=3600.0)
+    throttled.run_once(count=10)
+    stamped = reader.coverage().caught_up
+    publish("later")
+    throttled.run_once(count=10)
+    throttled.run_once(count=10)
+    assert reader.coverage().caught_up == stamped and throttled.stats["applied"] == 1
 
 
 def test_trending_read_stays_finite_for_events_stamped_far_ahead_of_the_reader_clock(redis_client):
