@@ -104,7 +104,7 @@ class RealtimeSettings(_Strict):
 
     enabled: bool = True
     # the processor's counts are used only if no stream entry waited longer than this (s, Redis clock)
-    max_staleness_s: float = Field(60.0, gt=0)
+    max_staleness_s: float = Field(120.0, gt=0)
 
 
 class RankingSettings(_Strict):

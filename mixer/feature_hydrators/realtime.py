@@ -7,7 +7,8 @@ delay) old. The stream processor keeps the same counts in 5-minute buckets
 definition, a test checks it). This hydrator replaces the batch values by the stream's window
 ending at the request time, so an engagement counts for ranking as soon as it is written.
 
-The stream only knows events since its coverage start T0 (its first applied event). For a window
+The stream only knows events since its coverage start T0 (``StreamCoverage.since``: about its
+first applied event, out-of-order events up to 10 min before it included). For a window
 ``[s, c)`` (``c`` = request time rounded up to the 5-minute grid, ``s = c - W``) that starts
 before T0, the part ``[s, T0)`` comes from the batch value, assumed uniform over its window:
 
@@ -48,6 +49,7 @@ from pipelines.streaming import realtime_features as rt
 COUNT_KINDS: dict[str, str] = {"impressions": "impression", "clicks": "click", "long_views": "long_view",
                                "likes": "like"}
 WINDOWS: dict[str, int] = {"1h": 3600, "24h": 86400}
+CLOCK_SLACK_S = 5.0  # a liveness stamp this far ahead of the Redis clock is still believed
 # smoothed 24 h rate -> its numerator count (denominator: post_impressions_24h)
 RATES_24H: dict[str, str] = {"post_click_rate_24h": "post_clicks_24h",
                              "post_long_view_rate_24h": "post_long_views_24h"}
@@ -71,7 +73,8 @@ def recover_prior(rate: np.ndarray, clicks: np.ndarray, impressions: np.ndarray,
 
 
 class StaleStreamError(RuntimeError):
-    """The stream processor has not drained the stream recently: its counts may be short."""
+    """The stream processors left an entry unapplied for longer than ``max_staleness_s`` (or never
+    stamped, or stamped ahead of the Redis clock): their counts may be short."""
 
 
 @dataclass(frozen=True)
@@ -95,9 +98,10 @@ class RealtimeFeatureHydrator:
     Args:
         client: Redis holding the stream processor's ``hm:rt:*`` keys.
         max_staleness_s: the stream counts are used only if the processors' group had applied
-            every stream entry older than this many seconds (Redis server clock). An idle
-            processor stamps at least once a second, a busy one with every batch, so the default
-            60 s tolerates a restart (and the 30 s reclaim of a crashed peer's entries), not an outage.
+            every stream entry older than this many seconds (Redis server clock). A processor
+            stamps every 0.1 s when busy and once a second when idle; a crashed one's entries are
+            reclaimed after 30 s idle by a reclaim that runs every 30 s, so the default 120 s
+            tolerates a crash or restart, not an outage.
 
     Raises:
         ValueError: ``max_staleness_s <= 0``.
@@ -105,7 +109,7 @@ class RealtimeFeatureHydrator:
 
     name = "realtime"
 
-    def __init__(self, client: redis.Redis, max_staleness_s: float = 60.0):
+    def __init__(self, client: redis.Redis, max_staleness_s: float = 120.0):
         if max_staleness_s <= 0:
             raise ValueError(f"max_staleness_s must be > 0, got {max_staleness_s}")
         self.reader = rt.RealtimeFeatureReader(client)
@@ -121,8 +125,10 @@ class RealtimeFeatureHydrator:
         """
         coverage = self.reader.coverage()
         since, stale = coverage.since, coverage.staleness_s
-        if since is not None and (stale is None or stale > self.max_staleness_s):
-            last = "never" if stale is None else f"{stale:.1f} s ago"
+        # a stamp ahead of the Redis clock (stepped back, failover) proves nothing: stale too
+        if since is not None and (stale is None or not -CLOCK_SLACK_S <= stale <= self.max_staleness_s):
+            last = ("never" if stale is None else f"{stale:.1f} s ago" if stale >= 0
+                    else f"{-stale:.1f} s ahead of the Redis clock")
             raise StaleStreamError(
                 f"the stream processor last caught up {last} (limit {self.max_staleness_s:g} s); serving batch "
                 "counts. Check that `home-mixer stream run` is up and its consumer lag "

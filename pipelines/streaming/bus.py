@@ -11,9 +11,11 @@ Semantics (at least once, nothing dropped silently):
   (a poison entry that crashes every consumer), or that was trimmed away while still pending is
   written to the topic's dead-letter stream with the reason and the original fields and id, and
   acknowledged in the same transaction. The dead-letter stream is never trimmed.
+- Entries trimmed before the group read them (consumers down longer than the retention) are
+  reported by ``skip_trimmed`` as one dead letter naming the gap.
 
-The interface is deliberately small (publish / consume / ack / reclaim / dead_letter) so a Kafka
-implementation can follow: topic = Kafka topic, group = consumer group, ack = offset commit,
+The interface is deliberately small (publish / consume / ack / reclaim / dead_letter /
+skip_trimmed) so a Kafka implementation can follow: topic = Kafka topic, group = consumer group, ack = offset commit,
 reclaim = partition rebalance, dead letter = a ``<topic>.dead`` topic.
 
 Redis layout: stream ``hm:events:<topic>``, dead letters ``hm:events:<topic>:dead``. Stream ids are
@@ -136,6 +138,42 @@ class EventBus(Protocol):
     def dead_letter(self, delivery: Delivery, reason: str) -> str:
         """Move ``delivery`` to the topic's dead-letter stream and acknowledge it; returns the dead-letter id."""
 
+    def skip_trimmed(self, topic: str, group: str) -> int:
+        """Entries the retention cap removed before ``group`` read them (Kafka: offset out of range):
+        record the gap as one dead letter, move the group past it, return how many were lost."""
+
+
+# KEYS: 1 stream, 2 dead-letter stream; ARGV: 1 group, 2 topic. Trimming removes entries from the
+# front, so entries were lost to the group iff its last-delivered id is before the first retained
+# entry and entries-added - entries-read (undelivered) exceeds the retained length (all undelivered).
+_SKIP_TRIMMED_LUA = r"""
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+local info = redis.pcall('XINFO', 'STREAM', KEYS[1])
+if info['err'] then return 0 end
+local s = {}
+for i = 1, #info, 2 do s[info[i]] = info[i + 1] end
+if (not s['entries-added']) or s['length'] == 0 then return 0 end
+local first = s['first-entry'][1]
+local last, read = nil, nil
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local f = {}
+  for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+  if f['name'] == ARGV[1] then last, read = f['last-delivered-id'], f['entries-read'] end
+end
+if (not last) or (not read) or (not before(last, first)) then return 0 end
+local lost = s['entries-added'] - read - s['length']
+if lost <= 0 then return 0 end
+redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last, 'ENTRIESREAD', s['entries-added'] - s['length'])
+redis.call('XADD', KEYS[2], '*', 'reason', lost .. ' entries were trimmed from the stream (MAXLEN) before the group read them; payloads lost',
+           'original_topic', ARGV[2], 'original_id', last .. '..' .. first, 'group', ARGV[1])
+return lost
+"""
+
 
 def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
@@ -171,6 +209,7 @@ class RedisStreamsBus:
         self.max_deliveries = max_deliveries
         self.group_start_id = group_start_id
         self._groups: set[tuple[str, str]] = set()  # groups known to exist (saves a round trip per read)
+        self._skip_trimmed = client.register_script(_SKIP_TRIMMED_LUA)
 
     # ---- producer ----
     def publish(self, topic: str, event: AnyEvent) -> str:
@@ -331,9 +370,10 @@ class RedisStreamsBus:
             if cursor == "0-0":
                 break
         for entry_id in trimmed:
+            # ack too: 7.x already dropped the id from the pending list, 6.2 keeps it there
             self._dead_letter(topic, group, entry_id, {},
                               "entry was trimmed from the stream (MAXLEN) before it was acknowledged; payload lost",
-                              ack=False)
+                              ack=True)
         if not claimed:
             return []
         pipe = self.client.pipeline(transaction=False)
@@ -343,6 +383,18 @@ class RedisStreamsBus:
         for rows in pipe.execute():
             counts.append(int(rows[0]["times_delivered"]) if rows else 1)
         return self._deliver(topic, group, [(i, f, n) for (i, f), n in zip(claimed, counts)])
+
+    def skip_trimmed(self, topic: str, group: str) -> int:
+        """Detect entries trimmed (``MAXLEN``) before ``group`` read them, e.g. while its consumers
+        were down longer than the stream's retention: write one dead letter naming the gap (the
+        payloads are gone) and correct the group's read counter (``XGROUP SETID ... ENTRIESREAD``,
+        else its lag stays inflated), atomically in one script. Returns the number of entries lost
+        (0 if none, on Redis < 7.0, or when Redis cannot count what the group read, e.g. after XDEL).
+        Call it before each read: once the group reads past the gap it can no longer be counted.
+        """
+        self.ensure_group(topic, group)
+        lost = self._skip_trimmed(keys=[stream_key(topic), dead_letter_key(topic)], args=[group, topic])
+        return int(lost or 0)
 
     # ---- dead letters ----
     def dead_letter(self, delivery: Delivery, reason: str) -> str:

@@ -4,7 +4,8 @@ Names (prefix ``hm_stream_``):
 
 - ``events_total{topic,outcome}`` (counter): outcome ``applied`` | ``duplicate`` (already applied,
   idempotent no-op) | ``stale`` (an older social action than the last applied) | ``skipped`` (no
-  feature write, e.g. post created) | ``failed`` (write error, left pending for a retry).
+  feature write, e.g. post created) | ``failed`` (write error, left pending for a retry) |
+  ``lost`` (trimmed from the stream before the group read it: ``EventBus.skip_trimmed``).
 - ``event_to_online_seconds{topic}`` (histogram): write time - event time of each applied event,
   the freshness of the online features.
 - ``event_to_online_p50_seconds`` / ``_p99_seconds{topic}`` (gauges): the same over the last

@@ -71,8 +71,10 @@ local newest = ets
 if prev and tonumber(prev) > ets then newest = tonumber(prev) end
 redis.call('HSET', KEYS[3], 'last_event_ts', string.format('%.6f', newest), 'last_write_ts', ARGV[5])
 redis.call('EXPIRE', KEYS[3], ARGV[8])
--- a bucket wholly older than the 24 h window of the newest event is dropped, never written
-local horizon = newest - retention
+-- a bucket wholly older than the 24 h window of the newest event is dropped, never written; the
+-- newest is taken at most a bucket ahead of the processor's clock, so one event from a skewed
+-- producer cannot push the post's real buckets out of the window
+local horizon = math.min(newest, tonumber(ARGV[5]) + bucket_s) - retention
 if bucket + bucket_s > horizon then
   local n = redis.call('HINCRBY', KEYS[2], kind .. ':' .. ARGV[3], 1)
   if n == 1 then
@@ -185,12 +187,15 @@ return 1
 # ids are Redis ms too, so the processor's and the mixer's clocks never enter): caught_up = the
 # time before which every entry of the stream has been applied or dead-lettered by the group, i.e.
 # min(now, the oldest entry not yet delivered to the group, the oldest entry pending in it). It
-# only moves forward (processors of a group stamp concurrently). Returns the value (s) or nil
-# when the group does not exist.
+# only moves forward (processors of a group stamp concurrently), up to the server time. Entries
+# trimmed before delivery are not waited for (EventBus.skip_trimmed reports them). One field for the
+# Redis database: run one processor group (one topic) per online store. Returns the value (s) or
+# nil when the stream or group does not exist.
 _STAMP_LUA = r"""
 local function id_ms(id) return tonumber(string.match(id, '^(%d+)')) end
 local now = redis.call('TIME')
-local t = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local t = now_ms
 local groups = redis.pcall('XINFO', 'GROUPS', KEYS[2])
 if groups['err'] then return nil end
 local last = nil
@@ -204,11 +209,14 @@ end
 if not last then return nil end
 local undelivered = redis.call('XRANGE', KEYS[2], '(' .. last, '+', 'COUNT', 1)
 if #undelivered > 0 then t = math.min(t, id_ms(undelivered[1][1])) end
-local pending = redis.call('XPENDING', KEYS[2], ARGV[1])
-if pending[1] > 0 then t = math.min(t, id_ms(pending[2])) end
+local oldest = redis.call('XPENDING', KEYS[2], ARGV[1], '-', '+', 1)  -- O(1), unlike the summary form
+if #oldest > 0 then t = math.min(t, id_ms(oldest[1][1])) end
 local v = t / 1000
 local cur = redis.call('HGET', KEYS[1], 'caught_up')
-if (not cur) or tonumber(cur) < v then redis.call('HSET', KEYS[1], 'caught_up', string.format('%.3f', v)) end
+-- a value ahead of the server clock (the clock stepped back, a failover) is replaced, not kept
+if (not cur) or tonumber(cur) < v or tonumber(cur) * 1000 > now_ms then
+  redis.call('HSET', KEYS[1], 'caught_up', string.format('%.3f', v))
+end
 return string.format('%.3f', v)
 """
 
@@ -262,7 +270,7 @@ class StreamProcessor:
         self._last_backlog = -math.inf
         self._outcome_counters: dict = {}
         self._lag_histogram = self.metrics.lag.labels(topic=topic)
-        self.stats = collections.Counter()  # applied, duplicate, stale, skipped, failed
+        self.stats = collections.Counter()  # applied, duplicate, stale, skipped, failed, lost
 
     # ---- applying events ----
     def _call(self, event, write_ts: float, client) -> bool:
@@ -343,8 +351,13 @@ class StreamProcessor:
             outcome = {0: "duplicate", 1: "applied"}.get(int(res), "stale")
             self._record(outcome, event, done_ts)
             out.append(outcome == "applied")
-        if stamp and isinstance(res := next(results), Exception):
-            log.warning("liveness stamp of %s failed: %s", self.topic, res)
+        if stamp:
+            res = next(results)
+            if isinstance(res, Exception) or res is None:
+                # the mixer will judge the stream stale: say why here
+                log.warning("liveness stamp of %s / %s failed: %s", self.topic, self.group,
+                            res if res is not None else "no such stream or group in the online store's Redis "
+                            "(the stamp reads the bus through the online store's client: both must be one Redis)")
         return out
 
     # ---- consuming ----
@@ -367,6 +380,17 @@ class StreamProcessor:
         if done:
             self.bus.ack_many(done)
         return sum(r is True for r in results)
+
+    def _lost(self, n: int) -> None:
+        """``n`` entries were trimmed before the group read them: the stream's windows have a hole,
+        so coverage restarts at the next event applied (the mixer takes the part of each window
+        before it from the batch values)."""
+        log.error("%d %s entries were trimmed (MAXLEN) before group %s read them; their events are lost "
+                  "(see the dead-letter stream). Raise the bus maxlen or keep the processors up; "
+                  "real-time coverage restarts now", n, self.topic, self.group)
+        self.stats["lost"] += n
+        self.metrics.events.labels(topic=self.topic, outcome="lost").inc(n)
+        self.client.hdel(rt.COVERAGE_KEY, "since", "first")
 
     def reclaim(self, count: int = 100) -> int:
         """Take over and apply entries of the group pending >= ``reclaim_idle_ms``; returns events applied."""
@@ -392,6 +416,9 @@ class StreamProcessor:
         applied = 0
         if self._last_reclaim is None or self.clock() - self._last_reclaim >= self.reclaim_every_s:
             applied += self.reclaim(count)
+        lost = self.bus.skip_trimmed(self.topic, self.group)
+        if lost:
+            self._lost(lost)
         got = self.bus.consume(self.topic, self.group, self.consumer, count=count, block_ms=block_ms)
         applied += self._process(got)
         if time.monotonic() - self._last_backlog >= self.backlog_every_s:

@@ -59,8 +59,9 @@ TRENDING_HALF_LIFE_S = 3600.0     # trending reacts within the hour (the 6 h sco
 TRENDING_CAP = 10_000             # members kept per trending zset
 MAX_TRENDING_EXPONENT = 1000.0    # log2 cap of a trending score read (see trending())
 # Coverage (StreamCoverage): an event more than this before the first one applied is a straggler,
-# not the start of the stream; it also absorbs two processors racing on their first batches.
-OUT_OF_ORDER_S = 3600
+# not the start of the stream (two buckets: well under the shortest merged window, 1 h, yet enough
+# for two processors racing on their first batches).
+OUT_OF_ORDER_S = 600
 TRENDING_POSTS_KEY = "hm:rt:trending:posts"
 TRENDING_TAGS_KEY = "hm:rt:trending:tags"
 COVERAGE_KEY = "hm:rt:coverage"
@@ -256,15 +257,16 @@ class StreamCoverage:
     """What the stream processor has covered (epoch s; ``None`` = never written).
 
     Attributes:
-        since: the earliest event time applied that is within 24 h of ``newest`` and at most one
-            ``OUT_OF_ORDER_S`` before ``first``: the stream's window counts are complete for
+        since: the earliest event time applied that is within 24 h of ``newest`` and at most
+            ``OUT_OF_ORDER_S`` (10 min) before ``first``: the stream's window counts are complete for
             windows starting at or after it.
         newest: the newest event time applied (events more than ``BUCKET_S`` ahead of the
             processor's clock, from a skewed producer, move no coverage field).
         first: the time of the first event the stream applied.
         caught_up: Redis server time before which every entry of the stream was applied or
-            dead-lettered by the processors' group (``processor._STAMP_LUA``); a stopped or
-            overloaded processor stops advancing it.
+            dead-lettered by the processors' group (``processor._STAMP_LUA``; entries trimmed
+            before delivery excepted, see ``EventBus.skip_trimmed``); a stopped or overloaded
+            processor stops advancing it.
         server_now: Redis server time when this was read (the clock ``caught_up`` is on).
     """
 

@@ -15,7 +15,8 @@ Sections (``id`` is a post, author or user id; ``name`` is ``""`` where there is
   time (epoch s) of the ``RECENT_CAP`` most recent posts / authors.
 - ``("follow", user, author)`` / ``("hated", user, author)``: 1.0 per member of the user's follow /
   hated-author set (no unfollow / block in a replayed log: a follow head or follow edge adds).
-- ``("coverage", 0, "")``: the earliest event time applied.
+- ``("coverage", 0, "")``: the earliest event time applied that is within 24 h of the newest one
+  seen before it and at most ``OUT_OF_ORDER_S`` before the first one (events in stream order).
 """
 
 from __future__ import annotations
@@ -107,7 +108,13 @@ def expected_state(events: list, now: float, ids: EntityIds) -> dict[Key, float]
             out.update({(section, u, str(m)): t for m, t in keep})
     out.update({("trending_post", p, ""): v for p, v in trending.items() if p in posts})
     if engagements:
-        out[("coverage", 0, "")] = min(e.event_ts.timestamp() for e in engagements)
+        times = [e.event_ts.timestamp() for e in engagements]
+        since, newest = math.inf, -math.inf
+        for t in times:
+            newest = max(newest, t)
+            if t > newest - rt.RETENTION_S and t >= times[0] - rt.OUT_OF_ORDER_S:
+                since = min(since, t)
+        out[("coverage", 0, "")] = since
     return out
 
 

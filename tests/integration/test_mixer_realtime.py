@@ -122,18 +122,26 @@ def test_a_processor_that_stopped_catching_up_leaves_the_batch_values(redis_clie
         bus.publish("engagements", e)
     processor = StreamProcessor(redis_client, bus, clock=lambda: H, stamp_every_s=0.0)
     processor.run_once(count=1000)
+    processor.run_once(count=1000)  # an empty read: stamped with the server time
     cands = [Candidate(post_id=10, source="x", author_id=1)]
     query = Query(user_id=5, page_size=10, now_s=H, request_id="r")
-    hydrator = RealtimeFeatureHydrator(redis_client, max_staleness_s=0.3)
+    hydrator = RealtimeFeatureHydrator(redis_client, max_staleness_s=2.0)
     # live: the 1 h count is the stream's (no events in the last hour), no longer the batch's
     assert hydrator.hydrate(query, cands, _frame([10])).loc[0, "post_impressions_1h"] == 0.0
     # the processor stops while producers go on
     bus.publish("engagements", _events(11, H - 60.0, 1)[0])
-    time.sleep(0.4)
-    with pytest.raises(StaleStreamError, match=r"last caught up [\d.]+ s ago \(limit 0.3 s\)"):
+    time.sleep(2.5)
+    with pytest.raises(StaleStreamError, match=r"last caught up [\d.]+ s ago \(limit 2 s\)"):
         hydrator.hydrate(query, cands, _frame([10]))
     processor.run_once(count=1000)  # back: it applies the waiting event (stamped up to it) ...
     processor.run_once(count=1000)  # ... and its next read, empty, stamps the server time
+    assert hydrator.hydrate(query, cands, _frame([10])).loc[0, "post_impressions_1h"] == 0.0
+    # a stamp ahead of the Redis clock (the clock stepped back) proves nothing; the next stamp fixes it
+    secs, _ = redis_client.time()
+    redis_client.hset("hm:rt:coverage", "caught_up", secs + 3600)
+    with pytest.raises(StaleStreamError, match="ahead of the Redis clock"):
+        hydrator.hydrate(query, cands, _frame([10]))
+    processor.run_once(count=1000)
     assert hydrator.hydrate(query, cands, _frame([10])).loc[0, "post_impressions_1h"] == 0.0
     with pytest.raises(ValueError, match="max_staleness_s"):
         RealtimeFeatureHydrator(redis_client, max_staleness_s=0)

@@ -67,6 +67,9 @@ def test_every_call_is_answered_when_the_server_is_killed_mid_run(registered, ki
         backend = make_backend(kind, url)
         for name in (LIGHT_RANKER_NAME, HEAVY_RANKER_NAME):
             local = load_ranker(name, tracking_uri=state.mlflow_tracking_uri)
+            # a first call may load the model lazily (seen > 0.25 s on a busy machine): warm up
+            # without a tight deadline, since this test is about the server dying, not cold starts
+            RemoteRankerHandle(local, backend, kind, 30.0).predict_with_path(rows)
             handle = RemoteRankerHandle(local, backend, kind, DEADLINE_S, on_fallback=lambda *a: fallbacks.append(a))
             expected = local.predict(rows)
             paths, slowest = [], 0.0
