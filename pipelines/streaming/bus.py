@@ -15,8 +15,9 @@ Semantics (at least once, nothing dropped silently):
   reported by ``skip_trimmed`` as one dead letter naming the gap.
 
 The interface is deliberately small (publish / consume / ack / reclaim / dead_letter /
-skip_trimmed) so a Kafka implementation can follow: topic = Kafka topic, group = consumer group, ack = offset commit,
-reclaim = partition rebalance, dead letter = a ``<topic>.dead`` topic.
+skip_trimmed) so a Kafka implementation can follow: topic = Kafka topic, group = consumer group,
+ack = offset commit, reclaim = partition rebalance, dead letter = a ``<topic>.dead`` topic,
+skip_trimmed = offset out of range.
 
 Redis layout: stream ``hm:events:<topic>``, dead letters ``hm:events:<topic>:dead``. Stream ids are
 ``"<ms>-<seq>"`` strings (Redis server time in ms).
@@ -143,30 +144,46 @@ class EventBus(Protocol):
         record the gap as one dead letter, move the group past it, return how many were lost."""
 
 
+# Lua over Redis stream ids and consumer groups, shared by the bus's scripts and the processor's
+# liveness stamp (processor._STAMP_LUA): ``id_parts(id)`` -> ms, seq; ``id_before(a, b)``;
+# ``group_info(stream, group)`` -> the group's XINFO GROUPS fields by name (nil: no stream or group;
+# a nil reply, e.g. ``entries-read`` on Redis 7 after XDEL, is ``false``).
+STREAM_LUA_HELPERS = r"""
+local function id_parts(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function id_before(a, b)
+  local am, as = id_parts(a)
+  local bm, bs = id_parts(b)
+  return am < bm or (am == bm and as < bs)
+end
+local function group_info(stream, group)
+  local groups = redis.pcall('XINFO', 'GROUPS', stream)
+  if groups['err'] then return nil end
+  for _, g in ipairs(groups) do
+    local f = {}
+    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+    if f['name'] == group then return f end
+  end
+  return nil
+end
+"""
+
 # KEYS: 1 stream, 2 dead-letter stream; ARGV: 1 group, 2 topic. Trimming removes entries from the
 # front, so entries were lost to the group iff its last-delivered id is before the first retained
 # entry and entries-added - entries-read (undelivered) exceeds the retained length (all undelivered).
-_SKIP_TRIMMED_LUA = r"""
-local function before(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am < bm or (am == bm and as < bs)
-end
+_SKIP_TRIMMED_LUA = STREAM_LUA_HELPERS + r"""
 local info = redis.pcall('XINFO', 'STREAM', KEYS[1])
 if info['err'] then return 0 end
 local s = {}
 for i = 1, #info, 2 do s[info[i]] = info[i + 1] end
 if (not s['entries-added']) or s['length'] == 0 then return 0 end
 local first = s['first-entry'][1]
-local last, read = nil, nil
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local f = {}
-  for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
-  if f['name'] == ARGV[1] then last, read = f['last-delivered-id'], f['entries-read'] end
-end
-if (not last) or (not read) or (not before(last, first)) then return 0 end
-local lost = s['entries-added'] - read - s['length']
+local g = group_info(KEYS[1], ARGV[1])
+if (not g) or (not g['entries-read']) or (not id_before(g['last-delivered-id'], first)) then return 0 end
+local last = g['last-delivered-id']
+local lost = s['entries-added'] - g['entries-read'] - s['length']
 if lost <= 0 then return 0 end
 redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last, 'ENTRIESREAD', s['entries-added'] - s['length'])
 redis.call('XADD', KEYS[2], '*', 'reason', lost .. ' entries were trimmed from the stream (MAXLEN) before the group read them; payloads lost',

@@ -27,7 +27,7 @@ import redis
 
 from home_mixer.schema import POSITIVE_HEADS
 from pipelines.streaming import realtime_features as rt
-from pipelines.streaming.bus import Delivery, EventBus, stream_key
+from pipelines.streaming.bus import STREAM_LUA_HELPERS, Delivery, EventBus, stream_key
 from pipelines.streaming.events import EngagementEvent, SocialGraphEvent
 from pipelines.streaming.metrics import StreamMetrics
 
@@ -191,26 +191,17 @@ return 1
 # trimmed before delivery are not waited for (EventBus.skip_trimmed reports them). One field for the
 # Redis database: run one processor group (one topic) per online store. Returns the value (s) or
 # nil when the stream or group does not exist.
-_STAMP_LUA = r"""
-local function id_ms(id) return tonumber(string.match(id, '^(%d+)')) end
+_STAMP_LUA = STREAM_LUA_HELPERS + r"""
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local t = now_ms
-local groups = redis.pcall('XINFO', 'GROUPS', KEYS[2])
-if groups['err'] then return nil end
-local last = nil
-for _, g in ipairs(groups) do
-  local name, ld = nil, nil
-  for i = 1, #g, 2 do
-    if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then ld = g[i + 1] end
-  end
-  if name == ARGV[1] then last = ld end
-end
-if not last then return nil end
+local g = group_info(KEYS[2], ARGV[1])
+if not g then return nil end
+local last = g['last-delivered-id']
 local undelivered = redis.call('XRANGE', KEYS[2], '(' .. last, '+', 'COUNT', 1)
-if #undelivered > 0 then t = math.min(t, id_ms(undelivered[1][1])) end
+if #undelivered > 0 then t = math.min(t, (id_parts(undelivered[1][1]))) end
 local oldest = redis.call('XPENDING', KEYS[2], ARGV[1], '-', '+', 1)  -- O(1), unlike the summary form
-if #oldest > 0 then t = math.min(t, id_ms(oldest[1][1])) end
+if #oldest > 0 then t = math.min(t, (id_parts(oldest[1][1]))) end
 local v = t / 1000
 local cur = redis.call('HGET', KEYS[1], 'caught_up')
 -- a value ahead of the server clock (the clock stepped back, a failover) is replaced, not kept
@@ -299,12 +290,12 @@ class StreamProcessor:
             return True
         return False
 
-    def _record(self, outcome: str, event=None, done_ts: float = 0.0) -> None:
-        self.stats[outcome] += 1
+    def _record(self, outcome: str, event=None, done_ts: float = 0.0, n: int = 1) -> None:
+        self.stats[outcome] += n
         counter = self._outcome_counters.get(outcome)
         if counter is None:  # labels() costs ~2.5 us: resolve each child once
             counter = self._outcome_counters[outcome] = self.metrics.events.labels(topic=self.topic, outcome=outcome)
-        counter.inc()
+        counter.inc(n)
         if outcome == "applied":
             lag = done_ts - event.event_ts.timestamp()
             self._lags.append(lag)
@@ -365,9 +356,10 @@ class StreamProcessor:
         """Write ``deliveries`` with the liveness stamp (``_STAMP_LUA``; if ``stamp_every_s`` has
         passed) in one pipeline, then XACK the ones written; an empty batch writes the stamp alone
         (an idle processor stays live)."""
-        stamp = time.monotonic() - self._last_stamp >= self.stamp_every_s
+        now = time.monotonic()
+        stamp = now - self._last_stamp >= self.stamp_every_s
         if stamp:
-            self._last_stamp = time.monotonic()
+            self._last_stamp = now
         results = self._write([d.event for d in deliveries], stamp=stamp)
         done = []
         for d, res in zip(deliveries, results):
@@ -388,8 +380,7 @@ class StreamProcessor:
         log.error("%d %s entries were trimmed (MAXLEN) before group %s read them; their events are lost "
                   "(see the dead-letter stream). Raise the bus maxlen or keep the processors up; "
                   "real-time coverage restarts now", n, self.topic, self.group)
-        self.stats["lost"] += n
-        self.metrics.events.labels(topic=self.topic, outcome="lost").inc(n)
+        self._record("lost", n=n)
         self.client.hdel(rt.COVERAGE_KEY, "since", "first")
 
     def reclaim(self, count: int = 100) -> int:
