@@ -27,9 +27,9 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from home_mixer.schema import FEATURE_VIEWS  # noqa: E402
-from home_mixer.services import RedisServer  # noqa: E402
-from home_mixer.state import StateDir  # noqa: E402
+from core.schema import FEATURE_VIEWS  # noqa: E402
+from core.services import RedisServer  # noqa: E402
+from core.state import StateDir  # noqa: E402
 
 CATALOGUE_POSTS, CATALOGUE_AUTHORS, USERS = 7583, 6510, 2000
 NOW = pd.Timestamp("2022-05-04T16:00:00Z")
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         state = StateDir(Path(tmp)).ensure()
         srv = RedisServer(state).start()
         try:
-            from home_mixer import feature_store as fs
+            from feature_repo import store as fs
             from mixer.candidate import Candidate, Query
             from mixer.feature_hydrators import FeastLayoutFeatureHydrator, FeastRedisLayout, FeastSdkFeatureHydrator
 

@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 
 from home_mixer.demo import start_mixer
-from home_mixer.jobs import load_training_set
-from home_mixer.services import RedisServer, stop_pid
-from home_mixer.state import StateDir
+from pipelines.training_set import load_training_set
+from core.services import RedisServer, stop_pid
+from core.state import StateDir
 
 
 def pct(values, q) -> float:

@@ -23,9 +23,9 @@ import httpx
 
 from home_mixer.cli import main as cli
 from home_mixer.demo import start_mixer
-from home_mixer.jobs import load_training_set, log_end
-from home_mixer.services import RedisServer, stop_pid
-from home_mixer.state import StateDir
+from pipelines.training_set import load_training_set, log_end
+from core.services import RedisServer, stop_pid
+from core.state import StateDir
 
 
 def wait_for(base: str, user: int, version: int, timeout_s: float = 60.0) -> dict:

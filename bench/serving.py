@@ -23,8 +23,8 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 import numpy as np
 import pandas as pd
 
-from home_mixer.schema import HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
-from home_mixer.state import StateDir
+from core.schema import HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
+from core.state import StateDir
 from models.registry import load_ranker
 from serving.bento.bench import timings_ms
 

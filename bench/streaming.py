@@ -309,30 +309,30 @@ def lag_child(url: str, count: int, block_ms: int, consumer: str, proto: bool, r
 # ---------------------------------------------------------------- parent side
 
 def _post_meta(videos) -> dict[str, str]:
-    """``hm:post_meta`` as the candidate index writes it (``index_keys.encode_post_meta``)."""
+    """``hm:post_meta`` as the candidate index writes it (``keys.encode_post_meta``)."""
     import pandas as pd
 
-    from mixer import index_keys
+    from core import online_layout as keys
 
     created = (pd.to_datetime(videos["upload_dt"], errors="coerce").fillna(pd.Timestamp("2022-04-01"))
                .astype("int64") // 10**9)
     out = {}
     for vid, author, c, tags in zip(videos["video_id"], videos["author_id"], created, videos["tag"]):
         tag_ids = [int(t) for t in str(tags).split(",") if t.strip().isdigit()] if isinstance(tags, str) else []
-        out[str(int(vid))] = index_keys.encode_post_meta(int(author), int(c), tag_ids)
+        out[str(int(vid))] = keys.encode_post_meta(int(author), int(c), tag_ids)
     return out
 
 
 def _reset(client, post_meta: dict[str, str]) -> None:
     """Empty Redis (so event ids are new and no seen marker turns events into duplicates) and
     re-seed the candidate index's post metadata."""
-    from mixer import index_keys
+    from core import online_layout as keys
 
     client.flushall()
     items = list(post_meta.items())
     pipe = client.pipeline(transaction=False)
     for i in range(0, len(items), 1000):
-        pipe.hset(index_keys.POST_META, mapping=dict(items[i:i + 1000]))
+        pipe.hset(keys.POST_META, mapping=dict(items[i:i + 1000]))
     pipe.execute()
 
 
@@ -355,7 +355,7 @@ class _Rows:
     def __init__(self, log, videos):
         import numpy as np
 
-        from home_mixer.schema import RAW_LABEL_COLUMNS
+        from core.schema import RAW_LABEL_COLUMNS
         from pipelines.canonical import deduplicate_log
 
         dedup, _ = deduplicate_log(log)
@@ -590,8 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     import redis
 
-    from home_mixer.services import RedisServer
-    from home_mixer.state import StateDir
+    from core.services import RedisServer
+    from core.state import StateDir
     from pipelines.streaming.bus import RedisStreamsBus
     from pipelines.streaming.replay import load_replay_inputs
 

@@ -1,6 +1,6 @@
 """Feast definitions of home-mixer: entities, the four feature views and their Spark sources.
 
-Everything is generated from ``home_mixer.schema`` so the views, the Spark jobs and the mixer name
+Everything is generated from ``core.schema`` so the views, the Spark jobs and the mixer name
 the same features. ``feast apply`` discovers the module-level objects below; code that needs the
 same views over other tables (evaluation on another log) calls ``build_definitions(tables_dir)``.
 """
@@ -14,8 +14,8 @@ from feast import Entity, FeatureView, Field, ValueType
 from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
 from feast.types import Float64, Int64
 
-from home_mixer.schema import FEATURE_VIEWS, FeatureViewSpec
-from home_mixer.state import StateDir
+from core.schema import FEATURE_VIEWS, FeatureViewSpec
+from core.state import StateDir
 
 _DTYPES = {"int64": Int64, "float64": Float64}
 
@@ -50,7 +50,7 @@ def _view(spec: FeatureViewSpec, tables_dir: Path) -> FeatureView:
 def build_definitions(tables_dir: Path) -> list:
     """Entities and feature views over the parquet tables in ``tables_dir``.
 
-    Returns: ``[user, post, author, *feature_views]`` in ``home_mixer.schema.FEATURE_VIEWS`` order.
+    Returns: ``[user, post, author, *feature_views]`` in ``core.schema.FEATURE_VIEWS`` order.
     """
     return [user, post, author, *(_view(spec, tables_dir) for spec in FEATURE_VIEWS)]
 

@@ -1,8 +1,3 @@
-"""home-mixer: an ML ranking platform for home timelines (CLI, settings, shared schema, services)."""
+"""home-mixer's top layer: the CLI, the demo, the jobs that chain the layers, offline evaluation."""
 
-import os
-
-# Feast sets PROMETHEUS_MULTIPROC_DIR on import, which turns prometheus-client metrics file-backed;
-# claim the variable first so our process-local metrics stay in memory.
-os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
-os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+import core  # noqa: F401  (sets the process environment before feast or Spark is imported)

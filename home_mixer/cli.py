@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from home_mixer.state import DEFAULT_DATA_DIR, StateDir, state_from_cli
+from core.state import DEFAULT_DATA_DIR, StateDir, state_from_cli
 
 
 class UsageError(ValueError):
@@ -31,7 +31,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_services(args) -> int:
-    from home_mixer.services import RedisServer
+    from core.services import RedisServer
 
     state = _state(args)
     running = RedisServer.running(state)
@@ -66,9 +66,9 @@ def cmd_env(args) -> int:
 
 
 def cmd_features(args) -> int:
-    from home_mixer import feature_store as fs
+    from feature_repo import store as fs
     from home_mixer import jobs
-    from home_mixer.stages import StageTimer
+    from core.stages import StageTimer
     from pipelines.spark import spark_session
 
     state = _state(args)
@@ -95,7 +95,7 @@ def cmd_features(args) -> int:
 
 
 def cmd_materialize(args) -> int:
-    from home_mixer import feature_store as fs
+    from feature_repo import store as fs
     from home_mixer import jobs
 
     state = _state(args)
@@ -110,7 +110,7 @@ def cmd_train(args) -> int:
     from models.split import split_by_days
     from models.train import train_heavy, train_light
 
-    from home_mixer.schema import VALIDATION_DAYS
+    from core.schema import VALIDATION_DAYS
 
     state = _state(args)
     if not 1 <= args.valid_days <= VALIDATION_DAYS:
@@ -240,7 +240,7 @@ def cmd_stream(args) -> int:
 
 
 def cmd_clean(args) -> int:
-    from home_mixer.services import RedisServer, stop_pid
+    from core.services import RedisServer, stop_pid
 
     state = _state(args)
     mixer_pid = state.run / "mixer.pid"
@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from home_mixer.services import ServiceError
+    from core.services import ServiceError
 
     try:
         return args.func(args)

@@ -22,11 +22,11 @@ from pathlib import Path
 import httpx
 import pandas as pd
 
-from home_mixer import feature_store as fs
+from feature_repo import store as fs
 from home_mixer import jobs
-from home_mixer.services import RedisServer, ServiceError, free_port, stop_pid
-from home_mixer.stages import StageTimer
-from home_mixer.state import StateDir
+from core.services import RedisServer, ServiceError, free_port, stop_pid
+from core.stages import StageTimer
+from core.state import StateDir
 
 STAGES = 13
 REPLAY_HOURS = 2.5   # the log's last hours replayed by the real-time stage ...
@@ -103,7 +103,7 @@ def realtime_stage(state: StateDir, redis_url: str, base: str, data_dir: Path, a
 
     import redis
 
-    from mixer import index_keys
+    from core import online_layout as keys
     from mixer.config import running_clock
     from pipelines.streaming.bus import RedisStreamsBus
     from pipelines.streaming.processor import StreamProcessor
@@ -147,7 +147,7 @@ def realtime_stage(state: StateDir, redis_url: str, base: str, data_dir: Path, a
              "the stage shows the path (lag, trending, re-ranking), not calibrated counts"]
     for old in before:
         uid = old["user_id"]
-        client.delete(index_keys.served_posts(uid))
+        client.delete(keys.served_posts(uid))
         r = httpx.post(f"{base}/v1/home-timeline", json={"user_id": uid, "limit": len(old["items"])}, timeout=30)
         r.raise_for_status()
         new = r.json()

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from home_mixer import feature_store as fs
+from feature_repo import store as fs
 from home_mixer import jobs
-from home_mixer.state import DEFAULT_DATA_DIR, StateDir
+from core.state import DEFAULT_DATA_DIR, StateDir
 
 SHARED_LOG = DEFAULT_DATA_DIR / "log_standard_20220425_20220504.csv"
 
@@ -41,9 +41,9 @@ def featurize_log(state: StateDir, log: Path, data_dir: Path, history: Path | No
     """
     from pyspark.sql import functions as F
 
-    from home_mixer.schema import HEADS
+    from core.schema import HEADS
     from pipelines.features.common import PRIORS_REPORT, RatePriors
-    from pipelines.request_features import add_request_features
+    from core.request_features import add_request_features
     from pipelines.spark import spark_session
 
     log = log.resolve()

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
-import pandas as pd
+from feature_repo import store as fs
+from core.services import RedisServer, ServiceError, feast_connection_string
+from core.state import StateDir
+from pipelines.training_set import TRAINING_SET_TABLE, log_span, load_training_set, log_end, training_set  # noqa: F401
 
-from home_mixer import feature_store as fs
-from home_mixer.schema import HEADS
-from home_mixer.services import RedisServer, ServiceError, feast_connection_string
-from home_mixer.state import StateDir
-
-TRAINING_SET_TABLE = "training_set"
 
 
 def redis_url_for(state: StateDir) -> str:
@@ -56,12 +53,12 @@ def prepare_data(state: StateDir, data_dir: Path, log_paths: list[Path] | None =
         log_paths: impression logs to use instead of the shared one (concatenated, de-duplicated).
 
     Raises:
-        pipelines.validation.DataValidationError: a file failed its suite (names file, column,
+        monitoring.validation.DataValidationError: a file failed its suite (names file, column,
             expectation); nothing is written.
     """
     from pipelines.canonical import build_canonical
     from pipelines.raw import load_raw
-    from pipelines.validation import validate_raw
+    from monitoring.validation import validate_raw
 
     raw = load_raw(data_dir, log_paths=log_paths)
     report = validate_raw(raw, report_dir=state.reports)
@@ -82,61 +79,12 @@ def build_features(spark, state: StateDir, priors=None) -> dict[str, int]:
     return build_offline_features(spark, state, priors=priors)
 
 
-def training_set(spark, store, state: StateDir) -> pd.DataFrame:
-    """Point-in-time training set: every impression with the features known just before it.
-
-    Returns:
-        pandas DataFrame sorted by ``event_timestamp``: entity columns, ``date``, the labels of
-        ``schema.HEADS``, every feature of ``schema.ALL_FEATURES``. Also written to the state
-        folder as ``training_set.parquet`` so training can be re-run without Spark.
-    """
-    from pyspark.sql import functions as F
-
-    from pipelines.request_features import add_request_features
-
-    imp = spark.read.parquet(str(state.table("impressions")))
-    entity = imp.select("user_id", "post_id", "author_id", F.col("event_ts").alias("event_timestamp"),
-                        "date", *HEADS)
-    df = fs.historical_features(store, entity)
-    df["event_timestamp"] = pd.to_datetime(df["event_timestamp"], utc=True)
-    df = add_request_features(df, df["event_timestamp"])
-    df = df.sort_values(["event_timestamp", "user_id", "post_id"], kind="stable").reset_index(drop=True)
-    df.to_parquet(state.table(TRAINING_SET_TABLE), index=False, coerce_timestamps="us")
-    return df
-
-
-def load_training_set(state: StateDir) -> pd.DataFrame:
-    """The training set the last ``training_set`` call wrote.
-
-    Raises:
-        FileNotFoundError: with the command to run first.
-    """
-    path = state.table(TRAINING_SET_TABLE)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run `home-mixer features build` first.")
-    return pd.read_parquet(path)
-
-
-def _log_span(state: StateDir) -> tuple[datetime, datetime]:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    ts = pq.read_table(state.table("impressions"), columns=["event_ts"]).column(0)
-    return pc.min(ts).as_py(), pc.max(ts).as_py()
-
-
-def log_end(state: StateDir) -> datetime:
-    """The hour boundary after the last impression of the canonical log (UTC): "now" for serving."""
-    last = _log_span(state)[1]
-    return (last + timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
-
-
 def materialize(store, state: StateDir) -> tuple[datetime, datetime]:
     """Fill the Redis online store with the latest feature values, from the features' base rows
     (``pipelines.features.common.BASE_ROW_TS`` or the first impression if earlier) to ``log_end``."""
     from pipelines.features.common import BASE_ROW_TS
 
-    start = min(BASE_ROW_TS.to_pydatetime(), _log_span(state)[0])
+    start = min(BASE_ROW_TS.to_pydatetime(), log_span(state)[0])
     end = log_end(state)
     fs.materialize(store, start, end)
     return start, end

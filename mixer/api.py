@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from mixer import index_keys as keys
+from core import online_layout as keys
 from mixer.config import MixerConfig, load_config
 from mixer.metrics import MixerMetrics
 from mixer.model_watcher import ModelAliasWatcher
@@ -99,10 +99,10 @@ def _feature_hydrator(config: MixerConfig, client: redis.Redis):
     if config.feast.hydrator == "redis_layout":
         return FeastLayoutFeatureHydrator(client, FeastRedisLayout(config.feast.project,
                                                                    config.feast.entity_key_serialization_version))
-    from home_mixer.feature_store import open_store
-    from home_mixer.state import StateDir
+    from feature_repo.store import open_store
+    from core.state import StateDir
 
-    from home_mixer.services import feast_connection_string
+    from core.services import feast_connection_string
 
     return FeastSdkFeatureHydrator(open_store(StateDir.from_env(), feast_connection_string(config.resolved_redis_url())))
 

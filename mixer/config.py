@@ -18,7 +18,7 @@ from typing import Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from home_mixer.schema import HEADS
+from core.schema import HEADS
 
 DEFAULT_CONFIG_NAME = "mixer.yaml"
 
@@ -251,8 +251,8 @@ class MixerConfig(_Strict):
             return self.redis_url
         if os.environ.get("HOME_MIXER_REDIS_URL"):
             return os.environ["HOME_MIXER_REDIS_URL"]
-        from home_mixer.services import RedisServer
-        from home_mixer.state import StateDir
+        from core.services import RedisServer
+        from core.state import StateDir
 
         srv = RedisServer.running(StateDir.from_env())
         if srv is None:
@@ -266,7 +266,7 @@ class MixerConfig(_Strict):
         """``models.tracking_uri``, else the state folder's MLflow (``MLFLOW_TRACKING_URI`` wins there)."""
         if self.models.tracking_uri:
             return self.models.tracking_uri
-        from home_mixer.state import StateDir
+        from core.state import StateDir
 
         return StateDir.from_env().mlflow_tracking_uri
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from home_mixer.schema import CHAMPION_ALIAS, HEADS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
+from core.schema import CHAMPION_ALIAS, HEADS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
 from models import metrics as M
 from models.registry import load_ranker
 

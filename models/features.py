@@ -52,8 +52,8 @@ def feature_matrix(frame: pd.DataFrame, feature_names: Sequence[str]) -> np.ndar
         raise MissingFeaturesError(
             f"frame lacks {len(missing)} feature column(s) the ranker needs: {missing}. "
             "Build the frame with the Feast training-set / hydration code plus "
-            "pipelines.request_features.add_request_features, which produce every feature of "
-            "home_mixer.schema.ALL_FEATURES."
+            "core.request_features.add_request_features, which produce every feature of "
+            "core.schema.ALL_FEATURES."
         )
     out = np.empty((len(frame), len(names)), dtype=np.float32)
     bad: list[str] = []
@@ -71,7 +71,7 @@ def feature_matrix(frame: pd.DataFrame, feature_names: Sequence[str]) -> np.ndar
     if bad:
         raise TypeError(
             f"feature column(s) {bad} hold non-numeric values; features must be numbers "
-            "(NaN/None for missing). Check the feature table's dtypes against home_mixer.schema."
+            "(NaN/None for missing). Check the feature table's dtypes against core.schema."
         )
     out[~np.isfinite(out)] = np.nan
     return out

@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from home_mixer.schema import HEADS, HEAVY_RANKER_FEATURES
+from core.schema import HEADS, HEAVY_RANKER_FEATURES
 from models.features import InputNormalisation, feature_matrix
 from models.split import split_calibration_day
 

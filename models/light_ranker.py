@@ -15,7 +15,7 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
-from home_mixer.schema import LIGHT_RANKER_FEATURES, POSITIVE_HEADS
+from core.schema import LIGHT_RANKER_FEATURES, POSITIVE_HEADS
 from models.features import feature_matrix
 from models.split import split_calibration_day
 

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from home_mixer.schema import CHAMPION_ALIAS
-from home_mixer.state import PROJECT_ROOT, StateDir
+from core.schema import CHAMPION_ALIAS
+from core.state import PROJECT_ROOT, StateDir
 from models.features import feature_matrix
 
 EXPERIMENT_NAME = "home-mixer-rankers"

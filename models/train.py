@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from home_mixer.schema import (
+from core.schema import (
     CHAMPION_ALIAS, HEADS, HEAVY_RANKER_FEATURES, HEAVY_RANKER_NAME, LIGHT_RANKER_FEATURES, LIGHT_RANKER_NAME,
 )
-from home_mixer.state import StateDir
+from core.state import StateDir
 from models import metrics as M
 from models.features import feature_matrix
 from models.heavy_ranker import HeavyRankerParams, fit_heavy_ranker

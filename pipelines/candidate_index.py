@@ -3,7 +3,7 @@
 Only events strictly before the cutoff (``as_of``) are used and only posts created before it are
 indexed, so an index built as of an impression's time holds nothing the user could not have known.
 
-Redis layout (prefix ``hm:``; names spelled in ``mixer/index_keys.py``; ids are decimal strings,
+Redis layout (prefix ``hm:``; names spelled in ``core/online_layout.py``; ids are decimal strings,
 times are epoch seconds UTC):
 
 | key | type | member -> score / value | read by |
@@ -20,7 +20,7 @@ times are epoch seconds UTC):
 | ``hm:index_meta`` | hash | ``as_of``, ``built_at``, one count per family | operators |
 
 "Weighted engagements" are ``sum_h ENGAGEMENT_EDGE_WEIGHTS[h] * label_h`` over impressions
-(``home_mixer.schema``; RealGraph idea, Kamath et al. 2014); engaged-author weights are the summed
+(``core.schema``; RealGraph idea, Kamath et al. 2014); engaged-author weights are the summed
 ``weight`` of ``social_edges`` rows with ``edge_type == "engagement"`` (the same weights).
 
 The mixer writes ``hm:served:{user_id}`` and the ``hm:served_impressions`` stream; a rebuild leaves
@@ -41,14 +41,14 @@ import numpy as np
 import pandas as pd
 import redis
 
-from home_mixer.schema import (
+from core.schema import (
     ENGAGEMENT_EDGE_WEIGHTS,
     IMPRESSIONS_COLUMNS,
     POSTS_COLUMNS,
     SOCIAL_EDGES_COLUMNS,
 )
-from home_mixer.state import StateDir
-from mixer import index_keys as keys
+from core.state import StateDir
+from core import online_layout as keys
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ BATCH_COMMANDS = 5000  # commands per pipeline round trip
 
 @dataclass(frozen=True)
 class CanonicalTables:
-    """The three canonical tables the index needs (pandas, columns of ``home_mixer.schema``)."""
+    """The three canonical tables the index needs (pandas, columns of ``core.schema``)."""
 
     impressions: pd.DataFrame
     posts: pd.DataFrame
@@ -95,7 +95,7 @@ _NEEDED = {
 def _require(frame: pd.DataFrame, name: str) -> None:
     missing = sorted(_NEEDED[name] - set(frame.columns))
     if missing:
-        raise ValueError(f"table {name} lacks columns {missing} (see home_mixer.schema); rebuild it")
+        raise ValueError(f"table {name} lacks columns {missing} (see core.schema); rebuild it")
 
 
 def _epoch_seconds(ts: pd.Series) -> np.ndarray:
@@ -177,7 +177,7 @@ def compute_candidate_index(tables: CanonicalTables, as_of: datetime | pd.Timest
     """Compute every index family from the canonical tables using only what is known before ``as_of``.
 
     Args:
-        tables: canonical impressions, posts, social_edges (``home_mixer.schema`` columns).
+        tables: canonical impressions, posts, social_edges (``core.schema`` columns).
         as_of: the cutoff; tz-aware, or naive meaning UTC.
 
     Raises:

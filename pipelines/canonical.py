@@ -1,4 +1,4 @@
-"""Raw KuaiRand frames -> the canonical tables of ``home_mixer.schema`` (parquet, pandas).
+"""Raw KuaiRand frames -> the canonical tables of ``core.schema`` (parquet, pandas).
 
 Tables (written to ``StateDir.table(name)``, one parquet file each, timestamps ``timestamp[us, UTC]``):
 
@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from home_mixer.schema import (
+from core.schema import (
     ENGAGEMENT_EDGE_WEIGHTS,
     IMPRESSIONS_COLUMNS,
     POSITIVE_HEADS,
@@ -31,7 +31,7 @@ from home_mixer.schema import (
     SOCIAL_EDGES_COLUMNS,
     USERS_COLUMNS,
 )
-from home_mixer.state import StateDir
+from core.state import StateDir
 from pipelines.raw import RawData
 
 # A row repeated with the same user, video and millisecond is one impression logged twice.

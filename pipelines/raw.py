@@ -133,7 +133,7 @@ def load_raw(data_dir: Path | str, log_path: Path | str | None = None,
 
     Returns:
         ``RawData`` with typed frames. Columns missing from a file are not added here; the
-        validation suites (``pipelines.validation``) report them.
+        validation suites (``monitoring.validation``) report them.
 
     Raises:
         RawDataMissingError: a file is absent (the message names the file and the folder).

@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from home_mixer.schema import CHAMPION_ALIAS, VALIDATION_DAYS
-from home_mixer.state import StateDir
+from core.schema import CHAMPION_ALIAS, VALIDATION_DAYS
+from core.state import StateDir
 from models.features import feature_matrix
 from models.registry import RankerHandle, RankerNotFoundError, mlflow_uris
 
@@ -516,7 +516,7 @@ def validation_rows(state: StateDir, n: int = 2000, seed: int = 0) -> pd.DataFra
     Raises:
         FileNotFoundError: no training set (run ``home-mixer features build`` first).
     """
-    from home_mixer.jobs import load_training_set
+    from pipelines.training_set import load_training_set
 
     df = load_training_set(state)
     days = sorted(pd.unique(df["date"]))[-VALIDATION_DAYS:]

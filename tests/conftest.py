@@ -13,8 +13,8 @@ import pytest
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
-from home_mixer.services import RedisServer  # noqa: E402
-from home_mixer.state import DEFAULT_DATA_DIR, StateDir  # noqa: E402
+from core.services import RedisServer  # noqa: E402
+from core.state import DEFAULT_DATA_DIR, StateDir  # noqa: E402
 
 DATA_DIR = Path(os.environ.get("HOME_MIXER_DATA", DEFAULT_DATA_DIR))
 

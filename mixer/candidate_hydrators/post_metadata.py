@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis
 
-from mixer import index_keys as keys
+from core import online_layout as keys
 from mixer.candidate import Candidate, Query
 
 

@@ -6,7 +6,7 @@ import math
 
 import redis
 
-from mixer import index_keys as keys
+from core import online_layout as keys
 from mixer.candidate import Candidate, Query
 
 

@@ -1,7 +1,7 @@
 """Feature hydrators: online features of (user, post, user x author, temporal) for each candidate.
 
 Both return a float64 DataFrame aligned with the candidates whose columns are
-``home_mixer.schema.ALL_FEATURES`` (NaN where the online store has no value):
+``core.schema.ALL_FEATURES`` (NaN where the online store has no value):
 - ``FeastLayoutFeatureHydrator`` reads Feast's Redis layout directly (one pipeline of HMGETs);
 - ``FeastSdkFeatureHydrator`` calls ``FeatureStore.get_online_features`` (reference / comparison).
 """

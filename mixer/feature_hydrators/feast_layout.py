@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import redis
 
-from home_mixer.schema import FEATURE_VIEWS, FeatureViewSpec
+from core.schema import FEATURE_VIEWS, FeatureViewSpec
 from mixer.candidate import Candidate, Query
 from mixer.feature_hydrators.frame import empty_feature_frame, finish_feature_frame
 
@@ -28,7 +28,7 @@ _STRING, _INT64 = 2, 4  # feast ValueType enum values used in key serialisation
 
 
 class FeastRedisLayout:
-    """Keys and fields of Feast's Redis layout for the four feature views of ``home_mixer.schema``.
+    """Keys and fields of Feast's Redis layout for the four feature views of ``core.schema``.
 
     Keys are built from a per-view byte template (fast), checked at construction against Feast's
     own ``_redis_key`` so a Feast upgrade that changes the layout fails loudly at start-up.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from home_mixer.schema import FEATURE_VIEWS
+from core.schema import FEATURE_VIEWS
 from mixer.candidate import Candidate, Query
 from mixer.feature_hydrators.frame import empty_feature_frame, finish_feature_frame
 
@@ -18,7 +18,7 @@ class FeastSdkFeatureHydrator:
     (``user_id``, ``post_id``, ``author_id``) for every feature of the four views.
 
     Args:
-        store: a ``feast.FeatureStore`` (``home_mixer.feature_store.open_store``) whose registry
+        store: a ``feast.FeatureStore`` (``feature_repo.store.open_store``) whose registry
             holds the applied views.
     """
 

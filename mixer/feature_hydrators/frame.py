@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from home_mixer.schema import ALL_FEATURES
-from pipelines.request_features import add_request_features
+from core.schema import ALL_FEATURES
+from core.request_features import add_request_features
 
 
 def finish_feature_frame(stored: pd.DataFrame, now_s: float) -> pd.DataFrame:
-    """Add request-time features (``pipelines.request_features``) and order columns as ALL_FEATURES.
+    """Add request-time features (``core.request_features``) and order columns as ALL_FEATURES.
 
     Args:
         stored: float64 columns of the four feature views, one row per candidate.

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import redis
 
-from home_mixer.schema import SMOOTHING_M
+from core.schema import SMOOTHING_M
 from mixer.candidate import Candidate, Query
 from pipelines.streaming import realtime_features as rt
 

@@ -7,7 +7,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import pandas as pd
 
-from home_mixer.schema import ALL_FEATURES
+from core.schema import ALL_FEATURES
 
 
 class RankerHandle(Protocol):
@@ -15,8 +15,8 @@ class RankerHandle(Protocol):
 
     Attributes:
         version: registered model version served (int or str).
-        feature_names: input columns, a subset of ``home_mixer.schema.ALL_FEATURES``.
-        heads: output columns, e.g. ``("engaged",)`` (light) or ``home_mixer.schema.HEADS`` (heavy).
+        feature_names: input columns, a subset of ``core.schema.ALL_FEATURES``.
+        heads: output columns, e.g. ``("engaged",)`` (light) or ``core.schema.HEADS`` (heavy).
     """
 
     @property
@@ -39,7 +39,7 @@ def check_handle(handle: RankerHandle, role: str) -> None:
     unknown = sorted(set(handle.feature_names) - set(ALL_FEATURES))
     if unknown:
         raise ValueError(f"{role} (version {handle.version}) needs features {unknown} that the mixer does not "
-                         "hydrate (home_mixer.schema.ALL_FEATURES); retrain it on the shared schema")
+                         "hydrate (core.schema.ALL_FEATURES); retrain it on the shared schema")
     if not list(handle.heads):
         raise ValueError(f"{role} (version {handle.version}) declares no heads")
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 import redis
 
-from mixer import index_keys as keys
+from core import online_layout as keys
 
 
 class ImpressionLogSideEffect:

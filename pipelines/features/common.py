@@ -1,6 +1,6 @@
 """What the feature jobs share: the point-in-time rule, smoothing, rate priors, typed table writing.
 
-Point-in-time rule (``home_mixer.schema``): a feature row's ``event_timestamp`` is the first instant
+Point-in-time rule (``core.schema``): a feature row's ``event_timestamp`` is the first instant
 its values are known, and a value at time t aggregates only events strictly before t. A
 point-in-time join (Feast ``get_historical_features``) takes, per entity and request time t, the
 latest row with ``event_timestamp <= t``. The jobs meet the rule in one of two ways:
@@ -28,15 +28,15 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, LongType, TimestampType
 
-from home_mixer.schema import ENGAGEMENT_EDGE_WEIGHTS, POSITIVE_HEADS, SMOOTHING_M, FeatureViewSpec
-from home_mixer.state import StateDir
+from core.schema import ENGAGEMENT_EDGE_WEIGHTS, POSITIVE_HEADS, SMOOTHING_M, FeatureViewSpec
+from core.state import StateDir
 
 # Users and posts get a "known, no history yet" row at this time (earlier if the log starts
 # earlier), so every known user/post has profile/static features. KuaiRand-Pure's log starts
 # 2022-04-25 and its posts were uploaded 2022-04-09..11.
 BASE_ROW_TS = pd.Timestamp("2022-04-01T00:00:00Z")
 # Days at the start of the log whose labels the priors may use (the training period).
-from home_mixer.schema import VALIDATION_DAYS  # noqa: E402  (days held out of the priors)
+from core.schema import VALIDATION_DAYS  # noqa: E402  (days held out of the priors)
 PRIORS_REPORT = "feature_priors.json"
 
 _SPARK_TYPES = {"int64": LongType(), "float64": DoubleType()}

@@ -1,4 +1,4 @@
-"""Content feature view (``home_mixer.schema.CONTENT_VIEW``): hourly windowed counts per post.
+"""Content feature view (``core.schema.CONTENT_VIEW``): hourly windowed counts per post.
 
 Rows (point-in-time rule in ``pipelines.features.common``):
 - hourly grid: for each post with impressions, one row per hour start H from the hour of its first
@@ -31,7 +31,7 @@ import pandas as pd
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from home_mixer.schema import CONTENT_VIEW, WINDOWS_HOURS
+from core.schema import CONTENT_VIEW, WINDOWS_HOURS
 from pipelines.features.common import (
     RatePriors,
     engaged_flag,

@@ -1,22 +1,18 @@
-"""Run the offline feature jobs, and the whole batch data path (raw -> validation -> canonical -> features).
+"""Run the offline feature jobs: canonical tables -> the four feature tables of ``core.schema.FEATURE_VIEWS``.
 
-``build_offline_features`` reads the canonical tables of a state folder and writes the four feature
-tables of ``home_mixer.schema.FEATURE_VIEWS``; ``run_batch_pipeline`` runs every stage from the raw
-files. Both print one progress line per stage with the time it took.
+``build_offline_features`` prints one progress line per stage with the time it took. The whole
+batch data path (raw -> validation -> canonical -> features) is ``home-mixer features build``.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
 
 from pyspark.sql import SparkSession
 
-from home_mixer.schema import CONTENT_VIEW, SOCIAL_VIEW, TEMPORAL_VIEW, USER_VIEW
-from home_mixer.state import StateDir
+from core.schema import CONTENT_VIEW, SOCIAL_VIEW, TEMPORAL_VIEW, USER_VIEW
+from core.stages import StageTimer
+from core.state import StateDir
 from pipelines.features.common import (
     PRIORS_REPORT,
     RatePriors,
@@ -28,26 +24,6 @@ from pipelines.features.content import content_features
 from pipelines.features.social import social_features
 from pipelines.features.temporal import temporal_features
 from pipelines.features.user import user_features
-
-
-@dataclass
-class StageClock:
-    """Times named stages and reports each as ``[prefix] stage: detail (12.3 s)`` through ``log``."""
-
-    prefix: str = "batch"
-    log: Callable[[str], None] = print
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[dict]:
-        """Context manager timing one stage; put a ``detail`` string into the yielded dict."""
-        info: dict = {}
-        start = time.perf_counter()
-        self.log(f"[{self.prefix}] {name} ...")
-        yield info
-        self.seconds[name] = time.perf_counter() - start
-        detail = f": {info['detail']}" if "detail" in info else ""
-        self.log(f"[{self.prefix}] {name} done{detail} ({self.seconds[name]:.1f} s)")
 
 
 def build_offline_features(spark: SparkSession, state: StateDir, priors: RatePriors | None = None,
@@ -68,7 +44,7 @@ def build_offline_features(spark: SparkSession, state: StateDir, priors: RatePri
     Raises:
         FileNotFoundError: a canonical table is missing.
     """
-    clock = StageClock("features", log)
+    clock = StageTimer(prefix="features", log=log)
     impressions = read_table(spark, state, "impressions").cache()
     users = read_table(spark, state, "users")
     posts = read_table(spark, state, "posts")
@@ -94,53 +70,3 @@ def build_offline_features(spark: SparkSession, state: StateDir, priors: RatePri
         return counts
     finally:
         impressions.unpersist()
-
-
-def run_batch_pipeline(data_dir: Path, state: StateDir, spark: SparkSession | None = None,
-                       log_paths: list[Path] | None = None, log: Callable[[str], None] = print) -> dict:
-    """Raw files -> validation -> canonical tables -> offline feature tables, in ``state``.
-
-    Args:
-        data_dir: folder of the raw KuaiRand-Pure files (``pipelines.raw``).
-        state: the state folder (created if absent).
-        spark: a Spark session (default: ``pipelines.spark.spark_session("home-mixer-batch")``).
-        log_paths: log files of the same schema to use instead of the default log (concatenated).
-        log: receives the progress lines.
-
-    Returns:
-        ``{"seconds": {stage: s}, "canonical": CanonicalStats dict, "features": {table: rows},
-        "validation": {"expectations": n, "rows": {file: rows}}}``.
-
-    Raises:
-        RawDataMissingError, RawDataParseError: raw files absent or malformed.
-        DataValidationError: the raw data failed validation (report in ``state.reports``).
-    """
-    from pipelines.canonical import build_canonical
-    from pipelines.raw import load_raw
-    from pipelines.spark import spark_session
-    from pipelines.validation import validate_raw
-
-    state.ensure()
-    clock = StageClock("batch", log)
-    with clock.stage("load raw") as info:
-        raw = load_raw(data_dir, log_paths=log_paths)
-        info["detail"] = f"log {len(raw.log):,}, users {len(raw.users):,}, videos {len(raw.videos):,} rows"
-    with clock.stage("validate raw") as info:
-        report = validate_raw(raw, state.reports)
-        info["detail"] = f"{len(report.outcomes)} expectations passed"
-    with clock.stage("canonical tables") as info:
-        stats = build_canonical(raw, state)
-        info["detail"] = (f"{stats.impressions:,} impressions ({stats.duplicates_dropped:,} duplicates, "
-                          f"{stats.unknown_video_rows:,} unknown videos dropped), "
-                          f"{stats.follow_edges + stats.engagement_edges:,} social edges")
-    with clock.stage("spark session"):
-        spark = spark or spark_session("home-mixer-batch")
-    with clock.stage("offline features") as info:
-        counts = build_offline_features(spark, state, log=log)
-        info["detail"] = ", ".join(f"{k} {v:,}" for k, v in counts.items())
-    return {
-        "seconds": dict(clock.seconds),
-        "canonical": stats.to_dict(),
-        "features": counts,
-        "validation": {"expectations": len(report.outcomes), "rows": report.rows},
-    }

@@ -1,4 +1,4 @@
-"""Social feature view (``home_mixer.schema.SOCIAL_VIEW``): a user's history with one author.
+"""Social feature view (``core.schema.SOCIAL_VIEW``): a user's history with one author.
 
 One row per (user_id, author_id, distinct impression time e), stamped ``e + 1 ms`` (point-in-time
 rule in ``pipelines.features.common``), aggregating the user's impressions of that author's posts
@@ -19,7 +19,7 @@ from __future__ import annotations
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from home_mixer.schema import SOCIAL_VIEW
+from core.schema import SOCIAL_VIEW
 from pipelines.features.common import (
     RatePriors,
     engaged_flag,

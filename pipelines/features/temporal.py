@@ -1,4 +1,4 @@
-"""Temporal feature view (``home_mixer.schema.TEMPORAL_VIEW``): recency and session depth per user.
+"""Temporal feature view (``core.schema.TEMPORAL_VIEW``): recency and session depth per user.
 
 One row per (user_id, distinct impression time e), stamped ``e + 1 ms`` (point-in-time rule in
 ``pipelines.features.common``); no base rows (a user without impressions has no temporal row).
@@ -14,7 +14,7 @@ from __future__ import annotations
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from home_mixer.schema import TEMPORAL_VIEW
+from core.schema import TEMPORAL_VIEW
 from pipelines.features.common import epoch_seconds, plus_one_ms
 
 WINDOWS_MS: dict[str, int] = {"1h": 3_600_000, "24h": 86_400_000}

@@ -1,4 +1,4 @@
-"""User feature view (``home_mixer.schema.USER_VIEW``): profile columns + rolling engagement rates.
+"""User feature view (``core.schema.USER_VIEW``): profile columns + rolling engagement rates.
 
 Rows (point-in-time rule in ``pipelines.features.common``):
 - one base row per user of the users table, stamped ``base_ts`` (2022-04-01T00:00Z unless the log
@@ -22,7 +22,7 @@ import pandas as pd
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from home_mixer.schema import ACTIVE_DEGREES, USER_VIEW
+from core.schema import ACTIVE_DEGREES, USER_VIEW
 from pipelines.features.common import RatePriors, plus_one_ms, smoothed_rate, ts_literal
 
 RATE_HEADS: tuple[str, ...] = ("click", "long_view", "like", "follow", "hate")

@@ -6,7 +6,7 @@ and an ``event_id`` chosen by the producer (consumers use it to make their write
 a stream delivers at least once).
 
 - ``EngagementEvent`` (``type="engagement"``): an impression or one engagement of a user with a post.
-  ``kind`` is ``"impression"`` or one of ``home_mixer.schema.HEADS``.
+  ``kind`` is ``"impression"`` or one of ``core.schema.HEADS``.
 - ``PostCreatedEvent`` (``type="post_created"``): a post was published.
 - ``SocialGraphEvent`` (``type="social"``): follow / unfollow / block / mute of ``author_id`` by
   ``user_id`` (the canonical social-edge column names, ``schema.SOCIAL_EDGES_COLUMNS``).
@@ -29,7 +29,7 @@ from pydantic import (
     AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator,
 )
 
-from home_mixer.schema import HEADS
+from core.schema import HEADS
 
 SCHEMA_VERSION: Literal[1] = 1
 EVENT_FIELD = b"event"

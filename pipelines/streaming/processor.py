@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import redis
 
-from home_mixer.schema import POSITIVE_HEADS
+from core.schema import POSITIVE_HEADS
 from pipelines.streaming import realtime_features as rt
 from pipelines.streaming.bus import STREAM_LUA_HELPERS, Delivery, EventBus, stream_key
 from pipelines.streaming.events import EngagementEvent, SocialGraphEvent

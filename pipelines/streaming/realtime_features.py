@@ -13,7 +13,7 @@ UTC (float, microsecond precision); ids are decimal strings.
 | ``hm:rt:author:{author_id}:score`` | hash (TTL) | same, summed over the author's posts |
 | ``hm:rt:user:{user_id}:posts`` / ``:authors`` | zset | last 50 positively engaged post / author -> event ts |
 | ``hm:rt:social_ts:{user_id}`` | hash | ``{family}:{author_id}`` -> ts of the last applied social action |
-| ``hm:follows:{user_id}``, ``hm:hated_authors:{user_id}`` | set | the mixer's keys (``mixer/index_keys.py``) |
+| ``hm:follows:{user_id}``, ``hm:hated_authors:{user_id}`` | set | the mixer's keys (``core/online_layout.py``) |
 | ``hm:blocked_authors:{user_id}``, ``hm:muted_authors:{user_id}`` | set | authors the user blocked / muted |
 | ``hm:rt:trending:posts`` / ``hm:rt:trending:tags`` | zset | post / tag -> log2 forward-decayed score (below) |
 | ``hm:rt:coverage`` | hash | ``newest``, ``first`` and ``since`` event times (``StreamCoverage``); ``caught_up``: Redis server time before which the group applied every entry (liveness) |
@@ -43,8 +43,8 @@ from typing import Iterable, Mapping
 import numpy as np
 import redis
 
-from home_mixer.schema import ENGAGEMENT_EDGE_WEIGHTS
-from mixer import index_keys
+from core.schema import ENGAGEMENT_EDGE_WEIGHTS
+from core import online_layout as keys
 from pipelines.streaming.events import ENGAGEMENT_KINDS
 
 BUCKET_S = 300                    # 5-minute buckets
@@ -65,7 +65,7 @@ OUT_OF_ORDER_S = 600
 TRENDING_POSTS_KEY = "hm:rt:trending:posts"
 TRENDING_TAGS_KEY = "hm:rt:trending:tags"
 COVERAGE_KEY = "hm:rt:coverage"
-POST_META_KEY = index_keys.POST_META  # read for a post's tags
+POST_META_KEY = keys.POST_META  # read for a post's tags
 
 
 def seen_key(event_id: str) -> str:
@@ -109,23 +109,23 @@ def social_ts_key(user_id: int) -> str:
 
 
 def blocked_authors_key(user_id: int) -> str:
-    """The mixer's blocked-author set (``mixer.index_keys.blocked_authors``)."""
-    return index_keys.blocked_authors(user_id)
+    """The mixer's blocked-author set (``core.online_layout.blocked_authors``)."""
+    return keys.blocked_authors(user_id)
 
 
 def muted_authors_key(user_id: int) -> str:
-    """The mixer's muted-author set (``mixer.index_keys.muted_authors``)."""
-    return index_keys.muted_authors(user_id)
+    """The mixer's muted-author set (``core.online_layout.muted_authors``)."""
+    return keys.muted_authors(user_id)
 
 
 def follows_key(user_id: int) -> str:
-    """The mixer's follow set (``mixer.index_keys.follows``)."""
-    return index_keys.follows(user_id)
+    """The mixer's follow set (``core.online_layout.follows``)."""
+    return keys.follows(user_id)
 
 
 def hated_authors_key(user_id: int) -> str:
-    """The mixer's hated-author set (``mixer.index_keys.hated_authors``)."""
-    return index_keys.hated_authors(user_id)
+    """The mixer's hated-author set (``core.online_layout.hated_authors``)."""
+    return keys.hated_authors(user_id)
 
 
 def kind_weight(kind: str) -> float:

@@ -38,7 +38,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pandas as pd
 
-from home_mixer.schema import RAW_LABEL_COLUMNS
+from core.schema import RAW_LABEL_COLUMNS
 from pipelines.canonical import deduplicate_log, impressions_table
 from pipelines.raw import LOG_DTYPES, LOG_FILE, VIDEOS_DTYPES, VIDEOS_FILE, read_csv_typed
 from pipelines.streaming.bus import AnyEvent, EventBus
@@ -230,13 +230,13 @@ class ReplayStats:
 def load_replay_inputs(log_path: Path | str | None = None, data_dir: Path | str | None = None
                        ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(log, videos) frames: ``log_path`` (default ``<data_dir>/`` ``pipelines.raw.LOG_FILE``) and
-    ``<data_dir>/`` ``VIDEOS_FILE``; ``data_dir`` defaults to ``home_mixer.state.DEFAULT_DATA_DIR``.
+    ``<data_dir>/`` ``VIDEOS_FILE``; ``data_dir`` defaults to ``core.state.DEFAULT_DATA_DIR``.
 
     Raises:
         pipelines.raw.RawDataMissingError / RawDataParseError: as ``read_csv_typed``.
     """
     if data_dir is None:
-        from home_mixer.state import DEFAULT_DATA_DIR
+        from core.state import DEFAULT_DATA_DIR
         data_dir = DEFAULT_DATA_DIR
     data_dir = Path(data_dir)
     log = read_csv_typed(Path(log_path) if log_path is not None else data_dir / LOG_FILE, LOG_DTYPES)

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from home_mixer.schema import HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
-from home_mixer.state import StateDir
+from core.schema import HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
+from core.state import StateDir
 from models.features import feature_matrix
 from models.registry import load_ranker
 from serving.bento.client import BentoRankerClient

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from home_mixer.state import StateDir, state_from_cli
+from core.state import StateDir, state_from_cli
 
 
 def _state(args) -> StateDir:
@@ -23,7 +23,7 @@ def cmd_serve_bentoml(args) -> int:
     0, or 1 for ``status`` when the server is not running.
 
     Raises:
-        home_mixer.services.ServiceError: start failed (message has model load errors and log lines).
+        core.services.ServiceError: start failed (message has model load errors and log lines).
     """
     from serving.bento.server import BentoServer
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import httpx
 
-from home_mixer.services import ServiceError, child_pids, free_port, pid_alive, stop_pid
-from home_mixer.state import PROJECT_ROOT, StateDir
+from core.services import ServiceError, child_pids, free_port, pid_alive, stop_pid
+from core.state import PROJECT_ROOT, StateDir
 from serving.bento.protocol import MODELS_ROUTE, READY_ROUTE
 
 SERVICE_TARGET = "serving.bento.service:HomeMixerRankers"

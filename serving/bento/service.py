@@ -33,8 +33,8 @@ import bentoml
 import numpy as np
 from bentoml.validators import ContentType
 
-from home_mixer.schema import CHAMPION_ALIAS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
-from home_mixer.state import StateDir
+from core.schema import CHAMPION_ALIAS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
+from core.state import StateDir
 from models.registry import RankerNotFoundError
 from serving.bento.cache import RankerVersionCache
 from serving.bento.loader import RankerVersionLoader

@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from home_mixer.schema import CHAMPION_ALIAS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
-from home_mixer.state import StateDir, state_from_cli
+from core.schema import CHAMPION_ALIAS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
+from core.state import StateDir, state_from_cli
 
 MODEL_NAMES = {"light": LIGHT_RANKER_NAME, "heavy": HEAVY_RANKER_NAME}
 _USER_ERRORS = {"TritonNotInstalledError", "ServiceError", "RankerNotFoundError", "ExportError",

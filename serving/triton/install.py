@@ -17,7 +17,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from home_mixer.state import PROJECT_ROOT
+from core.state import PROJECT_ROOT
 
 LOCK_FILE = Path(__file__).resolve().parent / "requirements.lock"
 SETUP_SCRIPT = PROJECT_ROOT / "scripts" / "setup_triton.sh"

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from home_mixer.schema import CHAMPION_ALIAS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
+from core.schema import CHAMPION_ALIAS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
 from models.registry import RankerNotFoundError
 from serving.export import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, ExportResult, export_version
 

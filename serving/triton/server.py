@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from home_mixer.services import ServiceError, free_port, pid_alive, stop_pid
-from home_mixer.state import StateDir
+from core.services import ServiceError, free_port, pid_alive, stop_pid
+from core.state import StateDir
 from serving.triton.install import TritonInstallation
 from serving.triton.repository import RANKERS
 

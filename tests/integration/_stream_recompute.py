@@ -29,7 +29,7 @@ from typing import Iterable
 import pytest
 import redis
 
-from home_mixer.schema import ENGAGEMENT_EDGE_WEIGHTS, POSITIVE_HEADS
+from core.schema import ENGAGEMENT_EDGE_WEIGHTS, POSITIVE_HEADS
 from pipelines.streaming import realtime_features as rt
 from pipelines.streaming.events import ENGAGEMENT_KINDS, EngagementEvent, SocialGraphEvent
 

@@ -11,10 +11,10 @@ import httpx
 import numpy as np
 import pytest
 
-from home_mixer.schema import HEADS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
-from home_mixer.services import ServiceError, pid_alive
-from home_mixer.state import StateDir
-from models.dev_frame import build_dev_frame
+from core.schema import HEADS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
+from core.services import ServiceError, pid_alive
+from core.state import StateDir
+from tests.dev_frame import build_dev_frame
 from models.features import feature_matrix
 from models.heavy_ranker import HeavyRankerParams
 from models.light_ranker import LightRankerParams
@@ -22,7 +22,7 @@ from models.registry import load_ranker, promote
 from models.split import split_by_days
 from models.train import train_heavy, train_light
 from serving.bento.client import BentoRankerClient, BentoRequestError, BentoTimeout, BentoUnavailable
-from home_mixer.services import child_pids
+from core.services import child_pids
 from serving.bento.server import BentoServer
 
 pytestmark = pytest.mark.integration

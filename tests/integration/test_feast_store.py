@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from home_mixer import feature_store as fs
+from feature_repo import store as fs
 from home_mixer import jobs
-from home_mixer.schema import FEATURE_VIEWS, HEADS
-from home_mixer.state import StateDir
-from pipelines.request_features import add_request_features
+from core.schema import FEATURE_VIEWS, HEADS
+from core.state import StateDir
+from core.request_features import add_request_features
 
 pytestmark = pytest.mark.integration
 

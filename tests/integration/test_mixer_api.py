@@ -20,10 +20,10 @@ import pytest
 import redis
 import yaml
 
-from home_mixer.schema import FEATURE_VIEWS, HEADS
-from home_mixer.services import free_port, stop_pid
-from home_mixer.state import PROJECT_ROOT, StateDir
-from mixer import index_keys as keys
+from core.schema import FEATURE_VIEWS, HEADS
+from core.services import free_port, stop_pid
+from core.state import PROJECT_ROOT, StateDir
+from core import online_layout as keys
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,7 @@ def _canonical(data_dir):
 
 def _train_rankers(data_dir, state: StateDir) -> pd.DataFrame:
     """Train tiny real rankers on 1/10 of the users; returns the full dev frame (features)."""
-    from models.dev_frame import build_dev_frame
+    from tests.dev_frame import build_dev_frame
     from models.heavy_ranker import HeavyRankerParams
     from models.light_ranker import LightRankerParams
     from models.split import split_by_days
@@ -70,7 +70,7 @@ def _latest_rows(frame: pd.DataFrame, spec) -> pd.DataFrame:
 
 
 def _write_online_features(frame: pd.DataFrame, users: list[int], state: StateDir, redis_server) -> None:
-    from home_mixer import feature_store as fs
+    from feature_repo import store as fs
 
     store = fs.open_store(state, f"{redis_server.feast_connection_string},db={DB}")
     fs.apply(store, state.tables)
@@ -240,7 +240,7 @@ def _wait_for_version(http, user: int, model: str, version: int, timeout_s: floa
 
 
 def test_promote_and_rollback_without_restart(mixer_server, mixer_state, known_users, data_dir):
-    from models.dev_frame import build_dev_frame
+    from tests.dev_frame import build_dev_frame
     from models.light_ranker import LightRankerParams
     from models.registry import alias_version, promote
     from models.split import split_by_days
@@ -273,7 +273,7 @@ def test_promote_and_rollback_without_restart(mixer_server, mixer_state, known_u
 def test_mixer_on_bentoml_answers_every_request_when_the_server_dies(mixer_server, mixer_state, known_users,
                                                                     redis_server):
     """scoring.backend: bentoml; the BentoML server is SIGKILLed mid-run of HTTP requests."""
-    from home_mixer.services import kill_tree
+    from core.services import kill_tree
     from serving.bento.server import BentoServer
 
     bento = BentoServer(mixer_state).start(tracking_uri=mixer_state.mlflow_tracking_uri)

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
-from home_mixer.schema import ALL_FEATURES, FEATURE_VIEWS
-from home_mixer.state import StateDir
+from core.schema import ALL_FEATURES, FEATURE_VIEWS
+from core.state import StateDir
 from mixer.candidate import Candidate, Query
 from mixer.feature_hydrators import FeastLayoutFeatureHydrator, FeastRedisLayout, FeastSdkFeatureHydrator
 
@@ -55,7 +55,7 @@ def _synthetic_rows(rng: np.random.Generator) -> dict[str, pd.DataFrame]:
 
 @pytest.fixture(scope="module")
 def feast_store(redis_server, tmp_path_factory):
-    from home_mixer import feature_store as fs
+    from feature_repo import store as fs
 
     state = StateDir(tmp_path_factory.mktemp("feast_state")).ensure()
     redis.Redis.from_url(redis_server.url).flushdb()

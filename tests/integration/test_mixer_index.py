@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import redis
 
-from mixer import index_keys as keys
+from core import online_layout as keys
 from mixer.candidate import Candidate, Query
 from mixer.candidate_hydrators import PostMetadataCandidateHydrator
 from mixer.candidate_sources import (

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from home_mixer.schema import ALL_FEATURES, SMOOTHING_M
+from core.schema import ALL_FEATURES, SMOOTHING_M
 from mixer.candidate import Candidate, Query
 from mixer.feature_hydrators.realtime import (RealtimeFeatureHydrator, StaleStreamError, merge_window,
                                               recover_prior)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mixer import index_keys as keys
+from core import online_layout as keys
 from mixer.candidate import Candidate, Query
 from mixer.query_hydrators import UserContextQueryHydrator
 from mixer.side_effects import ImpressionLogSideEffect, ServedPostsSideEffect

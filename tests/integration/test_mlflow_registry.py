@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from home_mixer.schema import (
+from core.schema import (
     CHAMPION_ALIAS, HEADS, HEAVY_RANKER_FEATURES, HEAVY_RANKER_NAME, LIGHT_RANKER_FEATURES, LIGHT_RANKER_NAME,
 )
-from home_mixer.state import StateDir
-from models.dev_frame import build_dev_frame
+from core.state import StateDir
+from tests.dev_frame import build_dev_frame
 from models.evaluate import EXAMPLE_WEIGHTS, ORDERINGS, evaluate_rankers
 from models.features import MissingFeaturesError
 from models.heavy_ranker import HeavyRankerParams

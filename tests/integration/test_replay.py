@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from home_mixer.schema import RAW_LABEL_COLUMNS
+from core.schema import RAW_LABEL_COLUMNS
 from pipelines.raw import LOG_DTYPES, LOG_FILE, VIDEOS_DTYPES, VIDEOS_FILE, read_csv_typed
 from pipelines.streaming.bus import RedisStreamsBus, stream_key
 from pipelines.streaming.events import parse_event

@@ -1,8 +1,8 @@
 import pytest
 import redis
 
-from home_mixer.services import RedisServer, pid_alive
-from home_mixer.state import StateDir
+from core.services import RedisServer, pid_alive
+from core.state import StateDir
 
 pytestmark = pytest.mark.integration
 
@@ -35,13 +35,13 @@ def test_url_before_start_is_a_clear_error(tmp_path):
     ("rediss://cache.local", "cache.local:6379,ssl=true"),
 ])
 def test_feast_connection_string_keeps_db_and_password(url, expected):
-    from home_mixer.services import feast_connection_string
+    from core.services import feast_connection_string
 
     assert feast_connection_string(url) == expected
 
 
 def test_feast_connection_string_rejects_other_urls():
-    from home_mixer.services import feast_connection_string
+    from core.services import feast_connection_string
 
     with pytest.raises(ValueError, match="not a Redis URL"):
         feast_connection_string("http://127.0.0.1:6379")

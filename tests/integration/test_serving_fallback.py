@@ -14,11 +14,11 @@ import time
 import numpy as np
 import pytest
 
-from home_mixer.schema import HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
-from home_mixer.services import kill_tree
-from home_mixer.state import StateDir
+from core.schema import HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
+from core.services import kill_tree
+from core.state import StateDir
 from mixer.scorers.remote import FALLBACK, RemoteRankerHandle, make_backend
-from models.dev_frame import build_dev_frame
+from tests.dev_frame import build_dev_frame
 from models.heavy_ranker import HeavyRankerParams
 from models.light_ranker import LightRankerParams
 from models.registry import load_ranker

@@ -14,14 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from home_mixer.schema import (
+from core.schema import (
     ENGAGEMENT_EDGE_WEIGHTS,
     FEATURE_VIEWS,
     IMPRESSIONS_COLUMNS,
     POSTS_COLUMNS,
     USERS_COLUMNS,
 )
-from home_mixer.state import StateDir
+from core.state import StateDir
 from pipelines.canonical import build_canonical, write_table
 from pipelines.features import RatePriors, build_offline_features, smoothed_rate
 from pipelines.features.common import BASE_ROW_TS
@@ -307,7 +307,7 @@ def test_spark_session_settings(spark):
 
 
 def test_priors_hold_out_the_validation_days_and_round_trip(spark, real_slice, tmp_path):
-    from home_mixer.schema import VALIDATION_DAYS
+    from core.schema import VALIDATION_DAYS
     from pipelines.features.common import PRIORS_REPORT
 
     # ten days; the last two are all clicks: they must not move the prior

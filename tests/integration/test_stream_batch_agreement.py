@@ -39,8 +39,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from home_mixer.schema import CONTENT_VIEW
-from home_mixer.state import StateDir
+from core.schema import CONTENT_VIEW
+from core.state import StateDir
 from pipelines.canonical import build_canonical
 from pipelines.features import RatePriors
 from pipelines.features.common import base_row_ts, read_table, write_feature_table

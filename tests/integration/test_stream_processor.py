@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from mixer import index_keys
+from core import online_layout as keys
 from pipelines.streaming import realtime_features as rt
 from pipelines.streaming.bus import RedisStreamsBus, stream_key
 from pipelines.streaming.events import EngagementEvent, PostCreatedEvent, SocialGraphEvent
@@ -175,10 +175,10 @@ def test_social_events_update_the_mixers_keys(redis_client):
     proc = _proc(redis_client, bus)
     proc.run_once(count=100)
     members = lambda k: {int(m) for m in redis_client.smembers(k)}  # noqa: E731
-    assert members(index_keys.follows(1)) == {7, 12}
+    assert members(keys.follows(1)) == {7, 12}
     assert members(rt.blocked_authors_key(1)) == {8}
     assert members(rt.muted_authors_key(1)) == {9}
-    assert members(index_keys.hated_authors(1)) == {11}
+    assert members(keys.hated_authors(1)) == {11}
     assert proc.stats["stale"] == 1 and _pending(redis_client) == 0
 
 
@@ -207,9 +207,9 @@ def test_user_recent_is_capped_and_run_stops_on_event(redis_client):
 
 def test_trending_posts_and_tags_match_the_closed_form_and_coverage_starts_near_the_first_event(redis_client):
     bus = RedisStreamsBus(redis_client)
-    redis_client.hset(index_keys.POST_META, mapping={
-        "10": index_keys.encode_post_meta(7, 0, [3, 5]), "11": index_keys.encode_post_meta(8, 0, [5]),
-        "12": index_keys.encode_post_meta(9, 0, [])})
+    redis_client.hset(keys.POST_META, mapping={
+        "10": keys.encode_post_meta(7, 0, [3, 5]), "11": keys.encode_post_meta(8, 0, [5]),
+        "12": keys.encode_post_meta(9, 0, [])})
     rng = random.Random(11)
     kinds = ["click", "like", "long_view", "impression", "hate", "follow"]
     events = [_eng(f"t{i}", rng.choice(kinds), NOW - rng.uniform(0, 20_000), post=rng.choice([10, 11, 12, 13]))

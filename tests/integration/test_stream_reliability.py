@@ -32,8 +32,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from home_mixer.services import RedisServer
-from home_mixer.state import StateDir
+from core.services import RedisServer
+from core.state import StateDir
 from pipelines.raw import LOG_DTYPES, LOG_FILE, VIDEOS_DTYPES, VIDEOS_FILE, read_csv_typed
 from pipelines.streaming import realtime_features as rt
 from pipelines.streaming.bus import RedisStreamsBus, dead_letter_key, stream_key

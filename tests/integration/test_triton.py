@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from home_mixer.schema import HEADS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
-from home_mixer.state import StateDir
-from models.dev_frame import build_dev_frame
+from core.schema import HEADS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
+from core.state import StateDir
+from tests.dev_frame import build_dev_frame
 from models.features import feature_matrix
 from models.heavy_ranker import HeavyRankerParams
 from models.light_ranker import LightRankerParams
@@ -135,7 +135,7 @@ def test_dynamic_batches_of_concurrent_requests_are_split_back(server, state, ro
 
 
 def test_client_errors_are_clear(server, rows, state):
-    from home_mixer.services import free_port
+    from core.services import free_port
     from serving.triton.client import TritonRankerClient, TritonUnavailable
 
     x = feature_matrix(rows.iloc[:10], load_ranker(LIGHT_RANKER_NAME, tracking_uri=state.mlflow_tracking_uri).feature_names)
@@ -214,7 +214,7 @@ def test_promote_sync_load_serves_new_version_and_keeps_rollback(server, state, 
 def test_broken_new_version_fails_loudly_and_served_versions_keep_answering(server, state, rows):
     import shutil
 
-    from home_mixer.services import ServiceError
+    from core.services import ServiceError
     from serving.triton.repository import RepositorySettings, read_manifest, write_configs
     from serving.triton.server import repository_dir
 

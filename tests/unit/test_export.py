@@ -15,9 +15,9 @@ import onnx
 import pandas as pd
 import pytest
 
-from home_mixer.schema import HEADS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
-from home_mixer.state import StateDir
-from models.dev_frame import build_dev_frame
+from core.schema import HEADS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
+from core.state import StateDir
+from tests.dev_frame import build_dev_frame
 from models.features import feature_matrix
 from models.heavy_ranker import HeavyRankerParams
 from models.light_ranker import LightRankerParams

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from home_mixer.schema import HEADS
-from mixer import index_keys as keys
+from core.schema import HEADS
+from core import online_layout as keys
 from pipelines.candidate_index import CanonicalTables, compute_candidate_index
 
 CUTOFF = pd.Timestamp("2022-05-04T16:00:00Z")

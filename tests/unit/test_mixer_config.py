@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from home_mixer.schema import HEADS
+from core.schema import HEADS
 from mixer.config import ConfigError, load_config
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from home_mixer.schema import ALL_FEATURES, HEADS
+from core.schema import ALL_FEATURES, HEADS
 from mixer.blenders import WeightedSumBlender
 from mixer.candidate import Candidate
 from mixer.candidate_sources import ParallelSourceRunner

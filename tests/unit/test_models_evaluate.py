@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from home_mixer.schema import HEADS
+from core.schema import HEADS
 from models.evaluate import EXAMPLE_WEIGHTS, ORDERINGS, EvaluationReport, _order_score, impression_gain
 
 

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from home_mixer.schema import ALL_FEATURES, HEADS
-from models.dev_frame import build_dev_frame
+from core.schema import ALL_FEATURES, HEADS
+from tests.dev_frame import build_dev_frame
 from models.features import InputNormalisation, MissingFeaturesError, feature_matrix
 from models.heavy_ranker import HeavyRankerNet
 from models.split import split_by_days, split_calibration_day

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from home_mixer.schema import HEADS
+from core.schema import HEADS
 from models import metrics as M
 from models.features import InputNormalisation
 from models.heavy_ranker import HeavyRankerNet, HeavyRankerParams, fit_heavy_ranker, fit_platt

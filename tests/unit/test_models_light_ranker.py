@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from home_mixer.schema import LIGHT_RANKER_FEATURES
+from core.schema import LIGHT_RANKER_FEATURES
 from models import metrics as M
-from models.dev_frame import build_dev_frame
+from tests.dev_frame import build_dev_frame
 from models.features import MissingFeaturesError
 from models.light_ranker import LightRankerParams, engaged_label, fit_light_ranker
 from models.split import split_by_days

@@ -7,14 +7,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from home_mixer.schema import (
+from core.schema import (
     ENGAGEMENT_EDGE_WEIGHTS,
     IMPRESSIONS_COLUMNS,
     POSTS_COLUMNS,
     SOCIAL_EDGES_COLUMNS,
     USERS_COLUMNS,
 )
-from home_mixer.state import StateDir
+from core.state import StateDir
 from pipelines.canonical import (
     build_canonical,
     deduplicate_log,

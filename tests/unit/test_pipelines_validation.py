@@ -1,4 +1,4 @@
-"""pipelines.validation: suites pass on real data and stop the job naming file, column, expectation."""
+"""monitoring.validation: suites pass on real data and stop the job naming file, column, expectation."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import json
 import pandas as pd
 import pytest
 
-from home_mixer.state import StateDir
+from core.state import StateDir
 from pipelines.raw import LOG_FILE, USERS_FILE, VIDEOS_FILE, load_raw
-from pipelines.validation import DATE_LAG_COLUMN, REPORT_NAME, DataValidationError, validate_raw
+from monitoring.validation import DATE_LAG_COLUMN, REPORT_NAME, DataValidationError, validate_raw
 
 
 @pytest.fixture(scope="module")

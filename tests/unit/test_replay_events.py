@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from home_mixer.schema import HEADS, RAW_LABEL_COLUMNS
+from core.schema import HEADS, RAW_LABEL_COLUMNS
 from pipelines.raw import LOG_DTYPES
 from pipelines.streaming.events import EngagementEvent, SocialGraphEvent
 from pipelines.streaming.replay import LogReplayer, ReplayPacer, ReplayRowsBuilder

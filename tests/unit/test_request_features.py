@@ -1,8 +1,8 @@
 import numpy as np
 import pandas as pd
 
-from home_mixer.schema import REQUEST_FEATURES
-from pipelines.request_features import add_request_features
+from core.schema import REQUEST_FEATURES
+from core.request_features import add_request_features
 
 
 def test_request_features_per_row_times_are_local_and_relative():

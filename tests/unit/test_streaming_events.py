@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from home_mixer.schema import HEADS
+from core.schema import HEADS
 from pipelines.streaming.events import (
     EngagementEvent,
     EventValidationError,

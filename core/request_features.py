@@ -15,7 +15,7 @@ TEMPORAL_WINDOWS_S = {"tmp_impressions_1h": 3600.0, "tmp_impressions_24h": 86400
 
 
 def add_request_features(frame: pd.DataFrame, request_ts: pd.Series | pd.Timestamp) -> pd.DataFrame:
-    """Add ``home_mixer.schema.REQUEST_FEATURES`` columns to ``frame`` (a copy is returned).
+    """Add ``core.schema.REQUEST_FEATURES`` columns to ``frame`` (a copy is returned).
 
     Args:
         frame: rows of hydrated features; reads ``post_created_ts`` and ``tmp_last_impression_ts``

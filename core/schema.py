@@ -157,7 +157,7 @@ TEMPORAL_VIEW = FeatureViewSpec(
 FEATURE_VIEWS: tuple[FeatureViewSpec, ...] = (USER_VIEW, CONTENT_VIEW, SOCIAL_VIEW, TEMPORAL_VIEW)
 
 # Computed at request time from the request timestamp and hydrated values (same code offline and
-# online: pipelines/request_features.py).
+# online: core/request_features.py).
 REQUEST_FEATURES: tuple[str, ...] = (
     "req_hour_of_day", "req_day_of_week", "req_secs_since_last_impression", "req_post_age_hours",
 )

@@ -1,7 +1,7 @@
 """Development training frames computed straight from the raw KuaiRand log (pandas, in memory).
 
 Production training sets come from the Spark feature pipelines + Feast's point-in-time join. The
-model code only needs a frame with the same *contract* (columns of ``home_mixer.schema``), so this
+model code only needs a frame with the same *contract* (columns of ``core.schema``), so this
 module builds one directly from the log for unit/integration tests and quick experiments:
 every feature of ``schema.ALL_FEATURES`` is computed point-in-time (from impressions strictly
 before each row) with vectorised cumulative sums. It approximates, and does not replace, the
@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from home_mixer.schema import (
+from core.schema import (
     ACTIVE_DEGREES, ENGAGEMENT_EDGE_WEIGHTS, HEADS, POSITIVE_HEADS, RAW_LABEL_COLUMNS, SMOOTHING_M, WINDOWS_HOURS,
 )
-from pipelines.request_features import LOCAL_UTC_OFFSET_HOURS, add_request_features
+from core.request_features import LOCAL_UTC_OFFSET_HOURS, add_request_features
 
 from pipelines.raw import LOG_FILE
 _HOUR_MS = 3_600_000
@@ -100,7 +100,7 @@ def build_dev_frame(data_dir: Path, user_sample_mod: int = 1) -> pd.DataFrame:
     """A training frame with the training-set contract, from the raw log in ``data_dir``.
 
     Args:
-        data_dir: the KuaiRand-Pure folder (``home_mixer.state.DEFAULT_DATA_DIR``).
+        data_dir: the KuaiRand-Pure folder (``core.state.DEFAULT_DATA_DIR``).
         user_sample_mod: keep users with ``user_id % user_sample_mod == 0`` (features are still
             computed over every user, as the real pipeline would); 1 keeps all (~167k rows).
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from home_mixer.schema import RAW_LABEL_COLUMNS
+from core.schema import RAW_LABEL_COLUMNS
 from pipelines.raw import LOG_DTYPES, USERS_DTYPES, VIDEOS_DTYPES, RawData
 
 # Earliest plausible event time; KuaiRand was collected in 2022. Later than "now" is a clock or

@@ -4,34 +4,48 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 @dataclass
 class StageTimer:
-    """Prints ``[i/n] name ...`` and ``done in X s``; keeps every stage's seconds for a summary.
+    """Prints ``[prefix] [i/n] name ...`` and ``name: done (detail) in X s``; keeps every stage's seconds.
 
     Args:
         total: number of stages expected (for the ``[i/n]`` counter); 0 hides the counter.
+        prefix: a tag in front of every line (e.g. ``"features"``); empty hides it.
+        log: receives each line (default: stderr, flushed).
     """
 
     total: int = 0
-    stream: object = sys.stderr
+    prefix: str = ""
+    log: Callable[[str], None] = _stderr
     times: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
-    def stage(self, name: str):
-        """Time one stage; the elapsed seconds are recorded even when it raises."""
+    def stage(self, name: str) -> Iterator[dict]:
+        """Time one stage; put a ``detail`` string into the yielded dict to print it at the end.
+
+        The elapsed seconds are recorded even when the stage raises.
+        """
         i = len(self.times) + 1
-        prefix = f"[{i}/{self.total}] " if self.total else ""
-        print(f"{prefix}{name} ...", file=self.stream, flush=True)
+        head = f"[{self.prefix}] " if self.prefix else ""
+        head += f"[{i}/{self.total}] " if self.total else ""
+        info: dict = {}
+        self.log(f"{head}{name} ...")
         t0 = time.perf_counter()
         try:
-            yield
+            yield info
         finally:
             self.times[name] = time.perf_counter() - t0
-            print(f"{prefix}{name}: done in {self.times[name]:.1f} s", file=self.stream, flush=True)
+            detail = f" ({info['detail']})" if "detail" in info else ""
+            self.log(f"{head}{name}: done{detail} in {self.times[name]:.1f} s")
 
     def summary(self) -> str:
         """A table of stage -> seconds, plus the total."""

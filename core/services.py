@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from home_mixer.state import StateDir
+from core.state import StateDir
 
 
 class ServiceError(RuntimeError):

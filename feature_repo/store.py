@@ -7,14 +7,13 @@ environment ``feature_repo/feature_store.yaml`` reads (``${HOME_MIXER_STATE}``, 
 from __future__ import annotations
 
 import os
-import sys
 from datetime import datetime
 from pathlib import Path
 
-from home_mixer.schema import FEATURE_VIEWS
-from home_mixer.state import PROJECT_ROOT, StateDir
+from core.schema import FEATURE_VIEWS
+from core.state import StateDir
 
-FEATURE_REPO = PROJECT_ROOT / "feature_repo"
+FEATURE_REPO = Path(__file__).resolve().parent
 
 
 def feast_env(state: StateDir, redis_connection: str) -> dict[str, str]:
@@ -49,11 +48,9 @@ def open_store(state: StateDir, redis_connection: str):
 
 def definitions(tables_dir: Path) -> list:
     """Entities and feature views of ``feature_repo/definitions.py`` over another tables folder."""
-    if str(FEATURE_REPO) not in sys.path:
-        sys.path.insert(0, str(FEATURE_REPO))
-    import definitions as defs  # feature_repo/definitions.py
+    from feature_repo.definitions import build_definitions
 
-    return defs.build_definitions(tables_dir)
+    return build_definitions(tables_dir)
 
 
 def apply(store, tables_dir: Path) -> None:
