@@ -64,31 +64,101 @@ def auc(y, p) -> float:
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def gauc(y, p, groups) -> float:
-    """Group AUC: per-user AUC averaged over users, weighted by their impression count.
+def group_aucs(y, p, groups) -> pd.DataFrame:
+    """Per-group AUC of the groups that have both a positive and a negative row.
 
-    GAUC = sum_u n_u AUC_u / sum_u n_u over users u having both a positive and a negative row,
-    n_u = the user's row (impression) count. Definition of Zhou et al. 2018, "Deep Interest
-    Network for Click-Through Rate Prediction" (KDD), eq. (7) with impression weights.
+    Ranks within each group with ties given their average rank, so a group whose scores are all
+    equal (a feature shared by every row of a request) has AUC 0.5 exactly.
+
+    Args:
+        y: labels in {0, 1}; p: finite scores; groups: group key per row (user or request id).
 
     Returns:
-        float in [0, 1]; ``nan`` when no user has both classes.
+        DataFrame indexed by group key with ``n`` (rows, float64), ``positives`` (float64) and
+        ``auc`` (float64 in [0, 1]); empty when no group has both classes.
     """
     y = _labels(y)
     p = _scores(p, len(y))
-    codes = _group_codes(groups, len(y))
+    g = _as_1d("groups", groups, len(y))
+    codes, uniques = pd.factorize(g, sort=False)
+    if (codes < 0).any():
+        raise ValueError("groups must not contain missing values")
     if len(y) == 0:
-        return float("nan")
+        return pd.DataFrame({"n": [], "positives": [], "auc": []}, dtype=np.float64)
     ranks = pd.Series(p).groupby(codes).rank(method="average").to_numpy()
     n = np.bincount(codes).astype(np.float64)
     pos = np.bincount(codes, weights=y)
     neg = n - pos
     rank_sum_pos = np.bincount(codes, weights=ranks * y)
     ok = (pos > 0) & (neg > 0)
-    if not ok.any():
+    auc_g = (rank_sum_pos[ok] - pos[ok] * (pos[ok] + 1) / 2) / (pos[ok] * neg[ok])
+    return pd.DataFrame({"n": n[ok], "positives": pos[ok], "auc": auc_g}, index=pd.Index(uniques[ok], name="group"))
+
+
+def gauc(y, p, groups) -> float:
+    """Group AUC: per-group AUC averaged over groups, weighted by their impression count.
+
+    GAUC = sum_g n_g AUC_g / sum_g n_g over groups g (users, or requests) having both a positive
+    and a negative row, n_g = the group's row (impression) count. Definition of Zhou et al. 2018,
+    "Deep Interest Network for Click-Through Rate Prediction" (KDD), eq. (7) with impression weights.
+
+    Returns:
+        float in [0, 1]; ``nan`` when no group has both classes.
+    """
+    parts = group_aucs(y, p, groups)
+    if parts.empty:
         return float("nan")
-    auc_u = (rank_sum_pos[ok] - pos[ok] * (pos[ok] + 1) / 2) / (pos[ok] * neg[ok])
-    return float(np.sum(n[ok] * auc_u) / np.sum(n[ok]))
+    return float(np.sum(parts["n"] * parts["auc"]) / np.sum(parts["n"]))
+
+
+def gauc_interval(y, p, groups, clusters, n_boot: int = 1000, level: float = 0.95,
+                  seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`gauc`, resampling whole clusters (users).
+
+    Requests of one user are not independent, so the resampling unit is the user (the cluster
+    bootstrap, Field & Welsh 2007, "Bootstrapping clustered data", JRSS-B): each replicate draws
+    users with replacement and recomputes GAUC = sum_g n_g AUC_g / sum_g n_g over the drawn
+    users' groups (Efron & Tibshirani 1993, percentile interval).
+
+    Args:
+        y, p, groups: as :func:`gauc`.
+        clusters: cluster key per row (user id); every group must lie inside one cluster.
+        n_boot: bootstrap replicates (>= 10); level: interval coverage in (0, 1); seed: RNG seed.
+
+    Returns:
+        ``(low, high)``; ``(nan, nan)`` when no group has both classes.
+
+    Raises:
+        ValueError: bad ``n_boot`` / ``level``, a group spanning two clusters, malformed input.
+    """
+    if n_boot < 10 or not 0 < level < 1:
+        raise ValueError(f"need n_boot >= 10 and 0 < level < 1, got n_boot={n_boot}, level={level}")
+    parts = group_aucs(y, p, groups)
+    if parts.empty:
+        return float("nan"), float("nan")
+    g = _as_1d("groups", groups, len(np.asarray(y)))
+    c = _as_1d("clusters", clusters, len(g))
+    owner = pd.Series(c).groupby(pd.Series(g)).agg(["first", "nunique"])
+    if (owner["nunique"] > 1).any():
+        raise ValueError("a group spans several clusters: requests must belong to one user")
+    cluster_of_group = owner.loc[parts.index, "first"].to_numpy()
+    ccodes, cuniq = pd.factorize(cluster_of_group)
+    all_clusters = pd.unique(c)  # clusters without an eligible group still count in the draw
+    nc = len(all_clusters)
+    pos_of = pd.Index(all_clusters).get_indexer(cuniq)
+    w = np.zeros(nc)
+    wa = np.zeros(nc)
+    np.add.at(w, pos_of[ccodes], parts["n"].to_numpy())
+    np.add.at(wa, pos_of[ccodes], (parts["n"] * parts["auc"]).to_numpy())
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_boot)
+    for b in range(n_boot):  # one multinomial draw of cluster counts per replicate: O(clusters)
+        counts = rng.multinomial(nc, np.full(nc, 1.0 / nc))
+        den = counts @ w
+        stats[b] = (counts @ wa) / den if den > 0 else np.nan
+    alpha = (1 - level) / 2
+    lo, hi = np.nanquantile(stats, [alpha, 1 - alpha])
+    return float(lo), float(hi)
 
 
 def log_loss(y, p, eps: float = 1e-7) -> float:

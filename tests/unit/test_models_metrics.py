@@ -152,3 +152,34 @@ def test_metrics_are_fast_on_40k_rows_7_heads(rng):
         M.ndcg_at_k(y * 3.0, p, users)
     # vectorised: ~0.3 s here; a per-user Python loop would take tens of seconds
     assert time.perf_counter() - started < 5.0
+
+
+def test_group_aucs_give_one_half_to_a_group_with_one_shared_score():
+    y = np.array([1, 0, 0, 1, 0, 1])
+    p = np.array([0.3, 0.3, 0.3, 0.9, 0.1, 0.5])  # group "a": every row the same score
+    parts = M.group_aucs(y, p, ["a", "a", "a", "b", "b", "c"])
+    assert list(parts.index) == ["a", "b"]  # "c" has one class only
+    assert parts.loc["a", "auc"] == 0.5 and parts.loc["b", "auc"] == 1.0
+    assert M.gauc(y, p, ["a", "a", "a", "b", "b", "c"]) == pytest.approx((3 * 0.5 + 2 * 1.0) / 5)
+
+
+def test_gauc_interval_covers_the_estimate_and_narrows_with_more_users():
+    rng = np.random.default_rng(3)
+
+    def sample(n_users):
+        users = np.repeat(np.arange(n_users), 8)
+        y = rng.integers(0, 2, len(users))
+        p = y * 0.4 + rng.random(len(users))
+        return y, p, users
+
+    y, p, u = sample(200)
+    lo, hi = M.gauc_interval(y, p, u, u, n_boot=300)
+    assert lo < M.gauc(y, p, u) < hi
+    y2, p2, u2 = sample(3000)
+    lo2, hi2 = M.gauc_interval(y2, p2, u2, u2, n_boot=300)
+    assert (hi2 - lo2) < (hi - lo) / 2
+
+
+def test_gauc_interval_rejects_a_group_spanning_two_users():
+    with pytest.raises(ValueError, match="spans several clusters"):
+        M.gauc_interval([1, 0, 1, 0], [0.9, 0.1, 0.8, 0.2], [7, 7, 7, 7], [1, 1, 2, 2])
