@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             from feature_repo import store as fs
             from mixer.candidate import Candidate, Query
-            from mixer.feature_hydrators import FeastLayoutFeatureHydrator, FeastRedisLayout, FeastSdkFeatureHydrator
+            from core.online_layout import FeastRedisLayout
+            from mixer.feature_hydrators import FeastLayoutFeatureHydrator, FeastSdkFeatureHydrator
 
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
             store = fs.open_store(state, srv.feast_connection_string)

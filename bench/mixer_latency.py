@@ -19,7 +19,7 @@ import pandas as pd
 
 from home_mixer.demo import start_mixer
 from pipelines.training_set import load_training_set
-from core.services import RedisServer, stop_pid
+from core.services import RedisServer
 from core.state import StateDir
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     started = None
     if srv is None:
         srv = started = RedisServer(state).start()
-    proc, base = start_mixer(state, srv.url)
+    mixer, base = start_mixer(state, srv.url, name="bench-mixer")
     try:
         users = load_training_set(state)["user_id"].drop_duplicates().sample(
             n=args.requests, random_state=7).tolist()
@@ -67,7 +67,7 @@ def main() -> None:
         print(f"{'floor: GET /healthz':<28} {pct(floor, 50):8.2f} {pct(floor, 99):8.2f}")
         print(f"ratio end-to-end p50 / floor p50: {pct(total, 50) / pct(floor, 50):.1f}x")
     finally:
-        stop_pid(proc.pid)
+        mixer.stop()
         if started:
             started.stop()
 

@@ -24,7 +24,7 @@ import httpx
 from home_mixer.cli import main as cli
 from home_mixer.demo import start_mixer
 from pipelines.training_set import load_training_set, log_end
-from core.services import RedisServer, stop_pid
+from core.services import RedisServer
 from core.state import StateDir
 
 
@@ -59,7 +59,7 @@ def main() -> None:
                       params=LightRankerParams(num_boost_round=50)).model_version
     print(f"registered light_ranker v{new} (champion stays v{old})")
 
-    started_redis = triton = proc = None
+    started_redis = triton = mixer = None
     try:
         redis_srv = RedisServer.running(state)
         if redis_srv is None:
@@ -70,7 +70,7 @@ def main() -> None:
         config.write_text(f"clock:\n  now: \"{log_end(state).isoformat().replace('+00:00', 'Z')}\"\n"
                           f"models:\n  reload_interval_s: 1\n"
                           f"scoring:\n  backend: triton_grpc\n  url: \"{triton.grpc_url}\"\n  timeout_ms: 200\n")
-        proc, base = start_mixer(state, redis_srv.url, config=config)
+        mixer, base = start_mixer(state, redis_srv.url, config=config, name="bench-mixer")
         user = int(load_training_set(state)["user_id"].iloc[0])
         body = wait_for(base, user, old)
         print(f"mixer serving light_ranker v{old} via {body['scoring_paths']}")
@@ -83,8 +83,8 @@ def main() -> None:
             print(f"{label} to v{target}: command {t_cmd:.1f} s (alias + Triton export/load), "
                   f"serving after {t_all:.1f} s, paths {body['scoring_paths']}")
     finally:
-        if proc is not None:
-            stop_pid(proc.pid)
+        if mixer is not None:
+            mixer.stop()
         if triton is not None:
             triton.stop()
         if started_redis is not None:

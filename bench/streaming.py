@@ -1,8 +1,8 @@
 """Stream processor: event->online lag at offered rates, and drain throughput against a bare floor.
 
 Self-contained: starts a redis-server (AOF on, as ``RedisServer`` runs it) on a temporary state
-folder, seeds the candidate index's ``hm:post_meta`` from the real videos (the processor's Lua reads
-it for post tags), and stops the server at the end, also on Ctrl-C / SIGTERM. Events come from real
+folder, seeds the candidate index's post metadata (``online_layout.POST_META``) from the real videos
+(the processor's Lua reads it for post tags), and stops the server at the end, also on Ctrl-C / SIGTERM. Events come from real
 KuaiRand-Pure log rows (deduplicated, unknown videos dropped; ~1.8 events per row: impression +
 positive labels + follow edge). Consumers run in spawned child processes (own interpreter and GIL).
 
@@ -150,51 +150,52 @@ def _lean_processor_class():
     return LeanProcessor
 
 
+# Replaces engagement.lua's type guard (the names are the script's unpack(KEYS) / unpack(ARGV) locals).
 _LAZY_GUARD = r"""
 -- check the type of only the keys this event's path touches (impressions: 4 instead of 14)
 local idx = {1, 2, 3, 14}
 local want = {'string', 'hash', 'hash', 'hash'}
 local function need(i, t) idx[#idx + 1] = i; want[#want + 1] = t end
-if tonumber(ARGV[6]) > 0 then need(4, 'hash'); need(5, 'hash'); need(11, 'hash'); need(12, 'zset'); need(13, 'zset') end
-if ARGV[13] == '1' then need(6, 'zset'); need(7, 'zset') end
-if ARGV[2] == 'hate' then need(8, 'set') end
-if ARGV[2] == 'follow' then need(9, 'set'); need(10, 'hash') end
+if tonumber(weight) > 0 then need(4, 'hash'); need(5, 'hash'); need(11, 'hash'); need(12, 'zset'); need(13, 'zset') end
+if positive == '1' then need(6, 'zset'); need(7, 'zset') end
+if kind == 'hate' then need(8, 'set') end
+if kind == 'follow' then need(9, 'set'); need(10, 'hash') end
 for j, i in ipairs(idx) do
   local got = redis.call('TYPE', KEYS[i])['ok']
   if got ~= 'none' and got ~= want[j] then
     return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' is a ' .. got .. ', expected ' .. want[j])
   end
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
 """
+_GUARD_RE = r"local bad = guard_key_types\(\{[^}]*\}\)\nif bad then return bad end\n"
 
 
 def lua_variants() -> dict[str, str]:
-    """Variants of the processor's engagement script (same KEYS / ARGV), to price its parts:
-    ``lua:full`` (as shipped), ``lua:lazy_guard`` (type checks of the touched keys only: same
-    safety), ``lua:no_guard`` (no type checks: NOT safe, the price of the guard) and
-    ``lua:return1`` (the per-call floor of EVALSHA with 14 keys and 17 args)."""
-    from pipelines.streaming import processor as P
+    """Variants of the processor's engagement script (``pipelines/streaming/lua/engagement.lua``
+    after its prelude; same KEYS / ARGV), to price its parts: ``lua:full`` (as shipped),
+    ``lua:lazy_guard`` (type checks of the touched keys only: same safety), ``lua:no_guard`` (no
+    type checks: NOT safe, the price of the guard) and ``lua:return1`` (the per-call floor of
+    EVALSHA with 14 keys and 18 args)."""
+    import re
 
-    prelude = P._guarded_once("string hash hash hash hash zset zset set set hash hash zset zset hash")
-    if prelude not in P._ENGAGEMENT_LUA:
-        raise RuntimeError("processor._ENGAGEMENT_LUA no longer starts with the 14-key guard; update lua_variants()")
-    seen_only = ("\nif redis.call('EXISTS', KEYS[1]) == 1 then return 0 end\n"
-                 "redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])\n")
-    return {"lua:full": P._ENGAGEMENT_LUA,
-            "lua:lazy_guard": P._ENGAGEMENT_LUA.replace(prelude, _LAZY_GUARD),
-            "lua:no_guard": P._ENGAGEMENT_LUA.replace(prelude, seen_only),
+    from pipelines.streaming.scripts import ENGAGEMENT
+
+    full = ENGAGEMENT.source
+    if len(re.findall(_GUARD_RE, full)) != 1:
+        raise RuntimeError("engagement.lua no longer has one `local bad = guard_key_types({...})` guard; "
+                           "update lua_variants()")
+    return {"lua:full": full,
+            "lua:lazy_guard": re.sub(_GUARD_RE, lambda _: _LAZY_GUARD, full),
+            "lua:no_guard": re.sub(_GUARD_RE, "", full),
             "lua:return1": "return 1"}
 
 
-# Every key family the processor writes (realtime_features.py's table); post_meta is the index's.
-_FEATURE_PATTERNS = ("hm:rt:*", "hm:follows:*", "hm:hated_authors:*", "hm:blocked_authors:*", "hm:muted_authors:*")
-
-
 def _drop_features(client) -> None:
-    """Delete the processor's keys, so another processor run finds the same events new."""
-    for pattern in _FEATURE_PATTERNS:
+    """Delete the processor's keys (``online_layout.RT_KEY_PATTERNS``), so another processor run
+    finds the same events new."""
+    from core import online_layout as keys
+
+    for pattern in keys.RT_KEY_PATTERNS:
         batch = []
         for k in client.scan_iter(match=pattern, count=1000):
             batch.append(k)
@@ -223,11 +224,14 @@ def drain_child(url: str, count: int, groups: list[tuple[str, str]], out) -> Non
     busy_s (whole machine CPU), lua_us (EVALSHA usec per call from INFO commandstats), stats."""
     import redis
 
-    from pipelines.streaming.bus import RedisStreamsBus, stream_key
+    from core import online_layout as keys
+    from core.lua import LuaScript
+    from pipelines.streaming.bus import RedisStreamsBus
+    from pipelines.streaming.scripts import ENGAGEMENT
 
     client = redis.Redis.from_url(url)
     bus = RedisStreamsBus(client)
-    key = stream_key(TOPIC)
+    key = keys.event_stream(TOPIC)
     results = []
     for group, kind in groups:
         bus.ensure_group(TOPIC, group)
@@ -235,8 +239,8 @@ def drain_child(url: str, count: int, groups: list[tuple[str, str]], out) -> Non
         if kind in ("processor", "proto") or kind.startswith("lua:"):
             _drop_features(client)
             proc = _make_processor(client, bus, group, f"{group}-c1", kind == "proto")
-            if kind.startswith("lua:"):
-                proc._engagement = client.register_script(lua_variants()[kind])  # prototype only
+            if kind.startswith("lua:"):  # prototype only: the variant, called like the shipped script
+                proc._engagement = LuaScript(ENGAGEMENT, client.register_script(lua_variants()[kind]))
         client.config_resetstat()
         done = 0
         r0, b0, c0, t0 = _redis_cpu_s(client), _machine_busy_s(), time.process_time(), time.perf_counter()
@@ -309,7 +313,7 @@ def lag_child(url: str, count: int, block_ms: int, consumer: str, proto: bool, r
 # ---------------------------------------------------------------- parent side
 
 def _post_meta(videos) -> dict[str, str]:
-    """``hm:post_meta`` as the candidate index writes it (``keys.encode_post_meta``)."""
+    """The candidate index's post metadata (``keys.POST_META``) as it writes it (``keys.encode_post_meta``)."""
     import pandas as pd
 
     from core import online_layout as keys
@@ -385,7 +389,7 @@ def _drain_step(ctx, url, client, bus, rows, videos, post_meta, count, n, proto,
     """One batch size: pre-fill, bare XADD, the drains in a child (``repeat`` interleaved rounds,
     the fastest round of each kind kept), then ``consumers`` processors together. Returns a result
     row (events/s, CPU per event, ...)."""
-    from pipelines.streaming.bus import stream_key
+    from core import online_layout as keys
     from pipelines.streaming.replay import LogReplayer
 
     _reset(client, post_meta)
@@ -394,8 +398,8 @@ def _drain_step(ctx, url, client, bus, rows, videos, post_meta, count, n, proto,
     row = {"count": count, "events": n_events, "producer_ev_s": n_events / stats.wall_seconds}
 
     # bare XADD floor of the producer: the same entries, pre-encoded, pipelined 1000 per round trip
-    ents = [fields for _, fields in client.xrange(stream_key(TOPIC))]  # = encode_event's output
-    bare_key = stream_key(TOPIC + "-xadd")
+    ents = [fields for _, fields in client.xrange(keys.event_stream(TOPIC))]  # = encode_event's output
+    bare_key = keys.event_stream(TOPIC + "-xadd")
     t0 = time.perf_counter()
     for i in range(0, len(ents), 1000):
         pipe = client.pipeline(transaction=False)

@@ -1,17 +1,84 @@
-"""Redis key names of the candidate index and of the mixer's own records (prefix ``hm:``).
+"""The online store's layout: every Redis key home-mixer writes or reads is built here, and only here.
 
-The layout is documented in ``pipelines/candidate_index.py`` (which writes the index); this module
-is the one place that spells the names, so the writer and the readers cannot disagree.
-Feast's online-store keys never start with ``hm:`` (they start with a little-endian key count).
+The writer and the readers of a key import its builder from this module, so they cannot disagree;
+a unit test (``tests/unit/test_online_layout.py``) checks that every key built here is in the table
+below and that no other module spells an ``hm:`` key. Ids are decimal strings, times epoch seconds
+UTC. Keys of home-mixer start with ``PREFIX`` (``hm:``); Feast's keys never do (they start with a
+little-endian key count, ``FeastRedisLayout``).
+
+Candidate index (``pipelines.candidate_index.build_candidate_index``, rebuilt as a whole: the keys of
+``INDEX_KEY_PATTERNS`` and ``INDEX_SINGLE_KEYS`` are deleted first):
+
+| builder | key | type | content | writer | readers |
+| --- | --- | --- | --- | --- | --- |
+| ``POST_META`` | ``hm:post_meta`` | hash | post_id -> ``"author_id|created_ts|tag,tag"`` (``encode_post_meta``) | candidate index | ``PostMetadataHydrator``; ``engagement.lua`` (a post's tags for trending) |
+| ``INDEX_META`` | ``hm:index_meta`` | hash | ``as_of``, ``built_at``, one count per family | candidate index | mixer API (``as_of``), operators |
+| ``author_posts(author_id)`` | ``hm:author_posts:{author_id}`` | zset | post_id -> created_ts | candidate index | ``InNetworkCandidateSource`` |
+| ``popular(window)`` | ``hm:popular:{window}`` (``24h``, ``7d``) | zset | post_id -> weighted engagements in the window | candidate index | ``PopularCandidateSource`` |
+| ``tag_posts(tag)`` | ``hm:tag_posts:{tag}`` | zset | post_id -> weighted engagements in the last 7 d (0 if none) | candidate index | ``TagInterestCandidateSource`` |
+| ``engaged_authors(user_id)`` | ``hm:engaged_authors:{user_id}`` | zset | author_id -> summed engagement edge weight | candidate index | ``UserContextHydrator`` |
+| ``tag_interest(user_id)`` | ``hm:tag_interest:{user_id}`` | zset | tag -> summed engagement weight of engaged posts with the tag | candidate index | ``UserContextHydrator`` |
+| ``seen_posts(user_id)`` | ``hm:seen:{user_id}`` | zset | post_id -> last impression time in the log | candidate index | ``UserContextHydrator`` (previously-seen filter) |
+
+Graph sets (author_ids; the index writes them from the log, the stream processor keeps them current):
+
+| builder | key | type | writers | readers |
+| --- | --- | --- | --- | --- |
+| ``follows(user_id)`` | ``hm:follows:{user_id}`` | set | candidate index; ``social.lua`` (follow / unfollow / block), ``engagement.lua`` (kind ``follow``) | ``UserContextHydrator`` |
+| ``hated_authors(user_id)`` | ``hm:hated_authors:{user_id}`` | set | candidate index; ``engagement.lua`` (kind ``hate``) | ``UserContextHydrator`` |
+| ``blocked_authors(user_id)`` | ``hm:blocked_authors:{user_id}`` | set | ``social.lua`` (block) | ``UserContextHydrator`` |
+| ``muted_authors(user_id)`` | ``hm:muted_authors:{user_id}`` | set | ``social.lua`` (mute) | ``UserContextHydrator`` |
+
+The mixer's own records (a rebuild of the index leaves them alone):
+
+| builder | key | type | content | writer | readers |
+| --- | --- | --- | --- | --- | --- |
+| ``served_posts(user_id)`` | ``hm:served:{user_id}`` | zset (TTL) | post_id -> wall-clock serve time | ``ServedPostsSideEffect`` | ``UserContextHydrator`` |
+| ``SERVED_IMPRESSIONS`` | ``hm:served_impressions`` | stream (capped) | one entry per served post (fields in ``ImpressionLogSideEffect``) | ``ImpressionLogSideEffect`` | training-data / drift jobs |
+
+Real-time features (stream processor, ``pipelines/streaming/lua/{engagement,social}.lua``; the math
+is in ``core.realtime``):
+
+| builder | key | type | content | writer | readers |
+| --- | --- | --- | --- | --- | --- |
+| ``rt_seen_event(event_id)`` | ``hm:rt:seen:{event_id}`` | string (TTL) | ``1``: the event was applied (idempotency) | ``engagement.lua``, ``social.lua`` | the same scripts |
+| ``rt_post_counts(post_id)`` | ``hm:rt:post:{post_id}:counts`` | hash (TTL) | ``{kind}:{bucket_start_s}`` -> count in that 5-min bucket | ``engagement.lua`` | ``RealtimeFeatureReader`` (``window_sums.lua``) |
+| ``rt_post_meta(post_id)`` | ``hm:rt:post:{post_id}:meta`` | hash (TTL) | ``last_event_ts`` (newest event), ``last_write_ts`` | ``engagement.lua`` | ``engagement.lua``; ``RealtimeFeatureReader.post_meta`` |
+| ``rt_post_score(post_id)`` | ``hm:rt:post:{post_id}:score`` | hash (TTL) | ``v`` decayed engagement score at time ``t`` | ``engagement.lua`` | ``RealtimeFeatureReader.decayed_scores`` |
+| ``rt_author_score(author_id)`` | ``hm:rt:author:{author_id}:score`` | hash (TTL) | the same, over the author's posts | ``engagement.lua`` | ``RealtimeFeatureReader.decayed_scores`` |
+| ``rt_user_recent_posts(user_id)`` | ``hm:rt:user:{user_id}:posts`` | zset | last 50 positively engaged posts -> event ts | ``engagement.lua`` | ``RealtimeFeatureReader.user_recent`` |
+| ``rt_user_recent_authors(user_id)`` | ``hm:rt:user:{user_id}:authors`` | zset | their authors -> event ts | ``engagement.lua`` | ``RealtimeFeatureReader.user_recent`` |
+| ``rt_social_ts(user_id)`` | ``hm:rt:social_ts:{user_id}`` | hash | ``{follow|block|mute}:{author_id}`` -> ts of the last applied action | ``engagement.lua``, ``social.lua`` | the same scripts (stale actions are dropped) |
+| ``RT_TRENDING_POSTS`` | ``hm:rt:trending:posts`` | zset | post -> log2 forward-decayed score | ``engagement.lua`` | ``RealtimeFeatureReader.trending`` (``TrendingCandidateSource``) |
+| ``RT_TRENDING_TAGS`` | ``hm:rt:trending:tags`` | zset | tag -> the same | ``engagement.lua`` | ``RealtimeFeatureReader.trending`` |
+| ``RT_COVERAGE`` | ``hm:rt:coverage`` | hash | ``newest``, ``first``, ``since`` event times; ``caught_up``: Redis server time before which the processors' group applied every entry (liveness) | ``engagement.lua`` (event times), ``StreamProcessor`` (``HDEL`` after lost entries), ``coverage_stamp.lua`` (``caught_up``) | ``RealtimeFeatureReader.coverage`` (``RealtimeFeatureHydrator``) |
+
+Event bus (``pipelines.streaming.bus.RedisStreamsBus``; stream ids ``"<ms>-<seq>"``, Redis server time):
+
+| builder | key | type | content | writer | readers |
+| --- | --- | --- | --- | --- | --- |
+| ``event_stream(topic)`` | ``hm:events:{topic}`` | stream (``MAXLEN ~``), consumer groups | one event per entry (``events.encode_event``) | ``RedisStreamsBus.publish`` (``LogReplayer``, producers) | consumer groups (``StreamProcessor``); ``applied_until.lua``, ``skip_trimmed.lua`` |
+| ``dead_letter_stream(topic)`` | ``hm:events:{topic}:dead`` | stream (never trimmed) | reason, original topic / id / group, ``orig:*`` fields | ``RedisStreamsBus`` (dead letters), ``skip_trimmed.lua`` | ``RedisStreamsBus.dead_letters``, ``backlog`` |
+
+Feast online store (``feast materialize`` / push writes it; ``FeastLayoutFeatureHydrator`` reads it):
+
+| builder | key | type | content | writer | readers |
+| --- | --- | --- | --- | --- | --- |
+| ``FeastRedisLayout.key(view, **join_values)`` | ``<entity key v3><project>`` (bytes) | hash | field ``FeastRedisLayout.fields[view]`` (mmh3 of ``view:feature``) -> ``feast.types.Value``; ``_ts:{view}`` -> event time | Feast | ``FeastLayoutFeatureHydrator``, ``FeastSdkFeatureHydrator`` |
 """
 
 from __future__ import annotations
 
+import re
+import struct
+
+from core.schema import FEATURE_VIEWS, FeatureViewSpec
+
 PREFIX = "hm:"
 
-POST_META = "hm:post_meta"             # hash post_id -> "author_id|created_ts|tag,tag"
-INDEX_META = "hm:index_meta"           # hash: as_of, built_at, counts
-SERVED_IMPRESSIONS = "hm:served_impressions"  # stream written by the mixer
+# ---------------------------------------------------------------- candidate index
+POST_META = "hm:post_meta"
+INDEX_META = "hm:index_meta"
 
 
 def author_posts(author_id: int) -> str:
@@ -29,11 +96,6 @@ def tag_posts(tag: int) -> str:
     return f"hm:tag_posts:{tag}"
 
 
-def follows(user_id: int) -> str:
-    """set of author_ids the user followed."""
-    return f"hm:follows:{user_id}"
-
-
 def engaged_authors(user_id: int) -> str:
     """zset author_id -> summed RealGraph-style engagement weight."""
     return f"hm:engaged_authors:{user_id}"
@@ -44,8 +106,19 @@ def tag_interest(user_id: int) -> str:
     return f"hm:tag_interest:{user_id}"
 
 
+def seen_posts(user_id: int) -> str:
+    """zset post_id -> last impression time (epoch s) in the log."""
+    return f"hm:seen:{user_id}"
+
+
+# ---------------------------------------------------------------- graph sets
+def follows(user_id: int) -> str:
+    """set of author_ids the user follows (index; kept current by the stream processor)."""
+    return f"hm:follows:{user_id}"
+
+
 def hated_authors(user_id: int) -> str:
-    """set of author_ids whose posts the user marked with hate."""
+    """set of author_ids whose posts the user marked with hate (index; stream processor)."""
     return f"hm:hated_authors:{user_id}"
 
 
@@ -59,9 +132,8 @@ def muted_authors(user_id: int) -> str:
     return f"hm:muted_authors:{user_id}"
 
 
-def seen_posts(user_id: int) -> str:
-    """zset post_id -> last impression time (epoch s) in the log."""
-    return f"hm:seen:{user_id}"
+# ---------------------------------------------------------------- the mixer's records
+SERVED_IMPRESSIONS = "hm:served_impressions"
 
 
 def served_posts(user_id: int) -> str:
@@ -96,3 +168,157 @@ def decode_post_meta(value: bytes | str) -> tuple[int, int, tuple[int, ...]]:
         raise ValueError(f"bad {POST_META} value {text!r}: expected 'author|created_ts|tags'; rebuild the index")
     tags = tuple(int(t) for t in parts[2].split(",") if t)
     return int(parts[0]), int(parts[1]), tags
+
+
+# ---------------------------------------------------------------- real-time features
+RT_TRENDING_POSTS = "hm:rt:trending:posts"
+RT_TRENDING_TAGS = "hm:rt:trending:tags"
+RT_COVERAGE = "hm:rt:coverage"
+# Every key family the stream processor writes (a bench or a test resets the real-time state with these).
+RT_KEY_PATTERNS: tuple[str, ...] = (
+    "hm:rt:*", "hm:follows:*", "hm:hated_authors:*", "hm:blocked_authors:*", "hm:muted_authors:*",
+)
+
+
+def rt_seen_event(event_id: str) -> str:
+    """string (TTL): idempotency marker of one applied event."""
+    return f"hm:rt:seen:{event_id}"
+
+
+def rt_post_counts(post_id: int) -> str:
+    """hash ``{kind}:{bucket_start_s}`` -> count."""
+    return f"hm:rt:post:{post_id}:counts"
+
+
+def rt_post_meta(post_id: int) -> str:
+    """hash ``last_event_ts``, ``last_write_ts`` (epoch s)."""
+    return f"hm:rt:post:{post_id}:meta"
+
+
+def rt_post_score(post_id: int) -> str:
+    """hash ``v`` (decayed score at ``t``), ``t`` (epoch s)."""
+    return f"hm:rt:post:{post_id}:score"
+
+
+def rt_author_score(author_id: int) -> str:
+    """hash ``v``, ``t`` like ``rt_post_score``, over all of the author's posts."""
+    return f"hm:rt:author:{author_id}:score"
+
+
+def rt_user_recent_posts(user_id: int) -> str:
+    """zset post_id -> newest positive engagement ts, capped at ``core.realtime.RECENT_CAP``."""
+    return f"hm:rt:user:{user_id}:posts"
+
+
+def rt_user_recent_authors(user_id: int) -> str:
+    """zset author_id -> newest positive engagement ts, capped at ``core.realtime.RECENT_CAP``."""
+    return f"hm:rt:user:{user_id}:authors"
+
+
+def rt_social_ts(user_id: int) -> str:
+    """hash ``{follow|block|mute}:{author_id}`` -> ts of the last applied action (drops stale events)."""
+    return f"hm:rt:social_ts:{user_id}"
+
+
+# ---------------------------------------------------------------- event bus
+EVENT_STREAM_PREFIX = "hm:events:"
+DEAD_LETTER_SUFFIX = ":dead"
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+
+
+def event_stream(topic: str) -> str:
+    """Redis key of a topic's stream: ``hm:events:<topic>``.
+
+    Raises:
+        ValueError: the topic is empty, longer than 100 characters or has characters other than
+            letters, digits, ``_ . -`` (a ``:`` would collide with the dead-letter suffix).
+    """
+    if not isinstance(topic, str) or not _TOPIC_RE.match(topic):
+        raise ValueError(f"bad topic {topic!r}: use 1-100 letters, digits, '_', '.', '-' (e.g. 'engagements')")
+    return f"{EVENT_STREAM_PREFIX}{topic}"
+
+
+def dead_letter_stream(topic: str) -> str:
+    """Redis key of a topic's dead-letter stream: ``hm:events:<topic>:dead``."""
+    return event_stream(topic) + DEAD_LETTER_SUFFIX
+
+
+# ---------------------------------------------------------------- Feast's online store
+_STRING, _INT64 = 2, 4  # feast ValueType enum values used in key serialisation
+
+
+class FeastRedisLayout:
+    """Keys and fields of Feast's Redis online store for the feature views of ``core.schema``.
+
+    Layout (feast 0.67, ``feast/infra/online_stores/redis.py`` + ``helpers.py``), one Redis hash per entity:
+    - key = ``serialize_entity_key(EntityKeyProto, v3) + project.encode()`` (``helpers._redis_key``).
+      v3 serialisation: ``<I n_keys>``, then per join key *sorted by name* ``<I STRING=2><I len><utf8>``,
+      then per value in the same order ``<I INT64=4><I 8><q value>`` (all little-endian). So the
+      social view (user_id, author_id) is keyed author_id first. A view's join keys are the same for
+      every view sharing them: the user view and the temporal view share one hash per user.
+    - field = ``helpers._mmh3(f"{view}:{feature}")`` (4 bytes, murmur3 32-bit little-endian);
+      ``_ts:{view}`` holds the row's event time as a protobuf Timestamp.
+    - value = ``feast.types.Value`` protobuf (decoded by ``mixer.feature_hydrators.feast_layout``).
+
+    Keys are built from a per-view byte header (fast), checked at construction against Feast's
+    own ``_redis_key`` so a Feast upgrade that changes the layout fails loudly at start-up.
+
+    Args:
+        project: Feast project name (``feature_store.yaml``), e.g. ``"home_mixer"``.
+        entity_key_serialization_version: must be 3 (the only version this layout supports).
+
+    Raises:
+        ValueError: another serialisation version, or Feast builds different keys than the template.
+    """
+
+    def __init__(self, project: str = "home_mixer", entity_key_serialization_version: int = 3,
+                 views: tuple[FeatureViewSpec, ...] = FEATURE_VIEWS):
+        if entity_key_serialization_version != 3:
+            raise ValueError(
+                f"only entity_key_serialization_version 3 is supported, got {entity_key_serialization_version}; "
+                "set it to 3 in feature_store.yaml"
+            )
+        from feast.infra.online_stores.helpers import _mmh3
+
+        self.project = project
+        self._project_bytes = project.encode("utf-8")
+        self.views = {v.name: v for v in views}
+        self.fields: dict[str, list[bytes]] = {
+            v.name: [_mmh3(f"{v.name}:{f}") for f in v.features] for v in views
+        }
+        self._sorted_keys: dict[str, tuple[str, ...]] = {}
+        self._headers: dict[str, bytes] = {}
+        for v in views:
+            ordered = tuple(sorted(v.join_keys))
+            header = [struct.pack("<I", len(ordered))]
+            for k in ordered:
+                kb = k.encode("utf8")
+                header.append(struct.pack("<II", _STRING, len(kb)) + kb)
+            self._sorted_keys[v.name] = ordered
+            self._headers[v.name] = b"".join(header)
+        self._check_against_feast()
+
+    def key(self, view: str, **join_values: int) -> bytes:
+        """Redis key of one entity row of ``view`` (join key name -> int64 value)."""
+        parts = [self._headers[view]]
+        for k in self._sorted_keys[view]:
+            parts.append(struct.pack("<IIq", _INT64, 8, int(join_values[k])))
+        parts.append(self._project_bytes)
+        return b"".join(parts)
+
+    def feast_key(self, view: str, **join_values: int) -> bytes:
+        """The same key built by Feast (``helpers._redis_key``); slower, for checks."""
+        from feast.infra.online_stores.helpers import _redis_key
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        names = list(self.views[view].join_keys)
+        proto = EntityKey(join_keys=names, entity_values=[Value(int64_val=int(join_values[n])) for n in names])
+        return _redis_key(self.project, proto, entity_key_serialization_version=3)
+
+    def _check_against_feast(self) -> None:
+        for name, spec in self.views.items():
+            sample = {k: (-(7 ** (i + 3)) if i % 2 else 2 ** 40 + i) for i, k in enumerate(spec.join_keys)}
+            if self.key(name, **sample) != self.feast_key(name, **sample):
+                raise ValueError(f"Feast's Redis key layout for view {name} differs from this layout's; "
+                                 "the installed feast version is not supported by core.online_layout")

@@ -1,27 +1,56 @@
-"""Start and stop the local services home-mixer needs (Redis here; Triton/BentoML live in serving/).
+"""One process supervisor for the local services home-mixer starts (Redis, Triton, BentoML, the mixer).
 
-Each service runs as a child process on a free loopback port; its pid and port are written to the
-state folder's ``run/`` so another command (``home-mixer services stop``) can stop it by pid.
+:class:`ManagedProcess` owns everything about a service process, on ``psutil`` (no ``/proc``
+parsing):
+
+- **ports**: each port the service listens on is chosen once (a free loopback port, or the one
+  given) and recorded in the state folder's ``run/<name>.json``; a later start reuses the recorded
+  port while it is free, so a restart keeps the address its clients know;
+- **start**: the command runs in its own session with its output appended to a log file; the
+  record (pid, process start time, ports) is written at once; start waits for the readiness probe
+  up to a timeout and, on exit, timeout, an early failure or Ctrl-C, stops the whole process tree
+  and raises :class:`ServiceError` quoting the end of the log: nothing is left running;
+- **discovery**: :meth:`ManagedProcess.find` / :meth:`ManagedProcess.running` rebuild the service
+  from its record in another process (a CLI ``stop``); a pid whose process is gone, a zombie, or a
+  recycled pid (another start time) is not ours;
+- **stop**: SIGTERM the root, wait, SIGKILL it, then the same for every descendant recorded before
+  signalling (workers in sessions of their own included); :func:`kill_tree` SIGKILLs a tree at
+  once (a crash, for fail-over tests).
+
+A service is a small subclass: ``service`` (record name), ``port_fields``, :meth:`command`,
+:meth:`ready` and optionally :meth:`environment`, :meth:`prepare`, :meth:`start_failure`,
+:meth:`live`. :class:`RedisServer` is here; ``serving.triton.server.TritonServer``,
+``serving.bento.server.BentoServer`` and ``mixer.server.MixerServer`` are the others. The CLI that
+starts, stops and shows them is written once, in ``home_mixer/cli.py``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
+import psutil
 import redis
 
 from core.state import StateDir
 
+CREATE_TIME_TOLERANCE_S = 1.0  # a recorded start time matches the live process within this
+
 
 class ServiceError(RuntimeError):
     """A service could not be started, reached or stopped; the message says what to do."""
+
+
+# ---------------------------------------------------------------- ports
 
 
 def free_port() -> int:
@@ -29,6 +58,18 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True if a server could listen on ``host:port`` now (connections in TIME_WAIT do not count,
+    as servers set ``SO_REUSEADDR``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, int(port)))
+        except OSError:
+            return False
+        return True
 
 
 def feast_connection_string(redis_url: str) -> str:
@@ -57,149 +98,558 @@ def feast_connection_string(redis_url: str) -> str:
     return ",".join(parts)
 
 
-def pid_alive(pid: int) -> bool:
+# ---------------------------------------------------------------- processes (psutil)
+
+
+def _process(pid: int, create_time: float | None = None) -> psutil.Process | None:
+    """The live (non-zombie) process ``pid``, or None; with ``create_time``, only if it started then."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        proc = psutil.Process(int(pid))
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        if create_time is not None and abs(proc.create_time() - create_time) > CREATE_TIME_TOLERANCE_S:
+            return None  # the pid was recycled by another process
+        return proc
+    except psutil.AccessDenied:
+        return psutil.Process(int(pid)) if create_time is None else None
+    except (psutil.NoSuchProcess, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True if process ``pid`` exists and is not a zombie (an exited child nobody has waited for)."""
+    return _process(pid) is not None
 
 
 def child_pids(pid: int) -> list[int]:
-    """Pids whose parent is ``pid`` (from ``/proc/<pid>/stat``; empty without ``/proc``)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    """Pids of the direct children of ``pid`` (empty if it is gone)."""
+    try:
+        return [c.pid for c in psutil.Process(int(pid)).children()]
+    except psutil.Error:
+        return []
+
+
+def _tree(proc: psutil.Process) -> list[psutil.Process]:
+    """``proc`` and all its descendants (descendants that vanish meanwhile are skipped)."""
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return [proc]
+
+
+def _reap(proc: psutil.Process) -> None:
+    """Collect the exit status of ``proc`` if it is our child (so it does not linger as a zombie)."""
+    try:
+        os.waitpid(proc.pid, os.WNOHANG)
+    except (ChildProcessError, OSError):
+        pass
+
+
+def _gone(proc: psutil.Process) -> bool:
+    _reap(proc)
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.AccessDenied:
+        return False
+
+
+def _wait_gone(procs: Iterable[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Wait up to ``timeout_s`` seconds for ``procs`` to exit; returns those still alive."""
+    alive = list(procs)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [p for p in alive if not _gone(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def _signal(procs: Iterable[psutil.Process], sig: int) -> None:
+    for p in procs:
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields and int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and all its descendants (a crash, not a stop: used to test fail-over)."""
-    todo, tree = [pid], []
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(child_pids(p))
-    for p in tree:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
+            p.send_signal(sig)  # psutil refuses a recycled pid (NoSuchProcess)
+        except psutil.Error:
             pass
 
 
-def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
-    """SIGTERM a process, then SIGKILL it if it is still alive after ``timeout_s`` seconds."""
-    if not pid_alive(pid):
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants at once (a crash, not a stop: used to test fail-over).
+
+    A pid that no longer exists is ignored. The killed processes are not waited for.
+    """
+    proc = _process(pid)
+    if proc is not None:
+        _signal(_tree(proc), signal.SIGKILL)
+
+
+def stop_tree(pid: int, timeout_s: float = 10.0, create_time: float | None = None,
+              children_timeout_s: float = 5.0) -> None:
+    """Stop ``pid`` and its whole process tree gracefully.
+
+    The descendants are listed first (workers that run in sessions of their own included), then the
+    root gets SIGTERM and ``timeout_s`` seconds to exit (it usually stops its workers itself),
+    then SIGKILL. Descendants still alive then get SIGTERM, ``children_timeout_s`` seconds, then
+    SIGKILL. Our own children are reaped (no zombies left).
+
+    Args:
+        pid: root process id; nothing happens if it is gone.
+        timeout_s: seconds the root gets between SIGTERM and SIGKILL.
+        create_time: the root's recorded start time (``psutil`` epoch seconds); if given and the
+            live process started at another time, the pid was recycled and nothing is signalled.
+        children_timeout_s: seconds leftover descendants get between SIGTERM and SIGKILL.
+    """
+    root = _process(pid, create_time)
+    if root is None:
         try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done == pid:
-                return
-        except ChildProcessError:
-            pass  # not our child: poll liveness instead
-        if not pid_alive(pid):
-            return
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
+            _reap(psutil.Process(int(pid)))  # an exited child of ours: collect it
+        except psutil.Error:
+            pass
+        return
+    descendants = _tree(root)[1:]
+    _signal([root], signal.SIGTERM)
+    if _wait_gone([root], timeout_s):
+        _signal([root], signal.SIGKILL)
+        _wait_gone([root], 5.0)
+    left = _wait_gone(descendants, 0.5)  # workers usually exit with their parent
+    if left:
+        _signal(left, signal.SIGTERM)
+        left = _wait_gone(left, children_timeout_s)
+        _signal(left, signal.SIGKILL)
+        _wait_gone(left, 2.0)
+
+
+def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
+    """Stop process ``pid`` and its descendants: :func:`stop_tree` (SIGTERM, then SIGKILL after
+    ``timeout_s`` seconds)."""
+    stop_tree(pid, timeout_s)
+
+
+def _log_tail(path: Path, lines: int = 25) -> str:
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------- the supervisor
 
 
 @dataclass
-class RedisServer:
-    """A ``redis-server`` (Debian's package) on a free loopback port, data in ``state/redis``.
+class ManagedProcess:
+    """A service process supervised through the state folder (see the module docstring).
 
-    AOF persistence is on (``appendfsync everysec``) so acknowledged writes survive a restart.
+    Subclasses are dataclasses that add their port fields (``port_fields`` names them, e.g.
+    ``port`` or ``http_port``/``grpc_port``) and settings, and define :meth:`command` and
+    :meth:`ready`. Class attributes:
+
+    - ``service``: record name (``run/<service>.json``) and the name in messages;
+    - ``port_fields``: attributes holding the TCP ports (int or None = choose);
+    - ``record_fields``: attributes saved in the record and passed back to the constructor by
+      :meth:`find` (JSON-able: str, Path, int, lists/tuples of those);
+    - ``cmdline_marker``: a string the process's command line contains (a second identity check);
+    - ``start_timeout_s`` / ``stop_timeout_s``: defaults in seconds;
+    - ``start_hint``: the command that starts it, for error messages.
+
+    Attributes:
+        state: the state folder (record in ``state.run``).
+        pid: root process id once started or found; None otherwise.
+        started_seconds: how long the last :meth:`start` took until ready (seconds).
+        create_time: the root process's start time (epoch seconds, from psutil), recorded to tell
+            our process from a recycled pid.
     """
 
     state: StateDir
-    port: int | None = None
     pid: int | None = None
+    started_seconds: float | None = field(default=None, compare=False)
+    create_time: float | None = field(default=None, compare=False, repr=False)
+
+    service: ClassVar[str] = "service"
+    port_fields: ClassVar[tuple[str, ...]] = ("port",)
+    record_fields: ClassVar[tuple[str, ...]] = ()
+    cmdline_marker: ClassVar[str] = ""
+    start_timeout_s: ClassVar[float] = 60.0
+    stop_timeout_s: ClassVar[float] = 10.0
+    start_hint: ClassVar[str] = "start it"
+
+    # ------------------------------------------------------------ what a subclass defines
+
+    def command(self) -> list[str]:
+        """The command line (ports are set when it is called)."""
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """Readiness probe: True once the service answers and can take requests. Must not raise."""
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str] | None:
+        """Environment of the process (None: this process's)."""
+        return None
+
+    def cwd(self) -> Path | None:
+        """Working directory of the process (None: this process's)."""
+        return None
+
+    def prepare(self) -> None:
+        """Checks before anything is started (binary installed, inputs present); raise ServiceError
+        (or a more specific error) with what to do."""
+
+    def start_failure(self) -> str | None:
+        """While not ready: a message if the service already knows it cannot become ready (start
+        then stops at once instead of waiting for the timeout), else None."""
+        return None
+
+    def live(self) -> bool:
+        """Liveness probe used by :meth:`running` (default: the process being alive is enough)."""
+        return True
+
+    @property
+    def log_file(self) -> Path:
+        """Where the process's stdout and stderr are appended (default ``run/<record>.log``)."""
+        return self.state.run / f"{self.record_name}.log"
+
+    @property
+    def address(self) -> str:
+        """Where clients reach the service (one line, for the CLI)."""
+        return ", ".join(f"{f} 127.0.0.1:{getattr(self, f)}" for f in self.port_fields)
+
+    def status_extra(self) -> dict[str, Any]:
+        """Service-specific fields added to :meth:`status` while running."""
+        return {}
+
+    # ------------------------------------------------------------ record
+
+    @property
+    def record_name(self) -> str:
+        """File stem of this instance's record and log in ``run/`` (default ``service``)."""
+        return self.service
+
+    @property
+    def record_file(self) -> Path:
+        """``<state>/run/<record_name>.json``: ports (kept after stop), pid and start time."""
+        return self.state.run / f"{self.record_name}.json"
+
+    @property
+    def ports(self) -> dict[str, int | None]:
+        """``{port field: port}`` of this instance."""
+        return {f: getattr(self, f) for f in self.port_fields}
+
+    def _legacy_files(self) -> tuple[Path, Path]:
+        return self.state.run / f"{self.record_name}.pid", self.state.run / f"{self.record_name}.port"
+
+    def read_record(self) -> dict[str, Any]:
+        """The record of this service in the state folder (``{}`` if none or unreadable).
+
+        Keys: ``service``, ``ports`` (``{field: port}``), and while started ``pid``,
+        ``create_time``, ``started_at`` (epoch seconds), ``command``, ``fields`` (the
+        ``record_fields``). Pid and port files of earlier versions (``<name>.pid``/``.port``, a
+        flat ``triton.json``) are read too, without a start time.
+        """
+        try:
+            info = json.loads(self.record_file.read_text())
+        except (OSError, ValueError):
+            info = None
+        if isinstance(info, dict):
+            if "ports" not in info:  # flat record of an earlier version
+                info = {"pid": info.get("pid"), "ports": {f: info[f] for f in self.port_fields if f in info},
+                        "fields": {f: info[f] for f in self.record_fields if f in info}}
+            return info
+        pid_file, port_file = self._legacy_files()
+        try:
+            return {"pid": int(pid_file.read_text()), "ports": {self.port_fields[0]: int(port_file.read_text())}}
+        except (OSError, ValueError, IndexError):
+            return {}
+
+    def _write_record(self, info: dict[str, Any]) -> None:
+        self.record_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.record_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(info, indent=1) + "\n")
+        os.replace(tmp, self.record_file)
+
+    def _record_started(self, command: list[str]) -> None:
+        def plain(v):
+            return str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+
+        self._write_record({
+            "service": self.service, "ports": self.ports, "pid": self.pid, "create_time": self.create_time,
+            "started_at": time.time(), "command": command,
+            "fields": {f: plain(getattr(self, f)) for f in self.record_fields},
+        })
+
+    def _forget(self) -> None:
+        """Drop pid and start time from the record (ports stay for the next start)."""
+        info = self.read_record()
+        if info.get("pid") in (self.pid, None):
+            self._write_record({"service": self.service, "ports": info.get("ports") or self.ports})
+        for f in self._legacy_files():
+            f.unlink(missing_ok=True)
+        self.pid = self.create_time = None
+
+    # ------------------------------------------------------------ discovery
+
+    def is_ours(self) -> bool:
+        """True if ``pid`` is alive (not a zombie), started at the recorded time, and its command
+        line has ``cmdline_marker``."""
+        if self.pid is None:
+            return False
+        proc = _process(self.pid, self.create_time)
+        if proc is None:
+            return False
+        if self.cmdline_marker:
+            try:
+                return self.cmdline_marker in " ".join(proc.cmdline())
+            except psutil.Error:
+                return False
+        return True
+
+    @classmethod
+    def find(cls, state: StateDir, **kwargs) -> "ManagedProcess | None":
+        """The service recorded in ``state`` if its process is alive and ours (ready, still starting
+        or hung: see :meth:`running` for one that answers). ``kwargs`` go to the constructor
+        (e.g. a mixer's ``name``)."""
+        probe = cls(state, **kwargs)
+        info = probe.read_record()
+        if info.get("pid") is None:
+            return None
+        fields = {k: v for k, v in (info.get("fields") or {}).items() if k in cls.record_fields and k not in kwargs}
+        srv = cls(state, **fields, **kwargs)
+        srv.pid, srv.create_time = int(info["pid"]), info.get("create_time")
+        for f, port in (info.get("ports") or {}).items():
+            if f in cls.port_fields and port is not None:
+                setattr(srv, f, int(port))
+        if not srv.is_ours():
+            return None
+        if srv.create_time is None and not srv.live():  # an earlier version's record: the probe decides
+            return None
+        return srv
+
+    @classmethod
+    def running(cls, state: StateDir, **kwargs) -> "ManagedProcess | None":
+        """:meth:`find`, and only if the service passes its liveness probe (:meth:`live`)."""
+        srv = cls.find(state, **kwargs)
+        return srv if srv is not None and srv.live() else None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _choose_ports(self) -> None:
+        recorded = self.read_record().get("ports") or {}
+        taken: set[int] = set()
+        for f in self.port_fields:
+            port = getattr(self, f)
+            if port is not None:
+                if not port_is_free(port):
+                    raise ServiceError(f"port {port} on 127.0.0.1 ({self.service} {f}) is in use: pick another "
+                                       "port, or stop what listens there")
+            else:
+                port = recorded.get(f)
+                if port is None or int(port) in taken or not port_is_free(int(port)):
+                    port = free_port()
+                    while port in taken:
+                        port = free_port()
+            setattr(self, f, int(port))
+            taken.add(int(port))
+
+    def start(self, timeout_s: float | None = None) -> "ManagedProcess":
+        """Start the service and wait until :meth:`ready` (the record is written at once).
+
+        Args:
+            timeout_s: seconds to wait for readiness (default ``start_timeout_s``).
+
+        Returns:
+            self, with ``pid``, the ports and ``started_seconds`` set.
+
+        Raises:
+            ServiceError: a process of this service is already recorded as running for the state
+                folder, a given port is in use, or the process exited, reported an early failure
+                or was not ready within ``timeout_s`` (the message has the end of its log). The
+                whole process tree is stopped and the pid forgotten in each case.
+            whatever :meth:`prepare` raises (missing binary or inputs).
+        """
+        timeout_s = self.start_timeout_s if timeout_s is None else timeout_s
+        existing = type(self).find(self.state, **self._find_kwargs())
+        if existing is not None:
+            raise ServiceError(f"{self.service} is already running for {self.state.root} at {existing.address} "
+                               f"(pid {existing.pid}): stop it first")
+        self.prepare()
+        self.state.ensure()
+        self._choose_ports()
+        cmd = [str(c) for c in self.command()]
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        with open(self.log_file, "ab") as log:  # the child keeps its own descriptor
+            log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} home-mixer starts: {' '.join(cmd)}\n".encode())
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=self.environment(), cwd=self.cwd(), start_new_session=True)
+        self.pid = proc.pid
+        try:
+            self.create_time = psutil.Process(proc.pid).create_time()
+        except psutil.Error:
+            self.create_time = None  # exited already: the loop below reports it
+        self._record_started(cmd)
+        deadline = started + timeout_s
+        try:
+            while True:
+                code = proc.poll()
+                if code is not None:
+                    raise ServiceError(f"{self.service} exited with code {code} while starting; last lines of "
+                                       f"{self.log_file}:\n{_log_tail(self.log_file)}")
+                if self.ready():
+                    break
+                failure = self.start_failure()
+                if failure:
+                    raise ServiceError(failure)
+                if time.monotonic() > deadline:
+                    raise ServiceError(f"{self.service} was not ready within {timeout_s:.0f} s; last lines of "
+                                       f"{self.log_file}:\n{_log_tail(self.log_file)}")
+                time.sleep(0.1)
+        except BaseException:  # failure, timeout, Ctrl-C: never leave a process behind
+            self.stop()
+            raise
+        self.started_seconds = time.monotonic() - started
+        return self
+
+    def _find_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments that select this instance's record (a mixer's ``name``)."""
+        return {}
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop the process tree (:func:`stop_tree`: SIGTERM, SIGKILL after ``timeout_s``, default
+        ``stop_timeout_s``; leftover descendants too) and drop the pid from the record (the ports
+        stay recorded). A process that is already gone or not ours (recycled pid) is not signalled.
+        """
+        if self.pid is not None:
+            stop_tree(self.pid, self.stop_timeout_s if timeout_s is None else timeout_s, self.create_time)
+        self._forget()
+
+    def kill(self) -> None:
+        """SIGKILL the whole process tree at once (:func:`kill_tree`): a crash, for fail-over tests.
+        The record stays (a later :meth:`find` sees the process gone)."""
+        if self.pid is not None and self.is_ours():
+            kill_tree(self.pid)
+
+    def status(self) -> dict[str, Any]:
+        """``{"service", "running", "ready", "pid", "address", "ports", "log"}`` plus
+        :meth:`status_extra` while running (``running``: the process is alive; ``ready``: it
+        passes its readiness probe)."""
+        alive = self.is_ours()
+        out: dict[str, Any] = {"service": self.record_name, "running": alive, "ready": alive and self.ready(),
+                               "pid": self.pid if alive else None, "address": self.address if alive else None,
+                               "ports": self.ports, "log": str(self.log_file)}
+        if alive:
+            out.update(self.status_extra())
+        return out
+
+
+def stop_recorded(state: StateDir, timeout_s: float = 15.0) -> list[str]:
+    """Stop every service process recorded in ``state.run`` (last started first), whatever its kind.
+
+    Only records written by :meth:`ManagedProcess.start` count, and only processes that are alive
+    and started at the recorded time are signalled (a recycled pid is left alone). The records keep
+    their ports. Returns the record names of the services stopped.
+    """
+    records = []
+    for path in sorted(state.run.glob("*.json")) if state.run.exists() else []:
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict) and info.get("service") and info.get("pid") is not None \
+                and info.get("create_time") is not None:
+            records.append((info.get("started_at") or 0.0, path, info))
+    stopped = []
+    for _, path, info in sorted(records, key=lambda r: r[0], reverse=True):
+        if _process(int(info["pid"]), info.get("create_time")) is not None:
+            stop_tree(int(info["pid"]), timeout_s, info.get("create_time"))
+            stopped.append(path.stem)
+        info = {k: v for k, v in info.items() if k in ("service", "ports")}
+        path.write_text(json.dumps(info, indent=1) + "\n")
+    return stopped
+
+
+# ---------------------------------------------------------------- Redis
+
+
+@dataclass
+class RedisServer(ManagedProcess):
+    """A ``redis-server`` (Debian's package) on a loopback port, data in ``state/redis``.
+
+    The port is chosen once and recorded in ``run/redis.json``; a restart reuses it while it is
+    free (clients keep their address). AOF persistence is on (``appendfsync everysec``) so
+    acknowledged writes survive a restart.
+
+    Attributes:
+        port: TCP port on 127.0.0.1 (None: the recorded one, else a free one, at start).
+    """
+
+    port: int | None = None
+
+    service: ClassVar[str] = "redis"
+    cmdline_marker: ClassVar[str] = "redis-server"
+    start_timeout_s: ClassVar[float] = 15.0
+    start_hint: ClassVar[str] = "`home-mixer services start`"
 
     @property
     def url(self) -> str:
+        """``redis://127.0.0.1:<port>/0``.
+
+        Raises:
+            ServiceError: not started or found.
+        """
         if self.port is None:
             raise ServiceError("Redis is not started: run `home-mixer services start` first.")
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def address(self) -> str:
+        return self.url
 
     @property
     def feast_connection_string(self) -> str:
         """Feast's RedisOnlineStoreConfig.connection_string form of ``url``."""
         return feast_connection_string(self.url)
 
-    def _files(self) -> tuple[Path, Path]:
-        return self.state.run / "redis.pid", self.state.run / "redis.port"
+    @property
+    def log_file(self) -> Path:
+        return self.state.redis / "redis.log"
 
-    @classmethod
-    def running(cls, state: StateDir) -> "RedisServer | None":
-        """The server recorded in the state folder, if its process is alive and answers PING."""
-        srv = cls(state)
-        pid_file, port_file = srv._files()
-        if not (pid_file.exists() and port_file.exists()):
-            return None
-        srv.pid, srv.port = int(pid_file.read_text()), int(port_file.read_text())
-        if not pid_alive(srv.pid):
-            return None
-        try:
-            redis.Redis.from_url(srv.url, socket_timeout=1).ping()
-        except redis.RedisError:
-            return None
-        return srv
-
-    def start(self, timeout_s: float = 15.0) -> "RedisServer":
-        """Start redis-server and wait until it answers PING.
-
-        Raises:
-            ServiceError: the binary is missing (install Debian's ``redis-server``: ``make setup``
-                does it) or the server did not answer within ``timeout_s`` seconds.
-        """
-        binary = shutil.which("redis-server")
-        if binary is None:
+    def prepare(self) -> None:
+        """Raises ServiceError if ``redis-server`` is not installed."""
+        if shutil.which("redis-server") is None:
             raise ServiceError(
                 "redis-server not found on PATH. Install it with `apt-get install -y redis-server` "
                 "(scripts/setup.sh does this) or set HOME_MIXER_REDIS_URL to an existing server."
             )
-        self.state.ensure()
-        self.port = self.port or free_port()
-        with open(self.state.redis / "redis.log", "ab") as log:  # the child keeps its own copy
-            proc = subprocess.Popen(
-                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.state.redis),
-                 "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-                 "--protected-mode", "yes", "--daemonize", "no"],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        self.pid = proc.pid
-        client = redis.Redis.from_url(self.url, socket_timeout=1)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.RedisError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    proc.kill()
-                    raise ServiceError(
-                        f"redis-server did not start on port {self.port}; see {self.state.redis / 'redis.log'}"
-                    ) from None
-                time.sleep(0.05)
-        pid_file, port_file = self._files()
-        pid_file.write_text(str(self.pid))
-        port_file.write_text(str(self.port))
-        return self
 
-    def stop(self) -> None:
-        """Stop the server by pid and forget it."""
-        if self.pid is not None:
-            stop_pid(self.pid)
-        for f in self._files():
-            f.unlink(missing_ok=True)
-        self.pid = None
+    def command(self) -> list[str]:
+        return [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.state.redis), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                "--protected-mode", "yes", "--daemonize", "no"]
+
+    def _ping(self) -> bool:
+        try:
+            client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+        except redis.RedisError:
+            return False
+
+    def ready(self) -> bool:
+        """True when the server answers PING."""
+        return self._ping()
+
+    def live(self) -> bool:
+        """True when the server answers PING."""
+        return self._ping()
+
+    def start(self, timeout_s: float | None = None) -> "RedisServer":
+        """Start redis-server and wait until it answers PING (default timeout 15 s).
+
+        Raises:
+            ServiceError: the binary is missing (install Debian's ``redis-server``: ``make setup``
+                does it), a Redis is already running for this state folder, or the server did not
+                answer in time (see ``state/redis/redis.log``).
+        """
+        return super().start(timeout_s)  # type: ignore[return-value]

@@ -10,7 +10,10 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from core.state import DEFAULT_DATA_DIR, StateDir, state_from_cli
 
@@ -30,26 +33,186 @@ def cmd_demo(args) -> int:
                     keep_running=args.keep_running)
 
 
-def cmd_services(args) -> int:
+# ---------------------------------------------------------------- services: start / stop / status, once
+#
+# Every service is a core.services.ManagedProcess subclass; one handler runs start|stop|status for
+# all of them (`home-mixer services ...` is Redis, `home-mixer serve triton|bentoml|mixer ...` the
+# others). A ServiceSpec says which class, how the flags configure an instance to start, and any
+# extra step (Triton syncs its model repository from the registry before starting or reloading).
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """How ``start|stop|status`` of one service map onto its supervisor class.
+
+    Attributes:
+        label: the name printed (``redis``, ``triton``, ``bentoml``, ``mixer``).
+        server_class: () -> the ``ManagedProcess`` subclass (imported when the command runs).
+        make: (state, args) -> the instance to start, configured from the flags.
+        before_start: (state, args, running instance or None) -> None, run by ``start`` (and
+            ``sync``) before anything else: Triton exports the registry's aliased versions into its
+            repository and, if it runs, reloads the changed models.
+        extra_actions: action name -> (state, args, running instance or None) -> exit code.
+    """
+
+    label: str
+    server_class: Callable[[], type]
+    make: Callable[[StateDir, argparse.Namespace], Any]
+    before_start: Callable[[StateDir, argparse.Namespace, Any], None] | None = None
+    extra_actions: dict[str, Callable[[StateDir, argparse.Namespace, Any], int]] = field(default_factory=dict)
+
+
+def _print_status(label: str, status: dict) -> None:
+    if not status["running"]:
+        print(f"{label}: stopped")
+        return
+    print(f"{label}: running {status['address']} (pid {status['pid']}, "
+          f"{'ready' if status['ready'] else 'not ready'}, log {status['log']})")
+    for name, versions in (status.get("models") or {}).items():
+        print(f"  {name}: ready versions {versions}")
+    if status.get("error"):
+        print(f"  error: {status['error']}")
+
+
+def run_service_action(spec: ServiceSpec, args: argparse.Namespace) -> int:
+    """Run ``args.action`` (start, stop, status, or one of ``spec.extra_actions``) for one service.
+
+    Prints one line per outcome (``status --json``: a JSON object). Returns the exit code: 0, or 1
+    for ``status`` when the service is not running.
+
+    Raises:
+        core.services.ServiceError: start failed (the message has the end of the service's log).
+    """
+    state = _state(args)
+    found = spec.server_class().find(state)
+    if args.action in spec.extra_actions:
+        return spec.extra_actions[args.action](state, args, found)
+    if args.action == "stop":
+        if found is not None:
+            found.stop()
+            print(f"{spec.label} stopped")
+        else:
+            print(f"{spec.label} is not running")
+        return 0
+    if args.action == "status":
+        status = found.status() if found is not None else {"service": spec.label, "running": False, "ready": False}
+        if args.json:
+            print(json.dumps(status, indent=1, default=str))
+        else:
+            _print_status(spec.label, status)
+        return 0 if status["running"] else 1
+    if spec.before_start is not None:
+        spec.before_start(state, args, found)
+    if found is not None:
+        print(f"{spec.label} already running: {found.address} (pid {found.pid})")
+        return 0
+    srv = spec.make(state, args).start(timeout_s=args.timeout)
+    print(f"{spec.label} started: {srv.address} (pid {srv.pid}, log {srv.log_file}, "
+          f"ready in {srv.started_seconds:.1f} s)")
+    for name, versions in (srv.status_extra().get("models") or {}).items():
+        print(f"  {name}: ready versions {versions}")
+    return 0
+
+
+def _redis_class():
     from core.services import RedisServer
 
-    state = _state(args)
-    running = RedisServer.running(state)
-    if args.action == "start":
-        if running:
-            print(f"redis already running: {running.url} (pid {running.pid})")
-        else:
-            srv = RedisServer(state).start()
-            print(f"redis started: {srv.url} (pid {srv.pid})")
-    elif args.action == "stop":
-        if running:
-            running.stop()
-            print("redis stopped")
-        else:
-            print("redis is not running")
+    return RedisServer
+
+
+def _triton_class():
+    from serving.triton.server import TritonServer
+
+    return TritonServer
+
+
+def _bento_class():
+    from serving.bento.server import BentoServer
+
+    return BentoServer
+
+
+def _mixer_class():
+    from mixer.server import MixerServer
+
+    return MixerServer
+
+
+def _triton_sync(state: StateDir, args, running) -> None:
+    """Export the registry's aliased versions missing from the repository; reload a running server."""
+    from serving.export import validation_rows
+    from serving.triton.repository import sync_repository
+    from serving.triton.server import repository_dir
+
+    if running is None and args.action == "start":
+        from serving.triton.install import TritonInstallation
+
+        TritonInstallation.find()  # fail before exporting anything
+    repo = running.repository if running is not None else repository_dir(state)
+    report = sync_repository(state.mlflow_tracking_uri, repo, check_rows=lambda: validation_rows(state, n=args.rows))
+    for name, sync in report.items():
+        aliases = ", ".join(f"{a}=v{v}" for a, v in sync.aliases.items())
+        print(f"{name}: serving versions {list(sync.served)} ({aliases})")
+        for e in sync.exported:
+            print(f"  exported v{e.version} -> {e.path} (max |onnx - native| = {e.max_abs_diff:.1e} "
+                  f"on {e.rows_checked} rows, {e.seconds:.1f} s)")
+    if running is not None:
+        for name, sync in report.items():
+            if sync.changed or running.versions(name) != list(sync.served):
+                print(f"{name}: reloaded, ready versions {running.load(name)}")
+            else:
+                print(f"{name}: unchanged, ready versions {list(sync.served)}")
+
+
+def _triton_sync_action(state: StateDir, args, running) -> int:
+    _triton_sync(state, args, running)
+    if running is None:
+        print("triton is not running: `home-mixer serve triton start` serves the synced repository")
     else:
-        print(f"redis: {'running ' + running.url if running else 'stopped'}")
+        print(f"triton running: {running.address} (pid {running.pid})")
     return 0
+
+
+def _make_mixer(state: StateDir, args):
+    from home_mixer import jobs
+    from mixer.server import MixerServer
+
+    return MixerServer(state, host=args.host, port=args.port, config=Path(args.config) if args.config else None,
+                       redis_url=jobs.redis_url_for(state))
+
+
+SERVICES: dict[str, ServiceSpec] = {
+    "redis": ServiceSpec("redis", _redis_class, lambda state, args: _redis_class()(state, port=args.port)),
+    "triton": ServiceSpec("triton", _triton_class, lambda state, args: _triton_class()(state),
+                          before_start=_triton_sync, extra_actions={"sync": _triton_sync_action}),
+    "bentoml": ServiceSpec("bentoml", _bento_class, lambda state, args: _bento_class()(state, port=args.port)),
+    "mixer": ServiceSpec("mixer", _mixer_class, _make_mixer),
+}
+
+
+def cmd_service(args) -> int:
+    """``home-mixer services ...`` (Redis) and ``home-mixer serve triton|bentoml|mixer ...``."""
+    return run_service_action(SERVICES[args.service_spec], args)
+
+
+def _add_service_parser(subparsers, name: str, spec: str, help_text: str, description: str,
+                        actions: tuple[str, ...] = ("start", "stop", "status"), port: bool = False,
+                        timeout: float | None = None, default_action: str | None = None):
+    """One service's sub-command: ``action`` plus the flags every service has (``--timeout``,
+    ``--json``) and optionally ``--port``."""
+    sp = subparsers.add_parser(name, help=help_text, description=description)
+    if default_action is None:
+        sp.add_argument("action", choices=list(actions))
+    else:
+        sp.add_argument("action", nargs="?", choices=[default_action, *actions], default=default_action)
+    sp.add_argument("--timeout", type=float, default=timeout,
+                    help="start: seconds to wait for readiness (default: the service's)")
+    sp.add_argument("--json", action="store_true", help="status: print a JSON object")
+    if port:
+        sp.add_argument("--port", type=int, default=None,
+                        help="start: port on 127.0.0.1 (default: the one recorded in <state>/run, else a free one)")
+    sp.set_defaults(func=cmd_service, service_spec=spec)
+    return sp
 
 
 def cmd_env(args) -> int:
@@ -180,15 +343,43 @@ def cmd_promote(args) -> int:
 
 
 def cmd_serve_mixer(args) -> int:
+    """``serve mixer`` (no action, or ``run``): the mixer in the foreground; ``start|stop|status``:
+    a supervised background mixer (:func:`run_service_action`)."""
+    if args.action != "run":
+        return run_service_action(SERVICES["mixer"], args)
     from home_mixer import jobs
     from mixer.api import main as serve_main
 
     state = _state(args)
-    argv = ["--host", args.host, "--port", str(args.port), "--redis-url", jobs.redis_url_for(state)]
+    argv = ["--host", args.host, "--port", str(args.port or 8080), "--redis-url", jobs.redis_url_for(state)]
     if args.config:
         argv += ["--config", args.config]
     os.environ.setdefault("MLFLOW_TRACKING_URI", state.mlflow_tracking_uri)
     serve_main(argv)
+    return 0
+
+
+MODEL_NAMES = {"light": "light_ranker", "heavy": "heavy_ranker"}
+
+
+def cmd_export(args) -> int:
+    """Export one registered ranker (by alias) to ONNX, checked against the native model."""
+    import time
+
+    from models.registry import alias_version
+    from serving.export import export_version, validation_rows
+
+    state = _state(args)
+    started = time.monotonic()
+    name, uri = MODEL_NAMES[args.model], state.mlflow_tracking_uri
+    version = alias_version(name, args.alias, uri)  # once: the folder is named by this version
+    out = Path(args.out) if args.out else state.root / "onnx" / name / str(version)
+    rows = validation_rows(state, n=args.rows)
+    res = export_version(name, version, uri, out, rows, alias=args.alias)
+    print(f"{res.name}@{args.alias} = v{res.version} (run {res.run_id}) -> {res.path}")
+    print(f"  features [batch, {len(res.feature_names)}] -> probabilities [batch, {len(res.heads)}] {list(res.heads)}")
+    print(f"  max |onnx - native| = {res.max_abs_diff:.2e} on {res.rows_checked} validation rows; "
+          f"{time.monotonic() - started:.1f} s")
     return 0
 
 
@@ -240,21 +431,17 @@ def cmd_stream(args) -> int:
 
 
 def cmd_clean(args) -> int:
-    from core.services import RedisServer, stop_pid
+    """Stop every service recorded in the state folder (last started first), then remove it."""
+    from core.services import stop_recorded
 
     state = _state(args)
-    mixer_pid = state.run / "mixer.pid"
-    if mixer_pid.exists():
-        pid = int(mixer_pid.read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline")
-        if cmdline.exists() and b"mixer.api" in cmdline.read_bytes():  # not a recycled pid
-            stop_pid(pid)
-    from serving.bento.server import BentoServer
-    from serving.triton.server import TritonServer
-
-    for server in (BentoServer.running(state), TritonServer.running(state), RedisServer.running(state)):
-        if server is not None:
-            server.stop()
+    for name in stop_recorded(state):
+        print(f"{name} stopped")
+    for cls in (_mixer_class(), _bento_class(), _triton_class(), _redis_class()):  # earlier versions' pid files
+        srv = cls.find(state)
+        if srv is not None:
+            srv.stop()
+            print(f"{srv.record_name} stopped")
     state.clean()
     print(f"removed {state.root}")
     return 0
@@ -272,9 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep-running", action="store_true", help="leave Redis and the mixer running")
     d.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("services", help="start/stop/status of the local Redis")
-    s.add_argument("action", choices=["start", "stop", "status"])
-    s.set_defaults(func=cmd_services)
+    _add_service_parser(sub, "services", "redis", "start/stop/status of the local Redis",
+                        "Start/stop/status of redis-server (AOF on) on a loopback port recorded in <state>/run "
+                        "(kept across restarts); data in <state>/redis.", port=True)
 
     e = sub.add_parser("env", help="print shell exports for the feast/mlflow CLIs")
     e.set_defaults(func=cmd_env)
@@ -313,18 +500,33 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--alias", default="champion")
     pr.set_defaults(func=cmd_promote)
 
-    sv = sub.add_parser("serve", help="the mixer (foreground) and the model servers (background)")
+    sv = sub.add_parser("serve", help="the mixer and the model servers")
     svsub = sv.add_subparsers(dest="service", required=True)
-    from serving.bento.cli import add_commands as add_bentoml_commands
-    from serving.triton.cli import add_commands as add_triton_commands
-
-    add_bentoml_commands(svsub)
-    add_triton_commands(sub, svsub)
-    mx = svsub.add_parser("mixer", help="the mixer HTTP API")
+    tr = _add_service_parser(
+        svsub, "triton", "triton", "Triton inference server for the rankers (separate venv)",
+        "start: sync the model repository from the registry, then start Triton (or reload it if running); "
+        "stop; status; sync: sync and reload the models of a running server.",
+        actions=("start", "stop", "status", "sync"), timeout=120.0)
+    tr.add_argument("--rows", type=int, default=2000, help="validation rows for the export check")
+    _add_service_parser(
+        svsub, "bentoml", "bentoml", "the BentoML ranker server (light + heavy) as a background process",
+        "Start/stop/status of `bentoml serve serving.bento.service:HomeMixerRankers` on a 127.0.0.1 port; "
+        "record and log in <state>/run/.", port=True, timeout=120.0)
+    mx = _add_service_parser(
+        svsub, "mixer", "mixer", "the mixer HTTP API",
+        "Without an action (or `run`): the mixer in the foreground (default port 8080). "
+        "start/stop/status: a background mixer supervised through <state>/run/mixer.json.",
+        port=True, default_action="run")
     mx.add_argument("--config", help="mixer YAML (default: embedded mixer/mixer.yaml)")
     mx.add_argument("--host", default="127.0.0.1")
-    mx.add_argument("--port", type=int, default=8080)
     mx.set_defaults(func=cmd_serve_mixer)
+
+    ex = sub.add_parser("export", help="export a registered ranker to ONNX (checked against the native model)")
+    ex.add_argument("--model", choices=sorted(MODEL_NAMES), required=True)
+    ex.add_argument("--alias", default="champion")
+    ex.add_argument("--out", help="output folder for model.onnx (default <state>/onnx/<name>/<version>)")
+    ex.add_argument("--rows", type=int, default=2000, help="validation rows for the check")
+    ex.set_defaults(func=cmd_export)
 
     st = sub.add_parser("stream", help="the real-time path: stream processor and log replay (Redis Streams)")
     st.add_argument("action", choices=["run", "replay"])
@@ -360,7 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # domain errors carry their own advice
         name = type(exc).__name__
         if name in {"DataValidationError", "RawDataMissingError", "RawDataParseError",
-                    "RankerNotFoundError", "ConfigError", "MissingFeaturesError"}:
+                    "RankerNotFoundError", "ConfigError", "MissingFeaturesError", "TritonNotInstalledError",
+                    "ExportError", "ExportMismatchError"}:
             print(f"home-mixer: {name}: {exc}", file=sys.stderr)
             return 2
         raise

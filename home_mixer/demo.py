@@ -13,9 +13,6 @@ events are stamped with the same clock, so for the mixer they happen now, after 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,9 +21,10 @@ import pandas as pd
 
 from feature_repo import store as fs
 from home_mixer import jobs
-from core.services import RedisServer, ServiceError, free_port, stop_pid
+from core.services import RedisServer
 from core.stages import StageTimer
 from core.state import StateDir
+from mixer.server import MixerServer
 
 STAGES = 13
 REPLAY_HOURS = 2.5   # the log's last hours replayed by the real-time stage ...
@@ -34,39 +32,25 @@ REPLAY_SPEED = 600   # ... at 10 log minutes per wall second (15 s)
 
 
 def start_mixer(state: StateDir, redis_url: str, port: int | None = None,
-                config: Path | None = None, timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """Start the mixer API (uvicorn) as a child process and wait for ``/healthz``.
+                config: Path | None = None, timeout_s: float = 120.0,
+                name: str = "mixer") -> tuple[MixerServer, str]:
+    """Start the mixer API as a supervised child process (``mixer.server.MixerServer``) and wait
+    for ``/healthz``.
+
+    Args:
+        name: the instance's record and log name in ``state/run`` (benchmarks use their own, so a
+            mixer left running by the demo is not touched).
 
     Returns:
-        (process, base URL ``http://127.0.0.1:PORT``).
+        (the server: ``.stop()`` stops its process tree, base URL ``http://127.0.0.1:PORT``).
 
     Raises:
-        ServiceError: it exited or did not become healthy within ``timeout_s`` seconds (its log is
-            in ``state/run/mixer.log``).
+        ServiceError: a mixer of this name is already running for the state folder, the port is in
+            use, or it exited or did not become healthy within ``timeout_s`` seconds (the message
+            has the end of ``state/run/<name>.log``).
     """
-    port = port or free_port()
-    env = {**os.environ, "HOME_MIXER_STATE": str(state.root), "HOME_MIXER_REDIS_URL": redis_url,
-           "MLFLOW_TRACKING_URI": state.mlflow_tracking_uri}
-    cmd = [sys.executable, "-m", "mixer.api", "--host", "127.0.0.1", "--port", str(port)]
-    if config:
-        cmd += ["--config", str(config)]
-    log_path = state.run / "mixer.log"
-    with open(log_path, "ab") as log:  # the child keeps its own copy
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    (state.run / "mixer.pid").write_text(str(proc.pid))
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ServiceError(f"the mixer exited with code {proc.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    stop_pid(proc.pid)
-    raise ServiceError(f"the mixer did not become healthy in {timeout_s:.0f} s; see {log_path}")
+    srv = MixerServer(state, name=name, port=port, config=config, redis_url=redis_url).start(timeout_s)
+    return srv, srv.url
 
 
 def pick_users(training_set: pd.DataFrame, n: int) -> list[int]:
@@ -105,9 +89,9 @@ def realtime_stage(state: StateDir, redis_url: str, base: str, data_dir: Path, a
 
     from core import online_layout as keys
     from mixer.config import running_clock
+    from mixer.feature_hydrators.realtime_reader import RealtimeFeatureReader
     from pipelines.streaming.bus import RedisStreamsBus
     from pipelines.streaming.processor import StreamProcessor
-    from pipelines.streaming.realtime_features import RealtimeFeatureReader
     from pipelines.streaming.replay import LogReplayer, load_replay_inputs
 
     as_of, since = pd.Timestamp(as_of), pd.Timestamp(since)  # tz-aware datetimes or Timestamps
@@ -173,7 +157,7 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
 
     timer = StageTimer(total=STAGES)
     started_redis = None
-    mixer_proc = None
+    mixer = None
     try:
         with timer.stage("start Redis"):
             srv = RedisServer.running(state)
@@ -216,7 +200,11 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
             config = state.run / "demo-mixer.yaml"  # merged over the embedded mixer/mixer.yaml
             since = pd.Timestamp.now(tz="UTC")
             config.write_text(f"clock:\n  now: \"{as_of.isoformat()}\"\n  since: \"{since.isoformat()}\"\n")
-            mixer_proc, base = start_mixer(state, srv.url, config=config)
+            previous = MixerServer.find(state)
+            if previous is not None:  # left by a demo run with --keep-running: it serves the old models
+                print(f"  stopping the mixer left running at {previous.url} (pid {previous.pid})")
+                previous.stop()
+            mixer, base = start_mixer(state, srv.url, config=config)
             print(f"  mixer {base} (OpenAPI at {base}/docs)")
             chosen = users or pick_users(ts, n_users)
             responses = []
@@ -241,7 +229,7 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
         return 0
     finally:
         if not keep_running:
-            if mixer_proc is not None:
-                stop_pid(mixer_proc.pid)
+            if mixer is not None:
+                mixer.stop()
             if started_redis is not None:
                 started_redis.stop()

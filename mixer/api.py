@@ -93,7 +93,8 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
 
 
 def _feature_hydrator(config: MixerConfig, client: redis.Redis):
-    from mixer.feature_hydrators import FeastLayoutFeatureHydrator, FeastRedisLayout, FeastSdkFeatureHydrator
+    from core.online_layout import FeastRedisLayout
+    from mixer.feature_hydrators import FeastLayoutFeatureHydrator, FeastSdkFeatureHydrator
 
     os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)  # feast was imported above
     if config.feast.hydrator == "redis_layout":

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotation only (mixer.selectors imports this module)
+    from mixer.selectors.page_cursor import PageCursor
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,8 @@ class Query:
         request_id: unique id of this request (hex), logged with every served impression.
         excluded_posts: post ids served on earlier pages of this timeline (from the cursor).
         page_index: 0 for the first page, n for the page after n cursors.
+        cursor: the cursor this request continues (None for the first page); ``excluded_posts``
+            and ``page_index`` are derived from it, the page selector extends it.
         arm: experiment arm name (set by ExperimentArmQueryHydrator).
         follows: author ids the user followed.
         engaged_authors: author id -> engagement weight (RealGraph-style), strongest first.
@@ -38,6 +44,7 @@ class Query:
     request_id: str
     excluded_posts: frozenset[int] = frozenset()
     page_index: int = 0
+    cursor: PageCursor | None = None
     arm: str | None = None
     follows: frozenset[int] = frozenset()
     engaged_authors: dict[int, float] = field(default_factory=dict)

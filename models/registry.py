@@ -1,7 +1,12 @@
-"""MLflow side of the rankers: experiment, model logging, the registry, and loading by alias.
+"""MLflow side of the rankers: experiment, model logging, the registry, and loading.
 
-The mixer loads rankers only through :func:`load_ranker` (``models:/<name>@<alias>``), never from
-a file path, so promoting a new version is one alias move (:func:`promote`).
+This module is the one registry access path: resolve an alias to a version (:func:`alias_version`,
+:func:`model_aliases`), look a version up (:func:`registered_version`), download its artifacts
+(:func:`download_version`) and load it with the loader of its ranker kind (:data:`LOADERS`,
+:func:`load_ranker_version`) into a typed :class:`RankerHandle`. The mixer loads by alias
+(:func:`load_ranker`, never from a file path, so promoting a new version is one alias move,
+:func:`promote`); the BentoML service, the ONNX export and the Triton repository load by version
+through the same function.
 
 Formats:
 - light ranker: ``mlflow.lightgbm`` (LightGBM's text model), input float32 ``[N, F]``.
@@ -24,8 +29,8 @@ import os
 import threading
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -228,59 +233,195 @@ def promote(name: str, version: int, alias: str = CHAMPION_ALIAS, tracking_uri: 
         tracking_uri: MLflow URI; default ``StateDir.from_env().mlflow_tracking_uri``.
 
     Raises:
-        RankerNotFoundError: the registered model or the version does not exist.
+        RankerNotFoundError: no store, or the registered model or the version does not exist.
     """
-    from mlflow.exceptions import MlflowException
-
     uri = _resolve_uri(tracking_uri)
+    mv = registered_version(name, version, uri)
+    _client(uri).set_registered_model_alias(name, alias, str(mv.version))
+
+
+def _not_found_hint() -> str:
+    return "run `home-mixer train` first (it registers both rankers and sets the champion alias)"
+
+
+def _require_store(uri: str) -> None:
+    """Raise :class:`RankerNotFoundError` if ``uri`` names a SQLite store that does not exist."""
     if _store_missing(uri):
-        raise RankerNotFoundError(f"no MLflow store at {uri}: run `home-mixer train` first")
-    client = _client(uri)
-    try:
-        client.get_model_version(name, str(int(version)))
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        raise RankerNotFoundError(
-            f"registered model {name!r} has no version {version} in {uri}; list versions with the "
-            "MLflow UI or run `home-mixer train` first"
-        ) from None
-    client.set_registered_model_alias(name, alias, str(int(version)))
+        raise RankerNotFoundError(f"no MLflow store at {uri}: {_not_found_hint()}")
 
 
 def alias_version(name: str, alias: str = CHAMPION_ALIAS, tracking_uri: str | None = None) -> int:
     """The registered version ``alias`` of model ``name`` points at (one registry call, no download).
 
+    Args:
+        name: registered model name (``schema.LIGHT_RANKER_NAME`` / ``schema.HEAVY_RANKER_NAME``).
+        alias: registry alias, default ``"champion"``.
+        tracking_uri: MLflow URI; default ``StateDir.from_env().mlflow_tracking_uri``.
+
+    Returns:
+        The version number (int >= 1).
+
     Raises:
-        RankerNotFoundError: no store, model or alias.
+        RankerNotFoundError: no store, no registered model ``name``, or no such alias; the message
+            says which, and to run ``home-mixer train`` / ``home-mixer models promote``.
     """
     from mlflow.exceptions import MlflowException
 
     uri = _resolve_uri(tracking_uri)
-    if _store_missing(uri):
-        raise RankerNotFoundError(f"no MLflow store at {uri}: run `home-mixer train` first")
+    _require_store(uri)
+    client = _client(uri)
     try:
-        return int(_client(uri).get_model_version_by_alias(name, alias).version)
+        return int(client.get_model_version_by_alias(name, alias).version)
     except MlflowException as e:
         if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise
-        raise RankerNotFoundError(
-            f"registered model {name!r} has no alias {alias!r} in {uri}: run `home-mixer train` first, "
-            "or point the alias at a version with `home-mixer models promote`") from None
+    try:
+        aliases = model_aliases(name, uri)
+    except RankerNotFoundError:
+        raise RankerNotFoundError(f"no registered model {name!r} in {uri}, so {name!r} has no alias {alias!r}: "
+                                  f"{_not_found_hint()}") from None
+    raise RankerNotFoundError(
+        f"registered model {name!r} has no alias {alias!r} (aliases: {aliases or 'none'}) in {uri}: "
+        f"{_not_found_hint()}, or point the alias at a version with `home-mixer models promote`") from None
+
+
+def model_aliases(name: str, tracking_uri: str | None = None) -> dict[str, int]:
+    """Every alias of registered model ``name`` and the version it points at (one registry call).
+
+    Returns:
+        ``{alias: version}``; empty if the model has no alias.
+
+    Raises:
+        RankerNotFoundError: no store, or no registered model ``name``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    uri = _resolve_uri(tracking_uri)
+    _require_store(uri)
+    try:
+        registered = _client(uri).get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise RankerNotFoundError(f"no registered model {name!r} in {uri}: {_not_found_hint()}") from None
+    return {a: int(v) for a, v in (registered.aliases or {}).items()}
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """One version of a registered model as the registry records it (no artifacts downloaded).
+
+    Attributes:
+        name: registered model name; version: version number (>= 1); run_id: the MLflow run that
+            logged it ("" if the version has no run).
+    """
+
+    name: str
+    version: int
+    run_id: str
+
+
+def registered_version(name: str, version: int, tracking_uri: str | None = None) -> RegisteredVersion:
+    """Look up version ``version`` of registered model ``name`` (one registry call, no download).
+
+    Raises:
+        RankerNotFoundError: no store, registered model or version.
+    """
+    from mlflow.exceptions import MlflowException
+
+    uri = _resolve_uri(tracking_uri)
+    _require_store(uri)
+    try:
+        mv = _client(uri).get_model_version(name, str(int(version)))
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        raise RankerNotFoundError(f"registered model {name!r} has no version {version} in {uri}: "
+                                  f"{_not_found_hint()}") from None
+    return RegisteredVersion(name=name, version=int(mv.version), run_id=mv.run_id or "")
+
+
+def download_version(name: str, version: int, dst: Path, tracking_uri: str | None = None) -> Path:
+    """Download the artifacts of ``models:/<name>/<version>`` into the folder ``dst``.
+
+    Returns:
+        The local model folder (holds ``MLmodel``). The caller owns ``dst`` (the loaders below use a
+        temporary folder removed once the model is in memory: nothing is cached on disk).
+
+    Raises:
+        RankerNotFoundError: no store (a missing version raises from :func:`registered_version`,
+            which :func:`load_ranker_version` calls first).
+    """
+    import mlflow.artifacts
+
+    uri = _resolve_uri(tracking_uri)
+    _require_store(uri)
+    with mlflow_uris(uri):  # the models:/ resolver reads the global registry URI
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{int(version)}", dst_path=str(dst), tracking_uri=uri, registry_uri=uri,
+        )
+    return Path(local)
+
+
+# ---------------------------------------------------------------- loaders, by ranker kind
+
+
+def _load_lightgbm(local: Path) -> Any:
+    import mlflow.lightgbm
+
+    return mlflow.lightgbm.load_model(str(local))
+
+
+def _load_pytorch(local: Path) -> Any:
+    import mlflow.pytorch
+
+    return mlflow.pytorch.load_model(str(local))  # also checks that the pt2 archive is pickle-free
+
+
+def _load_pt2_program(local: Path) -> Any:
+    """The ``torch.export.ExportedProgram`` of a pt2-logged model, or None if it has no ``.pt2``."""
+    import torch
+
+    pt2 = sorted(local.rglob("*.pt2"))
+    return torch.export.load(str(pt2[0])) if pt2 else None
+
+
+@dataclass(frozen=True)
+class RankerLoader:
+    """How one ranker kind is loaded.
+
+    Attributes:
+        flavor: the MLflow flavour the kind is logged with (``MLmodel`` ``flavors`` must list it).
+        load: ``local model folder -> model`` (MLflow's loader of that flavour).
+        load_program: ``local model folder -> exportable program or None`` (only the heavy ranker
+            has one: its ``torch.export`` program, which the ONNX exporter converts).
+    """
+
+    flavor: str
+    load: Callable[[Path], Any]
+    load_program: Callable[[Path], Any] | None = None
+
+
+LOADERS: dict[str, RankerLoader] = {
+    "light": RankerLoader("lightgbm", _load_lightgbm),
+    "heavy": RankerLoader("pytorch", _load_pytorch, _load_pt2_program),
+}
 
 
 @dataclass(frozen=True)
 class RankerHandle:
-    """A registered ranker loaded by alias, ready to score frames.
+    """A registered ranker version loaded in memory, ready to score frames.
 
     Attributes:
-        name: registered model name; alias: the alias it was loaded through.
+        name: registered model name; alias: the alias it was loaded through ("" if by version).
         version: model version number; run_id: the MLflow run that trained it.
         feature_names: input columns, in model order.
         heads: output columns: ``("engaged",)`` for the light ranker, ``schema.HEADS`` for the heavy.
-        kind: ``"light"`` or ``"heavy"``.
+        kind: ``"light"`` or ``"heavy"`` (the key of :data:`LOADERS` that loaded it).
         model: the loaded model (``lightgbm.Booster``, or the ``torch.export`` module of the heavy
             ranker), for exporters; scoring goes through :meth:`predict`.
+        program: the heavy ranker's ``torch.export.ExportedProgram`` when loaded with
+            ``with_program=True`` (the ONNX exporter's input); None otherwise.
     """
 
     name: str
@@ -291,6 +432,7 @@ class RankerHandle:
     heads: tuple[str, ...]
     kind: str
     model: Any
+    program: Any = field(default=None, repr=False, compare=False)
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         """Scores for each row of ``frame``: ``np.ndarray float32 [N, len(heads)]``, probabilities.
@@ -319,8 +461,69 @@ class RankerHandle:
         return out
 
 
+def load_ranker_version(name: str, version: int, tracking_uri: str | None = None, *, alias: str = "",
+                        with_program: bool = False) -> RankerHandle:
+    """Load version ``version`` of registered model ``name``: the one registry access path.
+
+    Looks the version up, downloads ``models:/<name>/<version>`` to a temporary folder, reads the
+    ranker metadata of its ``MLmodel`` (``ranker``, ``feature_names``, ``heads``), picks the loader
+    of that kind from :data:`LOADERS` (checking the flavour it was logged with), and returns the
+    model in memory (the downloaded files are removed). :func:`load_ranker` (the mixer, by alias),
+    the BentoML service (by version, with its LRU of loaded versions), the ONNX export and the
+    Triton repository sync (``with_program=True``) all load through here.
+
+    Args:
+        name: registered model name.
+        version: version number.
+        tracking_uri: MLflow URI; default ``StateDir.from_env().mlflow_tracking_uri``.
+        alias: recorded on the handle (the alias the caller resolved to this version), else "".
+        with_program: also load the exportable program (heavy ranker: ``torch.export`` program;
+            None for a kind without one or a version logged without a ``.pt2`` archive).
+
+    Returns:
+        :class:`RankerHandle`.
+
+    Raises:
+        RankerNotFoundError: no store, registered model or version.
+        ValueError: the version was not logged by ``models.registry`` (no ranker metadata), its
+            kind is unknown, or it lacks the flavour of its kind.
+    """
+    from mlflow.models import Model
+
+    uri = _resolve_uri(tracking_uri)
+    mv = registered_version(name, version, uri)
+    with tempfile.TemporaryDirectory(prefix="home-mixer-ranker-") as tmp:
+        local = download_version(name, mv.version, Path(tmp), uri)
+        mlmodel = Model.load(str(local))
+        meta = mlmodel.metadata or {}
+        if not {"ranker", "feature_names", "heads"} <= set(meta):
+            raise ValueError(
+                f"{name} v{mv.version} has no ranker metadata; it was not logged by "
+                "models.train (train it with `home-mixer train`)"
+            )
+        kind = meta["ranker"]
+        loader = LOADERS.get(kind)
+        if loader is None:
+            raise ValueError(f"{name} v{mv.version}: unknown ranker kind {kind!r} (known: {sorted(LOADERS)}); "
+                             "re-train it with `home-mixer train`")
+        if loader.flavor not in (mlmodel.flavors or {}):
+            raise ValueError(f"{name} v{mv.version} is a {kind} ranker but was logged without the "
+                             f"{loader.flavor!r} flavour (has {sorted(mlmodel.flavors or {})}); "
+                             "re-train it with `home-mixer train`")
+        model = loader.load(local)
+        program = loader.load_program(local) if with_program and loader.load_program else None
+    return RankerHandle(
+        name=name, alias=alias, version=mv.version, run_id=mv.run_id,
+        feature_names=tuple(meta["feature_names"]), heads=tuple(meta["heads"]),
+        kind=kind, model=model, program=program,
+    )
+
+
 def load_ranker(name: str, alias: str = CHAMPION_ALIAS, tracking_uri: str | None = None) -> RankerHandle:
-    """Load registered model ``name`` through ``models:/<name>@<alias>``.
+    """Load the version that ``alias`` of registered model ``name`` points at.
+
+    The alias is resolved once (:func:`alias_version`), then that version is loaded through
+    :func:`load_ranker_version`, so an alias moving meanwhile cannot mix two versions.
 
     Args:
         name: ``schema.LIGHT_RANKER_NAME`` or ``schema.HEAVY_RANKER_NAME`` (any registered ranker).
@@ -335,90 +538,5 @@ def load_ranker(name: str, alias: str = CHAMPION_ALIAS, tracking_uri: str | None
             says to run ``home-mixer train`` first.
         ValueError: the model version was not logged by ``models.registry`` (no ranker metadata).
     """
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
-
     uri = _resolve_uri(tracking_uri)
-    hint = "run `home-mixer train` first (it registers both rankers and sets the champion alias)"
-    if _store_missing(uri):
-        raise RankerNotFoundError(f"no MLflow store at {uri}: {hint}")
-    client = _client(uri)
-    for _attempt in range(2):  # retry once if the alias moved between lookup and download
-        try:
-            registered = client.get_registered_model(name)
-        except MlflowException as e:
-            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            raise RankerNotFoundError(f"no registered model {name!r} in {uri}: {hint}") from None
-        if alias not in registered.aliases:
-            raise RankerNotFoundError(
-                f"registered model {name!r} has no alias {alias!r} (aliases: {registered.aliases or 'none'}) "
-                f"in {uri}: {hint}, or point the alias at a version with models.registry.promote"
-            )
-        version = client.get_model_version(name, registered.aliases[alias])
-        with tempfile.TemporaryDirectory(prefix="home-mixer-ranker-") as tmp:
-            with mlflow_uris(uri):  # the models:/ resolver reads the global registry URI
-                local = mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{name}@{alias}", dst_path=tmp, tracking_uri=uri, registry_uri=uri,
-                )
-            if Model.load(local).run_id not in (None, version.run_id):
-                continue
-            return _handle_from_download(local, name, alias, version)
-    raise RuntimeError(f"alias {alias!r} of {name!r} kept moving while loading; try again")
-
-
-def load_ranker_version(name: str, version: int, tracking_uri: str | None = None) -> RankerHandle:
-    """Load version ``version`` of registered model ``name`` through ``models:/<name>/<version>``
-    (model servers keep several versions loaded for rollout; the mixer loads by alias).
-
-    Raises:
-        RankerNotFoundError: no store, registered model or version.
-        ValueError: the version was not logged by ``models.registry`` (no ranker metadata).
-    """
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
-    uri = _resolve_uri(tracking_uri)
-    if _store_missing(uri):
-        raise RankerNotFoundError(f"no MLflow store at {uri}: run `home-mixer train` first")
-    try:
-        mv = _client(uri).get_model_version(name, str(int(version)))
-    except MlflowException as e:
-        if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        raise RankerNotFoundError(f"registered model {name!r} has no version {version} in {uri}: "
-                                  "run `home-mixer train` first") from None
-    with tempfile.TemporaryDirectory(prefix="home-mixer-ranker-") as tmp:
-        with mlflow_uris(uri):  # the models:/ resolver reads the global registry URI
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{int(version)}", dst_path=tmp, tracking_uri=uri, registry_uri=uri,
-            )
-        return _handle_from_download(local, name, "", mv)
-
-
-def _handle_from_download(local: str, name: str, alias: str, version) -> RankerHandle:
-    """Build a handle from a downloaded model folder (``version``: an MLflow ModelVersion)."""
-    from mlflow.models import Model
-
-    meta = Model.load(local).metadata or {}
-    if not {"ranker", "feature_names", "heads"} <= set(meta):
-        raise ValueError(
-            f"{name} v{version.version} has no ranker metadata; it was not logged by "
-            "models.train (train it with `home-mixer train`)"
-        )
-    if meta["ranker"] == "light":
-        import mlflow.lightgbm
-
-        model = mlflow.lightgbm.load_model(local)
-    elif meta["ranker"] == "heavy":
-        import mlflow.pytorch
-
-        model = mlflow.pytorch.load_model(local)
-    else:
-        raise ValueError(f"{name} v{version.version}: unknown ranker kind {meta['ranker']!r}")
-    return RankerHandle(
-        name=name, alias=alias, version=int(version.version), run_id=version.run_id,
-        feature_names=tuple(meta["feature_names"]), heads=tuple(meta["heads"]),
-        kind=meta["ranker"], model=model,
-    )
+    return load_ranker_version(name, alias_version(name, alias, uri), uri, alias=alias)

@@ -3,28 +3,18 @@
 Only events strictly before the cutoff (``as_of``) are used and only posts created before it are
 indexed, so an index built as of an impression's time holds nothing the user could not have known.
 
-Redis layout (prefix ``hm:``; names spelled in ``core/online_layout.py``; ids are decimal strings,
-times are epoch seconds UTC):
-
-| key | type | member -> score / value | read by |
-| --- | --- | --- | --- |
-| ``hm:post_meta`` | hash | post_id -> ``"author_id|created_ts|tag,tag"`` | candidate hydrator |
-| ``hm:author_posts:{author_id}`` | zset | post_id -> created_ts | InNetworkCandidateSource |
-| ``hm:popular:24h``, ``hm:popular:7d`` | zset | post_id -> weighted engagements in the window | PopularCandidateSource |
-| ``hm:tag_posts:{tag}`` | zset | post_id -> weighted engagements in the last 7 d (0 if none) | TagInterestCandidateSource |
-| ``hm:follows:{user_id}`` | set | author_id (explicit follow events) | query hydrator |
-| ``hm:engaged_authors:{user_id}`` | zset | author_id -> summed engagement edge weight | query hydrator |
-| ``hm:tag_interest:{user_id}`` | zset | tag -> summed engagement weight of engaged posts with the tag | query hydrator |
-| ``hm:hated_authors:{user_id}`` | set | author_id of posts the user marked with hate | query hydrator |
-| ``hm:seen:{user_id}`` | zset | post_id -> last impression time | query hydrator |
-| ``hm:index_meta`` | hash | ``as_of``, ``built_at``, one count per family | operators |
+Redis layout: the candidate-index and graph-set tables of ``core/online_layout.py`` (the one place
+that builds the keys and documents each with its type, content and readers): post metadata, posts
+per author, popular posts per window, posts per tag, and per user follows, engaged authors, tag
+interests, hated authors and seen posts, plus ``INDEX_META`` (``as_of``, ``built_at``, one count per
+family).
 
 "Weighted engagements" are ``sum_h ENGAGEMENT_EDGE_WEIGHTS[h] * label_h`` over impressions
 (``core.schema``; RealGraph idea, Kamath et al. 2014); engaged-author weights are the summed
 ``weight`` of ``social_edges`` rows with ``edge_type == "engagement"`` (the same weights).
 
-The mixer writes ``hm:served:{user_id}`` and the ``hm:served_impressions`` stream; a rebuild leaves
-them alone. A rebuild deletes every index key first (SCAN + UNLINK) and then writes in pipelined
+The mixer's records (``served_posts``, ``SERVED_IMPRESSIONS``) are not index keys; a rebuild
+leaves them alone. A rebuild deletes every index key first (SCAN + UNLINK) and then writes in pipelined
 batches, so it is idempotent; it is not atomic for concurrent readers (a request during the
 rebuild may see a partial index), so rebuild before serving or during a quiet period.
 """
@@ -157,7 +147,7 @@ class CandidateIndexContent:
     seen: pd.DataFrame
 
     def counts(self) -> dict[str, int]:
-        """Rows per family (keys are stable names used in ``hm:index_meta``)."""
+        """Rows per family (keys are stable names used in ``INDEX_META``)."""
         return {
             "posts": len(self.posts),
             "authors": int(self.posts["author_id"].nunique()),
@@ -307,7 +297,7 @@ def write_candidate_index(client: redis.Redis, content: CandidateIndexContent) -
     """Replace the index in Redis with ``content`` (delete first, then pipelined batched writes).
 
     Returns:
-        ``content.counts()`` (also stored in ``hm:index_meta`` with ``as_of`` and ``built_at``).
+        ``content.counts()`` (also stored in ``INDEX_META`` with ``as_of`` and ``built_at``).
     """
     delete_candidate_index(client)
     p = _BatchedPipeline(client)

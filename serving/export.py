@@ -36,7 +36,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,7 +43,7 @@ import pandas as pd
 from core.schema import CHAMPION_ALIAS, VALIDATION_DAYS
 from core.state import StateDir
 from models.features import feature_matrix
-from models.registry import RankerHandle, RankerNotFoundError, mlflow_uris
+from models.registry import RankerHandle, alias_version, load_ranker_version
 
 INPUT_NAME = "features"
 OUTPUT_NAME = "probabilities"
@@ -104,96 +103,6 @@ class ExportResult:
     seconds: float
 
 
-@dataclass(frozen=True)
-class RegisteredSource:
-    """A registered model version loaded for export: the native handle and the convertible form.
-
-    ``program`` is the heavy ranker's ``torch.export.ExportedProgram`` (None for LightGBM, whose
-    booster is ``handle.model``).
-    """
-
-    handle: RankerHandle
-    program: Any = None
-
-
-# ---------------------------------------------------------------- registry side
-
-
-def resolve_alias(name: str, alias: str, tracking_uri: str) -> int:
-    """Version number that ``alias`` of registered model ``name`` points at
-    (``models.registry.alias_version``).
-
-    Raises:
-        RankerNotFoundError: no store, no such model or alias.
-    """
-    from models.registry import alias_version
-
-    return alias_version(name, alias, tracking_uri=tracking_uri)
-
-
-def _require_store(tracking_uri: str) -> None:
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).exists():
-        raise RankerNotFoundError(f"no MLflow store at {tracking_uri}: run `home-mixer train` first")
-
-
-def load_registered_version(name: str, version: int, tracking_uri: str, alias: str | None = None) -> RegisteredSource:
-    """Download and load version ``version`` of registered model ``name`` (native + exportable form).
-
-    Uses the same MLflow loaders as ``models.registry.load_ranker`` (``mlflow.lightgbm`` /
-    ``mlflow.pytorch``), so ``handle.predict`` is exactly what the in-process mixer computes.
-
-    Raises:
-        RankerNotFoundError: the version does not exist.
-        ValueError: the version carries no ranker metadata (not logged by ``models.train``).
-    """
-    import mlflow.artifacts
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
-
-    _require_store(tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        mv = client.get_model_version(name, str(int(version)))
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        raise RankerNotFoundError(f"registered model {name!r} has no version {version} in {tracking_uri}") from None
-    with tempfile.TemporaryDirectory(prefix="home-mixer-export-") as tmp:
-        with mlflow_uris(tracking_uri):  # the models:/ resolver reads the global registry URI
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{int(version)}", dst_path=tmp,
-                tracking_uri=tracking_uri, registry_uri=tracking_uri,
-            )
-        meta = Model.load(local).metadata or {}
-        if not {"ranker", "feature_names", "heads"} <= set(meta):
-            raise ValueError(f"{name} v{version} has no ranker metadata; it was not logged by models.train")
-        program = None
-        if meta["ranker"] == "light":
-            import mlflow.lightgbm
-
-            model = mlflow.lightgbm.load_model(local)
-        elif meta["ranker"] == "heavy":
-            import mlflow.pytorch
-            import torch
-
-            model = mlflow.pytorch.load_model(local)  # validates the pt2 archive is pickle-free
-            pt2 = sorted(Path(local).rglob("*.pt2"))
-            if not pt2:
-                raise ExportError(
-                    f"{name} v{version} has no .pt2 archive (it was logged in another format); "
-                    "re-train it with `home-mixer train --model heavy` (models.registry logs pt2)"
-                )
-            program = torch.export.load(str(pt2[0]))
-        else:
-            raise ValueError(f"{name} v{version}: unknown ranker kind {meta['ranker']!r}")
-    handle = RankerHandle(
-        name=name, alias=alias or "", version=int(mv.version), run_id=mv.run_id or "",
-        feature_names=tuple(meta["feature_names"]), heads=tuple(meta["heads"]), kind=meta["ranker"], model=model,
-    )
-    return RegisteredSource(handle, program)
-
-
 # ---------------------------------------------------------------- conversion
 
 
@@ -238,20 +147,26 @@ def _light_to_onnx(handle: RankerHandle):
     return _prune_unused(model)
 
 
-def _heavy_to_onnx(source: RegisteredSource):
-    """``torch.export`` program -> ONNX via the dynamo exporter (batch dimension stays dynamic)."""
+def _heavy_to_onnx(h: RankerHandle):
+    """``torch.export`` program (``h.program``) -> ONNX via the dynamo exporter (batch dimension
+    stays dynamic)."""
     import logging
 
     import torch
 
-    h = source.handle
+    if h.program is None:
+        raise ExportError(
+            f"{h.name} v{h.version} has no torch.export program: load it with "
+            "models.registry.load_ranker_version(..., with_program=True); a version logged without a .pt2 "
+            "archive must be re-trained with `home-mixer train --model heavy` (models.registry logs pt2)"
+        )
     example = torch.zeros((2, len(h.feature_names)), dtype=torch.float32)
     onnx_logger = logging.getLogger("torch.onnx")
     level = onnx_logger.level
     onnx_logger.setLevel(logging.ERROR)  # "torchvision is not installed" notices are noise here
     try:
         program = torch.onnx.export(
-            source.program, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            h.program, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             opset_version=HEAVY_ONNX_OPSET, dynamo=True, external_data=False, verbose=False,
         )
     except Exception as e:  # the exporter raises many kinds; say what was being exported
@@ -335,18 +250,22 @@ def _set_metadata(model, handle: RankerHandle, alias: str | None, max_abs_diff: 
     helper.set_model_props(model, props)
 
 
-def to_onnx(source: RegisteredSource, alias: str | None = None):
+def to_onnx(h: RankerHandle, alias: str | None = None):
     """Convert a loaded registered version to an ``onnx.ModelProto`` following the module contract.
+
+    Args:
+        h: the version loaded by ``models.registry.load_ranker_version(..., with_program=True)``
+            (the heavy ranker converts from ``h.program``, the light one from ``h.model``).
+        alias: recorded in the ONNX metadata ("" when None).
 
     Not yet checked against the native model: see :func:`verify_onnx`.
 
     Raises:
-        ExportError: the converter failed or produced an unexpected graph.
+        ExportError: the converter failed, produced an unexpected graph, or a heavy handle has no program.
     """
     import onnx
 
-    h = source.handle
-    model = _light_to_onnx(h) if h.kind == "light" else _heavy_to_onnx(source)
+    model = _light_to_onnx(h) if h.kind == "light" else _heavy_to_onnx(h)
     if [i.name for i in model.graph.input] != [INPUT_NAME] or [o.name for o in model.graph.output] != [OUTPUT_NAME]:
         raise ExportError(f"{h.name} v{h.version}: ONNX graph has inputs {[i.name for i in model.graph.input]} "
                           f"and outputs {[o.name for o in model.graph.output]}, expected [{INPUT_NAME!r}] "
@@ -458,16 +377,18 @@ def export_version(name: str, version: int, tracking_uri: str, out_dir: Path, ch
                    alias: str | None = None, tolerance: float = DEFAULT_TOLERANCE) -> ExportResult:
     """Export version ``version`` of ``name`` to ``out_dir/model.onnx`` after checking it.
 
-    Arguments and errors as :func:`export_onnx` (which resolves an alias to a version first).
+    The version is loaded through ``models.registry.load_ranker_version`` (``with_program=True``),
+    the one registry path, so ``handle.predict`` in the check is exactly what the in-process mixer
+    computes. Arguments and errors as :func:`export_onnx` (which resolves an alias to a version
+    first); also raises ``ValueError`` for a version without ranker metadata.
     """
     started = time.monotonic()
-    source = load_registered_version(name, version, tracking_uri, alias)
-    model = to_onnx(source, alias)
-    worst = verify_onnx(model, source.handle, check_rows, tolerance)
-    _set_metadata(model, source.handle, alias, worst)
+    h = load_ranker_version(name, version, tracking_uri, alias=alias or "", with_program=True)
+    model = to_onnx(h, alias)
+    worst = verify_onnx(model, h, check_rows, tolerance)
+    _set_metadata(model, h, alias, worst)
     path = Path(out_dir) / MODEL_FILE
     _write_atomically(model, path)
-    h = source.handle
     return ExportResult(
         name=h.name, version=h.version, alias=alias, run_id=h.run_id, kind=h.kind,
         feature_names=h.feature_names, heads=h.heads, path=path, max_abs_diff=worst,
@@ -502,7 +423,7 @@ def export_onnx(name: str, alias: str = CHAMPION_ALIAS, tracking_uri: str | None
         raise ValueError("check_rows is required: pass real validation rows (serving.export.validation_rows)")
     state = StateDir.from_env()
     uri = tracking_uri or state.mlflow_tracking_uri
-    version = resolve_alias(name, alias, uri)
+    version = alias_version(name, alias, uri)  # once: later alias moves do not affect this export
     out = Path(out_dir) if out_dir is not None else state.root / "onnx" / name / str(version)
     return export_version(name, version, uri, out, check_rows, alias=alias, tolerance=tolerance)
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import pandas as pd
+
 from mixer.candidate import Candidate, Query
+from mixer.components import Scorer
 
 
-class WeightedSumBlender:
+class WeightedSumBlender(Scorer):
     """``score = sum_h weight[arm][h] * p_h`` (Twitter home-mixer's weighted-sum "ScoredTweets"
     model: each head's probability times a tunable weight, negative feedback with a negative
     weight; the weights are what an experiment arm varies).
@@ -21,6 +24,7 @@ class WeightedSumBlender:
     """
 
     name = "weighted_sum"
+    version = ""  # no registered model: not in model_versions
 
     def __init__(self, arm_weights: Mapping[str, Mapping[str, float]], heads: Sequence[str]):
         for arm, weights in arm_weights.items():
@@ -41,3 +45,13 @@ class WeightedSumBlender:
         weights = self.arm_weights[query.arm]
         for c in candidates:
             c.score = sum(w * c.heads.get(h, 0.0) for h, w in weights.items())
+
+    def score(self, query: Query, candidates: list[Candidate], features: pd.DataFrame | None = None) -> None:
+        """The blender as a pipeline scorer: ``blend(query, candidates)`` (``features`` unused).
+        Returns None (no scoring path to report).
+
+        Raises:
+            KeyError: ``query.arm`` is not a configured arm.
+        """
+        self.blend(query, candidates)
+        return None

@@ -6,9 +6,10 @@ import redis
 
 from core import online_layout as keys
 from mixer.candidate import Candidate, Query
+from mixer.components import CandidateHydrator
 
 
-class PostMetadataCandidateHydrator:
+class PostMetadataCandidateHydrator(CandidateHydrator):
     """One ``HMGET hm:post_meta`` for the distinct post ids of all candidates.
 
     Sets ``author_id`` and ``created_ts`` (epoch s) and ``in_network`` (author followed or engaged

@@ -1,27 +1,13 @@
-"""What a candidate source is, and what the runner reports about one call of it."""
+"""What the source runner reports about one call of a candidate source (the ``CandidateSource``
+interface itself is in ``mixer.components``; re-exported here)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal
 
-from mixer.candidate import Candidate, Query
-
-
-class CandidateSource(Protocol):
-    """A source of candidates. ``fetch`` may raise; the runner logs it and goes on without it.
-
-    Attributes:
-        name: short name, used as ``Candidate.source`` and as a metric label.
-        timeout_ms: the runner stops waiting for this source after this many milliseconds.
-    """
-
-    name: str
-    timeout_ms: float
-
-    def fetch(self, query: Query) -> list[Candidate]:
-        """Candidates for ``query`` (any order; the source's best first is customary)."""
-        ...
+from mixer.candidate import Candidate
+from mixer.components import CandidateSource  # the interface lives with the other component kinds
 
 
 @dataclass
@@ -41,3 +27,6 @@ class SourceResult:
     candidates: list[Candidate] = field(default_factory=list)
     elapsed_ms: float = 0.0
     error: str = ""
+
+
+__all__ = ["CandidateSource", "SourceResult"]

@@ -6,9 +6,10 @@ import redis
 
 from core import online_layout as keys
 from mixer.candidate import Candidate, Query
+from mixer.components import CandidateSource
 
 
-class InNetworkCandidateSource:
+class InNetworkCandidateSource(CandidateSource):
     """Recent posts of the user's followed authors, then of the strongest engaged authors.
 
     Reads ``hm:author_posts:{author}`` (post -> created time) for up to ``max_authors`` authors,

@@ -37,11 +37,14 @@ class ParallelSourceRunner:
         self.executor = executor
 
     def run(self, query: Query) -> tuple[list[Candidate], list[SourceResult]]:
-        """Call every source; return all candidates (in source order) and one result per source."""
+        """Call every source enabled for ``query`` (``source.enabled(query)``); return all
+        candidates (in source order) and one result per source called (a disabled source is not
+        called and has no result)."""
         start = time.perf_counter()
-        futures: list[Future] = [self.executor.submit(s.fetch, query) for s in self.sources]
+        sources = [s for s in self.sources if s.enabled(query)]
+        futures: list[Future] = [self.executor.submit(s.fetch, query) for s in sources]
         results: list[SourceResult] = []
-        for source, fut in zip(self.sources, futures):
+        for source, fut in zip(sources, futures):
             remaining = source.timeout_ms / 1000.0 - (time.perf_counter() - start)
             try:
                 cands = fut.result(timeout=max(remaining, 0.0))

@@ -6,9 +6,10 @@ import redis
 
 from core import online_layout as keys
 from mixer.candidate import Candidate, Query
+from mixer.components import CandidateSource
 
 
-class PopularCandidateSource:
+class PopularCandidateSource(CandidateSource):
     """Top ``max_candidates`` of ``hm:popular:{window}`` (weighted engagements before the index
     cutoff; ``pipelines/candidate_index.py``). The same list for every user: it is what a cold-start
     user is served. ``source_score`` = the popularity score.

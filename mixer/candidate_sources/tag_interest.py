@@ -8,9 +8,10 @@ import redis
 
 from core import online_layout as keys
 from mixer.candidate import Candidate, Query
+from mixer.components import CandidateSource
 
 
-class TagInterestCandidateSource:
+class TagInterestCandidateSource(CandidateSource):
     """For the user's ``top_tags`` strongest tags, the most engaged posts of each tag.
 
     Each tag gets an equal quota of ``ceil(max_candidates / n_tags)`` from ``hm:tag_posts:{tag}``

@@ -2,11 +2,12 @@
 
 Both return a float64 DataFrame aligned with the candidates whose columns are
 ``core.schema.ALL_FEATURES`` (NaN where the online store has no value):
-- ``FeastLayoutFeatureHydrator`` reads Feast's Redis layout directly (one pipeline of HMGETs);
+- ``FeastLayoutFeatureHydrator`` reads Feast's Redis layout directly (one pipeline of HMGETs; keys
+  from ``core.online_layout.FeastRedisLayout``);
 - ``FeastSdkFeatureHydrator`` calls ``FeatureStore.get_online_features`` (reference / comparison).
 """
 
-from mixer.feature_hydrators.feast_layout import FeastLayoutFeatureHydrator, FeastRedisLayout, decode_values
+from mixer.feature_hydrators.feast_layout import FeastLayoutFeatureHydrator, decode_values
 from mixer.feature_hydrators.feast_sdk import FeastSdkFeatureHydrator
 
-__all__ = ["FeastLayoutFeatureHydrator", "FeastRedisLayout", "FeastSdkFeatureHydrator", "decode_values"]
+__all__ = ["FeastLayoutFeatureHydrator", "FeastSdkFeatureHydrator", "decode_values"]

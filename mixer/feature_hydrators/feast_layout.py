@@ -1,98 +1,22 @@
 """Reads Feast's Redis online store directly, in Feast's own layout (no Feast SDK on the hot path).
 
-Layout (feast 0.67, ``feast/infra/online_stores/redis.py`` + ``helpers.py``), one Redis hash per entity:
-- key = ``serialize_entity_key(EntityKeyProto, v3) + project.encode()`` (``helpers._redis_key``).
-  v3 serialisation: ``<I n_keys>``, then per join key *sorted by name* ``<I STRING=2><I len><utf8>``,
-  then per value in the same order ``<I INT64=4><I 8><q value>`` (all little-endian). So the
-  social view (user_id, author_id) is keyed author_id first. A view's join keys are the same for
-  every view sharing them: the user view and the temporal view share one hash per user.
-- field = ``helpers._mmh3(f"{view}:{feature}")`` (4 bytes, murmur3 32-bit little-endian);
-  ``_ts:{view}`` holds the row's event time as a protobuf Timestamp.
-- value = ``feast.types.Value`` protobuf; ``b""`` (empty Value) is null.
-Feast's online read does not apply the view TTL, and neither does this reader (same answers).
+Keys and fields (one Redis hash per entity, Feast's entity-key serialisation v3 + project; field =
+murmur3 of ``view:feature``) are built by ``core.online_layout.FeastRedisLayout``, checked there
+against Feast's own ``_redis_key``. This module decodes the values: ``feast.types.Value`` protobufs;
+``b""`` (empty Value) is null. Feast's online read does not apply the view TTL, and neither does
+this reader (same answers).
 """
 
 from __future__ import annotations
-
-import struct
 
 import numpy as np
 import pandas as pd
 import redis
 
-from core.schema import FEATURE_VIEWS, FeatureViewSpec
+from core.online_layout import FeastRedisLayout
 from mixer.candidate import Candidate, Query
+from mixer.components import FeatureHydrator
 from mixer.feature_hydrators.frame import empty_feature_frame, finish_feature_frame
-
-_STRING, _INT64 = 2, 4  # feast ValueType enum values used in key serialisation
-
-
-class FeastRedisLayout:
-    """Keys and fields of Feast's Redis layout for the four feature views of ``core.schema``.
-
-    Keys are built from a per-view byte template (fast), checked at construction against Feast's
-    own ``_redis_key`` so a Feast upgrade that changes the layout fails loudly at start-up.
-
-    Args:
-        project: Feast project name (``feature_store.yaml``), e.g. ``"home_mixer"``.
-        entity_key_serialization_version: must be 3 (the only version this layout supports).
-
-    Raises:
-        ValueError: another serialisation version, or Feast builds different keys than the template.
-    """
-
-    def __init__(self, project: str = "home_mixer", entity_key_serialization_version: int = 3,
-                 views: tuple[FeatureViewSpec, ...] = FEATURE_VIEWS):
-        if entity_key_serialization_version != 3:
-            raise ValueError(
-                f"only entity_key_serialization_version 3 is supported, got {entity_key_serialization_version}; "
-                "set it to 3 in feature_store.yaml"
-            )
-        from feast.infra.online_stores.helpers import _mmh3
-
-        self.project = project
-        self._project_bytes = project.encode("utf-8")
-        self.views = {v.name: v for v in views}
-        self.fields: dict[str, list[bytes]] = {
-            v.name: [_mmh3(f"{v.name}:{f}") for f in v.features] for v in views
-        }
-        self._sorted_keys: dict[str, tuple[str, ...]] = {}
-        self._headers: dict[str, bytes] = {}
-        for v in views:
-            ordered = tuple(sorted(v.join_keys))
-            header = [struct.pack("<I", len(ordered))]
-            for k in ordered:
-                kb = k.encode("utf8")
-                header.append(struct.pack("<II", _STRING, len(kb)) + kb)
-            self._sorted_keys[v.name] = ordered
-            self._headers[v.name] = b"".join(header)
-        self._check_against_feast()
-
-    def key(self, view: str, **join_values: int) -> bytes:
-        """Redis key of one entity row of ``view`` (join key name -> int64 value)."""
-        parts = [self._headers[view]]
-        for k in self._sorted_keys[view]:
-            parts.append(struct.pack("<IIq", _INT64, 8, int(join_values[k])))
-        parts.append(self._project_bytes)
-        return b"".join(parts)
-
-    def feast_key(self, view: str, **join_values: int) -> bytes:
-        """The same key built by Feast (``helpers._redis_key``); slower, for checks."""
-        from feast.infra.online_stores.helpers import _redis_key
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-        from feast.protos.feast.types.Value_pb2 import Value
-
-        names = list(self.views[view].join_keys)
-        proto = EntityKey(join_keys=names, entity_values=[Value(int64_val=int(join_values[n])) for n in names])
-        return _redis_key(self.project, proto, entity_key_serialization_version=3)
-
-    def _check_against_feast(self) -> None:
-        for name, spec in self.views.items():
-            sample = {k: (-(7 ** (i + 3)) if i % 2 else 2 ** 40 + i) for i, k in enumerate(spec.join_keys)}
-            if self.key(name, **sample) != self.feast_key(name, **sample):
-                raise ValueError(f"Feast's Redis key layout for view {name} differs from this reader's; "
-                                 "the installed feast version is not supported by mixer.feature_hydrators")
-
 
 _VARINT_TAGS = (0x18, 0x20, 0x38)  # int32_val (3), int64_val (4), bool_val (7): wire type 0
 _DOUBLE_TAG = 0x29  # double_val (5), wire type 1: tag byte + 8 bytes little-endian
@@ -151,7 +75,7 @@ def decode_values(raw: list[bytes | None]) -> np.ndarray:
     return out
 
 
-class FeastLayoutFeatureHydrator:
+class FeastLayoutFeatureHydrator(FeatureHydrator):
     """Features for 1 user + N posts + the distinct (user, author) pairs in one Redis pipeline.
 
     HMGETs: the user hash (user_features + temporal_features fields, both keyed by user_id: one
@@ -161,9 +85,13 @@ class FeastLayoutFeatureHydrator:
     Args:
         client: Redis holding Feast's online store (same server as the index is fine).
         layout: the key/field layout (project name).
+
+    Raises:
+        ValueError: a feature view has join keys other than user_id, post_id or (user_id, author_id).
     """
 
     name = "feast_layout"
+    stage = "feature_hydration"
 
     def __init__(self, client: redis.Redis, layout: FeastRedisLayout):
         self.client = client
@@ -177,8 +105,11 @@ class FeastLayoutFeatureHydrator:
         if odd:
             raise ValueError(f"feature views {odd} have join keys this hydrator does not know")
 
-    def hydrate(self, query: Query, candidates: list[Candidate]) -> pd.DataFrame:
-        """Float64 DataFrame aligned with ``candidates`` (row i = candidate i), columns ALL_FEATURES.
+    def hydrate(self, query: Query, candidates: list[Candidate],
+                features: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Float64 DataFrame aligned with ``candidates`` (row i = candidate i, index 0..N-1), columns
+        ALL_FEATURES, NaN where the store has no value. ``features`` (a frame hydrated before) is
+        ignored: this hydrator builds every column.
 
         Raises:
             redis.RedisError: Redis is unreachable.

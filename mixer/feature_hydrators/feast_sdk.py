@@ -10,10 +10,11 @@ import pandas as pd
 
 from core.schema import FEATURE_VIEWS
 from mixer.candidate import Candidate, Query
+from mixer.components import FeatureHydrator
 from mixer.feature_hydrators.frame import empty_feature_frame, finish_feature_frame
 
 
-class FeastSdkFeatureHydrator:
+class FeastSdkFeatureHydrator(FeatureHydrator):
     """Calls ``store.get_online_features`` with one entity row per candidate
     (``user_id``, ``post_id``, ``author_id``) for every feature of the four views.
 
@@ -23,14 +24,22 @@ class FeastSdkFeatureHydrator:
     """
 
     name = "feast_sdk"
+    stage = "feature_hydration"
 
     def __init__(self, store):
         self.store = store
         self.refs = [f"{v.name}:{f}" for v in FEATURE_VIEWS for f in v.features]
         self.stored = [f for v in FEATURE_VIEWS for f in v.features]
 
-    def hydrate(self, query: Query, candidates: list[Candidate]) -> pd.DataFrame:
-        """Float64 DataFrame aligned with ``candidates``, columns ALL_FEATURES (NaN where missing)."""
+    def hydrate(self, query: Query, candidates: list[Candidate],
+                features: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Float64 DataFrame aligned with ``candidates`` (row i = candidate i, index 0..N-1), columns
+        ALL_FEATURES (NaN where missing). ``features`` (a frame hydrated before) is ignored: this
+        hydrator builds every column.
+
+        Raises:
+            Exception: whatever ``get_online_features`` raises (Redis or registry unreachable).
+        """
         if not candidates:
             return empty_feature_frame()
         rows = [{"user_id": query.user_id, "post_id": c.post_id, "author_id": c.author_id} for c in candidates]

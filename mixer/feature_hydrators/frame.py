@@ -28,3 +28,9 @@ def finish_feature_frame(stored: pd.DataFrame, now_s: float) -> pd.DataFrame:
 def empty_feature_frame() -> pd.DataFrame:
     """A zero-row frame with the ALL_FEATURES columns (float64)."""
     return pd.DataFrame(np.empty((0, len(ALL_FEATURES))), columns=list(ALL_FEATURES))
+
+
+def missing_feature_frame(n: int) -> pd.DataFrame:
+    """``n`` all-NaN rows with the ALL_FEATURES columns (float64, index 0..n-1): what the rankers
+    get when feature hydration failed (fail-open)."""
+    return empty_feature_frame().reindex(range(n))

@@ -3,7 +3,7 @@
 The batch view (``pipelines/features/content.py``) holds ``post_{kind}_{1h,24h}`` = events in
 ``[H - W, H)`` for the last materialised hour H, so it is up to an hour (plus the materialisation
 delay) old. The stream processor keeps the same counts in 5-minute buckets
-(``pipelines/streaming/realtime_features.py``; at a bucket boundary its window equals the batch
+(``core/realtime.py``, read by ``realtime_reader.RealtimeFeatureReader``; at a bucket boundary its window equals the batch
 definition, a test checks it). This hydrator replaces the batch values by the stream's window
 ending at the request time, so an engagement counts for ranking as soon as it is written.
 
@@ -41,9 +41,10 @@ import numpy as np
 import pandas as pd
 import redis
 
+from core.realtime import bucket_start
 from core.schema import SMOOTHING_M
 from mixer.candidate import Candidate, Query
-from pipelines.streaming import realtime_features as rt
+from mixer.feature_hydrators.realtime_reader import RealtimeFeatureReader
 
 # batch feature -> stream kind (``events.ENGAGEMENT_KINDS``)
 COUNT_KINDS: dict[str, str] = {"impressions": "impression", "clicks": "click", "long_views": "long_view",
@@ -102,18 +103,26 @@ class RealtimeFeatureHydrator:
             stamps every 0.1 s when busy and once a second when idle; a crashed one's entries are
             reclaimed after 30 s idle by a reclaim that runs every 30 s, so the default 120 s
             tolerates a crash or restart, not an outage.
+        enabled: ``realtime.enabled``; False: the pipeline never calls it (no "realtime_features"
+            timing). It is a ``mixer.components.FeatureHydrator`` (structurally).
 
     Raises:
         ValueError: ``max_staleness_s <= 0``.
     """
 
     name = "realtime"
+    stage = "realtime_features"  # its timings_ms key and its ``degraded`` marker (mixer.components.FeatureHydrator)
 
-    def __init__(self, client: redis.Redis, max_staleness_s: float = 120.0):
+    def __init__(self, client: redis.Redis, max_staleness_s: float = 120.0, enabled: bool = True):
         if max_staleness_s <= 0:
             raise ValueError(f"max_staleness_s must be > 0, got {max_staleness_s}")
-        self.reader = rt.RealtimeFeatureReader(client)
+        self.reader = RealtimeFeatureReader(client)
         self.max_staleness_s = max_staleness_s
+        self.is_enabled = bool(enabled)
+
+    def enabled(self, query: Query) -> bool:
+        """The configured switch ``realtime.enabled`` (the same for every query)."""
+        return self.is_enabled
 
     def fetch(self, query: Query, candidates: list[Candidate]) -> FreshCounts:
         """Read the stream's coverage and the counts of the candidates' posts (two round trips).
@@ -146,7 +155,7 @@ class RealtimeFeatureHydrator:
         fresh values, as a new frame; ``features`` itself when the stream has written nothing."""
         if fresh.since is None or not len(features):
             return features
-        end = -rt.bucket_start(-fresh.now_s)  # the windows end on the bucket grid (rt.window_buckets)
+        end = -bucket_start(-fresh.now_s)  # the windows end on the bucket grid (core.realtime.window_buckets)
         out = features.copy()
         n_batch = out["post_impressions_24h"].to_numpy()
         priors = {rate: recover_prior(out[rate].to_numpy(), out[k].to_numpy(), n_batch) for rate, k in RATES_24H.items()}
@@ -161,9 +170,11 @@ class RealtimeFeatureHydrator:
         return out
 
     def hydrate(self, query: Query, candidates: list[Candidate], features: pd.DataFrame) -> pd.DataFrame:
-        """``merge(fetch(query, candidates), features)``.
+        """``merge(fetch(query, candidates), features)``; ``features`` is the batch frame (float64,
+        row i = candidate i), so this hydrator is declared after the one that builds it.
 
         Raises:
             redis.RedisError: Redis is unreachable (the pipeline then keeps the batch values).
+            StaleStreamError: the stream processors are behind (the pipeline keeps the batch values).
         """
         return self.merge(self.fetch(query, candidates), features)

@@ -1,7 +1,8 @@
 """Pre-scoring filters, cheapest first: previously seen, hated author, blocked/muted author, max age,
 duplicates.
 
-Each filter has a ``name`` and ``apply(query, candidates) -> kept candidates`` (order preserved).
+Each filter is a ``mixer.components.Filter``: a ``name``, an ``enabled(query)`` gate and
+``apply(query, candidates) -> FilterResult(kept, removed)`` (input order preserved in both).
 """
 
 from mixer.filters.blocked_muted_author import BlockedMutedAuthorFilter

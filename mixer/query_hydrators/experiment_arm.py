@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 
 from mixer.candidate import Query
+from mixer.components import QueryHydrator
 from mixer.config import ExperimentSettings
 
 
@@ -34,7 +35,7 @@ def assign_arm(experiment: ExperimentSettings, user_id: int) -> str:
     return [a for a in experiment.arms if a.traffic_share > 0][-1].name
 
 
-class ExperimentArmQueryHydrator:
+class ExperimentArmQueryHydrator(QueryHydrator):
     """Sets ``Query.arm`` from the experiment settings (no I/O)."""
 
     name = "experiment_arm"

@@ -10,13 +10,14 @@ import redis
 
 from core import online_layout as keys
 from mixer.candidate import Query
+from mixer.components import QueryHydrator
 
 
 def _ints(values) -> frozenset[int]:
     return frozenset(int(v) for v in values)
 
 
-class UserContextQueryHydrator:
+class UserContextQueryHydrator(QueryHydrator):
     """Reads the user's graph and history in one Redis round trip (a pipeline of 8 reads).
 
     Args:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import pandas as pd
+import numpy as np
 
 from mixer.candidate import Candidate
-from mixer.scorers.ranker_handle import RankerHandle, check_handle, predict_matrix
+from mixer.components import Scorer
+from mixer.scorers.ranker_handle import RankerHandle, RankerScorer
 
 
-class HeavyRankerScorer:
+class HeavyRankerScorer(RankerScorer, Scorer):
     """Sets ``Candidate.heads`` = {head: probability} from the multi-task heavy ranker.
 
     Raises:
@@ -17,21 +18,13 @@ class HeavyRankerScorer:
 
     name = "heavy_ranker"
 
+    role = "heavy ranker"
+
     def __init__(self, handle: RankerHandle):
-        check_handle(handle, "heavy ranker")
-        self.handle = handle
+        super().__init__(handle)
         self.heads = list(handle.heads)
 
-    @property
-    def version(self) -> str:
-        return str(self.handle.version)
-
-    def score(self, candidates: list[Candidate], features: pd.DataFrame) -> str | None:
-        """Score in place; ``features`` row i belongs to ``candidates[i]``. Returns the scoring path
-        (None when there was nothing to score)."""
-        if not candidates:
-            return None
-        probs, path = predict_matrix(self.handle, features, "heavy ranker")
+    def assign(self, candidates: list[Candidate], probs: np.ndarray) -> None:
+        """``Candidate.heads`` = {head: probability} from each row of ``probs``."""
         for c, row in zip(candidates, probs.tolist()):
             c.heads = dict(zip(self.heads, row))
-        return path

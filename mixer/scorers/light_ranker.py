@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import pandas as pd
+import numpy as np
 
 from mixer.candidate import Candidate
-from mixer.scorers.ranker_handle import RankerHandle, check_handle, predict_matrix
+from mixer.components import Scorer
+from mixer.scorers.ranker_handle import RankerHandle, RankerScorer
 
 
-class LightRankerScorer:
+class LightRankerScorer(RankerScorer, Scorer):
     """Sets ``Candidate.light_score`` = the light ranker's probability for ``head``.
 
     Args:
@@ -21,25 +22,17 @@ class LightRankerScorer:
 
     name = "light_ranker"
 
+    role = "light ranker"
+
     def __init__(self, handle: RankerHandle, head: str | None = None):
-        check_handle(handle, "light ranker")
+        super().__init__(handle)
         heads = list(handle.heads)
         self.head = head or heads[0]
         if self.head not in heads:
             raise ValueError(f"light ranker has heads {heads}, not {self.head!r}")
         self.column = heads.index(self.head)
-        self.handle = handle
 
-    @property
-    def version(self) -> str:
-        return str(self.handle.version)
-
-    def score(self, candidates: list[Candidate], features: pd.DataFrame) -> str | None:
-        """Score in place; ``features`` row i belongs to ``candidates[i]``. Returns the scoring path
-        (None when there was nothing to score)."""
-        if not candidates:
-            return None
-        probs, path = predict_matrix(self.handle, features, "light ranker")
+    def assign(self, candidates: list[Candidate], probs: np.ndarray) -> None:
+        """``Candidate.light_score`` = column ``head`` of ``probs``."""
         for c, s in zip(candidates, probs[:, self.column].tolist()):
             c.light_score = s
-        return path

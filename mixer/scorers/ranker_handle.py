@@ -63,3 +63,44 @@ def predict_matrix(handle: RankerHandle, frame: pd.DataFrame, role: str) -> tupl
     if out.shape != (len(frame), len(handle.heads)):
         raise ValueError(f"{role} returned shape {out.shape}, expected ({len(frame)}, {len(handle.heads)})")
     return out, path
+
+
+class RankerScorer:
+    """What the light and heavy ranker scorers share: a handle, its version, the scoring call.
+
+    Subclasses set ``name``, ``role`` (for error messages) and ``assign(candidates, probs)``,
+    which writes the ``float [len(candidates), len(heads)]`` probabilities into the candidates.
+    """
+
+    name: str
+    role: str
+
+    def __init__(self, handle: RankerHandle):
+        check_handle(handle, self.role)
+        self.handle = handle
+
+    def enabled(self, query) -> bool:
+        """Rankers always run."""
+        return True
+
+    @property
+    def version(self) -> str:
+        """The registered model version served (``handle.version`` as a string)."""
+        return str(self.handle.version)
+
+    def assign(self, candidates: list, probs: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def score(self, query, candidates: list, features: pd.DataFrame) -> str | None:
+        """Score in place; ``features`` row i belongs to ``candidates[i]`` (float64, the handle's
+        ``feature_names`` among its columns). Returns the scoring path (None when there was
+        nothing to score).
+
+        Raises:
+            ValueError: the model returned another shape than [len(candidates), len(heads)].
+        """
+        if not candidates:
+            return None
+        probs, path = predict_matrix(self.handle, features, self.role)
+        self.assign(candidates, probs)
+        return path

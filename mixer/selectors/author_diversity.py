@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
-from mixer.candidate import Candidate
+from mixer.candidate import Candidate, Query
+from mixer.components import Selector, SelectorResult
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def author_discount(position: int, decay: float = 0.5, floor: float = 0.25) -> float:
@@ -14,7 +19,7 @@ def author_discount(position: int, decay: float = 0.5, floor: float = 0.25) -> f
     return (1.0 - floor) * decay**position + floor
 
 
-class AuthorDiversitySelector:
+class AuthorDiversitySelector(Selector):
     """Re-ranks with the author discount, then keeps at most ``max_per_author`` per author.
 
     Each author's candidates are ordered by blended score; the n-th gets its score multiplied by
@@ -22,6 +27,9 @@ class AuthorDiversitySelector:
     candidates are re-sorted by the discounted score, which becomes ``Candidate.score``. Then any
     candidate past the author's ``max_per_author``-th is dropped: a page never shows more than that
     many posts of one author (the next page is a new request, where they may come back).
+
+    Raises:
+        ValueError: ``max_per_author < 1``.
     """
 
     name = "author_diversity"
@@ -33,8 +41,9 @@ class AuthorDiversitySelector:
         self.decay = decay
         self.floor = floor
 
-    def select(self, candidates: list[Candidate]) -> list[Candidate]:
-        """Return the diversified candidates, best first (``score`` updated in place)."""
+    def select(self, query: Query, candidates: list[Candidate], features: pd.DataFrame | None = None) -> SelectorResult:
+        """The diversified candidates, best first (``score`` updated in place). The result carries
+        no feature frame (it runs after scoring; re-ordering the frame would be a wasted copy)."""
         by_author: dict[int, list[Candidate]] = defaultdict(list)
         for c in sorted(candidates, key=lambda c: -c.score):
             by_author[c.author_id].append(c)
@@ -45,4 +54,4 @@ class AuthorDiversitySelector:
                 c.score = c.score * d if c.score >= 0 else c.score / d
                 kept.append(c)
         kept.sort(key=lambda c: -c.score)
-        return kept
+        return SelectorResult(kept)

@@ -2,29 +2,37 @@
 
 from __future__ import annotations
 
-from mixer.candidate import Candidate
-from mixer.selectors.page_cursor import PageCursor
+from typing import TYPE_CHECKING
+
+from mixer.candidate import Candidate, Query
+from mixer.components import Selector, SelectorResult
+from mixer.selectors.page_cursor import FIRST_PAGE
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
-class PageSelector:
-    """The first ``page_size`` ranked candidates not served on earlier pages.
+class PageSelector(Selector):
+    """The first ``query.page_size`` ranked candidates not served on earlier pages
+    (``query.cursor``; None = the first page).
 
     ``next_cursor`` is None when the page came out short (the ranked list is exhausted), else the
-    cursor carrying every post served so far.
+    cursor carrying every post served so far (``PageCursor.next``).
     """
 
     name = "page"
 
-    def select(self, candidates: list[Candidate], page_size: int,
-               cursor: PageCursor) -> tuple[list[Candidate], PageCursor | None]:
-        """Return ``(page, next cursor or None)``.
+    def select(self, query: Query, candidates: list[Candidate], features: pd.DataFrame | None = None) -> SelectorResult:
+        """The page (``candidates``) and ``next_cursor``; no feature frame (runs after scoring).
 
         Raises:
-            ValueError: ``page_size < 1``.
+            ValueError: ``query.page_size < 1``.
         """
+        page_size = query.page_size
+        cursor = query.cursor or FIRST_PAGE
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         earlier = set(cursor.served)
         page = [c for c in candidates if c.post_id not in earlier][:page_size]
         nxt = cursor.next([c.post_id for c in page]) if len(page) == page_size else None
-        return page, nxt
+        return SelectorResult(page, None, nxt)

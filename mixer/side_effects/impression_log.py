@@ -9,9 +9,10 @@ from typing import Callable
 import redis
 
 from core import online_layout as keys
+from mixer.components import SideEffect, TimelineResult
 
 
-class ImpressionLogSideEffect:
+class ImpressionLogSideEffect(SideEffect):
     """One XADD per served item, capped at about ``maxlen`` entries (``MAXLEN ~``).
 
     Entry fields (strings): request_id, user_id, post_id, author_id, position (0-based), score,
@@ -28,8 +29,12 @@ class ImpressionLogSideEffect:
         self.stream = stream
         self.wall_clock = wall_clock
 
-    def apply(self, result) -> None:
-        """Log ``result.items`` (``result``: pipeline.TimelineResult)."""
+    def apply(self, result: TimelineResult) -> None:
+        """Log ``result.items``.
+
+        Raises:
+            redis.RedisError: Redis is unreachable (the runner counts it and serves the page).
+        """
         if not result.items:
             return
         q = result.query

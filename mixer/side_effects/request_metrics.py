@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+from mixer.components import SideEffect, TimelineResult
 from mixer.metrics import MixerMetrics
 
 
-class RequestMetricsSideEffect:
-    """Turns a ``pipeline.TimelineResult`` into metric observations (no I/O)."""
+class RequestMetricsSideEffect(SideEffect):
+    """Turns a ``TimelineResult`` into metric observations (no I/O): request latency (s), status,
+    one stage-latency observation per ``timings_ms`` stage (s), candidates and failures per source,
+    removals per filter, requests per arm, served items.
+
+    Runs ``after_total``: it sees every stage's time, "side_effects" and "total" included.
+    """
 
     name = "request_metrics"
+    after_total = True
 
     def __init__(self, metrics: MixerMetrics):
         self.metrics = metrics
 
-    def apply(self, result) -> None:
+    def apply(self, result: TimelineResult) -> None:
+        """Record ``result`` in ``self.metrics`` (see ``mixer.metrics`` for the names)."""
         m = self.metrics
         if "total" in result.timings_ms:
             m.request_seconds.observe(result.timings_ms["total"] / 1000.0)

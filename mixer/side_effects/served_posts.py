@@ -8,9 +8,10 @@ from typing import Callable
 import redis
 
 from core import online_layout as keys
+from mixer.components import SideEffect, TimelineResult
 
 
-class ServedPostsSideEffect:
+class ServedPostsSideEffect(SideEffect):
     """``hm:served:{user_id}`` zset post_id -> wall-clock serve time (epoch s).
 
     One pipeline: ZADD the page, drop entries older than ``ttl_s``, keep the newest
@@ -26,8 +27,12 @@ class ServedPostsSideEffect:
         self.max_per_user = int(max_per_user)
         self.wall_clock = wall_clock
 
-    def apply(self, result) -> None:
-        """Record ``result.items`` for ``result.query.user_id`` (``result``: pipeline.TimelineResult)."""
+    def apply(self, result: TimelineResult) -> None:
+        """Record ``result.items`` for ``result.query.user_id``.
+
+        Raises:
+            redis.RedisError: Redis is unreachable (the runner counts it and serves the page).
+        """
         if not result.items:
             return
         now = self.wall_clock()

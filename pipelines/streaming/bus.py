@@ -13,24 +13,31 @@ Semantics (at least once, nothing dropped silently):
   acknowledged in the same transaction. The dead-letter stream is never trimmed.
 - Entries trimmed before the group read them (consumers down longer than the retention) are
   reported by ``skip_trimmed`` as one dead letter naming the gap.
+- ``applied_until`` says up to when a group has acknowledged every entry (the consumers'
+  liveness, on the broker's clock): the stream processor stamps it into the online store for the
+  mixer.
 
 The interface is deliberately small (publish / consume / ack / reclaim / dead_letter /
-skip_trimmed) so a Kafka implementation can follow: topic = Kafka topic, group = consumer group,
-ack = offset commit, reclaim = partition rebalance, dead letter = a ``<topic>.dead`` topic,
-skip_trimmed = offset out of range.
+skip_trimmed / applied_until) so a Kafka implementation can follow: topic = Kafka topic, group =
+consumer group, ack = offset commit, reclaim = partition rebalance, dead letter = a ``<topic>.dead``
+topic, skip_trimmed = offset out of range, applied_until = the minimum over partitions of the
+timestamp of the message at the committed offset (the broker's time when every partition is
+committed to its end).
 
-Redis layout: stream ``hm:events:<topic>``, dead letters ``hm:events:<topic>:dead``. Stream ids are
-``"<ms>-<seq>"`` strings (Redis server time in ms).
+Redis layout (``core.online_layout``): stream ``event_stream(topic)``, dead letters
+``dead_letter_stream(topic)``. Stream ids are ``"<ms>-<seq>"`` strings (Redis server time in ms).
+The bus's Lua scripts are ``pipelines/streaming/lua/{skip_trimmed,applied_until}.lua``
+(``pipelines.streaming.scripts``).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import redis
 
+from core.online_layout import dead_letter_stream, event_stream
 from pipelines.streaming.events import (
     EngagementEvent,
     EventValidationError,
@@ -39,29 +46,11 @@ from pipelines.streaming.events import (
     encode_event,
     parse_event,
 )
-
-STREAM_PREFIX = "hm:events:"
-DEAD_SUFFIX = ":dead"
-_TOPIC_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+from pipelines.streaming.scripts import (
+    APPLIED_UNTIL, SKIP_TRIMMED, AppliedUntilArgs, AppliedUntilKeys, SkipTrimmedArgs, SkipTrimmedKeys,
+)
 
 AnyEvent = EngagementEvent | PostCreatedEvent | SocialGraphEvent
-
-
-def stream_key(topic: str) -> str:
-    """Redis key of a topic's stream: ``hm:events:<topic>``.
-
-    Raises:
-        ValueError: the topic is empty, longer than 100 characters or has characters other than
-            letters, digits, ``_ . -`` (a ``:`` would collide with the dead-letter suffix).
-    """
-    if not isinstance(topic, str) or not _TOPIC_RE.match(topic):
-        raise ValueError(f"bad topic {topic!r}: use 1-100 letters, digits, '_', '.', '-' (e.g. 'engagements')")
-    return f"{STREAM_PREFIX}{topic}"
-
-
-def dead_letter_key(topic: str) -> str:
-    """Redis key of a topic's dead-letter stream: ``hm:events:<topic>:dead``."""
-    return stream_key(topic) + DEAD_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -143,53 +132,13 @@ class EventBus(Protocol):
         """Entries the retention cap removed before ``group`` read them (Kafka: offset out of range):
         record the gap as one dead letter, move the group past it, return how many were lost."""
 
-
-# Lua over Redis stream ids and consumer groups, shared by the bus's scripts and the processor's
-# liveness stamp (processor._STAMP_LUA): ``id_parts(id)`` -> ms, seq; ``id_before(a, b)``;
-# ``group_info(stream, group)`` -> the group's XINFO GROUPS fields by name (nil: no stream or group;
-# a nil reply, e.g. ``entries-read`` on Redis 7 after XDEL, is ``false``).
-STREAM_LUA_HELPERS = r"""
-local function id_parts(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return tonumber(ms), tonumber(seq)
-end
-local function id_before(a, b)
-  local am, as = id_parts(a)
-  local bm, bs = id_parts(b)
-  return am < bm or (am == bm and as < bs)
-end
-local function group_info(stream, group)
-  local groups = redis.pcall('XINFO', 'GROUPS', stream)
-  if groups['err'] then return nil end
-  for _, g in ipairs(groups) do
-    local f = {}
-    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
-    if f['name'] == group then return f end
-  end
-  return nil
-end
-"""
-
-# KEYS: 1 stream, 2 dead-letter stream; ARGV: 1 group, 2 topic. Trimming removes entries from the
-# front, so entries were lost to the group iff its last-delivered id is before the first retained
-# entry and entries-added - entries-read (undelivered) exceeds the retained length (all undelivered).
-_SKIP_TRIMMED_LUA = STREAM_LUA_HELPERS + r"""
-local info = redis.pcall('XINFO', 'STREAM', KEYS[1])
-if info['err'] then return 0 end
-local s = {}
-for i = 1, #info, 2 do s[info[i]] = info[i + 1] end
-if (not s['entries-added']) or s['length'] == 0 then return 0 end
-local first = s['first-entry'][1]
-local g = group_info(KEYS[1], ARGV[1])
-if (not g) or (not g['entries-read']) or (not id_before(g['last-delivered-id'], first)) then return 0 end
-local last = g['last-delivered-id']
-local lost = s['entries-added'] - g['entries-read'] - s['length']
-if lost <= 0 then return 0 end
-redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], last, 'ENTRIESREAD', s['entries-added'] - s['length'])
-redis.call('XADD', KEYS[2], '*', 'reason', lost .. ' entries were trimmed from the stream (MAXLEN) before the group read them; payloads lost',
-           'original_topic', ARGV[2], 'original_id', last .. '..' .. first, 'group', ARGV[1])
-return lost
-"""
+    def applied_until(self, topic: str, group: str) -> float | None:
+        """The time (epoch s, on the broker's clock) before which ``group`` has acknowledged
+        (applied or dead-lettered) every entry of ``topic``: the time of the oldest entry not yet
+        delivered to the group or still pending in it, or the broker's current time when there is
+        none. ``None`` if the topic or the group does not exist. Read atomically; a consumer that
+        stopped or fell behind stops advancing it. (Kafka: the minimum over partitions of the
+        timestamp of the message at the group's committed offset.)"""
 
 
 def _s(v: bytes | str) -> str:
@@ -226,15 +175,16 @@ class RedisStreamsBus:
         self.max_deliveries = max_deliveries
         self.group_start_id = group_start_id
         self._groups: set[tuple[str, str]] = set()  # groups known to exist (saves a round trip per read)
-        self._skip_trimmed = client.register_script(_SKIP_TRIMMED_LUA)
+        self._skip_trimmed = SKIP_TRIMMED.register(client)
+        self._applied_until = APPLIED_UNTIL.register(client)
 
     # ---- producer ----
     def publish(self, topic: str, event: AnyEvent) -> str:
-        """XADD the event's fields (``encode_event``) to ``hm:events:<topic>`` with ``MAXLEN ~ maxlen``.
+        """XADD the event's fields (``encode_event``) to the topic's stream with ``MAXLEN ~ maxlen``.
 
         Returns the stream id. Raises ``TypeError`` for a non-event, ``ValueError`` for a bad topic.
         """
-        key = stream_key(topic)
+        key = event_stream(topic)
         return _s(self.client.xadd(key, encode_event(event), maxlen=self.maxlen, approximate=True))
 
     def publish_many(self, items: list[tuple[str, AnyEvent]]) -> list[str]:
@@ -245,13 +195,13 @@ class RedisStreamsBus:
         """
         pipe = self.client.pipeline(transaction=False)
         for topic, event in items:
-            pipe.xadd(stream_key(topic), encode_event(event), maxlen=self.maxlen, approximate=True)
+            pipe.xadd(event_stream(topic), encode_event(event), maxlen=self.maxlen, approximate=True)
         return [_s(i) for i in pipe.execute()] if items else []
 
     # ---- consumer ----
     def ensure_group(self, topic: str, group: str) -> None:
         """XGROUP CREATE ... MKSTREAM; an existing group (BUSYGROUP) is fine."""
-        key = stream_key(topic)
+        key = event_stream(topic)
         if (key, group) in self._groups:
             return
         try:
@@ -272,7 +222,7 @@ class RedisStreamsBus:
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
         self.ensure_group(topic, group)
-        key = stream_key(topic)
+        key = event_stream(topic)
         try:
             resp = self.client.xreadgroup(group, consumer, {key: ">"}, count=count, block=block_ms)
         except redis.ResponseError as exc:
@@ -296,7 +246,7 @@ class RedisStreamsBus:
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
         self.ensure_group(topic, group)
-        key, out, after = stream_key(topic), [], "0"
+        key, out, after = event_stream(topic), [], "0"
         while True:
             resp = self.client.xreadgroup(group, consumer, {key: after}, count=count)
             entries = resp[0][1] if resp else []
@@ -319,7 +269,7 @@ class RedisStreamsBus:
 
     def ack(self, delivery: Delivery) -> None:
         """XACK the delivery's id for its group."""
-        self.client.xack(stream_key(delivery.topic), delivery.group, delivery.id)
+        self.client.xack(event_stream(delivery.topic), delivery.group, delivery.id)
 
     def ack_many(self, deliveries: list[Delivery]) -> None:
         """One XACK per (topic, group) for all their ids."""
@@ -327,14 +277,14 @@ class RedisStreamsBus:
         for d in deliveries:
             by_group.setdefault((d.topic, d.group), []).append(d.id)
         for (topic, group), ids in by_group.items():
-            self.client.xack(stream_key(topic), group, *ids)
+            self.client.xack(event_stream(topic), group, *ids)
 
     def backlog(self, topic: str, group: str) -> "Backlog":
         """``Backlog`` of ``group`` on ``topic`` from XINFO GROUPS (``lag`` needs Redis >= 7.0; it is
         ``None`` when Redis cannot compute it, e.g. after entries were deleted mid-stream) and the
         dead-letter stream's length. A group not created yet is behind by what it will read first:
         the whole stream (``group_start_id="0"``) or nothing (``"$"``)."""
-        key = stream_key(topic)
+        key = event_stream(topic)
         try:
             groups = self.client.xinfo_groups(key)
         except redis.ResponseError:  # no such stream yet
@@ -346,7 +296,7 @@ class RedisStreamsBus:
                 lag = g.get("lag")
                 lag = None if lag is None else int(lag)
                 pending = int(g["pending"])
-        return Backlog(lag=lag, pending=pending, dead_letters=int(self.client.xlen(dead_letter_key(topic))))
+        return Backlog(lag=lag, pending=pending, dead_letters=int(self.client.xlen(dead_letter_stream(topic))))
 
     def reclaim(self, topic: str, group: str, consumer: str, min_idle_ms: int,
                 count: int = 100) -> list[Delivery]:
@@ -359,7 +309,7 @@ class RedisStreamsBus:
         if min_idle_ms < 0 or count < 1:
             raise ValueError(f"need min_idle_ms >= 0 and count >= 1, got {min_idle_ms}, {count}")
         self.ensure_group(topic, group)
-        key = stream_key(topic)
+        key = event_stream(topic)
         claimed: list[tuple[str, dict[bytes, bytes]]] = []
         trimmed: list[str] = []
         cursor = "0-0"
@@ -410,13 +360,24 @@ class RedisStreamsBus:
         Call it before each read: once the group reads past the gap it can no longer be counted.
         """
         self.ensure_group(topic, group)
-        lost = self._skip_trimmed(keys=[stream_key(topic), dead_letter_key(topic)], args=[group, topic])
+        lost = self._skip_trimmed(SkipTrimmedKeys.of(topic), SkipTrimmedArgs(group=group, topic=topic))
         return int(lost or 0)
+
+    def applied_until(self, topic: str, group: str) -> float | None:
+        """``EventBus.applied_until`` from the group's state, read atomically in one script
+        (``applied_until.lua``: XINFO GROUPS for the last-delivered id, XRANGE for the oldest entry
+        after it, XPENDING's O(1) range form for the oldest pending one, TIME): ``min(now, oldest
+        undelivered, oldest pending)`` in s with ms precision (stream ids are Redis ms). Entries
+        trimmed before delivery are not waited for (``skip_trimmed`` reports them). ``None`` if
+        the stream or group does not exist (nothing is created).
+        """
+        ms = self._applied_until(AppliedUntilKeys(stream=event_stream(topic)), AppliedUntilArgs(group=group))
+        return None if ms is None else int(ms) / 1000
 
     # ---- dead letters ----
     def dead_letter(self, delivery: Delivery, reason: str) -> str:
         """Write ``delivery`` (reason, original topic / id / group, original fields) to
-        ``hm:events:<topic>:dead`` and XACK it, in one MULTI transaction; returns the dead-letter id.
+        the topic's dead-letter stream and XACK it, in one MULTI transaction; returns the dead-letter id.
 
         Use it when the consumer cannot process a valid event (say, it references an unknown post)
         and retrying will not help.
@@ -428,7 +389,7 @@ class RedisStreamsBus:
     def dead_letters(self, topic: str, count: int = 1000) -> list[DeadLetter]:
         """The oldest ``count`` entries of the topic's dead-letter stream, decoded."""
         out = []
-        for dl_id, f in self.client.xrange(dead_letter_key(topic), count=count):
+        for dl_id, f in self.client.xrange(dead_letter_stream(topic), count=count):
             orig = {k[len(b"orig:"):]: v for k, v in f.items() if k.startswith(b"orig:")}
             out.append(DeadLetter(id=_s(dl_id), reason=_s(f[b"reason"]), original_topic=_s(f[b"original_topic"]),
                                   original_id=_s(f[b"original_id"]), group=_s(f[b"group"]), fields=orig))
@@ -441,9 +402,9 @@ class RedisStreamsBus:
               b"original_id": entry_id.encode(), b"group": group.encode()}
         dl.update({b"orig:" + (k if isinstance(k, bytes) else str(k).encode()): v for k, v in fields.items()})
         pipe = self.client.pipeline(transaction=True)  # dead letter and ack together or not at all
-        pipe.xadd(dead_letter_key(topic), dl)
+        pipe.xadd(dead_letter_stream(topic), dl)
         if ack:
-            pipe.xack(stream_key(topic), group, entry_id)
+            pipe.xack(event_stream(topic), group, entry_id)
         return _s(pipe.execute()[0])
 
     def _deliver(self, topic: str, group: str, entries: list[tuple[str, dict[bytes, bytes], int]]) -> list[Delivery]:

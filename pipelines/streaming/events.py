@@ -29,14 +29,13 @@ from pydantic import (
     AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator,
 )
 
-from core.schema import HEADS
+from core.realtime import ENGAGEMENT_KINDS
 
 SCHEMA_VERSION: Literal[1] = 1
 EVENT_FIELD = b"event"
 TYPE_FIELD = b"type"
 
-# "impression" plus every engagement head, so a new head in schema.HEADS is accepted here at once.
-ENGAGEMENT_KINDS: tuple[str, ...] = ("impression", *HEADS)
+# core.realtime.ENGAGEMENT_KINDS: "impression" plus every engagement head (schema.HEADS).
 EngagementKind = Literal[ENGAGEMENT_KINDS]  # type: ignore[valid-type]
 SocialAction = Literal["follow", "unfollow", "block", "mute"]
 

@@ -1,50 +1,57 @@
-"""Start, stop and inspect the BentoML ranker server as a child process on a loopback port.
+"""The BentoML ranker server as a supervised child process on a loopback port.
 
 ``bentoml serve serving.bento.service:HomeMixerRankers`` runs in its own session (process group)
-with its log in ``<state>/run/bentoml.log``; its pid and port are written to ``<state>/run/`` so
-another command (``home-mixer serve bentoml stop``) can find and stop it. BentoML's home folder
-(``BENTOML_HOME``) is ``<state>/bentoml`` so nothing is written outside the state folder, and
-BentoML's usage tracking is off (``BENTOML_DO_NOT_TRACK``).
+with its log in ``<state>/run/bentoml.log``; its pid, start time and port are recorded in
+``<state>/run/bentoml.json`` so another command (``home-mixer serve bentoml stop``) can find and
+stop it, and a restart keeps the port. Supervision (readiness wait, discovery, stop of the process
+tree including the workers, which run in sessions of their own) is ``core.services.ManagedProcess``.
+BentoML's home folder (``BENTOML_HOME``) is ``<state>/bentoml`` so nothing is written outside the
+state folder, and BentoML's usage tracking is off (``BENTOML_DO_NOT_TRACK``).
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 
-from core.services import ServiceError, child_pids, free_port, pid_alive, stop_pid
-from core.state import PROJECT_ROOT, StateDir
+from core.services import ManagedProcess, ServiceError
+from core.state import PROJECT_ROOT
 from serving.bento.protocol import MODELS_ROUTE, READY_ROUTE
 
 SERVICE_TARGET = "serving.bento.service:HomeMixerRankers"
 HOST = "127.0.0.1"
 
 
-def _log_tail(path: Path, lines: int = 15) -> str:
-    if not path.exists():
-        return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
 @dataclass
-class BentoServer:
+class BentoServer(ManagedProcess):
     """The BentoML ranker server of one state folder.
 
     Attributes:
-        state: the state folder (MLflow store, ``run/`` for pid, port and log).
-        port: TCP port on 127.0.0.1 (a free one is picked at start when None).
+        state: the state folder (MLflow store, ``run/`` for the record and the log).
+        port: TCP port on 127.0.0.1 (None: the recorded one if free, else a free one, at start).
         pid: process id of ``bentoml serve`` once started or found running.
+        tracking_uri: MLflow registry served (None: ``state.mlflow_tracking_uri``).
+        models: model names served (None: both rankers).
     """
 
-    state: StateDir
     port: int | None = None
-    pid: int | None = None
+    tracking_uri: str | None = None
+    models: tuple[str, ...] | None = None
+
+    service: ClassVar[str] = "bentoml"
+    record_fields: ClassVar[tuple[str, ...]] = ("tracking_uri", "models")
+    cmdline_marker: ClassVar[str] = SERVICE_TARGET
+    start_timeout_s: ClassVar[float] = 120.0
+    stop_timeout_s: ClassVar[float] = 15.0
+    start_hint: ClassVar[str] = "`home-mixer serve bentoml start`"
+
+    def __post_init__(self):
+        self.models = tuple(self.models) if self.models else None
 
     @property
     def url(self) -> str:
@@ -58,34 +65,37 @@ class BentoServer:
         return f"http://{HOST}:{self.port}"
 
     @property
-    def log_path(self) -> Path:
+    def address(self) -> str:
+        return self.url
+
+    @property
+    def log_file(self) -> Path:
         return self.state.run / "bentoml.log"
 
-    def _files(self) -> tuple[Path, Path]:
-        return self.state.run / "bentoml.pid", self.state.run / "bentoml.port"
+    @property
+    def log_path(self) -> Path:
+        """Same as ``log_file``."""
+        return self.log_file
 
-    @staticmethod
-    def _is_ours(pid: int) -> bool:
-        """The pid is alive and is a ``bentoml serve`` of this service (not a recycled pid)."""
-        cmdline = Path(f"/proc/{pid}/cmdline")
-        try:
-            raw = cmdline.read_bytes()
-        except OSError:
-            return pid_alive(pid) and not cmdline.parent.exists()  # no /proc: trust liveness
-        return b"bentoml" in raw and SERVICE_TARGET.encode() in raw
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "bentoml", "serve", SERVICE_TARGET, "--host", HOST, "--port", str(self.port),
+                "--working-dir", str(PROJECT_ROOT)]
 
-    @classmethod
-    def running(cls, state: StateDir) -> "BentoServer | None":
-        """The server recorded in ``state/run`` if its process is alive (ready or still starting)."""
-        srv = cls(state)
-        pid_file, port_file = srv._files()
-        if not (pid_file.exists() and port_file.exists()):
-            return None
-        try:
-            srv.pid, srv.port = int(pid_file.read_text()), int(port_file.read_text())
-        except ValueError:
-            return None
-        return srv if cls._is_ours(srv.pid) else None
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # BentoML sets up its own multiprocess metrics
+        env.update({
+            "MLFLOW_TRACKING_URI": self.tracking_uri or self.state.mlflow_tracking_uri,
+            "HOME_MIXER_STATE": str(self.state.root),
+            "BENTOML_HOME": str(self.state.root / "bentoml"),
+            "BENTOML_DO_NOT_TRACK": "true",
+        })
+        if self.models:
+            env["HOME_MIXER_BENTO_MODELS"] = ",".join(self.models)
+        return env
+
+    def cwd(self) -> Path:
+        return PROJECT_ROOT
 
     def ready(self, timeout_s: float = 1.0) -> bool:
         """True if ``GET /readyz`` answers 200 (every served model has its champion loaded)."""
@@ -101,94 +111,38 @@ class BentoServer:
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return {}
 
-    def start(self, timeout_s: float = 120.0, tracking_uri: str | None = None,
+    def start_failure(self) -> str | None:
+        """The service answers but a champion failed to load (e.g. not trained yet): say so now
+        rather than after the timeout."""
+        errors = self._load_errors()
+        if not errors:
+            return None
+        return ("the BentoML server could not load " + "; ".join(f"{name} ({err})" for name, err in errors.items())
+                + "; train and register the rankers first (`home-mixer train`)")
+
+    def start(self, timeout_s: float | None = None, tracking_uri: str | None = None,
               models: tuple[str, ...] | None = None) -> "BentoServer":
         """Start ``bentoml serve`` and wait until ``/readyz`` answers 200.
 
         Args:
-            timeout_s: seconds to wait for readiness (start-up imports torch and MLflow, then
-                loads each champion: ~10 s here).
-            tracking_uri: MLflow registry (default ``state.mlflow_tracking_uri``).
-            models: model names to serve (default: both rankers).
+            timeout_s: seconds to wait for readiness (default 120; start-up imports torch and
+                MLflow, then loads each champion: ~10 s here).
+            tracking_uri: MLflow registry (default ``self.tracking_uri``, else
+                ``state.mlflow_tracking_uri``).
+            models: model names to serve (default ``self.models``, else both rankers).
 
         Raises:
-            ServiceError: a server of this state folder is already running, the process exited,
-                a served model's champion could not be loaded (the message has the load errors),
-                or it was not ready within ``timeout_s`` (the message has the log's last lines);
-                the process is stopped in each case.
+            ServiceError: a server of this state folder is already running, the port is in use,
+                the process exited, a served model's champion could not be loaded (the message has
+                the load errors), or it was not ready within ``timeout_s`` (the message has the
+                log's last lines); the process tree is stopped in each case.
         """
-        existing = self.running(self.state)
-        if existing is not None:
-            raise ServiceError(f"a BentoML server is already running at {existing.url} (pid {existing.pid}); "
-                               "stop it with `home-mixer serve bentoml stop`")
-        self.state.ensure()
-        self.port = self.port or free_port()
-        env = dict(os.environ)
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # BentoML sets up its own multiprocess metrics
-        env.update({
-            "MLFLOW_TRACKING_URI": tracking_uri or self.state.mlflow_tracking_uri,
-            "HOME_MIXER_STATE": str(self.state.root),
-            "BENTOML_HOME": str(self.state.root / "bentoml"),
-            "BENTOML_DO_NOT_TRACK": "true",
-        })
+        if tracking_uri is not None:
+            self.tracking_uri = tracking_uri
         if models:
-            env["HOME_MIXER_BENTO_MODELS"] = ",".join(models)
-        cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE_TARGET, "--host", HOST, "--port", str(self.port),
-               "--working-dir", str(PROJECT_ROOT)]
-        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT,
-                                    start_new_session=True)
-        self.pid = proc.pid
-        pid_file, port_file = self._files()
-        pid_file.write_text(str(self.pid))
-        port_file.write_text(str(self.port))
-        deadline = time.monotonic() + timeout_s
-        while not self.ready():
-            if proc.poll() is not None:
-                self._forget()
-                raise ServiceError(f"bentoml serve exited with code {proc.returncode}; last lines of "
-                                   f"{self.log_path}:\n{_log_tail(self.log_path)}")
-            # the service answers but a champion failed to load (e.g. not trained yet): say so now
-            # rather than after the timeout
-            errors = self._load_errors()
-            if errors or time.monotonic() > deadline:
-                self.stop()
-                raise ServiceError(
-                    "the BentoML server could not load "
-                    + "; ".join(f"{name} ({err})" for name, err in errors.items())
-                    + "; train and register the rankers first (`home-mixer train`)" if errors else
-                    f"the BentoML server was not ready within {timeout_s:.0f} s; last lines of "
-                    f"{self.log_path}:\n{_log_tail(self.log_path)}")
-            time.sleep(0.2)
-        return self
+            self.models = tuple(models)
+        return super().start(timeout_s)  # type: ignore[return-value]
 
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM the server (BentoML stops its workers), SIGKILL it after ``timeout_s`` seconds,
-        then SIGKILL any of its workers still alive, and remove the pid and port files.
-
-        Workers run in sessions of their own, so they are found as the server's child processes
-        (recorded before signalling) rather than by process group.
-        """
-        if self.pid is not None and self._is_ours(self.pid):
-            workers = child_pids(self.pid)
-            stop_pid(self.pid, timeout_s)
-            for pid in workers:
-                if self._is_ours(pid):  # still the same worker, not a recycled pid
-                    stop_pid(pid, timeout_s=2.0)
-        self._forget()
-
-    def _forget(self) -> None:
-        for f in self._files():
-            f.unlink(missing_ok=True)
-        self.pid = None
-
-    def status(self) -> dict:
-        """``{"running": bool, "ready": bool, "url": str | None, "pid": int | None, "log": str}``."""
-        running = self.running(self.state)
-        return {
-            "running": running is not None,
-            "ready": running.ready() if running else False,
-            "url": running.url if running else None,
-            "pid": running.pid if running else None,
-            "log": str(self.log_path),
-        }
+    def status_extra(self) -> dict:
+        """``{"url": "http://127.0.0.1:<port>"}``."""
+        return {"url": self.url}

@@ -19,9 +19,11 @@ Configuration (environment of ``bentoml serve``):
   ``light_ranker,heavy_ranker``); any other name gets 404;
 - ``HOME_MIXER_BENTO_CACHE_VERSIONS``: versions kept loaded per model (default 2, LRU).
 
-Models are loaded from MLflow by version (``models:/<name>/<version>``), so the mixer can move to
-a new version without restarting this server; without a version the request's alias (default
-``champion``) is resolved in the registry on every request.
+Models are loaded from MLflow by version (``models:/<name>/<version>``) through
+``models.registry.load_ranker_version`` (the one registry path) and kept in an LRU of loaded versions
+(``serving.bento.cache``), so the mixer can move to a new version without restarting this server;
+without a version the request's alias (default ``champion``) is resolved in the registry
+(``models.registry.alias_version``) on every request.
 """
 
 from __future__ import annotations
@@ -35,9 +37,8 @@ from bentoml.validators import ContentType
 
 from core.schema import CHAMPION_ALIAS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
 from core.state import StateDir
-from models.registry import RankerNotFoundError
+from models.registry import RankerNotFoundError, alias_version, load_ranker_version
 from serving.bento.cache import RankerVersionCache
-from serving.bento.loader import RankerVersionLoader
 from serving.bento.protocol import (
     ALIAS_HEADER, CONTENT_TYPE, MODEL_HEADER, MODELS_ROUTE, PREDICT_ROUTE, SHAPE_HEADER, VERSION_HEADER,
     WireFormatError, decode_matrix, encode_matrix, format_shape, parse_shape,
@@ -115,10 +116,17 @@ class HomeMixerRankers:
     def __init__(self) -> None:
         self.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or StateDir.from_env().mlflow_tracking_uri
         self.models = _served_models()
-        self.loader = RankerVersionLoader(self.tracking_uri)
-        self.cache = RankerVersionCache(self.loader.load, capacity=_cache_versions())
+        self.cache = RankerVersionCache(self._load_version, capacity=_cache_versions())
         self.load_errors: dict[str, str] = {}
         self._preload()
+
+    def _load_version(self, name: str, version: int):
+        """``models.registry.load_ranker_version`` on this service's registry (the cache's loader)."""
+        return load_ranker_version(name, version, tracking_uri=self.tracking_uri)
+
+    def _alias_version(self, name: str, alias: str) -> int:
+        """The version ``alias`` of ``name`` points at (``models.registry.alias_version``, one query)."""
+        return alias_version(name, alias, tracking_uri=self.tracking_uri)
 
     def _preload(self) -> bool:
         """Load each served model's champion not loaded yet; True when all are."""
@@ -126,7 +134,7 @@ class HomeMixerRankers:
             if name in self.cache.loaded():
                 continue
             try:
-                self.cache.get(name, self.loader.alias_version(name, CHAMPION_ALIAS))
+                self.cache.get(name, self._alias_version(name, CHAMPION_ALIAS))
                 self.load_errors.pop(name, None)
             except Exception as e:  # noqa: BLE001 - not ready, and /models says why; never crash the worker
                 self.load_errors[name] = f"{type(e).__name__}: {e}"
@@ -155,7 +163,7 @@ class HomeMixerRankers:
                 if version < 1:
                     raise RankerRequestError(400, f"header {VERSION_HEADER} must be >= 1, got {version}")
             else:
-                version = self.loader.alias_version(name, headers.get(ALIAS_HEADER) or CHAMPION_ALIAS)
+                version = self._alias_version(name, headers.get(ALIAS_HEADER) or CHAMPION_ALIAS)
             return self.cache.get(name, version)
         except RankerNotFoundError as e:
             raise RankerRequestError(404, str(e)) from None

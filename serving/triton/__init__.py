@@ -2,7 +2,9 @@
 
 - ``install``: where ``scripts/setup_triton.sh`` put tritonserver (its own venv);
 - ``repository``: the model repository built and synced from the MLflow registry;
-- ``server``: start/stop/status/load of a ``tritonserver`` process on loopback ports;
-- ``client``: ``TritonRankerClient.predict`` with binary tensors and deadlines;
-- ``cli``: ``home-mixer serve triton ...`` and ``home-mixer export``.
+- ``server``: ``TritonServer``, the ``tritonserver`` process (a ``core.services.ManagedProcess``)
+  on loopback ports, and model (re)loads;
+- ``client``: ``TritonRankerClient.predict`` with binary tensors and deadlines.
+
+The CLI (``home-mixer serve triton ...``, ``home-mixer export``) is in ``home_mixer/cli.py``.
 """

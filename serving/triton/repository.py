@@ -37,7 +37,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.schema import CHAMPION_ALIAS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
-from models.registry import RankerNotFoundError
+from models.registry import RankerNotFoundError, model_aliases, registered_version
 from serving.export import INPUT_NAME, MODEL_FILE, OUTPUT_NAME, ExportResult, export_version
 
 RANKERS: tuple[str, ...] = (LIGHT_RANKER_NAME, HEAVY_RANKER_NAME)
@@ -182,24 +182,13 @@ def write_configs(model_dir: Path, n_features: int, n_heads: int, versions: Sequ
 
 
 def registry_aliases(name: str, tracking_uri: str, aliases: Sequence[str] = SERVED_ALIASES) -> dict[str, int]:
-    """``{alias: version}`` of registered model ``name`` for the served ``aliases`` that are set.
+    """``{alias: version}`` of registered model ``name`` for the served ``aliases`` that are set
+    (read through ``models.registry.model_aliases``).
 
     Raises:
         RankerNotFoundError: no store or no such model, or ``champion`` is not set.
     """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///"):]).exists():
-        raise RankerNotFoundError(f"no MLflow store at {tracking_uri}: run `home-mixer train` first")
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        registered = client.get_registered_model(name)
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        raise RankerNotFoundError(f"no registered model {name!r} in {tracking_uri}: run `home-mixer train` first") from None
-    found = {a: int(v) for a, v in (registered.aliases or {}).items() if a in aliases}
+    found = {a: v for a, v in model_aliases(name, tracking_uri).items() if a in aliases}
     if CHAMPION_ALIAS in aliases and CHAMPION_ALIAS not in found:
         raise RankerNotFoundError(
             f"registered model {name!r} has no alias {CHAMPION_ALIAS!r}: run `home-mixer train` or "
@@ -219,11 +208,9 @@ def _export_present(version_dir: Path, name: str, version: int, tracking_uri: st
     if not path.exists():
         return False
     import onnx
-    from mlflow import MlflowClient
 
     props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    run_id = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).get_model_version(
-        name, str(version)).run_id
+    run_id = registered_version(name, version, tracking_uri).run_id
     return props.get("registered_model") == name and props.get("version") == str(version) and props.get("run_id") == run_id
 
 

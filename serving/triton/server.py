@@ -4,21 +4,21 @@ The server runs in explicit model-control mode over the repository that
 ``serving.triton.repository.sync_repository`` writes (default ``<state>/triton/repository``):
 only the rankers named at start are loaded, and :meth:`TritonServer.load` re-reads a model's
 ``config.pbtxt`` after a sync (new versions served, no restart). HTTP, gRPC and metrics listen on
-free ports of 127.0.0.1; pid and ports are recorded in ``<state>/run/triton.json`` so another
-command (``home-mixer serve triton stop``) can stop it by pid.
+loopback ports chosen once and recorded in ``<state>/run/triton.json`` with the pid, so another
+command (``home-mixer serve triton stop``) can stop it and a restart keeps the addresses. Process
+supervision (start with readiness wait, discovery, stop of the process tree) is
+``core.services.ManagedProcess``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import subprocess
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from core.services import ServiceError, free_port, pid_alive, stop_pid
+from core.services import ManagedProcess, ServiceError
 from core.state import StateDir
 from serving.triton.install import TritonInstallation
 from serving.triton.repository import RANKERS
@@ -32,11 +32,12 @@ def repository_dir(state: StateDir) -> Path:
 
 
 @dataclass
-class TritonServer:
-    """A ``tritonserver`` process serving the rankers of one model repository.
+class TritonServer(ManagedProcess):
+    """A ``tritonserver`` process serving the rankers of one model repository
+    (a ``core.services.ManagedProcess``: record ``<state>/run/triton.json``, ports kept across restarts).
 
     Args:
-        state: state folder (pid/ports file, log ``<state>/triton/tritonserver.log``).
+        state: state folder (record, log ``<state>/triton/tritonserver.log``).
         repo_dir: model repository (default :func:`repository_dir`).
         models: models loaded at start (default both rankers).
         installation: the Triton install (default ``TritonInstallation.find()``).
@@ -44,19 +45,23 @@ class TritonServer:
             HTTP connections) finish, seconds.
 
     Attributes set by :meth:`start` / :meth:`running`: ``pid``, ``http_port``, ``grpc_port``,
-    ``metrics_port``.
+    ``metrics_port`` (loopback TCP ports; None = the recorded ones if free, else free ones).
     """
 
-    state: StateDir
     repo_dir: Path | None = None
     models: Sequence[str] = RANKERS
     installation: TritonInstallation | None = None
     exit_timeout_s: int = 3
-    pid: int | None = None
     http_port: int | None = None
     grpc_port: int | None = None
     metrics_port: int | None = None
-    started_seconds: float | None = field(default=None, compare=False)
+
+    service: ClassVar[str] = "triton"
+    port_fields: ClassVar[tuple[str, ...]] = ("http_port", "grpc_port", "metrics_port")
+    record_fields: ClassVar[tuple[str, ...]] = ("repo_dir", "models")
+    cmdline_marker: ClassVar[str] = "tritonserver"
+    start_timeout_s: ClassVar[float] = 60.0
+    start_hint: ClassVar[str] = "`home-mixer serve triton start`"
 
     def __post_init__(self):
         self.repo_dir = Path(self.repo_dir) if self.repo_dir is not None else repository_dir(self.state)
@@ -66,6 +71,11 @@ class TritonServer:
     def repository(self) -> Path:
         """The model repository folder served."""
         return self.repo_dir if self.repo_dir is not None else repository_dir(self.state)
+
+    @property
+    def stop_timeout_s(self) -> float:  # type: ignore[override]
+        """SIGTERM -> SIGKILL grace: Triton's exit timeout plus 10 s."""
+        return self.exit_timeout_s + 10.0
 
     # ------------------------------------------------------------ addresses and files
 
@@ -85,6 +95,10 @@ class TritonServer:
         return f"http://127.0.0.1:{self._port('metrics_port')}/metrics"
 
     @property
+    def address(self) -> str:
+        return f"grpc {self.grpc_url}, http {self.http_url}, metrics {self.metrics_url}"
+
+    @property
     def log_file(self) -> Path:
         return self.state.root / "triton" / "tritonserver.log"
 
@@ -93,10 +107,6 @@ class TritonServer:
         if port is None:
             raise ServiceError("Triton is not started: run `home-mixer serve triton start` first.")
         return port
-
-    @staticmethod
-    def _record_file(state: StateDir) -> Path:
-        return state.run / "triton.json"
 
     @contextlib.contextmanager
     def _control(self):
@@ -109,27 +119,22 @@ class TritonServer:
         finally:
             client.close()
 
-    # ------------------------------------------------------------ lifecycle
+    # ------------------------------------------------------------ supervisor hooks
 
-    @classmethod
-    def running(cls, state: StateDir) -> "TritonServer | None":
-        """The server recorded in ``state`` if its process is alive (a ``tritonserver``) and live."""
-        record = cls._record_file(state)
-        if not record.exists():
-            return None
-        info = json.loads(record.read_text())
-        srv = cls(state, repo_dir=Path(info["repo_dir"]), models=tuple(info["models"]), pid=info["pid"],
-                  http_port=info["http_port"], grpc_port=info["grpc_port"], metrics_port=info["metrics_port"])
-        cmdline = Path(f"/proc/{info['pid']}/cmdline")
-        if not pid_alive(int(info["pid"])) or not cmdline.exists() or b"tritonserver" not in cmdline.read_bytes():
-            return None  # a recycled pid is not ours
-        try:
-            with srv._control() as client:
-                if not client.is_server_live(client_timeout=2.0):
-                    return None
-        except Exception:  # tritonclient raises its own and grpc errors; any means "not answering"
-            return None
-        return srv
+    def prepare(self) -> None:
+        """Find the installation and check the repository has every model's ``config.pbtxt``.
+
+        Raises:
+            TritonNotInstalledError: the Triton venv is missing (run ``scripts/setup_triton.sh``).
+            ServiceError: a model folder or its ``config.pbtxt`` is missing (run
+                ``home-mixer serve triton start``, which syncs first, or ``sync_repository``).
+        """
+        self.installation = self.installation or TritonInstallation.find()
+        missing = [m for m in self.models if not (self.repository / m / "config.pbtxt").exists()]
+        if missing:
+            raise ServiceError(
+                f"model repository {self.repository} lacks {missing}: build it with "
+                "serving.triton.repository.sync_repository (`home-mixer serve triton start` does it)")
 
     def command(self) -> list[str]:
         """The ``tritonserver`` command line (ports must be set)."""
@@ -154,61 +159,26 @@ class TritonServer:
         ]
         return cmd
 
-    def start(self, timeout_s: float = 60.0) -> "TritonServer":
-        """Start ``tritonserver`` and wait until every model in ``models`` is ready.
+    def environment(self) -> dict[str, str]:
+        return (self.installation or TritonInstallation.find()).environment()
+
+    def cwd(self) -> Path:
+        return self.repository
+
+    def start(self, timeout_s: float | None = None) -> "TritonServer":
+        """Start ``tritonserver`` and wait until every model in ``models`` is ready (default 60 s).
 
         Raises:
             TritonNotInstalledError: the Triton venv is missing (run ``scripts/setup_triton.sh``).
             ServiceError: a model folder or its ``config.pbtxt`` is missing (run
                 ``home-mixer serve triton start``, which syncs first, or ``sync_repository``),
                 a server is already recorded as running, or the server exited / was not ready within
-                ``timeout_s`` seconds (the message quotes the end of its log).
+                ``timeout_s`` seconds (the message quotes the end of its log; nothing is left running).
         """
-        installation = self.installation = self.installation or TritonInstallation.find()
-        missing = [m for m in self.models if not (self.repository / m / "config.pbtxt").exists()]
-        if missing:
-            raise ServiceError(
-                f"model repository {self.repository} lacks {missing}: build it with "
-                "serving.triton.repository.sync_repository (`home-mixer serve triton start` does it)")
-        if TritonServer.running(self.state):
-            raise ServiceError(f"a Triton server is already running for {self.state.root}: "
-                               "`home-mixer serve triton stop` first")
-        self.state.ensure()
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
-        if len({self.http_port, self.grpc_port, self.metrics_port}) < 3:
-            self.grpc_port, self.metrics_port = free_port(), free_port()
-        started = time.monotonic()
-        with open(self.log_file, "ab") as log:  # the child keeps its own descriptor
-            proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=installation.environment(), cwd=self.repository,
-                                    start_new_session=True)
-        self.pid = proc.pid
-        deadline = started + timeout_s
-        try:
-            while True:
-                if proc.poll() is not None:
-                    self.pid = None
-                    raise ServiceError(f"tritonserver exited with code {proc.returncode} while starting:\n"
-                                       f"{self._log_tail()}\n(full log: {self.log_file})")
-                if self._ready():
-                    break
-                if time.monotonic() > deadline:
-                    raise ServiceError(f"tritonserver was not ready within {timeout_s:.0f} s:\n"
-                                       f"{self._log_tail()}\n(full log: {self.log_file})")
-                time.sleep(0.1)
-        except BaseException:  # timeout, Ctrl-C, anything: never leave an unrecorded server behind
-            if self.pid is not None:
-                self.stop()
-            raise
-        self.started_seconds = time.monotonic() - started
-        self._record_file(self.state).write_text(json.dumps({
-            "pid": self.pid, "http_port": self.http_port, "grpc_port": self.grpc_port,
-            "metrics_port": self.metrics_port, "repo_dir": str(self.repository), "models": list(self.models),
-        }))
-        return self
+        return super().start(timeout_s)  # type: ignore[return-value]
 
-    def _ready(self) -> bool:
+    def ready(self) -> bool:
+        """The server and every model in ``models`` are ready."""
         try:
             with self._control() as client:
                 return client.is_server_ready(client_timeout=1.0) and all(
@@ -216,19 +186,18 @@ class TritonServer:
         except Exception:  # not listening yet
             return False
 
+    def live(self) -> bool:
+        """The server answers its gRPC liveness call."""
+        try:
+            with self._control() as client:
+                return bool(client.is_server_live(client_timeout=2.0))
+        except Exception:  # tritonclient raises its own and grpc errors; any means "not answering"
+            return False
+
     def _log_tail(self, lines: int = 25) -> str:
         if not self.log_file.exists():
             return "(no log)"
         return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        """Stop the server by pid (SIGTERM; SIGKILL if still alive 10 s after its exit timeout)."""
-        if self.pid is not None:
-            stop_pid(self.pid, timeout_s=self.exit_timeout_s + 10.0)
-        record = self._record_file(self.state)
-        if record.exists() and json.loads(record.read_text()).get("pid") in (self.pid, None):
-            record.unlink()
-        self.pid = None
 
     # ------------------------------------------------------------ models
 
@@ -257,13 +226,13 @@ class TritonServer:
         return sorted(int(m["version"]) for m in index.get("models", [])
                       if m.get("name") == model and m.get("state") == "READY" and m.get("version"))
 
-    def status(self) -> dict:
-        """``{"running", "pid", "http", "grpc", "metrics", "repository", "models": {name: [ready versions]}}``."""
-        if self.pid is None:
-            return {"running": False}
+    def status_extra(self) -> dict:
+        """``{"http", "grpc", "metrics", "repository", "models": {name: [ready versions]}}``; an
+        ``error`` instead of ``models`` if the server does not answer."""
+        out = {"http": self.http_url, "grpc": self.grpc_url, "metrics": self.metrics_url,
+               "repository": str(self.repository)}
         try:
-            models = {m: self.versions(m) for m in self.models}
+            out["models"] = {m: self.versions(m) for m in self.models}
         except Exception as e:  # down or unresponsive: say so rather than fail
-            return {"running": False, "pid": self.pid, "error": str(e)}
-        return {"running": True, "pid": self.pid, "http": self.http_url, "grpc": self.grpc_url,
-                "metrics": self.metrics_url, "repository": str(self.repository), "models": models}
+            out["error"] = str(e)
+        return out

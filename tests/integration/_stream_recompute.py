@@ -6,10 +6,10 @@ Sections (``id`` is a post, author or user id; ``name`` is ``""`` where there is
 
 - ``("window", post, "rt_{kind}s_{w}")``: events of ``kind`` on ``post`` in the window ``w`` ending at
   ``now``: the 5-minute buckets ``b`` with ``c - w <= b < c``, ``c = ceil(now / 300) * 300``
-  (the bucket-grid definition in ``realtime_features.window_buckets``; recomputed here, not called).
+  (the bucket-grid definition in ``core.realtime.window_buckets``; recomputed here, not called).
 - ``("post_score", post, "")`` / ``("author_score", author, "")``: ``sum_i w_i 2 ** (-(now - t_i) / 6 h)``
   with ``w = ENGAGEMENT_EDGE_WEIGHTS`` (0 for impression and hate), the closed form of the
-  forward-decayed score (``realtime_features`` docstring).
+  forward-decayed score (``core.realtime`` docstring).
 - ``("trending_post", post, "")``: the same sum with the 1 h trending half-life, posts with weight > 0.
 - ``("recent_post", user, post)`` / ``("recent_author", user, author)``: newest positive engagement
   time (epoch s) of the ``RECENT_CAP`` most recent posts / authors.
@@ -29,8 +29,10 @@ from typing import Iterable
 import pytest
 import redis
 
+from core import online_layout as keys
+from core import realtime as rt
 from core.schema import ENGAGEMENT_EDGE_WEIGHTS, POSITIVE_HEADS
-from pipelines.streaming import realtime_features as rt
+from mixer.feature_hydrators.realtime_reader import RealtimeFeatureReader
 from pipelines.streaming.events import ENGAGEMENT_KINDS, EngagementEvent, SocialGraphEvent
 
 Key = tuple[str, int, str]
@@ -120,9 +122,9 @@ def expected_state(events: list, now: float, ids: EntityIds) -> dict[Key, float]
 
 def observed_state(client: redis.Redis, now: float, ids: EntityIds) -> dict[Key, float]:
     """The same dict read from Redis at ``now``: ``RealtimeFeatureReader`` for windows, scores,
-    trending and coverage, the documented keys (``realtime_features``) for the per-user zsets and sets."""
+    trending and coverage, the documented keys (``core.online_layout``) for the per-user zsets and sets."""
     posts, users, authors = sorted(ids.posts), sorted(ids.users), sorted(ids.authors)
-    reader = rt.RealtimeFeatureReader(client)
+    reader = RealtimeFeatureReader(client)
     out: dict[Key, float] = {}
     for p, feats in reader.post_window_counts(posts, now).items():
         out.update({("window", p, name): v for name, v in feats.items()})
@@ -133,10 +135,10 @@ def observed_state(client: redis.Redis, now: float, ids: EntityIds) -> dict[Key,
     out.update({("trending_post", p, ""): v for p, v in reader.trending(now, k=rt.TRENDING_CAP) if p in wanted})
     pipe = client.pipeline(transaction=False)
     for u in users:
-        pipe.zrange(rt.user_recent_posts_key(u), 0, -1, withscores=True)
-        pipe.zrange(rt.user_recent_authors_key(u), 0, -1, withscores=True)
-        pipe.smembers(rt.follows_key(u))
-        pipe.smembers(rt.hated_authors_key(u))
+        pipe.zrange(keys.rt_user_recent_posts(u), 0, -1, withscores=True)
+        pipe.zrange(keys.rt_user_recent_authors(u), 0, -1, withscores=True)
+        pipe.smembers(keys.follows(u))
+        pipe.smembers(keys.hated_authors(u))
     res = pipe.execute()
     for i, u in enumerate(users):
         rposts, rauthors, follows, hated = res[4 * i: 4 * i + 4]
@@ -166,6 +168,6 @@ def state_diff(observed: dict[Key, float], expected: dict[Key, float], rel: floa
 
 
 def seen_event_ids(client: redis.Redis) -> set[str]:
-    """Event ids with an idempotency marker (``hm:rt:seen:{event_id}``), i.e. applied events."""
-    prefix = rt.seen_key("")
+    """Event ids with an idempotency marker (``online_layout.rt_seen_event``), i.e. applied events."""
+    prefix = keys.rt_seen_event("")
     return {k.decode()[len(prefix):] for k in client.scan_iter(match=prefix + "*", count=1000)}

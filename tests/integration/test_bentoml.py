@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from core.schema import HEADS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
-from core.services import ServiceError, pid_alive
+from core.services import ServiceError, child_pids, pid_alive
 from core.state import StateDir
 from tests.dev_frame import build_dev_frame
 from models.features import feature_matrix
@@ -22,7 +22,6 @@ from models.registry import load_ranker, promote
 from models.split import split_by_days
 from models.train import train_heavy, train_light
 from serving.bento.client import BentoRankerClient, BentoRequestError, BentoTimeout, BentoUnavailable
-from core.services import child_pids
 from serving.bento.server import BentoServer
 
 pytestmark = pytest.mark.integration
@@ -171,19 +170,12 @@ def test_bad_requests_get_clear_4xx(server, client, rows, state):
 def test_cli_start_status_stop_and_client_deadlines(champions, state, tmp_path, monkeypatch, capsys, rows):
     """A second server through the CLI (own state folder, same registry); after stop the client
     fails fast with BentoUnavailable, and a server that never answers costs one deadline."""
-    import argparse
-
-    from serving.bento.cli import add_commands
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--state")
-    serve = parser.add_subparsers(dest="command").add_parser("serve").add_subparsers(dest="service")
-    add_commands(serve)
+    from home_mixer.cli import main
 
     def cli(*argv) -> int:
-        args = parser.parse_args(["--state", str(tmp_path / "state2"), "serve", "bentoml", *argv])
-        return args.func(args)
+        return main(["--state", str(tmp_path / "state2"), "serve", "bentoml", *argv])
 
+    monkeypatch.setenv("HOME_MIXER_STATE", str(tmp_path / "state2"))  # --state exports it: restored after
     monkeypatch.setenv("MLFLOW_TRACKING_URI", state.mlflow_tracking_uri)
     monkeypatch.setenv("HOME_MIXER_BENTO_MODELS", LIGHT_RANKER_NAME)
     assert cli("start", "--timeout", "120") == 0
@@ -233,4 +225,5 @@ def test_start_fails_fast_when_a_model_is_not_registered(champions, state, tmp_p
     with pytest.raises(ServiceError, match="could not load no_such_ranker .*'no_such_ranker' has no alias 'champion'"):
         srv.start(timeout_s=120, tracking_uri=state.mlflow_tracking_uri, models=("no_such_ranker",))
     assert time.monotonic() - started < 60  # not the whole timeout
-    assert BentoServer.running(srv.state) is None and not (srv.state.run / "bentoml.pid").exists()
+    assert BentoServer.running(srv.state) is None
+    assert "pid" not in json.loads((srv.state.run / "bentoml.json").read_text())  # forgotten, port kept

@@ -6,7 +6,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from pipelines.streaming.bus import EventBus, RedisStreamsBus, dead_letter_key, stream_key
+from core import online_layout as keys
+from pipelines.streaming.bus import EventBus, RedisStreamsBus
 from pipelines.streaming.events import EngagementEvent, SocialGraphEvent, encode_event
 
 pytestmark = pytest.mark.integration
@@ -19,7 +20,7 @@ def _ev(i: int) -> EngagementEvent:
 
 
 def _pending(client, topic, group) -> int:
-    return client.xpending(stream_key(topic), group)["pending"]
+    return client.xpending(keys.event_stream(topic), group)["pending"]
 
 
 def test_publish_consume_ack_in_order_and_groups_are_independent(redis_client):
@@ -44,7 +45,7 @@ def test_consume_blocks_up_to_block_ms_and_creates_the_stream(redis_client):
     t0 = time.monotonic()
     assert bus.consume("empty", "g", "c", block_ms=200) == []
     assert 0.15 < time.monotonic() - t0 < 2.0
-    assert redis_client.exists(stream_key("empty"))
+    assert redis_client.exists(keys.event_stream("empty"))
     bus.ensure_group("empty", "g")  # idempotent: BUSYGROUP is not an error
     RedisStreamsBus(redis_client).ensure_group("empty", "g")
 
@@ -61,7 +62,7 @@ def test_unacked_delivery_of_a_crashed_consumer_is_reclaimed_after_min_idle(redi
     assert [d.event for d in rescued] == [d.event for d in crashed[1:]]
     assert all(d.delivery_count == 2 for d in rescued)
     owners = {r["consumer"].decode() for r in redis_client.xpending_range(
-        stream_key("engagements"), "features", min="-", max="+", count=10)}
+        keys.event_stream("engagements"), "features", min="-", max="+", count=10)}
     assert owners == {"rescuer"}
     for d in rescued:
         bus.ack(d)
@@ -87,7 +88,7 @@ def test_a_consumer_gets_its_own_unacked_entries_back_and_no_one_elses(redis_cli
 
 def test_malformed_entries_go_to_dead_letters_while_valid_ones_flow(redis_client):
     bus = RedisStreamsBus(redis_client)
-    key = stream_key("engagements")
+    key = keys.event_stream("engagements")
     good1 = bus.publish("engagements", _ev(1))
     bad_json = redis_client.xadd(key, {b"event": b"{oops", b"type": b"engagement"}).decode()
     bad_field = redis_client.xadd(key, {b"payload": b"\xff\x00"}).decode()
@@ -137,7 +138,7 @@ def test_entry_trimmed_while_pending_is_reported_not_lost_silently(redis_client)
     bus = RedisStreamsBus(redis_client)
     first = bus.publish("engagements", _ev(1))
     bus.consume("engagements", "g", "crashed")
-    redis_client.xtrim(stream_key("engagements"), maxlen=0)  # a cap removed it before any ack
+    redis_client.xtrim(keys.event_stream("engagements"), maxlen=0)  # a cap removed it before any ack
     time.sleep(0.03)
     assert bus.reclaim("engagements", "g", "rescuer", min_idle_ms=10) == []
     (dl,) = bus.dead_letters("engagements")
@@ -149,11 +150,11 @@ def test_length_cap_holds_approximately(redis_client):
     bus = RedisStreamsBus(redis_client, maxlen=maxlen)
     n = 2000
     pipe_ids = [bus.publish("capped", _ev(i)) for i in range(n)]
-    length = redis_client.xlen(stream_key("capped"))
+    length = redis_client.xlen(keys.event_stream("capped"))
     # MAXLEN ~ trims whole macro nodes (stream-node-max-entries, 100 by default)
     node = int(redis_client.config_get("stream-node-max-entries")["stream-node-max-entries"])
     assert maxlen <= length <= maxlen + node
-    newest = redis_client.xrevrange(stream_key("capped"), count=1)[0][0].decode()
+    newest = redis_client.xrevrange(keys.event_stream("capped"), count=1)[0][0].decode()
     assert newest == pipe_ids[-1]  # the cap drops the oldest entries, never the newest
 
 
@@ -171,4 +172,42 @@ def test_bad_arguments_are_clear_errors(redis_client):
         **{**redis_client.get_connection_kwargs(), "decode_responses": True}))
     with pytest.raises(ValueError, match="decode_responses=False"):
         RedisStreamsBus(decoding)
-    assert dead_letter_key("t") == "hm:events:t:dead"
+
+
+def test_applied_until_is_the_oldest_entry_the_group_has_not_acknowledged(redis_client):
+    """``EventBus.applied_until``: on the Redis clock (stream ids are server ms), the time of the
+    oldest entry undelivered to or pending in the group, or the server time when there is none;
+    ``None`` without the stream or the group. Dead-lettered entries count as acknowledged."""
+    bus = RedisStreamsBus(redis_client)
+    assert bus.applied_until("engagements", "g") is None  # no stream
+    assert not redis_client.exists(keys.event_stream("engagements"))  # and the read created none
+
+    def publish(event) -> float:
+        time.sleep(0.003)  # distinct stream-id milliseconds
+        return int(bus.publish("engagements", event).split("-")[0]) / 1000
+
+    def server_now() -> float:
+        secs, micros = redis_client.time()
+        return secs + micros / 1e6
+
+    first = publish(_ev(0))
+    assert bus.applied_until("engagements", "g") is None  # no group yet
+    bus.ensure_group("engagements", "g")
+    assert bus.applied_until("engagements", "g") == first  # undelivered
+    ts = [first] + [publish(_ev(i)) for i in range(1, 4)]
+    got = bus.consume("engagements", "g", "c1", count=2)
+    assert bus.applied_until("engagements", "g") == ts[0]  # delivered, pending
+    bus.ack(got[0])
+    assert bus.applied_until("engagements", "g") == ts[1]
+    bus.ack(got[1])
+    assert bus.applied_until("engagements", "g") == ts[2]  # the oldest undelivered again
+    rest = bus.consume("engagements", "g", "c2", count=10)
+    bus.dead_letter(rest[0], "cannot process")  # acknowledged with its dead letter
+    assert bus.applied_until("engagements", "g") == ts[3]
+    bus.ack(rest[1])
+    before, until, after = server_now(), bus.applied_until("engagements", "g"), server_now()
+    assert ts[3] < until and before - 0.001 <= until <= after  # nothing left: the server's time (ms)
+    assert until == round(until, 3)
+    # groups are independent: a new one starts before everything it has not read
+    bus.ensure_group("engagements", "other")
+    assert bus.applied_until("engagements", "other") == ts[0]

@@ -343,7 +343,7 @@ def test_a_burst_on_a_post_during_a_replay_raises_its_rank_within_a_second(mixer
     try:
         replay.start()
         deadline = time.monotonic() + 30
-        while not stream_client.hexists("hm:rt:coverage", "since"):  # the processor has applied replayed events
+        while not stream_client.hexists(keys.RT_COVERAGE, "since"):  # the processor has applied replayed events
             assert time.monotonic() < deadline and processor.poll() is None, "the processor applies nothing"
             time.sleep(0.1)
         with httpx.Client(base_url=base, timeout=30) as http:

@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
+from core.online_layout import FeastRedisLayout
 from core.schema import ALL_FEATURES, FEATURE_VIEWS
 from core.state import StateDir
 from mixer.candidate import Candidate, Query
-from mixer.feature_hydrators import FeastLayoutFeatureHydrator, FeastRedisLayout, FeastSdkFeatureHydrator
+from mixer.feature_hydrators import FeastLayoutFeatureHydrator, FeastSdkFeatureHydrator
 
 pytestmark = pytest.mark.integration
 

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core import online_layout as keys
 from core.schema import ALL_FEATURES, SMOOTHING_M
 from mixer.candidate import Candidate, Query
 from mixer.feature_hydrators.realtime import (RealtimeFeatureHydrator, StaleStreamError, merge_window,
@@ -138,7 +139,7 @@ def test_a_processor_that_stopped_catching_up_leaves_the_batch_values(redis_clie
     assert hydrator.hydrate(query, cands, _frame([10])).loc[0, "post_impressions_1h"] == 0.0
     # a stamp ahead of the Redis clock (the clock stepped back) proves nothing; the next stamp fixes it
     secs, _ = redis_client.time()
-    redis_client.hset("hm:rt:coverage", "caught_up", secs + 3600)
+    redis_client.hset(keys.RT_COVERAGE, "caught_up", secs + 3600)
     with pytest.raises(StaleStreamError, match="ahead of the Redis clock"):
         hydrator.hydrate(query, cands, _frame([10]))
     processor.run_once(count=1000)

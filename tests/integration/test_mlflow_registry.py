@@ -124,6 +124,60 @@ def test_load_by_alias_predicts_like_the_in_memory_models(trained, frames, state
         light.predict(frame.drop(columns="user_click_rate"))
 
 
+def test_one_load_path_by_version_alias_and_for_export(trained, frames, state):
+    """Alias -> version -> download -> loader of the kind: the same handle whichever way it is asked."""
+    import torch
+
+    from models.registry import (
+        LOADERS, alias_version, load_ranker_version, model_aliases, registered_version,
+    )
+
+    _, valid = frames
+    uri = state.mlflow_tracking_uri
+    light_res, heavy_res = trained
+    assert model_aliases(HEAVY_RANKER_NAME, uri)[CHAMPION_ALIAS] == alias_version(HEAVY_RANKER_NAME, tracking_uri=uri) == 1
+    assert registered_version(HEAVY_RANKER_NAME, 1, uri).run_id == heavy_res.run_id
+    assert set(LOADERS) == {"light", "heavy"} and LOADERS["heavy"].flavor == "pytorch"
+
+    by_alias = load_ranker(HEAVY_RANKER_NAME, tracking_uri=uri)
+    by_version = load_ranker_version(HEAVY_RANKER_NAME, 1, uri, with_program=True)
+    assert (by_alias.alias, by_version.alias) == (CHAMPION_ALIAS, "")
+    assert by_alias.program is None and isinstance(by_version.program, torch.export.ExportedProgram)
+    frame = valid.head(200)
+    np.testing.assert_array_equal(by_alias.predict(frame), by_version.predict(frame))
+    light = load_ranker_version(LIGHT_RANKER_NAME, 1, uri, with_program=True)
+    assert light.kind == "light" and light.program is None and light.run_id == light_res.run_id
+    with pytest.raises(RankerNotFoundError, match="no version 42.*home-mixer train"):
+        load_ranker_version(LIGHT_RANKER_NAME, 42, uri)
+    with pytest.raises(RankerNotFoundError, match="no registered model 'tiny_ranker'"):
+        model_aliases("tiny_ranker", uri)
+
+
+def test_versions_not_logged_as_rankers_are_refused_with_what_to_do(trained, frames, state):
+    """A version without ranker metadata, or whose kind does not match its flavour, is not loaded."""
+    import lightgbm
+    import mlflow
+    import mlflow.lightgbm
+
+    from models.registry import ensure_experiment, load_ranker_version
+
+    train, _ = frames
+    uri = state.mlflow_tracking_uri
+    x = train[list(LIGHT_RANKER_FEATURES)].head(300).to_numpy(dtype=np.float32)
+    booster = lightgbm.train({"objective": "binary", "verbose": -1, "num_threads": 1},
+                             lightgbm.Dataset(x, label=(np.arange(len(x)) % 2)), num_boost_round=2)
+    with mlflow_uris(uri):
+        with mlflow.start_run(experiment_id=ensure_experiment(uri, state.mlflow_artifacts)):
+            mlflow.lightgbm.log_model(booster, name="model", registered_model_name="plain_booster")
+            mlflow.lightgbm.log_model(booster, name="model", registered_model_name="mislabelled_booster",
+                                      metadata={"ranker": "heavy", "feature_names": list(LIGHT_RANKER_FEATURES),
+                                                "heads": list(HEADS)})
+    with pytest.raises(ValueError, match="no ranker metadata.*home-mixer train"):
+        load_ranker_version("plain_booster", 1, uri)
+    with pytest.raises(ValueError, match="heavy ranker but was logged without the 'pytorch' flavour"):
+        load_ranker_version("mislabelled_booster", 1, uri)
+
+
 def test_promote_moves_the_alias(trained, frames, state):
     train, valid = frames
     uri = state.mlflow_tracking_uri

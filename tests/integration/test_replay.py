@@ -5,9 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from core import online_layout as keys
 from core.schema import RAW_LABEL_COLUMNS
 from pipelines.raw import LOG_DTYPES, LOG_FILE, VIDEOS_DTYPES, VIDEOS_FILE, read_csv_typed
-from pipelines.streaming.bus import RedisStreamsBus, stream_key
+from pipelines.streaming.bus import RedisStreamsBus
 from pipelines.streaming.events import parse_event
 from pipelines.streaming.replay import LogReplayer, main
 
@@ -38,7 +39,7 @@ def test_replay_real_log_slice_into_redis(redis_client, real_slice):
     stats = LogReplayer(bus, topic="engagements", speed=0, time_mode="log").replay(log, videos)
     n_rows, n_events = _expected_events(log, videos)
     assert stats.rows == n_rows and stats.events_published == n_events
-    entries = redis_client.xrange(stream_key("engagements"))
+    entries = redis_client.xrange(keys.event_stream("engagements"))
     assert len(entries) == n_events
     events = [parse_event(f) for _, f in entries]
     ts = [e.event_ts for e in events]
@@ -54,7 +55,7 @@ def test_rerun_gives_same_ids(redis_client, real_slice):
     bus = RedisStreamsBus(redis_client)
     LogReplayer(bus, speed=0).replay(log, videos, limit=200)
     LogReplayer(bus, speed=0).replay(log, videos, limit=200)
-    ids = [parse_event(f).event_id for _, f in redis_client.xrange(stream_key("engagements"))]
+    ids = [parse_event(f).event_id for _, f in redis_client.xrange(keys.event_stream("engagements"))]
     half = len(ids) // 2
     assert half > 200 and ids[:half] == ids[half:]
 
@@ -69,7 +70,7 @@ def test_pacing_60_log_seconds_at_speed_60_take_about_1s(redis_client):
     assert stats.log_seconds == 60.0
     assert 0.8 <= stats.wall_seconds <= 3.0, stats
     assert 20 <= stats.achieved_speed <= 75
-    assert redis_client.xlen(stream_key("engagements")) == 61 + 30
+    assert redis_client.xlen(keys.event_stream("engagements")) == 61 + 30
 
 
 def test_cli_replays_limit(redis_server, redis_client, data_dir, capsys):
@@ -78,7 +79,7 @@ def test_cli_replays_limit(redis_server, redis_client, data_dir, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert '"rows": 100' in out
-    assert redis_client.xlen(stream_key("cli")) >= 100
+    assert redis_client.xlen(keys.event_stream("cli")) >= 100
 
 
 def test_cli_bad_redis_url_is_clear(capsys):

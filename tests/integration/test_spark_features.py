@@ -111,7 +111,7 @@ def crafted(spark, tmp_path_factory):
 def test_runner_reports_counts_and_progress(crafted):
     for table, n in crafted["counts"].items():
         assert len(crafted[table]) == n
-    assert any("content_features done" in ln and "s)" in ln for ln in crafted["lines"])
+    assert any("content_features: done (" in ln and ln.endswith(" s") for ln in crafted["lines"])
     # user rows: 4 base rows + one per (user, distinct event time): 3 + 1 + 2 + 1
     assert crafted["counts"]["user_features"] == 4 + 7
 

@@ -39,14 +39,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core import realtime as rt
 from core.schema import CONTENT_VIEW
 from core.state import StateDir
+from mixer.feature_hydrators.realtime_reader import RealtimeFeatureReader
 from pipelines.canonical import build_canonical
 from pipelines.features import RatePriors
 from pipelines.features.common import base_row_ts, read_table, write_feature_table
 from pipelines.features.content import KINDS, content_features
 from pipelines.raw import load_raw
-from pipelines.streaming import realtime_features as rt
 from pipelines.streaming.bus import RedisStreamsBus
 from pipelines.streaming.processor import StreamProcessor
 from pipelines.streaming.replay import LogReplayer
@@ -107,7 +108,7 @@ def _drain(proc: StreamProcessor, bus: RedisStreamsBus) -> None:
     assert proc.stats["failed"] == 0
 
 
-def _compare(content: pd.DataFrame, reader: rt.RealtimeFeatureReader, at: pd.Timestamp,
+def _compare(content: pd.DataFrame, reader: RealtimeFeatureReader, at: pd.Timestamp,
              windows=WINDOWS) -> tuple[list, int, dict]:
     """Compare the batch rows stamped ``at`` with the stream's windows ending at ``at``.
 
@@ -137,7 +138,7 @@ def test_incremental_replay_matches_batch_at_each_hour_boundary(agreement_slice,
     log, videos, content = agreement_slice["log"], agreement_slice["videos"], agreement_slice["content"]
     imp = agreement_slice["impressions"]
     bus, replayer, proc = _replayer_and_processor(redis_client)
-    reader = rt.RealtimeFeatureReader(redis_client)
+    reader = RealtimeFeatureReader(redis_client)
     mismatches, compared, nonzero, posts_seen = [], 0, {}, set()
     replayed, previous, drained_24h = 0, START, False
     for at in CHECKPOINTS:
@@ -166,7 +167,7 @@ def test_full_replay_windows_exclude_later_events(agreement_slice, redis_client)
     bus, replayer, proc = _replayer_and_processor(redis_client)
     replayer.replay(log, videos)
     _drain(proc, bus)
-    reader = rt.RealtimeFeatureReader(redis_client)
+    reader = RealtimeFeatureReader(redis_client)
     # Buckets older than a post's newest event - 24 h are pruned; the newest event is < END, so
     # every bucket from END - 24 h on is kept: the 1 h windows of hours >= END - 23 h are whole.
     hours = pd.date_range(END - 23 * HOUR, END - HOUR, freq="h")

@@ -10,8 +10,9 @@ from datetime import datetime, timezone
 import pytest
 
 from core import online_layout as keys
-from pipelines.streaming import realtime_features as rt
-from pipelines.streaming.bus import RedisStreamsBus, stream_key
+from core import realtime as rt
+from mixer.feature_hydrators.realtime_reader import RealtimeFeatureReader
+from pipelines.streaming.bus import RedisStreamsBus
 from pipelines.streaming.events import EngagementEvent, PostCreatedEvent, SocialGraphEvent
 from pipelines.streaming.processor import StreamProcessor
 
@@ -34,7 +35,7 @@ def _proc(redis_client, bus, name="c1", **kw) -> StreamProcessor:
 
 
 def _pending(client, group="feature-writer") -> int:
-    return client.xpending(stream_key("engagements"), group)["pending"]
+    return client.xpending(keys.event_stream("engagements"), group)["pending"]
 
 
 def _expected_windows(events, post, now):
@@ -62,20 +63,20 @@ def test_window_counts_for_a_crafted_sequence(redis_client):
         bus.publish("engagements", e)
     proc = _proc(redis_client, bus)
     assert proc.run_once(count=100) == len(events)
-    got = rt.RealtimeFeatureReader(redis_client).post_window_counts([10, 11], NOW)
+    got = RealtimeFeatureReader(redis_client).post_window_counts([10, 11], NOW)
     # current bucket holds offsets 10, 90 (NOW is 100 s into it); 200 s is the previous bucket
     assert got[10]["rt_clicks_5m"] == 2 and got[10]["rt_clicks_1h"] == 4 and got[10]["rt_clicks_24h"] == 6
     assert got[10]["rt_impressions_5m"] == 2 and got[10]["rt_impressions_1h"] == 3
     assert got[10]["rt_impressions_24h"] == 4
     assert got[10] == pytest.approx({**got[10], **_expected_windows(events, 10, NOW)})
     assert all(v == 0.0 for v in got[11].values())
-    meta = rt.RealtimeFeatureReader(redis_client).post_meta(10)
+    meta = RealtimeFeatureReader(redis_client).post_meta(10)
     assert meta["last_event_ts"] == pytest.approx(NOW - 5) and meta["last_write_ts"] == pytest.approx(NOW + 1)
     p50, p99 = proc.lag_percentiles()
     assert 1.0 <= p50 <= p99 <= 90_001
     assert _pending(redis_client) == 0
     # the counts hash expires beyond 24 h
-    assert rt.COUNTS_TTL_S > 86400 and redis_client.ttl(rt.post_counts_key(10)) > 86400
+    assert rt.COUNTS_TTL_S > 86400 and redis_client.ttl(keys.rt_post_counts(10)) > 86400
 
 
 def test_duplicate_event_ids_are_applied_once(redis_client):
@@ -88,7 +89,7 @@ def test_duplicate_event_ids_are_applied_once(redis_client):
     assert proc.run_once(count=10) == 2
     assert proc.stats["duplicate"] == 2
     assert proc.apply(e) is False  # applying again directly is also a no-op
-    reader = rt.RealtimeFeatureReader(redis_client)
+    reader = RealtimeFeatureReader(redis_client)
     assert reader.post_window_counts([10], NOW)[10]["rt_likes_5m"] == 2
     want = _closed_score([e, _eng("other", "like", NOW - 30)], NOW, lambda x: True)
     assert reader.decayed_scores([10], NOW)[10] == pytest.approx(want, rel=1e-9)
@@ -105,7 +106,7 @@ def test_decayed_scores_match_closed_form_for_posts_and_authors(redis_client):
     proc = _proc(redis_client, RedisStreamsBus(redis_client))
     for e in events:  # random arrival order
         proc.apply(e)
-    reader = rt.RealtimeFeatureReader(redis_client)
+    reader = RealtimeFeatureReader(redis_client)
     later = NOW + 3 * 3600
     posts = reader.decayed_scores(range(4), later)
     authors = reader.decayed_scores([100, 101], later, entity="author")
@@ -138,7 +139,7 @@ def test_crashed_consumer_entries_are_reclaimed_without_loss_or_double_count(red
     assert applied + 20 == len(events)
     assert b.stats["duplicate"] == 20
     assert _pending(redis_client) == 0
-    got = rt.RealtimeFeatureReader(redis_client).post_window_counts(range(3), NOW)
+    got = RealtimeFeatureReader(redis_client).post_window_counts(range(3), NOW)
     for p in range(3):
         assert got[p] == pytest.approx({**got[p], **_expected_windows(events, p, NOW)})
         assert sum(got[p][rt.feature_name(k, "24h")] for k in ("click", "impression", "like")) == \
@@ -149,17 +150,17 @@ def test_failed_write_is_not_acked_and_is_applied_after_reclaim(redis_client):
     bus = RedisStreamsBus(redis_client)
     e = _eng("x1", "click", NOW - 10, post=42)
     bus.publish("engagements", e)
-    redis_client.set(rt.post_counts_key(42), "not a hash")  # makes the script fail before any write
+    redis_client.set(keys.rt_post_counts(42), "not a hash")  # makes the script fail before any write
     proc = _proc(redis_client, bus, name="A")
     assert proc.run_once(count=10) == 0
     assert proc.stats["failed"] == 1 and _pending(redis_client) == 1
-    assert not redis_client.exists(rt.seen_key("x1"))
-    assert not redis_client.exists(rt.post_score_key(42))  # nothing half-written
-    redis_client.delete(rt.post_counts_key(42))
+    assert not redis_client.exists(keys.rt_seen_event("x1"))
+    assert not redis_client.exists(keys.rt_post_score(42))  # nothing half-written
+    redis_client.delete(keys.rt_post_counts(42))
     b = _proc(redis_client, bus, name="B", reclaim_idle_ms=0)
     assert b.run_once(count=10) == 1
     assert _pending(redis_client) == 0
-    assert rt.RealtimeFeatureReader(redis_client).post_window_counts([42], NOW)[42]["rt_clicks_5m"] == 1
+    assert RealtimeFeatureReader(redis_client).post_window_counts([42], NOW)[42]["rt_clicks_5m"] == 1
 
 
 def test_social_events_update_the_mixers_keys(redis_client):
@@ -176,8 +177,8 @@ def test_social_events_update_the_mixers_keys(redis_client):
     proc.run_once(count=100)
     members = lambda k: {int(m) for m in redis_client.smembers(k)}  # noqa: E731
     assert members(keys.follows(1)) == {7, 12}
-    assert members(rt.blocked_authors_key(1)) == {8}
-    assert members(rt.muted_authors_key(1)) == {9}
+    assert members(keys.blocked_authors(1)) == {8}
+    assert members(keys.muted_authors(1)) == {9}
     assert members(keys.hated_authors(1)) == {11}
     assert proc.stats["stale"] == 1 and _pending(redis_client) == 0
 
@@ -200,7 +201,7 @@ def test_user_recent_is_capped_and_run_stops_on_event(redis_client):
         stop.set()
         t.join(timeout=5)
     assert not t.is_alive() and proc.stats["applied"] == 56
-    posts, authors = rt.RealtimeFeatureReader(redis_client).user_recent(1)
+    posts, authors = RealtimeFeatureReader(redis_client).user_recent(1)
     assert posts == [1000 + i for i in range(54, 4, -1)]
     assert len(authors) == 50 and authors[0] == 54 and 77 not in authors
 
@@ -217,7 +218,7 @@ def test_trending_posts_and_tags_match_the_closed_form_and_coverage_starts_near_
     for e in events:
         bus.publish("engagements", e)
     assert _proc(redis_client, bus).run_once(count=500) > 0
-    reader = rt.RealtimeFeatureReader(redis_client)
+    reader = RealtimeFeatureReader(redis_client)
     half = rt.TRENDING_HALF_LIFE_S
 
     def closed(keep):
@@ -277,7 +278,7 @@ def test_coverage_ignores_stragglers_and_events_from_a_skewed_clock(redis_client
     bus = RedisStreamsBus(redis_client)
     for i in range(5):
         bus.publish("engagements", _eng(f"cv{i}", "click", NOW - 100 * (5 - i)))
-    reader = rt.RealtimeFeatureReader(redis_client)
+    reader = RealtimeFeatureReader(redis_client)
     proc = _proc(redis_client, bus)
     proc.run_once(count=10)
     cov = reader.coverage()
@@ -310,14 +311,14 @@ def test_entries_trimmed_before_the_group_read_them_are_reported_and_restart_cov
     # the processor is down while 1000 events flow into a stream capped at ~100 entries
     for i in range(1000):
         bus.publish("engagements", _eng(f"t{i + 1}", "click", NOW - 1000 + i))
-    retained = redis_client.xlen(stream_key("engagements"))
+    retained = redis_client.xlen(keys.event_stream("engagements"))
     assert retained < 1000
     proc.run_once(count=2000)
     assert proc.stats["lost"] == 1000 - retained and proc.stats["applied"] == 1 + retained
     dead = bus.dead_letters("engagements")
     assert len(dead) == 1 and dead[0].reason.startswith(f"{1000 - retained} entries were trimmed")
     # coverage restarts at the first event after the gap; the group's lag is exact again
-    assert rt.RealtimeFeatureReader(redis_client).coverage().since == NOW - 1000 + (1000 - retained)
+    assert RealtimeFeatureReader(redis_client).coverage().since == NOW - 1000 + (1000 - retained)
     assert proc.refresh_backlog().lag == 0
     assert bus.skip_trimmed("engagements", "feature-writer") == 0
 
@@ -326,7 +327,7 @@ def test_caught_up_is_the_oldest_entry_the_group_has_not_applied(redis_client):
     """The liveness stamp is on the Redis clock: the stream id (ms) of the oldest entry that is
     undelivered or pending in the group, or the server time once there is none."""
     bus = RedisStreamsBus(redis_client)
-    reader = rt.RealtimeFeatureReader(redis_client)
+    reader = RealtimeFeatureReader(redis_client)
 
     def publish(eid, **kw) -> float:
         time.sleep(0.003)  # distinct stream-id milliseconds
@@ -345,14 +346,14 @@ def test_caught_up_is_the_oldest_entry_the_group_has_not_applied(redis_client):
     assert ids[4] < cov.caught_up <= cov.server_now and cov.staleness_s < 1.0
 
     # a write that fails leaves its entry pending: the stamp stays before it while time passes
-    redis_client.set(rt.post_counts_key(99), "not a hash")
+    redis_client.set(keys.rt_post_counts(99), "not a hash")
     bad = publish("bad", post=99)
     proc.run_once(count=10)
     proc.run_once(count=10)
     assert proc.stats["failed"] >= 1 and reader.coverage().caught_up == bad
     time.sleep(0.05)
     assert reader.coverage().staleness_s >= 0.05
-    redis_client.delete(rt.post_counts_key(99))
+    redis_client.delete(keys.rt_post_counts(99))
     proc.run_once(count=10)  # reclaimed (idle >= 0 ms) and applied: caught up again
     cov = reader.coverage()
     assert cov.caught_up > bad and cov.staleness_s < 1.0 and _pending(redis_client) == 0
@@ -384,9 +385,40 @@ def test_trending_read_stays_finite_for_events_stamped_far_ahead_of_the_reader_c
     for i, (kind, post) in enumerate([("like", 20), ("like", 20), ("click", 21)]):
         bus.publish("engagements", _eng(f"f{i}", kind, ahead, post=post))
     _proc(redis_client, bus).run_once(count=10)
-    got = rt.RealtimeFeatureReader(redis_client).trending(NOW, k=5)
+    got = RealtimeFeatureReader(redis_client).trending(NOW, k=5)
     assert [p for p, _ in got] == [20, 21]
     assert all(math.isfinite(s) and s > 0 for _, s in got)
     # read on the events' own clock the closed form holds again
-    later = dict(rt.RealtimeFeatureReader(redis_client).trending(ahead, k=5))
+    later = dict(RealtimeFeatureReader(redis_client).trending(ahead, k=5))
     assert later[20] == pytest.approx(2 * rt.kind_weight("like"), rel=1e-9)
+
+
+def test_the_liveness_stamp_comes_from_the_bus_applied_until(redis_client):
+    """The processor asks the bus (``EventBus.applied_until``), not Redis stream internals, so any
+    bus (Kafka: committed offsets) works; the stamp only moves forward, up to the Redis clock."""
+
+    class OtherBus:  # another EventBus implementation: a Redis bus with its own notion of applied-until
+        def __init__(self, inner):
+            self.inner, self.value = inner, None
+
+        def applied_until(self, topic, group):
+            return self.value
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    bus = OtherBus(RedisStreamsBus(redis_client))
+    reader = RealtimeFeatureReader(redis_client)
+    proc = _proc(redis_client, bus, stamp_every_s=0.0)
+    proc.run_once(count=10)  # None: no stamp (logged), nothing written
+    assert reader.coverage().caught_up is None
+    secs, _ = redis_client.time()
+    bus.value = secs - 100.25
+    proc.run_once(count=10)
+    assert reader.coverage().caught_up == secs - 100.25
+    bus.value = secs - 200.0  # a peer's older value does not move it back
+    proc.run_once(count=10)
+    assert reader.coverage().caught_up == secs - 100.25
+    redis_client.hset(keys.RT_COVERAGE, "caught_up", secs + 3600)  # ahead of the clock: replaced
+    proc.run_once(count=10)
+    assert reader.coverage().caught_up == secs - 200.0

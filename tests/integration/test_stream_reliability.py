@@ -32,11 +32,11 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from core import online_layout as keys
 from core.services import RedisServer
 from core.state import StateDir
 from pipelines.raw import LOG_DTYPES, LOG_FILE, VIDEOS_DTYPES, VIDEOS_FILE, read_csv_typed
-from pipelines.streaming import realtime_features as rt
-from pipelines.streaming.bus import RedisStreamsBus, dead_letter_key, stream_key
+from pipelines.streaming.bus import RedisStreamsBus
 from pipelines.streaming.events import encode_event, parse_event
 from pipelines.streaming.replay import LogReplayer, ReplayEventBuilder, ReplayRowsBuilder
 from tests.integration._stream_recompute import (
@@ -47,7 +47,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 TOPIC, GROUP = "engagements", "feature-writer"  # the processor's defaults
-KEY = stream_key(TOPIC)
+KEY = keys.event_stream(TOPIC)
 N_ROWS = 3_000            # first rows of the log file: 2,944 after dedup, ~5.2k events over 10 h of log time
 REPLAY_WALL_S = 4.0       # the replay is paced to last about this long, so kills land mid-stream
 RECLAIM_IDLE_MS = 500     # entries pending this long belong to a dead consumer (short, for the test)
@@ -166,7 +166,7 @@ def _pending_now(client: redis.Redis) -> tuple[list[dict], list, set[str]]:
         pipe.xrange(KEY, r["message_id"], r["message_id"])
     events = [parse_event(entry[0][1]) for entry in pipe.execute()]
     for e in events:
-        pipe.exists(rt.seen_key(e.event_id))
+        pipe.exists(keys.rt_seen_event(e.event_id))
     written = {e.event_id for e, n in zip(events, pipe.execute()) if n}
     return rows, events, written
 
@@ -297,7 +297,7 @@ def test_processor_sigkilled_mid_replay_is_replaced_without_loss_or_double_count
     assert consumers["A"]["pending"] == 0
     assert stats.get("duplicate", 0) == len(written)
     assert stats.get("applied", 0) + stats.get("stale", 0) == len(events) - len(applied_at_kill)
-    assert not stats.get("failed") and client.xlen(dead_letter_key(TOPIC)) == 0
+    assert not stats.get("failed") and client.xlen(keys.dead_letter_stream(TOPIC)) == 0
     _assert_final_state(client, events)
 
 
@@ -367,7 +367,7 @@ def test_redis_sigkilled_mid_stream_keeps_every_acknowledged_event(own_redis, re
           f"{len(events)} events; drained {drained_s:.1f} s after P resumed; P: {stats}")
     published = [parse_event(f).event_id for _, f in client.xrange(KEY)]
     assert set(published) == {e.event_id for e in events} and len(published) >= len(events)
-    assert not stats.get("failed") and client.xlen(dead_letter_key(TOPIC)) == 0
+    assert not stats.get("failed") and client.xlen(keys.dead_letter_stream(TOPIC)) == 0
     _assert_final_state(client, events)
 
 

@@ -240,26 +240,21 @@ def test_broken_new_version_fails_loudly_and_served_versions_keep_answering(serv
         write_configs(model_dir, manifest["n_features"], len(manifest["heads"]), manifest["served"], RepositorySettings())
 
 
-def test_cli_status_sync_and_export(server, state, tmp_path):
-    import argparse
+def test_cli_status_sync_and_export(server, state, tmp_path, monkeypatch):
+    from home_mixer.cli import main
 
-    from serving.triton.cli import add_commands
-
-    parser = argparse.ArgumentParser(prog="home-mixer")
-    parser.add_argument("--state")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_commands(sub)
+    monkeypatch.setenv("HOME_MIXER_STATE", str(state.root))  # --state exports it: restored after
 
     def run(*argv) -> str:
-        args = parser.parse_args(["--state", str(state.root), *argv])
         out = io.StringIO()
         with redirect_stdout(out):
-            assert args.func(args) == 0
+            assert main(["--state", str(state.root), *argv]) == 0
         return out.getvalue()
 
-    status = json.loads(run("serve", "triton", "status"))
+    status = json.loads(run("serve", "triton", "status", "--json"))
     assert status["running"] and status["pid"] == server.pid
     assert set(status["models"]) == {LIGHT_RANKER_NAME, HEAVY_RANKER_NAME}
+    assert run("serve", "triton", "status").startswith(f"triton: running grpc {server.grpc_url}")
     served = server.versions(HEAVY_RANKER_NAME)
     synced = run("serve", "triton", "sync")  # the registry did not move: nothing to export or load
     assert f"heavy_ranker: unchanged, ready versions {served}" in synced and "exported" not in synced

@@ -29,6 +29,9 @@ class FakeHandle:
         return out[:, :1] if self.bad_shape else out
 
 
+Q = Query(1, 1, 0.0, "r", arm="a")
+
+
 def _frame(values):
     f = pd.DataFrame(np.nan, index=range(len(values)), columns=list(ALL_FEATURES))
     f["user_click_rate"] = values
@@ -39,7 +42,7 @@ def test_light_scorer_uses_named_head_and_reports_version():
     h = FakeHandle(("user_click_rate",), ("engaged", "other"))
     cands = [Candidate(i, "popular") for i in range(3)]
     scorer = LightRankerScorer(h, head="other")
-    scorer.score(cands, _frame([1.0, 2.0, 3.0]))
+    assert scorer.score(Q, cands, _frame([1.0, 2.0, 3.0])) == "in_process"
     assert [c.light_score for c in cands] == pytest.approx([0.2, 0.4, 0.6])
     assert scorer.version == "3"
     with pytest.raises(ValueError, match="not 'nope'"):
@@ -48,11 +51,11 @@ def test_light_scorer_uses_named_head_and_reports_version():
 
 def test_heavy_scorer_sets_heads_and_checks_shape_and_features():
     cands = [Candidate(i, "popular") for i in range(2)]
-    HeavyRankerScorer(FakeHandle(("user_click_rate",), HEADS)).score(cands, _frame([1.0, 5.0]))
+    assert HeavyRankerScorer(FakeHandle(("user_click_rate",), HEADS)).score(Q, cands, _frame([1.0, 5.0])) == "in_process"
     assert list(cands[1].heads) == list(HEADS)
     assert cands[1].heads["long_view"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="shape"):
-        HeavyRankerScorer(FakeHandle(("user_click_rate",), HEADS, bad_shape=True)).score(cands, _frame([1.0, 5.0]))
+        HeavyRankerScorer(FakeHandle(("user_click_rate",), HEADS, bad_shape=True)).score(Q, cands, _frame([1.0, 5.0]))
     with pytest.raises(ValueError, match="does not hydrate"):
         HeavyRankerScorer(FakeHandle(("made_up_feature",), HEADS))
 
@@ -68,3 +71,11 @@ def test_weighted_sum_uses_the_query_arm():
         blender.blend(Query(1, 1, 0.0, "r", arm="zzz"), [c])
     with pytest.raises(ValueError, match="does not predict"):
         WeightedSumBlender({"a": {"like": 1.0}}, ("click",))
+
+
+def test_blender_is_a_scorer_without_a_model():
+    blender = WeightedSumBlender({"a": {"click": 1.0, "hate": -10.0}}, HEADS)
+    c = Candidate(1, "popular", heads={"click": 0.5, "hate": 0.01})
+    assert blender.score(Q, [c], None) is None and blender.version == ""
+    assert c.score == pytest.approx(0.4)
+    assert LightRankerScorer(FakeHandle(("user_click_rate",), ("engaged",))).score(Q, [], _frame([])) is None

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from feast.protos.feast.types.Value_pb2 import Value
 
-from mixer.feature_hydrators import FeastRedisLayout, decode_values
+from core.online_layout import FeastRedisLayout
+from mixer.feature_hydrators import decode_values
 
 
 def test_template_keys_equal_feast_redis_key():

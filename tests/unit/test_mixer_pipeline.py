@@ -12,11 +12,12 @@ import pytest
 from core.schema import ALL_FEATURES, HEADS
 from mixer.blenders import WeightedSumBlender
 from mixer.candidate import Candidate
-from mixer.candidate_sources import ParallelSourceRunner
+from mixer.components import CandidateHydrator, CandidateSource, FeatureHydrator, QueryHydrator, SideEffect
 from mixer.config import load_config
 from mixer.filters import DuplicateFilter, HatedAuthorFilter, MaxAgeFilter, PreviouslySeenFilter
 from mixer.metrics import MixerMetrics
-from mixer.pipeline import HomeTimelinePipeline
+from mixer.pipeline import HomeTimelinePipeline, RankerSet
+from mixer.pipeline_runner import CandidatePipeline, ScoringStage
 from mixer.query_hydrators import ExperimentArmQueryHydrator
 from mixer.scorers import HeavyRankerScorer, LightRankerScorer
 from mixer.selectors import AuthorDiversitySelector, PageSelector, TopKSelector
@@ -37,7 +38,7 @@ class Handle:
         return np.stack([x] * len(self.heads), axis=1).astype(np.float32)
 
 
-class ListSource:
+class ListSource(CandidateSource):
     name, timeout_ms = "popular", 500
 
     def fetch(self, query):
@@ -45,7 +46,7 @@ class ListSource:
         return [Candidate(post_id=i, source=self.name, source_score=float(i)) for i in range(60)]
 
 
-class MetaHydrator:
+class MetaHydrator(CandidateHydrator):
     name = "post_metadata"
 
     def hydrate(self, query, candidates):
@@ -54,7 +55,7 @@ class MetaHydrator:
         return candidates, 0
 
 
-class ScoreByIdFeatures:
+class ScoreByIdFeatures(FeatureHydrator):
     """user_click_rate = post_id / 100 so higher ids rank higher."""
 
     name = "fake_features"
@@ -62,7 +63,7 @@ class ScoreByIdFeatures:
     def __init__(self, fail=False):
         self.fail = fail
 
-    def hydrate(self, query, candidates):
+    def hydrate(self, query, candidates, features=None):
         if self.fail:
             raise ConnectionError("online store down")
         f = pd.DataFrame(np.nan, index=range(len(candidates)), columns=list(ALL_FEATURES))
@@ -70,14 +71,14 @@ class ScoreByIdFeatures:
         return f
 
 
-class Boom:
+class Boom(SideEffect):
     name = "boom"
 
     def apply(self, result):
         raise RuntimeError("stream full")
 
 
-class SeenHydrator:
+class SeenHydrator(QueryHydrator):
     name = "user_context"
 
     def hydrate(self, query):
@@ -86,23 +87,37 @@ class SeenHydrator:
         return dataclasses.replace(query, seen_posts=frozenset({59}), hated_authors=frozenset({19}))
 
 
+def _rankers(version=1, heads=HEADS):
+    return RankerSet(LightRankerScorer(Handle(("user_click_rate",), ("engaged",), version)),
+                     HeavyRankerScorer(Handle(("user_click_rate",), heads, version)))
+
+
 @pytest.fixture()
 def make_pipeline():
     pool = ThreadPoolExecutor(2)
 
     def make(features=None, side_effects=(), realtime=None):
         metrics = MixerMetrics()
-        light, heavy = Handle(("user_click_rate",), ("engaged",)), Handle(("user_click_rate",), HEADS)
-        return HomeTimelinePipeline(
-            config=CONFIG, query_hydrators=[SeenHydrator(), ExperimentArmQueryHydrator(CONFIG.experiment)],
-            source_runner=ParallelSourceRunner([ListSource()], pool), candidate_hydrator=MetaHydrator(),
-            filters=[PreviouslySeenFilter(), HatedAuthorFilter(), MaxAgeFilter(30), DuplicateFilter()],
-            feature_hydrator=features or ScoreByIdFeatures(), realtime_hydrator=realtime,
-            light_ranker=LightRankerScorer(light),
-            top_k=TopKSelector(10), heavy_ranker=HeavyRankerScorer(heavy),
-            blender=WeightedSumBlender({a.name: a.weights for a in CONFIG.experiment.arms}, HEADS),
-            author_diversity=AuthorDiversitySelector(2), page=PageSelector(), side_effects=list(side_effects),
-            metrics_side_effect=RequestMetricsSideEffect(metrics), metrics=metrics), metrics
+
+        def declare(rankers):
+            return CandidatePipeline(
+                query_hydrators=[SeenHydrator(), ExperimentArmQueryHydrator(CONFIG.experiment)],
+                candidate_sources=[ListSource()],
+                candidate_hydrators=[MetaHydrator()],
+                filters=[PreviouslySeenFilter(), HatedAuthorFilter(), MaxAgeFilter(30), DuplicateFilter()],
+                feature_hydrators=[features or ScoreByIdFeatures()] + ([realtime] if realtime else []),
+                scoring=[
+                    ScoringStage("light_ranker", scorers=[rankers.light]),
+                    ScoringStage("heavy_ranker", selectors=[TopKSelector(10)], scorers=[rankers.heavy]),
+                    ScoringStage("blender", scorers=[
+                        WeightedSumBlender({a.name: a.weights for a in CONFIG.experiment.arms}, HEADS)]),
+                ],
+                selectors=[AuthorDiversitySelector(2), PageSelector()],
+                side_effects=[*side_effects, RequestMetricsSideEffect(metrics)],
+            )
+
+        return HomeTimelinePipeline(config=CONFIG, declare=declare, rankers=_rankers(), executor=pool,
+                                    metrics=metrics), metrics
 
     yield make
     pool.shutdown()
@@ -117,7 +132,9 @@ def test_stages_run_in_order_and_filters_apply(make_pipeline):
     assert max(pd.Series([c.author_id for c in res.items]).value_counts()) <= 2
     assert res.counts == {"retrieved": 60, "hydrated": 60, "after_filters": 57, "heavy_ranked": 10, "selected": 4}
     assert res.filtered == {"previously_seen": 1, "hated_author": 2, "max_age": 0, "duplicate": 0}
-    assert list(res.timings_ms)[:3] == ["query_hydration", "candidate_sources", "candidate_hydration"]
+    assert list(res.timings_ms) == ["query_hydration", "candidate_sources", "candidate_hydration", "filters",
+                                    "feature_hydration", "light_ranker", "heavy_ranker", "blender", "selectors",
+                                    "side_effects", "total"]
     assert res.timings_ms["total"] >= sum(v for k, v in res.timings_ms.items() if k != "total") * 0.99
     assert metrics.registry.get_sample_value("hm_mixer_filtered_total", {"filter": "hated_author"}) == 2
 
@@ -130,8 +147,10 @@ def test_feature_failure_and_side_effect_failure_fail_open(make_pipeline):
     assert metrics.registry.get_sample_value("hm_mixer_requests_total", {"status": "degraded"}) == 1
 
 
-class RealtimeBoost:
+class RealtimeBoost(FeatureHydrator):
     """Stand-in real-time hydrator: raises, or lifts one post's feature to the top."""
+
+    name, stage = "realtime", "realtime_features"
 
     def __init__(self, post=None):
         self.post = post
@@ -161,3 +180,36 @@ def test_cursor_pages_do_not_repeat_and_page_size_is_checked(make_pipeline):
     assert second.query.page_index == 1
     with pytest.raises(ValueError, match="between 1 and 100"):
         pipeline.run(user_id=4, page_size=101)
+
+
+class SwapDuring(ScoreByIdFeatures):
+    """Feature hydrator that promotes new model versions while its request is in flight."""
+
+    def __init__(self):
+        super().__init__()
+        self.pipeline = None
+
+    def hydrate(self, query, candidates, features=None):
+        if self.pipeline is not None:
+            self.pipeline.swap_rankers(Handle(("user_click_rate",), ("engaged",), 2),
+                                       Handle(("user_click_rate",), HEADS, 2))
+            self.pipeline = None
+        return super().hydrate(query, candidates, features)
+
+
+def test_swap_rankers_is_atomic_per_request_and_checks_heads(make_pipeline):
+    swapper = SwapDuring()
+    pipeline, metrics = make_pipeline(features=swapper)
+    before = pipeline.declaration
+    swapper.pipeline = pipeline
+    in_flight = pipeline.run(user_id=4, page_size=4)
+    # the request that was running during the swap finished on the old versions, the next one is new
+    assert in_flight.model_versions == {"light_ranker": "1", "heavy_ranker": "1"}
+    assert pipeline.model_versions == {"light_ranker": "2", "heavy_ranker": "2"}
+    assert pipeline.declaration is not before and pipeline.rankers.heavy.version == "2"
+    assert pipeline.run(user_id=4, page_size=4).model_versions == {"light_ranker": "2", "heavy_ranker": "2"}
+    assert metrics.registry.get_sample_value("hm_mixer_model_version_info",
+                                             {"model": "heavy_ranker", "version": "2"}) == 1
+    with pytest.raises(ValueError, match="heads"):
+        pipeline.swap_rankers(Handle(("user_click_rate",), ("engaged",), 3), Handle(("user_click_rate",), ("click",), 3))
+    assert pipeline.model_versions == {"light_ranker": "2", "heavy_ranker": "2"}

@@ -9,15 +9,20 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from mixer.candidate import Candidate, Query
-from mixer.candidate_sources import ParallelSourceRunner
+from mixer.candidate_sources import CandidateSource, ParallelSourceRunner
 
 
-class SleepySource:
-    def __init__(self, name, n, sleep_s=0.0, timeout_ms=200.0, fail=False):
+class SleepySource(CandidateSource):
+    def __init__(self, name, n, sleep_s=0.0, timeout_ms=200.0, fail=False, on=True):
         self.name, self.n, self.sleep_s, self.timeout_ms, self.fail = name, n, sleep_s, timeout_ms, fail
+        self.on, self.calls = on, 0
         self.release = threading.Event()
 
+    def enabled(self, query):
+        return self.on
+
     def fetch(self, query):
+        self.calls += 1
         if self.sleep_s:
             self.release.wait(self.sleep_s)
         if self.fail:
@@ -58,3 +63,9 @@ def test_sources_run_in_parallel(pool):
 def test_duplicate_source_names_rejected(pool):
     with pytest.raises(ValueError, match="unique"):
         ParallelSourceRunner([SleepySource("a", 1), SleepySource("a", 1)], pool)
+
+
+def test_disabled_sources_are_not_called_and_not_reported(pool):
+    off = SleepySource("off", 5, on=False)
+    cands, results = ParallelSourceRunner([SleepySource("a", 2), off], pool).run(Query(1, 10, 0.0, "r"))
+    assert [r.name for r in results] == ["a"] and len(cands) == 2 and off.calls == 0

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from pipelines.streaming import realtime_features as rt
+from core import realtime as rt
 
 
 def test_bucket_start_floors_to_five_minutes_also_for_negative_times():
