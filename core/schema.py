@@ -124,6 +124,9 @@ CONTENT_VIEW = FeatureViewSpec(
         "post_like_rate_7d": "float64",
         "post_impressions_total": "float64",
         "post_engagement_rate_total": "float64",
+        # the post's smoothed prior rate of every head over all its impressions so far (the
+        # popularity lookup of offline evaluation)
+        **{f"post_{h}_rate_total": "float64" for h in HEADS},
     },
     ttl_days=30,
 )

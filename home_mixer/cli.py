@@ -294,13 +294,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def cmd_evaluate(args) -> int:
     from home_mixer.evaluation import evaluate_log
 
     state = _state(args)
     report = evaluate_log(state, Path(args.log), data_dir=Path(args.data),
                           history=Path(args.history) if args.history else None,
-                          from_date=args.from_date, out=Path(args.out) if args.out else None)
+                          from_date=args.from_date, out=Path(args.out) if args.out else None,
+                          gap_s=args.request_gap_min * 60.0)
     print(report.to_table())
     return 0
 
@@ -489,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="users/videos folder")
     ev.add_argument("--history", help="log whose events precede --log (default: the shared log)")
     ev.add_argument("--from-date", type=int, help="only evaluate rows with date >= this yyyymmdd")
+    ev.add_argument("--request-gap-min", type=_positive_float, default=30.0,
+                    help="a user's impressions on one surface with no gap longer than this form one "
+                         "request (minutes, default 30)")
     ev.add_argument("--out", help="JSON report path (default state/reports/evaluation.json)")
     ev.set_defaults(func=cmd_evaluate)
 

@@ -21,6 +21,7 @@ import pandas as pd
 
 from feature_repo import store as fs
 from home_mixer import jobs
+from core.requests import REQUEST_GAP_S
 from core.services import RedisServer
 from core.stages import StageTimer
 from core.state import StateDir
@@ -175,7 +176,7 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
         store = fs.open_store(state, srv.feast_connection_string)
         with timer.stage("feast apply"):
             fs.apply(store, state.tables)
-        with timer.stage("training set: Feast point-in-time join (Spark offline store)"):
+        with timer.stage("training set as served: requests, Feast point-in-time join at the last materialisation"):
             ts = jobs.training_set(spark, store, state)
             print(f"  {len(ts):,} rows x {ts.shape[1]} columns")
         train, valid = split_by_days(ts, valid_days=2)
@@ -193,7 +194,8 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
             counts = build_candidate_index(state, srv.url, as_of=jobs.log_end(state))
             print(f"  {counts}")
         with timer.stage("evaluate champions on the validation days"):
-            report = evaluate_rankers(valid, control_weights(), tracking_uri=state.mlflow_tracking_uri)
+            report = evaluate_rankers(valid, control_weights(), tracking_uri=state.mlflow_tracking_uri,
+                                      request_gap_s=REQUEST_GAP_S)
             report.to_json(state.reports / "evaluation.json")
         with timer.stage("start the mixer and request home timelines over HTTP"):
             as_of = jobs.log_end(state)
@@ -221,7 +223,7 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
             rt_report = realtime_stage(state, srv.url, base, data_dir, as_of, since, responses)
         print(rt_report)
         print()
-        print("Offline evaluation on the validation days")
+        print("Offline evaluation on the validation days (inside requests, features as served)")
         print(report.to_table())
         print()
         print("Stage times")

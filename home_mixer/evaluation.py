@@ -14,6 +14,7 @@ import pandas as pd
 
 from feature_repo import store as fs
 from home_mixer import jobs
+from core.requests import REQUEST_GAP_S
 from core.state import DEFAULT_DATA_DIR, StateDir
 
 SHARED_LOG = DEFAULT_DATA_DIR / "log_standard_20220425_20220504.csv"
@@ -27,8 +28,8 @@ def control_weights() -> dict[str, float]:
 
 
 def featurize_log(state: StateDir, log: Path, data_dir: Path, history: Path | None,
-                  from_date: int | None) -> pd.DataFrame:
-    """Point-in-time features and labels for every row of ``log`` (dated ``>= from_date``).
+                  from_date: int | None, gap_s: float = REQUEST_GAP_S) -> pd.DataFrame:
+    """Features as served and labels for every row of ``log`` (dated ``>= from_date``).
 
     Args:
         state: the main state folder; work happens in ``state/eval/<hash>``.
@@ -36,15 +37,17 @@ def featurize_log(state: StateDir, log: Path, data_dir: Path, history: Path | No
         history: log whose events precede ``log`` (feature history); default the shared log.
             Rows present in both are counted once.
 
+        gap_s: request inactivity gap (seconds) that groups impressions into requests.
+
     Returns:
-        A training-set-shaped frame (see ``jobs.training_set``) restricted to ``log``'s rows.
+        A training-set-shaped frame (``pipelines.training_set.served_feature_rows``: requests,
+        features frozen at the last materialisation before each request) of ``log``'s rows.
     """
     from pyspark.sql import functions as F
 
-    from core.schema import HEADS
     from pipelines.features.common import PRIORS_REPORT, RatePriors
-    from core.request_features import add_request_features
     from pipelines.spark import spark_session
+    from pipelines.training_set import served_feature_rows
 
     log = log.resolve()
     if not log.exists():
@@ -74,24 +77,25 @@ def featurize_log(state: StateDir, log: Path, data_dir: Path, history: Path | No
     )
     imp = spark.read.parquet(str(ev_state.table("impressions")))
     imp = imp.withColumn("time_ms", (F.unix_micros("event_ts") / 1000).cast("long"))
-    entity = imp.join(keys, ["user_id", "post_id", "time_ms"], "inner").select(
-        "user_id", "post_id", "author_id", F.col("event_ts").alias("event_timestamp"), "date", *HEADS)
-    df = fs.historical_features(store, entity)
-    df["event_timestamp"] = pd.to_datetime(df["event_timestamp"], utc=True)
-    return add_request_features(df, df["event_timestamp"])
+    evaluated = imp.join(keys, ["user_id", "post_id", "time_ms"], "inner")
+    return served_feature_rows(spark, store, evaluated, gap_s)
 
 
 def evaluate_log(state: StateDir, log: Path, data_dir: Path = DEFAULT_DATA_DIR,
                  history: Path | None = None, from_date: int | None = None,
-                 out: Path | None = None):
-    """Evaluate the ``champion`` light and heavy rankers on ``log``; writes a JSON report.
+                 out: Path | None = None, gap_s: float = REQUEST_GAP_S):
+    """Evaluate the ``champion`` light and heavy rankers on ``log`` as served; writes a JSON report.
+
+    Args:
+        gap_s: request inactivity gap in seconds (``core.requests``).
 
     Returns:
-        ``models.evaluate.EvaluationReport`` (per-head AUC/GAUC, NDCG@10 against baselines).
+        ``models.evaluate.EvaluationReport`` (per head and scorer AUC, request GAUC with its
+        interval, user GAUC; NDCG@10 per request against chronological, popularity, light).
     """
     from models.evaluate import evaluate_rankers
 
-    df = featurize_log(state, log, data_dir, history, from_date)
-    report = evaluate_rankers(df, control_weights(), tracking_uri=state.mlflow_tracking_uri)
+    df = featurize_log(state, log, data_dir, history, from_date, gap_s)
+    report = evaluate_rankers(df, control_weights(), tracking_uri=state.mlflow_tracking_uri, request_gap_s=gap_s)
     report.to_json(out or state.reports / "evaluation.json")
     return report

@@ -60,18 +60,28 @@ class TrainResult:
     model: Any = field(default=None, repr=False, compare=False)
 
 
-def head_metrics(y: np.ndarray, p: np.ndarray, users: np.ndarray, calibration: bool = True) -> dict[str, float]:
-    """AUC, GAUC (and log loss, ECE if ``calibration``) of probabilities ``p`` for labels ``y``.
+def head_metrics(y: np.ndarray, p: np.ndarray, users: np.ndarray, calibration: bool = True,
+                 requests: np.ndarray | None = None) -> dict[str, float]:
+    """AUC, user GAUC, request GAUC (and log loss, ECE if ``calibration``) of ``p`` for labels ``y``.
 
-    Also returns ``positives`` and ``rows`` for context. Shapes: ``[N]`` each.
+    ``request_gauc`` (the main ranking metric: serving ranks inside a request) is there when
+    ``requests`` (request id per row, ``core.requests``) is given. Also returns ``positives`` and
+    ``rows`` for context. Shapes: ``[N]`` each.
     """
     out = {"auc": M.auc(y, p), "gauc": M.gauc(y, p, users)}
+    if requests is not None:
+        out["request_gauc"] = M.gauc(y, p, requests)
     if calibration:
         out["log_loss"] = M.log_loss(y, p)
         out["ece"] = M.expected_calibration_error(y, p)
     out["positives"] = float(np.sum(y))
     out["rows"] = float(len(y))
     return out
+
+
+def _requests(frame: pd.DataFrame) -> np.ndarray | None:
+    """Request ids of a served-features frame (``pipelines.training_set``), else None."""
+    return frame["request_id"].to_numpy() if "request_id" in frame.columns else None
 
 
 def _flat(nested: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -148,9 +158,10 @@ def train_light(
 
     p = fit.predict(valid_df)[:, 0]
     users = valid_df["user_id"].to_numpy()
-    nested = {"engaged": head_metrics(engaged_label(valid_df), p, users)}
+    requests = _requests(valid_df)
+    nested = {"engaged": head_metrics(engaged_label(valid_df), p, users, requests=requests)}
     for head in HEADS:  # how well the single score ranks each engagement
-        nested[head] = head_metrics(valid_df[head].to_numpy(), p, users, calibration=False)
+        nested[head] = head_metrics(valid_df[head].to_numpy(), p, users, calibration=False, requests=requests)
     run_params = {
         **params.as_dict(),
         "ranker": "light", "n_features": len(fit.feature_names), "best_iteration": fit.best_iteration,
@@ -195,10 +206,11 @@ def train_heavy(
     p_cal = fit.predict(valid_df)
     p_raw = fit.predict_uncalibrated(valid_df)
     users = valid_df["user_id"].to_numpy()
+    requests = _requests(valid_df)
     nested = {}
     for j, head in enumerate(HEADS):
         y = valid_df[head].to_numpy()
-        nested[head] = head_metrics(y, p_cal[:, j], users)
+        nested[head] = head_metrics(y, p_cal[:, j], users, requests=requests)
         nested[head]["ece_uncalibrated"] = M.expected_calibration_error(y, p_raw[:, j])
     run_params = {
         **params.as_dict(),

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 
 import pandas as pd
 
+from core.requests import REQUEST_GAP_S, assign_requests, served_feature_ts
 from core.schema import HEADS
 from core.state import StateDir
 from feature_repo import store as fs
@@ -17,25 +18,64 @@ from feature_repo import store as fs
 TRAINING_SET_TABLE = "training_set"
 
 
-def training_set(spark, store, state: StateDir) -> pd.DataFrame:
-    """Point-in-time training set: every impression with the features known just before it.
+def served_feature_rows(spark, store, impressions, gap_s: float = REQUEST_GAP_S) -> pd.DataFrame:
+    """Impressions with the features serving had: grouped into requests, joined at the last materialisation.
+
+    Every impression of one request (``core.requests.assign_requests``) gets the feature values
+    the online store held when the request started (``core.requests.served_feature_ts``: rows
+    stamped at or before the last hourly ``materialize``), and request-time features computed at
+    the request's start, as the mixer computes them. So a user's features are one value for every
+    candidate of a request, never a rate updated after each impression (which leaks the label
+    order inside a user's log: see ``core.requests``).
+
+    Args:
+        spark: the Spark session; store: the Feast store (``feature_repo.store.open_store``).
+        impressions: canonical impressions as a Spark DataFrame (``user_id``, ``post_id``,
+            ``author_id``, ``event_ts``, ``date``, ``tab``, the heads); a filtered one is fine.
+        gap_s: request inactivity gap, seconds.
 
     Returns:
-        pandas DataFrame sorted by ``event_timestamp``: entity columns, ``date``, the labels of
-        ``schema.HEADS``, every feature of ``schema.ALL_FEATURES``. Also written to the state
-        folder as ``training_set.parquet`` so training can be re-run without Spark.
+        pandas DataFrame sorted by (``event_timestamp``, ``user_id``, ``post_id``): entity
+        columns with ``event_timestamp`` the impression time (UTC), ``date``, ``tab``,
+        ``request_id`` (int64), ``request_ts`` (request start, UTC), ``feature_ts`` (the
+        materialisation the features come from, UTC), the ``HEADS`` labels and every feature of
+        ``ALL_FEATURES``.
     """
-    from pyspark.sql import functions as F
-
     from core.request_features import add_request_features
 
+    cols = ["user_id", "post_id", "author_id", "event_ts", "date", "tab", *HEADS]
+    rows = impressions.select(*cols).toPandas()
+    rows["event_ts"] = pd.to_datetime(rows["event_ts"], utc=True)
+    rows = assign_requests(rows, gap_s, ts_col="event_ts")
+    rows["feature_ts"] = served_feature_ts(rows["request_ts"])
+    # One point-in-time join per distinct (user, post, author, feature_ts): rows of one post shown
+    # twice to a user within the hour share their features, and the join stays one row per key.
+    keys = ["user_id", "post_id", "author_id", "feature_ts"]
+    entity = rows[keys].drop_duplicates().rename(columns={"feature_ts": "event_timestamp"})
+    entity["event_timestamp"] = entity["event_timestamp"].dt.tz_localize(None).astype("datetime64[us]")
+    feats = fs.historical_features(store, spark.createDataFrame(entity))
+    feats = feats.rename(columns={"event_timestamp": "feature_ts"})
+    feats["feature_ts"] = pd.to_datetime(feats["feature_ts"], utc=True)
+    if len(feats) != len(entity):
+        raise RuntimeError(f"the point-in-time join returned {len(feats)} rows for {len(entity)} keys: "
+                           "a feature table has duplicate (entity, event_timestamp) rows; rebuild the features")
+    df = rows.rename(columns={"event_ts": "event_timestamp"}).merge(feats, on=keys, how="left", validate="many_to_one")
+    df = add_request_features(df, df["request_ts"])
+    return df.sort_values(["event_timestamp", "user_id", "post_id"], kind="stable").reset_index(drop=True)
+
+
+def training_set(spark, store, state: StateDir, gap_s: float = REQUEST_GAP_S) -> pd.DataFrame:
+    """Point-in-time training set, as served: every impression with the features of its request.
+
+    See ``served_feature_rows`` (the contract: features frozen at the last materialisation before
+    the request started). Also written to the state folder as ``training_set.parquet`` so
+    training can be re-run without Spark.
+
+    Returns:
+        The frame of ``served_feature_rows`` over every canonical impression.
+    """
     imp = spark.read.parquet(str(state.table("impressions")))
-    entity = imp.select("user_id", "post_id", "author_id", F.col("event_ts").alias("event_timestamp"),
-                        "date", *HEADS)
-    df = fs.historical_features(store, entity)
-    df["event_timestamp"] = pd.to_datetime(df["event_timestamp"], utc=True)
-    df = add_request_features(df, df["event_timestamp"])
-    df = df.sort_values(["event_timestamp", "user_id", "post_id"], kind="stable").reset_index(drop=True)
+    df = served_feature_rows(spark, store, imp, gap_s)
     df.to_parquet(state.table(TRAINING_SET_TABLE), index=False, coerce_timestamps="us")
     return df
 

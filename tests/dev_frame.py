@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.requests import assign_requests
 from core.schema import (
     ACTIVE_DEGREES, ENGAGEMENT_EDGE_WEIGHTS, HEADS, POSITIVE_HEADS, RAW_LABEL_COLUMNS, SMOOTHING_M, WINDOWS_HOURS,
 )
@@ -106,7 +107,7 @@ def build_dev_frame(data_dir: Path, user_sample_mod: int = 1) -> pd.DataFrame:
 
     Returns:
         DataFrame with user_id, post_id, author_id (int64), event_timestamp (UTC), date (int),
-        the ``schema.HEADS`` labels (int64 0/1) and every feature of ``schema.ALL_FEATURES``
+        tab, request_id and request_ts (``core.requests``), the ``schema.HEADS`` labels (int64 0/1) and every feature of ``schema.ALL_FEATURES``
         (float64, NaN where the feature view would have no row: cold user/post/pair), sorted by
         time.
     """
@@ -159,6 +160,8 @@ def build_dev_frame(data_dir: Path, user_sample_mod: int = 1) -> pd.DataFrame:
     feats["post_impressions_total"] = np.where(cold_post, nan, n_post)
     feats["post_engagement_rate_total"] = np.where(
         cold_post, nan, _smoothed(by_post.sums(engaged), n_post, engaged.mean()))
+    for h in HEADS:
+        feats[f"post_{h}_rate_total"] = _smoothed(by_post.sums(labels[h]), n_post, labels[h].mean())
 
     # social view: the user's history with the author
     pair = pd.factorize(pd.MultiIndex.from_arrays([df["user_id"], df["author_id"]]))[0]
@@ -178,10 +181,12 @@ def build_dev_frame(data_dir: Path, user_sample_mod: int = 1) -> pd.DataFrame:
     feats["tmp_impressions_1h"] = np.where(cold_user, nan, by_user.sums(ones, _HOUR_MS))
     feats["tmp_impressions_24h"] = np.where(cold_user, nan, by_user.sums(ones, 24 * _HOUR_MS))
 
-    out = df[["user_id", "post_id", "author_id", "event_timestamp", "date", *HEADS]].copy()
+    out = df[["user_id", "post_id", "author_id", "event_timestamp", "date", "tab", *HEADS]].copy()
     out["date"] = out["date"].astype("int64")
     out = pd.concat([out, pd.DataFrame(feats, index=out.index)], axis=1)
     out = add_request_features(out, out["event_timestamp"])
+    # request ids as evaluation groups them (the features here stay per impression: a dev shortcut)
+    out = assign_requests(out)
     if user_sample_mod > 1:
         out = out.loc[out["user_id"] % user_sample_mod == 0].reset_index(drop=True)
     return out

@@ -28,7 +28,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, LongType, TimestampType
 
-from core.schema import ENGAGEMENT_EDGE_WEIGHTS, POSITIVE_HEADS, SMOOTHING_M, FeatureViewSpec
+from core.schema import ENGAGEMENT_EDGE_WEIGHTS, HEADS, POSITIVE_HEADS, SMOOTHING_M, FeatureViewSpec
 from core.state import StateDir
 
 # Users and posts get a "known, no history yet" row at this time (earlier if the log starts
@@ -47,7 +47,8 @@ class RatePriors:
     """Global rates the smoothed features shrink toward (fractions of impressions, in [0, 1]).
 
     Attributes:
-        click, long_view, like, follow, hate: share of impressions with that head = 1.
+        click, long_view, like, follow, comment, forward, hate: share of impressions with that
+            head = 1 (one per ``core.schema.HEADS``).
         engaged: share of impressions with any positive head (``POSITIVE_HEADS``).
         period: human-readable description of the events they were computed from.
 
@@ -65,6 +66,8 @@ class RatePriors:
     follow: float
     hate: float
     engaged: float
+    comment: float = 0.0
+    forward: float = 0.0
     period: str = ""
 
     @classmethod
@@ -81,7 +84,7 @@ class RatePriors:
             raise ValueError("cannot compute rate priors from an empty impressions table")
         used = dates[:-holdout_days] if len(dates) > holdout_days else dates[:1]
         rows = impressions.where(F.col("date") <= used[-1])
-        heads = ("click", "long_view", "like", "follow", "hate")
+        heads = HEADS
         agg = rows.agg(
             *(F.avg((F.col(h) > 0).cast("double")).alias(h) for h in heads),
             F.avg(engaged_flag().cast("double")).alias("engaged"),
@@ -95,10 +98,19 @@ class RatePriors:
 
         Raises:
             FileNotFoundError: no such file (build the training features first).
+            ValueError: the file lacks a head's prior (written by an older version: rebuild the
+                training features with ``home-mixer features build``).
         """
         data = json.loads(Path(path).read_text())
-        return cls(**{k: data[k] for k in ("click", "long_view", "like", "follow", "hate", "engaged")},
-                   period=data.get("period", ""))
+        missing = [k for k in (*HEADS, "engaged") if k not in data]
+        if missing:
+            raise ValueError(f"{path} has no prior for {missing}: rebuild the training features "
+                             "(`home-mixer features build` or `home-mixer demo`)")
+        return cls(**{k: data[k] for k in (*HEADS, "engaged")}, period=data.get("period", ""))
+
+    def head(self, head: str) -> float:
+        """The prior of one head of ``core.schema.HEADS``."""
+        return float(getattr(self, head))
 
     def write_json(self, path: Path) -> Path:
         """Write the priors and the smoothing constant m as JSON (parents created); returns ``path``."""

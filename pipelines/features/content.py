@@ -19,6 +19,10 @@ Features:
   ``post_long_view_rate_24h`` (p_long_view) and ``post_like_rate_7d`` (7 d window, p_like).
 - ``post_impressions_total``: impressions before H; ``post_engagement_rate_total`` =
   ``(engaged_total + p_engaged * 10) / (impressions_total + 10)`` with engaged = any positive head.
+- ``post_{head}_rate_total`` for every head of ``core.schema.HEADS`` (rare ones included):
+  ``(positives_total + p_head * 10) / (impressions_total + 10)``, the post's smoothed prior rate of
+  that head over all its impressions before H. Ranked alone, it is the popularity lookup that
+  offline evaluation compares every ranker with (``models.evaluate``).
 
 Computation (O(rows), no sliding frames): per hour bucket B the counts of events in [B, B + 1 h);
 running sums over the dense grid give ``before(H)`` = events < H; a window count is
@@ -31,7 +35,7 @@ import pandas as pd
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from core.schema import CONTENT_VIEW, WINDOWS_HOURS
+from core.schema import CONTENT_VIEW, HEADS, WINDOWS_HOURS
 from pipelines.features.common import (
     RatePriors,
     engaged_flag,
@@ -43,15 +47,18 @@ from pipelines.features.common import (
 # Output kind -> head counted (None: every impression).
 KINDS: dict[str, str | None] = {"impressions": None, "clicks": "click", "long_views": "long_view",
                                 "likes": "like"}
-_COUNTS = (*KINDS, "engaged")
+# Per-head positive counts, summed over all time (the prior rate of every head).
+_HEAD_COUNTS = tuple(f"pos_{h}" for h in HEADS)
+_COUNTS = (*KINDS, "engaged", *_HEAD_COUNTS)
 
 
 def hourly_counts(impressions: DataFrame) -> DataFrame:
-    """Per (post_id, hour) counts of events in [hour, hour + 1 h): ``KINDS`` and ``engaged``."""
+    """Per (post_id, hour) counts of events in [hour, hour + 1 h): ``KINDS``, ``engaged``, ``pos_{head}``."""
     return impressions.groupBy("post_id", F.date_trunc("hour", "event_ts").alias("hour")).agg(
         *(F.count(F.lit(1)).alias(k) if h is None else F.sum((F.col(h) > 0).cast("long")).alias(k)
           for k, h in KINDS.items()),
         F.sum(engaged_flag().cast("long")).alias("engaged"),
+        *(F.sum((F.col(h) > 0).cast("long")).alias(f"pos_{h}") for h in HEADS),
     )
 
 
@@ -84,7 +91,8 @@ def hourly_grid(impressions: DataFrame, grid_end: pd.Timestamp) -> DataFrame:
     """Dense grid rows: ``post_id``, ``first_hour``, ``event_timestamp`` (= H) and window counts.
 
     Besides the keys: ``{kind}_{w}`` for each of ``KINDS`` x ``WINDOWS_HOURS`` (events in
-    [H - W, H)) and ``impressions_total`` / ``engaged_total`` (events before H); LongType.
+    [H - W, H)) and ``impressions_total`` / ``engaged_total`` / ``pos_{head}_total`` (events
+    before H); LongType.
     """
     hourly = hourly_counts(impressions)
     first = hourly.groupBy("post_id").agg(F.min("hour").alias("first_hour"))
@@ -108,6 +116,7 @@ def hourly_grid(impressions: DataFrame, grid_end: pd.Timestamp) -> DataFrame:
         "post_id", "first_hour", F.col("hour").alias("event_timestamp"), *windows,
         F.col("before_impressions").alias("impressions_total"),
         F.col("before_engaged").alias("engaged_total"),
+        *(F.col(f"before_{c}").alias(f"{c}_total") for c in _HEAD_COUNTS),
     )
 
 
@@ -124,7 +133,8 @@ def content_features(impressions: DataFrame, posts: DataFrame, priors: RatePrior
     """
     grid_end = grid_end if grid_end is not None else grid_end_of(impressions)
     grid = hourly_grid(impressions, grid_end)
-    count_cols = [f"{k}_{w}" for w in WINDOWS_HOURS for k in KINDS] + ["impressions_total", "engaged_total"]
+    count_cols = [f"{k}_{w}" for w in WINDOWS_HOURS for k in KINDS] + ["impressions_total", "engaged_total"] \
+        + [f"{c}_total" for c in _HEAD_COUNTS]
 
     firsts = grid.select("post_id", "first_hour").distinct()
     ids = posts.select("post_id").unionByName(firsts.select("post_id")).distinct()
@@ -151,6 +161,8 @@ def content_features(impressions: DataFrame, posts: DataFrame, priors: RatePrior
         c("impressions_total").alias("post_impressions_total"),
         smoothed_rate(c("engaged_total"), c("impressions_total"), priors.engaged)
         .alias("post_engagement_rate_total"),
+        *(smoothed_rate(c(f"pos_{h}_total"), c("impressions_total"), priors.head(h)).alias(f"post_{h}_rate_total")
+          for h in HEADS),
     )
 
 

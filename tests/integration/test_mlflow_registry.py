@@ -230,7 +230,10 @@ def test_evaluate_rankers_reports_heads_and_orderings(trained, frames, state):
             light_res.metrics[f"valid_{head}_auc"], abs=1e-6)
     assert set(report.ndcg) == set(ORDERINGS)
     assert all(0 < v <= 1 for v in report.ndcg.values())
-    assert 0 < report.users_with_gain <= report.users
+    for head in HEADS:  # the training runs logged the same request GAUC
+        assert report.head_metrics["heavy"][head]["request_gauc"] == pytest.approx(
+            heavy_res.metrics[f"valid_{head}_request_gauc"], abs=1e-6, nan_ok=True)
+    assert 0 < report.requests_with_gain <= report.requests and report.users <= report.requests
     # learned orderings beat the label-free ones on engagement gain
     assert report.ndcg["blended"] > report.ndcg["chronological"]
     path = report.to_json(state.reports / "eval.json")
