@@ -63,15 +63,18 @@ def test_training_set_has_one_row_per_impression_with_its_labels(built):
 
 @pytest.mark.parametrize("spec", FEATURE_VIEWS, ids=lambda s: s.name)
 def test_point_in_time_join_equals_reference_lookup(built, spec):
+    """Features as served: the latest row at or before the last materialisation before the request."""
     state, _, ts = built
     table = pd.read_parquet(state.table(spec.table))
     table["event_timestamp"] = pd.to_datetime(table["event_timestamp"], utc=True)
     sample = ts.sample(n=150, random_state=3)
-    rows = _latest_at_or_before(table, list(spec.join_keys), sample, spec.ttl_days)
+    assert (sample["feature_ts"] == sample["request_ts"].dt.floor("h")).all()
+    lookup = sample.assign(event_timestamp=sample["feature_ts"])
+    rows = _latest_at_or_before(table, list(spec.join_keys), lookup, spec.ttl_days)
     expected = pd.DataFrame([{f: (np.nan if r is None else r[f]) for f in spec.features} for r in rows],
                             index=sample.index)
-    # the training set applies the request-time rules (window counts age out) to the joined values
-    expected = add_request_features(expected, sample["event_timestamp"])
+    # the training set applies the request-time rules (window counts age out) at the request start
+    expected = add_request_features(expected, sample["request_ts"])
     mismatches = []
     for (_, got), (_, exp) in zip(sample.iterrows(), expected.iterrows()):
         for f in spec.features:
@@ -86,10 +89,13 @@ def test_point_in_time_join_equals_reference_lookup(built, spec):
 
 def test_no_feature_sees_its_own_impression(built):
     _, _, ts = built
-    # The user's history count at an impression equals their impressions strictly before it.
+    # The user's history count at an impression equals their impressions strictly before the
+    # materialisation its request was served from (never the impression itself, nor its request).
     ts = ts.sort_values("event_timestamp")
-    before = ts.groupby("user_id")["event_timestamp"].transform(
-        lambda s: s.apply(lambda t: (s < t).sum()))
+    assert (ts["feature_ts"] <= ts["event_timestamp"]).all()
+    times = ts.groupby("user_id")["event_timestamp"].apply(lambda s: np.sort(s.dt.tz_convert(None).to_numpy()))
+    before = pd.Series([int(np.searchsorted(times[u], np.datetime64(f.tz_convert(None)), side="left"))
+                        for u, f in zip(ts["user_id"], ts["feature_ts"])], index=ts.index)
     known = ts["user_impressions"].notna()
     assert known.any()
     assert (ts.loc[known, "user_impressions"].to_numpy() == before[known].to_numpy()).all()
