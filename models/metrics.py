@@ -142,20 +142,20 @@ def gauc_interval(y, p, groups, clusters, n_boot: int = 1000, level: float = 0.9
     if (owner["nunique"] > 1).any():
         raise ValueError("a group spans several clusters: requests must belong to one user")
     cluster_of_group = owner.loc[parts.index, "first"].to_numpy()
-    ccodes, cuniq = pd.factorize(cluster_of_group)
-    all_clusters = pd.unique(c)  # clusters without an eligible group still count in the draw
-    nc = len(all_clusters)
-    pos_of = pd.Index(all_clusters).get_indexer(cuniq)
-    w = np.zeros(nc)
-    wa = np.zeros(nc)
-    np.add.at(w, pos_of[ccodes], parts["n"].to_numpy())
-    np.add.at(wa, pos_of[ccodes], (parts["n"] * parts["auc"]).to_numpy())
+    ccodes, _ = pd.factorize(cluster_of_group)
+    # Only clusters with an eligible group carry weight; the others are drawn too (they dilute
+    # nothing but count in the resample size), so per replicate the number of eligible draws is
+    # Binomial(n_clusters, n_eligible / n_clusters) and those draws are uniform over the eligible.
+    nc, ne = len(pd.unique(c)), int(ccodes.max()) + 1
+    w = np.bincount(ccodes, weights=parts["n"].to_numpy(), minlength=ne)
+    wa = np.bincount(ccodes, weights=(parts["n"] * parts["auc"]).to_numpy(), minlength=ne)
     rng = np.random.default_rng(seed)
-    stats = np.empty(n_boot)
-    for b in range(n_boot):  # one multinomial draw of cluster counts per replicate: O(clusters)
-        counts = rng.multinomial(nc, np.full(nc, 1.0 / nc))
-        den = counts @ w
-        stats[b] = (counts @ wa) / den if den > 0 else np.nan
+    stats = np.full(n_boot, np.nan)
+    for b, k in enumerate(rng.binomial(nc, ne / nc, n_boot)):
+        idx = rng.integers(0, ne, k)
+        den = w[idx].sum()
+        if den > 0:
+            stats[b] = wa[idx].sum() / den
     alpha = (1 - level) / 2
     lo, hi = np.nanquantile(stats, [alpha, 1 - alpha])
     return float(lo), float(hi)
