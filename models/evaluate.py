@@ -13,7 +13,8 @@ it reports AUC, request-level GAUC (the main metric) with a 95 % bootstrap inter
 user-level GAUC, and the number of requests and users that have both classes (the only ones a
 GAUC can use). GAUC is the impression-weighted mean of per-group AUC (Zhou et al. 2018, DIN).
 
-NDCG@k per request (mean over requests with a positive gain) of four orderings:
+NDCG@k per request (mean over requests with two or more impressions and a positive gain: a
+single impression has one order) of four orderings:
     ``blended``        score = sum_h weights[h] x heavy p_h (the weighted sum of predicted
                        engagement probabilities of Twitter's home mixer; negative weights, e.g.
                        hate, push a post down);
@@ -68,7 +69,8 @@ class EvaluationReport:
         ndcg: ``{ordering: mean NDCG@k per request}`` for :data:`ORDERINGS`.
         k: NDCG cut-off; weights: blending weights used (missing heads = 0).
         rows, users, requests, requests_with_gain: frame size, distinct users and requests,
-            requests counted by NDCG; request_gap_s: the gap that cut the requests.
+            requests counted by NDCG (two or more impressions and a positive gain);
+            request_gap_s: the gap that cut the requests.
         positives: ``{head: positive label count}``.
         models: ``{"light" | "heavy": "<name> v<version> (@<alias>, run <id>)"}``.
     """
@@ -110,8 +112,8 @@ class EvaluationReport:
                         else " " * 33)
                 lines.append(f"{lead}  {scorer:10s} {fmt(m['auc'])} {fmt(m['request_gauc']):>8s} "
                              f"  [{fmt(lo)}, {fmt(hi)}] {fmt(m['user_gauc']):>9s}")
-        lines += ["", f"NDCG@{self.k} per request ({self.requests_with_gain} requests with a positive gain; "
-                  "gain = sum of positive weights x labels)"]
+        lines += ["", f"NDCG@{self.k} per request ({self.requests_with_gain} requests of 2+ impressions with a "
+                  "positive gain; gain = sum of positive weights x labels)"]
         weights = ", ".join(f"{h}={w:g}" for h, w in self.weights.items())
         lines.append(f"  weights: {weights}")
         for name in ORDERINGS:
@@ -236,7 +238,9 @@ def evaluate_scores(eval_df: pd.DataFrame, light_p: np.ndarray, heavy_p: np.ndar
         "popularity": sum(w[h] * popularity[h] for h in HEADS),
     }
     gain = impression_gain(eval_df, w)
-    ndcg = {name: M.ndcg_at_k(gain, s, requests, k) for name, s in orderings.items()}
+    # A request of one impression has one order: NDCG 1 for every ordering, so it says nothing.
+    multi = pd.Series(requests).map(pd.Series(requests).value_counts()).to_numpy() >= 2
+    ndcg = {name: M.ndcg_at_k(gain[multi], s[multi], requests[multi], k) for name, s in orderings.items()}
     return EvaluationReport(
         head_metrics=head_metrics,
         groups=groups,
@@ -246,7 +250,7 @@ def evaluate_scores(eval_df: pd.DataFrame, light_p: np.ndarray, heavy_p: np.ndar
         rows=n,
         users=int(pd.Series(users).nunique()),
         requests=int(pd.Series(requests).nunique()),
-        requests_with_gain=int(len(M.ndcg_per_user(gain, light_p, requests, k))),
+        requests_with_gain=int(len(M.ndcg_per_user(gain[multi], light_p[multi], requests[multi], k))),
         positives={h: int(eval_df[h].sum()) for h in HEADS},
         models=models or {},
         request_gap_s=request_gap_s,
