@@ -44,6 +44,7 @@ import redis
 from core.state import StateDir
 
 CREATE_TIME_TOLERANCE_S = 1.0  # a recorded start time matches the live process within this
+PORT_RELEASE_S = 3.0  # how long a start waits for a just-stopped service to release its port
 
 
 class ServiceError(RuntimeError):
@@ -70,6 +71,21 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
         return True
+
+
+def wait_port_free(port: int, timeout_s: float, host: str = "127.0.0.1") -> bool:
+    """:func:`port_is_free`, polled for up to ``timeout_s`` seconds (every 50 ms).
+
+    A service that was just stopped or killed can hold its port a moment longer (a forked child,
+    such as Redis's AOF-rewrite child, exits after its parent), so a restart waits for it rather
+    than moving to another address.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not port_is_free(port, host):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def feast_connection_string(redis_url: str) -> str:
@@ -437,12 +453,12 @@ class ManagedProcess:
         for f in self.port_fields:
             port = getattr(self, f)
             if port is not None:
-                if not port_is_free(port):
+                if not wait_port_free(port, PORT_RELEASE_S):
                     raise ServiceError(f"port {port} on 127.0.0.1 ({self.service} {f}) is in use: pick another "
                                        "port, or stop what listens there")
             else:
                 port = recorded.get(f)
-                if port is None or int(port) in taken or not port_is_free(int(port)):
+                if port is None or int(port) in taken or not wait_port_free(int(port), PORT_RELEASE_S):
                     port = free_port()
                     while port in taken:
                         port = free_port()
