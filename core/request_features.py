@@ -1,20 +1,73 @@
-"""Request-time features: computed from the request time and hydrated values, offline and online.
+"""Request-time features: computed from the request time, the request's surface and hydrated values,
+offline and online.
 
-The same function serves training sets (request time = impression time) and the mixer (request time
-= now), so the two cannot disagree on how, say, post age is measured.
+The same function serves training sets (request time = the request's start, surface = the log's
+``tab``) and the mixer (request time = now, surface = ``Query.surface``), so the two cannot disagree
+on how, say, post age is measured or which surface a request was on.
 """
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import pandas as pd
+
+from core.schema import HOME_SURFACE, KNOWN_SURFACES
 
 # KuaiRand timestamps are Beijing time (UTC+8); hour of day and day of week are local.
 LOCAL_UTC_OFFSET_HOURS = 8
 TEMPORAL_WINDOWS_S = {"tmp_impressions_1h": 3600.0, "tmp_impressions_24h": 86400.0}
 
 
-def add_request_features(frame: pd.DataFrame, request_ts: pd.Series | pd.Timestamp) -> pd.DataFrame:
+def surface_indicators(surface: int | pd.Series | None, n: int) -> dict[str, np.ndarray]:
+    """One-hot request features of the surface: ``core.schema.SURFACE_FEATURES`` -> float64 ``[n]``.
+
+    The surface is request context, as in Twitter's home-mixer, whose query carries the request's
+    product surface and client context (product-mixer ``Product`` / ``ClientContext``).
+
+    Args:
+        surface: the surface id (KuaiRand's ``tab``): one non-negative int for every row (a
+            request), or a Series of ``n`` ids (one per row, offline). ``None`` (a log without a
+            ``tab`` column) and NaN/``<NA>`` entries mean the home surface
+            (``core.schema.HOME_SURFACE``), which is what the mixer assumes for a request that
+            names no surface.
+        n: number of rows.
+
+    Returns:
+        ``req_surface_<s>`` for each of ``KNOWN_SURFACES`` and ``req_surface_other``, each a float64
+        array of 0/1 of shape ``[n]``; exactly one of them is 1 in every row. A surface id outside
+        ``KNOWN_SURFACES`` (a rare tab, a new surface, a negative id in a log) sets ``other``.
+
+    Raises:
+        TypeError: a scalar ``surface`` that is not an integer (bools are rejected too).
+        ValueError: a Series of another length than ``n``, or a negative scalar ``surface``.
+    """
+    if surface is None:
+        codes = np.full(n, float(HOME_SURFACE))
+    elif isinstance(surface, pd.Series):
+        if len(surface) != n:
+            raise ValueError(f"surface has {len(surface)} rows, the frame has {n}")
+        codes = pd.to_numeric(surface, errors="raise").to_numpy(dtype="float64", na_value=np.nan)
+        codes = np.where(np.isnan(codes), float(HOME_SURFACE), codes)
+    else:
+        if isinstance(surface, (bool, np.bool_)) or not isinstance(surface, numbers.Integral):
+            raise TypeError(f"surface must be an int (a surface id), got {type(surface).__name__} {surface!r}")
+        if surface < 0:
+            raise ValueError(f"surface must be >= 0, got {surface}")
+        codes = np.full(n, float(surface))
+    out: dict[str, np.ndarray] = {}
+    known = np.zeros(n, dtype=bool)
+    for s in KNOWN_SURFACES:
+        hit = codes == s
+        known |= hit
+        out[f"req_surface_{s}"] = hit.astype("float64")
+    out["req_surface_other"] = (~known).astype("float64")
+    return out
+
+
+def add_request_features(frame: pd.DataFrame, request_ts: pd.Series | pd.Timestamp, *,
+                         surface: int | pd.Series | None) -> pd.DataFrame:
     """Add ``core.schema.REQUEST_FEATURES`` columns to ``frame`` (a copy is returned).
 
     Args:
@@ -22,15 +75,25 @@ def add_request_features(frame: pd.DataFrame, request_ts: pd.Series | pd.Timesta
             (epoch seconds, int64, may be missing/NaN for cold posts or users).
         request_ts: the request time per row (a datetime Series aligned with ``frame``) or one
             timestamp for all rows; tz-aware UTC or naive UTC.
+        surface: the request's surface (KuaiRand ``tab``; request context, see
+            ``surface_indicators``): one int for all rows (the mixer: ``Query.surface``) or a Series
+            aligned with ``frame`` (training sets: their ``tab`` column). Required so no caller
+            forgets it; ``None`` only for a log that records no surface (an older log without
+            ``tab``): every row then counts as the home surface ``core.schema.HOME_SURFACE``.
 
     Returns:
         ``frame`` with float64 columns ``req_hour_of_day`` (0-23, local), ``req_day_of_week``
         (0 = Monday, local), ``req_secs_since_last_impression`` (seconds, NaN if no previous
-        impression) and ``req_post_age_hours`` (hours since the post was created, NaN if unknown);
-        ``tmp_impressions_1h`` / ``_24h`` set to 0 where the previous impression is at least that
-        window before the request.
+        impression), ``req_post_age_hours`` (hours since the post was created, NaN if unknown) and
+        the 0/1 surface indicators ``core.schema.SURFACE_FEATURES`` (one per known surface +
+        ``req_surface_other``); ``tmp_impressions_1h`` / ``_24h`` set to 0 where the previous
+        impression is at least that window before the request.
+
+    Raises:
+        TypeError / ValueError: an invalid ``surface`` (see ``surface_indicators``).
     """
     out = frame.copy()
+    indicators = surface_indicators(surface, len(out))  # by position: a Series is aligned with frame's rows
     ts = pd.to_datetime(request_ts, utc=True)
     if isinstance(ts, pd.Timestamp):
         epoch_s = np.full(len(out), ts.value / 1e9)
@@ -50,6 +113,8 @@ def add_request_features(frame: pd.DataFrame, request_ts: pd.Series | pd.Timesta
     out["req_day_of_week"] = dow
     out["req_secs_since_last_impression"] = np.asarray(epoch_s - np.asarray(last, dtype="float64"), dtype="float64")
     out["req_post_age_hours"] = np.asarray((epoch_s - np.asarray(created, dtype="float64")) / 3600.0, dtype="float64")
+    for col, values in indicators.items():
+        out[col] = values
     # tmp_impressions_<W> count the window ending at the user's previous impression; a request W or
     # more after it has an empty window (same rule offline and online, so the feature means the same).
     for col, window_s in TEMPORAL_WINDOWS_S.items():

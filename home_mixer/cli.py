@@ -280,7 +280,11 @@ def cmd_train(args) -> int:
         raise UsageError(f"--valid-days must be 1..{VALIDATION_DAYS}: the feature smoothing priors were "
                          f"computed with the last {VALIDATION_DAYS} days held out, so validating on more "
                          "days would leak their labels into the features")
-    train, valid = split_by_days(jobs.load_training_set(state), valid_days=args.valid_days)
+    if args.from_logged:
+        frame = _logged_training_set(state, args.label_window_s)
+    else:
+        frame = jobs.load_training_set(state)
+    train, valid = split_by_days(frame, valid_days=args.valid_days)
     results = {}
     if args.model in ("light", "both"):
         results["light_ranker"] = train_light(train, valid, state, register=not args.no_register,
@@ -292,6 +296,33 @@ def cmd_train(args) -> int:
         print(f"{name}: run {res.run_id} version {res.model_version}")
         print(json.dumps(res.metrics, indent=1, default=float))
     return 0
+
+
+def _logged_training_set(state, window_s: float):
+    """``--from-logged``: the mixer's feature log (Redis) labelled from the state's impressions table.
+
+    Raises:
+        UsageError: no impressions table, an empty feature log, or no labelled serve.
+    """
+    import pandas as pd
+    import redis
+
+    from home_mixer import jobs
+    from pipelines.logged_features import EmptyFeatureLogError, logged_training_set
+
+    path = state.table("impressions")
+    if not path.exists():
+        raise UsageError(f"{path} does not exist: the labels come from the impressions table; run "
+                         "`home-mixer features build` first")
+    client = redis.Redis.from_url(jobs.redis_url_for(state))
+    try:
+        frame = logged_training_set(client, pd.read_parquet(path), window_s=window_s)
+    except EmptyFeatureLogError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        client.close()
+    print(f"training from {len(frame)} logged serves with labels ({frame['request_id'].nunique()} requests)")
+    return frame
 
 
 def _positive_float(text: str) -> float:
@@ -331,9 +362,19 @@ def cmd_promote(args) -> int:
         previous = alias_version(name, args.alias, tracking_uri=uri)
     except RankerNotFoundError:
         previous = None
+    check = _promotion_check(state, name, args.version, args.alias, args.force)
+    if check is not None and not check.passed and not args.force:
+        print(f"home-mixer: refused: {name} v{args.version} ranks worse than v{check.champion_version} "
+              f"(@{args.alias}) inside requests on the validation days: request GAUC "
+              f"{check.describe(check.blocking_heads)}; {args.alias} stays on v{check.champion_version}. "
+              f"Pass --force to promote anyway (e.g. an emergency rollback).", file=sys.stderr)
+        return 1
     started = time.monotonic()
     promote(name, args.version, alias=args.alias, tracking_uri=uri)
     print(f"{name}@{args.alias} -> version {args.version}")
+    if check is not None and check.blocking_heads:
+        print(f"forced: v{args.version} is worse than v{check.champion_version} on "
+              f"{check.describe(check.blocking_heads)}")
     triton = TritonServer.running(state)
     if triton is not None:  # export the version if new, then (re)load it: no Triton restart
         from serving.export import validation_rows
@@ -351,6 +392,36 @@ def cmd_promote(args) -> int:
                              f"{args.alias} moved back to v{previous}") from exc
     print("mixers pick the new version up within models.reload_interval_s (default 5 s), no restart")
     return 0
+
+
+def _promotion_check(state: StateDir, name: str, version: int, alias: str, force: bool):
+    """The promotion gate of ``models promote`` (``models.promotion``): compare ``version`` with the
+    version ``alias`` points at on the training set's validation days and print the table.
+
+    Returns the ``PromotionCheck``, or None when no check is needed (no current version, same
+    version) or when ``force`` is set and there is no training set to check on.
+
+    Raises:
+        UsageError: no training set in the state (and not ``force``).
+        RankerNotFoundError: the registered model or ``version`` does not exist.
+    """
+    from models.promotion import TrainingSetMissingError, compare_versions, validation_frame, version_to_beat
+
+    uri = state.mlflow_tracking_uri
+    champion = version_to_beat(name, version, alias, tracking_uri=uri)
+    if champion is None:
+        return None
+    try:
+        frame = validation_frame(state)
+    except TrainingSetMissingError as exc:
+        if force:
+            print(f"warning: --force without the promotion check: {exc}", file=sys.stderr)
+            return None
+        raise UsageError(f"cannot check {name} v{version} against v{champion} (@{alias}): {exc}, "
+                         "or pass --force to promote without the check") from None
+    check = compare_versions(name, champion, version, frame, tracking_uri=uri)
+    print(check.to_table())
+    return check
 
 
 def cmd_serve_mixer(args) -> int:
@@ -493,6 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-register", action="store_true", help="log the run only")
     t.add_argument("--no-promote", action="store_true",
                    help="register the new version without moving the champion alias (promote it later)")
+    t.add_argument("--from-logged", action="store_true",
+                   help="train on the features the mixer logged (feature log stream in Redis), labelled by "
+                        "the impressions of the same (user, post) after each serve")
+    t.add_argument("--label-window-s", type=_positive_float, default=3600.0,
+                   help="with --from-logged: an impression labels a serve within this many seconds after it")
     t.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", help="evaluate the champions on an impression log")
@@ -508,10 +584,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="registry operations")
     msub = m.add_subparsers(dest="action", required=True)
-    pr = msub.add_parser("promote", help="point an alias at a registered version")
+    pr = msub.add_parser(
+        "promote", help="point an alias at a registered version (refused if it ranks worse than the current one)",
+        description="Move the alias to --version. First both versions score the validation days of the "
+                    "state's training set: if the new version's request-level GAUC is below the current "
+                    "version's on any head with >= 100 positives, the promotion is refused (exit 1) unless "
+                    "--force is given. Rolling back to an older version is the same check: use --force to "
+                    "roll back to a worse version in an emergency.")
     pr.add_argument("--model", choices=["light", "heavy"], required=True)
     pr.add_argument("--version", type=int, required=True)
     pr.add_argument("--alias", default="champion")
+    pr.add_argument("--force", action="store_true",
+                    help="promote even if the version ranks worse than the current one on a head (emergency "
+                         "rollback), or when there is no training set to check on")
     pr.set_defaults(func=cmd_promote)
 
     sv = sub.add_parser("serve", help="the mixer and the model servers")

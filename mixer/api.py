@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from core import online_layout as keys
+from core.schema import HOME_SURFACE, KNOWN_SURFACES
 from mixer.config import MixerConfig, load_config
 from mixer.metrics import MixerMetrics
 from mixer.model_watcher import ModelAliasWatcher
@@ -56,6 +57,7 @@ class TimelineResponse(BaseModel):
     """One page of a home timeline."""
 
     user_id: int
+    surface: int = Field(description="the surface this page was ranked for (the request's, or the default)")
     arm: str
     items: list[TimelineItem]
     next_cursor: str | None = Field(description="send back as `cursor` for the next page; null when exhausted")
@@ -77,6 +79,13 @@ class MixerResources:
     backend: object | None = None  # the model-server client, closed at shutdown
 
 
+SURFACE_DESCRIPTION = (
+    f"the product surface the timeline is for (KuaiRand's `tab` id; request context, like the product "
+    f"/ client context of Twitter's home-mixer). Default {HOME_SURFACE}, the home feed. Surfaces "
+    f"{list(KNOWN_SURFACES)} have their own ranking features; any other integer >= 0 is accepted and "
+    f"ranked as 'other'. A JSON integer: true/false, strings and fractions are rejected (422).")
+
+
 def _request_model(config: MixerConfig) -> type[BaseModel]:
     page = config.page
     return create_model(
@@ -85,6 +94,7 @@ def _request_model(config: MixerConfig) -> type[BaseModel]:
         user_id=(int, Field(ge=0, description="the viewer's user id")),
         limit=(int, Field(page.default_size, ge=1, le=page.max_size, description="posts per page")),
         cursor=(str | None, Field(None, description="next_cursor of the previous page; null for the first")),
+        surface=(int, Field(HOME_SURFACE, ge=0, strict=True, description=SURFACE_DESCRIPTION)),
     )
 
 
@@ -197,6 +207,7 @@ def open_resources(config: MixerConfig, metrics: MixerMetrics,
 def _response(result: TimelineResult) -> dict:
     return {
         "user_id": result.query.user_id,
+        "surface": result.query.surface,
         "arm": result.query.arm or "",
         "items": [{
             "post_id": c.post_id, "author_id": c.author_id, "score": finite(c.score),
@@ -263,7 +274,7 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
             errors = [{"type": "value_error", "loc": ["body", "cursor"], "msg": str(e)}]
             return JSONResponse(status_code=422, content={"detail": errors, "message": _validation_message(errors)})
         try:
-            result = pipeline.run(body.user_id, body.limit, cursor)
+            result = pipeline.run(body.user_id, body.limit, cursor, surface=body.surface)
         except redis.RedisError as e:
             metrics.requests.labels(status="unavailable").inc()
             log.error("home timeline of user %s failed: Redis: %r", body.user_id, e)

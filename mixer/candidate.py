@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from core.schema import HOME_SURFACE
+
 if TYPE_CHECKING:  # annotation only (mixer.selectors imports this module)
     from mixer.selectors.page_cursor import PageCursor
 
@@ -28,6 +30,10 @@ class Query:
         page_index: 0 for the first page, n for the page after n cursors.
         cursor: the cursor this request continues (None for the first page); ``excluded_posts``
             and ``page_index`` are derived from it, the page selector extends it.
+        surface: the product surface the timeline is for (KuaiRand ``tab`` id, int >= 0; default
+            ``core.schema.HOME_SURFACE``): request context, as the product / client context on
+            Twitter's home-mixer query; the feature hydrators turn it into the ``req_surface_*``
+            request features.
         arm: experiment arm name (set by ExperimentArmQueryHydrator).
         follows: author ids the user followed.
         engaged_authors: author id -> engagement weight (RealGraph-style), strongest first.
@@ -45,6 +51,7 @@ class Query:
     excluded_posts: frozenset[int] = frozenset()
     page_index: int = 0
     cursor: PageCursor | None = None
+    surface: int = HOME_SURFACE
     arm: str | None = None
     follows: frozenset[int] = frozenset()
     engaged_authors: dict[int, float] = field(default_factory=dict)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 from mixer.candidate import Candidate, Query
 
 if TYPE_CHECKING:  # annotations only: these modules import this one
+    import numpy as np
     import pandas as pd
 
     from mixer.candidate_sources.base import SourceResult
@@ -300,6 +301,12 @@ class TimelineResult:
         scoring_paths: scorer name -> path, e.g. {"light_ranker": "in_process", "heavy_ranker":
             "triton_grpc"}; path one of "in_process", a remote backend ("triton_grpc",
             "triton_http", "bentoml") or "in_process_fallback".
+        ranked: the candidates after the scoring stages, in the order of ``features``' rows (the
+            runner's own list, not a copy; ``items`` are a subset of these objects).
+        features: the feature frame after the scoring stages (float64, ``ALL_FEATURES`` columns,
+            row i = ``ranked[i]``): the values the last scorer saw, real-time merging included
+            (feature logging reads it with ``item_features``). None when the result was built by
+            hand without a frame.
     """
 
     query: Query
@@ -312,6 +319,32 @@ class TimelineResult:
     model_versions: dict[str, str]
     degraded: list[str] = field(default_factory=list)
     scoring_paths: dict[str, str] = field(default_factory=dict)
+    ranked: list[Candidate] | None = None
+    features: pd.DataFrame | None = None
+
+    def item_features(self) -> np.ndarray:
+        """The feature rows of ``items``: float64 ``[len(items), len(ALL_FEATURES)]``, row i =
+        ``items[i]``, columns in ``ALL_FEATURES`` order, NaN = missing (a fancy-indexed copy of
+        the page's rows only; the frame itself is not copied).
+
+        Items are matched to ``ranked`` by identity (selectors after scoring keep the candidate
+        objects, they only drop and re-order them).
+
+        Raises:
+            ValueError: no frame (``features`` / ``ranked`` is None), or an item is not one of the
+                ``ranked`` candidates (a selector replaced the objects).
+        """
+        import numpy as np
+
+        if self.features is None or self.ranked is None:
+            raise ValueError("this result carries no feature frame (features / ranked is None)")
+        row_of = {id(c): i for i, c in enumerate(self.ranked)}
+        try:
+            rows = [row_of[id(c)] for c in self.items]
+        except KeyError:
+            raise ValueError("a served item is not one of the scored candidates (a selector after scoring "
+                             "returned new Candidate objects): its feature row is unknown") from None
+        return self.features.to_numpy(dtype=np.float64, copy=False)[rows]
 
 
 class SideEffect(Protocol):

@@ -135,6 +135,14 @@ class ServedSettings(_Strict):
     impression_stream_maxlen: int = Field(100_000, ge=1)
 
 
+class FeatureLoggingSettings(_Strict):
+    """Feature logging (``mixer/side_effects/feature_log.py``): every served post's feature row, as
+    the rankers saw it, to the capped stream ``core.online_layout.SERVED_FEATURES``."""
+
+    enabled: bool = True
+    stream_maxlen: int = Field(100_000, ge=1)  # approximate cap (MAXLEN ~), entries
+
+
 class ArmSettings(_Strict):
     """One experiment arm: its share of users and its blender weight per head."""
 
@@ -236,6 +244,7 @@ class MixerConfig(_Strict):
     filters: FilterSettings = FilterSettings()
     page: PageSettings = PageSettings()
     served: ServedSettings = ServedSettings()
+    feature_logging: FeatureLoggingSettings = FeatureLoggingSettings()
     experiment: ExperimentSettings
     clock: ClockSettings = ClockSettings()
     realtime: RealtimeSettings = RealtimeSettings()

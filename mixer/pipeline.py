@@ -14,7 +14,8 @@ the request entry point around it (``HomeTimelinePipeline``).
                          one probability per head
     blender              WeightedSumBlender with the arm's weights
     selectors            AuthorDiversitySelector (decay + cap per author), PageSelector (+ cursor)
-    side effects         ServedPostsSideEffect, ImpressionLogSideEffect, RequestMetricsSideEffect
+    side effects         ServedPostsSideEffect, ImpressionLogSideEffect, FeatureLogSideEffect (the
+                         served items' feature rows), RequestMetricsSideEffect
 
 Filters run on core data (author, creation time) before feature hydration so filtered posts cost
 no feature reads, as product-mixer runs filters before its feature hydrators. The stages run in
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from typing import Callable
 
 import redis
 
+from core.schema import HOME_SURFACE
 from mixer.blenders import WeightedSumBlender
 from mixer.candidate import Query
 from mixer.candidate_hydrators import PostMetadataCandidateHydrator
@@ -57,7 +60,12 @@ from mixer.pipeline_runner import CandidatePipeline, PipelineRunner, ScoringStag
 from mixer.query_hydrators import ExperimentArmQueryHydrator, UserContextQueryHydrator
 from mixer.scorers import HeavyRankerScorer, LightRankerScorer, RankerHandle
 from mixer.selectors import AuthorDiversitySelector, PageCursor, PageSelector, TopKSelector
-from mixer.side_effects import ImpressionLogSideEffect, RequestMetricsSideEffect, ServedPostsSideEffect
+from mixer.side_effects import (
+    FeatureLogSideEffect,
+    ImpressionLogSideEffect,
+    RequestMetricsSideEffect,
+    ServedPostsSideEffect,
+)
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,8 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
         side_effects=[
             ServedPostsSideEffect(client, config.served.ttl_seconds, config.served.max_per_user),
             ImpressionLogSideEffect(client, config.served.impression_stream_maxlen),
+            FeatureLogSideEffect(client, config.feature_logging.stream_maxlen,
+                                 enabled=config.feature_logging.enabled),
             RequestMetricsSideEffect(metrics),  # after_total: sees every timing, "total" included
         ],
     )
@@ -208,26 +218,35 @@ class HomeTimelinePipeline:
         self._serving = serving  # one attribute assignment: atomic for readers
         self.metrics.set_model_versions(new.model_versions)
 
-    def run(self, user_id: int, page_size: int | None = None, cursor: PageCursor | None = None) -> TimelineResult:
+    def run(self, user_id: int, page_size: int | None = None, cursor: PageCursor | None = None,
+            surface: int = HOME_SURFACE) -> TimelineResult:
         """Rank one page of ``user_id``'s home timeline.
 
         Args:
             user_id: the viewer (unknown users get a cold-start timeline of popular posts).
             page_size: posts per page, 1..page.max_size (default page.default_size).
             cursor: the previous page's cursor (None for the first page).
+            surface: the product surface (KuaiRand ``tab`` id, int >= 0; default the home surface
+                ``core.schema.HOME_SURFACE``); ids outside ``KNOWN_SURFACES`` rank as "other".
 
         Raises:
-            ValueError: page_size out of range.
+            ValueError: page_size out of range, or a negative surface.
+            TypeError: surface is not an int (bools included).
             redis.RedisError: Redis is unreachable during query hydration or candidate hydration.
         """
         cfg = self.config
         size = cfg.page.default_size if page_size is None else int(page_size)
         if not 1 <= size <= cfg.page.max_size:
             raise ValueError(f"page size must be between 1 and {cfg.page.max_size}, got {size}")
+        if isinstance(surface, bool) or not isinstance(surface, numbers.Integral):
+            raise TypeError(f"surface must be an int, got {type(surface).__name__}")
+        if surface < 0:
+            raise ValueError(f"surface must be >= 0, got {surface}")
         cursor = cursor or PageCursor(0, ())
         serving = self._serving  # one snapshot per request: versions cannot change mid-request
         query = Query(user_id=int(user_id), page_size=size, now_s=cfg.clock.now_s(), request_id=uuid.uuid4().hex,
-                      excluded_posts=frozenset(cursor.served), page_index=cursor.page_index, cursor=cursor)
+                      excluded_posts=frozenset(cursor.served), page_index=cursor.page_index, cursor=cursor,
+                      surface=int(surface))
         return serving.runner.run(query)
 
 

@@ -25,6 +25,10 @@ stage add up. Timings are wall milliseconds from ``time.perf_counter``, rounded 
 The runner adds a few microseconds per request (one ``enabled`` call per component, one clock
 read per stage); it never copies the feature frame (a feature hydrator or a selector that
 returns a new frame is the only copy).
+
+The result carries the frame as the scoring stages left it and the candidates in its row order
+(``TimelineResult.features`` / ``ranked``, references, not copies), so a side effect can read the
+feature rows of the served items (``TimelineResult.item_features``: feature logging).
 """
 
 from __future__ import annotations
@@ -274,6 +278,7 @@ class PipelineRunner:
             if ran:
                 clock.lap(stage.name)
         ranked = len(candidates)
+        scored, scored_features = candidates, features  # references: row i of the frame = scored[i]
 
         next_cursor = None
         for selector in p.selectors:
@@ -290,6 +295,7 @@ class PipelineRunner:
             counts={"retrieved": retrieved, "hydrated": hydrated, "after_filters": after_filters,
                     "heavy_ranked": ranked, "selected": len(candidates)},
             model_versions=dict(p.model_versions), degraded=degraded, scoring_paths=paths,
+            ranked=scored, features=scored_features,
         )
 
         after_total = []

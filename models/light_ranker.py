@@ -1,6 +1,6 @@
 """Light ranker: a small LightGBM binary classifier of "any positive engagement".
 
-It scores every candidate, so it is kept cheap: ``schema.LIGHT_RANKER_FEATURES`` (14 features),
+It scores every candidate, so it is kept cheap: ``schema.LIGHT_RANKER_FEATURES`` (17 features),
 at most 200 trees of 31 leaves, early-stopped on the last training day. Missing features stay NaN
 (LightGBM learns a default direction per split). Target ``engaged`` = 1 if any head of
 ``schema.POSITIVE_HEADS`` (click, long_view, like, follow, comment, forward) is 1.

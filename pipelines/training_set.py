@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+import numpy as np
 import pandas as pd
 
 from core.requests import REQUEST_GAP_S, assign_requests, served_feature_ts
-from core.schema import HEADS
+from core.schema import HEADS, HOME_SURFACE
 from core.state import StateDir
 from feature_repo import store as fs
 
@@ -24,7 +25,7 @@ def served_feature_rows(spark, store, impressions, gap_s: float = REQUEST_GAP_S)
     Every impression of one request (``core.requests.assign_requests``) gets the feature values
     the online store held when the request started (``core.requests.served_feature_ts``: rows
     stamped at or before the last hourly ``materialize``), and request-time features computed at
-    the request's start, as the mixer computes them. So a user's features are one value for every
+    the request's start and on the request's surface (its ``tab``), as the mixer computes them. So a user's features are one value for every
     candidate of a request, never a rate updated after each impression (which leaks the label
     order inside a user's log: see ``core.requests``).
 
@@ -32,6 +33,9 @@ def served_feature_rows(spark, store, impressions, gap_s: float = REQUEST_GAP_S)
         spark: the Spark session; store: the Feast store (``feature_repo.store.open_store``).
         impressions: canonical impressions as a Spark DataFrame (``user_id``, ``post_id``,
             ``author_id``, ``event_ts``, ``date``, ``tab``, the heads); a filtered one is fine.
+            A log without ``tab`` (older logs recorded no surface) is read as all on the home
+            surface (``core.schema.HOME_SURFACE``): ``tab`` is filled with it, one request per
+            user and gap, and the surface features say "home".
         gap_s: request inactivity gap, seconds.
 
     Returns:
@@ -43,8 +47,11 @@ def served_feature_rows(spark, store, impressions, gap_s: float = REQUEST_GAP_S)
     """
     from core.request_features import add_request_features
 
-    cols = ["user_id", "post_id", "author_id", "event_ts", "date", "tab", *HEADS]
-    rows = impressions.select(*cols).toPandas()
+    cols = ["user_id", "post_id", "author_id", "event_ts", "date", *HEADS]
+    has_tab = "tab" in impressions.columns
+    rows = impressions.select(*cols, *(["tab"] if has_tab else [])).toPandas()
+    if not has_tab:
+        rows["tab"] = np.int64(HOME_SURFACE)
     rows["event_ts"] = pd.to_datetime(rows["event_ts"], utc=True)
     rows = assign_requests(rows, gap_s, ts_col="event_ts")
     rows["feature_ts"] = served_feature_ts(rows["request_ts"])
@@ -60,7 +67,7 @@ def served_feature_rows(spark, store, impressions, gap_s: float = REQUEST_GAP_S)
         raise RuntimeError(f"the point-in-time join returned {len(feats)} rows for {len(entity)} keys: "
                            "a feature table has duplicate (entity, event_timestamp) rows; rebuild the features")
     df = rows.rename(columns={"event_ts": "event_timestamp"}).merge(feats, on=keys, how="left", validate="many_to_one")
-    df = add_request_features(df, df["request_ts"])
+    df = add_request_features(df, df["request_ts"], surface=df["tab"])
     return df.sort_values(["event_timestamp", "user_id", "post_id"], kind="stable").reset_index(drop=True)
 
 

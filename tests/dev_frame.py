@@ -184,7 +184,7 @@ def build_dev_frame(data_dir: Path, user_sample_mod: int = 1) -> pd.DataFrame:
     out = df[["user_id", "post_id", "author_id", "event_timestamp", "date", "tab", *HEADS]].copy()
     out["date"] = out["date"].astype("int64")
     out = pd.concat([out, pd.DataFrame(feats, index=out.index)], axis=1)
-    out = add_request_features(out, out["event_timestamp"])
+    out = add_request_features(out, out["event_timestamp"], surface=out["tab"])
     # request ids as evaluation groups them (the features here stay per impression: a dev shortcut)
     out = assign_requests(out)
     if user_sample_mod > 1:

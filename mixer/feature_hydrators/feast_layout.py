@@ -149,7 +149,7 @@ class FeastLayoutFeatureHydrator(FeatureHydrator):
             block = self._block([next(replies) for _ in authors], len(v.features))[author_pos]
             for j, f in enumerate(v.features):
                 columns[f] = block[:, j]
-        return finish_feature_frame(pd.DataFrame(columns), query.now_s)
+        return finish_feature_frame(pd.DataFrame(columns), query.now_s, query.surface)
 
     @staticmethod
     def _block(rows: list[list[bytes | None]], width: int) -> np.ndarray:

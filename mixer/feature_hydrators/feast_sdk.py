@@ -46,4 +46,4 @@ class FeastSdkFeatureHydrator(FeatureHydrator):
         values = self.store.get_online_features(features=self.refs, entity_rows=rows).to_dict()
         stored = pd.DataFrame({f: pd.to_numeric(pd.Series(values[f], dtype="object"), errors="coerce")
                                for f in self.stored}).astype("float64")
-        return finish_feature_frame(stored, query.now_s)
+        return finish_feature_frame(stored, query.now_s, query.surface)

@@ -9,17 +9,18 @@ from core.schema import ALL_FEATURES
 from core.request_features import add_request_features
 
 
-def finish_feature_frame(stored: pd.DataFrame, now_s: float) -> pd.DataFrame:
+def finish_feature_frame(stored: pd.DataFrame, now_s: float, surface: int) -> pd.DataFrame:
     """Add request-time features (``core.request_features``) and order columns as ALL_FEATURES.
 
     Args:
         stored: float64 columns of the four feature views, one row per candidate.
         now_s: request time, epoch seconds UTC.
+        surface: the request's surface (``Query.surface``, KuaiRand ``tab`` id, >= 0).
 
     Returns:
         float64 DataFrame, columns ``ALL_FEATURES``, index 0..N-1.
     """
-    frame = add_request_features(stored, pd.Timestamp(now_s, unit="s", tz="UTC"))
+    frame = add_request_features(stored, pd.Timestamp(now_s, unit="s", tz="UTC"), surface=surface)
     out = frame.reindex(columns=list(ALL_FEATURES)).astype("float64")
     out.index = pd.RangeIndex(len(out))
     return out

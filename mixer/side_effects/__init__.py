@@ -1,7 +1,8 @@
-"""Side effects after a page is chosen: served-posts record, impression log, metrics. All fail-open."""
+"""Side effects after a page is chosen: served-posts record, impression log, feature log, metrics. All fail-open."""
 
+from mixer.side_effects.feature_log import FeatureLogSideEffect
 from mixer.side_effects.impression_log import ImpressionLogSideEffect
 from mixer.side_effects.request_metrics import RequestMetricsSideEffect
 from mixer.side_effects.served_posts import ServedPostsSideEffect
 
-__all__ = ["ImpressionLogSideEffect", "RequestMetricsSideEffect", "ServedPostsSideEffect"]
+__all__ = ["FeatureLogSideEffect", "ImpressionLogSideEffect", "RequestMetricsSideEffect", "ServedPostsSideEffect"]

@@ -16,7 +16,8 @@ class ImpressionLogSideEffect(SideEffect):
     """One XADD per served item, capped at about ``maxlen`` entries (``MAXLEN ~``).
 
     Entry fields (strings): request_id, user_id, post_id, author_id, position (0-based), score,
-    light_score, heads (JSON), arm, source, in_network (0/1), page_index, served_at (wall epoch s),
+    light_score, heads (JSON), arm, source, in_network (0/1), page_index, surface (the request's
+    surface id, the log's ``tab``: training sets built from this stream need it), served_at (wall epoch s),
     as_of (ranking clock epoch s), light_ranker_version, heavy_ranker_version.
     """
 
@@ -47,6 +48,7 @@ class ImpressionLogSideEffect(SideEffect):
                 "author_id": c.author_id, "position": pos, "score": repr(c.score),
                 "light_score": repr(c.light_score), "heads": json.dumps(c.heads), "arm": q.arm or "",
                 "source": c.source, "in_network": int(c.in_network), "page_index": q.page_index,
+                "surface": q.surface,
                 "served_at": served_at, "as_of": f"{q.now_s:.3f}",
                 "light_ranker_version": versions.get("light_ranker", ""),
                 "heavy_ranker_version": versions.get("heavy_ranker", ""),

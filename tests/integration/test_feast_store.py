@@ -74,7 +74,7 @@ def test_point_in_time_join_equals_reference_lookup(built, spec):
     expected = pd.DataFrame([{f: (np.nan if r is None else r[f]) for f in spec.features} for r in rows],
                             index=sample.index)
     # the training set applies the request-time rules (window counts age out) at the request start
-    expected = add_request_features(expected, sample["request_ts"])
+    expected = add_request_features(expected, sample["request_ts"], surface=sample["tab"])
     mismatches = []
     for (_, got), (_, exp) in zip(sample.iterrows(), expected.iterrows()):
         for f in spec.features:

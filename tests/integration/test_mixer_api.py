@@ -158,6 +158,9 @@ def _timeline(http, **body) -> dict:
     ({"user_id": 5, "limit": 101}, "limit"),
     ({"user_id": 5, "limt": 3}, "limt"),
     ({"user_id": 5, "cursor": "garbage"}, "cursor"),
+    ({"user_id": 1, "surface": True}, "surface"),  # strict: a bool is not an int
+    ({"user_id": 1, "surface": "1"}, "surface"),
+    ({"user_id": 1, "surface": -1}, "surface"),
 ])
 def test_invalid_body_is_422_naming_the_field(mixer_server, body, field):
     http, _ = mixer_server
@@ -176,6 +179,25 @@ def test_cold_start_user_gets_popular_posts(mixer_server):
     assert not any(it["in_network"] for it in page["items"])
     popular = {int(p) for p in client.zrevrange(keys.popular("7d"), 0, 399)}
     assert {it["post_id"] for it in page["items"]} <= popular
+
+
+def test_surface_defaults_to_home_is_echoed_and_reaches_the_rankers(mixer_server):
+    from core.schema import HOME_SURFACE
+
+    http, client = mixer_server
+    assert _timeline(http, user_id=COLD_USER + 1, limit=10)["surface"] == HOME_SURFACE
+    # two cold users (same features but the surface): tab 0 clicks ~8 %, tab 1 ~50 %
+    feed = _timeline(http, user_id=COLD_USER + 2, limit=15, surface=1)
+    other = _timeline(http, user_id=COLD_USER + 3, limit=15, surface=0)
+    assert (feed["surface"], other["surface"]) == (1, 0)
+    assert _timeline(http, user_id=COLD_USER + 4, limit=5, surface=99)["surface"] == 99  # unknown -> "other"
+    heads = {it["post_id"]: it["heads"] for it in feed["items"]}
+    common = [it for it in other["items"] if it["post_id"] in heads]
+    assert common
+    assert any(it["heads"]["click"] != heads[it["post_id"]]["click"] for it in common)
+    logged = {int(e[b"surface"]) for _, e in client.xrange(keys.SERVED_IMPRESSIONS)
+              if int(e[b"user_id"]) == COLD_USER + 3}
+    assert logged == {0}
 
 
 def test_known_user_gets_a_ranked_diverse_page(mixer_server, known_users, data_dir):

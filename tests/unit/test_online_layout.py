@@ -46,6 +46,7 @@ GOLDEN: dict[str, tuple[tuple, str]] = {
     "muted_authors": ((3,), "hm:muted_authors:3"),
     "served_posts": ((3,), "hm:served:3"),
     "SERVED_IMPRESSIONS": ((), "hm:served_impressions"),
+    "SERVED_FEATURES": ((), "hm:served_features"),
     "rt_seen_event": (("e-1",), "hm:rt:seen:e-1"),
     "rt_post_counts": ((10,), "hm:rt:post:10:counts"),
     "rt_post_meta": ((10,), "hm:rt:post:10:meta"),
