@@ -127,6 +127,10 @@ CONTENT_VIEW = FeatureViewSpec(
         # the post's smoothed prior rate of every head over all its impressions so far (the
         # popularity lookup of offline evaluation)
         **{f"post_{h}_rate_total": "float64" for h in HEADS},
+        # the same over all impressions of all the post's author's posts so far (joined onto the
+        # post's hourly row: no author entity needed at hydration)
+        "author_impressions_total": "float64",
+        **{f"author_{h}_rate_total": "float64" for h in HEADS},
     },
     ttl_days=30,
 )

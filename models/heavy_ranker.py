@@ -1,18 +1,39 @@
-"""Heavy ranker: a calibrated multi-task MLP with one head per engagement (``schema.HEADS``).
+"""Heavy ranker: a calibrated multi-gate mixture-of-experts (MMoE) network with one head per
+engagement (``schema.HEADS``), each head starting from the post's popularity prior.
 
 Architecture (:class:`HeavyRankerNet`, one self-contained ``nn.Module``)::
 
     x [N, F] float32, NaN allowed
       -> input normalisation (buffers: training medians for NaN, log1p on heavy-tailed counts,
-         standardisation, clip to +-10; see models.features.InputNormalisation)
-      -> shared MLP 256-128 (ReLU, dropout)
-      -> one tower per head (Linear 128->32, ReLU, Linear 32->1) -> logit z_h
+         standardisation, clip to +-10; see models.features.InputNormalisation) -> u [N, F]
+      -> E experts, each a small MLP on u (default 4 experts of one 64-unit ReLU layer) -> e_k
+      -> one softmax gate per head over the experts: g_h = softmax(W_h u + c_h)  [E]
+      -> mixture per head m_h = sum_k g_h[k] e_k
+      -> one tower per head (Linear D->32, ReLU, Linear 32->1) -> r_h
+      -> logit z_h = r_h + logit(clip(post_{h}_rate_total, eps, 1 - eps))   (the prior offset)
       -> Platt scaling per head (buffers a_h, b_h): p_h = sigmoid(a_h z_h + b_h)
     -> calibrated probabilities [N, H] float32
 
+MMoE (Ma et al. 2018, "Modeling Task Relationships in Multi-task Learning with Multi-gate
+Mixture-of-Experts", KDD) replaces the shared bottom: every head mixes the same experts with its
+own gate, so heads that help each other can share experts while conflicting ones (e.g. ``hate``
+against the positive engagements) can lean on different experts instead of fighting over one
+shared representation.
+
+Prior offset. ``post_{h}_rate_total`` is the post's smoothed historical rate of head ``h`` (the
+"popularity lookup", which on its own beats the shared-bottom network on the rare heads). Its
+log-odds is added to head ``h``'s logit as a fixed *offset*, the offset term of generalized
+linear models (McCullagh & Nelder 1989, "Generalized Linear Models", 2nd ed., sec. 6.2.3: a
+known covariate entering the linear predictor with coefficient 1), also the "prior / base
+score" trick of boosted trees (``base_margin`` in XGBoost). The last layer of each tower starts
+at zero, so an untrained network predicts exactly the popularity prior and training learns the
+residual. The offset reads the raw feature (NaN -> the training median, clipped to
+``[prior_eps, 1 - prior_eps]``, default 1e-4: logits within +-9.2). A head whose prior column is
+not among the features gets no offset (older feature lists keep working).
+
 Loss. Per-head binary cross-entropy with ``pos_weight = clip(sqrt(n_neg / n_pos), 1, 50)``,
 summed over heads. Rare heads (follow, comment, forward, hate: ~0.1% positives here) give almost
-no gradient under plain BCE, so the shared layers ignore them; full inverse-frequency weighting
+no gradient under plain BCE, so the shared experts ignore them; full inverse-frequency weighting
 (~1000x) makes gradients dominated by a few hundred rows and training unstable. The square root
 is the usual compromise (smoothed inverse frequency, e.g. Mikolov et al. 2013 subsampling,
 Mahajan et al. 2018 "Exploring the Limits of Weakly Supervised Pretraining"). Weighting shifts the
@@ -43,38 +64,75 @@ from models.features import InputNormalisation, feature_matrix
 from models.split import split_calibration_day
 
 
+def prior_feature(head: str) -> str:
+    """Name of the popularity-prior feature whose log-odds offsets ``head``'s logit."""
+    return f"post_{head}_rate_total"
+
+
 class HeavyRankerNet(nn.Module):
     """Self-contained heavy ranker: ``forward(x: float32 [N, F]) -> float32 [N, H]`` probabilities.
 
     Everything needed at serving time lives inside the module as parameters or buffers (input
-    medians/log1p mask/mean/std, Platt ``a``/``b``), so ``torch.export`` / ``torch.onnx.export``
-    capture the whole transform. ``feature_names`` and ``heads`` are plain attributes for the
-    record (the MLflow model metadata carries them for the exported form).
+    medians/log1p mask/mean/std, prior-offset column indices and mask, Platt ``a``/``b``), so
+    ``torch.export`` / ``torch.onnx.export`` capture the whole transform. ``feature_names`` and
+    ``heads`` are plain attributes for the record (the MLflow model metadata carries them for the
+    exported form).
+
+    Args:
+        norm: fitted input normalisation (defines the feature order).
+        heads: output heads.
+        hidden: layer widths of each expert MLP (its last width is the expert output size).
+        tower: hidden width of each head's tower.
+        dropout: dropout after every expert layer (training only).
+        n_experts: number of experts shared by all heads' gates.
+        prior_offset: add ``logit(post_{h}_rate_total)`` to head ``h``'s logit when that column exists.
+        prior_eps: the prior rate is clipped to ``[prior_eps, 1 - prior_eps]`` before the logit.
     """
 
-    def __init__(self, norm: InputNormalisation, heads: Sequence[str], hidden: Sequence[int] = (256, 128),
-                 tower: int = 32, dropout: float = 0.1):
+    def __init__(self, norm: InputNormalisation, heads: Sequence[str], hidden: Sequence[int] = (64,),
+                 tower: int = 32, dropout: float = 0.1, n_experts: int = 4, prior_offset: bool = True,
+                 prior_eps: float = 1e-4):
         super().__init__()
+        if n_experts < 1 or not hidden:
+            raise ValueError(f"need n_experts >= 1 and at least one expert layer; got {n_experts}, {hidden}")
+        if not 0 < prior_eps < 0.5:
+            raise ValueError(f"prior_eps must be in (0, 0.5); got {prior_eps}")
         self.feature_names = tuple(norm.feature_names)
         self.heads = tuple(heads)
-        n_in = len(self.feature_names)
+        self.n_experts = int(n_experts)
+        n_in, n_heads = len(self.feature_names), len(self.heads)
         self.register_buffer("in_median", torch.from_numpy(norm.median.astype(np.float32)))
         self.register_buffer("in_log1p", torch.from_numpy(norm.log1p.astype(bool)))
         self.register_buffer("in_mean", torch.from_numpy(norm.mean.astype(np.float32)))
         self.register_buffer("in_std", torch.from_numpy(norm.std.astype(np.float32)))
         self.register_buffer("in_clip", torch.tensor(float(norm.clip)))
-        layers: list[nn.Module] = []
-        width = n_in
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
-            width = h
-        self.shared = nn.Sequential(*layers)
+
+        def expert() -> nn.Sequential:
+            layers: list[nn.Module] = []
+            width = n_in
+            for h in hidden:
+                layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+                width = h
+            return nn.Sequential(*layers)
+
+        self.experts = nn.ModuleList(expert() for _ in range(self.n_experts))
+        width = int(hidden[-1])
+        self.gates = nn.Linear(n_in, n_heads * self.n_experts)  # all heads' gate logits at once
         self.towers = nn.ModuleList(
             nn.Sequential(nn.Linear(width, tower), nn.ReLU(), nn.Linear(tower, 1)) for _ in self.heads
         )
+        for t in self.towers:  # residual starts at 0: the untrained net predicts the prior offset
+            nn.init.zeros_(t[-1].weight)
+            nn.init.zeros_(t[-1].bias)
+        # prior offset: column of post_{h}_rate_total per head (0 + mask 0 when absent)
+        index = {n: i for i, n in enumerate(self.feature_names)}
+        cols = [index.get(prior_feature(h), -1) if prior_offset else -1 for h in self.heads]
+        self.register_buffer("prior_index", torch.tensor([max(c, 0) for c in cols], dtype=torch.long))
+        self.register_buffer("prior_mask", torch.tensor([float(c >= 0) for c in cols]))
+        self.register_buffer("prior_eps", torch.tensor(float(prior_eps)))
         # Platt scaling p = sigmoid(a z + b); identity until calibrate() is called.
-        self.register_buffer("platt_a", torch.ones(len(self.heads)))
-        self.register_buffer("platt_b", torch.zeros(len(self.heads)))
+        self.register_buffer("platt_a", torch.ones(n_heads))
+        self.register_buffer("platt_b", torch.zeros(n_heads))
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """Input transform: ``[N, F]`` raw features (NaN allowed) -> standardised ``[N, F]``."""
@@ -83,10 +141,24 @@ class HeavyRankerNet(nn.Module):
         x = (x - self.in_mean) / self.in_std
         return torch.clamp(x, -self.in_clip, self.in_clip)
 
+    def gate_weights(self, u: torch.Tensor) -> torch.Tensor:
+        """Per-head softmax gates ``[N, H, E]`` for normalised inputs ``u`` ``[N, F]``."""
+        return torch.softmax(self.gates(u).reshape(-1, len(self.heads), self.n_experts), dim=-1)
+
+    def prior_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Offset ``[N, H]``: ``logit(clip(post_{h}_rate_total))`` per head, 0 for heads without it."""
+        raw = torch.index_select(x, 1, self.prior_index)
+        raw = torch.where(torch.isnan(raw), torch.index_select(self.in_median, 0, self.prior_index), raw)
+        rate = torch.clamp(raw, min=self.prior_eps, max=1.0 - self.prior_eps)
+        return (torch.log(rate) - torch.log1p(-rate)) * self.prior_mask
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Uncalibrated logits ``[N, H]`` (what the loss trains)."""
-        h = self.shared(self.normalise(x))
-        return torch.cat([t(h) for t in self.towers], dim=1)
+        """Uncalibrated logits ``[N, H]`` (what the loss trains): tower residual + prior offset."""
+        u = self.normalise(x)
+        experts = torch.stack([e(u) for e in self.experts], dim=1)  # [N, E, D]
+        mixed = torch.bmm(self.gate_weights(u), experts)  # [N, H, D]
+        residual = torch.cat([t(mixed[:, j]) for j, t in enumerate(self.towers)], dim=1)
+        return residual + self.prior_logits(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Calibrated probabilities ``float32 [N, H]`` in the order of ``self.heads``."""
@@ -158,13 +230,22 @@ def fit_platt(z: np.ndarray, y: np.ndarray, max_iter: int = 100) -> tuple[float,
 class HeavyRankerParams:
     """Training settings of the heavy ranker.
 
-    Defaults train ~130k rows in ~20 s on 2 idle cores (measured here). ``num_threads`` is torch's
-    intra-op thread count during training; use 1 when other processes share the cores (two
-    OpenMP threads waiting on a descheduled sibling ran up to ~7x slower in our measurements).
+    Architecture (see :class:`HeavyRankerNet`): ``n_experts`` experts, each an MLP with layer
+    widths ``hidden``; one softmax gate and one tower (hidden width ``tower``) per head;
+    ``prior_offset`` adds ``logit(clip(post_{h}_rate_total, prior_eps, 1 - prior_eps))`` to head
+    ``h``'s logit when that feature is an input. The small defaults (4 experts x 64, towers of 32)
+    keep in-process scoring of 200 candidates around a millisecond (``bench/heavy_ranker.py``).
+
+    ``num_threads`` is torch's intra-op thread count during training; use 1 when other processes
+    share the cores (two OpenMP threads waiting on a descheduled sibling ran up to ~7x slower in
+    our measurements).
     """
 
-    hidden: tuple[int, ...] = (256, 128)
+    hidden: tuple[int, ...] = (64,)
+    n_experts: int = 4
     tower: int = 32
+    prior_offset: bool = True
+    prior_eps: float = 1e-4
     dropout: float = 0.1
     learning_rate: float = 1e-3
     weight_decay: float = 1e-6
@@ -285,7 +366,9 @@ def fit_heavy_ranker(
         gen = torch.Generator().manual_seed(params.seed)
         torch.manual_seed(params.seed)  # parameter init and dropout
         norm = InputNormalisation.fit(x_fit, names)
-        model = HeavyRankerNet(norm, heads, params.hidden, params.tower, params.dropout)
+        model = HeavyRankerNet(norm, heads, params.hidden, params.tower, params.dropout,
+                               n_experts=params.n_experts, prior_offset=params.prior_offset,
+                               prior_eps=params.prior_eps)
         loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.from_numpy(pos_weight), reduction="none")
         opt = torch.optim.Adam(model.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay)
         xt, yt = torch.from_numpy(x_fit), torch.from_numpy(y_fit)

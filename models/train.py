@@ -2,7 +2,9 @@
 
 Each call is one MLflow run in the experiment ``home-mixer-rankers`` (artifacts under
 ``StateDir.mlflow_artifacts``) with:
-- params: model settings, row and day counts, per-head positive weights (heavy);
+- params: model settings, row and day counts, per-head positive weights (heavy; also its MMoE
+  settings ``n_experts``/``hidden``/``tower`` and ``prior_offset_heads``, the heads whose logit is
+  offset by their popularity prior);
 - metrics on the validation frame, named ``valid_<head>_<metric>`` (auc, gauc, log_loss, ece;
   ``valid_<head>_ece_uncalibrated`` for the heavy ranker before Platt scaling; the light ranker's
   single score gets ``valid_engaged_*`` plus auc/gauc against every head of ``schema.HEADS``);
@@ -215,6 +217,8 @@ def train_heavy(
     run_params = {
         **params.as_dict(),
         "ranker": "heavy", "n_features": len(fit.feature_names), "loss": "bce_sqrt_pos_weight",
+        "architecture": "mmoe", "prior_offset_heads": ",".join(
+            h for h, m in zip(fit.heads, fit.model.prior_mask.tolist()) if m) or "none",
         "epochs": fit.epochs, "best_epoch": fit.best_epoch, "calibration": "platt_per_head",
         "fit_rows": fit.fit_rows, "calibration_rows": fit.calibration_rows, "valid_rows": len(valid_df),
         "train_days": _days(train_df), "valid_days": _days(valid_df), "train_seconds": round(fit.seconds, 2),

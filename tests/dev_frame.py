@@ -162,6 +162,16 @@ def build_dev_frame(data_dir: Path, user_sample_mod: int = 1) -> pd.DataFrame:
         cold_post, nan, _smoothed(by_post.sums(engaged), n_post, engaged.mean()))
     for h in HEADS:
         feats[f"post_{h}_rate_total"] = _smoothed(by_post.sums(labels[h]), n_post, labels[h].mean())
+    # the same over all earlier impressions of the author's posts (unknown author -1: none); the
+    # view's base row gives every post a row, so zero counts (the prior) rather than NaN
+    author = df["author_id"].to_numpy()
+    known_author = author != -1
+    by_author = PriorWindowSums(author, t, max_w)
+    n_author = np.where(known_author, by_author.sums(ones), 0.0)
+    feats["author_impressions_total"] = n_author
+    for h in HEADS:
+        k_author = np.where(known_author, by_author.sums(labels[h]), 0.0)
+        feats[f"author_{h}_rate_total"] = _smoothed(k_author, n_author, labels[h].mean())
 
     # social view: the user's history with the author
     pair = pd.factorize(pd.MultiIndex.from_arrays([df["user_id"], df["author_id"]]))[0]

@@ -23,10 +23,20 @@ Features:
   ``(positives_total + p_head * 10) / (impressions_total + 10)``, the post's smoothed prior rate of
   that head over all its impressions before H. Ranked alone, it is the popularity lookup that
   offline evaluation compares every ranker with (``models.evaluate``).
+- ``author_impressions_total`` and ``author_{head}_rate_total`` for every head: the same totals and
+  smoothing (``p_head``) over all impressions of all the post's author's posts before H (the author
+  is ``posts.author_id``): the author's totals at H, as a dense (author, hour) grid joined by
+  (author_id, H) would give them, so also at hours when this post had no impressions. A base
+  row stamped t gets the author's totals at ``floor_hour(t)`` (events before that hour: point-in-time
+  safe, up to 1 h stale; zero counts, i.e. the prior rate, if the author had no impression yet).
+  Between a post's base row and its first grid row, and for never-shown posts after their base
+  row, the author values stay those of the base row (the view has no other rows for the post).
 
 Computation (O(rows), no sliding frames): per hour bucket B the counts of events in [B, B + 1 h);
 running sums over the dense grid give ``before(H)`` = events < H; a window count is
-``before(H) - before(H - W)`` (``lag`` by W rows; 0 before the first row).
+``before(H) - before(H - W)`` (``lag`` by W rows; 0 before the first row). The author totals sum
+the per-(post, hour) counts per (author, hour), stamps them at the bucket end and takes a running
+sum per author over them and the author's posts' rows (no dense author grid is materialised).
 """
 
 from __future__ import annotations
@@ -50,11 +60,17 @@ KINDS: dict[str, str | None] = {"impressions": None, "clicks": "click", "long_vi
 # Per-head positive counts, summed over all time (the prior rate of every head).
 _HEAD_COUNTS = tuple(f"pos_{h}" for h in HEADS)
 _COUNTS = (*KINDS, "engaged", *_HEAD_COUNTS)
+# Counts kept per (author, hour): impressions and per-head positives.
+_AUTHOR_COUNTS = ("impressions", *_HEAD_COUNTS)
 
 
 def hourly_counts(impressions: DataFrame) -> DataFrame:
-    """Per (post_id, hour) counts of events in [hour, hour + 1 h): ``KINDS``, ``engaged``, ``pos_{head}``."""
+    """Per (post_id, hour) counts of events in [hour, hour + 1 h): ``KINDS``, ``engaged``, ``pos_{head}``.
+
+    Also ``author_id`` (the impressions' author of the post: one per post in canonical data).
+    """
     return impressions.groupBy("post_id", F.date_trunc("hour", "event_ts").alias("hour")).agg(
+        F.max("author_id").alias("author_id"),
         *(F.count(F.lit(1)).alias(k) if h is None else F.sum((F.col(h) > 0).cast("long")).alias(k)
           for k, h in KINDS.items()),
         F.sum(engaged_flag().cast("long")).alias("engaged"),
@@ -77,34 +93,40 @@ def grid_end_of(impressions: DataFrame) -> pd.Timestamp:
 
 
 def post_static(posts: DataFrame) -> DataFrame:
-    """Static columns per post: ``post_duration_ms``, ``post_created_ts``, ``post_is_ad``, ``created_ts``."""
+    """Static columns per post: ``post_duration_ms``, ``post_created_ts``, ``post_is_ad``, ``created_ts``,
+    ``posts_author`` (``author_id``)."""
     return posts.select(
         "post_id",
         "created_ts",
+        F.col("author_id").alias("posts_author"),
         F.col("duration_ms").alias("post_duration_ms"),
         epoch_seconds(F.col("created_ts")).alias("post_created_ts"),
         F.coalesce((F.col("video_type") == "AD").cast("long"), F.lit(0)).alias("post_is_ad"),
     )
 
 
-def hourly_grid(impressions: DataFrame, grid_end: pd.Timestamp) -> DataFrame:
-    """Dense grid rows: ``post_id``, ``first_hour``, ``event_timestamp`` (= H) and window counts.
+def hourly_grid(impressions: DataFrame, grid_end: pd.Timestamp, hourly: DataFrame | None = None) -> DataFrame:
+    """Dense grid rows: ``post_id``, ``log_author``, ``first_hour``, ``event_timestamp`` (= H) and window counts.
+
+    ``log_author``: the post's ``author_id`` in the impressions.
 
     Besides the keys: ``{kind}_{w}`` for each of ``KINDS`` x ``WINDOWS_HOURS`` (events in
     [H - W, H)) and ``impressions_total`` / ``engaged_total`` / ``pos_{head}_total`` (events
     before H); LongType.
     """
-    hourly = hourly_counts(impressions)
-    first = hourly.groupBy("post_id").agg(F.min("hour").alias("first_hour"))
+    hourly = hourly_counts(impressions) if hourly is None else hourly
+    first = hourly.groupBy("post_id").agg(F.min("hour").alias("first_hour"),
+                                          F.max("author_id").alias("log_author"))
     grid = first.select(
-        "post_id", "first_hour",
+        "post_id", "log_author", "first_hour",
         F.explode(F.sequence("first_hour", ts_literal(grid_end), F.expr("INTERVAL 1 HOUR"))).alias("hour"),
     )
-    dense = grid.join(hourly, on=["post_id", "hour"], how="left").fillna(0, subset=list(_COUNTS))
+    dense = grid.join(hourly.drop("author_id"), on=["post_id", "hour"], how="left") \
+        .fillna(0, subset=list(_COUNTS))
     ordered = Window.partitionBy("post_id").orderBy("hour")
     before_frame = ordered.rowsBetween(Window.unboundedPreceding, -1)
     with_before = dense.select(
-        "post_id", "first_hour", "hour",
+        "post_id", "log_author", "first_hour", "hour",
         *(F.coalesce(F.sum(c).over(before_frame), F.lit(0)).alias(f"before_{c}") for c in _COUNTS),
     )
     windows = [
@@ -113,11 +135,21 @@ def hourly_grid(impressions: DataFrame, grid_end: pd.Timestamp) -> DataFrame:
         for w, hours in WINDOWS_HOURS.items() for k in KINDS
     ]
     return with_before.select(
-        "post_id", "first_hour", F.col("hour").alias("event_timestamp"), *windows,
+        "post_id", "log_author", "first_hour", F.col("hour").alias("event_timestamp"), *windows,
         F.col("before_impressions").alias("impressions_total"),
         F.col("before_engaged").alias("engaged_total"),
         *(F.col(f"before_{c}").alias(f"{c}_total") for c in _HEAD_COUNTS),
     )
+
+
+def author_hourly(hourly: DataFrame) -> DataFrame:
+    """Per (author, hour bucket B) counts, stamped at ``B + 1 h`` (the first row stamp that counts them).
+
+    Columns ``author_id``, ``event_timestamp`` and ``author_{c}`` for ``c`` in ``_AUTHOR_COUNTS``
+    (impressions, ``pos_{head}``). ``hourly``: ``hourly_counts`` output.
+    """
+    return hourly.groupBy("author_id", (F.col("hour") + F.expr("INTERVAL 1 HOUR")).alias("event_timestamp")) \
+        .agg(*(F.sum(c).alias(f"author_{c}") for c in _AUTHOR_COUNTS))
 
 
 def content_features(impressions: DataFrame, posts: DataFrame, priors: RatePriors,
@@ -132,22 +164,36 @@ def content_features(impressions: DataFrame, posts: DataFrame, priors: RatePrior
         grid_end: last grid hour (default ``grid_end_of(impressions)``).
     """
     grid_end = grid_end if grid_end is not None else grid_end_of(impressions)
-    grid = hourly_grid(impressions, grid_end)
+    hourly = hourly_counts(impressions)
+    grid = hourly_grid(impressions, grid_end, hourly)
     count_cols = [f"{k}_{w}" for w in WINDOWS_HOURS for k in KINDS] + ["impressions_total", "engaged_total"] \
         + [f"{c}_total" for c in _HEAD_COUNTS]
 
-    firsts = grid.select("post_id", "first_hour").distinct()
+    firsts = grid.select("post_id", "log_author", "first_hour").distinct()
     ids = posts.select("post_id").unionByName(firsts.select("post_id")).distinct()
     base_ts_col = ts_literal(base_ts)
     base = ids.join(posts.select("post_id", "created_ts"), "post_id", "left") \
         .join(firsts, "post_id", "left") \
-        .select("post_id", "first_hour",
+        .select("post_id", "log_author", "first_hour",
                 F.greatest(F.coalesce("created_ts", base_ts_col), base_ts_col).alias("event_timestamp")) \
         .where(F.col("first_hour").isNull() | (F.col("event_timestamp") < F.col("first_hour"))) \
-        .select("post_id", "event_timestamp", *(F.lit(0).cast("long").alias(c) for c in count_cols))
+        .select("post_id", "log_author", "event_timestamp", *(F.lit(0).cast("long").alias(c) for c in count_cols))
 
-    rows = grid.select("post_id", "event_timestamp", *count_cols).unionByName(base) \
-        .join(post_static(posts).drop("created_ts"), "post_id", "left")
+    # the post's author: posts.author_id, else the impressions' (a post missing from posts)
+    static = post_static(posts).drop("created_ts")
+    post_rows = grid.select("post_id", "log_author", "event_timestamp", *count_cols).unionByName(base) \
+        .join(static, "post_id", "left") \
+        .select("*", F.coalesce("posts_author", "log_author").alias("author_id"), F.lit(0).alias("_event"))
+    # The author's totals at each row: a running sum over the author's hourly counts (stamped at
+    # bucket end) and the rows of all its posts, ordered by stamp, counts first at equal stamps.
+    # Equivalent to a dense (author, hour) grid joined by (author_id, H), without building it.
+    events = author_hourly(hourly).withColumn("_event", F.lit(1))
+    upto = Window.partitionBy("author_id").orderBy("event_timestamp", F.desc("_event")) \
+        .rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    rows = post_rows.unionByName(events, allowMissingColumns=True) \
+        .select("*", *(F.coalesce(F.sum(f"author_{c}").over(upto), F.lit(0)).alias(f"author_{c}_total")
+                       for c in _AUTHOR_COUNTS)) \
+        .where(F.col("_event") == 0)
     c = F.col
     return rows.select(
         "post_id", "event_timestamp",
@@ -163,6 +209,9 @@ def content_features(impressions: DataFrame, posts: DataFrame, priors: RatePrior
         .alias("post_engagement_rate_total"),
         *(smoothed_rate(c(f"pos_{h}_total"), c("impressions_total"), priors.head(h)).alias(f"post_{h}_rate_total")
           for h in HEADS),
+        c("author_impressions_total"),
+        *(smoothed_rate(c(f"author_pos_{h}_total"), c("author_impressions_total"), priors.head(h))
+          .alias(f"author_{h}_rate_total") for h in HEADS),
     )
 
 

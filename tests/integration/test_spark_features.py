@@ -36,6 +36,7 @@ T1, T2, T3, T4 = H + pd.Timedelta(minutes=10), H + pd.Timedelta(minutes=20), \
 PRIORS = RatePriors(click=0.4, long_view=0.3, like=0.02, follow=0.01, hate=0.005, engaged=0.45,
                     period="fixed for the test")
 CREATED = pd.Timestamp("2022-04-09T16:00:00Z")
+B_TIME, A_TIME = H - pd.Timedelta(hours=3) + pd.Timedelta(minutes=5), H + pd.Timedelta(minutes=15)
 
 
 def point_in_time(table: pd.DataFrame, t: pd.Timestamp, **keys) -> pd.Series | None:
@@ -97,11 +98,16 @@ def crafted(spark, tmp_path_factory):
         impression(4, 103, 902, H + pd.Timedelta(hours=1) - MS, long_view=1),
         # user 5: post 105 two days earlier (7-day window only)
         impression(5, 105, 903, H - pd.Timedelta(days=2), like=1),
+        # user 6 (not in the users table): author 904's post 107 (B) at H - 3h + 5 min, then its
+        # post 106 (A) at H + 15 min; post 108 of 904 is never shown
+        impression(6, 107, 904, B_TIME, click=1),
+        impression(6, 106, 904, A_TIME, click=1, like=1),
     ]
     users = [user_row(1), user_row(2, degree="full_active"), user_row(3, degree="no-such-degree"),
              user_row(5)]
     posts = [post_row(100, 900), post_row(101, 900), post_row(102, 901), post_row(103, 902),
-             post_row(104, 902, video_type="AD"), post_row(105, 903)]
+             post_row(104, 902, video_type="AD"), post_row(105, 903),
+             post_row(106, 904), post_row(107, 904), post_row(108, 904)]
     write_canonical(state, impressions, users, posts)
     lines: list[str] = []
     counts = build_offline_features(spark, state, priors=PRIORS, log=lines.append)
@@ -112,8 +118,8 @@ def test_runner_reports_counts_and_progress(crafted):
     for table, n in crafted["counts"].items():
         assert len(crafted[table]) == n
     assert any("content_features: done (" in ln and ln.endswith(" s") for ln in crafted["lines"])
-    # user rows: 4 base rows + one per (user, distinct event time): 3 + 1 + 2 + 1
-    assert crafted["counts"]["user_features"] == 4 + 7
+    # user rows: 4 base rows + one per (user, distinct event time): 3 + 1 + 2 + 1 + 2
+    assert crafted["counts"]["user_features"] == 4 + 9
 
 
 def test_user_row_at_event_time_excludes_that_event(crafted):
@@ -229,6 +235,45 @@ def test_never_shown_post_has_static_row(crafted):
     assert cf["event_timestamp"].max() == H + pd.Timedelta(hours=2)
 
 
+def test_author_rates_count_the_authors_other_posts_from_the_next_hour(crafted):
+    cf, p = crafted["content_features"], PRIORS
+    hour = pd.Timedelta(hours=1)
+    # post B (107): its own impression at H - 3h + 5 min counts from the row stamped H - 2h
+    b_own = point_in_time(cf, H - 2 * hour, post_id=107)
+    assert b_own["event_timestamp"] == H - 2 * hour and b_own["author_impressions_total"] == 1
+    assert b_own["author_click_rate_total"] == pytest.approx(smoothed_rate(1, 1, p.click))
+    # post A's impression at H + 15 min: not in B's row at H, even just before H + 1h ...
+    for t in (A_TIME, A_TIME + MS, H + hour - MS):
+        row = point_in_time(cf, t, post_id=107)
+        assert row["event_timestamp"] == H and row["author_impressions_total"] == 1
+        assert row["author_like_rate_total"] == pytest.approx(smoothed_rate(0, 1, p.like))
+    # ... but in B's row at H + 1h, although B itself had no impression in that hour
+    b_next = point_in_time(cf, H + hour, post_id=107)
+    assert b_next["event_timestamp"] == H + hour and b_next["post_impressions_total"] == 1
+    assert b_next["author_impressions_total"] == 2
+    assert b_next["author_click_rate_total"] == pytest.approx(smoothed_rate(2, 2, p.click))
+    assert b_next["author_like_rate_total"] == pytest.approx(smoothed_rate(1, 2, p.like))
+    assert b_next["author_hate_rate_total"] == pytest.approx(smoothed_rate(0, 2, p.hate))
+    assert b_next["post_click_rate_total"] == pytest.approx(smoothed_rate(1, 1, p.click))
+    # post A (106): B's impression is in A's first grid row; its own from the next row
+    a_first = point_in_time(cf, A_TIME, post_id=106)
+    assert a_first["event_timestamp"] == H and a_first["author_impressions_total"] == 1
+    assert a_first["post_impressions_total"] == 0
+    assert point_in_time(cf, H + hour, post_id=106)["author_impressions_total"] == 2
+    # base rows (created before every event) and the never-shown post 108: zero counts, the prior
+    base = point_in_time(cf, H - 4 * hour, post_id=106)
+    assert base["event_timestamp"] == CREATED and base["author_impressions_total"] == 0
+    never = cf[cf["post_id"] == 108]
+    assert len(never) == 1 and never.iloc[0]["author_impressions_total"] == 0
+    assert never.iloc[0]["author_follow_rate_total"] == pytest.approx(p.follow)
+    # author 900 (posts 100, 101): four impressions, two clicked, in hour H
+    p101 = point_in_time(cf, H + hour, post_id=101)
+    assert p101["author_impressions_total"] == 4 and p101["post_impressions_total"] == 2
+    assert p101["author_click_rate_total"] == pytest.approx(smoothed_rate(2, 4, p.click))
+    assert point_in_time(cf, T4, post_id=100)["author_impressions_total"] == 4
+    assert point_in_time(cf, T3, post_id=100)["author_impressions_total"] == 0
+
+
 # ---------------- (b) a slice of the real data ----------------
 
 @pytest.fixture(scope="module")
@@ -272,7 +317,7 @@ def test_rates_are_probabilities_and_windows_nest(real_slice):
 
 def test_totals_never_decrease_over_time(real_slice):
     checks = (("user_features", ["user_id"], ["user_impressions"]),
-              ("content_features", ["post_id"], ["post_impressions_total"]),
+              ("content_features", ["post_id"], ["post_impressions_total", "author_impressions_total"]),
               ("social_features", ["user_id", "author_id"], ["ua_impressions", "ua_engagements",
                                                              "ua_follows"]))
     for table, keys, cols in checks:
@@ -296,6 +341,8 @@ def test_real_slice_features_match_a_direct_computation(real_slice):
             expected = ((post_events >= hour - pd.Timedelta(hours=hours)) & (post_events < hour)).sum()
             assert row[f"post_impressions_{window}"] == expected
         assert row["post_impressions_total"] == (post_events < hour).sum()
+        author_events = imp.loc[imp["author_id"] == q["author_id"], "event_ts"]
+        assert row["author_impressions_total"] == (author_events < hour).sum()
 
 
 def test_spark_session_settings(spark):

@@ -152,3 +152,87 @@ def test_untrained_module_is_identity_calibrated():
     x = torch.zeros(2, 3)
     with torch.no_grad():
         np.testing.assert_allclose(net(x).numpy(), torch.sigmoid(net.logits(x)).numpy(), rtol=1e-6)
+
+
+# --- MMoE + popularity-prior offset ---------------------------------------------------------
+
+PRIOR_FEATURES = ["f0", "f1", *(f"post_{h}_rate_total" for h in HEADS[:5])]  # forward, hate: no prior
+
+
+def _prior_net(n_experts: int = 3) -> tuple[HeavyRankerNet, np.ndarray]:
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(200, len(PRIOR_FEATURES))).astype(np.float32)
+    x[:, 2:] = rng.uniform(0, 0.3, size=(200, len(PRIOR_FEATURES) - 2))
+    x[0, 3] = np.nan  # a missing prior: the training median stands in
+    x[1, 4] = 0.0  # a zero prior: clipped to prior_eps
+    norm = InputNormalisation.fit(x, PRIOR_FEATURES)
+    torch.manual_seed(0)
+    return HeavyRankerNet(norm, HEADS, hidden=(16,), tower=8, n_experts=n_experts).eval(), x
+
+
+def test_mmoe_gates_sum_to_one_per_head():
+    net, x = _prior_net(n_experts=3)
+    with torch.no_grad():
+        g = net.gate_weights(net.normalise(torch.from_numpy(x))).numpy()
+    assert g.shape == (len(x), len(HEADS), 3)
+    assert (g >= 0).all()
+    np.testing.assert_allclose(g.sum(axis=-1), 1.0, atol=1e-6)
+
+
+def test_untrained_or_zeroed_towers_output_the_calibrated_prior_offset():
+    net, x = _prior_net()
+    # random tower weights, then zero the towers' last layers: the residual is 0
+    for t in net.towers:
+        torch.nn.init.normal_(t[0].weight)
+    for t in net.towers:
+        torch.nn.init.zeros_(t[-1].weight)
+        torch.nn.init.zeros_(t[-1].bias)
+    a, b = np.linspace(0.5, 1.5, len(HEADS)), np.linspace(-1, 1, len(HEADS))
+    net.set_calibration(a, b)
+    with torch.no_grad():
+        out = net(torch.from_numpy(x)).numpy()
+    median = net.in_median.numpy()
+    for j, head in enumerate(HEADS):
+        col = f"post_{head}_rate_total"
+        if col in PRIOR_FEATURES:
+            k = PRIOR_FEATURES.index(col)
+            rate = np.clip(np.where(np.isnan(x[:, k]), median[k], x[:, k]), 1e-4, 1 - 1e-4).astype(np.float64)
+            offset = np.log(rate / (1 - rate))
+        else:  # no prior column: no offset
+            offset = np.zeros(len(x))
+        expected = 1 / (1 + np.exp(-(a[j] * offset + b[j])))
+        np.testing.assert_allclose(out[:, j], expected, rtol=1e-4, atol=1e-6, err_msg=head)
+    # without calibration, an untrained net predicts the popularity lookup itself
+    k = PRIOR_FEATURES.index("post_click_rate_total")
+    fresh, _ = _prior_net()
+    with torch.no_grad():
+        p = fresh(torch.from_numpy(x)).numpy()[:, 0]
+    np.testing.assert_allclose(p[2:], np.clip(x[2:, k], 1e-4, 1 - 1e-4), rtol=1e-4, atol=1e-6)
+
+
+def test_prior_offset_can_be_switched_off():
+    rng = np.random.default_rng(0)
+    norm = InputNormalisation.fit(rng.uniform(0, 0.2, (50, len(PRIOR_FEATURES))).astype(np.float32), PRIOR_FEATURES)
+    net = HeavyRankerNet(norm, HEADS, prior_offset=False)
+    assert net.prior_mask.sum().item() == 0
+    on = HeavyRankerNet(norm, HEADS)
+    assert on.prior_mask.tolist() == [1.0] * 5 + [0.0] * 2
+
+
+def test_prior_offset_model_exports_to_onnx_with_the_same_outputs(tmp_path):
+    import onnxruntime as ort
+
+    net, x = _prior_net()
+    for t in net.towers:  # non-trivial residuals
+        torch.nn.init.normal_(t[-1].weight, std=0.3)
+    net.set_calibration(np.full(len(HEADS), 0.9), np.full(len(HEADS), -0.2))
+    program = torch.onnx.export(
+        net.eval(), (torch.from_numpy(x[:4]),), dynamo=True,
+        input_names=["features"], output_names=["probabilities"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+    )
+    program.save(str(tmp_path / "heavy.onnx"))
+    out = ort.InferenceSession(str(tmp_path / "heavy.onnx")).run(None, {"features": x})[0]
+    with torch.no_grad():
+        native = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(out, native, atol=1e-5)
