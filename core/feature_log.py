@@ -9,7 +9,7 @@ Entry fields (Redis stream fields; str values as UTF-8 bytes):
     request_id            hex id of the mixer request (``Query.request_id``)
     user_id, post_id,
     author_id             decimal int64
-    surface               the request's surface (KuaiRand ``tab``) as a decimal int, or "" if none
+    surface               the request's surface (KuaiRand ``tab``) as a decimal int
     as_of                 the request clock (``Query.now_s``), epoch seconds UTC, "%.6f"
     served_at             wall-clock time of the log write, epoch seconds UTC, "%.3f"
     light_ranker_version,
@@ -34,17 +34,24 @@ from core.schema import ALL_FEATURES
 
 FEATURE_DTYPE = np.dtype("<f8")
 FEATURE_SCHEMA_ID = hashlib.sha1(",".join(ALL_FEATURES).encode()).hexdigest()[:12]
-# the fields of an entry besides ``features`` (str / int values)
-ENTRY_FIELDS = ("request_id", "user_id", "post_id", "author_id", "surface", "as_of", "served_at",
-                "light_ranker_version", "heavy_ranker_version", "schema")
+def encode_rows(rows: np.ndarray) -> list[bytes]:
+    """Feature rows -> one ``features`` field value per row (the writer's path: one check per page).
+
+    Args:
+        rows: float values in ``ALL_FEATURES`` order, shape ``[N, len(ALL_FEATURES)]`` (any float
+            dtype; converted to little-endian float64).
+
+    Raises:
+        ValueError: the rows have another width.
+    """
+    arr = np.asarray(rows, dtype=FEATURE_DTYPE)
+    if arr.ndim != 2 or arr.shape[1] != len(ALL_FEATURES):
+        raise ValueError(f"a feature row has {len(ALL_FEATURES)} values (ALL_FEATURES), got shape {arr.shape}")
+    return [row.tobytes() for row in arr]
 
 
 def encode_features(row: np.ndarray) -> bytes:
-    """One feature row -> the ``features`` field value.
-
-    Args:
-        row: float values in ``ALL_FEATURES`` order, shape ``[len(ALL_FEATURES)]`` (any float dtype;
-            converted to little-endian float64).
+    """One feature row ``[len(ALL_FEATURES)]`` -> the ``features`` field value (see :func:`encode_rows`).
 
     Raises:
         ValueError: the row has another length.
@@ -52,7 +59,7 @@ def encode_features(row: np.ndarray) -> bytes:
     arr = np.asarray(row, dtype=FEATURE_DTYPE)
     if arr.shape != (len(ALL_FEATURES),):
         raise ValueError(f"a feature row has {len(ALL_FEATURES)} values (ALL_FEATURES), got shape {arr.shape}")
-    return arr.tobytes()
+    return encode_rows(arr[None, :])[0]
 
 
 def decode_features(values: list[bytes], schema_ids: list[bytes | str] | None = None) -> np.ndarray:
@@ -82,4 +89,4 @@ def decode_features(values: list[bytes], schema_ids: list[bytes | str] | None = 
         np.float64)
 
 
-__all__ = ["ENTRY_FIELDS", "FEATURE_DTYPE", "FEATURE_SCHEMA_ID", "decode_features", "encode_features"]
+__all__ = ["FEATURE_DTYPE", "FEATURE_SCHEMA_ID", "decode_features", "encode_features", "encode_rows"]

@@ -86,6 +86,12 @@ WINDOWS_HOURS: dict[str, int] = {"1h": 1, "24h": 24, "7d": 168}
 # posterior mean of a rate under a Beta(prior * m, (1 - prior) * m) prior (pipelines/features/common.py).
 SMOOTHING_M = 10.0
 
+
+def post_prior_rate(head: str) -> str:
+    """Name of the post's smoothed prior rate of ``head`` over all its earlier impressions: the
+    popularity lookup of evaluation and the logit offset of the heavy ranker's head."""
+    return f"post_{head}_rate_total"
+
 USER_VIEW = FeatureViewSpec(
     name="user_features",
     join_keys=("user_id",),
@@ -126,7 +132,7 @@ CONTENT_VIEW = FeatureViewSpec(
         "post_engagement_rate_total": "float64",
         # the post's smoothed prior rate of every head over all its impressions so far (the
         # popularity lookup of offline evaluation)
-        **{f"post_{h}_rate_total": "float64" for h in HEADS},
+        **{post_prior_rate(h): "float64" for h in HEADS},
         # the same over all impressions of all the post's author's posts so far (joined onto the
         # post's hourly row: no author entity needed at hydration)
         "author_impressions_total": "float64",

@@ -242,7 +242,8 @@ def stop_pid(pid: int, timeout_s: float = 10.0) -> None:
     stop_tree(pid, timeout_s)
 
 
-def _log_tail(path: Path, lines: int = 25) -> str:
+def log_tail(path: Path, lines: int = 25) -> str:
+    """The last ``lines`` lines of a service's log (``"(no log)"`` if it has none), for error messages."""
     if not path.exists():
         return "(no log)"
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -265,7 +266,6 @@ class ManagedProcess:
       :meth:`find` (JSON-able: str, Path, int, lists/tuples of those);
     - ``cmdline_marker``: a string the process's command line contains (a second identity check);
     - ``start_timeout_s`` / ``stop_timeout_s``: defaults in seconds;
-    - ``start_hint``: the command that starts it, for error messages.
 
     Attributes:
         state: the state folder (record in ``state.run``).
@@ -286,7 +286,6 @@ class ManagedProcess:
     cmdline_marker: ClassVar[str] = ""
     start_timeout_s: ClassVar[float] = 60.0
     stop_timeout_s: ClassVar[float] = 10.0
-    start_hint: ClassVar[str] = "start it"
 
     # ------------------------------------------------------------ what a subclass defines
 
@@ -509,7 +508,7 @@ class ManagedProcess:
                 code = proc.poll()
                 if code is not None:
                     raise ServiceError(f"{self.service} exited with code {code} while starting; last lines of "
-                                       f"{self.log_file}:\n{_log_tail(self.log_file)}")
+                                       f"{self.log_file}:\n{log_tail(self.log_file)}")
                 if self.ready():
                     break
                 failure = self.start_failure()
@@ -517,7 +516,7 @@ class ManagedProcess:
                     raise ServiceError(failure)
                 if time.monotonic() > deadline:
                     raise ServiceError(f"{self.service} was not ready within {timeout_s:.0f} s; last lines of "
-                                       f"{self.log_file}:\n{_log_tail(self.log_file)}")
+                                       f"{self.log_file}:\n{log_tail(self.log_file)}")
                 time.sleep(0.1)
         except BaseException:  # failure, timeout, Ctrl-C: never leave a process behind
             self.stop()
@@ -603,7 +602,6 @@ class RedisServer(ManagedProcess):
     service: ClassVar[str] = "redis"
     cmdline_marker: ClassVar[str] = "redis-server"
     start_timeout_s: ClassVar[float] = 15.0
-    start_hint: ClassVar[str] = "`home-mixer services start`"
 
     @property
     def url(self) -> str:

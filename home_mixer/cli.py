@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.schema import HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
 from core.state import DEFAULT_DATA_DIR, StateDir, state_from_cli
 
 
@@ -357,7 +358,7 @@ def cmd_promote(args) -> int:
 
     state = _state(args)
     uri = state.mlflow_tracking_uri
-    name = {"light": "light_ranker", "heavy": "heavy_ranker"}[args.model]
+    name = MODEL_NAMES[args.model]
     try:
         previous = alias_version(name, args.alias, tracking_uri=uri)
     except RankerNotFoundError:
@@ -441,7 +442,7 @@ def cmd_serve_mixer(args) -> int:
     return 0
 
 
-MODEL_NAMES = {"light": "light_ranker", "heavy": "heavy_ranker"}
+MODEL_NAMES = {"light": LIGHT_RANKER_NAME, "heavy": HEAVY_RANKER_NAME}
 
 
 def cmd_export(args) -> int:

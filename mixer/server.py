@@ -45,7 +45,6 @@ class MixerServer(ManagedProcess):
     record_fields: ClassVar[tuple[str, ...]] = ("host", "config")
     cmdline_marker: ClassVar[str] = "mixer.api"
     start_timeout_s: ClassVar[float] = 120.0
-    start_hint: ClassVar[str] = "`home-mixer serve mixer start`"
 
     def __post_init__(self):
         self.config = Path(self.config) if self.config else None

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.schema import CHAMPION_ALIAS, HEADS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
+from core.schema import CHAMPION_ALIAS, HEADS, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME, post_prior_rate
 from models import metrics as M
 from models.registry import load_ranker
 
@@ -52,9 +52,8 @@ ORDERINGS: tuple[str, ...] = ("blended", "light", "chronological", "popularity")
 SCORERS: tuple[str, ...] = ("popularity", "light", "heavy")
 
 
-def popularity_column(head: str) -> str:
-    """The feature that is the popularity lookup of ``head``: the post's smoothed prior rate."""
-    return f"post_{head}_rate_total"
+# the feature that is the popularity lookup of a head: the post's smoothed prior rate
+popularity_column = post_prior_rate
 
 
 @dataclass
@@ -178,8 +177,9 @@ def score_metrics(y: np.ndarray, p: np.ndarray, requests: np.ndarray, users: np.
     Returns:
         ``{"auc", "request_gauc", "request_gauc_ci": [low, high], "user_gauc"}``.
     """
-    lo, hi = M.gauc_interval(y, p, requests, users, n_boot=n_boot, seed=seed)
-    return {"auc": M.auc(y, p), "request_gauc": M.gauc(y, p, requests), "request_gauc_ci": [lo, hi],
+    parts = M.group_aucs(y, p, requests)
+    lo, hi = M.gauc_interval(y, p, requests, users, n_boot=n_boot, seed=seed, parts=parts)
+    return {"auc": M.auc(y, p), "request_gauc": M.gauc_of_parts(parts), "request_gauc_ci": [lo, hi],
             "user_gauc": M.gauc(y, p, users)}
 
 
@@ -226,8 +226,8 @@ def evaluate_scores(eval_df: pd.DataFrame, light_p: np.ndarray, heavy_p: np.ndar
         scores = {"popularity": popularity[head], "light": light_p, "heavy": heavy_p[:, head_index[head]]}
         for scorer, p in scores.items():
             head_metrics[scorer][head] = score_metrics(y, p, requests, users, n_boot=n_boot)
-        groups[head] = {"requests": len(M.group_aucs(y, light_p, requests)),
-                        "users": len(M.group_aucs(y, light_p, users))}
+        groups[head] = {"requests": M.groups_with_both_classes(y, requests),
+                        "users": M.groups_with_both_classes(y, users)}
 
     event_s = pd.to_datetime(eval_df["event_timestamp"], utc=True).astype("int64").to_numpy() / 1e9
     created = pd.to_numeric(eval_df["post_created_ts"], errors="coerce").to_numpy(dtype=np.float64)
@@ -240,7 +240,8 @@ def evaluate_scores(eval_df: pd.DataFrame, light_p: np.ndarray, heavy_p: np.ndar
     gain = impression_gain(eval_df, w)
     # A request of one impression has one order: NDCG 1 for every ordering, so it says nothing.
     multi = pd.Series(requests).map(pd.Series(requests).value_counts()).to_numpy() >= 2
-    ndcg = {name: M.ndcg_at_k(gain[multi], s[multi], requests[multi], k) for name, s in orderings.items()}
+    per_request = {name: M.ndcg_per_user(gain[multi], s[multi], requests[multi], k) for name, s in orderings.items()}
+    ndcg = {name: float(v.mean()) if len(v) else float("nan") for name, v in per_request.items()}
     return EvaluationReport(
         head_metrics=head_metrics,
         groups=groups,
@@ -250,7 +251,7 @@ def evaluate_scores(eval_df: pd.DataFrame, light_p: np.ndarray, heavy_p: np.ndar
         rows=n,
         users=int(pd.Series(users).nunique()),
         requests=int(pd.Series(requests).nunique()),
-        requests_with_gain=int(len(M.ndcg_per_user(gain[multi], light_p[multi], requests[multi], k))),
+        requests_with_gain=len(per_request["light"]),
         positives={h: int(eval_df[h].sum()) for h in HEADS},
         models=models or {},
         request_gap_s=request_gap_s,

@@ -59,14 +59,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from core.schema import HEADS, HEAVY_RANKER_FEATURES
+from core.schema import HEADS, HEAVY_RANKER_FEATURES, post_prior_rate
 from models.features import InputNormalisation, feature_matrix
 from models.split import split_calibration_day
 
 
-def prior_feature(head: str) -> str:
-    """Name of the popularity-prior feature whose log-odds offsets ``head``'s logit."""
-    return f"post_{head}_rate_total"
+# the popularity-prior feature whose log-odds offsets a head's logit
+prior_feature = post_prior_rate
 
 
 class HeavyRankerNet(nn.Module):

@@ -37,12 +37,13 @@ def _scores(p, n: int) -> np.ndarray:
     return p
 
 
-def _group_codes(groups, n: int) -> np.ndarray:
+def _group_codes(groups, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes, keys)``: each row's group index 0..G-1 and the G group keys in first-seen order."""
     g = _as_1d("groups", groups, n)
-    codes, _ = pd.factorize(g, sort=False)
+    codes, uniques = pd.factorize(g, sort=False)
     if (codes < 0).any():
         raise ValueError("groups must not contain missing values")
-    return codes
+    return codes, uniques
 
 
 def auc(y, p) -> float:
@@ -79,10 +80,7 @@ def group_aucs(y, p, groups) -> pd.DataFrame:
     """
     y = _labels(y)
     p = _scores(p, len(y))
-    g = _as_1d("groups", groups, len(y))
-    codes, uniques = pd.factorize(g, sort=False)
-    if (codes < 0).any():
-        raise ValueError("groups must not contain missing values")
+    codes, uniques = _group_codes(groups, len(y))
     if len(y) == 0:
         return pd.DataFrame({"n": [], "positives": [], "auc": []}, dtype=np.float64)
     ranks = pd.Series(p).groupby(codes).rank(method="average").to_numpy()
@@ -105,14 +103,29 @@ def gauc(y, p, groups) -> float:
     Returns:
         float in [0, 1]; ``nan`` when no group has both classes.
     """
-    parts = group_aucs(y, p, groups)
+    return gauc_of_parts(group_aucs(y, p, groups))
+
+
+def gauc_of_parts(parts: pd.DataFrame) -> float:
+    """GAUC from :func:`group_aucs`' output: ``sum_g n_g AUC_g / sum_g n_g`` (``nan`` if empty)."""
     if parts.empty:
         return float("nan")
     return float(np.sum(parts["n"] * parts["auc"]) / np.sum(parts["n"]))
 
 
+def groups_with_both_classes(y, groups) -> int:
+    """How many groups have both a positive and a negative row (the groups a GAUC can use)."""
+    y = _labels(y)
+    codes, _ = _group_codes(groups, len(y))
+    if len(y) == 0:
+        return 0
+    n = np.bincount(codes)
+    pos = np.bincount(codes, weights=y)
+    return int(np.sum((pos > 0) & (pos < n)))
+
+
 def gauc_interval(y, p, groups, clusters, n_boot: int = 1000, level: float = 0.95,
-                  seed: int = 0) -> tuple[float, float]:
+                  seed: int = 0, parts: pd.DataFrame | None = None) -> tuple[float, float]:
     """Percentile bootstrap interval of :func:`gauc`, resampling whole clusters (users).
 
     Requests of one user are not independent, so the resampling unit is the user (the cluster
@@ -124,6 +137,7 @@ def gauc_interval(y, p, groups, clusters, n_boot: int = 1000, level: float = 0.9
         y, p, groups: as :func:`gauc`.
         clusters: cluster key per row (user id); every group must lie inside one cluster.
         n_boot: bootstrap replicates (>= 10); level: interval coverage in (0, 1); seed: RNG seed.
+        parts: ``group_aucs(y, p, groups)`` when the caller has it already (not recomputed).
 
     Returns:
         ``(low, high)``; ``(nan, nan)`` when no group has both classes.
@@ -133,7 +147,7 @@ def gauc_interval(y, p, groups, clusters, n_boot: int = 1000, level: float = 0.9
     """
     if n_boot < 10 or not 0 < level < 1:
         raise ValueError(f"need n_boot >= 10 and 0 < level < 1, got n_boot={n_boot}, level={level}")
-    parts = group_aucs(y, p, groups)
+    parts = group_aucs(y, p, groups) if parts is None else parts
     if parts.empty:
         return float("nan"), float("nan")
     g = _as_1d("groups", groups, len(np.asarray(y)))
@@ -252,10 +266,7 @@ def ndcg_per_user(gain, score, groups, k: int = 10) -> pd.Series:
         raise ValueError("gains must be finite and >= 0")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    groups_arr = _as_1d("groups", groups, n)
-    codes, uniques = pd.factorize(groups_arr, sort=False)
-    if (codes < 0).any():
-        raise ValueError("groups must not contain missing values")
+    codes, uniques = _group_codes(groups, n)
     n_groups = len(uniques)
     if n == 0:
         return pd.Series([], dtype=np.float64)

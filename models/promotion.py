@@ -2,7 +2,7 @@
 
 Before an alias moves to a new version (``home-mixer models promote``), both versions score the
 same rows, now: the validation days of the state's training set (the last
-:data:`VALID_DAYS` days, features as served). Per head, the request-level GAUC of each version is
+``core.schema.VALIDATION_DAYS`` days, features as served). Per head, the request-level GAUC of each version is
 compared (:func:`models.metrics.gauc` grouped by ``request_id``, the main offline metric):
 
 - the light ranker's single P(engaged) score ranks every head; the heavy ranker ranks each head by
@@ -25,12 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from core.schema import CHAMPION_ALIAS, HEADS
+from core.schema import CHAMPION_ALIAS, HEADS, VALIDATION_DAYS
 from core.state import StateDir
 from models import metrics as M
 
 MIN_GATING_POSITIVES = 100
-VALID_DAYS = 2
 
 
 class TrainingSetMissingError(FileNotFoundError):
@@ -224,7 +223,7 @@ def version_to_beat(name: str, version: int, alias: str = CHAMPION_ALIAS,
     return None if current is None or current == int(version) else current
 
 
-def validation_frame(state: StateDir, valid_days: int = VALID_DAYS) -> pd.DataFrame:
+def validation_frame(state: StateDir, valid_days: int = VALIDATION_DAYS) -> pd.DataFrame:
     """The last ``valid_days`` days of the state's training set: the rows versions are compared on.
 
     Returns:

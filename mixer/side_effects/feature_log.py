@@ -10,7 +10,7 @@ from typing import Callable
 import redis
 
 from core import online_layout as keys
-from core.feature_log import FEATURE_DTYPE, FEATURE_SCHEMA_ID
+from core.feature_log import FEATURE_SCHEMA_ID, encode_rows
 from mixer.candidate import Query
 from mixer.components import SideEffect, TimelineResult
 
@@ -63,11 +63,10 @@ class FeatureLogSideEffect(SideEffect):
         """
         if not result.items:
             return
-        rows = result.item_features().astype(FEATURE_DTYPE, copy=False)
+        rows = encode_rows(result.item_features())
         q = result.query
-        surface = getattr(q, "surface", None)
         common = {
-            "request_id": q.request_id, "user_id": q.user_id, "surface": "" if surface is None else int(surface),
+            "request_id": q.request_id, "user_id": q.user_id, "surface": q.surface,
             "as_of": f"{q.now_s:.6f}", "served_at": f"{self.wall_clock():.3f}",
             "light_ranker_version": result.model_versions.get("light_ranker", ""),
             "heavy_ranker_version": result.model_versions.get("heavy_ranker", ""),
@@ -76,6 +75,6 @@ class FeatureLogSideEffect(SideEffect):
         pipe = self.client.pipeline(transaction=False)
         for c, row in zip(result.items, rows):
             pipe.xadd(self.stream, {**common, "post_id": c.post_id, "author_id": c.author_id,
-                                    "features": row.tobytes()},
+                                    "features": row},
                       maxlen=self.maxlen, approximate=True)
         pipe.execute()

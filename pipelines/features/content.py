@@ -45,7 +45,7 @@ import pandas as pd
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from core.schema import CONTENT_VIEW, HEADS, WINDOWS_HOURS
+from core.schema import CONTENT_VIEW, HEADS, WINDOWS_HOURS, post_prior_rate
 from pipelines.features.common import (
     RatePriors,
     engaged_flag,
@@ -105,8 +105,8 @@ def post_static(posts: DataFrame) -> DataFrame:
     )
 
 
-def hourly_grid(impressions: DataFrame, grid_end: pd.Timestamp, hourly: DataFrame | None = None) -> DataFrame:
-    """Dense grid rows: ``post_id``, ``log_author``, ``first_hour``, ``event_timestamp`` (= H) and window counts.
+def hourly_grid(hourly: DataFrame, grid_end: pd.Timestamp) -> DataFrame:
+    """Dense grid rows from ``hourly_counts(impressions)``: ``post_id``, ``log_author``, ``first_hour``, ``event_timestamp`` (= H) and window counts.
 
     ``log_author``: the post's ``author_id`` in the impressions.
 
@@ -114,7 +114,6 @@ def hourly_grid(impressions: DataFrame, grid_end: pd.Timestamp, hourly: DataFram
     [H - W, H)) and ``impressions_total`` / ``engaged_total`` / ``pos_{head}_total`` (events
     before H); LongType.
     """
-    hourly = hourly_counts(impressions) if hourly is None else hourly
     first = hourly.groupBy("post_id").agg(F.min("hour").alias("first_hour"),
                                           F.max("author_id").alias("log_author"))
     grid = first.select(
@@ -165,7 +164,7 @@ def content_features(impressions: DataFrame, posts: DataFrame, priors: RatePrior
     """
     grid_end = grid_end if grid_end is not None else grid_end_of(impressions)
     hourly = hourly_counts(impressions)
-    grid = hourly_grid(impressions, grid_end, hourly)
+    grid = hourly_grid(hourly, grid_end)
     count_cols = [f"{k}_{w}" for w in WINDOWS_HOURS for k in KINDS] + ["impressions_total", "engaged_total"] \
         + [f"{c}_total" for c in _HEAD_COUNTS]
 
@@ -207,7 +206,7 @@ def content_features(impressions: DataFrame, posts: DataFrame, priors: RatePrior
         c("impressions_total").alias("post_impressions_total"),
         smoothed_rate(c("engaged_total"), c("impressions_total"), priors.engaged)
         .alias("post_engagement_rate_total"),
-        *(smoothed_rate(c(f"pos_{h}_total"), c("impressions_total"), priors.head(h)).alias(f"post_{h}_rate_total")
+        *(smoothed_rate(c(f"pos_{h}_total"), c("impressions_total"), priors.head(h)).alias(post_prior_rate(h))
           for h in HEADS),
         c("author_impressions_total"),
         *(smoothed_rate(c(f"author_pos_{h}_total"), c("author_impressions_total"), priors.head(h))

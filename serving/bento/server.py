@@ -48,7 +48,6 @@ class BentoServer(ManagedProcess):
     cmdline_marker: ClassVar[str] = SERVICE_TARGET
     start_timeout_s: ClassVar[float] = 120.0
     stop_timeout_s: ClassVar[float] = 15.0
-    start_hint: ClassVar[str] = "`home-mixer serve bentoml start`"
 
     def __post_init__(self):
         self.models = tuple(self.models) if self.models else None
@@ -71,11 +70,6 @@ class BentoServer(ManagedProcess):
     @property
     def log_file(self) -> Path:
         return self.state.run / "bentoml.log"
-
-    @property
-    def log_path(self) -> Path:
-        """Same as ``log_file``."""
-        return self.log_file
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "bentoml", "serve", SERVICE_TARGET, "--host", HOST, "--port", str(self.port),

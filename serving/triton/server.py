@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from core.services import ManagedProcess, ServiceError
+from core.services import ManagedProcess, ServiceError, log_tail
 from core.state import StateDir
 from serving.triton.install import TritonInstallation
 from serving.triton.repository import RANKERS
@@ -61,7 +61,6 @@ class TritonServer(ManagedProcess):
     record_fields: ClassVar[tuple[str, ...]] = ("repo_dir", "models")
     cmdline_marker: ClassVar[str] = "tritonserver"
     start_timeout_s: ClassVar[float] = 60.0
-    start_hint: ClassVar[str] = "`home-mixer serve triton start`"
 
     def __post_init__(self):
         self.repo_dir = Path(self.repo_dir) if self.repo_dir is not None else repository_dir(self.state)
@@ -194,11 +193,6 @@ class TritonServer(ManagedProcess):
         except Exception:  # tritonclient raises its own and grpc errors; any means "not answering"
             return False
 
-    def _log_tail(self, lines: int = 25) -> str:
-        if not self.log_file.exists():
-            return "(no log)"
-        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-
     # ------------------------------------------------------------ models
 
     def load(self, model: str, timeout_s: float = 60.0) -> list[int]:
@@ -216,7 +210,7 @@ class TritonServer(ManagedProcess):
             with self._control() as client:
                 client.load_model(model, client_timeout=timeout_s)
         except InferenceServerException as e:
-            raise ServiceError(f"Triton could not load {model!r}: {e.message()}\n{self._log_tail(10)}") from None
+            raise ServiceError(f"Triton could not load {model!r}: {e.message()}\n{log_tail(self.log_file, 10)}") from None
         return self.versions(model)
 
     def versions(self, model: str) -> list[int]:

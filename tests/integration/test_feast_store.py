@@ -14,8 +14,9 @@ import pytest
 from feature_repo import store as fs
 from home_mixer import jobs
 from core.schema import FEATURE_VIEWS, HEADS
-from core.state import StateDir
 from core.request_features import add_request_features
+
+from tests.integration._slice_state import slice_state
 
 pytestmark = pytest.mark.integration
 
@@ -24,12 +25,7 @@ SLICE_ROWS = 6000
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, spark, redis_server, data_dir):
-    root = tmp_path_factory.mktemp("feast_store")
-    log = root / "log_slice.csv"
-    pd.read_csv(data_dir / "log_standard_20220425_20220504.csv", nrows=SLICE_ROWS).to_csv(log, index=False)
-    state = StateDir(root / "state").ensure()
-    jobs.prepare_data(state, data_dir, log_paths=[log])
-    jobs.build_features(spark, state)
+    state = slice_state(tmp_path_factory.mktemp("feast_store"), spark, data_dir, SLICE_ROWS)
     store = fs.open_store(state, redis_server.feast_connection_string)
     fs.apply(store, state.tables)
     ts = jobs.training_set(spark, store, state)

@@ -23,7 +23,6 @@ import redis
 
 from core import online_layout as keys
 from core.schema import ALL_FEATURES, HEADS
-from core.state import StateDir
 from feature_repo import store as fs
 from home_mixer import jobs
 from mixer.candidate import Candidate
@@ -32,6 +31,8 @@ from mixer.config import load_config, parse_config
 from mixer.metrics import MixerMetrics
 from mixer.pipeline import build_pipeline, home_timeline, HomeTimelinePipeline, RankerSet
 from pipelines.logged_features import logged_training_set, read_feature_log
+
+from tests.integration._slice_state import slice_state
 
 pytestmark = pytest.mark.integration
 
@@ -67,12 +68,7 @@ class LoggedPosts(CandidateSource):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, spark, redis_server, data_dir):
-    root = tmp_path_factory.mktemp("train_serve")
-    log = root / "log_slice.csv"
-    pd.read_csv(data_dir / "log_standard_20220425_20220504.csv", nrows=SLICE_ROWS).to_csv(log, index=False)
-    state = StateDir(root / "state").ensure()
-    jobs.prepare_data(state, data_dir, log_paths=[log])
-    jobs.build_features(spark, state)
+    state = slice_state(tmp_path_factory.mktemp("train_serve"), spark, data_dir, SLICE_ROWS)
     url = f"redis://127.0.0.1:{redis_server.port}/{DB}"
     client = redis.Redis.from_url(url)
     client.flushdb()
