@@ -9,8 +9,18 @@ Conventions
 - Feature rows carry ``event_timestamp``: the first instant at which the row's values are known.
   A value at time t only aggregates events strictly before t (rows are stamped 1 ms after the
   last event they include, or at the end of the hour bucket they summarise).
-- Feature names are unique across views (prefixes ``user_``, ``post_``, ``ua_``, ``tmp_``) so a
-  training set can use ``full_feature_names=False``.
+- Feature names are unique across views (prefixes ``user_``, ``user_lt_``, ``post_``, ``author_``,
+  ``ua_``, ``ut_``, ``tmp_``, ``req_``, ``id_``) so a training set can use ``full_feature_names=False``.
+
+Freshness contract (what serving has, so what training sets join: ``pipelines.training_set``):
+- batch views are materialised hourly: a request at t sees rows stamped at or before the last
+  hour boundary <= t (``core.requests.served_feature_ts``);
+- long-window user propensities (``user_longterm_features``) change once a day: a row per user per
+  local day, stamped at local midnight, over everything before it, plus the pre-log history;
+- request features (``REQUEST_FEATURES``) and id buckets (``ID_FEATURES``) are computed at the
+  request's start from the request and the hydrated values, by the same code offline and online;
+- the stream processor's real-time windows (``core.realtime``) replace some post counts online
+  only when a processor is live; training sets hold the batch values (the batch-only mode).
 """
 
 from __future__ import annotations
@@ -49,6 +59,13 @@ USERS_COLUMNS: tuple[str, ...] = (
     "follow_user_num", "fans_user_num", "friend_user_num", "register_days",
     *(f"onehot_feat{i}" for i in range(18)),
 )
+# The user's history before the log (KuaiRand ``user_sequences_upto_20220424.parquet``): one row per
+# video id of each sequence; kind "watch" (watch_seq), "long_view" (long_watch_seq) or "like"
+# (like_seq). event_ts is when the history is known: the user's last_time_ms + 1 ms.
+# tag_id = the post's primary tag (-1 none).
+PRELOG_EVENTS_COLUMNS: tuple[str, ...] = ("user_id", "post_id", "author_id", "tag_id", "event_ts", "kind")
+PRELOG_KINDS: tuple[str, ...] = ("watch", "long_view", "like")
+
 # edge_type: "follow" (explicit is_follow event, weight 1) or "engagement" (one per impression with
 # any positive engagement, weight = RealGraph-style sum of per-head weights below).
 SOCIAL_EDGES_COLUMNS: tuple[str, ...] = ("user_id", "author_id", "event_ts", "edge_type", "weight")
@@ -151,6 +168,10 @@ SOCIAL_VIEW = FeatureViewSpec(
         "ua_clicks": "float64",
         "ua_follows": "int64",             # 1 if the user followed the author before
         "ua_engagement_rate": "float64",   # smoothed share of impressions with any positive engagement
+        "ua_long_views": "float64",
+        # the pair in the user's pre-log history (watches / long views of the author's posts)
+        "ua_prelog_watches": "float64",
+        "ua_prelog_long_views": "float64",
     },
     ttl_days=365,
 )
@@ -167,7 +188,47 @@ TEMPORAL_VIEW = FeatureViewSpec(
     ttl_days=365,
 )
 
-FEATURE_VIEWS: tuple[FeatureViewSpec, ...] = (USER_VIEW, CONTENT_VIEW, SOCIAL_VIEW, TEMPORAL_VIEW)
+# Long-window propensities per head: what a user does over weeks, not after the last impression.
+# Daily snapshots (rows at local midnight over all earlier days of the log) plus the pre-log
+# history; a per-impression rate, by contrast, moves after every label (see core.requests).
+USER_LONGTERM_VIEW = FeatureViewSpec(
+    name="user_longterm_features",
+    join_keys=("user_id",),
+    table="user_longterm_features",
+    features={
+        "user_lt_prelog_watches": "float64",        # videos in the pre-log watch sequence (<= 50)
+        "user_lt_prelog_long_view_rate": "float64",  # smoothed long views / watches of the pre-log sequences
+        "user_lt_prelog_like_rate": "float64",
+        "user_lt_impressions": "float64",           # log impressions on earlier days
+        "user_lt_active_days": "float64",           # earlier days with impressions
+        **{f"user_lt_{h}_rate": "float64" for h in HEADS},
+    },
+    ttl_days=365,
+)
+
+# User x tag affinity (the post's primary tag), event-stamped like the social view, plus the
+# pre-log history. tag_id is the join key (Feast entity "tag").
+USER_TAG_VIEW = FeatureViewSpec(
+    name="user_tag_features",
+    join_keys=("user_id", "tag_id"),
+    table="user_tag_features",
+    features={
+        "ut_impressions": "float64",
+        "ut_click_rate": "float64",
+        "ut_long_view_rate": "float64",
+        "ut_like_rate": "float64",
+        "ut_prelog_watches": "float64",
+        "ut_prelog_long_views": "float64",
+    },
+    ttl_days=365,
+)
+
+FEATURE_VIEWS: tuple[FeatureViewSpec, ...] = (
+    USER_VIEW, CONTENT_VIEW, SOCIAL_VIEW, TEMPORAL_VIEW, USER_LONGTERM_VIEW, USER_TAG_VIEW,
+)
+
+# Hashed id buckets (core.id_features): the heavy ranker embeds them; bucket 0 is "no id".
+ID_FEATURES: tuple[str, ...] = ("id_user_bucket", "id_post_bucket", "id_author_bucket")
 
 # ---- request context: the surface (product tab) a request is for ----
 # Twitter's home-mixer carries the request's product surface and client context on its query
@@ -193,7 +254,7 @@ _NOT_MODEL_INPUTS = {"post_created_ts", "tmp_last_impression_ts"}
 
 ALL_FEATURES: tuple[str, ...] = tuple(
     f for v in FEATURE_VIEWS for f in v.features
-) + REQUEST_FEATURES
+) + REQUEST_FEATURES + ID_FEATURES
 
 HEAVY_RANKER_FEATURES: tuple[str, ...] = tuple(f for f in ALL_FEATURES if f not in _NOT_MODEL_INPUTS)
 
@@ -209,7 +270,20 @@ LIGHT_RANKER_FEATURES: tuple[str, ...] = (
     "req_surface_1", "req_surface_0", "req_surface_4",
 )
 
-ENTITY_COLUMNS: tuple[str, ...] = ("user_id", "post_id", "author_id", "event_timestamp")
+# Feature groups of the ablation study (``home-mixer train --ablation``): each is removed in turn.
+FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
+    "user": tuple(USER_VIEW.features),
+    "user_longterm": tuple(USER_LONGTERM_VIEW.features),
+    "post": tuple(f for f in CONTENT_VIEW.features if f.startswith("post_")),
+    "author": tuple(f for f in CONTENT_VIEW.features if f.startswith("author_")),
+    "user_author": tuple(SOCIAL_VIEW.features),
+    "user_tag": tuple(USER_TAG_VIEW.features),
+    "temporal": tuple(TEMPORAL_VIEW.features) + ("req_secs_since_last_impression",),
+    "request_context": ("req_hour_of_day", "req_day_of_week", "req_post_age_hours") + SURFACE_FEATURES,
+    "ids": ID_FEATURES,
+}
+
+ENTITY_COLUMNS: tuple[str, ...] = ("user_id", "post_id", "author_id", "tag_id", "event_timestamp")
 
 # The last days of a log are the validation days (time split); smoothing priors never see them.
 VALIDATION_DAYS = 2

@@ -26,7 +26,10 @@ post = Entity(name="post", join_keys=["post_id"], value_type=ValueType.INT64,
 author = Entity(name="author", join_keys=["author_id"], value_type=ValueType.INT64,
                 description="The author of a post; with user it keys the social (user x author) view.")
 
-_ENTITY_BY_KEY = {"user_id": user, "post_id": post, "author_id": author}
+tag = Entity(name="tag", join_keys=["tag_id"], value_type=ValueType.INT64,
+             description="A post category (KuaiRand tag id; a post's primary tag); with user it keys the user x tag view.")
+
+_ENTITY_BY_KEY = {"user_id": user, "post_id": post, "author_id": author, "tag_id": tag}
 
 
 def _view(spec: FeatureViewSpec, tables_dir: Path) -> FeatureView:
@@ -50,12 +53,11 @@ def _view(spec: FeatureViewSpec, tables_dir: Path) -> FeatureView:
 def build_definitions(tables_dir: Path) -> list:
     """Entities and feature views over the parquet tables in ``tables_dir``.
 
-    Returns: ``[user, post, author, *feature_views]`` in ``core.schema.FEATURE_VIEWS`` order.
+    Returns: ``[user, post, author, tag, *feature_views]`` in ``core.schema.FEATURE_VIEWS`` order.
     """
-    return [user, post, author, *(_view(spec, tables_dir) for spec in FEATURE_VIEWS)]
+    return [user, post, author, tag, *(_view(spec, tables_dir) for spec in FEATURE_VIEWS)]
 
 
 _TABLES = StateDir.from_env().tables
-user_features, content_features, social_features, temporal_features = (
-    _view(spec, _TABLES) for spec in FEATURE_VIEWS
-)
+(user_features, content_features, social_features, temporal_features, user_longterm_features,
+ user_tag_features) = (_view(spec, _TABLES) for spec in FEATURE_VIEWS)

@@ -59,7 +59,7 @@ def apply(store, tables_dir: Path) -> None:
 
 
 def feature_refs() -> list[str]:
-    """All ``view:feature`` references of the four feature views, in schema order."""
+    """All ``view:feature`` references of the feature views of ``core.schema.FEATURE_VIEWS``, in schema order."""
     return [f"{v.name}:{f}" for v in FEATURE_VIEWS for f in v.features]
 
 

@@ -272,7 +272,7 @@ def cmd_materialize(args) -> int:
 def cmd_train(args) -> int:
     from home_mixer import jobs
     from models.split import split_by_days
-    from models.train import train_heavy, train_light
+    from models.train import format_ablation, train_heavy, train_light
 
     from core.schema import VALIDATION_DAYS
 
@@ -292,10 +292,12 @@ def cmd_train(args) -> int:
                                               set_champion=not args.no_promote)
     if args.model in ("heavy", "both"):
         results["heavy_ranker"] = train_heavy(train, valid, state, register=not args.no_register,
-                                              set_champion=not args.no_promote)
+                                              set_champion=not args.no_promote, ablation=args.ablation)
     for name, res in results.items():
         print(f"{name}: run {res.run_id} version {res.model_version}")
         print(json.dumps(res.metrics, indent=1, default=float))
+        if res.ablation is not None:
+            print(format_ablation(res.ablation))
     return 0
 
 
@@ -340,11 +342,32 @@ def cmd_evaluate(args) -> int:
     from home_mixer.evaluation import evaluate_log
 
     state = _state(args)
+    if args.funnel_users < 0 or args.funnel_light_k < 1 or args.funnel_heavy_k < 1:
+        raise UsageError("--funnel-users must be >= 0, --funnel-light-k and --funnel-heavy-k >= 1")
+    if args.funnel_users:
+        from core.services import RedisServer
+
+        if RedisServer.running(state) is None:  # checked before the long evaluation, not after it
+            raise UsageError(f"--funnel-users needs the Redis of {state.root} (online features, candidate "
+                             "index): start it with `home-mixer services start`")
+    out = Path(args.out) if args.out else state.reports / "evaluation.json"
     report = evaluate_log(state, Path(args.log), data_dir=Path(args.data),
                           history=Path(args.history) if args.history else None,
-                          from_date=args.from_date, out=Path(args.out) if args.out else None,
+                          from_date=args.from_date, out=out,
                           gap_s=args.request_gap_min * 60.0)
     print(report.to_table())
+    if args.funnel_users:
+        from home_mixer.evaluation import add_funnel_to_report, funnel_recall, validation_users
+
+        users = validation_users(state, args.funnel_users, seed=args.funnel_seed)
+        try:
+            funnel = funnel_recall(state, users, light_k=args.funnel_light_k, heavy_k=args.funnel_heavy_k,
+                                   seed=args.funnel_seed)
+        except RuntimeError as e:  # the state's Redis is not running
+            raise UsageError(f"{e} (the funnel runs the mixer's candidate generation on the state's online "
+                             "store and candidate index)") from None
+        print(funnel.to_line())
+        add_funnel_to_report(out, funnel)
     return 0
 
 
@@ -563,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", choices=["light", "heavy", "both"], default="both")
     t.add_argument("--valid-days", type=int, default=2, help="validation days at the end of the log (1..2)")
     t.add_argument("--no-register", action="store_true", help="log the run only")
+    t.add_argument("--no-ablation", dest="ablation", action="store_false",
+                   help="skip the heavy ranker's feature-group ablation (one more training per group of "
+                        "core.schema.FEATURE_GROUPS, logged as ablation.json in the run)")
     t.add_argument("--no-promote", action="store_true",
                    help="register the new version without moving the champion alias (promote it later)")
     t.add_argument("--from-logged", action="store_true",
@@ -581,6 +607,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a user's impressions on one surface with no gap longer than this form one "
                          "request (minutes, default 30)")
     ev.add_argument("--out", help="JSON report path (default state/reports/evaluation.json)")
+    ev.add_argument("--funnel-users", type=int, default=0,
+                    help="also measure the light ranker's funnel recall (recall@light-k of the heavy ranker's "
+                         "top heavy-k over all candidates the mixer generates) for this many users of the "
+                         "state's validation days, on the state's running Redis (0 = off, the default)")
+    ev.add_argument("--funnel-light-k", type=int, default=200,
+                    help="candidates the light ranker keeps (default 200, the mixer's heavy_ranker_top_k)")
+    ev.add_argument("--funnel-heavy-k", type=int, default=20, help="the heavy ranker's top that should survive")
+    ev.add_argument("--funnel-seed", type=int, default=0, help="seed of the user sample and the random floor")
     ev.set_defaults(func=cmd_evaluate)
 
     m = sub.add_parser("models", help="registry operations")

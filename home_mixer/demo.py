@@ -30,6 +30,7 @@ from mixer.server import MixerServer
 STAGES = 13
 REPLAY_HOURS = 2.5   # the log's last hours replayed by the real-time stage ...
 REPLAY_SPEED = 600   # ... at 10 log minutes per wall second (15 s)
+FUNNEL_USERS = 100   # validation-day users whose candidate sets measure the light ranker's funnel recall
 
 
 def start_mixer(state: StateDir, redis_url: str, port: int | None = None,
@@ -151,10 +152,10 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
     """Run every stage on the data in ``data_dir``; returns a process exit code."""
     from models.evaluate import evaluate_rankers
     from models.split import split_by_days
-    from models.train import train_heavy, train_light
+    from models.train import format_ablation, train_heavy, train_light
     from pipelines.candidate_index import build_candidate_index
     from pipelines.spark import spark_session
-    from home_mixer.evaluation import control_weights
+    from home_mixer.evaluation import add_funnel_to_report, control_weights, funnel_recall, validation_users
 
     timer = StageTimer(total=STAGES)
     started_redis = None
@@ -170,7 +171,7 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
             print(f"  {rep.stats}")
         with timer.stage("start Spark (local)"):
             spark = spark_session("home-mixer-demo")
-        with timer.stage("Spark offline features (user, content, social, temporal)"):
+        with timer.stage("Spark offline features (user, long-window user, content, social, user x tag, temporal)"):
             for name, rows in jobs.build_features(spark, state).items():
                 print(f"  {name}: {rows:,} rows")
         store = fs.open_store(state, srv.feast_connection_string)
@@ -185,18 +186,23 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
         with timer.stage("train light ranker (LightGBM) -> MLflow, register, alias champion"):
             light = train_light(train, valid, state)
             print(f"  run {light.run_id}, version {light.model_version}")
-        with timer.stage("train heavy ranker (torch multi-task, 7 heads) -> MLflow, register, alias champion"):
-            heavy = train_heavy(train, valid, state)
+        with timer.stage("train heavy ranker (torch MMoE, 7 heads, id embeddings) + feature-group ablation "
+                         "-> MLflow, register, alias champion"):
+            heavy = train_heavy(train, valid, state, ablation=True, log=lambda line: print(f"  {line}"))
             print(f"  run {heavy.run_id}, version {heavy.model_version}")
         with timer.stage("materialise features into Redis (Feast)"):
             jobs.materialize(store, state)
         with timer.stage("candidate index in Redis"):
             counts = build_candidate_index(state, srv.url, as_of=jobs.log_end(state))
             print(f"  {counts}")
-        with timer.stage("evaluate champions on the validation days"):
+        with timer.stage("evaluate champions on the validation days; light ranker funnel recall"):
             report = evaluate_rankers(valid, control_weights(), tracking_uri=state.mlflow_tracking_uri,
                                       request_gap_s=REQUEST_GAP_S)
             report.to_json(state.reports / "evaluation.json")
+            # the light ranker's cut on the mixer's real candidate sets (before any request is served)
+            funnel = funnel_recall(state, validation_users(state, FUNNEL_USERS), redis_url=srv.url,
+                                   as_of=jobs.log_end(state))
+            add_funnel_to_report(state.reports / "evaluation.json", funnel)
         with timer.stage("start the mixer and request home timelines over HTTP"):
             as_of = jobs.log_end(state)
             config = state.run / "demo-mixer.yaml"  # merged over the embedded mixer/mixer.yaml
@@ -225,6 +231,10 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
         print()
         print("Offline evaluation on the validation days (inside requests, features as served)")
         print(report.to_table())
+        print(funnel.to_line())
+        print()
+        print("Heavy ranker ablation (request GAUC on the validation days; each feature group removed in turn)")
+        print(format_ablation(heavy.ablation))
         print()
         print("Stage times")
         print(timer.summary())

@@ -78,6 +78,15 @@ class MixerResources:
     watcher: ModelAliasWatcher | None = None
     backend: object | None = None  # the model-server client, closed at shutdown
 
+    def close(self) -> None:
+        """Stop the alias watcher, close the model-server client, the source pool and Redis."""
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.backend is not None:
+            self.backend.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
 
 SURFACE_DESCRIPTION = (
     f"the product surface the timeline is for (KuaiRand's `tab` id; request context, like the product "
@@ -245,12 +254,7 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
         try:
             yield
         finally:
-            if res.watcher is not None:
-                res.watcher.stop()
-            if res.backend is not None:
-                res.backend.close()
-            res.executor.shutdown(wait=False, cancel_futures=True)
-            res.client.close()
+            res.close()
 
     app = FastAPI(title="home-mixer mixer", version="0.1.0", lifespan=lifespan,
                   description="Ranked home timelines: candidate sources, Feast features, light and heavy "

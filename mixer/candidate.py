@@ -82,6 +82,9 @@ class Candidate:
         source: name of the candidate source that produced it (first source wins on duplicates).
         author_id: int64 id (-1 until the candidate hydrator fills it).
         created_ts: creation time, epoch seconds (NaN until hydrated).
+        tag_id: the post's primary tag (the first id of its tag list, the canonical posts table's
+            ``primary_tag``): the ``tag_id`` join key of the user x tag feature view; -1 until the
+            candidate hydrator fills it and for posts without tags (no user x tag features).
         in_network: the author is in the user's follow/engagement graph.
         source_score: the source's own ordering score (engagement weight, recency...).
         light_score: light ranker output (NaN until scored).
@@ -93,6 +96,7 @@ class Candidate:
     source: str
     author_id: int = -1
     created_ts: float = math.nan
+    tag_id: int = -1
     in_network: bool = False
     source_score: float = 0.0
     light_score: float = math.nan

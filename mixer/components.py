@@ -172,8 +172,9 @@ class FeatureHydrator(Protocol):
     runner never copies it).
 
     Fail-open: when ``hydrate`` raises, the runner logs it, adds ``stage`` to
-    ``TimelineResult.degraded`` and keeps the frame hydrated so far (all-NaN when no hydrator has
-    produced one yet): the timeline is ranked with missing features rather than not served.
+    ``TimelineResult.degraded`` and keeps the frame hydrated so far (when no hydrator has produced
+    one yet: all NaN but the id buckets, ``frame.missing_feature_frame``): the timeline is ranked
+    with missing features rather than not served.
 
     Attributes:
         name: short name (logs).

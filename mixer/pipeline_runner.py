@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from mixer.candidate import Query
+from mixer.candidate import Candidate, Query
 from mixer.candidate_sources import ParallelSourceRunner
 from mixer.components import (
     CandidateHydrator,
@@ -159,6 +159,13 @@ class CandidatePipeline:
         object.__setattr__(self, "model_versions", {s.name: str(s.version) for s in scorers if s.version})
 
 
+def _missing_features(query: Query, candidates: list[Candidate]):
+    """The fail-open frame: NaN features, except the id buckets (computed from the ids alone)."""
+    return missing_feature_frame(len(candidates), user_id=query.user_id,
+                                 post_ids=[c.post_id for c in candidates],
+                                 author_ids=[c.author_id for c in candidates])
+
+
 class _StageClock:
     """Wall milliseconds per stage, in first-lap order (``perf_counter``, rounded to 1 us)."""
 
@@ -252,10 +259,10 @@ class PipelineRunner:
                 if hydrator.stage not in degraded:
                     degraded.append(hydrator.stage)
                 if features is None:
-                    features = missing_feature_frame(len(candidates))
+                    features = _missing_features(query, candidates)
             clock.lap(hydrator.stage)
         if features is None:  # no feature hydrator ran
-            features = missing_feature_frame(len(candidates))
+            features = _missing_features(query, candidates)
 
         paths: dict[str, str] = {}
         for stage in p.scoring:

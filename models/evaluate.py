@@ -63,7 +63,10 @@ class EvaluationReport:
     Attributes:
         head_metrics: ``{scorer: {head: {...}}}`` for scorer in :data:`SCORERS`; per head
             ``auc``, ``request_gauc``, ``request_gauc_ci`` (``[low, high]``, 95 % bootstrap over
-            users), ``user_gauc`` (floats in [0, 1], NaN where undefined).
+            users), ``user_gauc`` (floats in [0, 1], NaN where undefined); the light and heavy
+            rankers also carry ``vs_popularity``: ``[difference, low, high]`` of request GAUC minus
+            the popularity lookup's, with its paired 95 % bootstrap interval over users
+            (``metrics.gauc_difference_interval``).
         groups: ``{head: {"requests": n, "users": n}}`` with both classes.
         ndcg: ``{ordering: mean NDCG@k per request}`` for :data:`ORDERINGS`.
         k: NDCG cut-off; weights: blending weights used (missing heads = 0).
@@ -100,7 +103,8 @@ class EvaluationReport:
         lines += [f"  {kind:5s}: {desc}" for kind, desc in self.models.items()]
         lines.append("")
         header = (f"{'head':10s} {'pos':>6s} {'req grp':>7s} {'usr grp':>7s}  {'scorer':10s} "
-                  f"{'AUC':>6s} {'req GAUC':>8s} {'95% interval':>17s} {'user GAUC':>9s}")
+                  f"{'AUC':>6s} {'req GAUC':>8s} {'95% interval':>17s} {'user GAUC':>9s}  "
+                  f"{'req GAUC - popularity [95%]':>29s}")
         lines += [header, "-" * len(header)]
         for head in HEADS:
             g = self.groups[head]
@@ -109,8 +113,14 @@ class EvaluationReport:
                 lo, hi = m["request_gauc_ci"]
                 lead = (f"{head:10s} {self.positives[head]:6d} {g['requests']:7d} {g['users']:7d}" if i == 0
                         else " " * 33)
+                diff = ""
+                if "vs_popularity" in m:
+                    d, dlo, dhi = (float("nan") if v is None else v for v in m["vs_popularity"])
+                    diff = ("   n/a" if math.isnan(d) else
+                            f"{d:+.4f} [{dlo:+.4f}, {dhi:+.4f}]" + (" *" if dlo > 0 else ""))
                 lines.append(f"{lead}  {scorer:10s} {fmt(m['auc'])} {fmt(m['request_gauc']):>8s} "
-                             f"  [{fmt(lo)}, {fmt(hi)}] {fmt(m['user_gauc']):>9s}")
+                             f"  [{fmt(lo)}, {fmt(hi)}] {fmt(m['user_gauc']):>9s}  {diff}")
+        lines.append("  * the paired bootstrap interval over users says the ranker beats popularity")
         lines += ["", f"NDCG@{self.k} per request ({self.requests_with_gain} requests of 2+ impressions with a "
                   "positive gain; gain = sum of positive weights x labels)"]
         weights = ", ".join(f"{h}={w:g}" for h, w in self.weights.items())
@@ -226,6 +236,9 @@ def evaluate_scores(eval_df: pd.DataFrame, light_p: np.ndarray, heavy_p: np.ndar
         scores = {"popularity": popularity[head], "light": light_p, "heavy": heavy_p[:, head_index[head]]}
         for scorer, p in scores.items():
             head_metrics[scorer][head] = score_metrics(y, p, requests, users, n_boot=n_boot)
+            if scorer != "popularity":  # paired: same rows, same resampled users
+                head_metrics[scorer][head]["vs_popularity"] = list(M.gauc_difference_interval(
+                    y, p, popularity[head], requests, users, n_boot=n_boot))
         groups[head] = {"requests": M.groups_with_both_classes(y, requests),
                         "users": M.groups_with_both_classes(y, users)}
 

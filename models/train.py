@@ -9,7 +9,9 @@ Each call is one MLflow run in the experiment ``home-mixer-rankers`` (artifacts 
   ``valid_<head>_ece_uncalibrated`` for the heavy ranker before Platt scaling; the light ranker's
   single score gets ``valid_engaged_*`` plus auc/gauc against every head of ``schema.HEADS``);
 - artifacts: ``features.json`` (inputs, heads, and the heavy ranker's log1p features),
-  ``metrics.json`` (the same metrics nested by head, plus label counts);
+  ``metrics.json`` (the same metrics nested by head, plus label counts); the heavy ranker with
+  ``ablation=True`` also logs ``ablation.json`` (MLflow table: one row per feature group of
+  ``schema.FEATURE_GROUPS`` removed, request GAUC per head and its change; see ``heavy_ablation``);
 - the model (see ``models.registry``), registered as ``schema.LIGHT_RANKER_NAME`` /
   ``schema.HEAVY_RANKER_NAME``, with alias ``schema.CHAMPION_ALIAS`` moved to the new version
   unless ``set_champion=False``.
@@ -31,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from core.schema import (
-    CHAMPION_ALIAS, HEADS, HEAVY_RANKER_FEATURES, HEAVY_RANKER_NAME, LIGHT_RANKER_FEATURES, LIGHT_RANKER_NAME,
+    CHAMPION_ALIAS, FEATURE_GROUPS, HEADS, HEAVY_RANKER_FEATURES, HEAVY_RANKER_NAME, LIGHT_RANKER_FEATURES, LIGHT_RANKER_NAME,
 )
 from core.state import StateDir
 from models import metrics as M
@@ -54,12 +56,14 @@ class TrainResult:
             is undefined, e.g. a head without positives in the validation days).
         model: the in-memory fitted ranker (``LightRankerFit`` or ``HeavyRankerFit``), e.g. for
             an exporter that runs right after training.
+        ablation: the heavy ranker's ablation table when requested (``heavy_ablation``), else None.
     """
 
     run_id: str
     model_version: int | None
     metrics: dict[str, float]
     model: Any = field(default=None, repr=False, compare=False)
+    ablation: pd.DataFrame | None = field(default=None, repr=False, compare=False)
 
 
 def head_metrics(y: np.ndarray, p: np.ndarray, users: np.ndarray, calibration: bool = True,
@@ -185,6 +189,72 @@ def train_light(
     return TrainResult(run.info.run_id, version, flat, fit)
 
 
+# A head's ablation deltas are reported for heads with at least this many validation positives
+# (the promotion gate's threshold); rarer heads have too few requests with both classes.
+ABLATION_MIN_POSITIVES = 100
+
+
+def heavy_ablation(train_df: pd.DataFrame, valid_df: pd.DataFrame, params: HeavyRankerParams,
+                   feature_names: Sequence[str] = HEAVY_RANKER_FEATURES,
+                   groups: dict[str, Sequence[str]] | None = None, baseline: np.ndarray | None = None,
+                   log=print) -> pd.DataFrame:
+    """Leave-one-group-out ablation of the heavy ranker: what each feature group is worth.
+
+    Trains the heavy ranker once per group of ``groups`` (default ``schema.FEATURE_GROUPS``) with
+    that group's features removed (same params and seed), and scores the validation rows.
+
+    Args:
+        train_df / valid_df: as :func:`train_heavy` (``valid_df`` needs ``request_id``).
+        baseline: the full model's calibrated predictions ``[N_valid, H]`` (trained if None).
+        log: receives one progress line per variant.
+
+    Returns:
+        DataFrame, one row per variant (``all`` first, then ``-<group>``), columns ``variant``,
+        ``removed`` (features dropped), ``<head>_request_gauc`` for every head,
+        ``<head>_delta`` (variant minus ``all``; negative = the group helps) and ``mean_delta``
+        over heads with >= ``ABLATION_MIN_POSITIVES`` validation positives.
+
+    Raises:
+        KeyError: ``valid_df`` has no ``request_id`` column.
+    """
+    groups = dict(FEATURE_GROUPS if groups is None else groups)
+    names = tuple(feature_names)
+    requests = valid_df["request_id"].to_numpy()
+    labels = {h: valid_df[h].to_numpy() for h in HEADS}
+    major = [h for h in HEADS if labels[h].sum() >= ABLATION_MIN_POSITIVES]
+
+    def scores(p: np.ndarray) -> dict[str, float]:
+        return {f"{h}_request_gauc": M.gauc(labels[h], p[:, j], requests) for j, h in enumerate(HEADS)}
+
+    if baseline is None:
+        baseline = fit_heavy_ranker(train_df, params, names, HEADS).predict(valid_df)
+    rows = [{"variant": "all", "removed": 0, **scores(baseline)}]
+    for i, (group, feats) in enumerate(groups.items(), 1):
+        kept = tuple(n for n in names if n not in set(feats))
+        started = time.monotonic()
+        p = fit_heavy_ranker(train_df, params, kept, HEADS).predict(valid_df)
+        rows.append({"variant": f"-{group}", "removed": len(names) - len(kept), **scores(p)})
+        log(f"[ablation {i}/{len(groups)}] -{group}: {len(names) - len(kept)} features removed, "
+            f"{time.monotonic() - started:.0f} s")
+    table = pd.DataFrame(rows)
+    for h in HEADS:
+        table[f"{h}_delta"] = table[f"{h}_request_gauc"] - table.loc[0, f"{h}_request_gauc"]
+    table["mean_delta"] = table[[f"{h}_delta" for h in major]].mean(axis=1) if major else np.nan
+    return table
+
+
+def format_ablation(table: pd.DataFrame) -> str:
+    """The ablation table as aligned text: request GAUC per head with its change from ``all``."""
+    heads = [h for h in HEADS if f"{h}_request_gauc" in table]
+    lines = [f"{'variant':<18}{'removed':>8}" + "".join(f"{h:>16}" for h in heads) + f"{'mean delta':>12}"]
+    for _, row in table.iterrows():
+        cells = "".join(
+            f"{row[f'{h}_request_gauc']:>9.3f}" + (f" {row[f'{h}_delta']:+.3f}" if row["variant"] != "all" else " " * 7)
+            for h in heads)
+        lines.append(f"{row['variant']:<18}{int(row['removed']):>8}{cells}{row['mean_delta']:>+12.4f}")
+    return "\n".join(lines)
+
+
 def train_heavy(
     train_df: pd.DataFrame,
     valid_df: pd.DataFrame,
@@ -193,11 +263,15 @@ def train_heavy(
     set_champion: bool = True,
     params: HeavyRankerParams | None = None,
     feature_names: Sequence[str] = HEAVY_RANKER_FEATURES,
+    ablation: bool = False,
+    log=print,
 ) -> TrainResult:
     """Train, calibrate, evaluate, log and register the heavy ranker (7 heads of ``schema.HEADS``).
 
     Arguments and errors as :func:`train_light`; the model is registered as
-    ``schema.HEAVY_RANKER_NAME``.
+    ``schema.HEAVY_RANKER_NAME``. ``ablation=True`` also runs :func:`heavy_ablation` (one more
+    training per feature group) and logs its table as ``ablation.json`` in the same run
+    (``TrainResult.ablation``).
     """
     import mlflow
 
@@ -207,6 +281,8 @@ def train_heavy(
 
     p_cal = fit.predict(valid_df)
     p_raw = fit.predict_uncalibrated(valid_df)
+    table = heavy_ablation(train_df, valid_df, params, fit.feature_names, baseline=p_cal, log=log) \
+        if ablation else None
     users = valid_df["user_id"].to_numpy()
     requests = _requests(valid_df)
     nested = {}
@@ -242,6 +318,8 @@ def train_heavy(
         with mlflow.start_run(experiment_id=exp_id, run_name=f"heavy-{time.strftime('%Y%m%d-%H%M%S')}",
                               tags={"ranker": "heavy"}, nested=mlflow.active_run() is not None) as run:
             flat = _log_run_data(run_params, nested, features)
+            if table is not None:
+                mlflow.log_table(table, "ablation.json")
             info = log_heavy_model(fit.model, example, HEAVY_RANKER_NAME if register else None)
     version = _finish(state, HEAVY_RANKER_NAME, info, register, set_champion)
-    return TrainResult(run.info.run_id, version, flat, fit)
+    return TrainResult(run.info.run_id, version, flat, fit, ablation=table)

@@ -8,6 +8,8 @@ Tables (written to ``StateDir.table(name)``, one parquet file each, timestamps `
 - ``users`` (``USERS_COLUMNS``): one row per user.
 - ``social_edges`` (``SOCIAL_EDGES_COLUMNS``): follow events plus engagement-weighted user->author
   edges (RealGraph idea, Kamath et al. 2014).
+- ``prelog_events`` (``PRELOG_EVENTS_COLUMNS``): the users' history before the log, one row per
+  video id of their watch / long-view / like sequences (empty when the data has no sequences).
 
 The data is small (171k log rows), so this is pandas; the feature jobs that follow are Spark.
 """
@@ -27,6 +29,7 @@ from core.schema import (
     IMPRESSIONS_COLUMNS,
     POSITIVE_HEADS,
     POSTS_COLUMNS,
+    PRELOG_EVENTS_COLUMNS,
     RAW_LABEL_COLUMNS,
     SOCIAL_EDGES_COLUMNS,
     USERS_COLUMNS,
@@ -53,6 +56,7 @@ class CanonicalStats:
         unknown_video_examples: up to 5 such video ids.
         impressions, posts, users: rows written to each table.
         follow_edges, engagement_edges: social edges written, by ``edge_type``.
+        prelog_events: rows of the pre-log history table.
     """
 
     log_rows: int
@@ -64,6 +68,7 @@ class CanonicalStats:
     users: int
     follow_edges: int
     engagement_edges: int
+    prelog_events: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -183,6 +188,34 @@ def social_edges_table(impressions: pd.DataFrame) -> pd.DataFrame:
         .reset_index(drop=True)
 
 
+def prelog_events_table(sequences: pd.DataFrame | None, posts: pd.DataFrame) -> pd.DataFrame:
+    """The pre-log history as events: one row per (user, sequence kind, video id in the sequence).
+
+    ``event_ts`` is the user's ``last_time_ms`` + 1 ms (when the whole history is known: a feature
+    row built from it is point-in-time correct from then on); ``author_id`` and ``tag_id`` (the
+    primary tag) come from the posts; videos not in the posts table are dropped. ``sequences``
+    None gives an empty table with the same columns and dtypes.
+    """
+    cols = {"user_id": "int64", "post_id": "int64", "author_id": "int64", "tag_id": "int64",
+            "event_ts": TS_DTYPE, "kind": "string"}
+    if sequences is None or sequences.empty:
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in cols.items()})[list(PRELOG_EVENTS_COLUMNS)]
+    parts = []
+    for kind, column in (("watch", "watch_seq"), ("long_view", "long_watch_seq"), ("like", "like_seq")):
+        rows = sequences[["user_id", "last_time_ms", column]].explode(column).dropna(subset=[column])
+        parts.append(pd.DataFrame({
+            "user_id": rows["user_id"].astype("int64"),
+            "post_id": rows[column].astype("int64"),
+            "event_ts": epoch_ms_to_ts(rows["last_time_ms"].astype("int64") + 1),
+            "kind": kind,
+        }))
+    events = pd.concat(parts, ignore_index=True)
+    meta = posts[["post_id", "author_id", "primary_tag"]].rename(columns={"primary_tag": "tag_id"})
+    events = events.merge(meta, on="post_id", how="inner")
+    return events.astype(cols)[list(PRELOG_EVENTS_COLUMNS)].sort_values(
+        ["user_id", "kind", "post_id"], kind="stable").reset_index(drop=True)
+
+
 def write_table(frame: pd.DataFrame, path: Path) -> Path:
     """Write ``frame`` as one parquet file at ``path`` (timestamps coerced to microseconds).
 
@@ -198,7 +231,7 @@ def write_table(frame: pd.DataFrame, path: Path) -> Path:
 
 
 def build_canonical(raw: RawData, state: StateDir) -> CanonicalStats:
-    """Build and write the four canonical tables into ``state`` (impressions, posts, users, social_edges).
+    """Build and write the canonical tables into ``state`` (impressions, posts, users, social_edges, prelog_events).
 
     Duplicated (user_id, video_id, time_ms) rows are dropped first, then impressions whose video is
     not in the videos file (counted in the stats).
@@ -211,8 +244,9 @@ def build_canonical(raw: RawData, state: StateDir) -> CanonicalStats:
     posts = posts_table(raw.videos)
     users = users_table(raw.users)
     edges = social_edges_table(impressions)
+    prelog = prelog_events_table(raw.sequences, posts)
     for name, frame in (("impressions", impressions), ("posts", posts), ("users", users),
-                        ("social_edges", edges)):
+                        ("social_edges", edges), ("prelog_events", prelog)):
         write_table(frame, state.table(name))
     return CanonicalStats(
         log_rows=len(raw.log),
@@ -224,4 +258,5 @@ def build_canonical(raw: RawData, state: StateDir) -> CanonicalStats:
         users=len(users),
         follow_edges=int((edges["edge_type"] == "follow").sum()),
         engagement_edges=int((edges["edge_type"] == "engagement").sum()),
+        prelog_events=len(prelog),
     )

@@ -1,4 +1,5 @@
-"""Load the raw KuaiRand-Pure files (impression log, users, videos) into pandas with explicit dtypes.
+"""Load the raw KuaiRand-Pure files (impression log, users, videos, pre-log sequences) into pandas
+with explicit dtypes.
 
 Explicit dtypes make a file whose values do not fit (an id with a decimal point, a label that is
 text) fail here, by name, instead of turning into float/object columns that break later stages.
@@ -14,6 +15,10 @@ import pandas as pd
 LOG_FILE = "log_standard_20220425_20220504.csv"
 USERS_FILE = "user_features_pure.csv"
 VIDEOS_FILE = "video_features_basic_pure.csv"
+# Per-user history before the log (optional: a data folder without it has no pre-log history).
+SEQUENCES_FILE = "user_sequences_upto_20220424.parquet"
+SEQUENCE_COLUMNS: tuple[str, ...] = ("user_id", "history_len", "last_time_ms", "watch_seq", "like_seq",
+                                     "long_watch_seq")
 
 # Impression log: one row per video shown to a user; all columns are integers.
 LOG_DTYPES: dict[str, str] = {
@@ -81,6 +86,9 @@ class RawData:
         videos: video features, columns ``VIDEOS_DTYPES``, one row per video.
         log_path, users_path, videos_path: the files read (``log_path``: the first log file).
         log_paths: every log file concatenated into ``log``, in order (empty means ``log_path``).
+        sequences: the pre-log history (``SEQUENCE_COLUMNS``: per user ``history_len``,
+            ``last_time_ms`` and the video-id lists ``watch_seq``/``like_seq``/``long_watch_seq``,
+            oldest first), or None when the data folder has no ``SEQUENCES_FILE``.
     """
 
     log: pd.DataFrame
@@ -90,6 +98,7 @@ class RawData:
     users_path: Path
     videos_path: Path
     log_paths: tuple[Path, ...] = ()
+    sequences: pd.DataFrame | None = None
 
     @property
     def log_name(self) -> str:
@@ -159,4 +168,23 @@ def load_raw(data_dir: Path | str, log_path: Path | str | None = None,
         users_path=users_file,
         videos_path=videos_file,
         log_paths=log_files,
+        sequences=read_sequences(data_dir / SEQUENCES_FILE),
     )
+
+
+def read_sequences(path: Path) -> pd.DataFrame | None:
+    """The pre-log sequences file, or None if it does not exist.
+
+    Raises:
+        RawDataParseError: the file lacks a column of ``SEQUENCE_COLUMNS`` or is not parquet.
+    """
+    if not path.is_file():
+        return None
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise RawDataParseError(f"{path.name}: not a readable parquet file ({exc})") from exc
+    missing = [c for c in SEQUENCE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise RawDataParseError(f"{path.name}: lacks columns {missing}; expected {list(SEQUENCE_COLUMNS)}")
+    return frame[list(SEQUENCE_COLUMNS)]

@@ -19,7 +19,8 @@ from feature_repo import store as fs
 TRAINING_SET_TABLE = "training_set"
 
 
-def served_feature_rows(spark, store, impressions, gap_s: float = REQUEST_GAP_S) -> pd.DataFrame:
+def served_feature_rows(spark, store, impressions, posts: pd.DataFrame,
+                        gap_s: float = REQUEST_GAP_S) -> pd.DataFrame:
     """Impressions with the features serving had: grouped into requests, joined at the last materialisation.
 
     Every impression of one request (``core.requests.assign_requests``) gets the feature values
@@ -36,15 +37,18 @@ def served_feature_rows(spark, store, impressions, gap_s: float = REQUEST_GAP_S)
             A log without ``tab`` (older logs recorded no surface) is read as all on the home
             surface (``core.schema.HOME_SURFACE``): ``tab`` is filled with it, one request per
             user and gap, and the surface features say "home".
+        posts: the canonical posts (pandas, at least ``post_id`` and ``primary_tag``): a row's
+            ``tag_id`` (the key of the user x tag view) is its post's primary tag, -1 if none.
         gap_s: request inactivity gap, seconds.
 
     Returns:
         pandas DataFrame sorted by (``event_timestamp``, ``user_id``, ``post_id``): entity
-        columns with ``event_timestamp`` the impression time (UTC), ``date``, ``tab``,
+        columns with ``event_timestamp`` the impression time (UTC), ``tag_id``, ``date``, ``tab``,
         ``request_id`` (int64), ``request_ts`` (request start, UTC), ``feature_ts`` (the
         materialisation the features come from, UTC), the ``HEADS`` labels and every feature of
-        ``ALL_FEATURES``.
+        ``ALL_FEATURES`` (id buckets from ``core.id_features``).
     """
+    from core.id_features import id_bucket_columns
     from core.request_features import add_request_features
 
     cols = ["user_id", "post_id", "author_id", "event_ts", "date", *HEADS]
@@ -55,9 +59,11 @@ def served_feature_rows(spark, store, impressions, gap_s: float = REQUEST_GAP_S)
     rows["event_ts"] = pd.to_datetime(rows["event_ts"], utc=True)
     rows = assign_requests(rows, gap_s, ts_col="event_ts")
     rows["feature_ts"] = served_feature_ts(rows["request_ts"])
-    # One point-in-time join per distinct (user, post, author, feature_ts): rows of one post shown
-    # twice to a user within the hour share their features, and the join stays one row per key.
-    keys = ["user_id", "post_id", "author_id", "feature_ts"]
+    tags = posts.drop_duplicates("post_id").set_index("post_id")["primary_tag"]
+    rows["tag_id"] = rows["post_id"].map(tags).fillna(-1).astype("int64")
+    # One point-in-time join per distinct (user, post, author, tag, feature_ts): rows of one post
+    # shown twice to a user within the hour share their features, and the join stays one row per key.
+    keys = ["user_id", "post_id", "author_id", "tag_id", "feature_ts"]
     entity = rows[keys].drop_duplicates().rename(columns={"feature_ts": "event_timestamp"})
     entity["event_timestamp"] = entity["event_timestamp"].dt.tz_localize(None).astype("datetime64[us]")
     feats = fs.historical_features(store, spark.createDataFrame(entity))
@@ -68,6 +74,9 @@ def served_feature_rows(spark, store, impressions, gap_s: float = REQUEST_GAP_S)
                            "a feature table has duplicate (entity, event_timestamp) rows; rebuild the features")
     df = rows.rename(columns={"event_ts": "event_timestamp"}).merge(feats, on=keys, how="left", validate="many_to_one")
     df = add_request_features(df, df["request_ts"], surface=df["tab"])
+    for col, values in id_bucket_columns(df["user_id"].to_numpy(), df["post_id"].to_numpy(),
+                                         df["author_id"].to_numpy()).items():
+        df[col] = values
     return df.sort_values(["event_timestamp", "user_id", "post_id"], kind="stable").reset_index(drop=True)
 
 
@@ -82,7 +91,8 @@ def training_set(spark, store, state: StateDir, gap_s: float = REQUEST_GAP_S) ->
         The frame of ``served_feature_rows`` over every canonical impression.
     """
     imp = spark.read.parquet(str(state.table("impressions")))
-    df = served_feature_rows(spark, store, imp, gap_s)
+    posts = pd.read_parquet(state.table("posts"), columns=["post_id", "primary_tag"])
+    df = served_feature_rows(spark, store, imp, posts, gap_s)
     df.to_parquet(state.table(TRAINING_SET_TABLE), index=False, coerce_timestamps="us")
     return df
 

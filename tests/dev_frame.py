@@ -19,9 +19,11 @@ from core.requests import assign_requests
 from core.schema import (
     ACTIVE_DEGREES, ENGAGEMENT_EDGE_WEIGHTS, HEADS, POSITIVE_HEADS, RAW_LABEL_COLUMNS, SMOOTHING_M, WINDOWS_HOURS,
 )
+from core.id_features import id_bucket_columns
 from core.request_features import LOCAL_UTC_OFFSET_HOURS, add_request_features
 
-from pipelines.raw import LOG_FILE
+from pipelines.canonical import primary_tag
+from pipelines.raw import LOG_FILE, SEQUENCES_FILE
 _HOUR_MS = 3_600_000
 
 
@@ -87,14 +89,44 @@ def load_impressions(data_dir: Path) -> pd.DataFrame:
         columns={**RAW_LABEL_COLUMNS, "video_id": "post_id"}
     )
     videos = pd.read_csv(data_dir / "video_features_basic_pure.csv",
-                         usecols=["video_id", "author_id", "video_type", "upload_dt", "video_duration"])
+                         usecols=["video_id", "author_id", "video_type", "upload_dt", "video_duration", "tag"])
     videos = videos.rename(columns={"video_id": "post_id"})
+    videos["tag_id"] = primary_tag(videos.pop("tag").astype("string"))
     df = log.merge(videos, on="post_id", how="left", validate="many_to_one")
     df["author_id"] = df["author_id"].fillna(-1).astype("int64")
     df["event_timestamp"] = pd.to_datetime(df["time_ms"], unit="ms", utc=True)
     for h in HEADS:
         df[h] = (df[h] > 0).astype("int64")
     return df.sort_values("time_ms", kind="stable").reset_index(drop=True)
+
+
+def _prelog_features(data_dir: Path, df: pd.DataFrame, labels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``user_lt_prelog_*``, ``ua_prelog_*`` and ``ut_prelog_*`` from the sequences file (NaN without it)."""
+    names = ("user_lt_prelog_watches", "user_lt_prelog_long_view_rate", "user_lt_prelog_like_rate",
+             "ua_prelog_watches", "ua_prelog_long_views", "ut_prelog_watches", "ut_prelog_long_views")
+    path = data_dir / SEQUENCES_FILE
+    if not path.exists():
+        return {n: np.full(len(df), np.nan) for n in names}
+    seq = pd.read_parquet(path)
+    meta = df.drop_duplicates("post_id").set_index("post_id")[["author_id", "tag_id"]]
+    events = []
+    for kind, col in (("watch", "watch_seq"), ("long_view", "long_watch_seq"), ("like", "like_seq")):
+        e = seq[["user_id", col]].explode(col).dropna().rename(columns={col: "post_id"})
+        events.append(e.assign(kind=kind, post_id=e["post_id"].astype("int64")))
+    ev = pd.concat(events).join(meta, on="post_id", how="inner")
+    per_user = ev.groupby(["user_id", "kind"]).size().unstack(fill_value=0)
+    u = per_user.reindex(df["user_id"])
+    watches = u.get("watch", pd.Series(0, index=u.index)).to_numpy(float)
+    out = {"user_lt_prelog_watches": watches}
+    for kind, head in (("long_view", "long_view"), ("like", "like")):
+        k = u.get(kind, pd.Series(0, index=u.index)).to_numpy(float)
+        out[f"user_lt_prelog_{head}_rate"] = np.minimum(1.0, _smoothed(k, watches, labels[head].mean()))
+    for key, prefix in (("author_id", "ua"), ("tag_id", "ut")):
+        pair = ev.groupby(["user_id", key, "kind"]).size().unstack(fill_value=0)
+        p = pair.reindex(pd.MultiIndex.from_arrays([df["user_id"], df[key]]))
+        out[f"{prefix}_prelog_watches"] = p.get("watch", pd.Series(np.nan, index=p.index)).to_numpy(float)
+        out[f"{prefix}_prelog_long_views"] = p.get("long_view", pd.Series(np.nan, index=p.index)).to_numpy(float)
+    return out
 
 
 def build_dev_frame(data_dir: Path, user_sample_mod: int = 1) -> pd.DataFrame:
@@ -106,7 +138,8 @@ def build_dev_frame(data_dir: Path, user_sample_mod: int = 1) -> pd.DataFrame:
             computed over every user, as the real pipeline would); 1 keeps all (~167k rows).
 
     Returns:
-        DataFrame with user_id, post_id, author_id (int64), event_timestamp (UTC), date (int),
+        DataFrame with user_id, post_id, author_id, tag_id (the post's primary tag, -1 none; int64),
+        event_timestamp (UTC), date (int),
         tab, request_id and request_ts (``core.requests``), the ``schema.HEADS`` labels (int64 0/1) and every feature of ``schema.ALL_FEATURES``
         (float64, NaN where the feature view would have no row: cold user/post/pair), sorted by
         time.
@@ -184,6 +217,31 @@ def build_dev_frame(data_dir: Path, user_sample_mod: int = 1) -> pd.DataFrame:
     feats["ua_clicks"] = np.where(cold_pair, nan, by_pair.sums(labels["click"]))
     feats["ua_follows"] = np.where(cold_pair, nan, (by_pair.sums(labels["follow"]) > 0).astype(float))
     feats["ua_engagement_rate"] = np.where(cold_pair, nan, _smoothed(eng_pair, n_pair, weighted.mean()))
+    feats["ua_long_views"] = np.where(cold_pair, nan, by_pair.sums(labels["long_view"]))
+
+    # user x primary tag (tag -1: no row)
+    tag = df["tag_id"].fillna(-1).to_numpy(np.int64)
+    by_ut = PriorWindowSums(pd.factorize(pd.MultiIndex.from_arrays([df["user_id"], tag]))[0], t, max_w)
+    n_ut = by_ut.sums(ones)
+    no_ut = (n_ut == 0) | (tag < 0)
+    feats["ut_impressions"] = np.where(no_ut, nan, n_ut)
+    for h in ("click", "long_view", "like"):
+        feats[f"ut_{h}_rate"] = np.where(no_ut, nan, _smoothed(by_ut.sums(labels[h]), n_ut, labels[h].mean()))
+
+    # long-window user propensities: impressions of earlier local days (daily snapshots)
+    daily = df.groupby(["user_id", "date"])[list(HEADS)].agg(["sum", "count"])
+    n_day = daily[(HEADS[0], "count")].groupby(level=0).cumsum() - daily[(HEADS[0], "count")]
+    lt = pd.DataFrame({"user_lt_impressions": n_day,
+                       "user_lt_active_days": daily.groupby(level=0).cumcount().astype(float)})
+    for h in HEADS:
+        k_day = daily[(h, "sum")].groupby(level=0).cumsum() - daily[(h, "sum")]
+        lt[f"user_lt_{h}_rate"] = _smoothed(k_day, n_day, labels[h].mean())
+    lt = lt.reindex(pd.MultiIndex.from_arrays([df["user_id"], df["date"]]))
+    for col in lt.columns:
+        feats[col] = lt[col].to_numpy(float)
+
+    # the pre-log history (constant over the log, which starts after it)
+    feats.update(_prelog_features(Path(data_dir), df, labels))
 
     # temporal view: session activity of the user
     prev = by_user.previous_time(t)
@@ -191,10 +249,13 @@ def build_dev_frame(data_dir: Path, user_sample_mod: int = 1) -> pd.DataFrame:
     feats["tmp_impressions_1h"] = np.where(cold_user, nan, by_user.sums(ones, _HOUR_MS))
     feats["tmp_impressions_24h"] = np.where(cold_user, nan, by_user.sums(ones, 24 * _HOUR_MS))
 
-    out = df[["user_id", "post_id", "author_id", "event_timestamp", "date", "tab", *HEADS]].copy()
+    out = df[["user_id", "post_id", "author_id", "tag_id", "event_timestamp", "date", "tab", *HEADS]].copy()
     out["date"] = out["date"].astype("int64")
     out = pd.concat([out, pd.DataFrame(feats, index=out.index)], axis=1)
     out = add_request_features(out, out["event_timestamp"], surface=out["tab"])
+    for col, values in id_bucket_columns(out["user_id"].to_numpy(), out["post_id"].to_numpy(),
+                                         out["author_id"].to_numpy()).items():
+        out[col] = values
     # request ids as evaluation groups them (the features here stay per impression: a dev shortcut)
     out = assign_requests(out)
     if user_sample_mod > 1:

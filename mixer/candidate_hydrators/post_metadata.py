@@ -1,4 +1,4 @@
-"""Fills author_id, created_ts and in_network from the index's post metadata hash."""
+"""Fills author_id, created_ts, tag_id and in_network from the index's post metadata hash."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from mixer.components import CandidateHydrator
 class PostMetadataCandidateHydrator(CandidateHydrator):
     """One ``HMGET hm:post_meta`` for the distinct post ids of all candidates.
 
-    Sets ``author_id`` and ``created_ts`` (epoch s) and ``in_network`` (author followed or engaged
+    Sets ``author_id``, ``created_ts`` (epoch s), ``tag_id`` (the post's primary tag: the first of
+    its tags, which the index stores in the canonical table's order, so it equals the posts table's
+    ``primary_tag``; -1 when the post has no tags) and ``in_network`` (author followed or engaged
     with). Candidates whose post is not in the index (deleted, or created after the index cutoff)
     are dropped, as Twitter drops candidates whose core data cannot be hydrated.
     """
@@ -39,8 +41,9 @@ class PostMetadataCandidateHydrator(CandidateHydrator):
             m = meta.get(c.post_id)
             if m is None:
                 continue
-            c.author_id, created, _ = m
+            c.author_id, created, tags = m
             c.created_ts = float(created)
+            c.tag_id = tags[0] if tags else -1
             c.in_network = c.author_id in in_network
             kept.append(c)
         return kept, len(candidates) - len(kept)

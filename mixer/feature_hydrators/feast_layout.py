@@ -76,34 +76,57 @@ def decode_values(raw: list[bytes | None]) -> np.ndarray:
 
 
 class FeastLayoutFeatureHydrator(FeatureHydrator):
-    """Features for 1 user + N posts + the distinct (user, author) pairs in one Redis pipeline.
+    """Features for 1 user + N posts + the distinct (user, author) and (user, tag) pairs in one
+    Redis pipeline.
 
-    HMGETs: the user hash (user_features + temporal_features fields, both keyed by user_id: one
-    HMGET each), one per distinct post (content_features), one per distinct author
-    (social_features). Duplicated posts/authors are read once.
+    HMGETs: one per view keyed by ``user_id`` alone (user_features, temporal_features and
+    user_longterm_features share the user's hash: one HMGET each), one per distinct post and view
+    keyed by ``post_id`` (content_features), one per distinct author and view keyed by
+    ``(user_id, author_id)`` (social_features; each candidate's ``author_id``), one per distinct
+    tag and view keyed by ``(user_id, tag_id)`` (user_tag_features; each candidate's ``tag_id``,
+    its post's primary tag). Duplicated posts/authors/tags are read once; a candidate whose key is
+    negative (``tag_id`` -1: post without tags; ``author_id`` -1: not hydrated) gets NaN for those
+    views without a read, as the offline tables have no row for it.
 
     Args:
         client: Redis holding Feast's online store (same server as the index is fine).
         layout: the key/field layout (project name).
 
     Raises:
-        ValueError: a feature view has join keys other than user_id, post_id or (user_id, author_id).
+        ValueError: a feature view has join keys other than ``(user_id,)``, ``(post_id,)``,
+            ``(user_id, author_id)`` or ``(user_id, tag_id)``.
     """
 
     name = "feast_layout"
     stage = "feature_hydration"
 
+    # second join key of a (user_id, X) view -> the Candidate attribute holding X (-1 / < 0: none)
+    PAIR_KEYS: dict[str, str] = {"author_id": "author_id", "tag_id": "tag_id"}
+
     def __init__(self, client: redis.Redis, layout: FeastRedisLayout):
         self.client = client
         self.layout = layout
-        self._user_views = [v for v in layout.views.values() if v.join_keys == ("user_id",)]
-        self._post_views = [v for v in layout.views.values() if v.join_keys == ("post_id",)]
-        self._pair_views = [v for v in layout.views.values() if set(v.join_keys) == {"user_id", "author_id"}]
-        known = {("user_id",), ("post_id",)}
-        odd = [v.name for v in layout.views.values()
-               if v.join_keys not in known and set(v.join_keys) != {"user_id", "author_id"}]
+        views = list(layout.views.values())
+        self._user_views = [v for v in views if v.join_keys == ("user_id",)]
+        self._post_views = [v for v in views if v.join_keys == ("post_id",)]
+        # (view, second join key) of the (user_id, X) views, X in PAIR_KEYS
+        self._pair_views = [(v, self._pair_key(v.join_keys)) for v in views
+                            if self._pair_key(v.join_keys) is not None]
+        odd = [f"{v.name} {v.join_keys}" for v in views
+               if v.join_keys not in (("user_id",), ("post_id",)) and self._pair_key(v.join_keys) is None]
         if odd:
-            raise ValueError(f"feature views {odd} have join keys this hydrator does not know")
+            raise ValueError(f"feature views {odd} have join keys this hydrator does not know; it reads "
+                             f"views keyed by (user_id,), (post_id,) or (user_id, X) with X in "
+                             f"{sorted(self.PAIR_KEYS)}")
+
+    @classmethod
+    def _pair_key(cls, join_keys: tuple[str, ...]) -> str | None:
+        """X of a ``{user_id, X}`` view with X in ``PAIR_KEYS``, else None."""
+        if len(join_keys) == 2 and "user_id" in join_keys:
+            other = join_keys[1] if join_keys[0] == "user_id" else join_keys[0]
+            if other in cls.PAIR_KEYS:
+                return other
+        return None
 
     def hydrate(self, query: Query, candidates: list[Candidate],
                 features: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -118,20 +141,23 @@ class FeastLayoutFeatureHydrator(FeatureHydrator):
             return empty_feature_frame()
         lay = self.layout
         uid = query.user_id
+        n = len(candidates)
         posts = list(dict.fromkeys(c.post_id for c in candidates))
-        authors = list(dict.fromkeys(c.author_id for c in candidates))
+        # per second join key: the candidates' values and the distinct valid ones (>= 0), read once
+        pair_values = {key: [getattr(c, self.PAIR_KEYS[key]) for c in candidates]
+                       for key in dict.fromkeys(k for _, k in self._pair_views)}
+        pair_distinct = {key: [x for x in dict.fromkeys(vals) if x >= 0] for key, vals in pair_values.items()}
         pipe = self.client.pipeline(transaction=False)
         for v in self._user_views:
             pipe.hmget(lay.key(v.name, user_id=uid), lay.fields[v.name])
         for v in self._post_views:
             for pid in posts:
                 pipe.hmget(lay.key(v.name, post_id=pid), lay.fields[v.name])
-        for v in self._pair_views:
-            for aid in authors:
-                pipe.hmget(lay.key(v.name, user_id=uid, author_id=aid), lay.fields[v.name])
+        for v, key in self._pair_views:
+            for x in pair_distinct[key]:
+                pipe.hmget(lay.key(v.name, user_id=uid, **{key: x}), lay.fields[v.name])
         replies = iter(pipe.execute())
 
-        n = len(candidates)
         columns: dict[str, np.ndarray] = {}
         for v in self._user_views:
             row = decode_values(next(replies))
@@ -143,13 +169,19 @@ class FeastLayoutFeatureHydrator(FeatureHydrator):
             block = self._block([next(replies) for _ in posts], len(v.features))[post_pos]
             for j, f in enumerate(v.features):
                 columns[f] = block[:, j]
-        author_index = {a: i for i, a in enumerate(authors)}
-        author_pos = np.fromiter((author_index[c.author_id] for c in candidates), dtype=np.int64, count=n)
-        for v in self._pair_views:
-            block = self._block([next(replies) for _ in authors], len(v.features))[author_pos]
+        pair_pos = {}
+        for key, distinct in pair_distinct.items():  # row len(distinct) of a block is the all-NaN row
+            index = {x: i for i, x in enumerate(distinct)}
+            pair_pos[key] = np.fromiter((index.get(x, len(distinct)) for x in pair_values[key]),
+                                        dtype=np.int64, count=n)
+        for v, key in self._pair_views:
+            rows = [next(replies) for _ in pair_distinct[key]] + [[None] * len(v.features)]
+            block = self._block(rows, len(v.features))[pair_pos[key]]
             for j, f in enumerate(v.features):
                 columns[f] = block[:, j]
-        return finish_feature_frame(pd.DataFrame(columns), query.now_s, query.surface)
+        return finish_feature_frame(pd.DataFrame(columns), query.now_s, query.surface,
+                                    user_id=uid, post_ids=[c.post_id for c in candidates],
+                                    author_ids=[c.author_id for c in candidates])
 
     @staticmethod
     def _block(rows: list[list[bytes | None]], width: int) -> np.ndarray:

@@ -5,25 +5,46 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from core.id_features import id_bucket_columns
 from core.schema import ALL_FEATURES
 from core.request_features import add_request_features
 
 
-def finish_feature_frame(stored: pd.DataFrame, now_s: float, surface: int) -> pd.DataFrame:
-    """Add request-time features (``core.request_features``) and order columns as ALL_FEATURES.
+def finish_feature_frame(stored: pd.DataFrame, now_s: float, surface: int, *, user_id: int,
+                         post_ids, author_ids) -> pd.DataFrame:
+    """Add request-time features (``core.request_features``) and the hashed id buckets
+    (``core.id_features``), and order columns as ALL_FEATURES.
 
     Args:
-        stored: float64 columns of the four feature views, one row per candidate.
+        stored: float64 columns of the feature views (``core.schema.FEATURE_VIEWS``), one row per
+            candidate.
         now_s: request time, epoch seconds UTC.
         surface: the request's surface (``Query.surface``, KuaiRand ``tab`` id, >= 0).
+        user_id: the viewer (``Query.user_id``).
+        post_ids, author_ids: the candidates' ids, aligned with ``stored``'s rows (-1 = unknown
+            author: bucket 0).
 
     Returns:
         float64 DataFrame, columns ``ALL_FEATURES``, index 0..N-1.
+
+    Raises:
+        ValueError: ``post_ids`` / ``author_ids`` are not as long as ``stored``.
     """
     frame = add_request_features(stored, pd.Timestamp(now_s, unit="s", tz="UTC"), surface=surface)
+    frame = frame.reset_index(drop=True)
+    for name, values in _id_columns(len(frame), user_id, post_ids, author_ids).items():
+        frame[name] = values
     out = frame.reindex(columns=list(ALL_FEATURES)).astype("float64")
     out.index = pd.RangeIndex(len(out))
     return out
+
+
+def _id_columns(n: int, user_id: int, post_ids, author_ids) -> dict[str, np.ndarray]:
+    post = np.asarray(post_ids, dtype=np.int64).reshape(-1)
+    author = np.asarray(author_ids, dtype=np.int64).reshape(-1)
+    if len(post) != n or len(author) != n:
+        raise ValueError(f"{n} feature rows but {len(post)} post ids and {len(author)} author ids")
+    return id_bucket_columns(int(user_id), post, author)
 
 
 def empty_feature_frame() -> pd.DataFrame:
@@ -31,7 +52,21 @@ def empty_feature_frame() -> pd.DataFrame:
     return pd.DataFrame(np.empty((0, len(ALL_FEATURES))), columns=list(ALL_FEATURES))
 
 
-def missing_feature_frame(n: int) -> pd.DataFrame:
-    """``n`` all-NaN rows with the ALL_FEATURES columns (float64, index 0..n-1): what the rankers
-    get when feature hydration failed (fail-open)."""
-    return empty_feature_frame().reindex(range(n))
+def missing_feature_frame(n: int, *, user_id: int | None = None, post_ids=None,
+                          author_ids=None) -> pd.DataFrame:
+    """``n`` rows with the ALL_FEATURES columns (float64, index 0..n-1): what the rankers get when
+    feature hydration failed (fail-open). All NaN, except the id buckets (``core.schema.ID_FEATURES``)
+    when the ids are given (they need no store): ``user_id`` and the candidates' ``post_ids`` and
+    ``author_ids`` (aligned, length ``n``).
+
+    Raises:
+        ValueError: ids given for some but not all of user, posts and authors, or of another length.
+    """
+    out = empty_feature_frame().reindex(range(n))
+    given = [x is not None for x in (user_id, post_ids, author_ids)]
+    if any(given):
+        if not all(given):
+            raise ValueError("give user_id, post_ids and author_ids together (or none)")
+        for name, values in _id_columns(n, user_id, post_ids, author_ids).items():
+            out[name] = values
+    return out

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import DoubleType, LongType, TimestampType
 
@@ -227,3 +227,54 @@ def remove_table(state: StateDir, name: str) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+def prelog_counts(prelog: DataFrame, keys: tuple[str, ...]) -> DataFrame:
+    """Pre-log history counts per ``keys`` (e.g. ``("user_id", "author_id")``).
+
+    Args:
+        prelog: the canonical ``prelog_events`` table (``core.schema.PRELOG_EVENTS_COLUMNS``).
+        keys: grouping columns of the table.
+
+    Returns:
+        ``keys`` + ``prelog_ts`` (when the history is known: the latest ``event_ts`` of the group)
+        and the counts ``prelog_watches``, ``prelog_long_views``, ``prelog_likes`` (LongType).
+    """
+    return prelog.groupBy(*keys).agg(
+        F.max("event_ts").alias("prelog_ts"),
+        *(F.sum((F.col("kind") == kind).cast("long")).alias(f"prelog_{col}")
+          for kind, col in (("watch", "watches"), ("long_view", "long_views"), ("like", "likes"))),
+    )
+
+
+def with_prelog(rows: DataFrame, counts: DataFrame, keys: tuple[str, ...],
+                base_values: dict[str, Column]) -> DataFrame:
+    """Event-stamped feature rows plus the pre-log history of their key, point-in-time.
+
+    Every row of ``rows`` (``keys``, ``event_timestamp``, log features) gets the ``prelog_*``
+    counts of its key, but only when the row is stamped at or after the history's ``prelog_ts``
+    (before it the history is not known yet: null). Each key of ``counts`` also gets a row
+    stamped ``prelog_ts`` carrying the key's latest log features from before that instant (or
+    ``base_values``, e.g. zero impressions, when there are none), so the history becomes visible
+    when it is known without hiding earlier log counts. Such a row that would share its (key,
+    timestamp) with a log row is dropped (the log row holds the same history and more).
+
+    Returns:
+        ``rows``' columns + ``prelog_watches``, ``prelog_long_views``, ``prelog_likes``.
+    """
+    prelog_cols = ("prelog_watches", "prelog_long_views", "prelog_likes")
+    log_cols = [c for c in rows.columns if c not in (*keys, "event_timestamp")]
+    joined = rows.join(counts, on=list(keys), how="left")
+    known = F.col("event_timestamp") >= F.col("prelog_ts")
+    log_rows = joined.select(
+        *rows.columns, *(F.when(known, F.col(c)).alias(c) for c in prelog_cols))
+    latest = Window.partitionBy(*keys).orderBy(F.desc("event_timestamp"))
+    before = (joined.where(F.col("event_timestamp") < F.col("prelog_ts"))
+              .withColumn("_rank", F.row_number().over(latest)).where(F.col("_rank") == 1)
+              .select(*keys, *(F.col(c).alias(f"_last_{c}") for c in log_cols)))
+    base = counts.join(before, on=list(keys), how="left").select(
+        *keys, F.col("prelog_ts").alias("event_timestamp"),
+        *(F.coalesce(F.col(f"_last_{c}"), base_values[c]).alias(c) for c in log_cols),
+        *prelog_cols,
+    ).join(rows.select(*keys, "event_timestamp"), on=[*keys, "event_timestamp"], how="left_anti")
+    return log_rows.unionByName(base)

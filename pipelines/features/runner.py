@@ -1,4 +1,4 @@
-"""Run the offline feature jobs: canonical tables -> the four feature tables of ``core.schema.FEATURE_VIEWS``.
+"""Run the offline feature jobs: canonical tables -> the feature tables of ``core.schema.FEATURE_VIEWS``.
 
 ``build_offline_features`` prints one progress line per stage with the time it took. The whole
 batch data path (raw -> validation -> canonical -> features) is ``home-mixer features build``.
@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from pyspark.sql import SparkSession
 
-from core.schema import CONTENT_VIEW, SOCIAL_VIEW, TEMPORAL_VIEW, USER_VIEW
+from core.schema import CONTENT_VIEW, SOCIAL_VIEW, TEMPORAL_VIEW, USER_LONGTERM_VIEW, USER_TAG_VIEW, USER_VIEW
 from core.stages import StageTimer
 from core.state import StateDir
 from pipelines.features.common import (
@@ -24,11 +24,16 @@ from pipelines.features.content import content_features
 from pipelines.features.social import social_features
 from pipelines.features.temporal import temporal_features
 from pipelines.features.user import user_features
+from pipelines.features.user_longterm import user_longterm_features
+from pipelines.features.user_tag import user_tag_features
 
 
 def build_offline_features(spark: SparkSession, state: StateDir, priors: RatePriors | None = None,
                            log: Callable[[str], None] = print) -> dict[str, int]:
-    """Build the user, content, social and temporal feature tables from the canonical tables.
+    """Build every feature table of ``core.schema.FEATURE_VIEWS`` from the canonical tables.
+
+    The pre-log history (``prelog_events``) is optional: without it the ``*_prelog_*`` features
+    are null.
 
     Args:
         spark: the Spark session (``pipelines.spark.spark_session``).
@@ -48,6 +53,7 @@ def build_offline_features(spark: SparkSession, state: StateDir, priors: RatePri
     impressions = read_table(spark, state, "impressions").cache()
     users = read_table(spark, state, "users")
     posts = read_table(spark, state, "posts")
+    prelog = read_table(spark, state, "prelog_events") if state.table("prelog_events").exists() else None
     try:
         with clock.stage("priors") as info:
             priors = priors or RatePriors.from_impressions(impressions)
@@ -58,8 +64,10 @@ def build_offline_features(spark: SparkSession, state: StateDir, priors: RatePri
         jobs = (
             (USER_VIEW, lambda: user_features(impressions, users, priors, base_ts)),
             (CONTENT_VIEW, lambda: content_features(impressions, posts, priors, base_ts)),
-            (SOCIAL_VIEW, lambda: social_features(impressions, priors)),
+            (SOCIAL_VIEW, lambda: social_features(impressions, priors, prelog)),
             (TEMPORAL_VIEW, lambda: temporal_features(impressions)),
+            (USER_LONGTERM_VIEW, lambda: user_longterm_features(impressions, users, priors, base_ts, prelog)),
+            (USER_TAG_VIEW, lambda: user_tag_features(impressions, posts, priors, prelog)),
         )
         counts: dict[str, int] = {}
         for spec, job in jobs:

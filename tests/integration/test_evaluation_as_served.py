@@ -50,9 +50,10 @@ def joined(spark, redis_server, tmp_path_factory):
     store = fs.open_store(state, redis_server.feast_connection_string)
     fs.apply(store, state.tables)
     imp = spark.read.parquet(str(state.table("impressions")))
-    old = fs.historical_features(store, imp.select(
-        "user_id", "post_id", "author_id", imp["event_ts"].alias("event_timestamp"), *HEADS))
-    served = served_feature_rows(spark, store, imp)
+    tags = spark.read.parquet(str(state.table("posts"))).selectExpr("post_id", "primary_tag AS tag_id")
+    old = fs.historical_features(store, imp.join(tags, "post_id").select(
+        "user_id", "post_id", "author_id", "tag_id", imp["event_ts"].alias("event_timestamp"), *HEADS))
+    served = served_feature_rows(spark, store, imp, pd.read_parquet(state.table("posts")))
     return old, served
 
 

@@ -110,6 +110,9 @@ def test_sources_give_hundreds_of_candidates_with_correct_provenance(index, tabl
     assert dropped == 1 and len(hydrated) == len(cands)
     sample = hydrated[::50]
     assert all(posts.loc[c.post_id, "author_id"] == c.author_id for c in sample)
+    # tag_id: the post's primary tag (the canonical posts' primary_tag, -1 when it has no tag)
+    assert all(c.tag_id == posts.loc[c.post_id, "primary_tag"] for c in hydrated)
+    assert {c.tag_id for c in hydrated} - {-1}
     assert all(c.in_network == (c.author_id in q.in_network_authors) for c in hydrated)
 
 
@@ -133,3 +136,12 @@ def test_rebuild_replaces_and_keeps_served_records(index, tables, redis_server, 
     assert client.zscore(keys.served_posts(5), "42") == 1.0
     assert client.dbsize() == size + 1
     assert client.hget(keys.INDEX_META, "as_of").decode() == AS_OF.isoformat()
+
+
+def test_post_metadata_sets_the_primary_tag(redis_client):
+    redis_client.hset(keys.POST_META, mapping={
+        "1": keys.encode_post_meta(7, 100, [3, 5]), "2": keys.encode_post_meta(8, 200, [])})
+    cands = [Candidate(1, "popular"), Candidate(2, "popular"), Candidate(1, "tag_interest")]
+    hydrated, dropped = PostMetadataCandidateHydrator(redis_client).hydrate(_query(1), cands)
+    assert dropped == 0
+    assert [(c.author_id, c.created_ts, c.tag_id) for c in hydrated] == [(7, 100.0, 3), (8, 200.0, -1), (7, 100.0, 3)]

@@ -55,3 +55,48 @@ def test_decode_values_matches_protobuf():
 def test_decode_rejects_non_numeric():
     with pytest.raises(ValueError, match="not numeric"):
         decode_values([Value(string_val="x").SerializeToString()])
+
+
+def test_user_tag_keys_equal_feast_redis_key():
+    layout = FeastRedisLayout("home_mixer")
+    for u, t in ((1, 0), (3, 2 ** 40), (-5, 17)):
+        assert layout.key("user_tag_features", user_id=u, tag_id=t) == \
+            layout.feast_key("user_tag_features", user_id=u, tag_id=t)
+    k = layout.key("user_tag_features", user_id=1, tag_id=2)
+    assert k.index(b"tag_id") < k.index(b"user_id")  # sorted by name
+
+
+def test_layout_hydrator_rejects_unknown_join_keys():
+    import dataclasses
+
+    from core.schema import USER_VIEW
+    from mixer.feature_hydrators import FeastLayoutFeatureHydrator
+
+    odd = dataclasses.replace(USER_VIEW, name="user_video_type", join_keys=("user_id", "video_type"))
+    with pytest.raises(ValueError, match="user_video_type.*author_id.*tag_id"):
+        FeastLayoutFeatureHydrator(None, FeastRedisLayout("home_mixer", views=(USER_VIEW, odd)))
+
+
+def test_finish_feature_frame_adds_id_buckets():
+    import pandas as pd
+
+    from core.id_features import id_bucket_columns
+    from core.schema import ALL_FEATURES, ID_FEATURES
+    from mixer.feature_hydrators.frame import finish_feature_frame, missing_feature_frame
+
+    posts, authors = [5, 9, 5], [2, -1, 2]
+    stored = pd.DataFrame({"user_click_rate": [0.1, 0.2, 0.3]})
+    out = finish_feature_frame(stored, 1.65e9, 0, user_id=7, post_ids=posts, author_ids=authors)
+    assert list(out.columns) == list(ALL_FEATURES) and len(out) == 3
+    want = id_bucket_columns(7, posts, authors)
+    for name in ID_FEATURES:
+        np.testing.assert_array_equal(out[name].to_numpy(), want[name])
+    assert out.loc[1, "id_author_bucket"] == 0 and out.loc[1, "id_post_bucket"] > 0  # unknown author
+    assert out.loc[0, "id_post_bucket"] == out.loc[2, "id_post_bucket"] != out.loc[1, "id_post_bucket"]
+    with pytest.raises(ValueError, match="3 feature rows"):
+        finish_feature_frame(stored, 1.65e9, 0, user_id=7, post_ids=posts[:2], author_ids=authors)
+
+    missing = missing_feature_frame(3, user_id=7, post_ids=posts, author_ids=authors)
+    pd.testing.assert_frame_equal(missing[list(ID_FEATURES)], out[list(ID_FEATURES)])
+    assert missing.drop(columns=list(ID_FEATURES)).isna().all().all()
+    assert missing_feature_frame(2).isna().all().all()

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.schema import ALL_FEATURES, HEADS
+from core.id_features import id_bucket_columns
+from core.schema import ALL_FEATURES, HEADS, ID_FEATURES
 from mixer.blenders import WeightedSumBlender
 from mixer.candidate import Candidate
 from mixer.components import CandidateHydrator, CandidateSource, FeatureHydrator, QueryHydrator, SideEffect
@@ -143,6 +144,13 @@ def test_feature_failure_and_side_effect_failure_fail_open(make_pipeline):
     pipeline, metrics = make_pipeline(features=ScoreByIdFeatures(fail=True), side_effects=[Boom()])
     res = pipeline.run(user_id=4, page_size=5)
     assert len(res.items) == 5 and res.degraded == ["feature_hydration"]
+    # fail-open frame: NaN features, but the id buckets need no store and are still computed
+    rows = pd.DataFrame(res.item_features(), columns=list(ALL_FEATURES))
+    buckets = id_bucket_columns(4, [c.post_id for c in res.items], [c.author_id for c in res.items])
+    for name in ID_FEATURES:
+        np.testing.assert_array_equal(rows[name].to_numpy(), buckets[name])
+    assert (rows[name] > 0).all()
+    assert rows.drop(columns=list(ID_FEATURES)).isna().all().all()
     assert metrics.registry.get_sample_value("hm_mixer_side_effect_failures_total", {"side_effect": "boom"}) == 1
     assert metrics.registry.get_sample_value("hm_mixer_requests_total", {"status": "degraded"}) == 1
 

@@ -236,3 +236,120 @@ def test_prior_offset_model_exports_to_onnx_with_the_same_outputs(tmp_path):
     with torch.no_grad():
         native = net(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(out, native, atol=1e-5)
+
+
+# --- hashed id embeddings and the out-of-vocabulary bucket --------------------------------------
+
+def _id_net(vocab_min: int = 3) -> tuple[HeavyRankerNet, np.ndarray, list[str]]:
+    from models.heavy_ranker import id_vocabulary
+
+    names = ["f0", "id_user_bucket", "id_post_bucket"]
+    rng = np.random.default_rng(2)
+    x = np.c_[rng.normal(size=40), np.r_[np.full(30, 5.0), np.arange(10) + 100.0], np.full(40, 7.0)].astype(np.float32)
+    norm = InputNormalisation.fit(x, names)
+    torch.manual_seed(0)
+    net = HeavyRankerNet(norm, HEADS, hidden=(8,), tower=4, id_vocab=id_vocabulary(x, names, vocab_min)).eval()
+    return net, x, names
+
+
+def test_rare_and_missing_ids_share_the_out_of_vocabulary_embedding():
+    net, x, _ = _id_net()
+    assert net.id_features == ("id_user_bucket", "id_post_bucket")
+    with torch.no_grad():
+        emb = net.id_embeddings[0].weight
+        users = net.embed_ids(torch.tensor([[0.0, 5.0, 7.0], [0.0, 100.0, 7.0], [0.0, float("nan"), 7.0],
+                                            [0.0, 9999.0, 7.0]]))[0]
+    torch.testing.assert_close(users[0], emb[5])  # bucket 5 seen 30 times: its own row
+    for row in users[1:]:  # seen once, missing, never seen: the OOV row 0
+        torch.testing.assert_close(row, emb[0])
+
+
+def test_id_columns_do_not_enter_the_dense_inputs():
+    net, x, _ = _id_net()
+    u = net.normalise(torch.from_numpy(x))
+    assert torch.all(u[:, 1:] == 0) and torch.any(u[:, 0] != 0)
+    assert net.inputs(torch.from_numpy(x)).shape == (len(x), 1 + 2 + 2 * 8)
+
+
+def test_id_embedding_model_exports_to_onnx_with_the_same_outputs(tmp_path):
+    import onnxruntime as ort
+
+    net, x, _ = _id_net()
+    for e in net.id_embeddings:
+        torch.nn.init.normal_(e.weight, std=1.0)
+    for t in net.towers:
+        torch.nn.init.normal_(t[-1].weight, std=0.3)
+    x[3, 1] = np.nan
+    program = torch.onnx.export(net.eval(), (torch.from_numpy(x[:4]),), dynamo=True,
+                                input_names=["features"], output_names=["probabilities"],
+                                dynamic_shapes=({0: torch.export.Dim("batch")},))
+    program.save(str(tmp_path / "ids.onnx"))
+    out = ort.InferenceSession(str(tmp_path / "ids.onnx")).run(None, {"features": x})[0]
+    with torch.no_grad():
+        native = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(out, native, atol=1e-5)
+    assert np.isfinite(out).all()
+
+
+def test_id_embeddings_learn_a_per_id_effect_the_features_cannot_see():
+    rng = np.random.default_rng(11)
+    n_users, per_user, days = 200, 60, 3
+    users = np.repeat(np.arange(n_users), per_user)
+    user_effect = rng.normal(scale=2.0, size=n_users)
+    rows = []
+    for d in range(days):
+        logit = user_effect[users] - 1.0
+        frame = pd.DataFrame({"f0": rng.normal(size=len(users)), "user_id": users, "date": 20220101 + d})
+        for h in HEADS:
+            frame[h] = (rng.random(len(users)) < 1 / (1 + np.exp(-logit))).astype(np.int64)
+        rows.append(frame)
+    frame = pd.concat(rows, ignore_index=True)
+    from core.id_features import id_bucket
+
+    frame["id_user_bucket"] = id_bucket(frame["user_id"].to_numpy(), 1 << 15, 0x5BD1E995)
+    test = frame[frame["date"] == 20220103]
+    with_ids = fit_heavy_ranker(frame[frame["date"] < 20220103], SMALL, feature_names=["f0", "id_user_bucket"])
+    without = fit_heavy_ranker(frame[frame["date"] < 20220103], SMALL, feature_names=["f0"])
+    auc_ids = M.auc(test["click"], with_ids.predict(test)[:, 0])
+    auc_none = M.auc(test["click"], without.predict(test)[:, 0])
+    assert auc_ids > 0.7 and auc_none < 0.55
+
+
+# --- within-context softmax loss (optional) -----------------------------------------------------
+
+def test_context_softmax_loss_matches_the_hand_formula():
+    from models.heavy_ranker import context_softmax_loss
+
+    z = torch.tensor([[2.0], [0.0], [1.0], [3.0], [0.5]])
+    y = torch.tensor([[1.0], [0.0], [1.0], [0.0], [0.0]])
+    ctx = torch.tensor([0, 0, 0, 1, 2])  # context 1 and 2: one class only, ignored
+    lse = torch.logsumexp(z[:3, 0], dim=0)
+    expected = -((z[0, 0] - lse) + (z[2, 0] - lse)) / 2
+    torch.testing.assert_close(context_softmax_loss(z, y, ctx), expected)
+    # shifting a context's logits by a constant changes nothing: only the order inside it counts
+    torch.testing.assert_close(context_softmax_loss(z + torch.tensor([[5.0]] * 3 + [[0.0]] * 2), y, ctx), expected)
+
+
+def test_context_batches_keep_contexts_whole():
+    from models.heavy_ranker import _context_batches
+
+    ctx = np.repeat(np.arange(50), np.arange(50) % 7 + 1)
+    batches = _context_batches(ctx, 40, torch.Generator().manual_seed(0))
+    seen = np.concatenate([b.numpy() for b in batches])
+    assert sorted(seen.tolist()) == list(range(len(ctx)))
+    owner = {}
+    for i, b in enumerate(batches):
+        for c in set(ctx[b.numpy()].tolist()):
+            assert owner.setdefault(c, i) == i
+
+
+def test_ranking_loss_trains_and_keeps_heads_calibrated():
+    frame, _ = synthetic_frame(per_day=3000, days=3)
+    frame["request_id"] = np.arange(len(frame)) // 4
+    last = frame["date"] == frame["date"].max()
+    params = HeavyRankerParams(hidden=(32,), tower=8, max_epochs=4, patience=2, num_threads=1, rank_loss_weight=1.0)
+    fit = fit_heavy_ranker(frame[~last], params, feature_names=FEATURES)
+    p = fit.predict(frame[last])
+    y = frame.loc[last, "click"].to_numpy()
+    assert M.gauc(y, p[:, 0], frame.loc[last, "request_id"].to_numpy()) > 0.7
+    assert M.expected_calibration_error(y, p[:, 0]) < 0.05

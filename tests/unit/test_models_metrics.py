@@ -183,3 +183,35 @@ def test_gauc_interval_covers_the_estimate_and_narrows_with_more_users():
 def test_gauc_interval_rejects_a_group_spanning_two_users():
     with pytest.raises(ValueError, match="spans several clusters"):
         M.gauc_interval([1, 0, 1, 0], [0.9, 0.1, 0.8, 0.2], [7, 7, 7, 7], [1, 1, 2, 2])
+
+
+def test_gauc_difference_interval_is_paired():
+    rng = np.random.default_rng(5)
+    users = np.repeat(np.arange(400), 6)
+    y = rng.integers(0, 2, len(users))
+    noise = rng.random(len(users))
+    better, worse = y * 0.13 + noise, y * 0.1 + noise  # same noise: the difference is consistent
+    d, lo, hi = M.gauc_difference_interval(y, better, worse, users, users, n_boot=300)
+    assert d == pytest.approx(M.gauc(y, better, users) - M.gauc(y, worse, users))
+    assert 0 < lo < d < hi
+    # each score's own interval overlaps the other's, yet the paired one excludes 0
+    assert M.gauc_interval(y, worse, users, users, n_boot=300)[1] > M.gauc_interval(y, better, users, users, n_boot=300)[0]
+    same = M.gauc_difference_interval(y, better, better, users, users, n_boot=100)
+    assert same == (0.0, 0.0, 0.0)
+    d2, lo2, hi2 = M.gauc_difference_interval(y, worse, better, users, users, n_boot=300)
+    assert d2 == pytest.approx(-d) and hi2 < 0
+
+
+def test_gauc_interval_is_unchanged_by_the_shared_bootstrap():
+    # the percentile interval of one score, recomputed by hand from the same draws
+    rng = np.random.default_rng(9)
+    users = np.repeat(np.arange(60), 5)
+    y = rng.integers(0, 2, len(users))
+    p = y * 0.2 + rng.random(len(users))
+    parts = M.group_aucs(y, p, users)
+    draws = np.random.default_rng(0)
+    stats = []
+    for k in draws.binomial(60, len(parts) / 60, 50):
+        idx = draws.integers(0, len(parts), k)
+        stats.append((parts["n"].to_numpy()[idx] * parts["auc"].to_numpy()[idx]).sum() / parts["n"].to_numpy()[idx].sum())
+    assert M.gauc_interval(y, p, users, users, n_boot=50, seed=0) == pytest.approx(tuple(np.quantile(stats, [0.025, 0.975])))

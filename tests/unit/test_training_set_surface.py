@@ -45,6 +45,10 @@ def _impressions(with_tab: bool) -> pd.DataFrame:
     return rows
 
 
+# posts 10..15 (the fixture's), one without a tag
+POSTS = pd.DataFrame({"post_id": range(10, 16), "primary_tag": [3, 3, 5, -1, 7, 7]})
+
+
 @pytest.fixture()
 def no_feast(monkeypatch):
     def historical_features(store, entity):
@@ -54,7 +58,7 @@ def no_feast(monkeypatch):
 
 
 def test_each_row_gets_its_requests_surface(no_feast):
-    out = training_set.served_feature_rows(FakeSpark(), None, FakeSparkFrame(_impressions(True)))
+    out = training_set.served_feature_rows(FakeSpark(), None, FakeSparkFrame(_impressions(True)), POSTS)
     expected = surface_indicators(out["tab"], len(out))
     for col in SURFACE_FEATURES:
         np.testing.assert_array_equal(out[col].to_numpy(), expected[col], err_msg=col)
@@ -64,7 +68,20 @@ def test_each_row_gets_its_requests_surface(no_feast):
 
 
 def test_a_log_without_tab_is_the_home_surface(no_feast):
-    out = training_set.served_feature_rows(FakeSpark(), None, FakeSparkFrame(_impressions(False)))
+    out = training_set.served_feature_rows(FakeSpark(), None, FakeSparkFrame(_impressions(False)), POSTS)
     assert (out["tab"] == HOME_SURFACE).all()
     assert (out[f"req_surface_{HOME_SURFACE}"] == 1.0).all()
     assert (out[list(SURFACE_FEATURES)].sum(axis=1) == 1.0).all()
+
+
+def test_rows_get_their_posts_primary_tag_and_id_buckets(no_feast):
+    from core.id_features import id_bucket_columns
+
+    out = training_set.served_feature_rows(FakeSpark(), None, FakeSparkFrame(_impressions(True)), POSTS)
+    tags = dict(zip(POSTS["post_id"], POSTS["primary_tag"]))
+    assert out["tag_id"].tolist() == [tags[p] for p in out["post_id"]]
+    assert (out["tag_id"] == -1).sum() == 1  # post 13 has no tag
+    expected = id_bucket_columns(out["user_id"].to_numpy(), out["post_id"].to_numpy(), out["author_id"].to_numpy())
+    for col, values in expected.items():
+        np.testing.assert_array_equal(out[col].to_numpy(), values, err_msg=col)
+        assert (values >= 1).all()
