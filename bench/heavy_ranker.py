@@ -2,7 +2,7 @@
 
 Times ``HeavyRankerFit.predict`` (feature matrix from a DataFrame + the torch module) on ``--rows``
 real-shaped rows (sampled from the state's training set; synthetic rows if there is none) over
-``--requests`` sequential calls, for the current architecture (MMoE + popularity-prior offset,
+``--requests`` sequential calls, for the current architecture (MMoE + popularity-prior offset + id embeddings,
 default ``HeavyRankerParams``) and, as the peer, the previous shared-bottom 256-128 network (read
 from ``git show <--peer-rev>:models/heavy_ranker.py``, read-only; skipped when git is unavailable).
 Latency does not depend on the weight values, so the modules are built untrained (normalisation
@@ -82,7 +82,7 @@ def main() -> None:
     x = feature_matrix(frame, names)
     norm = InputNormalisation.fit(x, names)
     p = HeavyRankerParams()
-    models = {"mmoe+prior (current)": HeavyRankerNet(norm, HEADS, p.hidden, p.tower, p.dropout,
+    models = {"mmoe+prior+ids (current)": HeavyRankerNet(norm, HEADS, p.hidden, p.tower, p.dropout,
                                                      n_experts=p.n_experts, prior_offset=p.prior_offset)}
     peer = _peer_module(args.peer_rev)
     if peer is not None and not hasattr(peer.HeavyRankerNet, "gate_weights"):

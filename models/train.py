@@ -26,7 +26,7 @@ import argparse
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -197,11 +197,14 @@ ABLATION_MIN_POSITIVES = 100
 def heavy_ablation(train_df: pd.DataFrame, valid_df: pd.DataFrame, params: HeavyRankerParams,
                    feature_names: Sequence[str] = HEAVY_RANKER_FEATURES,
                    groups: dict[str, Sequence[str]] | None = None, baseline: np.ndarray | None = None,
-                   log=print) -> pd.DataFrame:
+                   noise_seeds: int = 3, log=print) -> pd.DataFrame:
     """Leave-one-group-out ablation of the heavy ranker: what each feature group is worth.
 
     Trains the heavy ranker once per group of ``groups`` (default ``schema.FEATURE_GROUPS``) with
-    that group's features removed (same params and seed), and scores the validation rows.
+    that group's features removed (same params and seed), and scores the validation rows. The
+    full model is also retrained with ``noise_seeds - 1`` other seeds: the spread of its request
+    GAUC over seeds is the training noise a group's change must exceed to mean anything (on
+    KuaiRand's 2 validation days about +-0.01 on click and long_view, more on rare heads).
 
     Args:
         train_df / valid_df: as :func:`train_heavy` (``valid_df`` needs ``request_id``).
@@ -212,7 +215,9 @@ def heavy_ablation(train_df: pd.DataFrame, valid_df: pd.DataFrame, params: Heavy
         DataFrame, one row per variant (``all`` first, then ``-<group>``), columns ``variant``,
         ``removed`` (features dropped), ``<head>_request_gauc`` for every head,
         ``<head>_delta`` (variant minus ``all``; negative = the group helps) and ``mean_delta``
-        over heads with >= ``ABLATION_MIN_POSITIVES`` validation positives.
+        over heads with >= ``ABLATION_MIN_POSITIVES`` validation positives; then, when
+        ``noise_seeds >= 2``, a row ``seed spread`` whose ``<head>_delta`` is the max - min of the
+        full model's request GAUC over the seeds (``<head>_request_gauc``: their mean).
 
     Raises:
         KeyError: ``valid_df`` has no ``request_id`` column.
@@ -240,18 +245,44 @@ def heavy_ablation(train_df: pd.DataFrame, valid_df: pd.DataFrame, params: Heavy
     for h in HEADS:
         table[f"{h}_delta"] = table[f"{h}_request_gauc"] - table.loc[0, f"{h}_request_gauc"]
     table["mean_delta"] = table[[f"{h}_delta" for h in major]].mean(axis=1) if major else np.nan
+    if noise_seeds >= 2:
+        runs = [rows[0]]
+        for k in range(1, noise_seeds):
+            seeded = replace(params, seed=params.seed + k)
+            runs.append(scores(fit_heavy_ranker(train_df, seeded, names, HEADS).predict(valid_df)))
+            log(f"[ablation] full model, seed {seeded.seed} (training noise)")
+        spread = {"variant": "seed spread", "removed": 0}
+        for h in HEADS:
+            values = np.array([r[f"{h}_request_gauc"] for r in runs], dtype=float)
+            spread[f"{h}_request_gauc"] = float(np.nanmean(values))
+            spread[f"{h}_delta"] = float(np.nanmax(values) - np.nanmin(values))
+        spread["mean_delta"] = float(np.mean([spread[f"{h}_delta"] for h in major])) if major else np.nan
+        table = pd.concat([table, pd.DataFrame([spread])], ignore_index=True)
     return table
 
 
 def format_ablation(table: pd.DataFrame) -> str:
-    """The ablation table as aligned text: request GAUC per head with its change from ``all``."""
+    """The ablation table as aligned text: request GAUC per head with its change from ``all``.
+
+    The ``seed spread`` row shows the mean over seeds and, in place of a change, the max - min
+    (``±``); a change no larger than the spread is marked ``~`` (training noise)."""
     heads = [h for h in HEADS if f"{h}_request_gauc" in table]
-    lines = [f"{'variant':<18}{'removed':>8}" + "".join(f"{h:>16}" for h in heads) + f"{'mean delta':>12}"]
+    noise = table.loc[table["variant"] == "seed spread"]
+    spread = {h: float(noise[f"{h}_delta"].iloc[0]) for h in heads} if len(noise) else {}
+    lines = [f"{'variant':<18}{'removed':>8}" + "".join(f"{h:>17}" for h in heads) + f"{'mean delta':>12}"]
     for _, row in table.iterrows():
-        cells = "".join(
-            f"{row[f'{h}_request_gauc']:>9.3f}" + (f" {row[f'{h}_delta']:+.3f}" if row["variant"] != "all" else " " * 7)
-            for h in heads)
+        cells = ""
+        for h in heads:
+            d = row[f"{h}_delta"]
+            if row["variant"] == "all":
+                tail = " " * 8
+            elif row["variant"] == "seed spread":
+                tail = f" ±{d:.3f} "
+            else:
+                tail = f" {d:+.3f}" + ("~" if h in spread and abs(d) <= spread[h] else " ")
+            cells += f"{row[f'{h}_request_gauc']:>9.3f}{tail}"
         lines.append(f"{row['variant']:<18}{int(row['removed']):>8}{cells}{row['mean_delta']:>+12.4f}")
+    lines.append("~ : the change is within the full model's spread over seeds (training noise)")
     return "\n".join(lines)
 
 
@@ -281,10 +312,13 @@ def train_heavy(
 
     p_cal = fit.predict(valid_df)
     p_raw = fit.predict_uncalibrated(valid_df)
-    table = heavy_ablation(train_df, valid_df, params, fit.feature_names, baseline=p_cal, log=log) \
-        if ablation else None
     users = valid_df["user_id"].to_numpy()
     requests = _requests(valid_df)
+    table = None
+    if ablation and requests is None:
+        log("ablation skipped: the validation rows carry no request ids (request GAUC needs them)")
+    elif ablation:
+        table = heavy_ablation(train_df, valid_df, params, fit.feature_names, baseline=p_cal, log=log)
     nested = {}
     for j, head in enumerate(HEADS):
         y = valid_df[head].to_numpy()

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from core.schema import (
@@ -247,3 +248,22 @@ def test_evaluate_rankers_reports_heads_and_orderings(trained, frames, state):
     path = report.to_json(state.reports / "eval.json")
     assert json.loads(path.read_text())["rows"] == len(valid)
     assert "blended" in report.to_table()
+
+
+def test_ablation_table_is_logged_in_the_heavy_run(frames, state):
+    import mlflow
+
+    from core.schema import FEATURE_GROUPS
+
+    train, valid = frames
+    fast = HeavyRankerParams(hidden=(16,), tower=8, max_epochs=2, patience=1, num_threads=1)
+    result = train_heavy(train, valid, state, register=False, params=fast, ablation=True, log=lambda line: None)
+    table = result.ablation
+    assert table["variant"].tolist() == ["all", *(f"-{g}" for g in FEATURE_GROUPS), "seed spread"]
+    with mlflow_uris(state.mlflow_tracking_uri):
+        raw = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/ablation.json")  # log_table's JSON
+    logged = pd.DataFrame(raw["data"], columns=raw["columns"])
+    assert logged["variant"].tolist() == table["variant"].tolist()
+    np.testing.assert_allclose(logged["click_request_gauc"].to_numpy(float), table["click_request_gauc"].to_numpy(float))
+    # the full row is the run's own validation metric
+    assert table.loc[0, "click_request_gauc"] == pytest.approx(result.metrics["valid_click_request_gauc"])

@@ -1,0 +1,50 @@
+"""Leave-one-group-out ablation of the heavy ranker (models.train.heavy_ablation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core.schema import HEADS
+from models.heavy_ranker import HeavyRankerParams
+from models.train import format_ablation, heavy_ablation
+from tests.unit.test_models_heavy_ranker import FEATURES, synthetic_frame
+
+PARAMS = HeavyRankerParams(hidden=(32,), tower=8, max_epochs=8, patience=2, num_threads=1, id_embedding_dim=0)
+
+
+@pytest.fixture(scope="module")
+def table():
+    frame, _ = synthetic_frame(per_day=4000, days=4)
+    frame["request_id"] = np.arange(len(frame)) // 20
+    last = frame["date"] == frame["date"].max()
+    # every head depends on all six features; "most" removes five of them, "one" a single one
+    groups = {"most": tuple(FEATURES[:5]), "one": (FEATURES[5],)}
+    return heavy_ablation(frame[~last], frame[last], PARAMS, FEATURES, groups=groups, noise_seeds=2,
+                          log=lambda line: None)
+
+
+def test_one_row_per_group_plus_the_full_model_and_the_seed_spread(table):
+    assert table["variant"].tolist() == ["all", "-most", "-one", "seed spread"]
+    assert table["removed"].tolist() == [0, 5, 1, 0]
+
+
+def test_deltas_are_differences_from_the_full_model(table):
+    for h in HEADS:
+        np.testing.assert_allclose(table[f"{h}_delta"][:3], table[f"{h}_request_gauc"][:3] - table[f"{h}_request_gauc"][0])
+    assert (table.loc[table.variant == "seed spread", [f"{h}_delta" for h in HEADS]].to_numpy() >= 0).all()
+
+
+def test_removing_most_of_the_signal_costs_more_than_the_seed_noise(table):
+    most = table.set_index("variant").loc["-most"]
+    spread = table.set_index("variant").loc["seed spread"]
+    for head in ("click", "long_view"):  # the heads with enough positives to measure
+        assert most[f"{head}_delta"] < -0.05 and -most[f"{head}_delta"] > spread[f"{head}_delta"]
+    assert most["mean_delta"] < table.set_index("variant").loc["-one", "mean_delta"]
+
+
+def test_text_table_marks_changes_within_the_noise(table):
+    text = format_ablation(table)
+    assert text.splitlines()[0].split()[:3] == ["variant", "removed", "click"]
+    assert "seed spread" in text and "±" in text and "training noise" in text
+    assert "-most" in text
