@@ -61,6 +61,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def http_ok(url: str, timeout_s: float = 1.0) -> bool:
+    """True when ``GET url`` answers 200 within ``timeout_s``; False on any HTTP or connection
+    error (a readiness / liveness probe: never raises)."""
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     """True if a server could listen on ``host:port`` now (connections in TIME_WAIT do not count,
     as servers set ``SO_REUSEADDR``)."""

@@ -78,6 +78,31 @@ class StateDir:
         """Pid and port files of services started by home-mixer."""
         return self.root / "run"
 
+    @property
+    def materialization_record(self) -> Path:
+        """``run/materialization.json``: when the online store was last filled and up to when."""
+        return self.run / "materialization.json"
+
+    def record_materialization(self, until) -> Path:
+        """Record a ``materialize`` that just finished: wall-clock time now (epoch s) and the event
+        time it filled up to (``until``, a datetime). Read by the freshness gauge."""
+        import json
+        import time
+
+        self.run.mkdir(parents=True, exist_ok=True)
+        self.materialization_record.write_text(json.dumps({"materialized_at": time.time(),
+                                                           "until": until.timestamp()}))
+        return self.materialization_record
+
+    def last_materialization(self) -> dict | None:
+        """``{"materialized_at": epoch s, "until": epoch s}`` of the last ``materialize``, or None."""
+        import json
+
+        try:
+            return json.loads(self.materialization_record.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
     def ensure(self) -> "StateDir":
         for p in (self.tables, self.redis, self.mlflow_artifacts, self.feast, self.reports, self.run):
             p.mkdir(parents=True, exist_ok=True)

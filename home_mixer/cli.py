@@ -71,6 +71,10 @@ def _print_status(label: str, status: dict) -> None:
           f"{'ready' if status['ready'] else 'not ready'}, log {status['log']})")
     for name, versions in (status.get("models") or {}).items():
         print(f"  {name}: ready versions {versions}")
+    for t in status.get("targets") or []:  # Prometheus: what it scrapes, and the alerts pending or firing
+        print(f"  target {t['job']} {t['url']}: {t['health']}" + (f" ({t['last_error']})" if t["last_error"] else ""))
+    for a in status.get("alerts") or []:
+        print(f"  alert {a['name']}: {a['state']}")
     if status.get("error"):
         print(f"  error: {status['error']}")
 
@@ -174,6 +178,28 @@ def _triton_sync_action(state: StateDir, args, running) -> int:
     return 0
 
 
+def _prometheus_class():
+    from monitoring.prometheus_server import PrometheusServer
+
+    return PrometheusServer
+
+
+def _prometheus_targets(state: StateDir, args, running) -> None:
+    """Start the drift exporter if it is not running, then print what Prometheus scrapes (from the
+    run records); a running Prometheus re-reads the refreshed targets."""
+    from monitoring.exporter import DriftExporterServer
+
+    exporter = DriftExporterServer.find(state)
+    if exporter is None:
+        exporter = DriftExporterServer(state).start()
+        print(f"drift exporter started: {exporter.url}/metrics (pid {exporter.pid})")
+    srv = running if running is not None else _prometheus_class()(state)
+    targets = srv.write_targets() if running is not None else srv.targets()
+    for job, found in targets.items():
+        if job != "prometheus":
+            print(f"  scrape {job}: {', '.join(t['address'] for t in found) or '(none recorded)'}")
+
+
 def _make_mixer(state: StateDir, args):
     from home_mixer import jobs
     from mixer.server import MixerServer
@@ -188,12 +214,29 @@ SERVICES: dict[str, ServiceSpec] = {
                           before_start=_triton_sync, extra_actions={"sync": _triton_sync_action}),
     "bentoml": ServiceSpec("bentoml", _bento_class, lambda state, args: _bento_class()(state, port=args.port)),
     "mixer": ServiceSpec("mixer", _mixer_class, _make_mixer),
+    "prometheus": ServiceSpec("prometheus", _prometheus_class,
+                              lambda state, args: _prometheus_class()(state, port=args.port,
+                                                                      scrape_interval_s=args.scrape_interval),
+                              before_start=_prometheus_targets),
 }
 
 
 def cmd_service(args) -> int:
     """``home-mixer services ...`` (Redis) and ``home-mixer serve triton|bentoml|mixer ...``."""
     return run_service_action(SERVICES[args.service_spec], args)
+
+
+def cmd_monitor_service(args) -> int:
+    """``home-mixer monitor start|stop|status``: Prometheus and the drift exporter it scrapes."""
+    code = run_service_action(SERVICES["prometheus"], args)
+    if args.action == "stop":
+        from monitoring.exporter import DriftExporterServer
+
+        exporter = DriftExporterServer.find(_state(args))
+        if exporter is not None:
+            exporter.stop()
+            print("drift exporter stopped")
+    return code
 
 
 def _add_service_parser(subparsers, name: str, spec: str, help_text: str, description: str,
@@ -291,14 +334,36 @@ def cmd_train(args) -> int:
         results["light_ranker"] = train_light(train, valid, state, register=not args.no_register,
                                               set_champion=not args.no_promote)
     if args.model in ("heavy", "both"):
-        results["heavy_ranker"] = train_heavy(train, valid, state, register=not args.no_register,
-                                              set_champion=not args.no_promote, ablation=args.ablation)
+        results["heavy_ranker"] = heavy = train_heavy(train, valid, state, register=not args.no_register,
+                                                      set_champion=not args.no_promote, ablation=args.ablation)
+        # drift is measured against the champion's training window: it travels with the version
+        from home_mixer.drift_job import profile_training_window
+
+        profile_training_window(state, heavy.run_id, train, heavy.model)
     for name, res in results.items():
         print(f"{name}: run {res.run_id} version {res.model_version}")
         print(json.dumps(res.metrics, indent=1, default=float))
         if res.ablation is not None:
             print(format_ablation(res.ablation))
     return 0
+
+
+def cmd_monitor_drift(args) -> int:
+    from home_mixer.drift_job import run_drift
+    from monitoring.reference import ReferenceNotFoundError
+
+    state = _state(args)
+    try:
+        run = run_drift(state, window=args.window, against=args.against,
+                        log=Path(args.log) if args.log else None, data_dir=Path(args.data),
+                        method=args.method, max_drift_share=args.max_drift_share,
+                        out_dir=Path(args.out) if args.out else None)
+    except (ValueError, ReferenceNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    print(run.summary.to_text())
+    print(f"report: {run.html}\nsummary: {run.json}")
+    # non-zero when the gate fails, so a scheduler or CI can act on it
+    return 0 if run.summary.passed else 3
 
 
 def _logged_training_set(state, window_s: float):
@@ -654,6 +719,36 @@ def build_parser() -> argparse.ArgumentParser:
     mx.add_argument("--config", help="mixer YAML (default: embedded mixer/mixer.yaml)")
     mx.add_argument("--host", default="127.0.0.1")
     mx.set_defaults(func=cmd_serve_mixer)
+
+    mo = sub.add_parser("monitor", help="drift monitoring and Prometheus (start|stop|status)")
+    mosub = mo.add_subparsers(dest="action", required=True)
+    dr = mosub.add_parser("drift", help="a window against the champion's training reference (Evidently); "
+                                        "exit 3 when the share of drifted features passes the gate")
+    dr.add_argument("--window", help="1h / 24h / <n>h / <n>m: the mixer's production sample of that recent window; "
+                                     "or FROM..TO log dates (yyyymmdd) of the training set (default: the validation days)")
+    dr.add_argument("--against", default="champion",
+                    help="'champion' (its training reference, default) or FROM..TO dates of the training set")
+    dr.add_argument("--log", help="an impression log CSV (KuaiRand schema) as the current window")
+    dr.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="users/videos folder for --log")
+    dr.add_argument("--method", help="one Evidently stat test for every column, e.g. psi (default: per column type and size)")
+    dr.add_argument("--max-drift-share", type=float, default=0.3, help="gate on the share of drifted features")
+    dr.add_argument("--out", help="report folder (default <state>/reports/drift/<time>)")
+    dr.set_defaults(func=cmd_monitor_drift)
+    for action, text in (("start", "start the drift exporter and Debian's Prometheus for the state folder (scrapes "
+                                   "the mixer, the stream processor and the drift exporter; alert rules loaded); "
+                                   "refreshes its targets if it runs"),
+                         ("stop", "stop the state folder's Prometheus and drift exporter"),
+                         ("status", "is Prometheus running: address, scrape targets, alerts (exit 1 if not)")):
+        pm = mosub.add_parser(action, help=text, description=text + ". Config, data and log in <state>/prometheus; "
+                              "record in <state>/run/prometheus.json.")
+        pm.add_argument("--timeout", type=float, default=None,
+                        help="start: seconds to wait for readiness (default: the service's)")
+        pm.add_argument("--json", action="store_true", help="status: print a JSON object")
+        pm.add_argument("--port", type=int, default=None,
+                        help="start: port on 127.0.0.1 (default: the one recorded in <state>/run, else a free one)")
+        pm.add_argument("--scrape-interval", type=_positive_float, default=5.0,
+                        help="start: scrape and rule-evaluation interval in seconds (default 5)")
+        pm.set_defaults(func=cmd_monitor_service, service_spec="prometheus")
 
     ex = sub.add_parser("export", help="export a registered ranker to ONNX (checked against the native model)")
     ex.add_argument("--model", choices=sorted(MODEL_NAMES), required=True)

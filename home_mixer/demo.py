@@ -27,7 +27,7 @@ from core.stages import StageTimer
 from core.state import StateDir
 from mixer.server import MixerServer
 
-STAGES = 13
+STAGES = 14
 REPLAY_HOURS = 2.5   # the log's last hours replayed by the real-time stage ...
 REPLAY_SPEED = 600   # ... at 10 log minutes per wall second (15 s)
 FUNNEL_USERS = 100   # validation-day users whose candidate sets measure the light ranker's funnel recall
@@ -147,6 +147,38 @@ def realtime_stage(state: StateDir, redis_url: str, base: str, data_dir: Path, a
     return "\n".join(lines)
 
 
+# The injected fault: one feature of the content table changes unit (ms -> us, x 1000) and another
+# arrives empty for a share of the rows, as a broken upstream job would deliver them.
+FAULT_UNIT_COLUMN = "post_duration_ms"
+FAULT_NULL_COLUMN = "post_click_rate_24h"
+FAULT_NULL_SHARE = 0.2
+
+
+def drift_stage(state: StateDir, valid: pd.DataFrame) -> str:
+    """Drift of the validation days against the champion's reference, then of a faulted copy of the
+    validation window against the clean one; returns the lines to print."""
+    import numpy as np
+
+    from home_mixer.drift_job import run_drift
+
+    days = sorted(int(d) for d in pd.unique(valid["date"]))
+    window = f"{days[0]}..{days[-1]}"
+    natural = run_drift(state, window=window)
+    lines = ["Drift: validation days vs the champion's training reference (Evidently)",
+             natural.summary.to_text(top=5), f"  report {natural.html}", ""]
+    faulty = valid.copy()
+    faulty[FAULT_UNIT_COLUMN] = faulty[FAULT_UNIT_COLUMN] * 1000
+    rng = np.random.default_rng(0)
+    faulty.loc[rng.random(len(faulty)) < FAULT_NULL_SHARE, FAULT_NULL_COLUMN] = np.nan
+    fault = run_drift(state, against=window, frame=faulty)
+    flagged = [c.column for c in fault.summary.drifted_features()]
+    lines += [f"Injected fault in a copy of the validation window: {FAULT_UNIT_COLUMN} x 1000, "
+              f"{FAULT_NULL_SHARE:.0%} nulls in {FAULT_NULL_COLUMN}; against the clean window the drift job flags "
+              f"{flagged} (exit code {0 if fault.summary.passed else 3} at gate {fault.summary.max_drift_share})",
+              f"  report {fault.html}"]
+    return "\n".join(lines)
+
+
 def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_users: int = 3,
              keep_running: bool = False) -> int:
     """Run every stage on the data in ``data_dir``; returns a process exit code."""
@@ -155,6 +187,7 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
     from models.train import format_ablation, train_heavy, train_light
     from pipelines.candidate_index import build_candidate_index
     from pipelines.spark import spark_session
+    from home_mixer.drift_job import profile_training_window
     from home_mixer.evaluation import add_funnel_to_report, control_weights, funnel_recall, validation_users
 
     timer = StageTimer(total=STAGES)
@@ -189,7 +222,9 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
         with timer.stage("train heavy ranker (torch MMoE, 7 heads, id embeddings) + feature-group ablation "
                          "-> MLflow, register, alias champion"):
             heavy = train_heavy(train, valid, state, ablation=True, log=lambda line: print(f"  {line}"))
-            print(f"  run {heavy.run_id}, version {heavy.model_version}")
+            profile_training_window(state, heavy.run_id, train, heavy.model)
+            print(f"  run {heavy.run_id}, version {heavy.model_version} (reference profile of the training "
+                  "window logged with it)")
         with timer.stage("materialise features into Redis (Feast)"):
             jobs.materialize(store, state)
         with timer.stage("candidate index in Redis"):
@@ -203,6 +238,8 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
             funnel = funnel_recall(state, validation_users(state, FUNNEL_USERS), redis_url=srv.url,
                                    as_of=jobs.log_end(state))
             add_funnel_to_report(state.reports / "evaluation.json", funnel)
+        with timer.stage("drift: validation days vs the champion's training reference; an injected fault"):
+            drift_lines = drift_stage(state, valid)
         with timer.stage("start the mixer and request home timelines over HTTP"):
             as_of = jobs.log_end(state)
             config = state.run / "demo-mixer.yaml"  # merged over the embedded mixer/mixer.yaml
@@ -232,6 +269,8 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
         print("Offline evaluation on the validation days (inside requests, features as served)")
         print(report.to_table())
         print(funnel.to_line())
+        print()
+        print(drift_lines)
         print()
         print("Heavy ranker ablation (request GAUC on the validation days; each feature group removed in turn)")
         print(format_ablation(heavy.ablation))

@@ -87,4 +87,6 @@ def materialize(store, state: StateDir) -> tuple[datetime, datetime]:
     start = min(BASE_ROW_TS.to_pydatetime(), log_span(state)[0])
     end = log_end(state)
     fs.materialize(store, start, end)
+    state.record_materialization(end)
     return start, end
+

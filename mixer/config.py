@@ -143,6 +143,17 @@ class FeatureLoggingSettings(_Strict):
     stream_maxlen: int = Field(100_000, ge=1)  # approximate cap (MAXLEN ~), entries
 
 
+class DriftSampleSettings(_Strict):
+    """The production sample of drift monitoring (``mixer/side_effects/drift_sample.py``): a share of
+    requests, up to ``per_request`` heavy-ranked candidates each, to the capped stream
+    ``core.online_layout.DRIFT_SAMPLE``."""
+
+    enabled: bool = True
+    rate: float = Field(0.01, ge=0, le=1)  # share of requests
+    per_request: int = Field(20, ge=1)
+    stream_maxlen: int = Field(50_000, ge=1)  # approximate cap (MAXLEN ~), entries
+
+
 class ArmSettings(_Strict):
     """One experiment arm: its share of users and its blender weight per head."""
 
@@ -245,6 +256,7 @@ class MixerConfig(_Strict):
     page: PageSettings = PageSettings()
     served: ServedSettings = ServedSettings()
     feature_logging: FeatureLoggingSettings = FeatureLoggingSettings()
+    drift_sample: DriftSampleSettings = DriftSampleSettings()
     experiment: ExperimentSettings
     clock: ClockSettings = ClockSettings()
     realtime: RealtimeSettings = RealtimeSettings()

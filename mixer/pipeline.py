@@ -14,7 +14,7 @@ the request entry point around it (``HomeTimelinePipeline``).
                          one probability per head
     blender              WeightedSumBlender with the arm's weights
     selectors            AuthorDiversitySelector (decay + cap per author), PageSelector (+ cursor)
-    side effects         ServedPostsSideEffect, ImpressionLogSideEffect, FeatureLogSideEffect (the
+    side effects         ServedPostsSideEffect, ImpressionLogSideEffect, FeatureLogSideEffect, DriftSampleSideEffect (the
                          served items' feature rows), RequestMetricsSideEffect
 
 Filters run on core data (author, creation time) before feature hydration so filtered posts cost
@@ -61,6 +61,7 @@ from mixer.query_hydrators import ExperimentArmQueryHydrator, UserContextQueryHy
 from mixer.scorers import HeavyRankerScorer, LightRankerScorer, RankerHandle
 from mixer.selectors import AuthorDiversitySelector, PageCursor, PageSelector, TopKSelector
 from mixer.side_effects import (
+    DriftSampleSideEffect,
     FeatureLogSideEffect,
     ImpressionLogSideEffect,
     RequestMetricsSideEffect,
@@ -145,6 +146,8 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
             ImpressionLogSideEffect(client, config.served.impression_stream_maxlen),
             FeatureLogSideEffect(client, config.feature_logging.stream_maxlen,
                                  enabled=config.feature_logging.enabled),
+            DriftSampleSideEffect(client, config.drift_sample.rate, config.drift_sample.per_request,
+                                  config.drift_sample.stream_maxlen, enabled=config.drift_sample.enabled),
             RequestMetricsSideEffect(metrics),  # after_total: sees every timing, "total" included
         ],
     )

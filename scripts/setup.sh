@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create the virtual environment from requirements.lock and install system services (redis-server).
+# Create the virtual environment from requirements.lock and install system services (redis-server,
+# prometheus + promtool).
 # Idempotent: a venv whose lock hash matches is reused. Prints the venv path on its last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,21 @@ if ! command -v redis-server >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >&2
 fi
 # Debian starts a system redis on 6379 after install; we never use it (ours run on free ports).
+
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  echo "[setup] installing Debian's prometheus (with promtool)" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >&2
+  # The package may start a system prometheus on :9090; we run our own per state folder
+  # (`home-mixer monitor start`), so stop and disable the system one.
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+  elif [ -x /etc/init.d/prometheus ]; then
+    $SUDO /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+    if command -v update-rc.d >/dev/null 2>&1; then $SUDO update-rc.d prometheus disable >/dev/null 2>&1 || true; fi
+  fi
+fi
 
 PY=${PYTHON:-python3.11}
 # One venv per (lock, interpreter, checkout): the project is installed editable, so two checkouts

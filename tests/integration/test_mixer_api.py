@@ -80,6 +80,20 @@ def _write_online_features(frame: pd.DataFrame, users: list[int], state: StateDi
         store.write_to_online_store(spec.name, _latest_rows(source, spec))
 
 
+def prepare_served_state(state: StateDir, data_dir, redis_server, users: list[int]) -> tuple[str, "redis.Redis"]:
+    """A flushed Redis database ``DB`` with the candidate index, tiny rankers in the state's MLflow and
+    the online features of ``users`` (and of every post); returns its URL and a client."""
+    from pipelines.candidate_index import build_candidate_index
+
+    url = f"redis://127.0.0.1:{redis_server.port}/{DB}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    build_candidate_index(state, url, AS_OF, tables=_canonical(data_dir))
+    frame = _train_rankers(data_dir, state)
+    _write_online_features(frame, users, state, redis_server)
+    return url, client
+
+
 @pytest.fixture(scope="module")
 def known_users(data_dir) -> list[int]:
     log = pd.read_csv(data_dir / "log_standard_20220425_20220504.csv", usecols=["user_id"])
@@ -94,15 +108,8 @@ def mixer_state(tmp_path_factory) -> StateDir:
 
 @pytest.fixture(scope="module")
 def mixer_server(data_dir, redis_server, mixer_state, known_users):
-    from pipelines.candidate_index import build_candidate_index
-
     state = mixer_state
-    url = f"redis://127.0.0.1:{redis_server.port}/{DB}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    build_candidate_index(state, url, AS_OF, tables=_canonical(data_dir))
-    frame = _train_rankers(data_dir, state)
-    _write_online_features(frame, known_users, state, redis_server)
+    url, client = prepare_served_state(state, data_dir, redis_server, known_users)
 
     proc, base = _start_mixer(state, {
         "redis_url": url,

@@ -267,3 +267,32 @@ def test_ablation_table_is_logged_in_the_heavy_run(frames, state):
     np.testing.assert_allclose(logged["click_request_gauc"].to_numpy(float), table["click_request_gauc"].to_numpy(float))
     # the full row is the run's own validation metric
     assert table.loc[0, "click_request_gauc"] == pytest.approx(result.metrics["valid_click_request_gauc"])
+
+
+def test_reference_profile_travels_with_the_version_and_gates_drift(frames, state, trained, tmp_path, capsys):
+    from home_mixer.cli import main
+    from home_mixer.drift_job import profile_training_window, run_drift
+    from monitoring.reference import ReferenceNotFoundError, load_reference, score_column
+    from pipelines.training_set import TRAINING_SET_TABLE
+
+    train, valid = frames
+    heavy = trained[1]
+    with pytest.raises(ReferenceNotFoundError, match="retrain"):
+        load_reference(state.mlflow_tracking_uri, version=heavy.model_version)
+    profile = profile_training_window(state, heavy.run_id, train, heavy.model)
+    reference, version = load_reference(state.mlflow_tracking_uri)
+    assert version == heavy.model_version and reference.profile == profile
+    np.testing.assert_allclose(reference.sample[score_column("click")].mean(),
+                               profile["heads"]["click"]["mean"], rtol=1e-9)
+    # the drift job on the state's validation days against that reference
+    pd.concat([train, valid]).to_parquet(state.table(TRAINING_SET_TABLE), index=False)
+    run = run_drift(state, out_dir=tmp_path / "drift")
+    assert run.html.exists() and json.loads(run.json.read_text())["drift_share"] == run.summary.drift_share
+    assert run.summary.current["rows"] == len(valid)
+    # the CLI exits 3 when the gate fails, 0 when it passes
+    gate = run.summary.drift_share
+    assert main(["--state", str(state.root), "monitor", "drift", "--max-drift-share", str(max(gate - 0.01, 0)),
+                 "--out", str(tmp_path / "cli")]) == (3 if gate > 0 else 0)
+    assert main(["--state", str(state.root), "monitor", "drift", "--max-drift-share", "1.0",
+                 "--out", str(tmp_path / "cli2")]) == 0
+    assert "drift share" in capsys.readouterr().out

@@ -441,7 +441,8 @@ def test_home_timeline_declaration_reads_top_to_bottom_and_gates_from_config():
     assert isinstance(p.scoring[1].selectors[0], TopKSelector)
     assert [type(s) for s in p.selectors] == [AuthorDiversitySelector, PageSelector]
     assert [(e.name, e.after_total) for e in p.side_effects] == [
-        ("served_posts", False), ("impression_log", False), ("feature_log", False), ("request_metrics", True)]
+        ("served_posts", False), ("impression_log", False), ("feature_log", False), ("drift_sample", False),
+        ("request_metrics", True)]
     assert p.model_versions == {"light_ranker": "3", "heavy_ranker": "4"}
     q = _query()
     assert p.candidate_sources[2].enabled(q) and p.feature_hydrators[1].enabled(q)

@@ -47,6 +47,7 @@ GOLDEN: dict[str, tuple[tuple, str]] = {
     "served_posts": ((3,), "hm:served:3"),
     "SERVED_IMPRESSIONS": ((), "hm:served_impressions"),
     "SERVED_FEATURES": ((), "hm:served_features"),
+    "DRIFT_SAMPLE": ((), "hm:drift_sample"),
     "rt_seen_event": (("e-1",), "hm:rt:seen:e-1"),
     "rt_post_counts": ((10,), "hm:rt:post:10:counts"),
     "rt_post_meta": ((10,), "hm:rt:post:10:meta"),
