@@ -79,7 +79,7 @@ def production_window(state: StateDir, seconds: float) -> pd.DataFrame:
 def profile_training_window(state: StateDir, run_id: str, train_df: pd.DataFrame, heavy_fit) -> dict:
     """Log the reference profile of a heavy ranker's training window to its run; returns the profile."""
     days = sorted(int(d) for d in pd.unique(train_df["date"]))
-    reference = build_reference(train_df, heavy_fit.predict(train_df), heads=heavy_fit.heads,
+    reference = build_reference(train_df, heavy_fit.predict, heads=heavy_fit.heads,
                                 description=f"training days {days[0]}..{days[-1]}")
     log_reference(reference, run_id, state.mlflow_tracking_uri)
     return reference.profile

@@ -73,38 +73,40 @@ class ReferenceProfile:
     profile: dict
 
 
-def build_reference(frame: pd.DataFrame, scores: np.ndarray, heads=HEADS, max_rows: int = DEFAULT_SAMPLE_ROWS,
+def build_reference(frame: pd.DataFrame, predict, heads=HEADS, max_rows: int = DEFAULT_SAMPLE_ROWS,
                     seed: int = 0, description: str = "") -> ReferenceProfile:
     """Profile a training window.
 
     Args:
         frame: training-set rows (``pipelines.training_set``): the monitored features, labels,
             ``tab``, ``date``.
-        scores: the heavy ranker's calibrated probabilities for ``frame``, ``float [N, H]`` in
-            ``heads`` order.
+        predict: ``rows -> float [len(rows), H]``, the heavy ranker's calibrated probabilities in
+            ``heads`` order; called on the sampled rows only (scoring the whole window would be
+            wasted on rows the sample drops).
         max_rows: sample size (rows drawn uniformly without replacement, seeded).
         description: free text kept in the profile (e.g. "training days 20220425..20220502").
 
     Raises:
-        ValueError: ``scores`` does not have one row per frame row and one column per head, or the
-            frame is empty.
+        ValueError: ``predict`` does not return one row per sampled row and one column per head, or
+            the frame is empty.
         KeyError: monitored feature columns are missing (names them).
     """
-    scores = np.asarray(scores, dtype=np.float64)
     heads = tuple(heads)
     if len(frame) == 0:
         raise ValueError("cannot profile an empty training window")
-    if scores.shape != (len(frame), len(heads)):
-        raise ValueError(f"scores of shape {scores.shape} do not match {len(frame)} rows x {len(heads)} heads")
     features = monitored_features()
     missing = [f for f in features if f not in frame.columns]
     if missing:
         raise KeyError(f"the frame lacks monitored feature columns {missing}")
     rng = np.random.default_rng(seed)
     idx = np.sort(rng.choice(len(frame), size=min(max_rows, len(frame)), replace=False))
-    sample = frame.iloc[idx][list(features)].apply(pd.to_numeric, errors="coerce").astype("float64")
+    rows = frame.iloc[idx]
+    scores = np.asarray(predict(rows), dtype=np.float64)
+    if scores.shape != (len(idx), len(heads)):
+        raise ValueError(f"scores of shape {scores.shape} do not match {len(idx)} rows x {len(heads)} heads")
+    sample = rows[list(features)].apply(pd.to_numeric, errors="coerce").astype("float64")
     for j, h in enumerate(heads):
-        sample[score_column(h)] = scores[idx, j]
+        sample[score_column(h)] = scores[:, j]
     for h in heads:
         if h in frame.columns:
             sample[h] = frame[h].to_numpy()[idx].astype("int64")

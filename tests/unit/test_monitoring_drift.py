@@ -98,7 +98,9 @@ def test_psi_for_every_column_and_a_json_summary_without_nan(windows, tmp_path):
 
 def test_reference_sample_and_profile(windows):
     ref, _ = windows
-    scores = ref[[score_column(h) for h in HEADS]].to_numpy()
+    def scores(rows):
+        return rows[[score_column(h) for h in HEADS]].to_numpy()
+
     profile = build_reference(ref, scores, max_rows=1000, description="test")
     assert len(profile.sample) == 1000 and set(monitored_features()) <= set(profile.sample.columns)
     p = profile.profile
@@ -107,7 +109,7 @@ def test_reference_sample_and_profile(windows):
     assert math.isclose(sum(p["surface_mix"].values()), 1.0)
     assert p["features"]["content_features"]["post_duration_ms"]["null_share"] == 0.0
     with pytest.raises(ValueError, match="do not match"):
-        build_reference(ref, scores[:10])
+        build_reference(ref, lambda rows: scores(rows)[:10])
     with pytest.raises(KeyError, match="lacks monitored feature"):
         build_reference(ref.drop(columns=["post_duration_ms"]), scores)
     assert feature_view_of("ut_click_rate") == "user_tag_features" and feature_view_of("req_hour_of_day") == "request"
