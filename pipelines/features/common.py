@@ -247,6 +247,17 @@ def prelog_counts(prelog: DataFrame, keys: tuple[str, ...]) -> DataFrame:
     )
 
 
+def latest_before_prelog(rows: DataFrame, keys: tuple[str, ...], columns: list[str]) -> DataFrame:
+    """Per key, ``columns`` of the latest row of ``rows`` stamped strictly before its ``prelog_ts``,
+    renamed ``_last_<column>``: what a pre-log row stamped at ``prelog_ts`` must carry so it does
+    not hide the log counts known before it. ``rows`` holds ``keys``, ``event_timestamp``,
+    ``prelog_ts`` and ``columns``; keys without such a row are absent."""
+    latest = Window.partitionBy(*keys).orderBy(F.desc("event_timestamp"))
+    return (rows.where(F.col("event_timestamp") < F.col("prelog_ts"))
+            .withColumn("_rank", F.row_number().over(latest)).where(F.col("_rank") == 1)
+            .select(*keys, *(F.col(c).alias(f"_last_{c}") for c in columns)))
+
+
 def with_prelog(rows: DataFrame, counts: DataFrame, keys: tuple[str, ...],
                 base_values: dict[str, Column]) -> DataFrame:
     """Event-stamped feature rows plus the pre-log history of their key, point-in-time.
@@ -268,10 +279,7 @@ def with_prelog(rows: DataFrame, counts: DataFrame, keys: tuple[str, ...],
     known = F.col("event_timestamp") >= F.col("prelog_ts")
     log_rows = joined.select(
         *rows.columns, *(F.when(known, F.col(c)).alias(c) for c in prelog_cols))
-    latest = Window.partitionBy(*keys).orderBy(F.desc("event_timestamp"))
-    before = (joined.where(F.col("event_timestamp") < F.col("prelog_ts"))
-              .withColumn("_rank", F.row_number().over(latest)).where(F.col("_rank") == 1)
-              .select(*keys, *(F.col(c).alias(f"_last_{c}") for c in log_cols)))
+    before = latest_before_prelog(joined, keys, log_cols)
     base = counts.join(before, on=list(keys), how="left").select(
         *keys, F.col("prelog_ts").alias("event_timestamp"),
         *(F.coalesce(F.col(f"_last_{c}"), base_values[c]).alias(c) for c in log_cols),

@@ -31,7 +31,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from core.schema import HEADS, USER_LONGTERM_VIEW
-from pipelines.features.common import RatePriors, prelog_counts, smoothed_rate, ts_literal
+from pipelines.features.common import RatePriors, latest_before_prelog, prelog_counts, smoothed_rate, ts_literal
 
 # The log's ``date`` is a local (China, UTC+8) calendar day; snapshots are at local midnight.
 LOCAL_TIMEZONE = "Asia/Shanghai"
@@ -84,11 +84,8 @@ def user_longterm_features(impressions: DataFrame, users: DataFrame, priors: Rat
     base = users.select("user_id", ts_literal(base_ts).alias("event_timestamp"), *zero_log,
                         *(F.lit(None).cast("double").alias(c) for c in pre_cols), F.lit(0).alias("priority"))
     log_cols = [c for c in snapshots.columns if c not in ("user_id", "event_timestamp")]
-    latest = Window.partitionBy("user_id").orderBy(F.desc("event_timestamp"))
-    before = (snapshots.join(pre.select("user_id", "prelog_ts"), "user_id")
-              .where(F.col("event_timestamp") < F.col("prelog_ts"))
-              .withColumn("_rank", F.row_number().over(latest)).where(F.col("_rank") == 1)
-              .select("user_id", *(F.col(c).alias(f"_last_{c}") for c in log_cols)))
+    before = latest_before_prelog(snapshots.join(pre.select("user_id", "prelog_ts"), "user_id"), ("user_id",),
+                                  log_cols)
     pre_rows = pre.join(before, "user_id", "left").select(
         "user_id", F.col("prelog_ts").alias("event_timestamp"),
         *(F.coalesce(F.col(f"_last_{c}"), z).alias(c) for c, z in zip(log_cols, zero_values)),
