@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create the virtual environment from requirements.lock and install system services (redis-server,
-# prometheus + promtool).
+# prometheus + promtool, chromium).
 # Idempotent: a venv whose lock hash matches is reused. Prints the venv path on its last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +26,15 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
     $SUDO /etc/init.d/prometheus stop >/dev/null 2>&1 || true
     if command -v update-rc.d >/dev/null 2>&1; then $SUDO update-rc.d prometheus disable >/dev/null 2>&1 || true; fi
   fi
+fi
+
+# Headless chromium for the dashboard browser tests (Playwright drives Debian's build: it cannot
+# download its own browsers here).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "[setup] installing Debian's chromium and chromium-driver" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >&2
 fi
 
 PY=${PYTHON:-python3.11}
