@@ -6,37 +6,125 @@ client, so each number is a single request's latency), and prints p50/p99 overal
 with the ratio of the end-to-end p50 to the floor of an HTTP round trip to ``/healthz``.
 
     .venv/bin/python bench/mixer_latency.py [--requests 100] [--state .state]
+
+``--drift-sample``: the drift-sample side effect's cost per request. Three mixers of the same state
+and config but ``drift_sample`` (off; on at rate 1.0, so every request pays it; on at the default
+0.01) get the same users, interleaved (so load on the machine hits all three alike); prints p50/p99
+end to end and of the ``side_effects`` stage for each, and the ratios on/off. The rate-1.0 mixer
+writes to the state's ``hm:drift_sample`` stream; those entries are deleted afterwards when the
+bench started Redis itself (no other writer), else left (the stream is capped).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pandas as pd
+import yaml
 
-from home_mixer.demo import start_mixer
-from pipelines.training_set import load_training_set
+from core import online_layout as keys
 from core.services import RedisServer
 from core.state import StateDir
+from home_mixer.demo import start_mixer
+from pipelines.training_set import load_training_set
+
+# (label, drift_sample overrides of the embedded mixer.yaml)
+DRIFT_VARIANTS = (("off", {"enabled": False}), ("on, rate 1.0", {"enabled": True, "rate": 1.0}),
+                  ("on, rate 0.01", {"enabled": True, "rate": 0.01}))
 
 
 def pct(values, q) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q))
 
 
+def timeline(client: httpx.Client, base: str, uid: int) -> tuple[float, dict, int]:
+    """One ``POST /v1/home-timeline``: (ms end to end, the response's stage timings, items)."""
+    t0 = time.perf_counter()
+    r = client.post(f"{base}/v1/home-timeline", json={"user_id": int(uid), "limit": 20})
+    ms = (time.perf_counter() - t0) * 1000
+    r.raise_for_status()
+    body = r.json()
+    return ms, body.get("timings_ms", {}), len(body["items"])
+
+
+def drift_sample_cost(state: StateDir, srv: RedisServer, users: list[int], own_redis: bool) -> None:
+    """The ``--drift-sample`` mode: p50/p99 with the side effect off and on (see the module doc)."""
+    import redis
+
+    r = redis.Redis.from_url(srv.url)
+    before = r.xinfo_stream(keys.DRIFT_SAMPLE)["last-generated-id"] if r.exists(keys.DRIFT_SAMPLE) else b"0-0"
+    mixers, bases = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            for i, (_, overrides) in enumerate(DRIFT_VARIANTS):
+                path = Path(tmp) / f"drift{i}.yaml"
+                path.write_text(yaml.safe_dump({"drift_sample": overrides}))
+                mixer, base = start_mixer(state, srv.url, config=path, name=f"bench-mixer-drift{i}")
+                mixers.append(mixer)
+                bases.append(base)
+            client = httpx.Client(timeout=30)
+            for base in bases:
+                for uid in users[:5]:  # warm-up (model load, connection pools)
+                    timeline(client, base, uid)
+            total = [[] for _ in DRIFT_VARIANTS]
+            stage = [[] for _ in DRIFT_VARIANTS]
+            for n, uid in enumerate(users):
+                for k in range(len(DRIFT_VARIANTS)):
+                    v = (n + k) % len(DRIFT_VARIANTS)  # rotate the order: none always goes first
+                    ms, timings, _ = timeline(client, bases[v], uid)
+                    total[v].append(ms)
+                    stage[v].append(timings.get("side_effects", float("nan")))
+        finally:
+            for mixer in mixers:
+                mixer.stop()
+    written = r.xrange(keys.DRIFT_SAMPLE, min=f"({_text(before)}", max="+")
+    print(f"requests: {len(users)} distinct users per variant, interleaved, page size 20")
+    print(f"{'drift_sample':<16} {'p50 ms':>8} {'p99 ms':>8} {'side effects p50':>17} {'p99':>8}")
+    for (label, _), t, st in zip(DRIFT_VARIANTS, total, stage):
+        print(f"{label:<16} {pct(t, 50):8.2f} {pct(t, 99):8.2f} {pct(st, 50):17.3f} {pct(st, 99):8.3f}")
+    for v in (1, 2):
+        print(f"ratio {DRIFT_VARIANTS[v][0]} / off: end to end p50 {pct(total[v], 50) / pct(total[0], 50):.3f}x, "
+              f"p99 {pct(total[v], 99) / pct(total[0], 99):.3f}x; side effects stage p50 "
+              f"{pct(stage[v], 50) - pct(stage[0], 50):+.3f} ms, p99 {pct(stage[v], 99) - pct(stage[0], 99):+.3f} ms")
+    if own_redis and written:
+        r.xdel(keys.DRIFT_SAMPLE, *[entry_id for entry_id, _ in written])
+        print(f"deleted the {len(written)} drift-sample entries the bench wrote")
+    elif written:
+        print(f"{len(written)} drift-sample entries were written to {keys.DRIFT_SAMPLE} (another writer may "
+              "share the stream: left in place)")
+    r.close()
+
+
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=100)
     ap.add_argument("--state", default=None)
+    ap.add_argument("--drift-sample", action="store_true",
+                    help="compare the drift-sample side effect off / on (rate 1.0) / on (rate 0.01)")
     args = ap.parse_args()
-    state = StateDir(__import__("pathlib").Path(args.state).resolve()) if args.state else StateDir.from_env()
+    state = StateDir(Path(args.state).resolve()) if args.state else StateDir.from_env()
     srv = RedisServer.running(state)
     started = None
     if srv is None:
         srv = started = RedisServer(state).start()
+    if args.drift_sample:
+        try:
+            users = load_training_set(state)["user_id"].drop_duplicates().sample(
+                n=args.requests, random_state=7).tolist()
+            drift_sample_cost(state, srv, users, own_redis=started is not None)
+        finally:
+            if started:
+                started.stop()
+        return
     mixer, base = start_mixer(state, srv.url, name="bench-mixer")
     try:
         users = load_training_set(state)["user_id"].drop_duplicates().sample(

@@ -239,6 +239,17 @@ def cmd_monitor_service(args) -> int:
     return code
 
 
+def cmd_monitor_grafana(args) -> int:
+    """``home-mixer monitor grafana``: the on-call Grafana dashboard JSON, checked against Grafana's schema."""
+    from monitoring.dashboards.grafana import write_oncall_dashboard
+
+    out = Path(args.out) if args.out else _state(args).reports / "grafana" / "home_mixer_oncall.json"
+    path = write_oncall_dashboard(out)
+    print(f"Grafana dashboard: {path}\nimport it in Grafana (Dashboards > New > Import) and pick a Prometheus "
+          "data source; `home-mixer monitor status` prints this state's Prometheus address")
+    return 0
+
+
 def _add_service_parser(subparsers, name: str, spec: str, help_text: str, description: str,
                         actions: tuple[str, ...] = ("start", "stop", "status"), port: bool = False,
                         timeout: float | None = None, default_action: str | None = None):
@@ -301,14 +312,51 @@ def cmd_features(args) -> int:
     return 0
 
 
+def _gate_config(path: str | None):
+    """The feature gate's tolerances from a YAML file (defaults without one)."""
+    from monitoring.feature_validation import FeatureGateConfig
+
+    if not path:
+        return FeatureGateConfig()
+    import pydantic
+    import yaml
+
+    try:
+        return FeatureGateConfig.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+    except (OSError, yaml.YAMLError, pydantic.ValidationError) as exc:
+        raise UsageError(f"gate config {path}: {exc}") from exc
+
+
 def cmd_materialize(args) -> int:
     from feature_repo import store as fs
     from home_mixer import jobs
 
     state = _state(args)
+    config = _gate_config(args.gate_config)
     store = fs.open_store(state, jobs.feast_connection(jobs.redis_url_for(state)))
-    start, end = jobs.materialize(store, state)
-    print(f"materialised {start.isoformat()} .. {end.isoformat()}")
+    start, end = jobs.materialize(store, state, validate=not args.no_validate, gate_config=config)
+    print(f"materialised {start.isoformat()} .. {end.isoformat()}"
+          + (" (feature-table gate skipped)" if args.no_validate else " (feature tables passed the gate)"))
+    return 0
+
+
+def cmd_validate_features(args) -> int:
+    """``home-mixer features validate``: the gate of ``materialize`` alone; exit 3 when it fails."""
+    import pandas as pd
+
+    from home_mixer import jobs
+    from monitoring.feature_validation import FeatureValidationError, validate_feature_tables
+
+    state = _state(args)
+    try:
+        gate = validate_feature_tables(state.tables, state.reports, config=_gate_config(args.gate_config),
+                                       record=False, until=pd.Timestamp(jobs.log_end(state)))
+    except FeatureValidationError as exc:
+        print(exc, file=sys.stderr)
+        return 3
+    print(f"feature tables passed {len(gate.report.outcomes)} expectations "
+          f"({', '.join(f'{t} {n:,}' for t, n in gate.report.rows.items())} rows)\n"
+          f"  report {gate.report_path}\n  Data Docs {gate.data_docs}")
     return 0
 
 
@@ -361,9 +409,22 @@ def cmd_monitor_drift(args) -> int:
     except (ValueError, ReferenceNotFoundError) as e:
         raise UsageError(str(e)) from None
     print(run.summary.to_text())
-    print(f"report: {run.html}\nsummary: {run.json}")
+    print(f"report: {run.html}\nsummary: {run.json}" + (f"\ndashboard: {run.dashboard}" if run.dashboard else ""))
     # non-zero when the gate fails, so a scheduler or CI can act on it
     return 0 if run.summary.passed else 3
+
+
+def cmd_monitor_dashboard(args) -> int:
+    """``home-mixer monitor dashboard``: the static drift page of every run in <state>/reports/drift."""
+    from home_mixer.drift_job import REPORT_DIR
+    from monitoring.dashboards.drift_page import write_drift_dashboard
+
+    try:
+        page = write_drift_dashboard(_state(args).reports / REPORT_DIR, Path(args.out) if args.out else None)
+    except NotADirectoryError as e:
+        raise UsageError(str(e)) from None
+    print(f"drift dashboard: {page}\nopen: {page.resolve().as_uri()}")
+    return 0
 
 
 def _logged_training_set(state, window_s: float):
@@ -574,6 +635,7 @@ def cmd_stream(args) -> int:
     import redis
 
     from pipelines.streaming.bus import RedisStreamsBus
+    from pipelines.streaming.metrics import forget_metrics_endpoint, record_name
     from pipelines.streaming.processor import StreamProcessor
 
     client = redis.Redis.from_url(url)
@@ -585,7 +647,8 @@ def cmd_stream(args) -> int:
     server = None
     if args.metrics_port is not None:
         try:
-            server, _ = processor.metrics.serve(args.metrics_port)
+            # recorded in <state>/run so `home-mixer monitor start` scrapes it
+            server, _ = processor.metrics.serve(args.metrics_port, state=state, name=record_name(processor.consumer))
         except OSError as exc:
             print(f"cannot serve metrics on 127.0.0.1:{args.metrics_port} ({exc}); pick another --metrics-port",
                   file=sys.stderr)
@@ -597,6 +660,7 @@ def cmd_stream(args) -> int:
     print(f"applied {applied} events; event->online lag p50 {p50:.3f} s, p99 {p99:.3f} s; {dict(processor.stats)}")
     if server is not None:
         server.shutdown()
+        forget_metrics_endpoint(state, record_name(processor.consumer))
     client.close()
     return 0
 
@@ -644,8 +708,15 @@ def build_parser() -> argparse.ArgumentParser:
     fb.add_argument("--log", nargs="*", help="impression log CSVs instead of the shared one")
     fb.add_argument("--materialize", action="store_true", help="also materialise into Redis")
     fb.set_defaults(func=cmd_features)
-    fm = fsub.add_parser("materialize", help="fill the Redis online store")
+    fm = fsub.add_parser("materialize", help="validate the feature tables, then fill the Redis online store")
+    fm.add_argument("--no-validate", action="store_true",
+                    help="skip the feature-table gate (loads tables the gate would stop)")
+    fm.add_argument("--gate-config", help="YAML of the gate's tolerances (monitoring.feature_validation."
+                                          "FeatureGateConfig)")
     fm.set_defaults(func=cmd_materialize)
+    fv = fsub.add_parser("validate", help="run the feature-table gate only (no load); exit 3 when it fails")
+    fv.add_argument("--gate-config", help="YAML of the gate's tolerances")
+    fv.set_defaults(func=cmd_validate_features)
 
     t = sub.add_parser("train", help="train, log to MLflow, register and alias the rankers")
     t.add_argument("--model", choices=["light", "heavy", "both"], default="both")
@@ -734,6 +805,10 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--max-drift-share", type=float, default=0.3, help="gate on the share of drifted features")
     dr.add_argument("--out", help="report folder (default <state>/reports/drift/<time>)")
     dr.set_defaults(func=cmd_monitor_drift)
+    db = mosub.add_parser("dashboard", help="write the drift dashboard: one static HTML page of every drift run "
+                                            "(plots, links to the Evidently reports; opens with no network)")
+    db.add_argument("--out", help="page path (default <state>/reports/drift/index.html)")
+    db.set_defaults(func=cmd_monitor_dashboard)
     for action, text in (("start", "start the drift exporter and Debian's Prometheus for the state folder (scrapes "
                                    "the mixer, the stream processor and the drift exporter; alert rules loaded); "
                                    "refreshes its targets if it runs"),
@@ -749,6 +824,10 @@ def build_parser() -> argparse.ArgumentParser:
         pm.add_argument("--scrape-interval", type=_positive_float, default=5.0,
                         help="start: scrape and rule-evaluation interval in seconds (default 5)")
         pm.set_defaults(func=cmd_monitor_service, service_spec="prometheus")
+    gf = mosub.add_parser("grafana", help="write the on-call Grafana dashboard JSON (generated from code, checked "
+                                          "against Grafana's dashboard schema)")
+    gf.add_argument("--out", help="JSON path (default <state>/reports/grafana/home_mixer_oncall.json)")
+    gf.set_defaults(func=cmd_monitor_grafana)
 
     ex = sub.add_parser("export", help="export a registered ranker to ONNX (checked against the native model)")
     ex.add_argument("--model", choices=sorted(MODEL_NAMES), required=True)
@@ -790,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:  # domain errors carry their own advice
         name = type(exc).__name__
-        if name in {"DataValidationError", "RawDataMissingError", "RawDataParseError",
+        if name in {"DataValidationError", "FeatureValidationError", "RawDataMissingError", "RawDataParseError",
                     "RankerNotFoundError", "ConfigError", "MissingFeaturesError", "TritonNotInstalledError",
                     "ExportError", "ExportMismatchError"}:
             print(f"home-mixer: {name}: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ events are stamped with the same clock, so for the mixer they happen now, after 
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -154,28 +155,55 @@ FAULT_NULL_COLUMN = "post_click_rate_24h"
 FAULT_NULL_SHARE = 0.2
 
 
+GX_DOCS_INDEX = "gx/uncommitted/data_docs/local_site/index.html"
+
+
+def fault_gate_stage(state: StateDir) -> list[str]:
+    """The injected fault on a copy of the content table, put through the feature-table gate of
+    ``materialize`` against the last good run (the demo's own tables); returns the lines to print.
+    The state's tables, Redis and gate baseline are untouched."""
+    from core.schema import CONTENT_VIEW, FEATURE_VIEWS
+    from monitoring.feature_validation import FeatureValidationError, inject_fault, load_profiles, validate_feature_tables
+
+    folder = state.reports / "fault_injection"
+    tables = folder / "tables"
+    shutil.rmtree(folder, ignore_errors=True)
+    tables.mkdir(parents=True)
+    for spec in FEATURE_VIEWS:
+        if spec is not CONTENT_VIEW:
+            (tables / f"{spec.table}.parquet").symlink_to(state.table(spec.table).resolve())
+    clean = pd.read_parquet(state.table(CONTENT_VIEW.table))
+    inject_fault(clean, FAULT_UNIT_COLUMN, FAULT_NULL_COLUMN, FAULT_NULL_SHARE).to_parquet(
+        tables / f"{CONTENT_VIEW.table}.parquet")
+    try:
+        validate_feature_tables(tables, folder, baseline=load_profiles(state.reports), record=False,
+                                until=pd.Timestamp(jobs.log_end(state)))
+    except FeatureValidationError as exc:
+        return ["The same fault in a copy of the content table, through the feature-table gate of materialize:",
+                *(f"  {line}" for line in str(exc).splitlines())]
+    return ["The feature-table gate did NOT stop the faulted content table (unexpected)"]
+
+
 def drift_stage(state: StateDir, valid: pd.DataFrame) -> str:
     """Drift of the validation days against the champion's reference, then of a faulted copy of the
-    validation window against the clean one; returns the lines to print."""
-    import numpy as np
-
+    validation window against the clean one, then the same fault through the feature-table gate;
+    returns the lines to print."""
     from home_mixer.drift_job import run_drift
+    from monitoring.feature_validation import inject_fault
 
     days = sorted(int(d) for d in pd.unique(valid["date"]))
     window = f"{days[0]}..{days[-1]}"
     natural = run_drift(state, window=window)
     lines = ["Drift: validation days vs the champion's training reference (Evidently)",
              natural.summary.to_text(top=5), f"  report {natural.html}", ""]
-    faulty = valid.copy()
-    faulty[FAULT_UNIT_COLUMN] = faulty[FAULT_UNIT_COLUMN] * 1000
-    rng = np.random.default_rng(0)
-    faulty.loc[rng.random(len(faulty)) < FAULT_NULL_SHARE, FAULT_NULL_COLUMN] = np.nan
+    faulty = inject_fault(valid, FAULT_UNIT_COLUMN, FAULT_NULL_COLUMN, FAULT_NULL_SHARE)
     fault = run_drift(state, against=window, frame=faulty)
     flagged = [c.column for c in fault.summary.drifted_features()]
     lines += [f"Injected fault in a copy of the validation window: {FAULT_UNIT_COLUMN} x 1000, "
               f"{FAULT_NULL_SHARE:.0%} nulls in {FAULT_NULL_COLUMN}; against the clean window the drift job flags "
               f"{flagged} (exit code {0 if fault.summary.passed else 3} at gate {fault.summary.max_drift_share})",
-              f"  report {fault.html}"]
+              f"  report {fault.html}", f"  drift dashboard over both runs {fault.dashboard}", ""]
+    lines += fault_gate_stage(state)
     return "\n".join(lines)
 
 
@@ -225,8 +253,9 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
             profile_training_window(state, heavy.run_id, train, heavy.model)
             print(f"  run {heavy.run_id}, version {heavy.model_version} (reference profile of the training "
                   "window logged with it)")
-        with timer.stage("materialise features into Redis (Feast)"):
+        with timer.stage("validate the feature tables (Great Expectations gate), materialise into Redis (Feast)"):
             jobs.materialize(store, state)
+            print(f"  every feature table passed the gate; Data Docs {state.reports / GX_DOCS_INDEX}")
         with timer.stage("candidate index in Redis"):
             counts = build_candidate_index(state, srv.url, as_of=jobs.log_end(state))
             print(f"  {counts}")

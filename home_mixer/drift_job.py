@@ -4,7 +4,8 @@ Windows are served-feature rows (``pipelines.training_set``: features as the onl
 them) scored by the champion heavy ranker:
 
 - the mixer's production sample (``--window 1h`` / ``24h`` / ``<n>h`` / ``<n>m``: the last hours or
-  minutes of ``core.online_layout.DRIFT_SAMPLE``), scored as served (its scores are kept);
+  minutes of ``core.online_layout.DRIFT_SAMPLE``), scored as served (its scores are kept) and
+  labelled from the state's impressions table when it exists (label and calibration drift);
 - the state's training set, restricted to dates ``FROM..TO`` (default: the validation days);
 - any impression log of the KuaiRand schema (``--log PATH``), featurised through the same code as
   evaluation (``home_mixer.evaluation.featurize_log``);
@@ -23,6 +24,7 @@ import pandas as pd
 
 from core.schema import CHAMPION_ALIAS, HEADS, HEAVY_RANKER_NAME, VALIDATION_DAYS
 from core.state import StateDir
+from monitoring.dashboards.drift_page import write_drift_dashboard
 from monitoring.drift import DEFAULT_MAX_DRIFT_SHARE, DriftSummary, compute_drift, write_summary
 from monitoring.reference import build_reference, load_reference, log_reference, score_column
 
@@ -76,6 +78,34 @@ def production_window(state: StateDir, seconds: float) -> pd.DataFrame:
     return frame
 
 
+def label_window(state: StateDir, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """A production sample with its engagement labels from the state's impressions table.
+
+    Only the sampled users' impressions are read (a parquet filter), then
+    ``monitoring.production.label_production_sample`` joins them (window
+    ``pipelines.logged_features.DEFAULT_LABEL_WINDOW_S``).
+
+    Returns:
+        (the frame, with float64 ``HEADS`` labels (NaN = unlabelled) and ``labelled`` when the
+        table exists, else unchanged; ``{"labelled_rows": n, "labels": "<what was joined>"}`` for
+        the report's ``current`` description).
+    """
+    from monitoring.production import label_production_sample
+    from pipelines.logged_features import DEFAULT_LABEL_WINDOW_S
+
+    path = state.table("impressions")
+    if not path.exists():
+        return frame, {"labelled_rows": 0, "labels": f"none: {path} does not exist"}
+    users = sorted(int(u) for u in pd.unique(frame["user_id"]))
+    impressions = pd.read_parquet(path, columns=["user_id", "post_id", "event_ts", *HEADS],
+                                  filters=[("user_id", "in", users)])
+    labelled = label_production_sample(frame, impressions, DEFAULT_LABEL_WINDOW_S)
+    n = int(labelled["labelled"].sum())
+    return labelled, {"labelled_rows": n,
+                      "labels": f"{n} of {len(frame)} rows labelled by an impression within "
+                                f"{DEFAULT_LABEL_WINDOW_S:g} s ({path.name})"}
+
+
 def profile_training_window(state: StateDir, run_id: str, train_df: pd.DataFrame, heavy_fit) -> dict:
     """Log the reference profile of a heavy ranker's training window to its run; returns the profile."""
     days = sorted(int(d) for d in pd.unique(train_df["date"]))
@@ -99,11 +129,13 @@ def scored_window(frame: pd.DataFrame, tracking_uri: str, alias: str = CHAMPION_
 
 @dataclass
 class DriftRun:
-    """A drift job's outputs: the summary and where the HTML report and the JSON summary are."""
+    """A drift job's outputs: the summary, where the HTML report and the JSON summary are, and the
+    drift dashboard over every run of the state (None when the report went to ``out_dir``)."""
 
     summary: DriftSummary
     html: Path
     json: Path
+    dashboard: Path | None = None
 
 
 def run_drift(state: StateDir, window: str | None = None, against: str = CHAMPION_ALIAS,
@@ -146,7 +178,8 @@ def run_drift(state: StateDir, window: str | None = None, against: str = CHAMPIO
     if frame is not None:
         current, current_info = frame, {"source": "frame"}
     elif recent is not None:
-        current, current_info = production_window(state, recent), {"source": f"production sample, last {window}"}
+        current, labels_info = label_window(state, production_window(state, recent))
+        current_info = {"source": f"production sample, last {window}", **labels_info}
     elif log is not None:
         from home_mixer.evaluation import featurize_log
         from core.state import DEFAULT_DATA_DIR
@@ -173,8 +206,12 @@ def run_drift(state: StateDir, window: str | None = None, against: str = CHAMPIO
         reference = scored_window(training_rows(lo, hi), uri)
         reference_info = {"source": f"training set dates {lo}..{hi}"}
 
-    folder = Path(out_dir) if out_dir else state.reports / REPORT_DIR / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    runs = state.reports / REPORT_DIR
+    folder = Path(out_dir) if out_dir else runs / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     html = folder / "report.html"
     summary = compute_drift(reference, current, method=method, max_drift_share=max_drift_share, heads=HEADS,
                             html_path=html, reference_info=reference_info, current_info=current_info)
-    return DriftRun(summary=summary, html=html, json=write_summary(summary, folder / "summary.json"))
+    written = write_summary(summary, folder / "summary.json")
+    # the dashboard over all runs is redrawn after each one, so it is never stale
+    dashboard = write_drift_dashboard(runs) if out_dir is None else None
+    return DriftRun(summary=summary, html=html, json=written, dashboard=dashboard)

@@ -61,7 +61,7 @@ def prepare_data(state: StateDir, data_dir: Path, log_paths: list[Path] | None =
     from monitoring.validation import validate_raw
 
     raw = load_raw(data_dir, log_paths=log_paths)
-    report = validate_raw(raw, report_dir=state.reports)
+    report = validate_raw(raw, report_dir=state.reports, docs_root=state.reports)
     stats = build_canonical(raw, state)
     return DataReport(stats=stats, validation=report)
 
@@ -79,14 +79,34 @@ def build_features(spark, state: StateDir, priors=None) -> dict[str, int]:
     return build_offline_features(spark, state, priors=priors)
 
 
-def materialize(store, state: StateDir) -> tuple[datetime, datetime]:
+def materialize(store, state: StateDir, *, validate: bool = True, gate_config=None) -> tuple[datetime, datetime]:
     """Fill the Redis online store with the latest feature values, from the features' base rows
-    (``pipelines.features.common.BASE_ROW_TS`` or the first impression if earlier) to ``log_end``."""
+    (``pipelines.features.common.BASE_ROW_TS`` or the first impression if earlier) to ``log_end``.
+
+    Every feature table first passes the validation gate (``monitoring.feature_validation``): a
+    failing table stops here, before Redis is touched, so the online store keeps the last good
+    values. After a successful load the tables' profiles become the gate's next baseline.
+
+    Args:
+        validate: run the gate (``False`` only to force a load the gate would stop).
+        gate_config: ``monitoring.feature_validation.FeatureGateConfig`` (default tolerances).
+
+    Raises:
+        monitoring.feature_validation.FeatureValidationError: a table failed the gate (the message
+            names table, column and expectation; report and Data Docs under ``state.reports``).
+    """
+    import pandas as pd
+
+    from monitoring.feature_validation import save_profiles, validate_feature_tables
     from pipelines.features.common import BASE_ROW_TS
 
     start = min(BASE_ROW_TS.to_pydatetime(), log_span(state)[0])
     end = log_end(state)
+    gate = (validate_feature_tables(state.tables, state.reports, config=gate_config, record=False,
+                                    until=pd.Timestamp(end)) if validate else None)
     fs.materialize(store, start, end)
     state.record_materialization(end)
+    if gate is not None:
+        save_profiles(state.reports, gate.profiles)
     return start, end
 

@@ -1,11 +1,13 @@
 """Prometheus metrics of one mixer instance, in its own registry (no process-global state).
 
 Names (all prefixed ``hm_mixer_``): ``request_seconds`` (histogram), ``stage_seconds{stage}``
-(histogram per pipeline stage), ``candidates_total{source}`` (counter), ``source_failures_total
-{source,reason}`` (timeout/error), ``filtered_total{filter}``, ``arm_requests_total{arm}``,
-``served_items_total``, ``side_effect_failures_total{side_effect}``, ``model_version_info{model,
-version}`` (gauge = 1 for the version in use), ``requests_total{status}``, ``scoring_total{model,path}``,
-``scoring_fallbacks_total{model,backend,reason}``, ``model_reloads_total{model,outcome}``.
+(histogram per pipeline stage), ``candidates_total{source}`` (counter), ``source_calls_total{source}``
+(every call, failed or not), ``source_failures_total{source,reason}`` (timeout/error),
+``filtered_total{filter}``, ``arm_requests_total{arm}``, ``served_items_total``,
+``side_effect_failures_total{side_effect}``, ``model_version_info{model,version}`` (gauge = 1 for the
+version in use), ``requests_total{status}``, ``scoring_total{model,path}``,
+``scoring_fallbacks_total{model,backend,reason}``, ``model_reloads_total{model,outcome}``,
+``head_score{head}`` (histogram of the heavy ranker's probability per head of every served post).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import prometheus_client as prom
 
 # Buckets in seconds, from 0.5 ms to 2.5 s: request stages are ms-scale, the whole request ~10-100 ms.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# Probabilities, log-spaced below 0.1: engagement heads (follow, comment, hate) live at 0.1-1 %, click near 50 %.
+SCORE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
 
 
 class MixerMetrics:
@@ -28,6 +32,8 @@ class MixerMetrics:
                                             ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.candidates = prom.Counter("hm_mixer_candidates_total", "Candidates returned per source",
                                        ["source"], registry=r)
+        self.source_calls = prom.Counter("hm_mixer_source_calls_total",
+                                         "Candidate source calls (ok, timeout or error)", ["source"], registry=r)
         self.source_failures = prom.Counter("hm_mixer_source_failures_total",
                                             "Candidate source calls skipped (fail-open)", ["source", "reason"],
                                             registry=r)
@@ -51,6 +57,8 @@ class MixerMetrics:
         self.model_reloads = prom.Counter("hm_mixer_model_reloads_total",
                                           "Alias changes picked up without a restart", ["model", "outcome"],
                                           registry=r)
+        self.head_score = prom.Histogram("hm_mixer_head_score", "Heavy ranker probability per head of served posts",
+                                         ["head"], buckets=SCORE_BUCKETS, registry=r)
 
     def set_model_versions(self, versions: dict[str, str]) -> None:
         """Mark ``{model role: version}`` as the versions in use (gauge 1; previous versions removed)."""

@@ -14,7 +14,8 @@ than ``null_share_tolerance`` (absolute) flags the column too, with method ``nul
 Features are the monitored model inputs (``monitoring.reference.monitored_features``), grouped by
 feature view; predictions are the heavy ranker's per-head probabilities (``score_<head>``); when
 the current window has labels, each head's label rate, AUC and ECE are reported against the
-reference's (label and calibration drift).
+reference's (label and calibration drift), on the labelled rows only: a production sample's
+candidate that was never shown has NaN labels (no label, not a negative).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ DEFAULT_NULL_SHARE_TOLERANCE = 0.05
 # rows of each side given to the tests (seeded sample): the tests' power saturates long before and
 # Evidently's cost grows with it
 DEFAULT_MAX_ROWS = 20_000
+NO_CURRENT_LABELS = "no labelled rows in the current window"
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,10 @@ class DriftSummary:
         features / predictions: per-column results.
         drift_share: drifted features / monitored features; max_drift_share: the gate.
         labels: per head ``{"reference_rate", "current_rate", "current_auc", "current_ece",
-            "reference_auc", "reference_ece"}`` when both windows carry labels.
+            "reference_auc", "reference_ece", "reference_labelled_rows", "current_labelled_rows"}``
+            when both windows carry label columns, each side computed on its labelled (non-NaN)
+            rows; with no labelled current row, ``{"status": NO_CURRENT_LABELS, ...}`` and no
+            current metric.
         reference / current: descriptions of the two windows (rows, source).
     """
 
@@ -142,6 +147,14 @@ class DriftSummary:
                              f"nulls {c.null_share_reference:.1%} -> {c.null_share_current:.1%})")
         drifted_heads = [c.column for c in self.predictions if c.drifted]
         lines.append(f"prediction drift: {', '.join(drifted_heads) if drifted_heads else 'none'}")
+        if self.labels:
+            rows = max(e["current_labelled_rows"] for e in self.labels.values())
+            if rows == 0:
+                lines.append(f"labels: {NO_CURRENT_LABELS}")
+            else:
+                ece = ", ".join(f"{h} {e.get('reference_ece', float('nan')):.3f}->{e.get('current_ece', float('nan')):.3f}"
+                                for h, e in self.labels.items() if "current_ece" in e)
+                lines.append(f"labels: {rows} labelled current rows; ECE reference->current: {ece}")
         return "\n".join(lines)
 
 
@@ -166,13 +179,16 @@ def compute_drift(reference: pd.DataFrame, current: pd.DataFrame, *, method: str
 
     Args:
         reference / current: frames with the monitored features and ``score_<head>`` columns (and
-            optionally the head labels); columns absent from either side are skipped.
+            optionally the head labels, NaN = unlabelled row); columns absent from either side are
+            skipped.
         method: None for Evidently's per-column default, or one stat test for every column
             (e.g. ``"psi"``, ``"ks"``, ``"wasserstein"``; Evidently's names).
         max_drift_share: the gate on the share of drifted features.
         null_share_tolerance: absolute change of a column's null share that counts as drift.
-        max_rows: rows per side given to the tests (seeded sample).
-        html_path: write Evidently's HTML report (plots per column) there.
+        max_rows: rows per side given to the distribution tests (seeded sample; label metrics use
+            every row).
+        html_path: write Evidently's HTML report (plots per column) there; without it the same
+            per-column tests run without the report (its plots are most of the cost).
 
     Returns:
         ``DriftSummary``.
@@ -180,9 +196,6 @@ def compute_drift(reference: pd.DataFrame, current: pd.DataFrame, *, method: str
     Raises:
         ValueError: an empty side, or no monitored column in common.
     """
-    from evidently import Report
-    from evidently.presets import DataDriftPreset
-
     if len(reference) == 0 or len(current) == 0:
         raise ValueError(f"drift needs rows on both sides (reference {len(reference)}, current {len(current)})")
     ref = _sample(reference, max_rows, seed)
@@ -197,19 +210,13 @@ def compute_drift(reference: pd.DataFrame, current: pd.DataFrame, *, method: str
     null_ref, null_cur = ref_x.isna().mean(), cur_x.isna().mean()
     # a column with no values on a side has no distribution: only its null share can speak
     testable = [c for c in columns if ref_x[c].notna().any() and cur_x[c].notna().any()]
-    tests: dict[str, tuple[str, float, float]] = {}
-    if testable:
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            # constant or sparse columns make some tests divide by zero; their results stay finite or NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            snapshot = Report([DataDriftPreset(columns=testable, method=method)]).run(cur_x[testable], ref_x[testable])
-        for m in snapshot.dict()["metrics"]:
-            cfg = m.get("config", {})
-            if cfg.get("type", "").endswith("ValueDrift"):
-                tests[cfg["column"]] = (str(cfg["method"]), float(m["value"]), float(cfg["threshold"]))
-        if html_path is not None:
-            Path(html_path).parent.mkdir(parents=True, exist_ok=True)
-            snapshot.save_html(str(html_path))
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        # constant or sparse columns make some tests divide by zero; their results stay finite or NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if html_path is None:
+            tests = _stat_tests(ref_x, cur_x, testable, method)
+        else:
+            tests = _report_tests(ref_x, cur_x, testable, method, Path(html_path))
 
     def result(col: str, view: str) -> ColumnDrift:
         nr, nc = float(null_ref[col]), float(null_cur[col])
@@ -228,7 +235,8 @@ def compute_drift(reference: pd.DataFrame, current: pd.DataFrame, *, method: str
     feature_results = [result(c, feature_view_of(c)) for c in features]
     prediction_results = [result(c, "prediction") for c in scores]
     share = sum(c.drifted for c in feature_results) / len(feature_results)
-    labels = _label_drift(ref, cur, heads)
+    # label metrics are cheap and labelled rows may be few: all rows, not the tests' sample
+    labels = _label_drift(reference, current, heads)
     return DriftSummary(
         features=feature_results, predictions=prediction_results, drift_share=share,
         max_drift_share=max_drift_share, labels=labels,
@@ -237,25 +245,143 @@ def compute_drift(reference: pd.DataFrame, current: pd.DataFrame, *, method: str
     )
 
 
+def _report_tests(ref_x: pd.DataFrame, cur_x: pd.DataFrame, columns: list[str], method: str | None,
+                  html_path: Path) -> dict[str, tuple[str, float, float]]:
+    """Evidently's report (``DataDriftPreset``): per column ``(method, statistic, threshold)``, and
+    its HTML with the plots written to ``html_path``."""
+    from evidently import Report
+    from evidently.presets import DataDriftPreset
+
+    tests: dict[str, tuple[str, float, float]] = {}
+    if not columns:
+        return tests
+    snapshot = Report([DataDriftPreset(columns=columns, method=method)]).run(cur_x[columns], ref_x[columns])
+    for m in snapshot.dict()["metrics"]:
+        cfg = m.get("config", {})
+        if cfg.get("type", "").endswith("ValueDrift"):
+            tests[cfg["column"]] = (str(cfg["method"]), float(m["value"]), float(cfg["threshold"]))
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.save_html(str(html_path))
+    return tests
+
+
+def _stat_tests(ref_x: pd.DataFrame, cur_x: pd.DataFrame, columns: list[str],
+                method: str | None) -> dict[str, tuple[str, float, float]]:
+    """The same per-column decisions as ``_report_tests`` without building the report.
+
+    A report renders plots for every column (about 0.3 s a column, most of a drift run); without
+    an HTML file to write they are wasted. This runs what Evidently's ``ValueDrift`` runs for a
+    float64 column (always ``ColumnType.Numerical`` by its inference): infinities and NaN dropped,
+    the test chosen by ``get_stattest`` (by method, or by sample size and distinct values), its
+    default threshold; the unit tests check both paths agree.
+    """
+    from evidently.legacy.calculations.stattests import get_stattest
+    from evidently.legacy.core import ColumnType
+    from evidently.legacy.options.data_drift import DataDriftOptions
+
+    options = DataDriftOptions(all_features_stattest=method)
+    kind = ColumnType.Numerical
+    tests: dict[str, tuple[str, float, float]] = {}
+    for c in columns:
+        r = ref_x[c].replace([-np.inf, np.inf], np.nan).dropna()
+        k = cur_x[c].replace([-np.inf, np.inf], np.nan).dropna()
+        if r.empty or k.empty:
+            continue
+        test = get_stattest(r, k, kind, options.get_feature_stattest_func(c, kind.value))
+        res = test(r, k, kind, options.get_threshold(c, kind.value))
+        # the report names a chosen method as given and a default one by the test's display name
+        tests[c] = (method if method is not None else test.display_name, float(res.drift_score),
+                    float(res.actual_threshold))
+    return tests
+
+
 def _label_drift(ref: pd.DataFrame, cur: pd.DataFrame, heads) -> dict[str, dict]:
-    """Per head with labels on both sides: label rates, and AUC / ECE of the scores (calibration)."""
+    """Per head with a label column on both sides: label rate, and AUC / ECE of the scores
+    (calibration), each side on its labelled rows only.
+
+    A NaN label is a candidate that was never shown (a production sample's unlabelled row), not a
+    negative: counting it as 0 would bias the rate and the calibration. ``<side>_labelled_rows``
+    says how many rows each side's numbers rest on; with none on the current side the head's entry
+    has ``status`` = ``NO_CURRENT_LABELS`` and no current metric.
+    """
     from models.metrics import auc
 
     out = {}
     for h in heads:
-        s = score_column(h)
         if h not in ref.columns or h not in cur.columns:
             continue
-        entry = {"reference_rate": float(ref[h].mean()), "current_rate": float(cur[h].mean())}
+        s = score_column(h)
+        entry: dict = {}
         for side, frame in (("reference", ref), ("current", cur)):
+            y = pd.to_numeric(frame[h], errors="coerce").to_numpy(dtype="float64")
+            labelled = np.isfinite(y)
+            entry[f"{side}_labelled_rows"] = int(labelled.sum())
+            if not labelled.any():
+                continue
+            entry[f"{side}_rate"] = float(y[labelled].mean())
             if s in frame.columns:
-                y = frame[h].to_numpy(dtype="float64")
                 p = frame[s].to_numpy(dtype="float64")
-                ok = np.isfinite(p)
+                ok = labelled & np.isfinite(p)
                 entry[f"{side}_auc"] = auc(y[ok], p[ok]) if ok.any() else float("nan")
                 entry[f"{side}_ece"] = _ece(y[ok], p[ok]) if ok.any() else float("nan")
+        if entry["current_labelled_rows"] == 0:
+            entry["status"] = NO_CURRENT_LABELS
         out[h] = entry
     return out
+
+
+@dataclass(frozen=True)
+class FalsePositiveRate:
+    """The drift job on windows known to be unshifted: how often it cries wolf.
+
+    Attributes:
+        windows: windows compared; passed: how many passed the gate.
+        drifted / tested: drifted feature columns over all column tests (the per-column rate).
+        by_column: drifted count per column (only columns flagged at least once).
+        methods: the distribution tests that decided.
+    """
+
+    windows: int
+    passed: int
+    drifted: int
+    tested: int
+    by_column: dict[str, int]
+    methods: tuple[str, ...]
+
+    @property
+    def rate(self) -> float:
+        """Per-column false-positive rate: drifted / tested."""
+        return self.drifted / self.tested if self.tested else float("nan")
+
+    def worst(self, k: int = 5) -> list[tuple[int, str]]:
+        """The ``k`` most often flagged columns as ``(count, column)``, most first."""
+        return sorted(((n, c) for c, n in self.by_column.items()), reverse=True)[:k]
+
+
+def false_positive_rate(reference: pd.DataFrame, windows, *, method: str | None = None,
+                        max_drift_share: float = DEFAULT_MAX_DRIFT_SHARE) -> FalsePositiveRate:
+    """Run ``compute_drift`` of each unshifted window against ``reference`` and count the flags.
+
+    Every flag on such a window is a false positive; a p-value test at level 0.05 flags ~5 % of
+    columns by construction, distances at their thresholds usually fewer.
+
+    Args:
+        windows: iterable of frames drawn from the same distribution as ``reference``.
+    """
+    passed = drifted = tested = n = 0
+    by_column: dict[str, int] = {}
+    methods: set[str] = set()
+    for window in windows:
+        summary = compute_drift(reference, window, method=method, max_drift_share=max_drift_share)
+        n += 1
+        passed += summary.passed
+        tested += len(summary.features)
+        for c in summary.features:
+            drifted += c.drifted
+            methods.add(c.distribution_method or c.method)
+            if c.drifted:
+                by_column[c.column] = by_column.get(c.column, 0) + 1
+    return FalsePositiveRate(n, passed, drifted, tested, by_column, tuple(sorted(methods)))
 
 
 def write_summary(summary: DriftSummary, path: Path) -> Path:

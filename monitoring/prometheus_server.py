@@ -10,8 +10,9 @@ What it scrapes (every ``scrape_interval_s`` seconds, default 5), one job each, 
 run records of the state folder (``<state>/run/*.json``, written by the services when they start):
 
 - ``mixer``: every mixer of the state folder (records of service ``mixer``: ``MixerServer``), ``/metrics``;
-- ``stream_processor``: the stream processor's metrics port, if a record of service
-  ``stream_processor`` holds one;
+- ``stream_processor``: every stream processor serving metrics (``home-mixer stream run
+  --metrics-port``: records ``run/stream_processor-<consumer>.json`` of service ``stream_processor``
+  with ``ports.metrics_port``, ``pipelines.streaming.metrics.record_metrics_endpoint``);
 - ``drift_exporter``: the drift exporter (``run/drift_exporter.json``), if recorded;
 - ``prometheus``: itself.
 

@@ -73,7 +73,9 @@ class ExpectationOutcome:
         args = {k: v for k, v in self.kwargs.items() if k not in ("column", "batch_id")}
         text = f"{where}: {self.expectation}({args}) failed"
         if self.unexpected_count is not None:
-            text += f": {self.unexpected_count} bad rows, e.g. {self.examples}"
+            text += f": {self.unexpected_count} bad rows"
+            if any(e is not None for e in self.examples):  # the examples of a null check say nothing
+                text += f", e.g. {self.examples}"
         elif self.observed is not None:
             text += f": observed {self.observed!r}"
         if self.error:
@@ -111,16 +113,20 @@ class ValidationReport:
         path.write_text(json.dumps(self.to_dict(), indent=2))
         return path
 
-    def raise_for_failures(self, report_path: Path | None = None) -> None:
-        """Raise ``DataValidationError`` listing every failed expectation, if any failed."""
+    def raise_for_failures(self, report_path: Path | None = None, *, subject: str = "raw data",
+                           consequence: str = "the job stops",
+                           advice: str = "Fix the input file (or its loader) and run again.",
+                           error: type["DataValidationError"] | None = None) -> None:
+        """Raise ``error`` (default ``DataValidationError``) listing every failed expectation, if any
+        failed: ``"<subject> failed k of n expectations; <consequence>:"``, one line per failure,
+        then ``advice`` and where the full report is."""
         failed = self.failures()
         if not failed:
             return
-        lines = [f"raw data failed {len(failed)} of {len(self.outcomes)} expectations; the job stops:"]
+        lines = [f"{subject} failed {len(failed)} of {len(self.outcomes)} expectations; {consequence}:"]
         lines += [f"  - {o.describe()}" for o in failed]
-        lines.append("Fix the input file (or its loader) and run again."
-                     + (f" Full report: {report_path}" if report_path else ""))
-        raise DataValidationError("\n".join(lines), self)
+        lines.append(advice + (f" Full report: {report_path}" if report_path else ""))
+        raise (error or DataValidationError)("\n".join(lines), self)
 
 
 # ---- suites: each returns (expectation, column) pairs for a frame with the given columns ----
@@ -208,48 +214,91 @@ def with_derived_checks(kind: str, frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-class RawValidator:
-    """Runs the suites in one ephemeral Great Expectations context (no files, no analytics)."""
+class ExpectationRunner:
+    """Runs expectation suites over pandas frames in one Great Expectations context.
 
-    def __init__(self) -> None:
+    Without ``docs_root`` the context is ephemeral (in memory: no files, no analytics). With it, the
+    context is a File Data Context under ``docs_root / "gx"``, every suite runs as a checkpoint with
+    ``UpdateDataDocsAction``, and the Data Docs site (HTML: each suite and every validation run,
+    failures included) is at ``docs_root / "gx/uncommitted/data_docs/local_site/index.html"``.
+    """
+
+    def __init__(self, docs_root: Path | None = None) -> None:
         import great_expectations as gx
-        from great_expectations.data_context.types.base import (
-            DataContextConfig,
-            InMemoryStoreBackendDefaults,
-            ProgressBarsConfig,
-        )
+        from great_expectations.data_context.types.base import ProgressBarsConfig
 
-        config = DataContextConfig(
-            store_backend_defaults=InMemoryStoreBackendDefaults(),
-            analytics_enabled=False,
-            progress_bars=ProgressBarsConfig(globally=False),
-        )
         self._gx = gx
-        self._context = gx.get_context(mode="ephemeral", project_config=config)
-        self._source = self._context.data_sources.add_pandas("raw")
+        if docs_root is None:
+            from great_expectations.data_context.types.base import DataContextConfig, InMemoryStoreBackendDefaults
+
+            config = DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults(),
+                                       analytics_enabled=False, progress_bars=ProgressBarsConfig(globally=False))
+            self._context = gx.get_context(mode="ephemeral", project_config=config)
+        else:
+            Path(docs_root).mkdir(parents=True, exist_ok=True)
+            self._context = gx.get_context(mode="file", project_root_dir=str(docs_root))
+            self._context.variables.progress_bars = ProgressBarsConfig(globally=False)
+            self._context.variables.analytics_enabled = False
+        self._docs = docs_root is not None
+        self._source = self._context.data_sources.add_or_update_pandas("home_mixer")
+
+    def docs_index(self) -> Path | None:
+        """The Data Docs site's ``index.html`` (None for an ephemeral context)."""
+        if not self._docs:
+            return None
+        url = self._context.get_docs_sites_urls()[0]["site_url"]
+        return Path(url.removeprefix("file://"))
+
+    def run(self, suite_name: str, expectations: list, frame: pd.DataFrame, file_name: str) -> list[ExpectationOutcome]:
+        """Run ``expectations`` on ``frame`` as suite ``suite_name``; one outcome per expectation.
+
+        Expectations on columns the frame lacks are skipped: their ``expect_column_to_exist``
+        failure already names the column. ``file_name`` names the frame in the outcomes.
+        """
+        gx = self._gx
+        kept = [e for e in expectations
+                if type(e).__name__ == "ExpectColumnToExist" or getattr(e, "column", None) in (None, *frame.columns)]
+        try:
+            asset = self._source.get_asset(suite_name)
+        except LookupError:
+            asset = self._source.add_dataframe_asset(suite_name)
+        try:
+            batch_definition = asset.get_batch_definition("whole")
+        except KeyError:
+            batch_definition = asset.add_batch_definition_whole_dataframe("whole")
+        result_format = {"result_format": "SUMMARY", "partial_unexpected_count": _EXAMPLES}
+        if not self._docs:
+            suite = gx.ExpectationSuite(name=suite_name, expectations=kept)
+            result = batch_definition.get_batch(batch_parameters={"dataframe": frame}).validate(
+                suite, result_format=result_format)
+            return [_outcome(file_name, r) for r in result.results]
+        suite = self._context.suites.add_or_update(gx.ExpectationSuite(name=suite_name, expectations=kept))
+        definition = self._context.validation_definitions.add_or_update(
+            gx.ValidationDefinition(data=batch_definition, suite=suite, name=suite_name))
+        checkpoint = self._context.checkpoints.add_or_update(gx.Checkpoint(
+            name=suite_name, validation_definitions=[definition], result_format=result_format,
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")]))
+        run = checkpoint.run(batch_parameters={"dataframe": frame})
+        return [_outcome(file_name, r) for v in run.run_results.values() for r in v.results]
+
+
+class RawValidator:
+    """The raw-file suites of ``SUITES`` on an ``ExpectationRunner`` (ephemeral unless ``docs_root``)."""
+
+    def __init__(self, docs_root: Path | None = None) -> None:
+        self.runner = ExpectationRunner(docs_root)
 
     def validate(self, kind: str, frame: pd.DataFrame, file_name: str,
                  now: pd.Timestamp | None = None) -> list[ExpectationOutcome]:
-        """Run the suite of ``kind`` ("log", "users", "videos") on ``frame``.
+        """Run the suite of ``kind`` ("log", "users", "videos") on ``frame``; one outcome per expectation.
 
-        Expectations on columns the frame lacks are skipped: their ``expect_column_to_exist``
-        failure already names the column. Returns one outcome per expectation run.
+        Raises:
+            ValueError: unknown ``kind``.
         """
         if kind not in SUITES:
             raise ValueError(f"unknown suite {kind!r}; expected one of {sorted(SUITES)}")
         now = now if now is not None else pd.Timestamp.now(tz="UTC")
-        data = with_derived_checks(kind, frame)
-        suite = self._gx.ExpectationSuite(name=f"{kind}_suite")
-        for exp in SUITES[kind](now):
-            col = getattr(exp, "column", None)
-            if type(exp).__name__ == "ExpectColumnToExist" or col in data.columns:
-                suite.add_expectation(exp)
-        asset = self._source.add_dataframe_asset(f"{kind}_{len(self._source.assets)}")
-        batch = asset.add_batch_definition_whole_dataframe("whole").get_batch(
-            batch_parameters={"dataframe": data})
-        result = batch.validate(suite, result_format={"result_format": "SUMMARY",
-                                                      "partial_unexpected_count": _EXAMPLES})
-        return [_outcome(file_name, r) for r in result.results]
+        return self.runner.run(f"raw_{kind}", SUITES[kind](now), with_derived_checks(kind, frame), file_name)
 
 
 def _outcome(file_name: str, r) -> ExpectationOutcome:
@@ -291,7 +340,7 @@ def _jsonable(value):
 
 
 def validate_raw(raw: RawData, report_dir: Path | None = None,
-                 now: pd.Timestamp | None = None) -> ValidationReport:
+                 now: pd.Timestamp | None = None, docs_root: Path | None = None) -> ValidationReport:
     """Validate the raw log, users and videos; stop on any failure.
 
     Args:
@@ -299,6 +348,8 @@ def validate_raw(raw: RawData, report_dir: Path | None = None,
         report_dir: if given (normally ``StateDir.reports``), the report is written there as
             ``raw_validation.json``, also when validation fails, so the failure can be inspected.
         now: upper bound for ``time_ms`` (default: the current time).
+        docs_root: publish Great Expectations Data Docs under this folder (``ExpectationRunner``);
+            None validates in memory only.
 
     Returns:
         The ``ValidationReport`` (all expectations passed).
@@ -307,7 +358,7 @@ def validate_raw(raw: RawData, report_dir: Path | None = None,
         DataValidationError: any expectation failed; the message lists file, column, expectation,
             number of bad rows and example values for each failure.
     """
-    validator = RawValidator()
+    validator = RawValidator(docs_root)
     outcomes: list[ExpectationOutcome] = []
     rows: dict[str, int] = {}
     for kind, frame, name in (("log", raw.log, raw.log_name), ("users", raw.users, raw.users_path.name),

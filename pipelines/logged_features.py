@@ -105,6 +105,63 @@ def read_feature_log(client: redis.Redis, stream: str = keys.SERVED_FEATURES, *,
     return pd.concat([out, pd.DataFrame(feats, columns=list(ALL_FEATURES))], axis=1)
 
 
+def first_impressions(serves: pd.DataFrame, impressions: pd.DataFrame, window_s: float = DEFAULT_LABEL_WINDOW_S,
+                      columns=HEADS) -> pd.DataFrame:
+    """The as-of join behind every label: each serve's first impression of its (user, post) in the window.
+
+    Shared by the logged-feature training set (``join_engagement_labels``) and the drift monitor's
+    production sample (``monitoring.production.label_production_sample``), so both label a serve
+    the same way.
+
+    Args:
+        serves: ``user_id``, ``post_id`` (integers) and ``as_of`` (the request clock, UTC datetime);
+            other columns are ignored; any index.
+        impressions: canonical impressions: ``user_id``, ``post_id``, ``event_ts`` (UTC datetime)
+            and ``columns``.
+        window_s: an impression labels a serve at ``as_of`` when ``as_of <= event_ts < as_of +
+            window_s`` (seconds, > 0); of several, the first one.
+        columns: impression columns to carry (e.g. the ``HEADS`` labels, ``date``, ``tab``).
+
+    Returns:
+        One row per serve, with ``serves``' index and order: ``event_ts`` (datetime64[ns, UTC], NaT
+        when no impression is in the window) and ``columns`` (NaN there, so an integer column comes
+        back as float64 when some serve is unmatched).
+
+    Raises:
+        ValueError: ``window_s`` is not positive. KeyError: a needed column is missing (names it).
+    """
+    if not window_s > 0:
+        raise ValueError(f"the label window must be > 0 seconds, got {window_s}")
+    columns = [c for c in columns if c not in ("user_id", "post_id", "event_ts")]
+    needed = ["user_id", "post_id", "event_ts", *columns]
+    missing = [c for c in needed if c not in impressions.columns]
+    if missing:
+        raise KeyError(f"impressions lack column(s) {missing} needed to label serves")
+    missing = [c for c in ("user_id", "post_id", "as_of") if c not in serves.columns]
+    if missing:
+        raise KeyError(f"serves lack column(s) {missing} needed to look up their impressions")
+    window = pd.Timedelta(seconds=window_s)
+    left = serves[["user_id", "post_id", "as_of"]].copy()
+    imp = impressions[needed].copy()
+    for key in ("user_id", "post_id"):  # merge_asof's ``by`` keys must share a dtype
+        left[key] = left[key].astype("int64")
+        imp[key] = imp[key].astype("int64")
+    imp["event_ts"] = pd.to_datetime(imp["event_ts"], utc=True).astype("datetime64[ns, UTC]")
+    # only the (user, post) pairs that were served: keeps the as-of join small
+    imp = imp.merge(left[["user_id", "post_id"]].drop_duplicates(), on=["user_id", "post_id"], how="inner")
+    imp = imp.sort_values("event_ts", kind="stable")
+    left["as_of"] = pd.to_datetime(left["as_of"], utc=True).astype("datetime64[ns, UTC]")
+    left["_row"] = np.arange(len(left))
+    left = left.sort_values("as_of", kind="stable")
+    joined = pd.merge_asof(left, imp, left_on="as_of", right_on="event_ts", by=["user_id", "post_id"],
+                           direction="forward", tolerance=window, allow_exact_matches=True)
+    # tolerance is inclusive: keep [as_of, as_of + window)
+    inside = joined["event_ts"].notna() & (joined["event_ts"] < joined["as_of"] + window)
+    out = pd.DataFrame({c: joined[c].where(inside) for c in ("event_ts", *columns)})
+    out = out.set_axis(joined["_row"].to_numpy()).sort_index()
+    return out.set_axis(serves.index)
+
+
 def join_engagement_labels(logged: pd.DataFrame, impressions: pd.DataFrame,
                            window_s: float = DEFAULT_LABEL_WINDOW_S) -> pd.DataFrame:
     """Label logged serves with the first impression of the same (user, post) after the serve.
@@ -119,45 +176,27 @@ def join_engagement_labels(logged: pd.DataFrame, impressions: pd.DataFrame,
     Returns:
         A frame shaped like the offline training set (``pipelines.training_set``): ``user_id``,
         ``post_id``, ``author_id``, ``event_timestamp`` (the labelling impression's time, UTC),
-        ``date`` (int yyyymmdd of that impression), ``tab``, ``request_id`` (int64: the mixer
-        requests numbered in serve order), ``request_ts`` (= ``as_of``, the request clock),
-        ``serve_request_id`` (hex), the ``HEADS`` labels (int) and every ``ALL_FEATURES`` column as
-        logged; one row per labelled serve, sorted by (``event_timestamp``, ``user_id``,
+        ``date`` (int yyyymmdd of that impression), ``tab`` (the impressions' dtype), ``request_id``
+        (int64: the mixer requests numbered in serve order), ``request_ts`` (= ``as_of``, the request
+        clock), ``serve_request_id`` (hex), the ``HEADS`` labels (int) and every ``ALL_FEATURES``
+        column as logged; one row per labelled serve, sorted by (``event_timestamp``, ``user_id``,
         ``post_id``). Unlabelled serves are dropped.
 
     Raises:
         ValueError: ``window_s`` is not positive. KeyError: a needed impressions column is missing.
     """
-    if not window_s > 0:
-        raise ValueError(f"the label window must be > 0 seconds, got {window_s}")
-    needed = ["user_id", "post_id", "event_ts", "date", "tab", *HEADS]
-    missing = [c for c in needed if c not in impressions.columns]
-    if missing:
-        raise KeyError(f"impressions lack column(s) {missing} needed to label logged serves")
-    imp = impressions[needed].copy()
-    imp["event_ts"] = pd.to_datetime(imp["event_ts"], utc=True).astype("datetime64[ns, UTC]")
-    # only the (user, post) pairs that were served: keeps the as-of join small
-    served_pairs = logged[["user_id", "post_id"]].drop_duplicates()
-    imp = imp.merge(served_pairs, on=["user_id", "post_id"], how="inner").sort_values("event_ts", kind="stable")
-    left = logged.copy()
-    left["as_of"] = left["as_of"].astype("datetime64[ns, UTC]")
-    left["_row"] = np.arange(len(left))
-    left = left.sort_values("as_of", kind="stable")
-    joined = pd.merge_asof(left, imp, left_on="as_of", right_on="event_ts", by=["user_id", "post_id"],
-                           direction="forward", tolerance=pd.Timedelta(seconds=window_s), allow_exact_matches=True)
-    # tolerance is inclusive: keep [as_of, as_of + window)
-    joined = joined[joined["event_ts"].notna()
-                    & (joined["event_ts"] < joined["as_of"] + pd.Timedelta(seconds=window_s))]
-    joined = joined.sort_values("_row", kind="stable")
+    labels = first_impressions(logged, impressions, window_s, columns=["date", "tab", *HEADS])
+    hit = labels["event_ts"].notna().to_numpy()
+    joined, labels = logged[hit], labels[hit]
     out = pd.DataFrame({
         "user_id": joined["user_id"].astype("int64"), "post_id": joined["post_id"].astype("int64"),
-        "author_id": joined["author_id"].astype("int64"), "event_timestamp": joined["event_ts"],
-        "date": joined["date"].astype("int64"), "tab": joined["tab"],
+        "author_id": joined["author_id"].astype("int64"), "event_timestamp": labels["event_ts"],
+        "date": labels["date"].astype("int64"), "tab": labels["tab"].astype(impressions["tab"].dtype),
         "request_id": pd.factorize(joined["serve_request_id"])[0].astype("int64"),
-        "request_ts": joined["as_of"], "serve_request_id": joined["serve_request_id"],
+        "request_ts": joined["as_of"].astype("datetime64[ns, UTC]"), "serve_request_id": joined["serve_request_id"],
     })
     for h in HEADS:
-        out[h] = joined[h].astype("int64")
+        out[h] = labels[h].astype("int64")
     for f in ALL_FEATURES:
         out[f] = joined[f].astype("float64")
     return out.sort_values(["event_timestamp", "user_id", "post_id"], kind="stable").reset_index(drop=True)
@@ -184,5 +223,5 @@ def logged_training_set(client: redis.Redis, impressions: pd.DataFrame, *,
     return labelled
 
 
-__all__ = ["DEFAULT_LABEL_WINDOW_S", "EmptyFeatureLogError", "join_engagement_labels", "logged_training_set",
-           "read_feature_log"]
+__all__ = ["DEFAULT_LABEL_WINDOW_S", "EmptyFeatureLogError", "first_impressions", "join_engagement_labels",
+           "logged_training_set", "read_feature_log"]

@@ -108,3 +108,31 @@ def test_materialize_fills_redis_with_latest_rows(built):
     for col in ("user_impressions", "user_click_rate", "user_follow_num"):
         np.testing.assert_allclose(online[col].astype(float).to_numpy(),
                                    latest[col].astype(float).to_numpy(), equal_nan=True)
+
+
+def test_gate_stops_a_faulted_table_and_redis_keeps_the_last_good_values(built, tmp_path):
+    """materialize validates first: a faulted content table raises before Redis is touched."""
+    from monitoring.feature_validation import FeatureValidationError, inject_fault
+
+    state, store, _ = built
+    jobs.materialize(store, state)  # a good run: Redis filled, the gate's baseline recorded
+    path = state.table("content_features")
+    clean = pd.read_parquet(path)
+    posts = [{"post_id": int(p)} for p in clean["post_id"].drop_duplicates().head(30)]
+    feats = ["content_features:post_duration_ms", "content_features:post_click_rate_24h"]
+    before = store.get_online_features(features=feats, entity_rows=posts).to_df()
+    assert before["post_duration_ms"].notna().any()
+    aside = tmp_path / "content_features.parquet"
+    path.rename(aside)
+    try:
+        inject_fault(clean, "post_duration_ms", "post_click_rate_24h", null_share=0.5).to_parquet(path)
+        with pytest.raises(FeatureValidationError) as err:
+            jobs.materialize(store, state)
+        failed = {(o.column, o.expectation) for o in err.value.report.failures()}
+        assert ("post_duration_ms", "expect_column_median_to_be_between") in failed
+        assert ("post_click_rate_24h", "expect_column_values_to_not_be_null") in failed
+        after = store.get_online_features(features=feats, entity_rows=posts).to_df()
+        pd.testing.assert_frame_equal(after, before)
+    finally:
+        path.unlink()
+        aside.rename(path)

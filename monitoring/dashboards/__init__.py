@@ -1,0 +1,1 @@
+"""Dashboards for monitoring: Grafana definitions and the static drift page."""
