@@ -27,6 +27,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core import claim_prometheus_env  # noqa: E402
 from core.schema import FEATURE_VIEWS  # noqa: E402
 from core.services import RedisServer  # noqa: E402
 from core.state import StateDir  # noqa: E402
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             from core.online_layout import FeastRedisLayout
             from mixer.feature_hydrators import FeastLayoutFeatureHydrator, FeastSdkFeatureHydrator
 
-            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            claim_prometheus_env()
             store = fs.open_store(state, srv.feast_connection_string)
             fs.apply(store, state.tables)
             t0 = time.perf_counter()

@@ -67,7 +67,7 @@ def drift_sample_cost(state: StateDir, srv: RedisServer, users: list[int], own_r
                 mixer, base = start_mixer(state, srv.url, config=path, name=f"bench-mixer-drift{i}")
                 mixers.append(mixer)
                 bases.append(base)
-            client = httpx.Client(timeout=30)
+            client = httpx.Client(timeout=30, headers=mixers[0].auth_headers)  # one state: one token
             for base in bases:
                 for uid in users[:5]:  # warm-up (model load, connection pools)
                     timeline(client, base, uid)
@@ -129,7 +129,7 @@ def main() -> None:
     try:
         users = load_training_set(state)["user_id"].drop_duplicates().sample(
             n=args.requests, random_state=7).tolist()
-        client = httpx.Client(timeout=30)
+        client = httpx.Client(timeout=30, headers=mixer.auth_headers)
         for uid in users[:5]:  # warm-up (model load, connection pools)
             client.post(f"{base}/v1/home-timeline", json={"user_id": int(uid), "limit": 20})
         floor = []

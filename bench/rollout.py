@@ -28,10 +28,11 @@ from core.services import RedisServer
 from core.state import StateDir
 
 
-def wait_for(base: str, user: int, version: int, timeout_s: float = 60.0) -> dict:
+def wait_for(base: str, user: int, version: int, headers: dict[str, str], timeout_s: float = 60.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        body = httpx.post(f"{base}/v1/home-timeline", json={"user_id": user, "limit": 5}, timeout=10).json()
+        body = httpx.post(f"{base}/v1/home-timeline", json={"user_id": user, "limit": 5}, headers=headers,
+                          timeout=10).json()
         if body["model_versions"]["light_ranker"] == str(version):
             return body
         time.sleep(0.05)
@@ -72,13 +73,13 @@ def main() -> None:
                           f"scoring:\n  backend: triton_grpc\n  url: \"{triton.grpc_url}\"\n  timeout_ms: 200\n")
         mixer, base = start_mixer(state, redis_srv.url, config=config, name="bench-mixer")
         user = int(load_training_set(state)["user_id"].iloc[0])
-        body = wait_for(base, user, old)
+        body = wait_for(base, user, old, mixer.auth_headers)
         print(f"mixer serving light_ranker v{old} via {body['scoring_paths']}")
         for target, label in ((new, "promote"), (old, "rollback")):
             t0 = time.monotonic()
             cli(["--state", str(state.root), "models", "promote", "--model", "light", "--version", str(target)])
             t_cmd = time.monotonic() - t0
-            body = wait_for(base, user, target)
+            body = wait_for(base, user, target, mixer.auth_headers)
             t_all = time.monotonic() - t0
             print(f"{label} to v{target}: command {t_cmd:.1f} s (alias + Triton export/load), "
                   f"serving after {t_all:.1f} s, paths {body['scoring_paths']}")

@@ -11,7 +11,21 @@ Nothing here imports another home-mixer package (checked by the import-linter co
 
 import os
 
-# Feast sets PROMETHEUS_MULTIPROC_DIR on import, which turns prometheus-client metrics file-backed;
-# claim the variable first so our process-local metrics stay in memory.
-os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+# The metrics folder of a mixer served by several worker processes (mixer.api --workers); the only
+# case in which prometheus-client metrics are meant to be file-backed.
+METRICS_DIR_ENV = "HOME_MIXER_METRICS_DIR"
+
+
+def claim_prometheus_env() -> None:
+    """Set ``PROMETHEUS_MULTIPROC_DIR`` to ours: ``$HOME_MIXER_METRICS_DIR`` of a multi-worker mixer,
+    else unset. Feast sets the variable to a folder of its own on import, which would turn every
+    metric file-backed; call this at start-up and after anything that imports feast."""
+    ours = os.environ.get(METRICS_DIR_ENV)
+    if ours:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = ours
+    else:
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+
+
+claim_prometheus_env()
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")

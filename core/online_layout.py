@@ -66,6 +66,7 @@ Feast online store (``feast materialize`` / push writes it; ``FeastLayoutFeature
 
 | builder | key | type | content | writer | readers |
 | --- | --- | --- | --- | --- | --- |
+| ``FEATURE_VERSION`` | ``hm:feature_version`` | string | wall-clock time (epoch s) of the last ``materialize``: the version that keys the mixer's feature cache | ``feature_repo.store.materialize`` | ``mixer.redis_health.read_versions`` (``StoreWatcher``) |
 | ``FeastRedisLayout.key(view, **join_values)`` | ``<entity key v3><project>`` (bytes) | hash | field ``FeastRedisLayout.fields[view]`` (mmh3 of ``view:feature``) -> ``feast.types.Value``; ``_ts:{view}`` -> event time | Feast | ``FeastLayoutFeatureHydrator``, ``FeastSdkFeatureHydrator`` |
 """
 
@@ -248,6 +249,7 @@ def dead_letter_stream(topic: str) -> str:
 
 
 # ---------------------------------------------------------------- Feast's online store
+FEATURE_VERSION = "hm:feature_version"  # bumped by every materialize; keys the mixer's feature cache
 _STRING, _INT64 = 2, 4  # feast ValueType enum values used in key serialisation
 
 

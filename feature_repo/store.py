@@ -10,6 +10,8 @@ import os
 from datetime import datetime
 from pathlib import Path
 
+from core import claim_prometheus_env
+from core import online_layout as keys
 from core.schema import FEATURE_VIEWS
 from core.state import StateDir
 
@@ -32,7 +34,7 @@ def open_store(state: StateDir, redis_connection: str):
     import prometheus_client  # noqa: F401  (import before feast so metrics stay in memory)
     from feast import FeatureStore
 
-    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    claim_prometheus_env()
     env = feast_env(state, redis_connection)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -80,5 +82,38 @@ def historical_features(store, entity_df):
 
 
 def materialize(store, start: datetime, end: datetime) -> None:
-    """Load the latest feature values in ``[start, end]`` from the offline store into Redis."""
+    """Load the latest feature values in ``[start, end]`` from the offline store into Redis, then
+    bump ``core.online_layout.FEATURE_VERSION`` (the mixer drops its cached post features within
+    seconds of the change).
+
+    Raises:
+        redis.RedisError: the version could not be written (the values are loaded; a mixer keeps
+            its cached ones until the next successful materialize or its restart).
+    """
+    import time
+
     store.materialize(start_date=start, end_date=end)
+    client = _online_client(store.config.online_store.connection_string)
+    try:
+        client.set(keys.FEATURE_VERSION, f"{time.time():.6f}")
+    finally:
+        client.close()
+
+
+def _online_client(connection_string: str):
+    """A ``redis.Redis`` from Feast's ``host:port[,db=N][,password=P][,ssl=true]``
+    (``core.services.feast_connection_string`` in reverse)."""
+    import redis
+
+    address, *options = [p.strip() for p in connection_string.split(",")]
+    host, _, port = address.rpartition(":")
+    kwargs: dict = {"host": host or "127.0.0.1", "port": int(port or 6379)}
+    for option in options:
+        name, _, value = option.partition("=")
+        if name == "db":
+            kwargs["db"] = int(value)
+        elif name == "password":
+            kwargs["password"] = value
+        elif name == "ssl":
+            kwargs["ssl"] = value.lower() == "true"
+    return redis.Redis(**kwargs)

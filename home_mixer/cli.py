@@ -205,7 +205,26 @@ def _make_mixer(state: StateDir, args):
     from mixer.server import MixerServer
 
     return MixerServer(state, host=args.host, port=args.port, config=Path(args.config) if args.config else None,
-                       redis_url=jobs.redis_url_for(state))
+                       redis_url=jobs.redis_url_for(state), workers=_workers(args))
+
+
+def _workers(args) -> int:
+    """``--workers`` (default: one per core)."""
+    from mixer.api import default_workers
+
+    workers = getattr(args, "workers", None) or default_workers()
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}")
+    return workers
+
+
+def _mixer_token_action(state: StateDir, args, found) -> int:
+    """``serve mixer token``: print the bearer token clients of this state folder send (the first of
+    ``$HOME_MIXER_API_TOKENS``, else ``<state>/run/mixer-api-token``, generated if missing)."""
+    from mixer.auth import client_token
+
+    print(client_token(state))
+    return 0
 
 
 SERVICES: dict[str, ServiceSpec] = {
@@ -213,7 +232,7 @@ SERVICES: dict[str, ServiceSpec] = {
     "triton": ServiceSpec("triton", _triton_class, lambda state, args: _triton_class()(state),
                           before_start=_triton_sync, extra_actions={"sync": _triton_sync_action}),
     "bentoml": ServiceSpec("bentoml", _bento_class, lambda state, args: _bento_class()(state, port=args.port)),
-    "mixer": ServiceSpec("mixer", _mixer_class, _make_mixer),
+    "mixer": ServiceSpec("mixer", _mixer_class, _make_mixer, extra_actions={"token": _mixer_token_action}),
     "prometheus": ServiceSpec("prometheus", _prometheus_class,
                               lambda state, args: _prometheus_class()(state, port=args.port,
                                                                       scrape_interval_s=args.scrape_interval),
@@ -583,7 +602,8 @@ def cmd_serve_mixer(args) -> int:
     from mixer.api import main as serve_main
 
     state = _state(args)
-    argv = ["--host", args.host, "--port", str(args.port or 8080), "--redis-url", jobs.redis_url_for(state)]
+    argv = ["--host", args.host, "--port", str(args.port or 8080), "--redis-url", jobs.redis_url_for(state),
+            "--workers", str(_workers(args))]
     if args.config:
         argv += ["--config", args.config]
     os.environ.setdefault("MLFLOW_TRACKING_URI", state.mlflow_tracking_uri)
@@ -785,10 +805,14 @@ def build_parser() -> argparse.ArgumentParser:
     mx = _add_service_parser(
         svsub, "mixer", "mixer", "the mixer HTTP API",
         "Without an action (or `run`): the mixer in the foreground (default port 8080). "
-        "start/stop/status: a background mixer supervised through <state>/run/mixer.json.",
-        port=True, default_action="run")
+        "start/stop/status: a background mixer supervised through <state>/run/mixer.json. "
+        "token: print the bearer token to send (`Authorization: Bearer $(home-mixer serve mixer token)`).",
+        actions=("start", "stop", "status", "token"), port=True, default_action="run")
     mx.add_argument("--config", help="mixer YAML (default: embedded mixer/mixer.yaml)")
     mx.add_argument("--host", default="127.0.0.1")
+    mx.add_argument("--workers", type=int, default=None,
+                    help="worker processes behind the port, each with its own models and connections "
+                         "(default: one per core)")
     mx.set_defaults(func=cmd_serve_mixer)
 
     mo = sub.add_parser("monitor", help="drift monitoring and Prometheus (start|stop|status)")

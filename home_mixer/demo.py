@@ -26,6 +26,7 @@ from core.requests import REQUEST_GAP_S
 from core.services import RedisServer
 from core.stages import StageTimer
 from core.state import StateDir
+from mixer.auth import auth_headers
 from mixer.server import MixerServer
 
 STAGES = 14
@@ -36,13 +37,14 @@ FUNNEL_USERS = 100   # validation-day users whose candidate sets measure the lig
 
 def start_mixer(state: StateDir, redis_url: str, port: int | None = None,
                 config: Path | None = None, timeout_s: float = 120.0,
-                name: str = "mixer") -> tuple[MixerServer, str]:
+                name: str = "mixer", workers: int = 1) -> tuple[MixerServer, str]:
     """Start the mixer API as a supervised child process (``mixer.server.MixerServer``) and wait
     for ``/healthz``.
 
     Args:
         name: the instance's record and log name in ``state/run`` (benchmarks use their own, so a
             mixer left running by the demo is not touched).
+        workers: worker processes behind the port (``mixer.server.MixerServer``).
 
     Returns:
         (the server: ``.stop()`` stops its process tree, base URL ``http://127.0.0.1:PORT``).
@@ -52,7 +54,8 @@ def start_mixer(state: StateDir, redis_url: str, port: int | None = None,
             use, or it exited or did not become healthy within ``timeout_s`` seconds (the message
             has the end of ``state/run/<name>.log``).
     """
-    srv = MixerServer(state, name=name, port=port, config=config, redis_url=redis_url).start(timeout_s)
+    srv = MixerServer(state, name=name, port=port, config=config, redis_url=redis_url,
+                      workers=workers).start(timeout_s)
     return srv, srv.url
 
 
@@ -135,7 +138,8 @@ def realtime_stage(state: StateDir, redis_url: str, base: str, data_dir: Path, a
     for old in before:
         uid = old["user_id"]
         client.delete(keys.served_posts(uid))
-        r = httpx.post(f"{base}/v1/home-timeline", json={"user_id": uid, "limit": len(old["items"])}, timeout=30)
+        r = httpx.post(f"{base}/v1/home-timeline", json={"user_id": uid, "limit": len(old["items"])},
+                       headers=auth_headers(state), timeout=30)
         r.raise_for_status()
         new = r.json()
         old_rank = {it["post_id"]: i for i, it in enumerate(old["items"])}
@@ -283,7 +287,8 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
             chosen = users or pick_users(ts, n_users)
             responses = []
             for uid in chosen:
-                r = httpx.post(f"{base}/v1/home-timeline", json={"user_id": int(uid), "limit": 20}, timeout=30)
+                r = httpx.post(f"{base}/v1/home-timeline", json={"user_id": int(uid), "limit": 20},
+                               headers=mixer.auth_headers, timeout=30)
                 r.raise_for_status()
                 responses.append(r.json())
         print()

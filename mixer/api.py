@@ -19,26 +19,34 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 import redis
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from core import online_layout as keys
+from core import METRICS_DIR_ENV, claim_prometheus_env, online_layout as keys
 from core.schema import HOME_SURFACE, KNOWN_SURFACES
+from mixer.admission import InFlightLimitMiddleware
+from mixer.quality_factor import LinearLatencyQualityFactor
+from mixer.auth import accepted_tokens, bearer_dependency
 from mixer.config import MixerConfig, load_config
 from mixer.metrics import MixerMetrics
 from mixer.model_watcher import ModelAliasWatcher
-from mixer.pipeline import HomeTimelinePipeline, TimelineResult, build_pipeline, finite
+from mixer.pipeline import HomeTimelinePipeline, Resilience, TimelineResult, build_pipeline, finite
+from mixer.redis_health import StoreWatcher, redis_client
 from mixer.scorers import RankerHandle
 from mixer.selectors import CursorError, PageCursor
 
 log = logging.getLogger(__name__)
+
+TIMELINE_PATH = "/v1/home-timeline"
 
 
 class TimelineItem(BaseModel):
@@ -66,22 +74,48 @@ class TimelineResponse(BaseModel):
         description="per ranker: in_process, triton_grpc, triton_http, bentoml, or in_process_fallback "
                     "(the model server failed or missed its deadline)")
     timings_ms: dict[str, float]
+    degraded: list[str] = Field(
+        default_factory=list,
+        description="stages that failed open for this page, in stage order (empty: a normal answer): "
+                    "query_hydration (user context last-known or unknown), candidate_sources / "
+                    "candidate_hydration / feature_hydration (served from the last-known-good caches, Redis "
+                    "unreachable), realtime_features (batch counts: Redis unreachable or the stream processor "
+                    "stopped), side_effects (served-posts / impression writes buffered until Redis is back)")
+    quality_factor: float = Field(
+        1.0, description="share of the full work this page got, in (0, 1]: under load the candidate source "
+                         "limits and the heavy ranker's top K are scaled by it (1: full quality)")
 
 
 @dataclass
 class MixerResources:
-    """What start-up opens and shutdown closes."""
+    """What start-up opens and shutdown closes.
+
+    ``resilience`` (caches, Redis health, stream liveness, write buffer) and ``store_watcher`` (its
+    background thread) belong to this process: nothing is global, and ``close`` flushes what the
+    write buffer still holds when Redis answers.
+    """
 
     client: redis.Redis
     executor: ThreadPoolExecutor
     pipeline: HomeTimelinePipeline
     watcher: ModelAliasWatcher | None = None
     backend: object | None = None  # the model-server client, closed at shutdown
+    resilience: Resilience = field(default_factory=Resilience)
+    store_watcher: StoreWatcher | None = None
 
     def close(self) -> None:
-        """Stop the alias watcher, close the model-server client, the source pool and Redis."""
+        """Stop the alias and store watchers, flush buffered writes (if Redis answers), close the
+        model-server client, the source pool and Redis."""
         if self.watcher is not None:
             self.watcher.stop()
+        if self.store_watcher is not None:
+            self.store_watcher.stop()
+        writes = self.resilience.writes
+        if writes is not None and writes.pending():
+            writes.flush()
+            if writes.pending():
+                log.warning("shutdown with %d side-effect writes still buffered (Redis unreachable): lost",
+                            len(writes))
         if self.backend is not None:
             self.backend.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -95,14 +129,78 @@ SURFACE_DESCRIPTION = (
     f"ranked as 'other'. A JSON integer: true/false, strings and fractions are rejected (422).")
 
 
+MAX_USER_ID = 2**63 - 1  # ids are int64 in the online store and the logs
+MAX_CURSOR_CHARS = 65_536  # a cursor holds at most MAX_SERVED post ids (~11 KB for KuaiRand's)
+
+
+class ErrorResponse(BaseModel):
+    """An error (400, 401, 403, 503): ``message`` says what went wrong and what to do."""
+
+    message: str
+
+
+class ValidationErrorResponse(BaseModel):
+    """An invalid request (422): one ``detail`` entry per bad field; ``message`` names them all."""
+
+    detail: list[dict[str, Any]]
+    message: str
+
+
+_BEARER_CHALLENGE = {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}}
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "headers": _BEARER_CHALLENGE,
+          "description": "no bearer token: send `Authorization: Bearer <token>`"},
+    403: {"model": ErrorResponse, "description": "the bearer token is not one this mixer accepts"},
+}
+# OpenAPI link: the next page is the same request with `cursor` = this page's `next_cursor`
+NEXT_PAGE_LINK = {"NextPage": {
+    "operationId": "homeTimeline",
+    "description": "the next page of the same user's timeline",
+    "requestBody": {"user_id": "$request.body#/user_id", "cursor": "$response.body#/next_cursor"},
+}}
+
+
+def _exact_integer_bounds(openapi: Callable[[], dict], model: type[BaseModel]) -> Callable[[], dict]:
+    """``app.openapi`` with ``model``'s integer bounds as pydantic states them: FastAPI's OpenAPI
+    models hold bounds as floats, so ``2**63 - 1`` would read 9.223372036854776e18 (= 2**63)."""
+    exact = model.model_json_schema()["properties"]
+
+    def patched() -> dict:
+        schema = openapi()  # FastAPI caches it on the app: patching once patches every call
+        props = schema.get("components", {}).get("schemas", {}).get(model.__name__, {}).get("properties", {})
+        for name, prop in props.items():
+            for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+                if prop.get("type") == "integer" and key in exact.get(name, {}):
+                    prop[key] = exact[name][key]
+        return schema
+
+    return patched
+
+
+def _auth_dependencies(config: MixerConfig, api_tokens: tuple[str, ...] | None) -> list:
+    """``[Depends(bearer check)]`` for the protected routes, ``[]`` when ``auth.enabled`` is false.
+
+    Raises:
+        mixer.auth.AuthConfigError: see ``mixer.auth.accepted_tokens``.
+    """
+    if not config.auth.enabled:
+        log.warning("AUTHENTICATION IS OFF (auth.enabled: false): anyone who reaches this port gets "
+                    "timelines; only run so behind a gateway that authenticates")
+        return []
+    tokens = api_tokens if api_tokens is not None else accepted_tokens(config.auth)
+    return [Depends(bearer_dependency(tokens))]
+
+
 def _request_model(config: MixerConfig) -> type[BaseModel]:
     page = config.page
     return create_model(
         "TimelineRequest",
         __config__=ConfigDict(extra="forbid"),
-        user_id=(int, Field(ge=0, description="the viewer's user id")),
-        limit=(int, Field(page.default_size, ge=1, le=page.max_size, description="posts per page")),
-        cursor=(str | None, Field(None, description="next_cursor of the previous page; null for the first")),
+        # strict: a JSON bool or string is not an id or a size (422, not user 0)
+        user_id=(int, Field(ge=0, le=MAX_USER_ID, strict=True, description="the viewer's user id (int64, >= 0)")),
+        limit=(int, Field(page.default_size, ge=1, le=page.max_size, strict=True, description="posts per page")),
+        cursor=(str | None, Field(None, max_length=MAX_CURSOR_CHARS,
+                                  description="next_cursor of the previous page; null for the first")),
         surface=(int, Field(HOME_SURFACE, ge=0, strict=True, description=SURFACE_DESCRIPTION)),
     )
 
@@ -111,14 +209,15 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in errors)
 
 
-def _feature_hydrator(config: MixerConfig, client: redis.Redis):
+def _feature_hydrator(config: MixerConfig, client: redis.Redis, resilience: Resilience = Resilience()):
     from core.online_layout import FeastRedisLayout
     from mixer.feature_hydrators import FeastLayoutFeatureHydrator, FeastSdkFeatureHydrator
 
-    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)  # feast was imported above
+    claim_prometheus_env()  # feast was imported above
     if config.feast.hydrator == "redis_layout":
         return FeastLayoutFeatureHydrator(client, FeastRedisLayout(config.feast.project,
-                                                                   config.feast.entity_key_serialization_version))
+                                                                   config.feast.entity_key_serialization_version),
+                                          caches=resilience.caches, health=resilience.health)
     from feature_repo.store import open_store
     from core.state import StateDir
 
@@ -154,6 +253,7 @@ def _load_rankers(config: MixerConfig, metrics: MixerMetrics, backend=None) -> t
     def on_fallback(model: str, path: str, reason: str) -> None:
         metrics.scoring_fallbacks.labels(model=model, backend=path, reason=reason).inc()
 
+    backend.circuits.configure(scoring.breaker_fail_max, scoring.breaker_reset_s, metrics.set_circuit_state)
     return tuple(RemoteRankerHandle(h, backend, scoring.backend, scoring.timeout_ms / 1000.0, on_fallback)
                  for h in (light, heavy))
 
@@ -179,27 +279,33 @@ def _warm_up(*handles: RankerHandle) -> None:
 def open_resources(config: MixerConfig, metrics: MixerMetrics,
                    rankers: tuple[RankerHandle, RankerHandle] | None = None,
                    feature_hydrator=None) -> MixerResources:
-    """Open Redis, load models (unless ``rankers`` is given), build the pipeline.
+    """Open Redis, load models (unless ``rankers`` is given), build the pipeline and what serves it
+    through Redis faults (``open_resilience``).
 
     Raises:
-        ConfigError: no Redis configured. redis.RedisError: Redis does not answer.
+        ConfigError: no Redis configured. redis.RedisError: Redis does not answer (at start-up
+            nothing is cached yet, so there is nothing to serve without it).
         RuntimeError / MLflow errors: the registered models or their alias cannot be loaded.
     """
     url = config.resolved_redis_url()
-    client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    client = redis_client(url, config.redis)
     backend = None
     try:
         client.ping()
+        resilience = open_resilience(config, client, metrics)
         if rankers is None:
             backend = _scoring_backend(config)
             light, heavy = _load_rankers(config, metrics, backend)
         else:
             light, heavy = rankers
             _warm_up(light, heavy)
-        hydrator = feature_hydrator or _feature_hydrator(config, client)
+        hydrator = feature_hydrator or _feature_hydrator(config, client, resilience)
         executor = ThreadPoolExecutor(max_workers=config.source_pool_workers, thread_name_prefix="hm-source")
         pipeline = build_pipeline(config, client=client, light=light, heavy=heavy, feature_hydrator=hydrator,
-                                  executor=executor, metrics=metrics)
+                                  executor=executor, metrics=metrics, resilience=resilience)
+        store_watcher = StoreWatcher(client, resilience.caches, resilience.health,
+                                     version_check_s=config.caches.version_check_s, probe_s=config.redis.probe_s,
+                                     flush=resilience.writes.flush, pending=resilience.writes.pending).start()
     except BaseException:
         client.close()
         if backend is not None:
@@ -210,11 +316,33 @@ def open_resources(config: MixerConfig, metrics: MixerMetrics,
         watcher = ModelAliasWatcher(pipeline, lambda: _alias_versions(config),
                                     lambda: _load_rankers(config, metrics, backend),
                                     config.models.reload_interval_s, metrics).start()
-    return MixerResources(client=client, executor=executor, pipeline=pipeline, watcher=watcher, backend=backend)
+    return MixerResources(client=client, executor=executor, pipeline=pipeline, watcher=watcher, backend=backend,
+                          resilience=resilience, store_watcher=store_watcher)
+
+
+def open_resilience(config: MixerConfig, client: redis.Redis, metrics: MixerMetrics) -> Resilience:
+    """The caches, Redis health, stream liveness and write buffer of one mixer process, counted in
+    ``metrics`` (``hm_mixer_cache_requests_total``, ``..._side_effect_buffer_*``, ``..._redis_outages_total``)."""
+    from mixer.caches import MixerCaches
+    from mixer.feature_hydrators.realtime import StreamLiveness
+    from mixer.redis_health import RedisHealth
+    from mixer.side_effects.write_buffer import RedisWriteBuffer
+
+    def on_lookup(cache: str, result: str, n: int) -> None:
+        metrics.cache_requests.labels(cache=cache, result=result).inc(n)
+
+    health = RedisHealth(on_down=metrics.redis_outages.inc)
+    writes = RedisWriteBuffer(
+        client, health, max_writes=config.redis.buffer_max_writes,
+        on_drop=lambda name, n: metrics.side_effect_buffer_dropped.labels(side_effect=name).inc(n),
+        on_flush=lambda name, n: metrics.side_effect_buffer_flushed.labels(side_effect=name).inc(n))
+    return Resilience(caches=MixerCaches(config.caches, on_lookup), health=health, liveness=StreamLiveness(),
+                      writes=writes)
 
 
 def _response(result: TimelineResult) -> dict:
     return {
+        "quality_factor": result.query.quality_factor,
         "user_id": result.query.user_id,
         "surface": result.query.surface,
         "arm": result.query.arm or "",
@@ -227,22 +355,35 @@ def _response(result: TimelineResult) -> dict:
         "model_versions": result.model_versions,
         "scoring_paths": result.scoring_paths,
         "timings_ms": result.timings_ms,
+        "degraded": list(result.degraded),
     }
 
 
 def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle] | None = None,
-               feature_hydrator=None) -> FastAPI:
+               feature_hydrator=None, multiprocess_dir: str | None = None,
+               api_tokens: tuple[str, ...] | None = None) -> FastAPI:
     """The FastAPI app of the mixer.
 
     Args:
         config: validated config (``mixer.config.load_config``).
         rankers: (light, heavy) handles to use instead of loading from MLflow (embedding/tests).
         feature_hydrator: a feature hydrator to use instead of the configured one.
+        multiprocess_dir: the workers' shared metrics folder when served by several processes
+            (``mixer.metrics.MixerMetrics``).
+        api_tokens: bearer tokens to accept instead of ``mixer.auth.accepted_tokens`` (config,
+            ``$HOME_MIXER_API_TOKENS``, else the state folder's); unused when ``auth.enabled`` is false.
 
-    Resources open in the lifespan (on server start), so creating the app does no I/O.
+    Resources open in the lifespan (on server start), so creating the app does no I/O beyond
+    reading the accepted tokens (and generating the state folder's on first use).
+
+    Raises:
+        mixer.auth.AuthConfigError: an unusable token in the environment or an unsafe token file.
     """
-    metrics = MixerMetrics()
+    metrics = MixerMetrics(multiprocess_dir=multiprocess_dir)
+    quality = LinearLatencyQualityFactor(config.quality_factor)  # this worker's; requests observe it
     TimelineRequest = _request_model(config)
+    authenticated = _auth_dependencies(config, api_tokens)
+    auth_responses = AUTH_RESPONSES if authenticated else {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -260,15 +401,32 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
                   description="Ranked home timelines: candidate sources, Feast features, light and heavy "
                               "rankers, weighted-sum blender, author diversity, cursor paging.")
     app.state.metrics = metrics
+    app.openapi = _exact_integer_bounds(app.openapi, TimelineRequest)
+    # refuse past the in-flight bound before a thread is taken (mixer.admission)
+    app.add_middleware(InFlightLimitMiddleware, settings=config.overload, paths=(TIMELINE_PATH,),
+                       on_reject=lambda: metrics.requests.labels(status="overloaded").inc())
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError):
         errors = jsonable_encoder(exc.errors())
         return JSONResponse(status_code=422, content={"detail": errors, "message": _validation_message(errors)})
 
-    @app.post("/v1/home-timeline", response_model=TimelineResponse,
-              responses={422: {"description": "invalid body; `message` names each bad field"},
-                         503: {"description": "Redis unreachable"}})
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # every error body is {"message": ...}, like the 422 and 503 ones (FastAPI's says "detail")
+        return JSONResponse(status_code=exc.status_code, content={"message": str(exc.detail)}, headers=exc.headers)
+
+    @app.post(TIMELINE_PATH, response_model=TimelineResponse, operation_id="homeTimeline",
+              dependencies=authenticated,
+              responses={200: {"links": NEXT_PAGE_LINK},
+                         400: {"model": ErrorResponse, "description": "the body cannot be read (not UTF-8)"},
+                         **auth_responses,
+                         422: {"model": ValidationErrorResponse,
+                               "description": "invalid body (not JSON, a bad or unknown field, a bad cursor); "
+                                              "`message` names each bad field"},
+                         503: {"model": ErrorResponse,
+                               "description": "Redis unreachable, or the mixer is at its in-flight bound "
+                                              "(`Retry-After` says when to retry)"}})
     def home_timeline(body: TimelineRequest) -> Any:  # type: ignore[valid-type]
         """Rank one page of the user's home timeline (cold start: popular posts)."""
         pipeline: HomeTimelinePipeline = app.state.resources.pipeline
@@ -277,36 +435,120 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
         except CursorError as e:
             errors = [{"type": "value_error", "loc": ["body", "cursor"], "msg": str(e)}]
             return JSONResponse(status_code=422, content={"detail": errors, "message": _validation_message(errors)})
+        factor = quality.factor
         try:
-            result = pipeline.run(body.user_id, body.limit, cursor, surface=body.surface)
+            result = pipeline.run(body.user_id, body.limit, cursor, surface=body.surface, quality_factor=factor)
         except redis.RedisError as e:
             metrics.requests.labels(status="unavailable").inc()
             log.error("home timeline of user %s failed: Redis: %r", body.user_id, e)
             return JSONResponse(status_code=503, content={"message": f"Redis is unreachable: {e}"})
+        health = getattr(app.state.resources, "resilience", Resilience()).health
+        if not result.items and result.degraded and health is not None and not health.up:
+            # every stage fell back and the caches held nothing to serve (a cold process): no page
+            # is not an answer (counted "degraded" by the request metrics already)
+            return JSONResponse(status_code=503, content={
+                "message": f"Redis is unreachable and this mixer has nothing cached to serve yet "
+                           f"(degraded: {', '.join(result.degraded)})"})
+        new_factor = quality.observe(result.timings_ms.get("total", 0.0))
+        if new_factor != factor:
+            metrics.quality_factor.set(new_factor)
         return _response(result)
 
-    @app.get("/metrics")
-    def prometheus_metrics() -> Response:
+    @app.get("/metrics", response_class=PlainTextResponse,
+             dependencies=authenticated if config.auth.protect_metrics else [],
+             responses={200: {"description": "Prometheus text exposition format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}},
+                        **(auth_responses if config.auth.protect_metrics else {})})
+    def prometheus_metrics() -> PlainTextResponse:
         """Prometheus text exposition of this mixer's metrics."""
-        return Response(metrics.render(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+        return PlainTextResponse(metrics.render(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={503: {"description": "unavailable: Redis does not answer and nothing is "
+                                                         "cached to serve from",
+                                          "content": {"application/json": {"schema": {"type": "object"}}}}})
     def healthz() -> Any:
-        """200 with model versions and the index cutoff when Redis answers; 503 otherwise."""
+        """Whether this mixer can serve, and how.
+
+        ``status``: "ok" (Redis answers; the stream processor is live, or none was seen: ``mode``
+        batch_only is a mode, not a fault), "degraded" (still 200: Redis is down and requests are
+        answered from the last-known-good caches, or a stream processor that was live stopped),
+        "unavailable" (503: Redis is down and nothing is cached, so no page can be served).
+        Also: ``mode`` (realtime / batch_only / off), ``redis`` (up, down_for_s, last_error,
+        outages), ``stream_processor``, ``caches`` (versions, entries, MiB), ``buffered_writes``,
+        model versions and the index cutoff.
+        """
         res: MixerResources = app.state.resources
+        r = getattr(res, "resilience", None) or Resilience()
+        meta = None
+        coverage_error = None
         try:
             res.client.ping()
             meta = res.client.hget(keys.INDEX_META, "as_of")
+            if r.health is not None:
+                r.health.mark_up()
         except redis.RedisError as e:
-            return JSONResponse(status_code=503, content={"status": "unavailable", "message": str(e)})
-        return {"status": "ok", "model_versions": res.pipeline.model_versions,
-                "index_as_of": meta.decode() if meta else None}
+            if r.health is None:  # no resilience (an embedded pipeline): nothing to serve from
+                return JSONResponse(status_code=503, content={"status": "unavailable", "message": str(e)})
+            r.health.observe(e)
+        if r.health is None or r.caches is None or r.liveness is None or r.writes is None:
+            return {"status": "ok", "model_versions": res.pipeline.model_versions,
+                    "index_as_of": meta.decode() if meta else None}
+        if r.health.up and config.realtime.enabled:
+            try:  # the request path observes it too; read here so an idle mixer reports it
+                hydrator = next(h for h in res.pipeline.declaration.feature_hydrators
+                                if getattr(h, "liveness", None) is r.liveness)
+                cov = hydrator.reader.coverage()
+                r.liveness.observe(cov, hydrator.is_fresh(cov))
+            except StopIteration:
+                pass
+            except redis.RedisError as e:
+                coverage_error = repr(e)
+        stream = r.liveness.summary() if config.realtime.enabled else {"mode": "off", "processor": "disabled"}
+        stream_stopped = stream.get("processor") == "stopped"
+        if r.health.up:
+            status, code = ("degraded" if stream_stopped else "ok"), 200
+        elif r.caches.warm():
+            status, code = "degraded", 200
+        else:
+            status, code = "unavailable", 503
+        body = {"status": status, "mode": stream["mode"], "model_versions": res.pipeline.model_versions,
+                "index_as_of": meta.decode() if meta else None, "redis": r.health.summary(),
+                "stream_processor": {**stream, **({"error": coverage_error} if coverage_error else {})},
+                "caches": r.caches.summary(), "buffered_writes": r.writes.stats()}
+        return body if code == 200 else JSONResponse(status_code=code, content=body)
 
     return app
 
 
+CONFIG_ENV = "HOME_MIXER_MIXER_CONFIG"  # the config path handed to worker processes
+
+
+def app_from_env() -> FastAPI:
+    """The app of one worker process (``uvicorn`` factory of ``--workers N``): config from
+    ``$HOME_MIXER_MIXER_CONFIG`` (unset: the embedded one), Redis from ``$HOME_MIXER_REDIS_URL`` or
+    the state folder, metrics summed over the workers through ``$HOME_MIXER_METRICS_DIR``."""
+    return create_app(load_config(os.environ.get(CONFIG_ENV) or None),
+                      multiprocess_dir=os.environ.get(METRICS_DIR_ENV))
+
+
+def default_workers() -> int:
+    """Worker processes by default: one per core (each holds its own models and connections)."""
+    return max(1, os.cpu_count() or 1)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m mixer.api --config PATH --port N [--host H] [--redis-url URL]``."""
+    """``python -m mixer.api --config PATH --port N [--host H] [--redis-url URL] [--workers N]``.
+
+    With ``--workers`` > 1, uvicorn's supervisor runs N worker processes on the one port (the
+    kernel spreads connections) and replaces a worker that dies; each loads its own models and
+    opens its own connections. Their metrics are summed through ``$HOME_MIXER_METRICS_DIR`` (a
+    fresh temporary folder when the variable is unset; ``core.claim_prometheus_env``).
+
+    Raises:
+        SystemExit: bad arguments (argparse).
+    """
+    import tempfile
+
     import uvicorn
 
     parser = argparse.ArgumentParser(prog="python -m mixer.api", description="Serve the home-mixer mixer API.")
@@ -314,13 +556,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--redis-url", default=None, help="overrides redis_url of the config")
+    parser.add_argument("--workers", type=int, default=1,
+                        help=f"worker processes (default 1; `home-mixer serve mixer` uses {default_workers()}, the cores)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = load_config(args.config)
+    config = load_config(args.config)  # fail here, once, on a bad config rather than in every worker
     if args.redis_url:
         config = config.with_overrides(redis_url=args.redis_url)
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    if args.workers == 1:
+        uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+        return
+    # workers are fresh interpreters: they inherit these before importing prometheus_client
+    if args.config:
+        os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
+    if args.redis_url:
+        os.environ["HOME_MIXER_REDIS_URL"] = args.redis_url
+    if not os.environ.get(METRICS_DIR_ENV):
+        os.environ[METRICS_DIR_ENV] = tempfile.mkdtemp(prefix="hm-mixer-metrics-")
+    claim_prometheus_env()  # the workers' prometheus_client is file-backed from its import on
+    uvicorn.run("mixer.api:app_from_env", factory=True, workers=args.workers, host=args.host, port=args.port,
+                log_level=args.log_level, access_log=False)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ class Query:
         blocked_authors, muted_authors: author ids the user blocked / muted (stream processor).
         seen_posts: post ids with an impression in the log before the index cutoff.
         served_posts: post ids the mixer served within the served TTL.
+        quality_factor: share of the full work this request gets, in (0, 1]
+            (``mixer.quality_factor``): candidate source limits and heavy_ranker_top_k are scaled by it.
     """
 
     user_id: int
@@ -61,6 +63,7 @@ class Query:
     muted_authors: frozenset[int] = frozenset()
     seen_posts: frozenset[int] = frozenset()
     served_posts: frozenset[int] = frozenset()
+    quality_factor: float = 1.0
 
     @property
     def in_network_authors(self) -> frozenset[int]:

@@ -22,6 +22,13 @@ define it.
 
 Components hold configuration and clients, never per-request state: one instance serves
 concurrent requests from several threads.
+
+A query hydrator, candidate source, candidate hydrator, feature hydrator or side effect that
+cannot do its job but has a usable answer (a last-known-good value while Redis is down, an empty
+user context, a buffered write) raises ``Fallback(value)``: the runner goes on with ``value``
+and adds the stage to ``TimelineResult.degraded``. The answer travels in the exception rather than
+in a per-request flag, so components stay free of per-request state and a stage that fell back
+cannot forget to say so.
 """
 
 from __future__ import annotations
@@ -39,6 +46,22 @@ if TYPE_CHECKING:  # annotations only: these modules import this one
 
     from mixer.candidate_sources.base import SourceResult
     from mixer.selectors.page_cursor import PageCursor
+
+
+class Fallback(Exception):
+    """Raised by a component that answers with a fallback instead of its normal result.
+
+    Args:
+        value: what the stage goes on with, of the type the method would have returned (a query
+            hydrator: the ``Query``; a source: its candidates; a candidate hydrator: ``(candidates,
+            dropped)``; a feature hydrator: the frame; a side effect: None).
+        reason: why (logs), e.g. "Redis unavailable: last-known-good post features".
+    """
+
+    def __init__(self, value, reason: str):
+        super().__init__(reason)
+        self.value = value
+        self.reason = reason
 
 
 class QueryHydrator(Protocol):
@@ -377,6 +400,6 @@ class SideEffect(Protocol):
 
 
 __all__ = [
-    "CandidateHydrator", "CandidateSource", "FeatureHydrator", "Filter", "FilterResult", "QueryHydrator",
+    "CandidateHydrator", "CandidateSource", "Fallback", "FeatureHydrator", "Filter", "FilterResult", "QueryHydrator",
     "Scorer", "Selector", "SelectorResult", "SideEffect", "TimelineResult",
 ]

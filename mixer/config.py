@@ -16,9 +16,13 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from core.schema import HEADS
+from mixer.admission import OverloadSettings
+from mixer.caches import CacheSettings
+from mixer.quality_factor import QualityFactorSettings
+from mixer.redis_health import RedisClientSettings
 
 DEFAULT_CONFIG_NAME = "mixer.yaml"
 
@@ -54,11 +58,15 @@ class ModelSettings(_Strict):
 class ScoringSettings(_Strict):
     """Where the rankers run. ``in_process`` (embedded default) scores with the models loaded from
     the registry; the remote backends score on a model server and fall back to in-process scoring of
-    the same model version on error or when ``timeout_ms`` passes."""
+    the same model version on error or when ``timeout_ms`` passes. A circuit breaker per model
+    opens after ``breaker_fail_max`` consecutive failed calls (calls then go in-process at once) and
+    lets one probe through after ``breaker_reset_s``; the probe's success closes it."""
 
     backend: Literal["in_process", "triton_grpc", "triton_http", "bentoml"] = "in_process"
     url: str | None = None  # triton_grpc: host:port; triton_http: host:port; bentoml: http://host:port
     timeout_ms: float = Field(100, gt=0)
+    breaker_fail_max: int = Field(5, ge=1)
+    breaker_reset_s: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
     def _remote_needs_url(self) -> "ScoringSettings":
@@ -68,20 +76,20 @@ class ScoringSettings(_Strict):
 
 
 class InNetworkSourceSettings(_Strict):
-    max_candidates: int = Field(400, ge=1)
+    max_candidates: int = Field(500, ge=1)
     max_authors: int = Field(100, ge=1)
     posts_per_author: int = Field(20, ge=1)
     timeout_ms: float = Field(50, gt=0)
 
 
 class PopularSourceSettings(_Strict):
-    max_candidates: int = Field(400, ge=1)
+    max_candidates: int = Field(500, ge=1)
     window: Literal["24h", "7d"] = "7d"
     timeout_ms: float = Field(50, gt=0)
 
 
 class TagInterestSourceSettings(_Strict):
-    max_candidates: int = Field(400, ge=1)
+    max_candidates: int = Field(500, ge=1)
     top_tags: int = Field(5, ge=1)
     timeout_ms: float = Field(50, gt=0)
 
@@ -243,10 +251,39 @@ def _parse_instant(value: str, key: str = "clock.now") -> datetime:
     return ts
 
 
+class AuthSettings(_Strict):
+    """Bearer-token authentication of the API (``mixer/auth.py``).
+
+    Accepted: ``tokens`` plus ``$HOME_MIXER_API_TOKENS`` (comma-separated), merged, so a key rotates
+    by adding the new one before removing the old; with neither, the state folder's generated
+    ``run/mixer-api-token``. Tokens are ``SecretStr``: a dumped or printed config shows ``**********``.
+    """
+
+    enabled: bool = True            # false: no authentication at all (behind a gateway that does it)
+    tokens: tuple[SecretStr, ...] = ()
+    protect_metrics: bool = False   # true: /metrics needs a token too (the scraper must send one)
+
+    @field_validator("tokens")
+    @classmethod
+    def _usable(cls, tokens: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        from mixer.auth import AuthConfigError, check_token
+
+        for t in tokens:
+            try:
+                check_token(t.get_secret_value(), "auth.tokens")
+            except AuthConfigError as e:
+                raise ValueError(str(e)) from None
+        return tokens
+
+
 class MixerConfig(_Strict):
     """The whole mixer configuration (see ``mixer/mixer.yaml`` for the documented defaults)."""
 
+    # a validation error must not echo its input: it may hold an auth token
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
     redis_url: str | None = None
+    auth: AuthSettings = AuthSettings()
     feast: FeastSettings = FeastSettings()
     models: ModelSettings = ModelSettings()
     scoring: ScoringSettings = ScoringSettings()
@@ -260,6 +297,10 @@ class MixerConfig(_Strict):
     experiment: ExperimentSettings
     clock: ClockSettings = ClockSettings()
     realtime: RealtimeSettings = RealtimeSettings()
+    redis: RedisClientSettings = RedisClientSettings()  # retry / backoff, outage probing, write buffer
+    caches: CacheSettings = CacheSettings()  # shared reads by store version; last-known-good values
+    overload: OverloadSettings = OverloadSettings()
+    quality_factor: QualityFactorSettings = QualityFactorSettings()
     source_pool_workers: int = Field(8, ge=1)
 
     def resolved_redis_url(self) -> str:

@@ -37,6 +37,7 @@ import redis
 
 from core.schema import HOME_SURFACE
 from mixer.blenders import WeightedSumBlender
+from mixer.caches import MixerCaches
 from mixer.candidate import Query
 from mixer.candidate_hydrators import PostMetadataCandidateHydrator
 from mixer.candidate_sources import (
@@ -47,7 +48,7 @@ from mixer.candidate_sources import (
 )
 from mixer.components import FeatureHydrator, TimelineResult
 from mixer.config import MixerConfig
-from mixer.feature_hydrators.realtime import RealtimeFeatureHydrator
+from mixer.feature_hydrators.realtime import RealtimeFeatureHydrator, StreamLiveness
 from mixer.filters import (
     BlockedMutedAuthorFilter,
     DuplicateFilter,
@@ -58,6 +59,7 @@ from mixer.filters import (
 from mixer.metrics import MixerMetrics
 from mixer.pipeline_runner import CandidatePipeline, PipelineRunner, ScoringStage
 from mixer.query_hydrators import ExperimentArmQueryHydrator, UserContextQueryHydrator
+from mixer.redis_health import RedisHealth
 from mixer.scorers import HeavyRankerScorer, LightRankerScorer, RankerHandle
 from mixer.selectors import AuthorDiversitySelector, PageCursor, PageSelector, TopKSelector
 from mixer.side_effects import (
@@ -67,6 +69,25 @@ from mixer.side_effects import (
     RequestMetricsSideEffect,
     ServedPostsSideEffect,
 )
+from mixer.side_effects.write_buffer import RedisWriteBuffer
+
+
+@dataclass(frozen=True)
+class Resilience:
+    """What the components of one mixer process share across requests and model swaps to serve
+    through Redis faults (all optional: None = the component reads Redis directly and raises).
+
+    Attributes:
+        caches: shared reads keyed by store version, and last-known-good values (``mixer.caches``).
+        health: Redis up / down: cached components fail fast while it is down (``mixer.redis_health``).
+        liveness: what this process has seen of the stream processor (batch-only vs real-time mode).
+        writes: the buffer of served-posts / impression-log writes Redis could not take.
+    """
+
+    caches: MixerCaches | None = None
+    health: RedisHealth | None = None
+    liveness: StreamLiveness | None = None
+    writes: RedisWriteBuffer | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +104,8 @@ class RankerSet:
 
 
 def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redis,
-                  feature_hydrator: FeatureHydrator, metrics: MixerMetrics) -> CandidatePipeline:
+                  feature_hydrator: FeatureHydrator, metrics: MixerMetrics,
+                  resilience: Resilience = Resilience()) -> CandidatePipeline:
     """THE declaration of the home-timeline pipeline: its components per stage, in run order.
 
     A component that ``config`` switches off stays declared and answers ``enabled(query)`` False.
@@ -94,28 +116,34 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
         client: Redis with the candidate index, the stream processor's keys and served records.
         feature_hydrator: ``FeastLayoutFeatureHydrator`` or ``FeastSdkFeatureHydrator``.
         metrics: where the request-metrics side effect records.
+        resilience: the process's caches, Redis health, stream liveness and write buffer (the
+            feature hydrator gets its own at construction).
 
     Raises:
         ValueError: an arm weights a head the heavy ranker does not predict, or a setting is out of
             range (a component's constructor names it).
     """
     src, ranking = config.candidate_sources, config.ranking
+    caches, health = resilience.caches, resilience.health
     return CandidatePipeline(
         query_hydrators=[
-            UserContextQueryHydrator(client, config.served.ttl_seconds),
+            UserContextQueryHydrator(client, config.served.ttl_seconds, caches=caches, health=health),
             ExperimentArmQueryHydrator(config.experiment),
         ],
         candidate_sources=[  # priority order: the most personalised source names a post several returned
             InNetworkCandidateSource(client, src.in_network.max_candidates, src.in_network.max_authors,
-                                     src.in_network.posts_per_author, src.in_network.timeout_ms),
+                                     src.in_network.posts_per_author, src.in_network.timeout_ms,
+                                     caches=caches, health=health),
             TagInterestCandidateSource(client, src.tag_interest.max_candidates, src.tag_interest.top_tags,
-                                       src.tag_interest.timeout_ms),
+                                       src.tag_interest.timeout_ms, caches=caches, health=health),
             TrendingCandidateSource(client, src.trending.max_candidates, src.trending.timeout_ms,
-                                    enabled=src.trending.enabled),  # before popular: trending and popular is trending
-            PopularCandidateSource(client, src.popular.max_candidates, src.popular.window, src.popular.timeout_ms),
+                                    enabled=src.trending.enabled,  # before popular: trending and popular is trending
+                                    caches=caches, health=health),
+            PopularCandidateSource(client, src.popular.max_candidates, src.popular.window, src.popular.timeout_ms,
+                                   caches=caches, health=health),
         ],
         candidate_hydrators=[
-            PostMetadataCandidateHydrator(client),
+            PostMetadataCandidateHydrator(client, caches=caches, health=health),
         ],
         filters=[  # cheapest first
             PreviouslySeenFilter(),
@@ -126,7 +154,8 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
         ],
         feature_hydrators=[
             feature_hydrator,  # stage feature_hydration: the Feast online store + request features
-            RealtimeFeatureHydrator(client, config.realtime.max_staleness_s, enabled=config.realtime.enabled),
+            RealtimeFeatureHydrator(client, config.realtime.max_staleness_s, enabled=config.realtime.enabled,
+                                    liveness=resilience.liveness, health=health),
         ],
         scoring=[
             ScoringStage("light_ranker", scorers=[rankers.light]),
@@ -142,8 +171,9 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
             PageSelector(),
         ],
         side_effects=[
-            ServedPostsSideEffect(client, config.served.ttl_seconds, config.served.max_per_user),
-            ImpressionLogSideEffect(client, config.served.impression_stream_maxlen),
+            ServedPostsSideEffect(client, config.served.ttl_seconds, config.served.max_per_user,
+                                  buffer=resilience.writes),
+            ImpressionLogSideEffect(client, config.served.impression_stream_maxlen, buffer=resilience.writes),
             FeatureLogSideEffect(client, config.feature_logging.stream_maxlen,
                                  enabled=config.feature_logging.enabled),
             DriftSampleSideEffect(client, config.drift_sample.rate, config.drift_sample.per_request,
@@ -222,7 +252,7 @@ class HomeTimelinePipeline:
         self.metrics.set_model_versions(new.model_versions)
 
     def run(self, user_id: int, page_size: int | None = None, cursor: PageCursor | None = None,
-            surface: int = HOME_SURFACE) -> TimelineResult:
+            surface: int = HOME_SURFACE, quality_factor: float = 1.0) -> TimelineResult:
         """Rank one page of ``user_id``'s home timeline.
 
         Args:
@@ -231,11 +261,13 @@ class HomeTimelinePipeline:
             cursor: the previous page's cursor (None for the first page).
             surface: the product surface (KuaiRand ``tab`` id, int >= 0; default the home surface
                 ``core.schema.HOME_SURFACE``); ids outside ``KNOWN_SURFACES`` rank as "other".
+            quality_factor: the share of the full work in (0, 1] (``mixer.quality_factor``).
 
         Raises:
             ValueError: page_size out of range, or a negative surface.
             TypeError: surface is not an int (bools included).
-            redis.RedisError: Redis is unreachable during query hydration or candidate hydration.
+            redis.RedisError: Redis is unreachable and a component has no fallback (built without
+                ``Resilience``: the API then answers 503).
         """
         cfg = self.config
         size = cfg.page.default_size if page_size is None else int(page_size)
@@ -245,17 +277,19 @@ class HomeTimelinePipeline:
             raise TypeError(f"surface must be an int, got {type(surface).__name__}")
         if surface < 0:
             raise ValueError(f"surface must be >= 0, got {surface}")
+        if not 0.0 < quality_factor <= 1.0:
+            raise ValueError(f"quality factor must be in (0, 1], got {quality_factor}")
         cursor = cursor or PageCursor(0, ())
         serving = self._serving  # one snapshot per request: versions cannot change mid-request
         query = Query(user_id=int(user_id), page_size=size, now_s=cfg.clock.now_s(), request_id=uuid.uuid4().hex,
                       excluded_posts=frozenset(cursor.served), page_index=cursor.page_index, cursor=cursor,
-                      surface=int(surface))
+                      surface=int(surface), quality_factor=float(quality_factor))
         return serving.runner.run(query)
 
 
 def build_pipeline(config: MixerConfig, *, client: redis.Redis, light: RankerHandle, heavy: RankerHandle,
                    feature_hydrator: FeatureHydrator, executor: ThreadPoolExecutor,
-                   metrics: MixerMetrics) -> HomeTimelinePipeline:
+                   metrics: MixerMetrics, resilience: Resilience = Resilience()) -> HomeTimelinePipeline:
     """Assemble the home-timeline pipeline (``home_timeline``) from the config and already-opened resources.
 
     Args:
@@ -264,6 +298,7 @@ def build_pipeline(config: MixerConfig, *, client: redis.Redis, light: RankerHan
         feature_hydrator: ``FeastLayoutFeatureHydrator`` or ``FeastSdkFeatureHydrator``.
         executor: thread pool for candidate sources (caller shuts it down).
         metrics: where the pipeline records metrics.
+        resilience: the process's caches, Redis health, stream liveness and write buffer.
 
     Raises:
         ValueError: the models do not fit the config (unknown features, arm weights of missing heads).
@@ -271,7 +306,7 @@ def build_pipeline(config: MixerConfig, *, client: redis.Redis, light: RankerHan
     pipeline = HomeTimelinePipeline(
         config=config,
         declare=functools.partial(home_timeline, config, client=client, feature_hydrator=feature_hydrator,
-                                  metrics=metrics),
+                                  metrics=metrics, resilience=resilience),
         rankers=RankerSet(LightRankerScorer(light), HeavyRankerScorer(heavy)),
         executor=executor, metrics=metrics,
     )
@@ -284,4 +319,4 @@ def finite(x: float) -> float | None:
     return x if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-__all__ = ["HomeTimelinePipeline", "RankerSet", "TimelineResult", "build_pipeline", "finite", "home_timeline"]
+__all__ = ["HomeTimelinePipeline", "RankerSet", "Resilience", "TimelineResult", "build_pipeline", "finite", "home_timeline"]

@@ -7,6 +7,8 @@ A pipeline is declared as a ``CandidatePipeline``: one list of components per st
     query_hydration          query hydrators, in order        raise (the request fails)
     candidate_sources        candidate sources, in parallel   skip the source (ParallelSourceRunner)
     candidate_hydration      candidate hydrators, in order    raise
+    (each of the above, and feature hydrators and side effects: ``Fallback(value)`` = go on with
+    ``value``, degraded += the stage; see ``mixer.components.Fallback``)
     filters                  filters, in order                raise
     <hydrator.stage>         feature hydrators, in order      fail open: degraded += stage
     <scoring stage name>     per ScoringStage: its selectors,
@@ -44,6 +46,7 @@ from mixer.candidate_sources import ParallelSourceRunner
 from mixer.components import (
     CandidateHydrator,
     CandidateSource,
+    Fallback,
     FeatureHydrator,
     Filter,
     QueryHydrator,
@@ -224,16 +227,26 @@ class PipelineRunner:
 
         for query_hydrator in p.query_hydrators:
             if query_hydrator.enabled(query):
-                query = query_hydrator.hydrate(query)
+                try:
+                    query = query_hydrator.hydrate(query)
+                except Fallback as f:
+                    query = f.value
+                    self._degraded(degraded, QUERY_HYDRATION, query_hydrator.name, query, f)
         clock.lap(QUERY_HYDRATION)
 
         candidates, source_results = self.sources.run(query)
         retrieved = len(candidates)
+        if any(r.status == "fallback" for r in source_results):
+            degraded.append(CANDIDATE_SOURCES)
         clock.lap(CANDIDATE_SOURCES)
 
         for candidate_hydrator in p.candidate_hydrators:
             if candidate_hydrator.enabled(query):
-                candidates, _dropped = candidate_hydrator.hydrate(query, candidates)
+                try:
+                    candidates, _dropped = candidate_hydrator.hydrate(query, candidates)
+                except Fallback as f:
+                    candidates, _dropped = f.value
+                    self._degraded(degraded, CANDIDATE_HYDRATION, candidate_hydrator.name, query, f)
         hydrated = len(candidates)
         clock.lap(CANDIDATE_HYDRATION)
 
@@ -252,6 +265,9 @@ class PipelineRunner:
                 continue
             try:
                 features = hydrator.hydrate(query, candidates, features)
+            except Fallback as f:
+                features = f.value
+                self._degraded(degraded, hydrator.stage, hydrator.name, query, f)
             except Exception as e:  # noqa: BLE001 - fail-open: rank with missing features, not no timeline
                 log.warning("feature hydrator %s failed for user %s: %r; stage %s degraded, ranking with the "
                             "features hydrated before it (NaN where none)", hydrator.name, query.user_id, e,
@@ -311,17 +327,29 @@ class PipelineRunner:
                 if effect.after_total:
                     after_total.append(effect)
                 else:
-                    self._side_effect(effect, result)
+                    self._side_effect(effect, result, degraded)
         clock.lap(SIDE_EFFECTS)
         clock.total()
         for effect in after_total:
             self._side_effect(effect, result)
         return result
 
-    def _side_effect(self, effect: SideEffect, result: TimelineResult) -> None:
-        """``effect.apply(result)``, fail-open: an exception is logged and counted."""
+    @staticmethod
+    def _degraded(degraded: list[str], stage: str, component: str, query: Query, fallback: Fallback) -> None:
+        """Record that ``component`` of ``stage`` answered with a fallback."""
+        log.info("%s fell back for user %s: %s; stage %s degraded", component, query.user_id, fallback.reason, stage)
+        if stage not in degraded:
+            degraded.append(stage)
+
+    def _side_effect(self, effect: SideEffect, result: TimelineResult, degraded: list[str] | None = None) -> None:
+        """``effect.apply(result)``, fail-open: an exception is logged and counted; a ``Fallback``
+        (e.g. the write was buffered) adds "side_effects" to ``degraded`` (before "total":
+        the after-total side effects see it)."""
         try:
             effect.apply(result)
+        except Fallback as f:
+            if degraded is not None:
+                self._degraded(degraded, SIDE_EFFECTS, effect.name, result.query, f)
         except Exception as e:  # noqa: BLE001 - fail-open: the page is served anyway
             log.warning("side effect %s failed for user %s: %r", effect.name, result.query.user_id, e)
             self.metrics.side_effect_failures.labels(side_effect=effect.name).inc()

@@ -10,6 +10,7 @@ foreground).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import ClassVar
 
 import httpx
 
+from core import METRICS_DIR_ENV
 from core.services import ManagedProcess, ServiceError
 from core.state import PROJECT_ROOT
 
@@ -32,6 +34,8 @@ class MixerServer(ManagedProcess):
         config: mixer YAML merged over the embedded ``mixer/mixer.yaml`` (None: the embedded one).
         redis_url: ``HOME_MIXER_REDIS_URL`` of the process (None: inherited / the config's).
         tracking_uri: ``MLFLOW_TRACKING_URI`` of the process (None: ``state.mlflow_tracking_uri``).
+        workers: worker processes behind the port (``python -m mixer.api --workers``); with more
+            than one, their metrics are summed through ``run/<name>.metrics/`` (emptied at start).
     """
 
     name: str = "mixer"
@@ -40,9 +44,10 @@ class MixerServer(ManagedProcess):
     config: Path | None = None
     redis_url: str | None = None
     tracking_uri: str | None = None
+    workers: int = 1
 
     service: ClassVar[str] = "mixer"
-    record_fields: ClassVar[tuple[str, ...]] = ("host", "config")
+    record_fields: ClassVar[tuple[str, ...]] = ("host", "config", "workers")
     cmdline_marker: ClassVar[str] = "mixer.api"
     start_timeout_s: ClassVar[float] = 120.0
 
@@ -69,6 +74,23 @@ class MixerServer(ManagedProcess):
         return f"http://{host}:{self.port}"
 
     @property
+    def token(self) -> str:
+        """The bearer token its clients send (``mixer.auth.client_token``: the first of
+        ``$HOME_MIXER_API_TOKENS``, else the state folder's ``run/mixer-api-token``).
+
+        Raises:
+            mixer.auth.AuthConfigError: an unusable token in the environment or an unsafe token file.
+        """
+        from mixer.auth import client_token
+
+        return client_token(self.state)
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """``{"Authorization": "Bearer <token>"}`` for requests to this mixer."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    @property
     def address(self) -> str:
         return f"{self.url} (OpenAPI at {self.url}/docs)"
 
@@ -76,13 +98,31 @@ class MixerServer(ManagedProcess):
         cmd = [sys.executable, "-m", "mixer.api", "--host", self.host, "--port", str(self.port)]
         if self.config:
             cmd += ["--config", str(self.config)]
+        if self.workers > 1:
+            cmd += ["--workers", str(self.workers)]
         return cmd
+
+    @property
+    def metrics_dir(self) -> Path:
+        """``run/<name>.metrics``: the worker processes' metric files."""
+        return self.state.run / f"{self.name}.metrics"
+
+    def prepare(self) -> None:
+        """Empty the workers' metrics folder: files of an earlier run's processes would add to ours."""
+        super().prepare()
+        if self.workers > 1:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir.mkdir(parents=True)
 
     def environment(self) -> dict[str, str]:
         env = {**os.environ, "HOME_MIXER_STATE": str(self.state.root), "PYTHONUNBUFFERED": "1",
                "MLFLOW_TRACKING_URI": self.tracking_uri or self.state.mlflow_tracking_uri}
         if self.redis_url:
             env["HOME_MIXER_REDIS_URL"] = self.redis_url
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # a leftover (feast sets it) would make metrics file-backed
+        env.pop(METRICS_DIR_ENV, None)
+        if self.workers > 1:
+            env[METRICS_DIR_ENV] = str(self.metrics_dir)
         return env
 
     def cwd(self) -> Path:

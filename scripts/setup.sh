@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create the virtual environment from requirements.lock and install system services (redis-server,
-# prometheus + promtool, chromium).
+# prometheus + promtool, chromium, wrk).
 # Idempotent: a venv whose lock hash matches is reused. Prints the venv path on its last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +35,14 @@ if ! command -v chromium >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq >&2
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >&2
+fi
+
+# wrk: the HTTP load generator of bench/load.py.
+if ! command -v wrk >/dev/null 2>&1; then
+  echo "[setup] installing Debian's wrk" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends wrk >&2
 fi
 
 PY=${PYTHON:-python3.11}

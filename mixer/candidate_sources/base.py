@@ -16,14 +16,16 @@ class SourceResult:
 
     Attributes:
         name: the source's name.
-        status: "ok", "timeout" (no answer within timeout_ms) or "error" (it raised).
-        candidates: what it returned (empty unless ok).
+        status: "ok", "timeout" (no answer within timeout_ms), "error" (it raised) or "fallback"
+            (it answered with last-known-good candidates, ``mixer.components.Fallback``: the
+            request is degraded "candidate_sources").
+        candidates: what it returned (empty for timeout and error).
         elapsed_ms: wall time until the answer or until the runner gave up.
         error: the exception text for "error", else "".
     """
 
     name: str
-    status: Literal["ok", "timeout", "error"]
+    status: Literal["ok", "timeout", "error", "fallback"]
     candidates: list[Candidate] = field(default_factory=list)
     elapsed_ms: float = 0.0
     error: str = ""

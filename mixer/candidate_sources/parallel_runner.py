@@ -9,6 +9,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from mixer.candidate import Candidate, Query
 from mixer.candidate_sources.base import CandidateSource, SourceResult
+from mixer.components import Fallback
+from mixer.quality_factor import scaled
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ class ParallelSourceRunner:
         if len(set(names)) != len(names):
             raise ValueError(f"candidate source names must be unique, got {names}")
         self.sources = list(sources)
+        self._by_name = {s.name: s for s in sources}
         self.executor = executor
 
     def run(self, query: Query) -> tuple[list[Candidate], list[SourceResult]]:
@@ -49,6 +52,9 @@ class ParallelSourceRunner:
             try:
                 cands = fut.result(timeout=max(remaining, 0.0))
                 results.append(SourceResult(source.name, "ok", list(cands), (time.perf_counter() - start) * 1000))
+            except Fallback as f:  # a cached source answered from its last-known-good lists
+                results.append(SourceResult(source.name, "fallback", list(f.value),
+                                            (time.perf_counter() - start) * 1000, f.reason))
             except FutureTimeout:
                 fut.cancel()
                 log.warning("candidate source %s timed out after %.0f ms (user %s); skipped",
@@ -57,5 +63,10 @@ class ParallelSourceRunner:
             except Exception as e:  # noqa: BLE001 - fail-open: any source error is skipped
                 log.warning("candidate source %s failed (user %s): %r; skipped", source.name, query.user_id, e)
                 results.append(SourceResult(source.name, "error", [], (time.perf_counter() - start) * 1000, repr(e)))
+        if query.quality_factor < 1.0:  # under load: each source keeps its best share (lists are best first)
+            for r in results:
+                limit = getattr(self._by_name[r.name], "max_candidates", None)
+                if limit is not None:
+                    del r.candidates[scaled(limit, query.quality_factor):]
         candidates = [c for r in results for c in r.candidates]
         return candidates, results

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import redis
 
+from mixer.caches import MISSING, MixerCaches
 from mixer.candidate import Candidate, Query
-from mixer.components import CandidateSource
+from mixer.components import CandidateSource, Fallback
 from mixer.feature_hydrators.realtime_reader import RealtimeFeatureReader
+from mixer.redis_health import RedisHealth, guarded
 
 
 class TrendingCandidateSource(CandidateSource):
@@ -17,13 +19,18 @@ class TrendingCandidateSource(CandidateSource):
 
     Args:
         enabled: ``candidate_sources.trending.enabled``; False: never called (no source result).
+        caches: the mixer's; the last list read is kept (``MixerCaches.trending``, last-known-good
+            only: trending is real time, so it is read per request while Redis answers) and
+            served with the scores it had while Redis is down (``Fallback``).
+        health: fails fast while Redis is down.
 
     Raises:
         ValueError: ``max_candidates < 1``.
     """
 
     def __init__(self, client: redis.Redis, max_candidates: int = 200, timeout_ms: float = 50,
-                 name: str = "trending", enabled: bool = True):
+                 name: str = "trending", enabled: bool = True, *, caches: MixerCaches | None = None,
+                 health: RedisHealth | None = None):
         if max_candidates < 1:
             raise ValueError(f"max_candidates must be >= 1, got {max_candidates}")
         self.reader = RealtimeFeatureReader(client)
@@ -31,6 +38,8 @@ class TrendingCandidateSource(CandidateSource):
         self.timeout_ms = timeout_ms
         self.name = name
         self.is_enabled = bool(enabled)
+        self.lkg = caches.trending if caches is not None else None
+        self.health = health
 
     def enabled(self, query: Query) -> bool:
         """The configured switch (the same for every query)."""
@@ -38,5 +47,15 @@ class TrendingCandidateSource(CandidateSource):
 
     def fetch(self, query: Query) -> list[Candidate]:
         """Candidates with post_id and source_score (author and created time come from the hydrator)."""
-        return [Candidate(post_id=p, source=self.name, source_score=s)
-                for p, s in self.reader.trending(query.now_s, k=self.max_candidates)]
+        if self.lkg is None:
+            rows = self.reader.trending(query.now_s, k=self.max_candidates)
+        else:
+            try:
+                rows = guarded(self.health, lambda: self.reader.trending(query.now_s, k=self.max_candidates))
+            except redis.RedisError as e:
+                last = self.lkg.get(self.max_candidates, lkg=True)
+                cands = [] if last is MISSING else [Candidate(post_id=p, source=self.name, source_score=s)
+                                                     for p, s in last]
+                raise Fallback(cands, f"Redis unavailable: last-known trending list ({e!r})") from e
+            self.lkg.put(self.max_candidates, rows, "lkg")
+        return [Candidate(post_id=p, source=self.name, source_score=s) for p, s in rows]

@@ -14,8 +14,10 @@ import pandas as pd
 import redis
 
 from core.online_layout import FeastRedisLayout
+from mixer.caches import MixerCaches
 from mixer.candidate import Candidate, Query
-from mixer.components import FeatureHydrator
+from mixer.components import Fallback, FeatureHydrator
+from mixer.redis_health import RedisHealth, guarded
 from mixer.feature_hydrators.frame import empty_feature_frame, finish_feature_frame
 
 _VARINT_TAGS = (0x18, 0x20, 0x38)  # int32_val (3), int64_val (4), bool_val (7): wire type 0
@@ -91,6 +93,13 @@ class FeastLayoutFeatureHydrator(FeatureHydrator):
     Args:
         client: Redis holding Feast's online store (same server as the index is fine).
         layout: the key/field layout (project name).
+        caches: the mixer's; the decoded rows of the views keyed by ``post_id`` alone are read
+            once per materialisation (``MixerCaches.post_features``, keyed by
+            ``FEATURE_VERSION``), so a request reads only its user's views, its pairs and the
+            posts not cached yet. The user-keyed views change per user and stay per request.
+            While Redis is down the frame is built from the cached post rows (NaN for the rest)
+            and returned as a ``Fallback`` (degraded "feature_hydration").
+        health: fails fast while Redis is down.
 
     Raises:
         ValueError: a feature view has join keys other than ``(user_id,)``, ``(post_id,)``,
@@ -103,12 +112,17 @@ class FeastLayoutFeatureHydrator(FeatureHydrator):
     # second join key of a (user_id, X) view -> the Candidate attribute holding X (-1 / < 0: none)
     PAIR_KEYS: dict[str, str] = {"author_id": "author_id", "tag_id": "tag_id"}
 
-    def __init__(self, client: redis.Redis, layout: FeastRedisLayout):
+    def __init__(self, client: redis.Redis, layout: FeastRedisLayout, *, caches: MixerCaches | None = None,
+                 health: RedisHealth | None = None):
         self.client = client
         self.layout = layout
+        self.cache = caches.post_features if caches is not None and caches.enabled else None
+        self.health = health
         views = list(layout.views.values())
         self._user_views = [v for v in views if v.join_keys == ("user_id",)]
         self._post_views = [v for v in views if v.join_keys == ("post_id",)]
+        # a post's cached row: the post views' features side by side, in _post_views order
+        self._post_width = sum(len(v.features) for v in self._post_views)
         # (view, second join key) of the (user_id, X) views, X in PAIR_KEYS
         self._pair_views = [(v, self._pair_key(v.join_keys)) for v in views
                             if self._pair_key(v.join_keys) is not None]
@@ -135,7 +149,8 @@ class FeastLayoutFeatureHydrator(FeatureHydrator):
         ignored: this hydrator builds every column.
 
         Raises:
-            redis.RedisError: Redis is unreachable.
+            redis.RedisError: Redis is unreachable (no cache).
+            Fallback: Redis is unreachable; the frame of the cached post rows (NaN elsewhere).
         """
         if not candidates:
             return empty_feature_frame()
@@ -143,6 +158,12 @@ class FeastLayoutFeatureHydrator(FeatureHydrator):
         uid = query.user_id
         n = len(candidates)
         posts = list(dict.fromkeys(c.post_id for c in candidates))
+        cache = self.cache
+        if cache is not None:
+            version = cache.version
+            cached, to_read = cache.get_many(posts)
+        else:
+            cached, to_read = {}, posts
         # per second join key: the candidates' values and the distinct valid ones (>= 0), read once
         pair_values = {key: [getattr(c, self.PAIR_KEYS[key]) for c in candidates]
                        for key in dict.fromkeys(k for _, k in self._pair_views)}
@@ -151,37 +172,62 @@ class FeastLayoutFeatureHydrator(FeatureHydrator):
         for v in self._user_views:
             pipe.hmget(lay.key(v.name, user_id=uid), lay.fields[v.name])
         for v in self._post_views:
-            for pid in posts:
+            for pid in to_read:
                 pipe.hmget(lay.key(v.name, post_id=pid), lay.fields[v.name])
         for v, key in self._pair_views:
             for x in pair_distinct[key]:
                 pipe.hmget(lay.key(v.name, user_id=uid, **{key: x}), lay.fields[v.name])
-        replies = iter(pipe.execute())
+        failed = None
+        try:
+            replies = iter(guarded(self.health, pipe.execute) if cache is not None else pipe.execute())
+        except redis.RedisError as e:
+            if cache is None:
+                raise
+            failed, replies = e, None
 
         columns: dict[str, np.ndarray] = {}
         for v in self._user_views:
-            row = decode_values(next(replies))
+            row = decode_values(next(replies)) if replies else np.full(len(v.features), np.nan)
             for j, f in enumerate(v.features):
                 columns[f] = np.full(n, row[j])
+        # the post rows: cached ones, then the ones just read (cached for the next requests)
+        post_rows = np.full((len(posts), self._post_width), np.nan)
         post_index = {p: i for i, p in enumerate(posts)}
+        for pid, row in cached.items():
+            post_rows[post_index[pid]] = row
+        if replies and to_read:
+            read_pos = np.fromiter((post_index[p] for p in to_read), dtype=np.int64, count=len(to_read))
+            col = 0
+            for v in self._post_views:
+                width = len(v.features)
+                post_rows[read_pos, col:col + width] = self._block([next(replies) for _ in to_read], width)
+                col += width
+            if cache is not None:
+                cache.put_many({p: post_rows[i].copy() for p, i in zip(to_read, read_pos.tolist())}, version)
         post_pos = np.fromiter((post_index[c.post_id] for c in candidates), dtype=np.int64, count=n)
+        block = post_rows[post_pos]
+        col = 0
         for v in self._post_views:
-            block = self._block([next(replies) for _ in posts], len(v.features))[post_pos]
             for j, f in enumerate(v.features):
-                columns[f] = block[:, j]
+                columns[f] = block[:, col + j]
+            col += len(v.features)
         pair_pos = {}
         for key, distinct in pair_distinct.items():  # row len(distinct) of a block is the all-NaN row
             index = {x: i for i, x in enumerate(distinct)}
             pair_pos[key] = np.fromiter((index.get(x, len(distinct)) for x in pair_values[key]),
                                         dtype=np.int64, count=n)
         for v, key in self._pair_views:
-            rows = [next(replies) for _ in pair_distinct[key]] + [[None] * len(v.features)]
-            block = self._block(rows, len(v.features))[pair_pos[key]]
+            rows = ([next(replies) for _ in pair_distinct[key]] if replies else []) + [[None] * len(v.features)]
+            block = self._block(rows, len(v.features))[pair_pos[key] if replies else np.full(n, len(rows) - 1, dtype=np.int64)]
             for j, f in enumerate(v.features):
                 columns[f] = block[:, j]
-        return finish_feature_frame(pd.DataFrame(columns), query.now_s, query.surface,
-                                    user_id=uid, post_ids=[c.post_id for c in candidates],
-                                    author_ids=[c.author_id for c in candidates])
+        frame = finish_feature_frame(pd.DataFrame(columns), query.now_s, query.surface,
+                                     user_id=uid, post_ids=[c.post_id for c in candidates],
+                                     author_ids=[c.author_id for c in candidates])
+        if failed is not None:
+            raise Fallback(frame, f"Redis unavailable: {len(cached)} of {len(posts)} posts' features from the "
+                                  f"cache, user and pair features missing ({failed!r})")
+        return frame
 
     @staticmethod
     def _block(rows: list[list[bytes | None]], width: int) -> np.ndarray:

@@ -31,6 +31,13 @@ is more than ``max_staleness_s`` behind the Redis server's clock, ``fetch`` rais
 ``StaleStreamError`` and the pipeline keeps the batch values (degraded ``realtime_features``).
 Liveness is judged on the Redis clock alone, not on the request time, which may be a pinned or
 replayed clock (``clock`` in mixer.yaml).
+
+A mixer without a stream processor is a mode, not a per-request degradation (``StreamLiveness``,
+owned by the mixer process): until this process has seen a fresh ``caught_up`` stamp it runs
+``batch_only`` (batch counts, nothing degraded, ``/healthz`` says so), whatever a processor that
+ran before left in Redis; once it has seen one it runs ``realtime``, and a stamp going stale then
+is a processor that stopped: degraded ``realtime_features`` until it is back (or the mixer
+restarts). Without a ``StreamLiveness`` the hydrator expects a processor (stale = degraded).
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import redis
 from core.realtime import bucket_start
 from core.schema import SMOOTHING_M
 from mixer.candidate import Candidate, Query
-from mixer.feature_hydrators.realtime_reader import RealtimeFeatureReader
+from mixer.feature_hydrators.realtime_reader import RealtimeFeatureReader, StreamCoverage
 
 # batch feature -> stream kind (``events.ENGAGEMENT_KINDS``)
 COUNT_KINDS: dict[str, str] = {"impressions": "impression", "clicks": "click", "long_views": "long_view",
@@ -78,6 +85,40 @@ class StaleStreamError(RuntimeError):
     stamped, or stamped ahead of the Redis clock): their counts may be short."""
 
 
+class StreamLiveness:
+    """What one mixer process has seen of the stream processor (module docstring); thread-safe
+    (attribute writes only). Shared by the pipeline declarations of the process (a model swap
+    keeps it).
+
+    Attributes:
+        seen_live: a fresh ``caught_up`` stamp was seen since start (mode ``realtime``).
+        last: the last coverage read (None before the first request / health check).
+        fresh: whether that coverage was fresh.
+    """
+
+    def __init__(self):
+        self.seen_live = False
+        self.last: StreamCoverage | None = None
+        self.fresh = False
+
+    def observe(self, coverage: StreamCoverage, fresh: bool) -> None:
+        """Record a coverage read and whether it was fresh."""
+        self.last, self.fresh = coverage, fresh
+        if fresh:
+            self.seen_live = True
+
+    @property
+    def mode(self) -> str:
+        """``"realtime"`` once a live processor was seen, else ``"batch_only"``."""
+        return "realtime" if self.seen_live else "batch_only"
+
+    def summary(self) -> dict:
+        """``{"mode", "processor": "live" | "stopped" | "not_seen", "staleness_s"}`` (``/healthz``)."""
+        stale = None if self.last is None else self.last.staleness_s
+        state = "live" if self.fresh else "stopped" if self.seen_live else "not_seen"
+        return {"mode": self.mode, "processor": state, "staleness_s": None if stale is None else round(stale, 3)}
+
+
 @dataclass(frozen=True)
 class FreshCounts:
     """What ``RealtimeFeatureHydrator.fetch`` read: coverage start T0 (epoch s, None = no stream
@@ -105,6 +146,10 @@ class RealtimeFeatureHydrator:
             tolerates a crash or restart, not an outage.
         enabled: ``realtime.enabled``; False: the pipeline never calls it (no "realtime_features"
             timing). It is a ``mixer.components.FeatureHydrator`` (structurally).
+        liveness: the mixer process's ``StreamLiveness`` (module docstring): before a live
+            processor was seen, a stale or missing stamp means batch-only serving, not an error.
+            None: a processor is expected.
+        health: the mixer's ``mixer.redis_health.RedisHealth`` (fails fast while Redis is down).
 
     Raises:
         ValueError: ``max_staleness_s <= 0``.
@@ -113,12 +158,21 @@ class RealtimeFeatureHydrator:
     name = "realtime"
     stage = "realtime_features"  # its timings_ms key and its ``degraded`` marker (mixer.components.FeatureHydrator)
 
-    def __init__(self, client: redis.Redis, max_staleness_s: float = 120.0, enabled: bool = True):
+    def __init__(self, client: redis.Redis, max_staleness_s: float = 120.0, enabled: bool = True,
+                 liveness: StreamLiveness | None = None, health=None):
         if max_staleness_s <= 0:
             raise ValueError(f"max_staleness_s must be > 0, got {max_staleness_s}")
         self.reader = RealtimeFeatureReader(client)
         self.max_staleness_s = max_staleness_s
         self.is_enabled = bool(enabled)
+        self.liveness = liveness
+        self.health = health  # mixer.redis_health.RedisHealth: fail fast while Redis is down
+
+    def is_fresh(self, coverage: StreamCoverage) -> bool:
+        """The processors' ``caught_up`` stamp is within ``max_staleness_s`` of the Redis clock
+        (and not more than ``CLOCK_SLACK_S`` ahead of it)."""
+        stale = coverage.staleness_s
+        return stale is not None and -CLOCK_SLACK_S <= stale <= self.max_staleness_s
 
     def enabled(self, query: Query) -> bool:
         """The configured switch ``realtime.enabled`` (the same for every query)."""
@@ -132,10 +186,17 @@ class RealtimeFeatureHydrator:
             StaleStreamError: the stream has data but its processors last caught up more than
                 ``max_staleness_s`` ago (or never did).
         """
+        if self.health is not None:
+            self.health.check()
         coverage = self.reader.coverage()
         since, stale = coverage.since, coverage.staleness_s
+        fresh = self.is_fresh(coverage)
+        if self.liveness is not None:
+            self.liveness.observe(coverage, fresh)
+            if not self.liveness.seen_live:  # batch_only mode: no processor here (yet)
+                return FreshCounts(None, query.now_s, np.zeros((len(candidates), len(COUNT_KINDS), len(WINDOWS))))
         # a stamp ahead of the Redis clock (stepped back, failover) proves nothing: stale too
-        if since is not None and (stale is None or not -CLOCK_SLACK_S <= stale <= self.max_staleness_s):
+        if not fresh and (since is not None or self.liveness is not None):  # (liveness: seen live, now stale)
             last = ("never" if stale is None else f"{stale:.1f} s ago" if stale >= 0
                     else f"{-stale:.1f} s ahead of the Redis clock")
             raise StaleStreamError(

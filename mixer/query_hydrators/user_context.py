@@ -9,8 +9,10 @@ from typing import Callable
 import redis
 
 from core import online_layout as keys
+from mixer.caches import MISSING, MixerCaches
 from mixer.candidate import Query
-from mixer.components import QueryHydrator
+from mixer.components import Fallback, QueryHydrator
+from mixer.redis_health import RedisHealth, guarded
 
 
 def _ints(values) -> frozenset[int]:
@@ -27,13 +29,26 @@ class UserContextQueryHydrator(QueryHydrator):
         max_tags: strongest tag interests kept.
         wall_clock: returns wall time in epoch seconds; served records use wall time even when
             the ranking clock is fixed, because their TTL is real.
+        caches: the mixer's; each user's last context is kept (``MixerCaches.user_context``,
+            bounded, last-known-good only: the context changes per event, so it is read per
+            request while Redis answers) for Redis outages.
+        health: fails fast while Redis is down.
+
+    While Redis is down, ``hydrate`` raises ``Fallback`` with the user's last-known context, or
+    with the query as it is (an empty context: the cold-start page of popular posts) for a user
+    this process has not served. The second is a choice: a page without the user's graph beats
+    no page, but its blocked / muted authors are unknown then; both are reported degraded
+    "query_hydration".
     """
 
     name = "user_context"
 
     def __init__(self, client: redis.Redis, served_ttl_s: float, max_engaged_authors: int = 200,
-                 max_tags: int = 20, wall_clock: Callable[[], float] = time.time):
+                 max_tags: int = 20, wall_clock: Callable[[], float] = time.time, *,
+                 caches: MixerCaches | None = None, health: RedisHealth | None = None):
         self.client = client
+        self.lkg = caches.user_context if caches is not None and caches.settings.user_context_entries > 0 else None
+        self.health = health
         self.served_ttl_s = served_ttl_s
         self.max_engaged_authors = max_engaged_authors
         self.max_tags = max_tags
@@ -44,10 +59,23 @@ class UserContextQueryHydrator(QueryHydrator):
         blocked_authors, muted_authors, seen_posts and served_posts filled (empty for an unknown user: a cold start).
 
         Raises:
-            redis.RedisError: Redis is unreachable (the request cannot be personalised; the API
-                reports 503).
+            redis.RedisError: Redis is unreachable and no ``caches`` were given.
+            Fallback: Redis is unreachable (class docstring).
         """
-        uid = query.user_id
+        if self.lkg is None:
+            return dataclasses.replace(query, **self._read(query.user_id))
+        try:
+            context = guarded(self.health, lambda: self._read(query.user_id))
+        except redis.RedisError as e:
+            last = self.lkg.get(query.user_id, lkg=True)
+            if last is MISSING:
+                raise Fallback(query, f"Redis unavailable, no context of this user cached: cold-start page ({e!r})") from e
+            raise Fallback(dataclasses.replace(query, **last), f"Redis unavailable: last-known context ({e!r})") from e
+        self.lkg.put(query.user_id, context, "lkg")
+        return dataclasses.replace(query, **context)
+
+    def _read(self, uid: int) -> dict:
+        """The context fields of ``uid`` (one pipeline)."""
         pipe = self.client.pipeline(transaction=False)
         pipe.smembers(keys.follows(uid))
         pipe.zrevrange(keys.engaged_authors(uid), 0, self.max_engaged_authors - 1, withscores=True)
@@ -58,8 +86,7 @@ class UserContextQueryHydrator(QueryHydrator):
         pipe.zrange(keys.seen_posts(uid), 0, -1)
         pipe.zrangebyscore(keys.served_posts(uid), self.wall_clock() - self.served_ttl_s, "+inf")
         follows, engaged, tags, hated, blocked, muted, seen, served = pipe.execute()
-        return dataclasses.replace(
-            query,
+        return dict(
             follows=_ints(follows),
             engaged_authors={int(a): float(w) for a, w in engaged},
             tag_interests={int(t): float(w) for t, w in tags},

@@ -7,10 +7,12 @@ import pandas as pd
 
 from mixer.candidate import Candidate, Query
 from mixer.components import Selector, SelectorResult
+from mixer.quality_factor import scaled
 
 
 class TopKSelector(Selector):
-    """Top ``k`` by ``Candidate.light_score`` (NaN last; ties keep input order).
+    """Top ``k`` by ``Candidate.light_score`` (NaN last; ties keep input order); ``k`` is scaled by
+    the request's quality factor (``mixer.quality_factor.scaled``).
 
     Raises:
         ValueError: ``k < 1``.
@@ -35,7 +37,7 @@ class TopKSelector(Selector):
                              "selectors that drop the frame)")
         scores = np.array([c.light_score for c in candidates], dtype="float64")
         scores = np.where(np.isnan(scores), -np.inf, scores)
-        order = np.argsort(-scores, kind="stable")[: self.k]
+        order = np.argsort(-scores, kind="stable")[: scaled(self.k, query.quality_factor)]
         kept = [candidates[i] for i in order]
         rows = features.iloc[order].reset_index(drop=True)
         return SelectorResult(kept, rows)

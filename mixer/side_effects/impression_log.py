@@ -9,7 +9,8 @@ from typing import Callable
 import redis
 
 from core import online_layout as keys
-from mixer.components import SideEffect, TimelineResult
+from mixer.components import Fallback, SideEffect, TimelineResult
+from mixer.side_effects.write_buffer import RedisWriteBuffer
 
 
 class ImpressionLogSideEffect(SideEffect):
@@ -19,13 +20,18 @@ class ImpressionLogSideEffect(SideEffect):
     light_score, heads (JSON), arm, source, in_network (0/1), page_index, surface (the request's
     surface id, the log's ``tab``: training sets built from this stream need it), served_at (wall epoch s),
     as_of (ranking clock epoch s), light_ranker_version, heavy_ranker_version.
+
+    With a ``buffer`` (the mixer's), entries Redis cannot take wait there in order and are
+    appended when Redis answers again (``RedisWriteBuffer``; ``served_at`` stays the serve time);
+    the page is served degraded "side_effects".
     """
 
     name = "impression_log"
 
     def __init__(self, client: redis.Redis, maxlen: int, stream: str = keys.SERVED_IMPRESSIONS,
-                 wall_clock: Callable[[], float] = time.time):
+                 wall_clock: Callable[[], float] = time.time, buffer: RedisWriteBuffer | None = None):
         self.client = client
+        self.buffer = buffer
         self.maxlen = int(maxlen)
         self.stream = stream
         self.wall_clock = wall_clock
@@ -34,16 +40,18 @@ class ImpressionLogSideEffect(SideEffect):
         """Log ``result.items``.
 
         Raises:
-            redis.RedisError: Redis is unreachable (the runner counts it and serves the page).
+            redis.RedisError: Redis is unreachable and there is no buffer (the runner counts it and
+                serves the page).
+            Fallback: the entries were buffered (Redis unreachable).
         """
         if not result.items:
             return
         q = result.query
         served_at = f"{self.wall_clock():.3f}"
         versions = result.model_versions
-        pipe = self.client.pipeline(transaction=False)
+        entries = []
         for pos, c in enumerate(result.items):
-            pipe.xadd(self.stream, {
+            entries.append({
                 "request_id": q.request_id, "user_id": q.user_id, "post_id": c.post_id,
                 "author_id": c.author_id, "position": pos, "score": repr(c.score),
                 "light_score": repr(c.light_score), "heads": json.dumps(c.heads), "arm": q.arm or "",
@@ -52,5 +60,17 @@ class ImpressionLogSideEffect(SideEffect):
                 "served_at": served_at, "as_of": f"{q.now_s:.3f}",
                 "light_ranker_version": versions.get("light_ranker", ""),
                 "heavy_ranker_version": versions.get("heavy_ranker", ""),
-            }, maxlen=self.maxlen, approximate=True)
+            })
+        stream, maxlen = self.stream, self.maxlen
+
+        def ops(pipe) -> None:
+            for fields in entries:
+                pipe.xadd(stream, fields, maxlen=maxlen, approximate=True)
+
+        if self.buffer is not None:
+            if self.buffer.write(self.name, ops) == "buffered":
+                raise Fallback(None, "Redis unavailable: impressions buffered")
+            return
+        pipe = self.client.pipeline(transaction=False)
+        ops(pipe)
         pipe.execute()

@@ -8,7 +8,8 @@ from typing import Callable
 import redis
 
 from core import online_layout as keys
-from mixer.components import SideEffect, TimelineResult
+from mixer.components import Fallback, SideEffect, TimelineResult
+from mixer.side_effects.write_buffer import RedisWriteBuffer
 
 
 class ServedPostsSideEffect(SideEffect):
@@ -16,13 +17,17 @@ class ServedPostsSideEffect(SideEffect):
 
     One pipeline: ZADD the page, drop entries older than ``ttl_s``, keep the newest
     ``max_per_user``, and EXPIRE the key after ``ttl_s`` of inactivity.
+
+    With a ``buffer`` (the mixer's), a write Redis cannot take waits there and is flushed when
+    Redis answers again (``RedisWriteBuffer``); the page is served degraded "side_effects".
     """
 
     name = "served_posts"
 
     def __init__(self, client: redis.Redis, ttl_s: int, max_per_user: int,
-                 wall_clock: Callable[[], float] = time.time):
+                 wall_clock: Callable[[], float] = time.time, buffer: RedisWriteBuffer | None = None):
         self.client = client
+        self.buffer = buffer
         self.ttl_s = int(ttl_s)
         self.max_per_user = int(max_per_user)
         self.wall_clock = wall_clock
@@ -31,15 +36,27 @@ class ServedPostsSideEffect(SideEffect):
         """Record ``result.items`` for ``result.query.user_id``.
 
         Raises:
-            redis.RedisError: Redis is unreachable (the runner counts it and serves the page).
+            redis.RedisError: Redis is unreachable and there is no buffer (the runner counts it and
+                serves the page).
+            Fallback: the write was buffered (Redis unreachable).
         """
         if not result.items:
             return
         now = self.wall_clock()
         key = keys.served_posts(result.query.user_id)
+        members = {c.post_id: now for c in result.items}
+        ttl_s, keep = self.ttl_s, self.max_per_user
+
+        def ops(pipe) -> None:
+            pipe.zadd(key, members)
+            pipe.zremrangebyscore(key, "-inf", now - ttl_s)
+            pipe.zremrangebyrank(key, 0, -(keep + 1))
+            pipe.expire(key, ttl_s)
+
+        if self.buffer is not None:
+            if self.buffer.write(self.name, ops) == "buffered":
+                raise Fallback(None, "Redis unavailable: served posts buffered")
+            return
         pipe = self.client.pipeline(transaction=False)
-        pipe.zadd(key, {c.post_id: now for c in result.items})
-        pipe.zremrangebyscore(key, "-inf", now - self.ttl_s)
-        pipe.zremrangebyrank(key, 0, -(self.max_per_user + 1))
-        pipe.expire(key, self.ttl_s)
+        ops(pipe)
         pipe.execute()

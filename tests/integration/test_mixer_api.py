@@ -24,6 +24,7 @@ from core.schema import FEATURE_VIEWS, HEADS
 from core.services import free_port, stop_pid
 from core.state import PROJECT_ROOT, StateDir
 from core import online_layout as keys
+from mixer.auth import auth_headers
 
 pytestmark = pytest.mark.integration
 
@@ -117,7 +118,7 @@ def mixer_server(data_dir, redis_server, mixer_state, known_users):
         "clock": {"now": AS_OF.isoformat().replace("+00:00", "Z")},
     }, "mixer")
     try:
-        with httpx.Client(base_url=base, timeout=30) as http:
+        with httpx.Client(base_url=base, timeout=30, headers=auth_headers(state)) as http:
             yield http, client
     finally:
         stop_pid(proc.pid)
@@ -161,6 +162,9 @@ def _timeline(http, **body) -> dict:
 @pytest.mark.parametrize("body, field", [
     ({}, "user_id"),
     ({"user_id": "abc"}, "user_id"),
+    ({"user_id": False}, "user_id"),  # strict: not user 0
+    ({"user_id": 2**63}, "user_id"),  # past int64
+    ({"user_id": 5, "limit": True}, "limit"),
     ({"user_id": 5, "limit": 0}, "limit"),
     ({"user_id": 5, "limit": 101}, "limit"),
     ({"user_id": 5, "limt": 3}, "limt"),
@@ -258,6 +262,20 @@ def test_metrics_health_and_docs(mixer_server, known_users):
     assert "/v1/home-timeline" in http.get("/openapi.json").json()["paths"]
 
 
+def test_timeline_needs_the_state_token_and_healthz_does_not(mixer_server, mixer_state):
+    http, _ = mixer_server
+    base = str(http.base_url).rstrip("/")
+    assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200  # open: readiness probes
+    r = httpx.post(f"{base}/v1/home-timeline", json={"user_id": 1}, timeout=10)
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    r = httpx.post(f"{base}/v1/home-timeline", json={"user_id": 1}, timeout=10,
+                   headers={"Authorization": "Bearer not-the-token-0123456789"})
+    assert r.status_code == 403
+    token = auth_headers(mixer_state)["Authorization"].split()[1]
+    log = (mixer_state.root / "mixer.log").read_text()
+    assert "rejected" in log and token not in log and "not-the-token" not in log
+
+
 def _wait_for_version(http, user: int, model: str, version: int, timeout_s: float = 30.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -315,7 +333,7 @@ def test_mixer_on_bentoml_answers_every_request_when_the_server_dies(mixer_serve
             "clock": {"now": AS_OF.isoformat().replace("+00:00", "Z")},
         }, "mixer-bento")
         paths = []
-        with httpx.Client(base_url=base, timeout=30) as http:
+        with httpx.Client(base_url=base, timeout=30, headers=auth_headers(mixer_state)) as http:
             for i in range(14):
                 if i == 6:
                     kill_tree(bento.pid)
@@ -326,8 +344,12 @@ def test_mixer_on_bentoml_answers_every_request_when_the_server_dies(mixer_serve
         assert all(p == {"light_ranker": "bentoml", "heavy_ranker": "bentoml"} for p in paths[:6]), paths
         assert all(set(p.values()) == {"in_process_fallback"} for p in paths[6:]), paths
         scoring_lines = [line for line in metrics.splitlines() if line.startswith("hm_mixer_scoring")]
-        assert 'hm_mixer_scoring_fallbacks_total{backend="bentoml",model="heavy_ranker",reason="error"} 8.0' \
+        # the first breaker_fail_max (5) calls after the kill fail, then the breaker answers at once
+        assert 'hm_mixer_scoring_fallbacks_total{backend="bentoml",model="heavy_ranker",reason="error"} 5.0' \
             in scoring_lines, scoring_lines
+        assert 'hm_mixer_scoring_fallbacks_total{backend="bentoml",model="heavy_ranker",reason="circuit_open"} 3.0' \
+            in scoring_lines, scoring_lines
+        assert 'hm_mixer_circuit_state{backend="bentoml",model="heavy_ranker"} 2.0' in metrics.splitlines()
     finally:
         if proc is not None:
             stop_pid(proc.pid)
@@ -375,7 +397,7 @@ def test_a_burst_on_a_post_during_a_replay_raises_its_rank_within_a_second(mixer
         while not stream_client.hexists(keys.RT_COVERAGE, "since"):  # the processor has applied replayed events
             assert time.monotonic() < deadline and processor.poll() is None, "the processor applies nothing"
             time.sleep(0.1)
-        with httpx.Client(base_url=base, timeout=30) as http:
+        with httpx.Client(base_url=base, timeout=30, headers=auth_headers(mixer_state)) as http:
             _, page = rank_of(http, -1)
             assert len(page["items"]) == 30
             target = page["items"][20]

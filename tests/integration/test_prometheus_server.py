@@ -65,7 +65,7 @@ def test_prometheus_scrapes_the_mixer_and_loads_the_alert_rules(monitored_mixer,
     from monitoring.production import read_production_sample
 
     state, mixer = monitored_mixer
-    with httpx.Client(base_url=mixer.url, timeout=30) as http:
+    with httpx.Client(base_url=mixer.url, timeout=30, headers=mixer.auth_headers) as http:
         for user in known_users[:3]:
             assert http.post("/v1/home-timeline", json={"user_id": user, "limit": 5}).status_code == 200
     # every request is sampled (rate 1): the production sample holds its heavy-ranked candidates

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -339,6 +340,31 @@ def test_services_cli_start_status_stop(tmp_path, monkeypatch):
         assert cli("services", "stop") == (0, "redis stopped\n")
     assert not pid_alive(status["pid"])
     assert cli("services", "stop") == (0, "redis is not running\n")
+
+
+def test_services_start_after_a_sigkill_comes_back_on_the_recorded_port(tmp_path, monkeypatch):
+    """kill -9 of redis-server, then `home-mixer services start` (a new process reading the record):
+    the same port, so the mixer's client reconnects to the address it knows."""
+    from home_mixer.cli import main
+
+    monkeypatch.setenv("HOME_MIXER_STATE", str(tmp_path / "state"))
+    state = StateDir(tmp_path / "state").ensure()
+    first = RedisServer(state).start()
+    port, crashed = first.port, first.pid
+    os.kill(crashed, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while pid_alive(crashed) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["--state", str(state.root), "services", "start"]) == 0
+    try:
+        again = RedisServer.running(state)
+        assert again is not None and again.port == port and again.pid != crashed, out.getvalue()
+        assert f"redis://127.0.0.1:{port}/0" in out.getvalue()
+    finally:
+        with redirect_stdout(io.StringIO()):
+            main(["--state", str(state.root), "services", "stop"])
 
 
 @pytest.mark.parametrize("url,expected", [

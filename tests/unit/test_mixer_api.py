@@ -1,5 +1,6 @@
-"""The HTTP contract of ``POST /v1/home-timeline`` without servers: request validation (the
-``surface`` field's strict typing and default), the response echo and the OpenAPI schema.
+"""The HTTP contract of ``POST /v1/home-timeline`` without servers: request validation (strict
+JSON integers for ``user_id``, ``limit`` and ``surface``), the response echo and the OpenAPI schema
+(every status documented). Authentication: ``tests/unit/test_mixer_auth.py``.
 
 The app's resources are a stub pipeline (no Redis, no models): the lifespan does not run without
 ``with TestClient(...)``, so ``app.state.resources`` is set by hand.
@@ -22,24 +23,31 @@ from mixer.selectors import PageCursor
 
 
 class StubPipeline:
-    """Runs nothing: records the arguments and returns an empty page with the query they make."""
+    """Runs nothing: records the arguments and returns an empty page with the query they make
+    (its ``total`` stage time is ``total_ms``)."""
 
-    def __init__(self):
+    def __init__(self, total_ms: float = 0.0):
         self.calls: list[dict] = []
+        self.total_ms = total_ms
 
-    def run(self, user_id, page_size=None, cursor=None, surface=HOME_SURFACE):
-        self.calls.append({"user_id": user_id, "page_size": page_size, "cursor": cursor, "surface": surface})
-        query = Query(user_id=user_id, page_size=page_size, now_s=0.0, request_id="r", surface=surface, arm="control")
-        return TimelineResult(query=query, items=[], next_cursor=None, timings_ms={}, source_results=[],
-                              filtered={}, counts={}, model_versions={}, scoring_paths={})
+    def run(self, user_id, page_size=None, cursor=None, surface=HOME_SURFACE, quality_factor=1.0):
+        self.calls.append({"user_id": user_id, "page_size": page_size, "cursor": cursor, "surface": surface,
+                           "quality_factor": quality_factor})
+        query = Query(user_id=user_id, page_size=page_size, now_s=0.0, request_id="r", surface=surface, arm="control",
+                      quality_factor=quality_factor)
+        return TimelineResult(query=query, items=[], next_cursor=None, timings_ms={"total": self.total_ms},
+                              source_results=[], filtered={}, counts={}, model_versions={}, scoring_paths={})
+
+
+TOKEN = "unit-test-token-0123456789"
 
 
 @pytest.fixture()
 def api():
-    app = create_app(load_config())
+    app = create_app(load_config(), api_tokens=(TOKEN,))
     pipeline = StubPipeline()
     app.state.resources = SimpleNamespace(pipeline=pipeline)
-    return TestClient(app), pipeline
+    return TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"}), pipeline
 
 
 def test_surface_defaults_to_home_and_is_echoed(api):
@@ -66,6 +74,68 @@ def test_surface_is_strictly_a_non_negative_int(api, surface):
     assert r.status_code == 422, (surface, r.text)
     assert "surface" in r.json()["message"]
     assert not pipeline.calls
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"user_id": False}, "user_id"),  # the user's report: a bool was served as user 0
+    ({"user_id": True}, "user_id"),
+    ({"user_id": "1"}, "user_id"),
+    ({"user_id": 1.0}, "user_id"),
+    ({"user_id": -1}, "user_id"),
+    ({"user_id": 2**63}, "user_id"),  # past int64
+    ({"user_id": 1, "limit": True}, "limit"),
+    ({"user_id": 1, "limit": "5"}, "limit"),
+    ({"user_id": 1, "limit": 5.0}, "limit"),
+    ({"user_id": 1, "cursor": 7}, "cursor"),
+    ({"user_id": 1, "cursor": "x" * 70_000}, "cursor"),
+])
+def test_ids_and_sizes_are_strict_json_integers(api, body, field):
+    http, pipeline = api
+    r = http.post("/v1/home-timeline", json=body)
+    assert r.status_code == 422, (body, r.text[:300])
+    assert field in r.json()["message"]
+    assert not pipeline.calls
+
+
+def test_largest_int64_user_id_is_accepted(api):
+    http, pipeline = api
+    r = http.post("/v1/home-timeline", json={"user_id": 2**63 - 1, "limit": 3})
+    assert r.status_code == 200, r.text
+    assert pipeline.calls[-1]["user_id"] == 2**63 - 1 and pipeline.calls[-1]["page_size"] == 3
+
+
+@pytest.mark.parametrize("content, status", [
+    (b"{not json", 422),          # FastAPI's JSON decode error
+    (b'{"user_id": 1', 422),
+    (b"\xff\xfe\x00", 400),       # not UTF-8: the body cannot be read at all
+])
+def test_unreadable_bodies_are_documented_errors(api, content, status):
+    http, pipeline = api
+    r = http.post("/v1/home-timeline", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json" and r.json()["message"]
+    assert not pipeline.calls
+
+
+def test_openapi_documents_every_status_and_the_metrics_content_type(api):
+    http, _ = api
+    spec = http.get("/openapi.json").json()
+    timeline = spec["paths"]["/v1/home-timeline"]["post"]
+    assert set(timeline["responses"]) == {"200", "400", "401", "403", "422", "503"}
+    assert timeline["security"] == [{"bearer": []}]
+    assert spec["components"]["securitySchemes"]["bearer"] == {**spec["components"]["securitySchemes"]["bearer"],
+                                                              "type": "http", "scheme": "bearer"}
+    link = timeline["responses"]["200"]["links"]["NextPage"]
+    assert link["operationId"] == timeline["operationId"]
+    assert link["requestBody"]["cursor"] == "$response.body#/next_cursor"
+    user_id = spec["components"]["schemas"]["TimelineRequest"]["properties"]["user_id"]
+    assert (user_id["type"], user_id["minimum"], user_id["maximum"]) == ("integer", 0, 2**63 - 1)
+    metrics = spec["paths"]["/metrics"]["get"]["responses"]
+    assert set(metrics["200"]["content"]) == {"text/plain"}
+    assert "security" not in spec["paths"]["/metrics"]["get"]  # open by default (auth.protect_metrics)
+    r = http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert "503" in spec["paths"]["/healthz"]["get"]["responses"]
 
 
 def test_openapi_documents_surface(api):
@@ -95,3 +165,17 @@ def test_pipeline_run_puts_the_surface_on_the_query():
         with pytest.raises(error, match="surface"):
             pipeline.run(1, 5, surface=bad)
     assert len(seen) == 2
+
+
+def test_slow_requests_lower_the_quality_factor_of_the_next_ones():
+    """The worker's p95 over target: the next requests run with less work and the response says so."""
+    config = load_config().with_overrides(quality_factor={"target_p95_ms": 50, "step": 0.25, "min_factor": 0.5,
+                                                          "window": 10, "update_every": 2})
+    app = create_app(config, api_tokens=(TOKEN,))
+    pipeline = StubPipeline(total_ms=400.0)
+    app.state.resources = SimpleNamespace(pipeline=pipeline)
+    http = TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"})
+    factors = [http.post("/v1/home-timeline", json={"user_id": 1}).json()["quality_factor"] for _ in range(6)]
+    assert factors == [1.0, 1.0, 0.75, 0.75, 0.5, 0.5]
+    assert [c["quality_factor"] for c in pipeline.calls] == factors
+    assert "hm_mixer_quality_factor 0.5" in http.get("/metrics").text

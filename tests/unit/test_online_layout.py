@@ -58,6 +58,7 @@ GOLDEN: dict[str, tuple[tuple, str]] = {
     "rt_social_ts": ((3,), "hm:rt:social_ts:3"),
     "RT_TRENDING_POSTS": ((), "hm:rt:trending:posts"),
     "RT_TRENDING_TAGS": ((), "hm:rt:trending:tags"),
+    "FEATURE_VERSION": ((), "hm:feature_version"),
     "RT_COVERAGE": ((), "hm:rt:coverage"),
     "event_stream": (("engagements",), "hm:events:engagements"),
     "dead_letter_stream": (("engagements",), "hm:events:engagements:dead"),

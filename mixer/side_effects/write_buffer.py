@@ -1,0 +1,153 @@
+"""A bounded in-memory buffer of side-effect writes that Redis could not take, flushed in order
+once it answers again.
+
+The served-posts record and the impression log are the mixer's own data (previously-seen
+filtering, future training rows): a Redis outage must delay them, not lose them silently. A
+write is a function that adds its commands to a pipeline (``WriteOps``); ``write`` runs it at
+once while nothing waits, and otherwise appends it behind the waiting ones, so a stream keeps its
+order. The bound is in writes (one per request and side effect); past it the oldest writes are
+dropped and counted (``hm_mixer_side_effect_buffer_dropped_total{side_effect}``): the newest
+served posts matter most for previously-seen filtering.
+
+Delivery is at least once: a connection lost in the middle of a flushed pipeline is retried whole,
+so a few impression-log entries may be written twice (served-posts ZADDs are idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import Callable, Literal
+
+import redis
+from redis.client import Pipeline
+
+from mixer.redis_health import RedisHealth
+
+log = logging.getLogger(__name__)
+
+WriteOps = Callable[[Pipeline], None]
+
+
+class RedisWriteBuffer:
+    """Writes of the side effects, direct or buffered (module docstring); thread-safe. The mixer's
+    ``StoreWatcher`` calls ``flush`` after each successful probe while ``pending``.
+
+    Args:
+        client: Redis.
+        health: marked down when a write finds Redis unreachable; while down, writes are buffered
+            without trying.
+        max_writes: bound of the buffer (writes).
+        flush_batch: writes per flushed pipeline.
+        on_drop: ``(side effect name, n)`` when writes are dropped past the bound (metrics).
+        on_flush: ``(side effect name, n)`` when buffered writes reached Redis (metrics).
+
+    Raises:
+        ValueError: ``max_writes`` or ``flush_batch`` < 1.
+    """
+
+    def __init__(self, client: redis.Redis, health: RedisHealth, max_writes: int = 10_000, flush_batch: int = 200,
+                 on_drop: Callable[[str, int], None] | None = None,
+                 on_flush: Callable[[str, int], None] | None = None):
+        if max_writes < 1 or flush_batch < 1:
+            raise ValueError(f"max_writes and flush_batch must be >= 1, got {max_writes}, {flush_batch}")
+        self.client = client
+        self.health = health
+        self.max_writes = int(max_writes)
+        self.flush_batch = int(flush_batch)
+        self.on_drop = on_drop
+        self.on_flush = on_flush
+        self._queue: deque[tuple[str, WriteOps]] = deque()
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # one flusher at a time keeps the order
+        self.dropped: dict[str, int] = {}
+        self.flushed: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def pending(self) -> bool:
+        """True while buffered writes wait."""
+        return bool(self._queue)
+
+    def write(self, name: str, ops: WriteOps) -> Literal["written", "queued", "buffered"]:
+        """Write now, or buffer.
+
+        Returns:
+            "written": Redis took it now. "queued": earlier writes still wait, so it went behind
+            them (Redis may well be up; the watcher flushes within ``probe_s``). "buffered": Redis
+            was unreachable (marked down, or the write failed with a connection error or timeout).
+
+        Raises:
+            redis.RedisError: any other Redis error (a bad command: not buffered, it would fail again).
+        """
+        if self.health.up and not self._queue:
+            pipe = self.client.pipeline(transaction=False)
+            ops(pipe)
+            try:
+                pipe.execute()
+                return "written"
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                self.health.observe(e)
+                self._append(name, ops)
+                return "buffered"
+        was_down = not self.health.up
+        self._append(name, ops)
+        return "buffered" if was_down else "queued"
+
+    def _append(self, name: str, ops: WriteOps) -> None:
+        dropped = None
+        with self._lock:
+            if len(self._queue) >= self.max_writes:
+                dropped = self._queue.popleft()[0]
+                self.dropped[dropped] = self.dropped.get(dropped, 0) + 1
+            self._queue.append((name, ops))
+        if dropped is not None:
+            if self.on_drop is not None:
+                self.on_drop(dropped, 1)
+            if self.dropped[dropped] in (1, 10, 100, 1000) or self.dropped[dropped] % 10_000 == 0:
+                log.warning("side-effect buffer full (%d writes): dropped %d %s writes so far",
+                            self.max_writes, self.dropped[dropped], dropped)
+
+    def flush(self) -> int:
+        """Write the buffered writes, oldest first, ``flush_batch`` per pipeline, until empty or a
+        Redis error (they stay buffered; the health is marked down on a connection error).
+        Returns the writes flushed."""
+        done = 0
+        with self._flush_lock:
+            while True:
+                with self._lock:
+                    batch = [self._queue[i] for i in range(min(self.flush_batch, len(self._queue)))]
+                if not batch:
+                    return done
+                pipe = self.client.pipeline(transaction=False)
+                for _, ops in batch:
+                    ops(pipe)
+                try:
+                    pipe.execute()
+                except redis.RedisError as e:
+                    self.health.observe(e)
+                    log.warning("flushing %d buffered side-effect writes failed: %r; kept", len(batch), e)
+                    return done
+                counts: dict[str, int] = {}
+                with self._lock:
+                    # pop what was flushed; writes dropped meanwhile (a full buffer) shifted the
+                    # queue, so pop by identity, never more than the batch
+                    ids = {id(entry) for entry in batch}
+                    while self._queue and id(self._queue[0]) in ids:
+                        name = self._queue.popleft()[0]
+                        counts[name] = counts.get(name, 0) + 1
+                for name, n in counts.items():
+                    self.flushed[name] = self.flushed.get(name, 0) + n
+                    if self.on_flush is not None:
+                        self.on_flush(name, n)
+                done += len(batch)
+
+    def stats(self) -> dict:
+        """``{"pending", "max", "dropped": {name: n}, "flushed": {name: n}}`` (``/healthz``)."""
+        return {"pending": len(self._queue), "max": self.max_writes, "dropped": dict(self.dropped),
+                "flushed": dict(self.flushed)}
+
+
+__all__ = ["RedisWriteBuffer", "WriteOps"]

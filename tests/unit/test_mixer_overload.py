@@ -1,0 +1,133 @@
+"""Overload protection of the mixer: the in-flight bound (mixer.admission) and the latency quality
+factor (mixer.quality_factor)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from mixer.admission import InFlightLimitMiddleware, OverloadSettings
+from mixer.quality_factor import LinearLatencyQualityFactor, QualityFactorSettings, scaled
+
+
+def _app(limit: int, release: asyncio.Event, rejected: list) -> FastAPI:
+    app = FastAPI()
+    app.add_middleware(InFlightLimitMiddleware, settings=OverloadSettings(max_in_flight=limit, retry_after_s=2),
+                       paths=("/slow",), on_reject=lambda: rejected.append(1))
+
+    @app.get("/slow")
+    async def slow():
+        await release.wait()
+        return {"ok": True}
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    return app
+
+
+def test_requests_past_the_bound_are_refused_at_once_with_retry_after():
+    async def scenario():
+        release, rejected = asyncio.Event(), []
+        app = _app(3, release, rejected)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            held = [asyncio.create_task(client.get("/slow")) for _ in range(3)]
+            await asyncio.sleep(0.05)  # the three are inside the route now
+            refused = await asyncio.wait_for(client.get("/slow"), timeout=1.0)  # answered without waiting
+            health = await client.get("/healthz")  # other paths are not counted
+            release.set()
+            done = await asyncio.gather(*held)
+            after = await client.get("/slow")  # the slots are free again
+        return refused, health, done, after, rejected
+
+    refused, health, done, after, rejected = asyncio.run(scenario())
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "2"
+    assert "3 requests in flight" in refused.json()["message"]
+    assert health.status_code == 200
+    assert [r.status_code for r in done] == [200, 200, 200]
+    assert after.status_code == 200
+    assert rejected == [1]
+
+
+def test_a_zero_bound_disables_admission_control():
+    async def scenario():
+        release = asyncio.Event()
+        release.set()
+        app = _app(0, release, [])
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await asyncio.gather(*(client.get("/slow") for _ in range(20)))
+
+    assert all(r.status_code == 200 for r in asyncio.run(scenario()))
+
+
+def _qf(**kw) -> LinearLatencyQualityFactor:
+    return LinearLatencyQualityFactor(QualityFactorSettings(target_p95_ms=50, step=0.2, min_factor=0.4,
+                                                            window=20, update_every=10, **kw))
+
+
+def test_quality_factor_steps_down_under_slow_requests_and_recovers():
+    qf = _qf()
+    factors = [qf.observe(120.0) for _ in range(40)]
+    # one step per 10 requests: 0.8, 0.6, 0.4, then held at the floor
+    assert factors[9] == pytest.approx(0.8) and factors[19] == pytest.approx(0.6)
+    assert factors[29] == pytest.approx(0.4) and factors[39] == pytest.approx(0.4)
+    assert factors[8] == 1.0  # nothing changes between updates
+    # fast again: the window still holds slow requests for one update, then it climbs back step by step
+    recovered = [qf.observe(10.0) for _ in range(60)]
+    assert recovered[9] == pytest.approx(0.4)  # p95 of a half-slow window is still above target
+    assert recovered[19] == pytest.approx(0.6)
+    assert recovered[-1] == 1.0
+    assert qf.p95_ms == pytest.approx(10.0)
+
+
+def test_quality_factor_disabled_is_always_one():
+    qf = _qf(enabled=False)
+    assert {qf.observe(1000.0) for _ in range(50)} == {1.0}
+
+
+@pytest.mark.parametrize("limit, factor, expected", [(200, 1.0, 200), (200, 0.4, 80), (3, 0.2, 1), (1000, 0.33, 330)])
+def test_scaled_limits_round_up_and_never_reach_zero(limit, factor, expected):
+    assert scaled(limit, factor) == expected
+
+
+def test_sources_keep_their_best_share_under_a_quality_factor():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mixer.candidate import Candidate, Query
+    from mixer.candidate_sources import CandidateSource, ParallelSourceRunner
+
+    class Ranked(CandidateSource):
+        name, timeout_ms, max_candidates = "ranked", 500.0, 10
+
+        def enabled(self, query):
+            return True
+
+        def fetch(self, query):
+            return [Candidate(post_id=i, source=self.name) for i in range(self.max_candidates)]
+
+    with ThreadPoolExecutor(2) as pool:
+        runner = ParallelSourceRunner([Ranked()], pool)
+        full, _ = runner.run(Query(1, 10, 0.0, "r"))
+        shed, results = runner.run(Query(1, 10, 0.0, "r", quality_factor=0.3))
+    assert [c.post_id for c in full] == list(range(10))
+    assert [c.post_id for c in shed] == [0, 1, 2]  # the first (best) 30 %
+    assert len(results[0].candidates) == 3
+
+
+def test_heavy_ranker_top_k_scales_with_the_quality_factor():
+    import pandas as pd
+
+    from mixer.candidate import Candidate, Query
+    from mixer.selectors import TopKSelector
+
+    cands = [Candidate(post_id=i, source="s", light_score=float(i)) for i in range(20)]
+    frame = pd.DataFrame({"x": range(20)})
+    full = TopKSelector(10).select(Query(1, 10, 0.0, "r"), cands, frame)
+    half = TopKSelector(10).select(Query(1, 10, 0.0, "r", quality_factor=0.5), cands, frame)
+    assert [c.post_id for c in full.candidates] == list(range(19, 9, -1))
+    assert [c.post_id for c in half.candidates] == [19, 18, 17, 16, 15]
