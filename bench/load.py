@@ -141,11 +141,12 @@ def main() -> None:
     started = None
     if srv is None:
         srv = started = RedisServer(state).start()
-    mixer, base = start_mixer(state, srv.url, name="bench-load-mixer", workers=workers,
-                              config=Path(args.config) if args.config else None)
-    token = getattr(mixer, "token", None)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    mixer = None
     try:
+        mixer, base = start_mixer(state, srv.url, name="bench-load-mixer", workers=workers,
+                                  config=Path(args.config) if args.config else None)
+        token = mixer.token
+        headers = {"Authorization": f"Bearer {token}"}
         users = load_training_set(state)["user_id"].drop_duplicates().sample(
             n=args.users, random_state=11).astype(int).tolist()
         with tempfile.TemporaryDirectory() as tmp:
@@ -175,7 +176,8 @@ def main() -> None:
                       f"{f['p50_us'] / 1e3:5.1f} {f['p99_us'] / 1e3:5.1f} | "
                       f"{' '.join(f'{m:.0f}' for m in mem)} (sum {np.sum(mem):.0f})")
     finally:
-        mixer.stop()
+        if mixer is not None:
+            mixer.stop()
         if started:
             started.stop()
 
