@@ -117,9 +117,14 @@ def worker_memory_mb(pid: int) -> list[float]:
     """RSS (MB) of the mixer's worker processes (the supervisor's children; the process itself
     when it has none)."""
     proc = psutil.Process(pid)
-    # uvicorn's workers are multiprocessing spawns; its resource tracker is a child too, not a worker
-    procs = [p for p in proc.children() if "resource_tracker" not in " ".join(p.cmdline())] or [proc]
-    return [p.memory_info().rss / 2**20 for p in procs if p.is_running()]
+    out = []
+    for p in proc.children():
+        try:  # uvicorn's workers are multiprocessing spawns; its resource tracker is a child too
+            if "resource_tracker" not in " ".join(p.cmdline()):
+                out.append(p.memory_info().rss / 2**20)
+        except psutil.Error:  # a worker that just died
+            pass
+    return out or [proc.memory_info().rss / 2**20]
 
 
 def main() -> None:

@@ -42,14 +42,17 @@ class InFlightLimitMiddleware:
         settings: ``OverloadSettings``.
         paths: the guarded request paths.
         on_reject: called once per refusal (e.g. a metric).
+        admit: which requests take a slot (e.g. those with a valid bearer token); the others pass
+            uncounted, to be refused by the route at no cost, so they cannot crowd out callers.
     """
 
     def __init__(self, app, settings: OverloadSettings, paths: tuple[str, ...],
-                 on_reject: Callable[[], None] | None = None):
+                 on_reject: Callable[[], None] | None = None, admit: Callable[[dict], bool] | None = None):
         self.app = app
         self.settings = settings
         self.paths = frozenset(paths)
         self.on_reject = on_reject
+        self.admit = admit
         self._in_flight = 0
         self._lock = threading.Lock()
 
@@ -60,7 +63,8 @@ class InFlightLimitMiddleware:
 
     async def __call__(self, scope, receive, send):
         limit = self.settings.max_in_flight
-        if scope["type"] != "http" or limit == 0 or scope.get("path") not in self.paths:
+        if (scope["type"] != "http" or limit == 0 or scope.get("path") not in self.paths
+                or (self.admit is not None and not self.admit(scope))):
             await self.app(scope, receive, send)
             return
         with self._lock:

@@ -35,7 +35,7 @@ from core import METRICS_DIR_ENV, claim_prometheus_env, online_layout as keys
 from core.schema import HOME_SURFACE, KNOWN_SURFACES
 from mixer.admission import InFlightLimitMiddleware
 from mixer.quality_factor import LinearLatencyQualityFactor
-from mixer.auth import accepted_tokens, bearer_dependency
+from mixer.auth import TokenVerifier, accepted_tokens, bearer_dependency, scope_token
 from mixer.config import MixerConfig, load_config
 from mixer.metrics import MixerMetrics
 from mixer.model_watcher import ModelAliasWatcher
@@ -177,8 +177,9 @@ def _exact_integer_bounds(openapi: Callable[[], dict], model: type[BaseModel]) -
     return patched
 
 
-def _auth_dependencies(config: MixerConfig, api_tokens: tuple[str, ...] | None) -> list:
-    """``[Depends(bearer check)]`` for the protected routes, ``[]`` when ``auth.enabled`` is false.
+def _auth_dependencies(config: MixerConfig, api_tokens: tuple[str, ...] | None) -> tuple[list, TokenVerifier | None]:
+    """``([Depends(bearer check)], its verifier)`` for the protected routes; ``([], None)`` when
+    ``auth.enabled`` is false.
 
     Raises:
         mixer.auth.AuthConfigError: see ``mixer.auth.accepted_tokens``.
@@ -186,9 +187,9 @@ def _auth_dependencies(config: MixerConfig, api_tokens: tuple[str, ...] | None) 
     if not config.auth.enabled:
         log.warning("AUTHENTICATION IS OFF (auth.enabled: false): anyone who reaches this port gets "
                     "timelines; only run so behind a gateway that authenticates")
-        return []
+        return [], None
     tokens = api_tokens if api_tokens is not None else accepted_tokens(config.auth)
-    return [Depends(bearer_dependency(tokens))]
+    return [Depends(bearer_dependency(tokens))], TokenVerifier(tokens)
 
 
 def _request_model(config: MixerConfig) -> type[BaseModel]:
@@ -382,7 +383,7 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
     metrics = MixerMetrics(multiprocess_dir=multiprocess_dir)
     quality = LinearLatencyQualityFactor(config.quality_factor)  # this worker's; requests observe it
     TimelineRequest = _request_model(config)
-    authenticated = _auth_dependencies(config, api_tokens)
+    authenticated, verifier = _auth_dependencies(config, api_tokens)
     auth_responses = AUTH_RESPONSES if authenticated else {}
 
     @asynccontextmanager
@@ -396,6 +397,7 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
             yield
         finally:
             res.close()
+            metrics.process_exits()
 
     app = FastAPI(title="home-mixer mixer", version="0.1.0", lifespan=lifespan,
                   description="Ranked home timelines: candidate sources, Feast features, light and heavy "
@@ -403,8 +405,10 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
     app.state.metrics = metrics
     app.openapi = _exact_integer_bounds(app.openapi, TimelineRequest)
     # refuse past the in-flight bound before a thread is taken (mixer.admission)
+    # only authenticated requests take a slot: others cannot crowd out callers (the route refuses them)
     app.add_middleware(InFlightLimitMiddleware, settings=config.overload, paths=(TIMELINE_PATH,),
-                       on_reject=lambda: metrics.requests.labels(status="overloaded").inc())
+                       on_reject=lambda: metrics.requests.labels(status="overloaded").inc(),
+                       admit=None if verifier is None else (lambda scope: verifier.accepts(scope_token(scope))))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError):

@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import stat
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
@@ -78,13 +79,19 @@ def state_token(state: StateDir) -> str:
     """
     path = state_token_path(state)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:  # O_EXCL: a mixer and a client starting together agree on one token
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
+    if not path.exists():
+        # written whole to a private temp file, then linked into place: link fails if the file
+        # exists, so processes starting together (a mixer's workers, a client) agree on one token
+        # and none ever reads a half-written one
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".mixer-api-token.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
     if stat.S_IMODE(path.stat().st_mode) & 0o077:
         raise AuthConfigError(f"{path} is readable by other users; run `chmod 600 {path}`")
     return check_token(path.read_text().strip(), str(path))
@@ -135,6 +142,16 @@ class TokenVerifier:
         for token in self._tokens:
             found |= hmac.compare_digest(data, token)
         return found
+
+
+def scope_token(scope) -> str:
+    """The bearer token of an ASGI request scope ('' when there is none); for checks that run
+    before routing (``mixer.admission``)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return ""
 
 
 def bearer_dependency(tokens: Iterable[str]) -> Callable:

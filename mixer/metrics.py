@@ -63,7 +63,7 @@ class MixerMetrics:
                                                  registry=r)
         # max over workers: every worker runs the same versions once a reload has reached them all
         self.model_version = prom.Gauge("hm_mixer_model_version_info", "Registered model version in use (1)",
-                                        ["model", "version"], registry=r, multiprocess_mode="max")
+                                        ["model", "version"], registry=r, multiprocess_mode="livemax")
         self.requests = prom.Counter("hm_mixer_requests_total", "Requests by outcome", ["status"], registry=r)
         self.scoring = prom.Counter("hm_mixer_scoring_total", "Ranker calls by the path that served them "
                                     "(in_process, triton_grpc, triton_http, bentoml, in_process_fallback)",
@@ -74,7 +74,7 @@ class MixerMetrics:
         # max over workers: the worst breaker of any worker
         self.circuit_state = prom.Gauge("hm_mixer_circuit_state", "Model-server circuit breaker per model "
                                         "(0 closed, 1 half-open, 2 open: scored in-process without calling)",
-                                        ["backend", "model"], registry=r, multiprocess_mode="max")
+                                        ["backend", "model"], registry=r, multiprocess_mode="livemax")
         self.model_reloads = prom.Counter("hm_mixer_model_reloads_total",
                                           "Alias changes picked up without a restart", ["model", "outcome"],
                                           registry=r)
@@ -125,6 +125,17 @@ class MixerMetrics:
         if state not in codes:
             raise ValueError(f"unknown circuit state {state!r}: expected one of {sorted(codes)}")
         self.circuit_state.labels(backend=backend, model=model).set(codes[state])
+
+    def process_exits(self) -> None:
+        """Drop this worker's gauges from the shared folder when it stops (``live*`` modes), so a
+        replaced worker's last breaker state or model version does not linger. A worker killed
+        outright cannot do this; its gauges stay until the mixer restarts and the folder is emptied."""
+        if self.multiprocess_dir:
+            import os
+
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid(), self.multiprocess_dir)
 
     def render(self) -> bytes:
         """Prometheus text exposition: this registry, or every worker's values summed."""

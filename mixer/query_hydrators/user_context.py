@@ -34,11 +34,10 @@ class UserContextQueryHydrator(QueryHydrator):
             request while Redis answers) for Redis outages.
         health: fails fast while Redis is down.
 
-    While Redis is down, ``hydrate`` raises ``Fallback`` with the user's last-known context, or
-    with the query as it is (an empty context: the cold-start page of popular posts) for a user
-    this process has not served. The second is a choice: a page without the user's graph beats
-    no page, but its blocked / muted authors are unknown then; both are reported degraded
-    "query_hydration".
+    While Redis is down, ``hydrate`` raises ``Fallback`` with the user's last-known context
+    (reported degraded "query_hydration"). For a user this process has not served it re-raises the
+    Redis error (the API answers 503): without the user's blocks, mutes and hated authors a page
+    could show exactly the authors the user asked never to see, and safety beats availability.
     """
 
     name = "user_context"
@@ -59,8 +58,9 @@ class UserContextQueryHydrator(QueryHydrator):
         blocked_authors, muted_authors, seen_posts and served_posts filled (empty for an unknown user: a cold start).
 
         Raises:
-            redis.RedisError: Redis is unreachable and no ``caches`` were given.
-            Fallback: Redis is unreachable (class docstring).
+            redis.RedisError: Redis is unreachable and no ``caches`` were given, or this user's
+                context is not cached.
+            Fallback: Redis is unreachable and the user's last-known context is cached.
         """
         if self.lkg is None:
             return dataclasses.replace(query, **self._read(query.user_id))
@@ -68,8 +68,8 @@ class UserContextQueryHydrator(QueryHydrator):
             context = guarded(self.health, lambda: self._read(query.user_id))
         except redis.RedisError as e:
             last = self.lkg.get(query.user_id, lkg=True)
-            if last is MISSING:
-                raise Fallback(query, f"Redis unavailable, no context of this user cached: cold-start page ({e!r})") from e
+            if last is MISSING:  # unknown blocks and mutes: no page rather than an unsafe one
+                raise
             raise Fallback(dataclasses.replace(query, **last), f"Redis unavailable: last-known context ({e!r})") from e
         self.lkg.put(query.user_id, context, "lkg")
         return dataclasses.replace(query, **context)

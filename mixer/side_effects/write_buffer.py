@@ -112,8 +112,9 @@ class RedisWriteBuffer:
 
     def flush(self) -> int:
         """Write the buffered writes, oldest first, ``flush_batch`` per pipeline, until empty or a
-        Redis error (they stay buffered; the health is marked down on a connection error).
-        Returns the writes flushed."""
+        connection error (they stay buffered; the health is marked down). A write Redis refuses
+        (a command error: wrong key type, out of memory) is dropped and counted, not retried: the
+        rest of its batch is already written. Returns the writes flushed (refused ones included)."""
         done = 0
         with self._flush_lock:
             while True:
@@ -122,14 +123,29 @@ class RedisWriteBuffer:
                 if not batch:
                     return done
                 pipe = self.client.pipeline(transaction=False)
+                spans = []  # each write's commands in the pipeline: a write may issue several
                 for _, ops in batch:
+                    start = len(pipe.command_stack)
                     ops(pipe)
+                    spans.append((start, len(pipe.command_stack)))
                 try:
-                    pipe.execute()
-                except redis.RedisError as e:
+                    # every command runs; a command error (WRONGTYPE, OOM) comes back in its slot
+                    # instead of raising after the others were written (a retry would repeat them)
+                    results = pipe.execute(raise_on_error=False)
+                except redis.RedisError as e:  # the connection failed: nothing is known written
                     self.health.observe(e)
                     log.warning("flushing %d buffered side-effect writes failed: %r; kept", len(batch), e)
                     return done
+                rejected: dict[str, int] = {}
+                for (name, _), (lo, hi) in zip(batch, spans):
+                    if any(isinstance(r, Exception) for r in results[lo:hi]):
+                        rejected[name] = rejected.get(name, 0) + 1
+                for name, n in rejected.items():  # Redis refused them: retrying cannot help; counted
+                    self.dropped[name] = self.dropped.get(name, 0) + n
+                    if self.on_drop is not None:
+                        self.on_drop(name, n)
+                    log.warning("Redis refused %d buffered %s writes: %r; dropped", n, name,
+                                next(r for r in results if isinstance(r, Exception)))
                 counts: dict[str, int] = {}
                 with self._lock:
                     # pop what was flushed; writes dropped meanwhile (a full buffer) shifted the

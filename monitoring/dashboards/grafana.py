@@ -91,7 +91,8 @@ def _quantile(q: float, histogram: str, by: str = "") -> str:
     return f"histogram_quantile({q}, sum by ({labels}) (rate({histogram}_bucket[{RATE}])))"
 
 
-PIPELINE_REQUESTS = _rate("hm_mixer_requests_total", selector='{status!="unavailable"}')
+# requests that ran the pipeline: not the 503s (Redis down, or refused at the in-flight bound)
+PIPELINE_REQUESTS = _rate("hm_mixer_requests_total", selector='{status!~"unavailable|overloaded"}')
 
 
 def _share(status: str) -> str:
@@ -106,10 +107,13 @@ def oncall_rows() -> list[tuple[str, list[PanelSpec]]]:
         ("Requests", [
             PanelSpec("Request rate by status", (Query(_rate("hm_mixer_requests_total", "status"), "{{status}}"),),
                       "reqps", "Home-timeline requests per second: ok, degraded (a stage failed open), "
-                      "unavailable (503, e.g. Redis down)."),
-            PanelSpec("Unavailable and degraded share", (Query(_share("unavailable"), "unavailable (503)"),
-                                                          Query(_share("degraded"), "degraded")),
-                      "percentunit", "Share of requests answered 503, and served with a failed-open stage."),
+                      "unavailable (503, Redis down), overloaded (503, refused at the in-flight bound)."),
+            PanelSpec("Unavailable, overloaded and degraded share",
+                      (Query(_share("unavailable"), "unavailable (503)"),
+                       Query(_share("overloaded"), "overloaded (503)"),
+                       Query(_share("degraded"), "degraded")),
+                      "percentunit", "Share of requests answered 503 (Redis down; in-flight bound), and served "
+                      "with a failed-open stage."),
             PanelSpec("Request latency p50 / p99", (Query(_quantile(0.5, "hm_mixer_request_seconds"), "p50"),
                                                     Query(_quantile(0.99, "hm_mixer_request_seconds"), "p99")),
                       "s", "Whole request, from the mixer's histogram (alert: p99 > 100 ms).", red=0.1),

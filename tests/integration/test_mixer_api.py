@@ -188,7 +188,10 @@ def test_cold_start_user_gets_popular_posts(mixer_server):
     assert len(page["items"]) == 15
     assert {it["source"] for it in page["items"]} == {"popular"}
     assert not any(it["in_network"] for it in page["items"])
-    popular = {int(p) for p in client.zrevrange(keys.popular("7d"), 0, 399)}
+    from mixer.config import load_config
+
+    top = load_config().candidate_sources.popular.max_candidates
+    popular = {int(p) for p in client.zrevrange(keys.popular("7d"), 0, top - 1)}
     assert {it["post_id"] for it in page["items"]} <= popular
 
 
@@ -429,3 +432,70 @@ def test_a_burst_on_a_post_during_a_replay_raises_its_rank_within_a_second(mixer
         out, _ = processor.communicate(timeout=15)
         stream_client.close()
     assert "applied" in out and processor.returncode == 0, out
+
+
+def test_a_killed_worker_is_replaced_while_the_others_keep_serving(mixer_server, mixer_state, known_users,
+                                                                   redis_server):
+    """Two worker processes behind one port: SIGKILL one under requests; the other answers, uvicorn's
+    supervisor starts a replacement, and /metrics sums what every worker served."""
+    import signal
+
+    import psutil
+
+    from mixer.server import MixerServer
+
+    config = mixer_state.root / "mixer-workers.yaml"
+    config.write_text(yaml.safe_dump({
+        "redis_url": f"redis://127.0.0.1:{redis_server.port}/{DB}",
+        "models": {"tracking_uri": mixer_state.mlflow_tracking_uri, "reload_interval_s": 0},
+        "clock": {"now": AS_OF.isoformat().replace("+00:00", "Z")},
+    }))
+    srv = MixerServer(mixer_state, name="mixer-workers", config=config, workers=2).start(timeout_s=240)
+
+    def workers() -> list[psutil.Process]:
+        out = []
+        for p in psutil.Process(srv.pid).children():
+            try:  # a killed worker stays a zombie until the supervisor reaps it
+                if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline()):
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
+    def ask(n: int) -> list[int]:
+        codes = []
+        for i in range(n):  # a fresh connection each time: the kernel spreads them over the workers
+            try:
+                codes.append(httpx.post(f"{srv.url}/v1/home-timeline", headers=srv.auth_headers, timeout=30,
+                                        json={"user_id": known_users[i % len(known_users)], "limit": 5}).status_code)
+            except httpx.TransportError:
+                codes.append(0)
+        return codes
+
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        before = {p.pid for p in workers()}
+        assert len(before) == 2, before
+        assert ask(10) == [200] * 10
+        victim = sorted(before)[0]
+        os.kill(victim, signal.SIGKILL)
+        during = ask(20)
+        assert during.count(200) >= 18, during  # only a request caught on the dying worker may fail
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            now = {p.pid for p in workers()}
+            if len(now) == 2 and victim not in now:
+                break
+            time.sleep(0.5)
+        assert len(now) == 2 and victim not in now, now
+        deadline = time.monotonic() + 120  # the replacement loads its models before it accepts
+        while time.monotonic() < deadline and ask(1) != [200]:
+            time.sleep(0.5)
+        assert ask(10) == [200] * 10
+        served = sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{srv.url}/metrics").text.splitlines()
+                     if line.startswith("hm_mixer_requests_total{"))
+        assert served >= 30  # both workers' counts, dead or alive, summed from the shared folder
+    finally:
+        srv.stop()

@@ -116,9 +116,8 @@ def test_cached_components_answer_like_uncached_ones_then_fall_back_to_what_they
     assert frame[col].min() >= 1000  # post features from the cache
     user_col = list(layout.views["user_features"].features)[0]
     assert frame[user_col].isna().all()  # user features are per request: missing
-    with pytest.raises(Fallback) as f:  # a user never served: the cold-start context
+    with pytest.raises(redis.ConnectionError):  # a user never served: blocks unknown, no unsafe page
         ctx.hydrate(Query(user_id=2, page_size=5, now_s=AS_OF, request_id="r"))
-    assert not f.value.value.engaged_authors
     assert np.isfinite(frame[col]).all()
 
 
@@ -129,3 +128,22 @@ def test_versions_read_from_redis(redis_client):
     v = read_versions(redis_client)
     assert v.index == "2022-05-04T16:00:00+00:00|x" and v.features == "12.5"
     assert v.index_as_of == pd.Timestamp("2022-05-04T16:00:00Z").timestamp()
+
+
+def test_a_write_redis_refuses_is_dropped_and_counted_not_replayed(redis_client):
+    """A command error mid-batch (here WRONGTYPE) must not make the flush write the rest again."""
+    from mixer.side_effects.write_buffer import RedisWriteBuffer
+
+    client = redis_client
+    client.set("not_a_zset", "x")
+    health = RedisHealth()
+    health.observe(redis.ConnectionError("down"))  # Redis "down": writes queue in the buffer
+    buf = RedisWriteBuffer(client, health, max_writes=100, flush_batch=10)
+    buf.write("impression_log", lambda pipe: pipe.xadd("imp", {"n": 1}))
+    buf.write("served_posts", lambda pipe: pipe.zadd("not_a_zset", {"p": 1.0}))
+    buf.write("impression_log", lambda pipe: pipe.xadd("imp", {"n": 2}))
+    health.mark_up()
+    assert buf.flush() == 3
+    assert buf.flush() == 0 and not buf.pending()  # nothing left to replay
+    assert [e[1][b"n"] for e in client.xrange("imp")] == [b"1", b"2"]  # each written once
+    assert buf.stats()["dropped"] == {"served_posts": 1}

@@ -93,10 +93,14 @@ class FakePipeline:
     def __init__(self, client):
         self.client, self.ops = client, []
 
+    @property
+    def command_stack(self):
+        return self.ops
+
     def __getattr__(self, name):
         return lambda *args, **kwargs: self.ops.append((name, args))
 
-    def execute(self):
+    def execute(self, raise_on_error=True):
         if self.client.down:
             raise redis.ConnectionError("Connection refused")
         self.client.written.extend(self.ops)

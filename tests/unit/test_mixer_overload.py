@@ -131,3 +131,32 @@ def test_heavy_ranker_top_k_scales_with_the_quality_factor():
     half = TopKSelector(10).select(Query(1, 10, 0.0, "r", quality_factor=0.5), cands, frame)
     assert [c.post_id for c in full.candidates] == list(range(19, 9, -1))
     assert [c.post_id for c in half.candidates] == [19, 18, 17, 16, 15]
+
+
+def test_requests_without_a_valid_token_take_no_slot():
+    """Unauthenticated requests pass uncounted (the route refuses them), so they cannot fill the bound."""
+    async def scenario():
+        release = asyncio.Event()
+        app = FastAPI()
+        app.add_middleware(InFlightLimitMiddleware, settings=OverloadSettings(max_in_flight=1), paths=("/slow",),
+                           admit=lambda scope: dict(scope["headers"]).get(b"authorization") == b"Bearer good")
+
+        @app.get("/slow")
+        async def slow():
+            await release.wait()
+            return {"ok": True}
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            squatters = [asyncio.create_task(client.get("/slow", headers={"authorization": "Bearer bad"}))
+                         for _ in range(5)]
+            await asyncio.sleep(0.05)
+            caller = asyncio.create_task(client.get("/slow", headers={"authorization": "Bearer good"}))
+            await asyncio.sleep(0.05)
+            second = await asyncio.wait_for(client.get("/slow", headers={"authorization": "Bearer good"}), 1.0)
+            release.set()
+            return await caller, second, await asyncio.gather(*squatters)
+
+    caller, second, squatters = asyncio.run(scenario())
+    assert caller.status_code == 200  # admitted although 5 unauthenticated requests were in flight
+    assert second.status_code == 503  # the one slot was the caller's
+    assert all(r.status_code == 200 for r in squatters)  # this stub route does not check tokens
