@@ -69,7 +69,7 @@ class FeatureGateConfig(BaseModel):
             still passes (0.05 = 5 points; the drift job's null-share check uses the same default).
         min_row_ratio / max_row_ratio: a table's row count over the last good run's must lie in
             this range (a rebuild over a longer log grows; a shrinking table lost input).
-        scale_ratio: factor by which the median, the 95th percentile and the maximum may move
+        scale_ratio: factor by which the median may move either way and the maximum may grow
             (10: a unit change of x 1000 fails, a longer log's drift in rates and counts passes).
     """
 

@@ -13,7 +13,10 @@ import pytest
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
-from core.services import RedisServer  # noqa: E402
+from core.services import RedisServer  # noqa: E402  (core pops a stray PROMETHEUS_MULTIPROC_DIR)
+# prometheus_client picks file-backed values at import when that variable is set, and feast sets it
+# on import: import prometheus_client before any test imports feast, so metrics stay in memory here
+import prometheus_client  # noqa: E402, F401
 from core.state import DEFAULT_DATA_DIR, StateDir  # noqa: E402
 
 DATA_DIR = Path(os.environ.get("HOME_MIXER_DATA", DEFAULT_DATA_DIR))
