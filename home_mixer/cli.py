@@ -815,7 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: one per core)")
     mx.set_defaults(func=cmd_serve_mixer)
 
-    mo = sub.add_parser("monitor", help="drift monitoring and Prometheus (start|stop|status)")
+    mo = sub.add_parser("monitor", help="drift job and dashboards; Prometheus (start|stop|status)")
     mosub = mo.add_subparsers(dest="action", required=True)
     dr = mosub.add_parser("drift", help="a window against the champion's training reference (Evidently); "
                                         "exit 3 when the share of drifted features passes the gate")
