@@ -361,15 +361,12 @@ def cmd_materialize(args) -> int:
 
 def cmd_validate_features(args) -> int:
     """``home-mixer features validate``: the gate of ``materialize`` alone; exit 3 when it fails."""
-    import pandas as pd
-
     from home_mixer import jobs
-    from monitoring.feature_validation import FeatureValidationError, validate_feature_tables
+    from monitoring.feature_validation import FeatureValidationError
 
     state = _state(args)
     try:
-        gate = validate_feature_tables(state.tables, state.reports, config=_gate_config(args.gate_config),
-                                       record=False, until=pd.Timestamp(jobs.log_end(state)))
+        gate = jobs.validate_features(state, _gate_config(args.gate_config))
     except FeatureValidationError as exc:
         print(exc, file=sys.stderr)
         return 3
@@ -435,11 +432,11 @@ def cmd_monitor_drift(args) -> int:
 
 def cmd_monitor_dashboard(args) -> int:
     """``home-mixer monitor dashboard``: the static drift page of every run in <state>/reports/drift."""
-    from home_mixer.drift_job import REPORT_DIR
+    from monitoring.drift import RUNS_DIR
     from monitoring.dashboards.drift_page import write_drift_dashboard
 
     try:
-        page = write_drift_dashboard(_state(args).reports / REPORT_DIR, Path(args.out) if args.out else None)
+        page = write_drift_dashboard(_state(args).reports / RUNS_DIR, Path(args.out) if args.out else None)
     except NotADirectoryError as e:
         raise UsageError(str(e)) from None
     print(f"drift dashboard: {page}\nopen: {page.resolve().as_uri()}")

@@ -25,10 +25,11 @@ import pandas as pd
 from core.schema import CHAMPION_ALIAS, HEADS, HEAVY_RANKER_NAME, VALIDATION_DAYS
 from core.state import StateDir
 from monitoring.dashboards.drift_page import write_drift_dashboard
-from monitoring.drift import DEFAULT_MAX_DRIFT_SHARE, DriftSummary, compute_drift, write_summary
+from monitoring.drift import (
+    DEFAULT_MAX_DRIFT_SHARE, RUN_TIME_FORMAT, RUNS_DIR, SUMMARY_FILE, DriftSummary, compute_drift, write_summary,
+)
 from monitoring.reference import build_reference, load_reference, log_reference, score_column
 
-REPORT_DIR = "drift"
 
 
 def parse_dates(spec: str) -> tuple[int, int]:
@@ -206,12 +207,12 @@ def run_drift(state: StateDir, window: str | None = None, against: str = CHAMPIO
         reference = scored_window(training_rows(lo, hi), uri)
         reference_info = {"source": f"training set dates {lo}..{hi}"}
 
-    runs = state.reports / REPORT_DIR
-    folder = Path(out_dir) if out_dir else runs / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    runs = state.reports / RUNS_DIR
+    folder = Path(out_dir) if out_dir else runs / time.strftime(RUN_TIME_FORMAT, time.gmtime())
     html = folder / "report.html"
     summary = compute_drift(reference, current, method=method, max_drift_share=max_drift_share, heads=HEADS,
                             html_path=html, reference_info=reference_info, current_info=current_info)
-    written = write_summary(summary, folder / "summary.json")
+    written = write_summary(summary, folder / SUMMARY_FILE)
     # the dashboard over all runs is redrawn after each one, so it is never stale
     dashboard = write_drift_dashboard(runs) if out_dir is None else None
     return DriftRun(summary=summary, html=html, json=written, dashboard=dashboard)

@@ -79,6 +79,24 @@ def build_features(spark, state: StateDir, priors=None) -> dict[str, int]:
     return build_offline_features(spark, state, priors=priors)
 
 
+def validate_features(state: StateDir, gate_config=None):
+    """The feature-table gate of ``materialize`` on the state's tables, up to ``log_end`` (the
+    baseline is not moved: ``materialize`` records it after a successful load).
+
+    Returns:
+        ``monitoring.feature_validation.GateResult``.
+
+    Raises:
+        monitoring.feature_validation.FeatureValidationError: a table failed the gate.
+    """
+    import pandas as pd
+
+    from monitoring.feature_validation import validate_feature_tables
+
+    return validate_feature_tables(state.tables, state.reports, config=gate_config, record=False,
+                                   until=pd.Timestamp(log_end(state)))
+
+
 def materialize(store, state: StateDir, *, validate: bool = True, gate_config=None) -> tuple[datetime, datetime]:
     """Fill the Redis online store with the latest feature values, from the features' base rows
     (``pipelines.features.common.BASE_ROW_TS`` or the first impression if earlier) to ``log_end``.
@@ -95,15 +113,12 @@ def materialize(store, state: StateDir, *, validate: bool = True, gate_config=No
         monitoring.feature_validation.FeatureValidationError: a table failed the gate (the message
             names table, column and expectation; report and Data Docs under ``state.reports``).
     """
-    import pandas as pd
-
-    from monitoring.feature_validation import save_profiles, validate_feature_tables
+    from monitoring.feature_validation import save_profiles
     from pipelines.features.common import BASE_ROW_TS
 
     start = min(BASE_ROW_TS.to_pydatetime(), log_span(state)[0])
     end = log_end(state)
-    gate = (validate_feature_tables(state.tables, state.reports, config=gate_config, record=False,
-                                    until=pd.Timestamp(end)) if validate else None)
+    gate = validate_features(state, gate_config) if validate else None
     fs.materialize(store, start, end)
     state.record_materialization(end)
     if gate is not None:

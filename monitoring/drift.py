@@ -38,6 +38,11 @@ DEFAULT_NULL_SHARE_TOLERANCE = 0.05
 # Evidently's cost grows with it
 DEFAULT_MAX_ROWS = 20_000
 NO_CURRENT_LABELS = "no labelled rows in the current window"
+# A drift run's folder: <state reports>/RUNS_DIR/<UTC time in RUN_TIME_FORMAT>/SUMMARY_FILE (+ report.html);
+# written by home_mixer.drift_job, read by the exporter and the drift dashboard.
+RUNS_DIR = "drift"
+RUN_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
+SUMMARY_FILE = "summary.json"
 
 
 @dataclass(frozen=True)

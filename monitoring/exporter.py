@@ -28,17 +28,15 @@ from typing import ClassVar
 
 from core.services import ManagedProcess, http_ok
 from core.state import PROJECT_ROOT, StateDir
-
-DRIFT_REPORTS = "drift"
-
+from monitoring.drift import RUNS_DIR, SUMMARY_FILE
 
 def latest_summary(state: StateDir) -> tuple[dict, Path] | None:
     """The newest drift summary of the state folder and its path, or None when there is none."""
-    root = state.reports / DRIFT_REPORTS
+    root = state.reports / RUNS_DIR
     if not root.exists():
         return None
     for folder in sorted((p for p in root.iterdir() if p.is_dir()), reverse=True):
-        path = folder / "summary.json"
+        path = folder / SUMMARY_FILE
         try:
             return json.loads(path.read_text()), path
         except (FileNotFoundError, ValueError):

@@ -9,8 +9,8 @@ from typing import Callable
 import redis
 
 from core import online_layout as keys
-from mixer.components import Fallback, SideEffect, TimelineResult
-from mixer.side_effects.write_buffer import RedisWriteBuffer
+from mixer.components import SideEffect, TimelineResult
+from mixer.side_effects.write_buffer import RedisWriteBuffer, submit
 
 
 class ImpressionLogSideEffect(SideEffect):
@@ -67,10 +67,4 @@ class ImpressionLogSideEffect(SideEffect):
             for fields in entries:
                 pipe.xadd(stream, fields, maxlen=maxlen, approximate=True)
 
-        if self.buffer is not None:
-            if self.buffer.write(self.name, ops) == "buffered":
-                raise Fallback(None, "Redis unavailable: impressions buffered")
-            return
-        pipe = self.client.pipeline(transaction=False)
-        ops(pipe)
-        pipe.execute()
+        submit(self.client, self.buffer, self.name, ops, "impressions")

@@ -8,8 +8,8 @@ from typing import Callable
 import redis
 
 from core import online_layout as keys
-from mixer.components import Fallback, SideEffect, TimelineResult
-from mixer.side_effects.write_buffer import RedisWriteBuffer
+from mixer.components import SideEffect, TimelineResult
+from mixer.side_effects.write_buffer import RedisWriteBuffer, submit
 
 
 class ServedPostsSideEffect(SideEffect):
@@ -53,10 +53,4 @@ class ServedPostsSideEffect(SideEffect):
             pipe.zremrangebyrank(key, 0, -(keep + 1))
             pipe.expire(key, ttl_s)
 
-        if self.buffer is not None:
-            if self.buffer.write(self.name, ops) == "buffered":
-                raise Fallback(None, "Redis unavailable: served posts buffered")
-            return
-        pipe = self.client.pipeline(transaction=False)
-        ops(pipe)
-        pipe.execute()
+        submit(self.client, self.buffer, self.name, ops, "served posts")

@@ -23,6 +23,7 @@ from typing import Callable, Literal
 import redis
 from redis.client import Pipeline
 
+from mixer.components import Fallback
 from mixer.redis_health import RedisHealth
 
 log = logging.getLogger(__name__)
@@ -166,4 +167,21 @@ class RedisWriteBuffer:
                 "flushed": dict(self.flushed)}
 
 
-__all__ = ["RedisWriteBuffer", "WriteOps"]
+def submit(client: redis.Redis, buffer: RedisWriteBuffer | None, name: str, ops: WriteOps, what: str) -> None:
+    """A side effect's writes: through ``buffer`` when the mixer has one, else straight to Redis.
+
+    Raises:
+        mixer.components.Fallback: Redis was unreachable and the writes were buffered (the side
+            effect is reported degraded; ``what`` names them in the reason).
+        redis.RedisError: without a buffer, any Redis error; with one, a bad command.
+    """
+    if buffer is not None:
+        if buffer.write(name, ops) == "buffered":
+            raise Fallback(None, f"Redis unavailable: {what} buffered")
+        return
+    pipe = client.pipeline(transaction=False)
+    ops(pipe)
+    pipe.execute()
+
+
+__all__ = ["RedisWriteBuffer", "WriteOps", "submit"]

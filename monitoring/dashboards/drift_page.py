@@ -27,13 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from monitoring.drift import ColumnDrift, DriftSummary
+from monitoring.drift import RUN_TIME_FORMAT, SUMMARY_FILE, ColumnDrift, DriftSummary
 
-SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.html"
 INDEX_FILE = "index.html"
-# drift_job's run folder names (UTC), which order the runs
-RUN_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
 TOP_FEATURES = 15
 TOP_NULL_CHANGES = 20
 PASS_COLOR, FAIL_COLOR, REFERENCE_COLOR, CURRENT_COLOR = "#2a9d54", "#d62728", "#7f7f7f", "#1f77b4"
