@@ -1,17 +1,28 @@
 """The mixer under load: throughput and latency at rising concurrency, driven by Debian's ``wrk``.
 
 Needs a state folder the demo filled (``make demo``). Starts Redis (if not running) and a mixer with
-``--workers`` processes from that state, then for each concurrency (1, 2, 4, 8, 16 connections by
-default) runs ``wrk`` for ``--duration`` seconds with a Lua script that posts home-timeline requests
-for real user ids of the log (round robin from a random start per connection), and the same
-concurrency against ``GET /healthz`` (the floor: HTTP and the server loop, no ranking). Prints per
-concurrency: requests/s, p50/p95/p99 (ms, every answer), non-2xx answers (503 = refused at the
-in-flight bound), the admitted requests' p99 from the mixer's own ``hm_mixer_request_seconds``
-histogram (server side, interpolated), the quality factor the responses reported last, and the
-mixer's memory per worker (RSS, MB). The load generator runs on the same machine, as the target
-says ("on 2 cores, load generator included").
+``--workers`` processes from that state, then:
+
+- **Closed loop** (``--concurrency``, 1 2 4 8 16 connections by default): for each level, ``wrk``
+  runs ``--duration`` seconds with a Lua script that posts home-timeline requests for real user
+  ids of the log (round robin from a random start per connection), and the same concurrency
+  against ``GET /healthz`` (the floor: HTTP and the server loop, no ranking). Prints requests/s,
+  p50/p95/p99 (ms, every answer), non-2xx answers (503 = refused at the in-flight bound), the
+  admitted requests' p99 from the mixer's own ``hm_mixer_request_seconds`` histogram (server
+  side, interpolated), the quality factor the responses reported last, and each worker's memory
+  (RSS, MB). A closed loop sends the next request the moment an answer arrives, so past the
+  in-flight bound each instant 503 becomes another request at once: a retry storm no caller that
+  honours ``Retry-After`` makes.
+- **Open loop** (``--rate``, offered requests/s): every connection sends on its own Poisson
+  schedule whatever the answers take, and a refusal is not retried, the way the feed service's
+  traffic arrives. Prints the rate sent, admitted (2xx) and refused per second, and the admitted
+  requests' p50/p95/p99/max measured client side. "2x the sustainable load" is an open-loop level.
+
+The load generator runs on the same machine, as the target says ("on 2 cores, load generator
+included").
 
     .venv/bin/python bench/load.py [--state .state] [--workers 2] [--duration 15] [--concurrency 1 2 4 8 16]
+                                   [--rate 20 40 80]
 """
 
 from __future__ import annotations
@@ -65,13 +76,100 @@ end
 """
 
 
-def run_wrk(url: str, script: Path, connections: int, duration_s: int) -> dict:
-    """One wrk run (1 thread: the generator must leave the cores to the mixer); its RESULT line.
+# Open loop (``--rate``): every connection sends on its own Poisson schedule whatever the answers
+# take, so refusals are not retried at once (a closed loop turns each 503 into another request at
+# once: a retry storm the real feed service would not make) and the offered rate stays fixed. wrk
+# runs one thread (one Lua state) per connection here, so the schedule and the send time are per
+# connection. The
+# clock is LuaJIT's FFI gettimeofday (wrk's Lua has no millisecond clock). Admitted latency
+# (2xx answers only) is timed here, send to last byte, in 1 ms buckets.
+OPEN_LUA = r"""
+local ffi = require("ffi")
+ffi.cdef[[ typedef struct { long tv_sec; long tv_usec; } hm_timeval; int gettimeofday(hm_timeval *tv, void *tz); ]]
+local tv = ffi.new("hm_timeval")
+local function now_ms() ffi.C.gettimeofday(tv, nil); return tonumber(tv.tv_sec) * 1000 + tonumber(tv.tv_usec) / 1000 end
+local users = {}
+for line in io.lines("%(users)s") do users[#users + 1] = line end
+local threads = {}
+local interval_ms = %(interval_ms)f  -- mean gap between one connection's sends
+function setup(thread) table.insert(threads, thread); thread:set("id", #threads) end
+function init(args)
+  -- each thread's Lua state starts with the same seed: unseeded, all connections would send in step
+  math.randomseed(id * 7919 + math.floor(now_ms()))
+  idx = math.random(#users); non2xx = 0; refused = 0; qf = -1; late = 0; sent_n = 0
+  hist = {}; for i = 0, 5000 do hist[i] = 0 end
+  next_ms = now_ms() + math.random() * interval_ms; sent_at = 0
+end
+function delay()
+  local gap = -math.log(1 - math.random()) * interval_ms
+  next_ms = next_ms + gap
+  local d = next_ms - now_ms()
+  if d < 0 then late = late + 1; next_ms = now_ms(); return 0 end
+  return d
+end
+function request()
+  idx = idx %% #users + 1
+  sent_at = now_ms(); sent_n = sent_n + 1
+  return wrk.format("POST", "%(path)s", {["Content-Type"] = "application/json"%(auth)s},
+                    '{"user_id": ' .. users[idx] .. ', "limit": 20}')
+end
+function response(status, headers, body)
+  if status < 200 or status > 299 then
+    non2xx = non2xx + 1
+    if status == 503 then refused = refused + 1 end
+    return
+  end
+  local ms = math.min(5000, math.floor(now_ms() - sent_at))
+  hist[ms] = hist[ms] + 1
+  local q = string.match(body, '"quality_factor":%%s*([%%d%%.]+)')
+  if q then qf = tonumber(q) end
+end
+function done(summary, latency, requests)
+  local n, r, q, l, s = 0, 0, -1, 0, 0
+  local h = {}; for i = 0, 5000 do h[i] = 0 end
+  for _, t in ipairs(threads) do
+    n = n + t:get("non2xx"); r = r + t:get("refused"); q = math.max(q, t:get("qf")); l = l + t:get("late")
+    s = s + t:get("sent_n")
+    local th = t:get("hist"); for i = 0, 5000 do h[i] = h[i] + (th[i] or 0) end
+  end
+  local parts = {}
+  for i = 0, 5000 do if h[i] > 0 then parts[#parts + 1] = string.format('"%%d": %%d', i, h[i]) end end
+  local e = summary.errors
+  io.write(string.format('RESULT {"requests": %%d, "sent": %%d, "duration_us": %%d, "non2xx": %%d, "refused": %%d, ' ..
+    '"socket_errors": %%d, "timeouts": %%d, "qf": %%f, "late": %%d, "admitted_ms": {%%s}}\n',
+    summary.requests, s, summary.duration, n, r, e.connect + e.read + e.write, e.timeout, q, l,
+    table.concat(parts, ", ")))
+end
+"""
+
+
+def open_lua(users_file: Path, path: str, token: str | None, rate: float, connections: int) -> str:
+    """The open-loop script: ``connections`` connections, each on a Poisson schedule of mean rate
+    ``rate / connections`` requests/s."""
+    auth = f', ["Authorization"] = "Bearer {token}"' if token else ""
+    return OPEN_LUA % {"users": users_file, "path": path, "auth": auth,
+                       "interval_ms": 1000.0 * connections / rate}
+
+
+def histogram_quantiles(counts_by_ms: dict[str, int], qs: tuple[float, ...]) -> list[float]:
+    """Quantiles (ms) of a ``{"<ms>": count}`` histogram of 1 ms buckets (upper edge); NaN if empty."""
+    if not counts_by_ms:
+        return [float("nan")] * len(qs)
+    ms = np.array(sorted(int(k) for k in counts_by_ms))
+    n = np.array([counts_by_ms[str(k)] for k in ms])
+    cum = np.cumsum(n)
+    return [float(ms[np.searchsorted(cum, q * cum[-1])] + 1) for q in qs]
+
+
+def run_wrk(url: str, script: Path, connections: int, duration_s: int, threads: int = 1) -> dict:
+    """One wrk run; its RESULT line. Closed loop: 1 thread (the generator must leave the cores to
+    the mixer). Open loop: a thread per connection, because wrk's Lua state is per thread and the
+    open-loop script keeps a schedule and a send time per connection (the threads sleep in epoll).
 
     Raises:
         RuntimeError: wrk printed no result (its output is in the message).
     """
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "5s",
+    out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--timeout", "5s",
                           "-s", str(script), url], capture_output=True, text=True, check=False)
     m = re.search(r"^RESULT (\{.*\})$", out.stdout, re.M)
     if not m:
@@ -132,9 +230,13 @@ def main() -> None:
     ap.add_argument("--state", default=None)
     ap.add_argument("--workers", type=int, default=None, help="mixer worker processes (default: one per core)")
     ap.add_argument("--duration", type=int, default=15, help="seconds per concurrency level")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 2, 4, 8, 16])
     ap.add_argument("--config", default=None, help="mixer YAML merged over the embedded one")
     ap.add_argument("--users", type=int, default=2000, help="distinct real users to cycle through")
+    ap.add_argument("--rate", type=float, nargs="*", default=[],
+                    help="open-loop levels too: offered requests/s (e.g. 20 40 80; 2x load = twice the sustained rate)")
+    ap.add_argument("--open-connections", type=int, default=64,
+                    help="connections of an open-loop level (enough that none waits on its last answer)")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: run `make setup` (scripts/setup.sh installs Debian's wrk)")
@@ -179,6 +281,23 @@ def main() -> None:
                       f"{r['p99_us'] / 1e3:6.1f} {r['non2xx'] + r['socket_errors']:>7} {r['refused']:>6} "
                       f"{quantile_from_buckets(h0, h1, 0.99):12.1f} {qf:>5} | {f['rps']:9.0f} "
                       f"{f['p50_us'] / 1e3:5.1f} {f['p99_us'] / 1e3:5.1f} | "
+                      f"{' '.join(f'{m:.0f}' for m in mem)} (sum {np.sum(mem):.0f})")
+            if args.rate:
+                print(f"\nopen loop: Poisson arrivals over {args.open_connections} connections, refusals not retried; "
+                      f"latency of admitted (2xx) answers, client side, ms")
+                print(f"{'offered':>7} {'sent/s':>7} {'2xx/s':>6} {'503/s':>6} {'p50':>6} {'p95':>6} {'p99':>6} "
+                      f"{'max':>6} {'qf':>5} {'late':>5} | worker RSS MB")
+            for rate in args.rate:
+                script = Path(tmp) / f"open_{rate:g}.lua"
+                script.write_text(open_lua(users_file, "/v1/home-timeline", token, rate, args.open_connections))
+                r = run_wrk(base, script, args.open_connections, args.duration, threads=args.open_connections)
+                secs = r["duration_us"] / 1e6
+                ok = sum(r["admitted_ms"].values())
+                p50, p95, p99, pmax = histogram_quantiles(r["admitted_ms"], (0.5, 0.95, 0.99, 1.0))
+                mem = worker_memory_mb(mixer.pid)
+                qf = f"{r['qf']:.2f}" if r["qf"] >= 0 else "-"
+                print(f"{rate:7.0f} {r['sent'] / secs:7.1f} {ok / secs:6.1f} {r['refused'] / secs:6.1f} {p50:6.0f} "
+                      f"{p95:6.0f} {p99:6.0f} {pmax:6.0f} {qf:>5} {r['late']:>5} | "
                       f"{' '.join(f'{m:.0f}' for m in mem)} (sum {np.sum(mem):.0f})")
     finally:
         if mixer is not None:

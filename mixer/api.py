@@ -404,11 +404,19 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
                               "rankers, weighted-sum blender, author diversity, cursor paging.")
     app.state.metrics = metrics
     app.openapi = _exact_integer_bounds(app.openapi, TimelineRequest)
+    def observe_latency(latency_ms: float) -> None:
+        """The quality factor sees what the caller saw: queue wait plus pipeline (mixer.admission)."""
+        before = quality.factor
+        if quality.observe(latency_ms) != before:
+            metrics.quality_factor.set(quality.factor)
+
     # refuse past the in-flight bound before a thread is taken (mixer.admission)
     # only authenticated requests take a slot: others cannot crowd out callers (the route refuses them)
     app.add_middleware(InFlightLimitMiddleware, settings=config.overload, paths=(TIMELINE_PATH,),
                        on_reject=lambda: metrics.requests.labels(status="overloaded").inc(),
-                       admit=None if verifier is None else (lambda scope: verifier.accepts(scope_token(scope))))
+                       admit=None if verifier is None else (lambda scope: verifier.accepts(scope_token(scope))),
+                       on_complete=observe_latency,
+                       on_start=lambda waited_ms: metrics.queue_wait_seconds.observe(waited_ms / 1000.0))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError):
@@ -453,9 +461,6 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
             return JSONResponse(status_code=503, content={
                 "message": f"Redis is unreachable and this mixer has nothing cached to serve yet "
                            f"(degraded: {', '.join(result.degraded)})"})
-        new_factor = quality.observe(result.timings_ms.get("total", 0.0))
-        if new_factor != factor:
-            metrics.quality_factor.set(new_factor)
         return _response(result)
 
     @app.get("/metrics", response_class=PlainTextResponse,

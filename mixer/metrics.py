@@ -1,9 +1,11 @@
 """Prometheus metrics of one mixer instance, in its own registry (no process-global state).
 
-Names (all prefixed ``hm_mixer_``): ``request_seconds`` (histogram), ``stage_seconds{stage}``
-(histogram per pipeline stage), ``candidates_total{source}`` (counter), ``source_calls_total{source}``
-(every call, failed or not), ``source_failures_total{source,reason}`` (timeout/error),
-``filtered_total{filter}``, ``arm_requests_total{arm}``, ``served_items_total``,
+Names (all prefixed ``hm_mixer_``): ``request_seconds`` (histogram, the pipeline),
+``queue_wait_seconds`` (histogram: admitted requests waiting for an execution slot before the
+pipeline), ``stage_seconds{stage}`` (histogram per pipeline stage), ``candidates_total{source}``
+(counter), ``source_calls_total{source}`` (every call, failed or not),
+``source_failures_total{source,reason}`` (timeout/error), ``filtered_total{filter}``,
+``arm_requests_total{arm}``, ``served_items_total``,
 ``side_effect_failures_total{side_effect}``, ``model_version_info{model,version}`` (gauge = 1 for the
 version in use), ``requests_total{status}``, ``scoring_total{model,path}``,
 ``scoring_fallbacks_total{model,backend,reason}``, ``circuit_state{backend,model}`` (0 closed,
@@ -44,6 +46,11 @@ class MixerMetrics:
         r = self.registry
         self.request_seconds = prom.Histogram("hm_mixer_request_seconds", "Home-timeline request latency",
                                               buckets=LATENCY_BUCKETS, registry=r)
+        # mixer.admission: admitted requests wait here for an execution slot (request_seconds
+        # starts after it); the caller sees both
+        self.queue_wait_seconds = prom.Histogram("hm_mixer_queue_wait_seconds", "Wait of an admitted "
+                                                 "home-timeline request for an execution slot",
+                                                 buckets=LATENCY_BUCKETS, registry=r)
         self.stage_seconds = prom.Histogram("hm_mixer_stage_seconds", "Latency per pipeline stage",
                                             ["stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.candidates = prom.Counter("hm_mixer_candidates_total", "Candidates returned per source",

@@ -4,7 +4,8 @@ Twitter's product-mixer sheds load with a quality factor in (0, 1] per component
 (``LinearLatencyQualityFactor``, product-mixer ``core/quality_factor``): each observed latency
 above the target lowers the factor by a fixed step, each one below raises it, within
 ``[min_factor, 1]``. Here the observation is the p95 of the last ``window`` requests of this
-worker process, taken every ``update_every`` requests, and the factor scales the request's work:
+worker process (from arrival to answer, queue wait included: ``mixer.admission`` times them),
+taken every ``update_every`` requests, and the factor scales the request's work:
 ``heavy_ranker_top_k`` and every candidate source's limit (``scaled``). A falling p95 restores
 them step by step, so the mixer never oscillates between all and nothing.
 """

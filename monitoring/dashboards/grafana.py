@@ -117,6 +117,13 @@ def oncall_rows() -> list[tuple[str, list[PanelSpec]]]:
             PanelSpec("Request latency p50 / p99", (Query(_quantile(0.5, "hm_mixer_request_seconds"), "p50"),
                                                     Query(_quantile(0.99, "hm_mixer_request_seconds"), "p99")),
                       "s", "Whole request, from the mixer's histogram (alert: p99 > 100 ms).", red=0.1),
+            PanelSpec("Queue wait p50 / p99 and quality factor",
+                      (Query(_quantile(0.5, "hm_mixer_queue_wait_seconds"), "wait p50"),
+                       Query(_quantile(0.99, "hm_mixer_queue_wait_seconds"), "wait p99"),
+                       Query("min(hm_mixer_quality_factor)", "lowest quality factor")),
+                      "s", "Admitted requests' wait for an execution slot before the pipeline (mixer.admission; "
+                      "the caller sees it plus the request latency), and the lowest worker's quality factor "
+                      "(1 = full work; below 1 the mixer sheds candidates under latency)."),
             PanelSpec("Side-effect failures", (Query(_rate("hm_mixer_side_effect_failures_total", "side_effect"),
                                                      "{{side_effect}}"),),
                       "ops", "Impression log, served posts, feature log, drift sample: failures per second "

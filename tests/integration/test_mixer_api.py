@@ -25,6 +25,7 @@ from core.services import free_port, stop_pid
 from core.state import PROJECT_ROOT, StateDir
 from core import online_layout as keys
 from mixer.auth import auth_headers
+from tests.integration._traffic import PacedLoad
 
 pytestmark = pytest.mark.integration
 
@@ -436,8 +437,10 @@ def test_a_burst_on_a_post_during_a_replay_raises_its_rank_within_a_second(mixer
 
 def test_a_killed_worker_is_replaced_while_the_others_keep_serving(mixer_server, mixer_state, known_users,
                                                                    redis_server):
-    """Two worker processes behind one port: SIGKILL one under requests; the other answers, uvicorn's
-    supervisor starts a replacement, and /metrics sums what every worker served."""
+    """Two worker processes behind one port: SIGKILL one under steady load (20 requests/s from 4
+    keep-alive clients); the other answers, uvicorn's supervisor starts a replacement, and /metrics
+    sums what every worker served. Only requests caught on the dying worker may fail: at most one
+    per client connection, none after the clients reconnected."""
     import signal
 
     import psutil
@@ -449,6 +452,7 @@ def test_a_killed_worker_is_replaced_while_the_others_keep_serving(mixer_server,
         "redis_url": f"redis://127.0.0.1:{redis_server.port}/{DB}",
         "models": {"tracking_uri": mixer_state.mlflow_tracking_uri, "reload_interval_s": 0},
         "clock": {"now": AS_OF.isoformat().replace("+00:00", "Z")},
+        "overload": {"max_in_flight": 8},  # the bound is tested elsewhere: no refusal for load here
     }))
     srv = MixerServer(mixer_state, name="mixer-workers", config=config, workers=2).start(timeout_s=240)
 
@@ -480,20 +484,33 @@ def test_a_killed_worker_is_replaced_while_the_others_keep_serving(mixer_server,
         assert len(before) == 2, before
         assert ask(10) == [200] * 10
         victim = sorted(before)[0]
-        os.kill(victim, signal.SIGKILL)
-        during = ask(20)
-        assert during.count(200) >= 18, during  # only a request caught on the dying worker may fail
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            now = {p.pid for p in workers()}
-            if len(now) == 2 and victim not in now:
-                break
-            time.sleep(0.5)
-        assert len(now) == 2 and victim not in now, now
-        deadline = time.monotonic() + 120  # the replacement loads its models before it accepts
-        while time.monotonic() < deadline and ask(1) != [200]:
-            time.sleep(0.5)
-        assert ask(10) == [200] * 10
+        with PacedLoad(srv.url, known_users, rate_hz=20, threads=4, headers=srv.auth_headers) as load:
+            time.sleep(2.0)
+            t_kill = time.time()
+            os.kill(victim, signal.SIGKILL)
+            during = ask(20)
+            assert during.count(200) >= 18, during  # only a request caught on the dying worker may fail
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                now = {p.pid for p in workers()}
+                if len(now) == 2 and victim not in now:
+                    break
+                time.sleep(0.5)
+            t_replaced = time.time()
+            assert len(now) == 2 and victim not in now, now
+            deadline = time.monotonic() + 120  # the replacement loads its models before it accepts
+            while time.monotonic() < deadline and ask(1) != [200]:
+                time.sleep(0.5)
+            assert ask(10) == [200] * 10
+        failed = [r for r in load.records if r[2] != 200]
+        after_kill = [r for r in load.records if r[4] >= t_kill]
+        failures = [(round(r[4] - t_kill, 2), r[2]) for r in failed]  # (sent, s after the kill; status)
+        print(f"\nworker kill under load: {len(load.records)} requests at {load.achieved_hz:.1f}/s; "
+              f"{len(after_kill)} sent after the kill, {len(failed)} failed {failures}; "
+              f"replacement seen {t_replaced - t_kill:.1f} s after the kill")
+        assert len(failed) <= 4, failed  # at most the one request of each client on the dead worker
+        assert all(r[4] < t_kill + 1.0 for r in failed), failed  # the clients reconnected at once
+        assert sum(1 for r in after_kill if r[0] < t_replaced and r[2] == 200) >= 10  # the other kept serving
         served = sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{srv.url}/metrics").text.splitlines()
                      if line.startswith("hm_mixer_requests_total{"))
         assert served >= 30  # both workers' counts, dead or alive, summed from the shared folder

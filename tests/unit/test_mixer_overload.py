@@ -36,7 +36,7 @@ def test_requests_past_the_bound_are_refused_at_once_with_retry_after():
         app = _app(3, release, rejected)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
             held = [asyncio.create_task(client.get("/slow")) for _ in range(3)]
-            await asyncio.sleep(0.05)  # the three are inside the route now
+            await asyncio.sleep(0.05)  # the three are admitted (one runs, two wait their turn)
             refused = await asyncio.wait_for(client.get("/slow"), timeout=1.0)  # answered without waiting
             health = await client.get("/healthz")  # other paths are not counted
             release.set()
@@ -160,3 +160,90 @@ def test_requests_without_a_valid_token_take_no_slot():
     assert caller.status_code == 200  # admitted although 5 unauthenticated requests were in flight
     assert second.status_code == 503  # the one slot was the caller's
     assert all(r.status_code == 200 for r in squatters)  # this stub route does not check tokens
+
+
+def test_admitted_requests_run_one_at_a_time_in_arrival_order_and_their_wait_is_timed():
+    """max_concurrent=1: the second and third admitted requests wait (FIFO) until the one ahead is
+    answered; on_complete sees each latency from arrival, queue wait included."""
+    async def scenario():
+        gates = {i: asyncio.Event() for i in range(3)}
+        order, latencies = [], []
+        app = FastAPI()
+        app.add_middleware(InFlightLimitMiddleware, settings=OverloadSettings(max_in_flight=3, max_concurrent=1),
+                           paths=("/work",), on_complete=latencies.append)
+
+        @app.get("/work")
+        async def work(i: int):
+            order.append(i)
+            await gates[i].wait()
+            return {"i": i}
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            tasks = []
+            for i in range(3):
+                tasks.append(asyncio.create_task(client.get("/work", params={"i": i})))
+                await asyncio.sleep(0.02)
+            started_while_first_held = list(order)
+            refused = await asyncio.wait_for(client.get("/work", params={"i": 9}), 1.0)  # 3 in flight: full
+            await asyncio.sleep(0.1)
+            gates[0].set()
+            await tasks[0]
+            await asyncio.sleep(0.02)
+            started_after_first = list(order)
+            gates[1].set()
+            gates[2].set()
+            done = await asyncio.gather(*tasks)
+        return started_while_first_held, started_after_first, order, refused, done, latencies
+
+    held, after_first, order, refused, done, latencies = asyncio.run(scenario())
+    assert held == [0]  # the 2nd and 3rd were admitted but queued behind the 1st
+    assert after_first == [0, 1]
+    assert order == [0, 1, 2]
+    assert refused.status_code == 503
+    assert [r.json()["i"] for r in done] == [0, 1, 2]
+    assert len(latencies) == 3  # the refusal is not a completed request
+    assert min(latencies) >= 100.0  # each waited at least the 0.1 s the first was held
+
+
+def test_two_execution_slots_let_two_requests_run_side_by_side():
+    async def scenario():
+        gate, order = asyncio.Event(), []
+        app = FastAPI()
+        app.add_middleware(InFlightLimitMiddleware, settings=OverloadSettings(max_in_flight=4, max_concurrent=2),
+                           paths=("/work",))
+
+        @app.get("/work")
+        async def work(i: int):
+            order.append(i)
+            await gate.wait()
+            return {"i": i}
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            tasks = [asyncio.create_task(client.get("/work", params={"i": i})) for i in range(3)]
+            await asyncio.sleep(0.05)
+            running = sorted(order)
+            gate.set()
+            await asyncio.gather(*tasks)
+        return running
+
+    assert len(asyncio.run(scenario())) == 2
+
+
+def test_an_unbounded_mixer_still_times_requests_for_the_quality_factor():
+    async def scenario():
+        latencies = []
+        app = FastAPI()
+        app.add_middleware(InFlightLimitMiddleware, settings=OverloadSettings(max_in_flight=0), paths=("/work",),
+                           on_complete=latencies.append)
+
+        @app.get("/work")
+        async def work():
+            await asyncio.sleep(0.03)
+            return {}
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            await asyncio.gather(*(client.get("/work") for _ in range(5)))
+        return latencies
+
+    latencies = asyncio.run(scenario())
+    assert len(latencies) == 5 and min(latencies) >= 30.0
