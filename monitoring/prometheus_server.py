@@ -38,6 +38,7 @@ import yaml
 
 from core.services import ManagedProcess, ServiceError, http_ok
 from core.state import PROJECT_ROOT, StateDir
+from mixer.auth import state_token_path
 
 RULES_DIR = PROJECT_ROOT / "monitoring" / "prometheus"
 ALERT_RULES = RULES_DIR / "alerts.yml"
@@ -165,6 +166,11 @@ class PrometheusServer(ManagedProcess):
             "metrics_path": "/metrics",
             "file_sd_configs": [{"files": [str(self.targets_dir / f"{job}.json")], "refresh_interval": interval}],
         } for job in (*SCRAPE_JOBS, "prometheus")]
+        # the mixer's /metrics may need a token (auth.protect_metrics): Prometheus reads the state
+        # folder's token file at each scrape, so the token never enters prometheus.yml or a log
+        for job in jobs:
+            if job["job_name"] == "mixer":
+                job["authorization"] = {"type": "Bearer", "credentials_file": str(state_token_path(self.state))}
         return {
             "global": {"scrape_interval": interval, "evaluation_interval": interval,
                        "scrape_timeout": f"{int(min(self.scrape_interval_s, 10.0) * 1000)}ms",

@@ -29,7 +29,8 @@ ALERTS = {"HomeMixerDriftShareHigh", "HomeMixerFeaturesStale", "HomeMixerStreamL
 
 @pytest.fixture(scope="module")
 def monitored_mixer(tmp_path_factory, data_dir, redis_server, known_users):  # noqa: F811
-    """A real mixer of a fresh state folder, started through ``MixerServer`` (record in run/mixer.json)."""
+    """A real mixer of a fresh state folder, started through ``MixerServer`` (record in run/mixer.json),
+    with ``/metrics`` behind its bearer token."""
     from mixer.server import MixerServer
 
     state = StateDir(tmp_path_factory.mktemp("prometheus_state")).ensure()
@@ -37,7 +38,9 @@ def monitored_mixer(tmp_path_factory, data_dir, redis_server, known_users):  # n
     config = state.root / "mixer.yaml"
     config.write_text(yaml.safe_dump({"redis_url": url, "models": {"tracking_uri": state.mlflow_tracking_uri},
                                       "clock": {"now": AS_OF.isoformat().replace("+00:00", "Z")},
-                                      "drift_sample": {"rate": 1.0, "per_request": 10}}))
+                                      "drift_sample": {"rate": 1.0, "per_request": 10},
+                                      # the scrape must send the state folder's token
+                                      "auth": {"protect_metrics": True}}))
     mixer = MixerServer(state, config=config, redis_url=url).start(timeout_s=180)
     try:
         yield state, mixer
@@ -68,6 +71,7 @@ def test_prometheus_scrapes_the_mixer_and_loads_the_alert_rules(monitored_mixer,
     with httpx.Client(base_url=mixer.url, timeout=30, headers=mixer.auth_headers) as http:
         for user in known_users[:3]:
             assert http.post("/v1/home-timeline", json={"user_id": user, "limit": 5}).status_code == 200
+    assert httpx.get(f"{mixer.url}/metrics", timeout=10).status_code == 401  # Prometheus must send the token
     # every request is sampled (rate 1): the production sample holds its heavy-ranked candidates
     client = redis.Redis.from_url(mixer.redis_url)
     sample = read_production_sample(client)
