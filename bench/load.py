@@ -8,9 +8,9 @@ Needs a state folder the demo filled (``make demo``). Starts Redis (if not runni
   ids of the log (round robin from a random start per connection), and the same concurrency
   against ``GET /healthz`` (the floor: HTTP and the server loop, no ranking). Prints requests/s,
   p50/p95/p99 (ms, every answer), non-2xx answers (503 = refused at the in-flight bound), the
-  admitted requests' p99 from the mixer's own ``hm_mixer_request_seconds`` histogram (server
-  side, interpolated), the quality factor the responses reported last, and each worker's memory
-  (RSS, MB). A closed loop sends the next request the moment an answer arrives, so past the
+  admitted requests' pipeline p99 from the mixer's own ``hm_mixer_request_seconds`` histogram
+  (server side, interpolated; the wait for an execution slot comes on top), the quality factor
+  the responses reported last, and each worker's memory (RSS, MB). A closed loop sends the next request the moment an answer arrives, so past the
   in-flight bound each instant 503 becomes another request at once: a retry storm no caller that
   honours ``Retry-After`` makes.
 - **Open loop** (``--rate``, offered requests/s): every connection sends on its own Poisson
@@ -269,7 +269,7 @@ def main() -> None:
             print(f"mixer: {workers} worker(s), {len(users)} real users, {args.duration} s per level, "
                   f"wrk 1 thread on the same machine")
             print(f"{'conc':>4} {'rps':>7} {'p50':>6} {'p95':>6} {'p99':>6} {'non2xx':>7} {'503':>6} "
-                  f"{'admitted p99':>12} {'qf':>5} | {'floor rps':>9} {'p50':>5} {'p99':>5} | worker RSS MB")
+                  f"{'pipeline p99':>12} {'qf':>5} | {'floor rps':>9} {'p50':>5} {'p99':>5} | worker RSS MB")
             for c in args.concurrency:
                 h0 = histogram(base, headers)
                 r = run_wrk(base, timeline, c, args.duration)
