@@ -10,9 +10,9 @@ Needs a state folder the demo filled (``make demo``). Starts Redis (if not runni
   p50/p95/p99 (ms, every answer), non-2xx answers (503 = refused at the in-flight bound), the
   admitted requests' pipeline p99 from the mixer's own ``hm_mixer_request_seconds`` histogram
   (server side, interpolated; the wait for an execution slot comes on top), the quality factor
-  the responses reported last, and each worker's memory (RSS, MB). A closed loop sends the next request the moment an answer arrives, so past the
-  in-flight bound each instant 503 becomes another request at once: a retry storm no caller that
-  honours ``Retry-After`` makes.
+  the responses reported last, and each worker's memory (RSS, MB). A closed loop sends the next
+  request the moment an answer arrives, so past the in-flight bound each instant 503 becomes
+  another request at once: a retry storm no caller that honours ``Retry-After`` makes.
 - **Open loop** (``--rate``, offered requests/s): every connection sends on its own Poisson
   schedule whatever the answers take, and a refusal is not retried, the way the feed service's
   traffic arrives. Prints the rate sent, admitted (2xx) and refused per second, and the admitted
