@@ -437,8 +437,9 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
                                "description": "invalid body (not JSON, a bad or unknown field, a bad cursor); "
                                               "`message` names each bad field"},
                          503: {"model": ErrorResponse,
-                               "description": "Redis unreachable, or the mixer is at its in-flight bound "
-                                              "(`Retry-After` says when to retry)"}})
+                               "description": "Redis unreachable, nothing could be served (every stage that "
+                                              "fails open failed and no page was left), or the mixer is at its "
+                                              "in-flight bound (`Retry-After` says when to retry)"}})
     def home_timeline(body: TimelineRequest) -> Any:  # type: ignore[valid-type]
         """Rank one page of the user's home timeline (cold start: popular posts)."""
         pipeline: HomeTimelinePipeline = app.state.resources.pipeline
@@ -454,13 +455,13 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
             metrics.requests.labels(status="unavailable").inc()
             log.error("home timeline of user %s failed: Redis: %r", body.user_id, e)
             return JSONResponse(status_code=503, content={"message": f"Redis is unreachable: {e}"})
-        health = getattr(app.state.resources, "resilience", Resilience()).health
-        if not result.items and result.degraded and health is not None and not health.up:
-            # every stage fell back and the caches held nothing to serve (a cold process): no page
-            # is not an answer (counted "degraded" by the request metrics already)
-            return JSONResponse(status_code=503, content={
-                "message": f"Redis is unreachable and this mixer has nothing cached to serve yet "
-                           f"(degraded: {', '.join(result.degraded)})"})
+        if not result.items and result.degraded:
+            # stages fell back and left nothing to serve (Redis down and a cold process, or every
+            # source failed): no page is not an answer (the request metrics count it "unavailable")
+            health = getattr(app.state.resources, "resilience", Resilience()).health
+            why = ("Redis is unreachable and this mixer has nothing cached to serve yet"
+                   if health is not None and not health.up else "no candidates could be served")
+            return JSONResponse(status_code=503, content={"message": f"{why} (degraded: {', '.join(result.degraded)})"})
         return _response(result)
 
     @app.get("/metrics", response_class=PlainTextResponse,

@@ -29,7 +29,9 @@ class RequestMetricsSideEffect(SideEffect):
         m = self.metrics
         if "total" in result.timings_ms:
             m.request_seconds.observe(result.timings_ms["total"] / 1000.0)
-        m.requests.labels(status="degraded" if result.degraded else "ok").inc()
+        # an empty page from failed stages is answered 503 by the API: unavailable, not degraded
+        status = ("unavailable" if not result.items else "degraded") if result.degraded else "ok"
+        m.requests.labels(status=status).inc()
         for stage, ms in result.timings_ms.items():
             if stage != "total":
                 m.stage_seconds.labels(stage=stage).observe(ms / 1000.0)

@@ -107,7 +107,8 @@ def oncall_rows() -> list[tuple[str, list[PanelSpec]]]:
         ("Requests", [
             PanelSpec("Request rate by status", (Query(_rate("hm_mixer_requests_total", "status"), "{{status}}"),),
                       "reqps", "Home-timeline requests per second: ok, degraded (a stage failed open), "
-                      "unavailable (503, Redis down), overloaded (503, refused at the in-flight bound)."),
+                      "unavailable (503: Redis down, or failed stages left no page), overloaded (503, refused at the "
+                      "in-flight bound)."),
             PanelSpec("Unavailable, overloaded and degraded share",
                       (Query(_share("unavailable"), "unavailable (503)"),
                        Query(_share("overloaded"), "overloaded (503)"),

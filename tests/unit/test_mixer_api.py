@@ -8,6 +8,7 @@ The app's resources are a stub pipeline (no Redis, no models): the lifespan does
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from types import SimpleNamespace
@@ -183,3 +184,34 @@ def test_slow_requests_lower_the_quality_factor_of_the_next_ones():
     assert factors == [1.0, 1.0, 0.75, 0.75, 0.5, 0.5]
     assert [c["quality_factor"] for c in pipeline.calls] == factors
     assert "hm_mixer_quality_factor 0.5" in http.get("/metrics").text
+
+
+class DegradedStubPipeline(StubPipeline):
+    """An empty page whose candidate sources all failed open."""
+
+    def run(self, *args, **kwargs):
+        result = super().run(*args, **kwargs)
+        return dataclasses.replace(result, degraded=["candidate_sources"])
+
+
+def test_an_empty_degraded_page_is_503_and_counted_unavailable_not_degraded():
+    """Every stage failed open and nothing was left to serve: not a 200 with no posts. The request
+    metrics (run inside the pipeline) and the answer agree."""
+    from mixer.metrics import MixerMetrics
+    from mixer.side_effects import RequestMetricsSideEffect
+
+    app = create_app(load_config(), api_tokens=(TOKEN,))
+    app.state.resources = SimpleNamespace(pipeline=DegradedStubPipeline())
+    http = TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"})
+    r = http.post("/v1/home-timeline", json={"user_id": 1})
+    assert r.status_code == 503
+    assert "no candidates could be served" in r.json()["message"] and "candidate_sources" in r.json()["message"]
+
+    metrics = MixerMetrics()
+    effect = RequestMetricsSideEffect(metrics)
+    empty = DegradedStubPipeline().run(1, 10)
+    effect.apply(empty)
+    effect.apply(dataclasses.replace(empty, degraded=[]))  # an empty page of a healthy request: ok
+    assert metrics.registry.get_sample_value("hm_mixer_requests_total", {"status": "unavailable"}) == 1
+    assert metrics.registry.get_sample_value("hm_mixer_requests_total", {"status": "degraded"}) is None
+    assert metrics.registry.get_sample_value("hm_mixer_requests_total", {"status": "ok"}) == 1
