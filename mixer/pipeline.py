@@ -175,7 +175,7 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
                                   buffer=resilience.writes),
             ImpressionLogSideEffect(client, config.served.impression_stream_maxlen, buffer=resilience.writes),
             FeatureLogSideEffect(client, config.feature_logging.stream_maxlen,
-                                 enabled=config.feature_logging.enabled),
+                                 enabled=config.feature_logging.enabled, buffer=resilience.writes),
             DriftSampleSideEffect(client, config.drift_sample.rate, config.drift_sample.per_request,
                                   config.drift_sample.stream_maxlen, enabled=config.drift_sample.enabled),
             RequestMetricsSideEffect(metrics),  # after_total: sees every timing, "total" included

@@ -13,6 +13,7 @@ from core import online_layout as keys
 from core.feature_log import FEATURE_SCHEMA_ID, encode_rows
 from mixer.candidate import Query
 from mixer.components import SideEffect, TimelineResult
+from mixer.side_effects.write_buffer import RedisWriteBuffer, submit
 
 
 class FeatureLogSideEffect(SideEffect):
@@ -32,6 +33,9 @@ class FeatureLogSideEffect(SideEffect):
         enabled: ``feature_logging.enabled``; False makes ``enabled(query)`` False (nothing logged).
         stream: the stream key (default ``core.online_layout.SERVED_FEATURES``).
         wall_clock: epoch seconds for ``served_at``.
+        buffer: while Redis is down the entries wait here and are appended when it answers again
+            (``RedisWriteBuffer``; ``served_at`` stays the serve time), so ``train --from-logged``
+            loses no served rows to an outage; None writes straight to Redis.
 
     Raises:
         ValueError: ``maxlen < 1``.
@@ -40,10 +44,12 @@ class FeatureLogSideEffect(SideEffect):
     name = "feature_log"
 
     def __init__(self, client: redis.Redis, maxlen: int, *, enabled: bool = True,
-                 stream: str = keys.SERVED_FEATURES, wall_clock: Callable[[], float] = time.time):
+                 stream: str = keys.SERVED_FEATURES, wall_clock: Callable[[], float] = time.time,
+                 buffer: RedisWriteBuffer | None = None):
         if int(maxlen) < 1:
             raise ValueError(f"feature_logging.stream_maxlen must be >= 1, got {maxlen}")
         self.client = client
+        self.buffer = buffer
         self.maxlen = int(maxlen)
         self.on = bool(enabled)
         self.stream = stream
@@ -59,7 +65,9 @@ class FeatureLogSideEffect(SideEffect):
         Raises:
             ValueError: the result has no feature frame, or an item is not among the scored
                 candidates (``TimelineResult.item_features``).
-            redis.RedisError: Redis is unreachable (the runner counts it and serves the page).
+            redis.RedisError: Redis is unreachable and there is no buffer (the runner counts it and
+                serves the page).
+            Fallback: the entries were buffered (Redis unreachable).
         """
         if not result.items:
             return
@@ -72,9 +80,12 @@ class FeatureLogSideEffect(SideEffect):
             "heavy_ranker_version": result.model_versions.get("heavy_ranker", ""),
             "schema": FEATURE_SCHEMA_ID,
         }
-        pipe = self.client.pipeline(transaction=False)
-        for c, row in zip(result.items, rows):
-            pipe.xadd(self.stream, {**common, "post_id": c.post_id, "author_id": c.author_id,
-                                    "features": row},
-                      maxlen=self.maxlen, approximate=True)
-        pipe.execute()
+        entries = [{**common, "post_id": c.post_id, "author_id": c.author_id, "features": row}
+                   for c, row in zip(result.items, rows)]
+        stream, maxlen = self.stream, self.maxlen
+
+        def ops(pipe) -> None:
+            for fields in entries:
+                pipe.xadd(stream, fields, maxlen=maxlen, approximate=True)
+
+        submit(self.client, self.buffer, self.name, ops, "feature rows")
