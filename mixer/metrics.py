@@ -136,7 +136,7 @@ class MixerMetrics:
     def process_exits(self) -> None:
         """Drop this worker's gauges from the shared folder when it stops (``live*`` modes), so a
         replaced worker's last breaker state or model version does not linger. A worker killed
-        outright cannot do this; its gauges stay until the mixer restarts and the folder is emptied."""
+        outright cannot do this; ``render`` drops its gauges at the next scrape."""
         if self.multiprocess_dir:
             import os
 
@@ -150,6 +150,22 @@ class MixerMetrics:
             return prom.generate_latest(self.registry)
         from prometheus_client import multiprocess
 
+        self._drop_dead_workers()
         registry = prom.CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
         return prom.generate_latest(registry)
+
+    def _drop_dead_workers(self) -> None:
+        """``mark_process_dead`` for every pid of a ``gauge_live*_<pid>.db`` file whose process is
+        gone (a SIGKILLed worker): its live gauges would otherwise be reported for ever. Counters
+        and histograms of the dead keep counting (their files stay: totals must not go down)."""
+        import re
+        from pathlib import Path
+
+        import psutil
+        from prometheus_client import multiprocess
+
+        for f in Path(self.multiprocess_dir).glob("gauge_live*_*.db"):
+            m = re.search(r"_(\d+)\.db$", f.name)
+            if m and not psutil.pid_exists(int(m[1])):
+                multiprocess.mark_process_dead(int(m[1]), self.multiprocess_dir)

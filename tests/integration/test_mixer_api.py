@@ -8,6 +8,7 @@ features written through Feast into Redis, a light and a heavy ranker trained on
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -511,8 +512,12 @@ def test_a_killed_worker_is_replaced_while_the_others_keep_serving(mixer_server,
         assert len(failed) <= 4, failed  # at most the one request of each client on the dead worker
         assert all(r[4] < t_kill + 1.0 for r in failed), failed  # the clients reconnected at once
         assert sum(1 for r in after_kill if r[0] < t_replaced and r[2] == 200) >= 10  # the other kept serving
-        served = sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(f"{srv.url}/metrics").text.splitlines()
+        text = httpx.get(f"{srv.url}/metrics").text
+        served = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                      if line.startswith("hm_mixer_requests_total{"))
         assert served >= 30  # both workers' counts, dead or alive, summed from the shared folder
+        # per-worker gauges (one series per pid) are the live workers' only: the killed one's are gone
+        gauge_pids = {int(p) for p in re.findall(r'^hm_mixer_quality_factor\{pid="(\d+)"\}', text, re.M)}
+        assert gauge_pids and victim not in gauge_pids and gauge_pids <= {p.pid for p in workers()}, gauge_pids
     finally:
         srv.stop()
