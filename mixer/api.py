@@ -491,15 +491,18 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
         r = getattr(res, "resilience", None) or Resilience()
         meta = None
         coverage_error = None
-        try:
-            res.client.ping()
-            meta = res.client.hget(keys.INDEX_META, "as_of")
-            if r.health is not None:
-                r.health.mark_up()
-        except redis.RedisError as e:
-            if r.health is None:  # no resilience (an embedded pipeline): nothing to serve from
-                return JSONResponse(status_code=503, content={"status": "unavailable", "message": str(e)})
-            r.health.observe(e)
+        # while Redis is marked down only the store watcher probes it (every probe_s): a probe per
+        # health check would wait out the socket timeout each time on a hung Redis
+        if r.health is None or r.health.up:
+            try:
+                res.client.ping()
+                meta = res.client.hget(keys.INDEX_META, "as_of")
+                if r.health is not None:
+                    r.health.mark_up()
+            except redis.RedisError as e:
+                if r.health is None:  # no resilience (an embedded pipeline): nothing to serve from
+                    return JSONResponse(status_code=503, content={"status": "unavailable", "message": str(e)})
+                r.health.observe(e)
         if r.health is None or r.caches is None or r.liveness is None or r.writes is None:
             return {"status": "ok", "model_versions": res.pipeline.model_versions,
                     "index_as_of": meta.decode() if meta else None}
