@@ -233,6 +233,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 2, 4, 8, 16])
     ap.add_argument("--config", default=None, help="mixer YAML merged over the embedded one")
     ap.add_argument("--users", type=int, default=2000, help="distinct real users to cycle through")
+    ap.add_argument("--warmup", type=int, default=10,
+                    help="seconds of traffic on 2 connections per worker before measuring (0: none)")
     ap.add_argument("--rate", type=float, nargs="*", default=[],
                     help="open-loop levels too: offered requests/s (e.g. 20 40 80; 2x load = twice the sustained rate)")
     ap.add_argument("--open-connections", type=int, default=64,
@@ -263,11 +265,10 @@ def main() -> None:
             timeline.write_text(lua(users_file, "/v1/home-timeline", "POST", token))
             health = Path(tmp) / "healthz.lua"
             health.write_text(lua(users_file, "/healthz", "GET", None))
-            with httpx.Client(timeout=30, headers=headers) as client:  # warm every worker
-                for uid in users[:10 * workers]:
-                    client.post(f"{base}/v1/home-timeline", json={"user_id": uid, "limit": 20})
-            print(f"mixer: {workers} worker(s), {len(users)} real users, {args.duration} s per level, "
-                  f"wrk 1 thread on the same machine")
+            if args.warmup > 0:  # steady state: every worker's models and shared caches warm
+                run_wrk(base, timeline, 2 * workers, args.warmup)
+            print(f"mixer: {workers} worker(s), {len(users)} real users, {args.warmup} s warm-up, "
+                  f"{args.duration} s per level, wrk 1 thread on the same machine")
             print(f"{'conc':>4} {'rps':>7} {'p50':>6} {'p95':>6} {'p99':>6} {'non2xx':>7} {'503':>6} "
                   f"{'pipeline p99':>12} {'qf':>5} | {'floor rps':>9} {'p50':>5} {'p99':>5} | worker RSS MB")
             for c in args.concurrency:
