@@ -404,6 +404,7 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
                               "rankers, weighted-sum blender, author diversity, cursor paging.")
     app.state.metrics = metrics
     app.openapi = _exact_integer_bounds(app.openapi, TimelineRequest)
+
     def observe_latency(latency_ms: float) -> None:
         """The quality factor sees what the caller saw: queue wait plus pipeline (mixer.admission)."""
         before = quality.factor
@@ -461,7 +462,8 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
             health = getattr(app.state.resources, "resilience", Resilience()).health
             why = ("Redis is unreachable and this mixer has nothing cached to serve yet"
                    if health is not None and not health.up else "no candidates could be served")
-            return JSONResponse(status_code=503, content={"message": f"{why} (degraded: {', '.join(result.degraded)})"})
+            return JSONResponse(status_code=503,
+                                content={"message": f"{why} (degraded: {', '.join(result.degraded)})"})
         return _response(result)
 
     @app.get("/metrics", response_class=PlainTextResponse,
