@@ -82,43 +82,74 @@ def add_request_features(frame: pd.DataFrame, request_ts: pd.Series | pd.Timesta
             ``tab``): every row then counts as the home surface ``core.schema.HOME_SURFACE``.
 
     Returns:
-        ``frame`` with float64 columns ``req_hour_of_day`` (0-23, local), ``req_day_of_week``
-        (0 = Monday, local), ``req_secs_since_last_impression`` (seconds, NaN if no previous
-        impression), ``req_post_age_hours`` (hours since the post was created, NaN if unknown) and
-        the 0/1 surface indicators ``core.schema.SURFACE_FEATURES`` (one per known surface +
-        ``req_surface_other``); ``tmp_impressions_1h`` / ``_24h`` set to 0 where the previous
-        impression is at least that window before the request.
+        ``frame`` with the columns of ``request_feature_columns`` added or replaced.
 
     Raises:
         TypeError / ValueError: an invalid ``surface`` (see ``surface_indicators``).
     """
     out = frame.copy()
-    indicators = surface_indicators(surface, len(out))  # by position: a Series is aligned with frame's rows
+    for col, values in request_feature_columns(out, len(out), request_ts, surface=surface).items():
+        out[col] = values
+    return out
+
+
+def request_feature_columns(columns, n: int, request_ts: pd.Series | pd.Timestamp, *,
+                            surface: int | pd.Series | None) -> dict[str, np.ndarray]:
+    """The request-time columns of ``n`` rows of hydrated features (``add_request_features`` adds
+    them to a frame; the mixer builds its frame from them directly, one allocation per request).
+
+    Args:
+        columns: a DataFrame or a mapping of column name -> array ``[n]``; reads
+            ``post_created_ts`` and ``tmp_last_impression_ts`` (epoch seconds, may be missing or
+            NaN) and ``tmp_impressions_1h`` / ``_24h`` when present.
+        n: the number of rows.
+        request_ts, surface: as ``add_request_features``.
+
+    Returns:
+        float64 arrays ``[n]``: ``req_hour_of_day`` (0-23, local), ``req_day_of_week`` (0 = Monday,
+        local), ``req_secs_since_last_impression`` (seconds, NaN if no previous impression),
+        ``req_post_age_hours`` (hours since the post was created, NaN if unknown), the 0/1 surface
+        indicators ``core.schema.SURFACE_FEATURES`` (one per known surface + ``req_surface_other``),
+        and, for those of ``tmp_impressions_1h`` / ``_24h`` present, their values set to 0 where the
+        previous impression is at least that window before the request.
+
+    Raises:
+        TypeError / ValueError: an invalid ``surface`` (see ``surface_indicators``).
+    """
+    indicators = surface_indicators(surface, n)  # by position: a Series is aligned with the rows
     ts = pd.to_datetime(request_ts, utc=True)
     if isinstance(ts, pd.Timestamp):
-        epoch_s = np.full(len(out), ts.value / 1e9)
+        epoch_s = np.full(n, ts.value / 1e9)
         local = ts + pd.Timedelta(hours=LOCAL_UTC_OFFSET_HOURS)
-        hour = np.full(len(out), float(local.hour))
-        dow = np.full(len(out), float(local.dayofweek))
+        hour = np.full(n, float(local.hour))
+        dow = np.full(n, float(local.dayofweek))
     else:
-        ts = pd.Series(ts.values, index=out.index)
+        ts = pd.Series(ts.values)
         # unit-free (parquet round trips turn ns into us): seconds since the epoch as float64
         epoch_s = ((ts - pd.Timestamp(0)) / pd.Timedelta(seconds=1)).to_numpy(dtype="float64")  # ts: naive UTC
         local = ts + pd.Timedelta(hours=LOCAL_UTC_OFFSET_HOURS)
         hour = local.dt.hour.to_numpy(dtype="float64")
         dow = local.dt.dayofweek.to_numpy(dtype="float64")
-    last = pd.to_numeric(out.get("tmp_last_impression_ts"), errors="coerce") if "tmp_last_impression_ts" in out else np.nan
-    created = pd.to_numeric(out.get("post_created_ts"), errors="coerce") if "post_created_ts" in out else np.nan
-    out["req_hour_of_day"] = hour
-    out["req_day_of_week"] = dow
-    out["req_secs_since_last_impression"] = np.asarray(epoch_s - np.asarray(last, dtype="float64"), dtype="float64")
-    out["req_post_age_hours"] = np.asarray((epoch_s - np.asarray(created, dtype="float64")) / 3600.0, dtype="float64")
-    for col, values in indicators.items():
-        out[col] = values
+    last = _numeric(columns, "tmp_last_impression_ts")
+    created = _numeric(columns, "post_created_ts")
+    since_last = np.asarray(epoch_s - last, dtype="float64")
+    out: dict[str, np.ndarray] = {
+        "req_hour_of_day": hour,
+        "req_day_of_week": dow,
+        "req_secs_since_last_impression": since_last,
+        "req_post_age_hours": np.asarray((epoch_s - created) / 3600.0, dtype="float64"),
+        **indicators,
+    }
     # tmp_impressions_<W> count the window ending at the user's previous impression; a request W or
     # more after it has an empty window (same rule offline and online, so the feature means the same).
     for col, window_s in TEMPORAL_WINDOWS_S.items():
-        if col in out:
-            stale = out["req_secs_since_last_impression"].to_numpy() >= window_s
-            out[col] = np.where(stale, 0.0, pd.to_numeric(out[col], errors="coerce"))
+        if col in columns:
+            out[col] = np.where(since_last >= window_s, 0.0, _numeric(columns, col))
     return out
+
+
+def _numeric(columns, name: str) -> np.ndarray | float:
+    """Column ``name`` as float64 (non-numbers NaN), or NaN when absent."""
+    if name not in columns:
+        return np.nan
+    return np.asarray(pd.to_numeric(columns[name], errors="coerce"), dtype="float64")

@@ -14,6 +14,7 @@ import prometheus_client  # noqa: I001
 # (no `from __future__ import annotations` here: FastAPI must resolve the request model built in create_app)
 
 import argparse
+import dataclasses
 import gc
 import logging
 import os
@@ -242,8 +243,9 @@ def _load_rankers(config: MixerConfig, metrics: MixerMetrics, backend=None) -> t
 
     uri = config.resolved_tracking_uri()
     m = config.models
-    light = load_ranker(m.light_ranker, alias=m.alias, tracking_uri=uri)
-    heavy = load_ranker(m.heavy_ranker, alias=m.alias, tracking_uri=uri)
+    threads = config.scoring.threads
+    light = dataclasses.replace(load_ranker(m.light_ranker, alias=m.alias, tracking_uri=uri), num_threads=threads)
+    heavy = dataclasses.replace(load_ranker(m.heavy_ranker, alias=m.alias, tracking_uri=uri), num_threads=threads)
     _warm_up(light, heavy)  # also the fallback of a remote backend: it must not be cold either
     if backend is None:
         return light, heavy
@@ -288,6 +290,9 @@ def open_resources(config: MixerConfig, metrics: MixerMetrics,
             nothing is cached yet, so there is nothing to serve without it).
         RuntimeError / MLflow errors: the registered models or their alias cannot be loaded.
     """
+    import torch
+
+    torch.set_num_threads(config.scoring.threads)  # per process: this worker's share of the cores
     url = config.resolved_redis_url()
     client = redis_client(url, config.redis)
     backend = None

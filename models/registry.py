@@ -422,6 +422,8 @@ class RankerHandle:
             ranker), for exporters; scoring goes through :meth:`predict`.
         program: the heavy ranker's ``torch.export.ExportedProgram`` when loaded with
             ``with_program=True`` (the ONNX exporter's input); None otherwise.
+        num_threads: LightGBM's prediction threads (0: its default, OpenMP's, all cores). Torch's
+            intra-op pool is per process: ``torch.set_num_threads``, set by the server.
     """
 
     name: str
@@ -433,6 +435,7 @@ class RankerHandle:
     kind: str
     model: Any
     program: Any = field(default=None, repr=False, compare=False)
+    num_threads: int = 0
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         """Scores for each row of ``frame``: ``np.ndarray float32 [N, len(heads)]``, probabilities.
@@ -451,7 +454,7 @@ class RankerHandle:
         if self.kind == "light":
             from models.light_ranker import predict_booster
 
-            out = predict_booster(self.model, x)
+            out = predict_booster(self.model, x, num_threads=self.num_threads)
         else:
             from models.heavy_ranker import predict_module
 

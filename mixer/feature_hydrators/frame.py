@@ -7,17 +7,19 @@ import pandas as pd
 
 from core.id_features import id_bucket_columns
 from core.schema import ALL_FEATURES
-from core.request_features import add_request_features
+from core.request_features import request_feature_columns
 
 
-def finish_feature_frame(stored: pd.DataFrame, now_s: float, surface: int, *, user_id: int,
+def finish_feature_frame(stored, now_s: float, surface: int, *, user_id: int,
                          post_ids, author_ids) -> pd.DataFrame:
     """Add request-time features (``core.request_features``) and the hashed id buckets
     (``core.id_features``), and order columns as ALL_FEATURES.
 
     Args:
         stored: float64 columns of the feature views (``core.schema.FEATURE_VIEWS``), one row per
-            candidate.
+            candidate: a DataFrame, or a mapping of column name -> array (what the layout reader
+            builds; the frame is then allocated once, as one float64 block, which is also what
+            ``models.features.feature_matrix`` reads fastest).
         now_s: request time, epoch seconds UTC.
         surface: the request's surface (``Query.surface``, KuaiRand ``tab`` id, >= 0).
         user_id: the viewer (``Query.user_id``).
@@ -25,18 +27,28 @@ def finish_feature_frame(stored: pd.DataFrame, now_s: float, surface: int, *, us
             author: bucket 0).
 
     Returns:
-        float64 DataFrame, columns ``ALL_FEATURES``, index 0..N-1.
+        float64 DataFrame, columns ``ALL_FEATURES`` (NaN for a column ``stored`` lacks), index 0..N-1.
 
     Raises:
-        ValueError: ``post_ids`` / ``author_ids`` are not as long as ``stored``.
+        ValueError: ``post_ids`` / ``author_ids`` are not as long as ``stored``, or a column of
+            ``stored`` has another length.
     """
-    frame = add_request_features(stored, pd.Timestamp(now_s, unit="s", tz="UTC"), surface=surface)
-    frame = frame.reset_index(drop=True)
-    for name, values in _id_columns(len(frame), user_id, post_ids, author_ids).items():
-        frame[name] = values
-    out = frame.reindex(columns=list(ALL_FEATURES)).astype("float64")
-    out.index = pd.RangeIndex(len(out))
-    return out
+    n = len(post_ids)
+    if isinstance(stored, pd.DataFrame):
+        if len(stored) != n:
+            raise ValueError(f"{len(stored)} feature rows but {n} post ids")
+        stored = {c: stored[c].to_numpy(dtype="float64", na_value=np.nan) for c in stored.columns}
+    columns = dict(stored)
+    columns.update(request_feature_columns(stored, n, pd.Timestamp(now_s, unit="s", tz="UTC"), surface=surface))
+    columns.update(_id_columns(n, user_id, post_ids, author_ids))
+    out = np.full((n, len(ALL_FEATURES)), np.nan)
+    for j, name in enumerate(ALL_FEATURES):
+        values = columns.get(name)
+        if values is not None:
+            if len(values) != n:
+                raise ValueError(f"feature column {name} has {len(values)} rows, expected {n}")
+            out[:, j] = values
+    return pd.DataFrame(out, columns=list(ALL_FEATURES))
 
 
 def _id_columns(n: int, user_id: int, post_ids, author_ids) -> dict[str, np.ndarray]:

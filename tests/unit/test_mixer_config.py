@@ -58,6 +58,7 @@ def test_running_clock_advances_from_now_at_since():
     ("clock:\n  now: real\n  since: '2026-01-01T00:00:00Z'\n", "clock.since needs"),
     ("clock:\n  now: '2022-05-04T16:00:00Z'\n  since: soon\n", "clock.since must be an ISO-8601"),
     ("page:\n  default_size: 200\n", "page.default_size"),
+    ("scoring:\n  threads: 0\n", "scoring.threads"),
     ("experiment:\n  salt: s\n  arms:\n    - {name: a, traffic_share: 0.7, weights: {click: 1}}\n", "sum to"),
     ("experiment:\n  salt: s\n  arms:\n    - {name: a, traffic_share: 1.0, weights: {clicks: 1}}\n", "unknown heads"),
 ])

@@ -71,3 +71,15 @@ def test_training_is_deterministic(split):
     a = fit_light_ranker(train, params).predict(train.head(500))
     b = fit_light_ranker(train, params).predict(train.head(500))
     np.testing.assert_array_equal(a, b)
+
+
+def test_prediction_threads_do_not_change_scores(fit, split):
+    # the mixer predicts on scoring.threads (1) threads; the default is all cores
+    from models.features import feature_matrix
+    from models.light_ranker import predict_booster
+
+    x = feature_matrix(split[1].head(2000), fit.feature_names)
+    default = predict_booster(fit.booster, x)
+    one = predict_booster(fit.booster, x, num_threads=1)
+    assert one.shape == (len(x), 1) and np.isfinite(one).all()
+    np.testing.assert_array_equal(one, default)
