@@ -10,7 +10,9 @@ Needs a state folder the demo filled (``make demo``). Starts Redis (if not runni
   p50/p95/p99 (ms, every answer), non-2xx answers (503 = refused at the in-flight bound), the
   admitted requests' pipeline p99 from the mixer's own ``hm_mixer_request_seconds`` histogram
   (server side, interpolated; the wait for an execution slot comes on top), the quality factor
-  the responses reported last, and each worker's memory (RSS, MB). A closed loop sends the next
+  the responses reported last, the serving side's CPU per 2xx answer (``cpu ms``: mixer processes
+  and Redis, user + system; steadier than latency on a shared machine, and it bounds throughput:
+  2 cores / cpu ms), and each worker's memory (RSS, MB). A closed loop sends the next
   request the moment an answer arrives, so past the in-flight bound each instant 503 becomes
   another request at once: a retry storm no caller that honours ``Retry-After`` makes.
 - **Open loop** (``--rate``, offered requests/s): every connection sends on its own Poisson
@@ -38,7 +40,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
+import redis
 
+from core import online_layout as keys
 from core.services import RedisServer
 from core.state import StateDir
 from home_mixer.demo import start_mixer
@@ -225,6 +229,33 @@ def worker_memory_mb(pid: int) -> list[float]:
     return out or [proc.memory_info().rss / 2**20]
 
 
+def server_cpu_s(mixer_pid: int, redis_pid: int | None) -> float:
+    """CPU seconds (user + system) used so far by the mixer's processes (supervisor and workers)
+    and Redis: the serving side's cost, without the load generator's. A worker that died meanwhile
+    takes its seconds with it (the level's figure is then low)."""
+    procs = [psutil.Process(mixer_pid)]
+    procs += procs[0].children(recursive=True)
+    if redis_pid is not None:
+        procs.append(psutil.Process(redis_pid))
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def clear_served(client: redis.Redis, users: list[int]) -> None:
+    """Delete the served-posts records (``online_layout.served_posts``) of the bench's users: each
+    level starts from the same state. Left alone, every page a user is served within
+    ``served.ttl_seconds`` (1 h) joins the previously-served filter, so later levels and later runs
+    rank fewer candidates and look faster (seen: 36 -> 14 ms of CPU per request after a dozen runs)."""
+    for i in range(0, len(users), 500):
+        client.delete(*(keys.served_posts(u) for u in users[i:i + 500]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--state", default=None)
@@ -265,40 +296,46 @@ def main() -> None:
             timeline.write_text(lua(users_file, "/v1/home-timeline", "POST", token))
             health = Path(tmp) / "healthz.lua"
             health.write_text(lua(users_file, "/healthz", "GET", None))
+            client = redis.Redis.from_url(srv.url)
             if args.warmup > 0:  # steady state: every worker's models and shared caches warm
                 run_wrk(base, timeline, 2 * workers, args.warmup)
             print(f"mixer: {workers} worker(s), {len(users)} real users, {args.warmup} s warm-up, "
                   f"{args.duration} s per level, wrk 1 thread on the same machine")
             print(f"{'conc':>4} {'rps':>7} {'p50':>6} {'p95':>6} {'p99':>6} {'non2xx':>7} {'503':>6} "
-                  f"{'pipeline p99':>12} {'qf':>5} | {'floor rps':>9} {'p50':>5} {'p99':>5} | worker RSS MB")
+                  f"{'pipeline p99':>12} {'qf':>5} {'cpu ms':>6} | {'floor rps':>9} {'p50':>5} {'p99':>5} | worker RSS MB")
             for c in args.concurrency:
-                h0 = histogram(base, headers)
+                clear_served(client, users)
+                h0, cpu0 = histogram(base, headers), server_cpu_s(mixer.pid, srv.pid)
                 r = run_wrk(base, timeline, c, args.duration)
+                cpu = (server_cpu_s(mixer.pid, srv.pid) - cpu0) * 1000 / max(r["requests"] - r["non2xx"], 1)
                 h1 = histogram(base, headers)
                 f = run_wrk(base, health, c, max(3, args.duration // 3))
                 mem = worker_memory_mb(mixer.pid)
                 qf = f"{r['qf']:.2f}" if r["qf"] >= 0 else "-"
                 print(f"{c:>4} {r['rps']:7.1f} {r['p50_us'] / 1e3:6.1f} {r['p95_us'] / 1e3:6.1f} "
                       f"{r['p99_us'] / 1e3:6.1f} {r['non2xx'] + r['socket_errors']:>7} {r['refused']:>6} "
-                      f"{quantile_from_buckets(h0, h1, 0.99):12.1f} {qf:>5} | {f['rps']:9.0f} "
+                      f"{quantile_from_buckets(h0, h1, 0.99):12.1f} {qf:>5} {cpu:6.1f} | {f['rps']:9.0f} "
                       f"{f['p50_us'] / 1e3:5.1f} {f['p99_us'] / 1e3:5.1f} | "
                       f"{' '.join(f'{m:.0f}' for m in mem)} (sum {np.sum(mem):.0f})")
             if args.rate:
                 print(f"\nopen loop: Poisson arrivals over {args.open_connections} connections, refusals not retried; "
                       f"latency of admitted (2xx) answers, client side, ms")
                 print(f"{'offered':>7} {'sent/s':>7} {'2xx/s':>6} {'503/s':>6} {'p50':>6} {'p95':>6} {'p99':>6} "
-                      f"{'max':>6} {'qf':>5} {'late':>5} | worker RSS MB")
+                      f"{'max':>6} {'qf':>5} {'late':>5} {'cpu ms':>6} | worker RSS MB")
             for rate in args.rate:
+                clear_served(client, users)
                 script = Path(tmp) / f"open_{rate:g}.lua"
                 script.write_text(open_lua(users_file, "/v1/home-timeline", token, rate, args.open_connections))
+                cpu0 = server_cpu_s(mixer.pid, srv.pid)
                 r = run_wrk(base, script, args.open_connections, args.duration, threads=args.open_connections)
                 secs = r["duration_us"] / 1e6
                 ok = sum(r["admitted_ms"].values())
+                cpu = (server_cpu_s(mixer.pid, srv.pid) - cpu0) * 1000 / max(ok, 1)
                 p50, p95, p99, pmax = histogram_quantiles(r["admitted_ms"], (0.5, 0.95, 0.99, 1.0))
                 mem = worker_memory_mb(mixer.pid)
                 qf = f"{r['qf']:.2f}" if r["qf"] >= 0 else "-"
                 print(f"{rate:7.0f} {r['sent'] / secs:7.1f} {ok / secs:6.1f} {r['refused'] / secs:6.1f} {p50:6.0f} "
-                      f"{p95:6.0f} {p99:6.0f} {pmax:6.0f} {qf:>5} {r['late']:>5} | "
+                      f"{p95:6.0f} {p99:6.0f} {pmax:6.0f} {qf:>5} {r['late']:>5} {cpu:6.1f} | "
                       f"{' '.join(f'{m:.0f}' for m in mem)} (sum {np.sum(mem):.0f})")
     finally:
         if mixer is not None:
