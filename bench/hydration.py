@@ -32,7 +32,7 @@ from core.schema import FEATURE_VIEWS  # noqa: E402
 from core.services import RedisServer  # noqa: E402
 from core.state import StateDir  # noqa: E402
 
-CATALOGUE_POSTS, CATALOGUE_AUTHORS, USERS = 7583, 6510, 2000
+CATALOGUE_POSTS, CATALOGUE_AUTHORS, CATALOGUE_TAGS, USERS = 7583, 6510, 67, 2000
 NOW = pd.Timestamp("2022-05-04T16:00:00Z")
 
 
@@ -47,19 +47,25 @@ def _rows(spec, entities: pd.DataFrame, rng: np.random.Generator) -> pd.DataFram
 
 
 def populate(store, user_id: int, n_posts: int, rng: np.random.Generator):
-    """Write all views; return the candidate (post, author) pairs of the measured user."""
+    """Write all views; return the candidates (post, author, tag) of the measured user."""
     post_author = pd.DataFrame({"post_id": np.arange(CATALOGUE_POSTS, dtype="int64"),
-                                "author_id": rng.integers(0, CATALOGUE_AUTHORS, CATALOGUE_POSTS).astype("int64")})
+                                "author_id": rng.integers(0, CATALOGUE_AUTHORS, CATALOGUE_POSTS).astype("int64"),
+                                # primary tag; -1: a post without tags (no user_tag read)
+                                "tag_id": rng.integers(-1, CATALOGUE_TAGS, CATALOGUE_POSTS).astype("int64")})
     candidates = post_author.sample(n_posts, random_state=1)
     users = pd.DataFrame({"user_id": np.arange(USERS, dtype="int64")})
-    # the measured user has history with ~60% of the candidates' authors; others with a few each
-    mine = candidates[["author_id"]].drop_duplicates().sample(frac=0.6, random_state=2).assign(user_id=user_id)
-    others = pd.DataFrame({"user_id": rng.integers(0, USERS, 20_000), "author_id": rng.integers(0, CATALOGUE_AUTHORS, 20_000)})
-    pairs = pd.concat([mine, others]).drop_duplicates(["user_id", "author_id"]).astype("int64")
-    entities = {"user_features": users, "content_features": post_author[["post_id"]],
-                "social_features": pairs[["user_id", "author_id"]], "temporal_features": users}
+    # the measured user has history with ~60% of the candidates' authors and tags; others with a few each
+    def with_history(key: str, catalogue: int) -> pd.DataFrame:
+        mine = candidates.loc[candidates[key] >= 0, [key]].drop_duplicates().sample(
+            frac=0.6, random_state=2).assign(user_id=user_id)
+        others = pd.DataFrame({"user_id": rng.integers(0, USERS, 20_000), key: rng.integers(0, catalogue, 20_000)})
+        return pd.concat([mine, others]).drop_duplicates(["user_id", key]).astype("int64")[["user_id", key]]
+
+    entities = {("user_id",): users, ("post_id",): post_author[["post_id"]],
+                ("user_id", "author_id"): with_history("author_id", CATALOGUE_AUTHORS),
+                ("user_id", "tag_id"): with_history("tag_id", CATALOGUE_TAGS)}
     for spec in FEATURE_VIEWS:
-        store.write_to_online_store(spec.name, _rows(spec, entities[spec.name], rng))
+        store.write_to_online_store(spec.name, _rows(spec, entities[tuple(spec.join_keys)], rng))
     return list(candidates.itertuples(index=False))
 
 
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             direct = FeastLayoutFeatureHydrator(client, FeastRedisLayout("home_mixer"))
             sdk = FeastSdkFeatureHydrator(store)
             query = Query(user_id=user, page_size=20, now_s=NOW.timestamp(), request_id="bench")
-            cands = [Candidate(post_id=int(p), source="bench", author_id=int(a)) for p, a in pairs]
+            cands = [Candidate(post_id=int(p), source="bench", author_id=int(a), tag_id=int(t)) for p, a, t in pairs]
             pd.testing.assert_frame_equal(direct.hydrate(query, cands), sdk.hydrate(query, cands), check_exact=True)
             gc.collect()
             gc.freeze()  # as the mixer does after start-up (mixer/api.py)

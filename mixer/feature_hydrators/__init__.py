@@ -2,7 +2,7 @@
 
 Both return a float64 DataFrame aligned with the candidates whose columns are
 ``core.schema.ALL_FEATURES`` (NaN where the online store has no value):
-- ``FeastLayoutFeatureHydrator`` reads Feast's Redis layout directly (one pipeline of HMGETs; keys
+- ``FeastLayoutFeatureHydrator`` reads Feast's Redis layout directly (its HMGETs in one Lua call; keys
   from ``core.online_layout.FeastRedisLayout``);
 - ``FeastSdkFeatureHydrator`` calls ``FeatureStore.get_online_features`` (reference / comparison).
 """
