@@ -56,7 +56,7 @@ def feature_matrix(frame: pd.DataFrame, feature_names: Sequence[str]) -> np.ndar
             "core.schema.ALL_FEATURES."
         )
     sub = frame[names]
-    if all(dt.kind == "f" for dt in sub.dtypes):  # plain floats (the mixer's frames): one conversion
+    if all(isinstance(dt, np.dtype) and dt.kind == "f" for dt in sub.dtypes):  # the mixer's frames: at once
         out = sub.to_numpy(dtype=np.float32)
         out[~np.isfinite(out)] = np.nan
         return np.ascontiguousarray(out)

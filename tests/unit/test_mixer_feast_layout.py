@@ -100,3 +100,30 @@ def test_finish_feature_frame_adds_id_buckets():
     pd.testing.assert_frame_equal(missing[list(ID_FEATURES)], out[list(ID_FEATURES)])
     assert missing.drop(columns=list(ID_FEATURES)).isna().all().all()
     assert missing_feature_frame(2).isna().all().all()
+
+
+def test_finish_feature_frame_of_columns_equals_the_frame_path_and_the_offline_request_features():
+    import pandas as pd
+
+    from core.request_features import add_request_features
+    from core.schema import ALL_FEATURES, REQUEST_FEATURES
+    from mixer.feature_hydrators.frame import finish_feature_frame
+
+    rng = np.random.default_rng(5)
+    n, now_s = 40, 1.65e9
+    columns = {"user_click_rate": rng.random(n), "post_created_ts": now_s - rng.integers(0, 90_000, n).astype(float),
+               "tmp_last_impression_ts": np.where(rng.random(n) < 0.3, np.nan, now_s - rng.integers(0, 90_000, n)),
+               "tmp_impressions_1h": rng.integers(0, 5, n).astype(float),
+               "tmp_impressions_24h": rng.integers(0, 50, n).astype(float)}
+    posts, authors = rng.integers(0, 1000, n), rng.integers(-1, 100, n)
+    out = finish_feature_frame(columns, now_s, 4, user_id=3, post_ids=posts, author_ids=authors)
+    assert list(out.columns) == list(ALL_FEATURES) and out.dtypes.eq("float64").all()
+    pd.testing.assert_frame_equal(out, finish_feature_frame(pd.DataFrame(columns), now_s, 4, user_id=3,
+                                                            post_ids=posts, author_ids=authors))
+    # the same request features as the training sets get (core.request_features, one code path)
+    offline = add_request_features(pd.DataFrame(columns), pd.Timestamp(now_s, unit="s", tz="UTC"), surface=4)
+    for name in (*REQUEST_FEATURES, "tmp_impressions_1h", "tmp_impressions_24h"):
+        np.testing.assert_array_equal(out[name].to_numpy(), offline[name].to_numpy(dtype="float64"), err_msg=name)
+    with pytest.raises(ValueError, match="user_click_rate has 39 rows"):
+        finish_feature_frame({**columns, "user_click_rate": columns["user_click_rate"][:-1]}, now_s, 4, user_id=3,
+                             post_ids=posts, author_ids=authors)

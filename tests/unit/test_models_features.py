@@ -28,6 +28,21 @@ def test_feature_matrix_orders_columns_and_maps_missing_values_to_nan():
     np.testing.assert_array_equal(x[2], [-1, 3, 4])
 
 
+def test_feature_matrix_of_a_float_frame_equals_the_column_by_column_path():
+    # the mixer's frames are one float64 block, converted at once; any other frame goes column by column
+    rng = np.random.default_rng(3)
+    block = rng.normal(size=(50, 6))
+    block[rng.random(block.shape) < 0.2] = np.nan
+    block[0, 1], block[1, 2] = np.inf, -np.inf
+    floats = pd.DataFrame(block, columns=list("abcdef"))
+    mixed = floats.astype({"c": object, "e": "Float64"})
+    names = ["f", "a", "c", "b", "e"]
+    x = feature_matrix(floats, names)
+    assert x.dtype == np.float32 and x.flags["C_CONTIGUOUS"] and np.isnan(x[0, 3]) and np.isnan(x[1, 2])
+    np.testing.assert_array_equal(x, feature_matrix(mixed, names))
+    np.testing.assert_array_equal(x[:, 1], np.where(np.isfinite(block[:, 0]), block[:, 0], np.nan).astype(np.float32))
+
+
 def test_feature_matrix_lists_every_missing_column():
     with pytest.raises(MissingFeaturesError) as err:
         feature_matrix(pd.DataFrame({"a": [1.0]}), ["a", "user_click_rate", "post_likes_7d"])
