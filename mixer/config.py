@@ -65,7 +65,8 @@ class ScoringSettings(_Strict):
     ``threads`` is each worker's intra-op thread count for in-process scoring (torch's pool, per
     process, and LightGBM's per call). The default 1 suits one worker per core: with the libraries'
     default (all cores) each worker's idle OpenMP threads spin on the cores the other workers need
-    (measured: 40-47 -> 26-27 ms of CPU per request, same latency)."""
+    (measured in one process: 40-47 -> 26-27 ms of process CPU per request at the same latency;
+    under load on 2 workers the difference was within the machine's noise)."""
 
     backend: Literal["in_process", "triton_grpc", "triton_http", "bentoml"] = "in_process"
     url: str | None = None  # triton_grpc: host:port; triton_http: host:port; bentoml: http://host:port
