@@ -1,6 +1,6 @@
--- HMGET of many hashes in one call, grouped by field list (read-only;
--- feast_layout.HmgetGroupsScript builds KEYS / ARGV). One request's Feast reads are ~800 HMGETs
--- (mostly (user, author) pairs); as one script they cost one command instead of ~800 parsed replies.
+-- HMGET of many hashes in one call, grouped by field list (read-only; FeastLayoutFeatureHydrator._read
+-- in feast_layout.py builds KEYS / ARGV). One request's Feast reads are ~800 HMGETs (mostly
+-- (user, author) pairs); as one script they cost one command instead of ~800 parsed replies.
 --   KEYS: the hashes, group after group
 --   ARGV: the number of groups, then per group: its number of keys, its number of fields, the fields
 -- Returns per key, per field the value (flat, row-major); a missing key or field is a nil reply.
