@@ -19,6 +19,8 @@ bench: setup
 	.venv/bin/python bench/hydration.py
 	.venv/bin/python bench/mixer_latency.py
 	.venv/bin/python bench/serving.py
+	.venv/bin/python bench/feature_log.py
+	.venv/bin/python bench/metrics.py
 
 clean:
 	@if [ -x .venv/bin/home-mixer ]; then .venv/bin/home-mixer clean; else rm -rf .state; fi

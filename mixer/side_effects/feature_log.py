@@ -24,8 +24,8 @@ class FeatureLogSideEffect(SideEffect):
     ``served_at`` = wall clock, model versions, ``schema`` fingerprint, ``features`` = the item's
     row of the hydrated frame after real-time merging as float64 little-endian bytes in
     ``ALL_FEATURES`` order). The rows come from ``TimelineResult.item_features`` (the page's rows
-    only; the frame is not copied). Measured cost on 20 served items: see
-    ``tests/unit/test_mixer_feature_log.py`` (about 0.2 ms of CPU, redis-py packing included).
+    only; the frame is not copied). Measured cost on 20 served items (``bench/feature_log.py``):
+    about 0.44 ms of CPU per page, 1.24x the bare ``XADD`` pipeline of the same entries.
 
     Args:
         client: Redis to write to.

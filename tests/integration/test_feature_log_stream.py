@@ -1,9 +1,8 @@
 """Feature logging against a real Redis: the capped stream, read back and labelled by
-``pipelines.logged_features``, the empty-stream error, and the side effect's CPU per request."""
+``pipelines.logged_features``, the empty-stream error, and the stream's cap. (Its CPU per page is
+measured by ``bench/feature_log.py``.)"""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pandas as pd
@@ -60,18 +59,10 @@ def test_logged_rows_read_back_and_labelled(redis_client):
         logged_training_set(redis_client, imp.assign(event_ts=T0 - pd.Timedelta(days=1)))
 
 
-def test_feature_log_is_capped_and_cheap(redis_client):
+def test_feature_log_is_capped(redis_client):
     rng = np.random.default_rng(6)
     effect = FeatureLogSideEffect(redis_client, maxlen=200)
     result, _ = _result(9, list(range(100, 120)), T0, "c" * 32, rng)
-    for _ in range(20):
+    for _ in range(220):
         effect.apply(result)
-    reps = 200
-    cpu, wall = time.process_time(), time.perf_counter()
-    for _ in range(reps):
-        effect.apply(result)
-    cpu_ms = (time.process_time() - cpu) / reps * 1000
-    wall_ms = (time.perf_counter() - wall) / reps * 1000
-    print(f"feature log, 20 items to a real Redis: {cpu_ms * 1000:.0f} us CPU, {wall_ms * 1000:.0f} us wall per request")
-    assert cpu_ms < 1.0
-    assert 200 <= redis_client.xlen(keys.SERVED_FEATURES) < 20 * 220  # MAXLEN ~ 200
+    assert 200 <= redis_client.xlen(keys.SERVED_FEATURES) < 20 * 220  # MAXLEN ~ 200, 4,400 written

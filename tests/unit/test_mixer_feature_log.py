@@ -1,10 +1,9 @@
 """Feature logging without Redis: the entry encoding, the runner handing the served items' feature
 rows to side effects (after top K re-orders the frame and the selectors drop it), the side effect's
-fields, its gate, and its CPU cost on 20 items (redis-py's command packing included)."""
+fields and its gate. (Its CPU per page is measured by ``bench/feature_log.py``.)"""
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -124,14 +123,13 @@ class PackingClient:
         self.redis = redis.Redis(host="127.0.0.1", port=1)  # never connected
         self.conn = redis.connection.Connection()
         self.sent: list[list] = []
-        self.bytes = 0
 
     def pipeline(self, transaction=False):
         pipe = self.redis.pipeline(transaction=transaction)
 
         def execute():
             stack = [c[0] for c in pipe.command_stack]
-            self.bytes += sum(len(chunk) for chunk in self.conn.pack_commands(stack))
+            self.conn.pack_commands(stack)  # raises on a value redis-py cannot send
             self.sent.append(stack)
             pipe.reset()
 
@@ -181,19 +179,3 @@ def test_config_gates_the_feature_log():
     data["feature_logging"] = {"stream_maxlen": 0}
     with pytest.raises(ValueError, match="feature_logging.stream_maxlen"):
         parse_config(data)
-
-
-def test_feature_log_cpu_cost_on_20_items_is_well_under_a_millisecond():
-    client = PackingClient()
-    effect = FeatureLogSideEffect(client, maxlen=100_000)
-    result, _ = _served(20)
-    for _ in range(50):  # warm up
-        effect.apply(result)
-    reps = 500
-    t0 = time.process_time()
-    for _ in range(reps):
-        effect.apply(result)
-    per_call_ms = (time.process_time() - t0) / reps * 1000
-    print(f"feature log side effect, 20 items: {per_call_ms * 1000:.0f} us CPU per request "
-          f"(redis-py packing included), {client.bytes / (reps + 50):.0f} bytes on the wire")
-    assert per_call_ms < 0.5

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,21 +12,27 @@ from mixer.candidate_sources import CandidateSource, ParallelSourceRunner
 
 
 class SleepySource(CandidateSource):
-    def __init__(self, name, n, sleep_s=0.0, timeout_ms=200.0, fail=False, on=True):
+    def __init__(self, name, n, sleep_s=0.0, timeout_ms=200.0, fail=False, on=True, barrier=None):
         self.name, self.n, self.sleep_s, self.timeout_ms, self.fail = name, n, sleep_s, timeout_ms, fail
-        self.on, self.calls = on, 0
+        self.on, self.calls, self.barrier = on, 0, barrier
         self.release = threading.Event()
+        self.finished = threading.Event()
 
     def enabled(self, query):
         return self.on
 
     def fetch(self, query):
         self.calls += 1
-        if self.sleep_s:
-            self.release.wait(self.sleep_s)
-        if self.fail:
-            raise ConnectionError("index shard down")
-        return [Candidate(post_id=i, source=self.name) for i in range(self.n)]
+        try:
+            if self.barrier is not None:
+                self.barrier.wait()  # breaks (raises) unless every source is inside fetch at once
+            if self.sleep_s:
+                self.release.wait(self.sleep_s)
+            if self.fail:
+                raise ConnectionError("index shard down")
+            return [Candidate(post_id=i, source=self.name) for i in range(self.n)]
+        finally:
+            self.finished.set()
 
 
 @pytest.fixture()
@@ -41,11 +46,9 @@ def test_slow_and_failing_sources_are_skipped_fail_open(pool):
     slow = SleepySource("slow", 5, sleep_s=5.0, timeout_ms=50)
     runner = ParallelSourceRunner([SleepySource("a", 3), slow, SleepySource("bad", 2, fail=True),
                                    SleepySource("b", 4, sleep_s=0.02)], pool)
-    t0 = time.perf_counter()
     cands, results = runner.run(Query(1, 10, 0.0, "r"))
-    elapsed = time.perf_counter() - t0
+    assert not slow.finished.is_set()  # answered while the slow source still sleeps its 5 s
     slow.release.set()
-    assert elapsed < 1.0  # did not wait the slow source's 5 s
     status = {r.name: r.status for r in results}
     assert status == {"a": "ok", "slow": "timeout", "bad": "error", "b": "ok"}
     assert "index shard down" in next(r.error for r in results if r.name == "bad")
@@ -53,11 +56,11 @@ def test_slow_and_failing_sources_are_skipped_fail_open(pool):
 
 
 def test_sources_run_in_parallel(pool):
-    sources = [SleepySource(f"s{i}", 1, sleep_s=0.2, timeout_ms=1000) for i in range(3)]
-    t0 = time.perf_counter()
+    # run one after another, the first would wait at the barrier alone until it breaks (error)
+    barrier = threading.Barrier(3, timeout=5.0)
+    sources = [SleepySource(f"s{i}", 1, timeout_ms=10_000, barrier=barrier) for i in range(3)]
     _, results = ParallelSourceRunner(sources, pool).run(Query(1, 10, 0.0, "r"))
-    assert all(r.status == "ok" for r in results)
-    assert time.perf_counter() - t0 < 0.45  # 3 x 0.2 s sequentially would be 0.6 s
+    assert [r.status for r in results] == ["ok"] * 3 and not barrier.broken
 
 
 def test_duplicate_source_names_rejected(pool):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -136,22 +135,6 @@ def test_ndcg_matches_sklearn_per_user(rng):
 def test_bad_input_raises_value_error(bad):
     with pytest.raises(ValueError):
         bad()
-
-
-def test_metrics_are_fast_on_40k_rows_7_heads(rng):
-    n = 40_000
-    users = rng.integers(0, 8_000, n)
-    started = time.perf_counter()
-    for _ in range(7):
-        y = (rng.random(n) < 0.1).astype(int)
-        p = rng.random(n)
-        M.auc(y, p)
-        M.gauc(y, p, users)
-        M.log_loss(y, p)
-        M.expected_calibration_error(y, p)
-        M.ndcg_at_k(y * 3.0, p, users)
-    # vectorised: ~0.3 s here; a per-user Python loop would take tens of seconds
-    assert time.perf_counter() - started < 5.0
 
 
 def test_group_aucs_give_one_half_to_a_group_with_one_shared_score():
