@@ -24,7 +24,8 @@ class InNetworkCandidateSource(CandidateSource):
     the uncached authors of a request in one pipeline; only when the request time is at or after
     the index cutoff (``StoreVersions.index_as_of``), where "created before now" holds for every
     indexed post and the list does not depend on the request time. While Redis is down the cached
-    authors answer (``Fallback``: degraded).
+    authors answer (``Fallback``: degraded); an uncached read (no cache, or a request time inside
+    the index) raises ``RedisUnavailable`` at once instead of waiting out its timeout.
     """
 
     def __init__(self, client: redis.Redis, max_candidates: int = 400, max_authors: int = 100,
@@ -55,7 +56,7 @@ class InNetworkCandidateSource(CandidateSource):
         caches, failed = self.caches, None
         as_of = caches.versions.index_as_of if caches is not None else None
         if as_of is None or query.now_s < as_of:  # no cache, or a request time inside the index
-            lists = self._read([a for a, _ in authors], query.now_s)
+            lists = guarded(self.health, lambda: self._read([a for a, _ in authors], query.now_s))
         else:
             cache = caches.author_posts
             version = cache.version

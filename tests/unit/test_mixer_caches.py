@@ -89,6 +89,22 @@ def test_health_fails_fast_while_down_and_only_connection_errors_mark_it_down():
     assert guarded(health, lambda: 42) == 42 and health.summary()["outages"] == 1
 
 
+def test_the_uncached_in_network_read_fails_fast_while_redis_is_down():
+    from mixer.candidate_sources import InNetworkCandidateSource
+
+    client = FakeRedis()
+    health = RedisHealth()
+    source = InNetworkCandidateSource(client, health=health)
+    query = Query(user_id=1, page_size=10, now_s=100.0, request_id="r", follows=frozenset({3}))
+    client.down = True
+    with pytest.raises(redis.ConnectionError):  # the first read finds Redis down and says so
+        source.fetch(query)
+    assert not health.up
+    client.pipeline = lambda transaction=False: pytest.fail("no Redis I/O while it is marked down")
+    with pytest.raises(RedisUnavailable):
+        source.fetch(query)
+
+
 class FakePipeline:
     def __init__(self, client):
         self.client, self.ops = client, []
