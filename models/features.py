@@ -55,9 +55,8 @@ def feature_matrix(frame: pd.DataFrame, feature_names: Sequence[str]) -> np.ndar
             "core.request_features.add_request_features, which produce every feature of "
             "core.schema.ALL_FEATURES."
         )
-    sub = frame[names]
-    if all(isinstance(dt, np.dtype) and dt.kind == "f" for dt in sub.dtypes):  # the mixer's frames: at once
-        out = sub.to_numpy(dtype=np.float32)
+    if all(isinstance(dt, np.dtype) and dt.kind == "f" for dt in frame.dtypes[names]):  # the mixer's frames: at once
+        out = frame[names].to_numpy(dtype=np.float32)
         out[~np.isfinite(out)] = np.nan
         return np.ascontiguousarray(out)
     out = np.empty((len(frame), len(names)), dtype=np.float32)
