@@ -19,6 +19,8 @@ Candidate index (``pipelines.candidate_index.build_candidate_index``, rebuilt as
 | ``engaged_authors(user_id)`` | ``hm:engaged_authors:{user_id}`` | zset | author_id -> summed engagement edge weight | candidate index | ``UserContextHydrator`` |
 | ``tag_interest(user_id)`` | ``hm:tag_interest:{user_id}`` | zset | tag -> summed engagement weight of engaged posts with the tag | candidate index | ``UserContextHydrator`` |
 | ``seen_posts(user_id)`` | ``hm:seen:{user_id}`` | zset | post_id -> last impression time in the log | candidate index | ``UserContextHydrator`` (previously-seen filter) |
+| ``action_sequence(user_id)`` | ``hm:seq:{user_id}`` | zset | ``"post_id|author_id|action"`` (``encode_action``) -> engagement time (epoch s, float): the user's last N engaged posts (``pipelines.sequences``) | candidate index | ``UserActionSequenceQueryHydrator`` |
+| ``coengagement(post_id)`` | ``hm:coeng:{post_id}`` | zset | neighbour post_id -> co-engagement cosine (``pipelines.coengagement``), top N | candidate index | ``CoEngagementCandidateSource`` |
 
 Graph sets (author_ids; the index writes them from the log, the stream processor keeps them current):
 
@@ -114,6 +116,34 @@ def seen_posts(user_id: int) -> str:
     return f"hm:seen:{user_id}"
 
 
+def action_sequence(user_id: int) -> str:
+    """zset ``encode_action(post, author, action)`` -> engagement time (epoch s): the user action sequence."""
+    return f"hm:seq:{user_id}"
+
+
+def coengagement(post_id: int) -> str:
+    """zset neighbour post_id -> co-engagement similarity (top N per post)."""
+    return f"hm:coeng:{post_id}"
+
+
+def encode_action(post_id: int, author_id: int, action: str) -> str:
+    """``"post_id|author_id|action"``: one member of ``action_sequence``."""
+    return f"{int(post_id)}|{int(author_id)}|{action}"
+
+
+def decode_action(value: bytes | str) -> tuple[int, int, str]:
+    """Inverse of ``encode_action``: ``(post_id, author_id, action)``.
+
+    Raises:
+        ValueError: not in the ``post|author|action`` form (rebuild the index).
+    """
+    text = value.decode() if isinstance(value, bytes) else value
+    parts = text.split("|")
+    if len(parts) != 3:
+        raise ValueError(f"bad action sequence member {text!r}: expected 'post|author|action'; rebuild the index")
+    return int(parts[0]), int(parts[1]), parts[2]
+
+
 # ---------------------------------------------------------------- graph sets
 def follows(user_id: int) -> str:
     """set of author_ids the user follows (index; kept current by the stream processor)."""
@@ -150,7 +180,7 @@ def served_posts(user_id: int) -> str:
 # the impression stream belong to the mixer and survive a rebuild.
 INDEX_KEY_PATTERNS: tuple[str, ...] = (
     "hm:author_posts:*", "hm:popular:*", "hm:tag_posts:*", "hm:follows:*", "hm:engaged_authors:*",
-    "hm:tag_interest:*", "hm:hated_authors:*", "hm:seen:*",
+    "hm:tag_interest:*", "hm:hated_authors:*", "hm:seen:*", "hm:seq:*", "hm:coeng:*",
 )
 INDEX_SINGLE_KEYS: tuple[str, ...] = (POST_META, INDEX_META)
 

@@ -62,8 +62,9 @@ USERS_COLUMNS: tuple[str, ...] = (
 # The user's history before the log (KuaiRand ``user_sequences_upto_20220424.parquet``): one row per
 # video id of each sequence; kind "watch" (watch_seq), "long_view" (long_watch_seq) or "like"
 # (like_seq). event_ts is when the history is known: the user's last_time_ms + 1 ms.
-# tag_id = the post's primary tag (-1 none).
-PRELOG_EVENTS_COLUMNS: tuple[str, ...] = ("user_id", "post_id", "author_id", "tag_id", "event_ts", "kind")
+# tag_id = the post's primary tag (-1 none); position = index in its sequence (0 = oldest).
+PRELOG_EVENTS_COLUMNS: tuple[str, ...] = ("user_id", "post_id", "author_id", "tag_id", "event_ts", "kind",
+                                          "position")
 PRELOG_KINDS: tuple[str, ...] = ("watch", "long_view", "like")
 
 # edge_type: "follow" (explicit is_follow event, weight 1) or "engagement" (one per impression with

@@ -203,7 +203,7 @@ class MixerCaches:
         on_lookup: metrics callback (``VersionedCache``).
     """
 
-    INDEX_CACHES = ("post_meta", "popular", "tag_posts", "author_posts")
+    INDEX_CACHES = ("post_meta", "popular", "tag_posts", "author_posts", "coengagement")
     FEATURE_CACHES = ("post_features",)
 
     def __init__(self, settings: CacheSettings, on_lookup: Callable[[str, str, int], None] | None = None):
@@ -217,6 +217,7 @@ class MixerCaches:
         self.popular = make("popular", 16)
         self.tag_posts = make("tag_posts")
         self.author_posts = make("author_posts")
+        self.coengagement = make("coengagement")  # post -> its co-engagement neighbours
         self.post_features = make("post_features")
         # a context is a few sets / dicts of ints: ~70 bytes per member in CPython
         self.user_context = make("user_context", max(1, settings.user_context_entries),

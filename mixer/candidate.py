@@ -9,12 +9,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from core.schema import HOME_SURFACE
 
 if TYPE_CHECKING:  # annotation only (mixer.selectors imports this module)
     from mixer.selectors.page_cursor import PageCursor
+
+
+class EngagedAction(NamedTuple):
+    """One entry of the user action sequence (x-algorithm's user action sequence).
+
+    Attributes:
+        post_id: the engaged post (int64 id).
+        author_id: its author (-1 when unknown: a live engagement from the stream processor's list).
+        action: ``pipelines.sequences.ACTION_STRENGTH`` name, or "engaged" for a live engagement.
+        ts: engagement time, epoch seconds UTC.
+    """
+
+    post_id: int
+    author_id: int
+    action: str
+    ts: float
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,8 @@ class Query:
         blocked_authors, muted_authors: author ids the user blocked / muted (stream processor).
         seen_posts: post ids with an impression in the log before the index cutoff.
         served_posts: post ids the mixer served within the served TTL.
+        action_sequence: the user's last engaged posts, newest first (``EngagedAction``; set by
+            ``UserActionSequenceQueryHydrator``; empty for a user without history).
         quality_factor: share of the full work this request gets, in (0, 1]
             (``mixer.quality_factor``): candidate source limits and heavy_ranker_top_k are scaled by it.
     """
@@ -63,6 +81,7 @@ class Query:
     muted_authors: frozenset[int] = frozenset()
     seen_posts: frozenset[int] = frozenset()
     served_posts: frozenset[int] = frozenset()
+    action_sequence: tuple[EngagedAction, ...] = ()
     quality_factor: float = 1.0
 
     @property

@@ -107,11 +107,29 @@ class TrendingSourceSettings(_Strict):
     timeout_ms: float = Field(50, gt=0)
 
 
+class CoEngagementSourceSettings(_Strict):
+    """``CoEngagementCandidateSource``: neighbours of the user's latest engagements."""
+
+    enabled: bool = True
+    max_candidates: int = Field(500, ge=1)
+    seed_posts: int = Field(20, ge=1)
+    neighbours_per_seed: int = Field(50, ge=1)
+    timeout_ms: float = Field(50, gt=0)
+
+
 class CandidateSourceSettings(_Strict):
+    coengagement: CoEngagementSourceSettings = CoEngagementSourceSettings()
     in_network: InNetworkSourceSettings = InNetworkSourceSettings()
     popular: PopularSourceSettings = PopularSourceSettings()
     tag_interest: TagInterestSourceSettings = TagInterestSourceSettings()
     trending: TrendingSourceSettings = TrendingSourceSettings()
+
+
+class ActionSequenceSettings(_Strict):
+    """``UserActionSequenceQueryHydrator``: the user's last engagements on the query."""
+
+    enabled: bool = True
+    max_length: int = Field(64, ge=1)
 
 
 class RealtimeSettings(_Strict):
@@ -295,6 +313,7 @@ class MixerConfig(_Strict):
     models: ModelSettings = ModelSettings()
     scoring: ScoringSettings = ScoringSettings()
     candidate_sources: CandidateSourceSettings = CandidateSourceSettings()
+    action_sequence: ActionSequenceSettings = ActionSequenceSettings()
     ranking: RankingSettings = RankingSettings()
     filters: FilterSettings = FilterSettings()
     page: PageSettings = PageSettings()

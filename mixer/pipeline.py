@@ -1,9 +1,10 @@
 """The home-timeline pipeline: its one declaration (``home_timeline``), read top to bottom, and
 the request entry point around it (``HomeTimelinePipeline``).
 
-    query hydration      UserContextQueryHydrator (Redis), ExperimentArmQueryHydrator (hash)
-    candidate sources    InNetwork, TagInterest, Trending, Popular - in parallel, per-source timeout,
-                         fail-open
+    query hydration      UserContextQueryHydrator (Redis), UserActionSequenceQueryHydrator (Redis),
+                         ExperimentArmQueryHydrator (hash)
+    candidate sources    CoEngagement, InNetwork, TagInterest, Trending, Popular - in parallel,
+                         per-source timeout, fail-open
     candidate hydration  PostMetadataCandidateHydrator (author, created time, in-network)
     filters              PreviouslySeen -> HatedAuthor -> BlockedMutedAuthor -> MaxAge -> Duplicate
                          (cheapest first)
@@ -41,6 +42,7 @@ from mixer.caches import MixerCaches
 from mixer.candidate import Query
 from mixer.candidate_hydrators import PostMetadataCandidateHydrator
 from mixer.candidate_sources import (
+    CoEngagementCandidateSource,
     InNetworkCandidateSource,
     PopularCandidateSource,
     TagInterestCandidateSource,
@@ -58,7 +60,11 @@ from mixer.filters import (
 )
 from mixer.metrics import MixerMetrics
 from mixer.pipeline_runner import CandidatePipeline, PipelineRunner, ScoringStage
-from mixer.query_hydrators import ExperimentArmQueryHydrator, UserContextQueryHydrator
+from mixer.query_hydrators import (
+    ExperimentArmQueryHydrator,
+    UserActionSequenceQueryHydrator,
+    UserContextQueryHydrator,
+)
 from mixer.redis_health import RedisHealth
 from mixer.scorers import HeavyRankerScorer, LightRankerScorer, RankerHandle
 from mixer.selectors import AuthorDiversitySelector, PageCursor, PageSelector, TopKSelector
@@ -128,9 +134,14 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
     return CandidatePipeline(
         query_hydrators=[
             UserContextQueryHydrator(client, config.served.ttl_seconds, caches=caches, health=health),
+            UserActionSequenceQueryHydrator(client, config.action_sequence.max_length,
+                                            enabled=config.action_sequence.enabled, health=health),
             ExperimentArmQueryHydrator(config.experiment),
         ],
         candidate_sources=[  # priority order: the most personalised source names a post several returned
+            CoEngagementCandidateSource(client, src.coengagement.max_candidates, src.coengagement.seed_posts,
+                                        src.coengagement.neighbours_per_seed, src.coengagement.timeout_ms,
+                                        enabled=src.coengagement.enabled, caches=caches, health=health),
             InNetworkCandidateSource(client, src.in_network.max_candidates, src.in_network.max_authors,
                                      src.in_network.posts_per_author, src.in_network.timeout_ms,
                                      caches=caches, health=health),

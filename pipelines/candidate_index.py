@@ -6,8 +6,10 @@ indexed, so an index built as of an impression's time holds nothing the user cou
 Redis layout: the candidate-index and graph-set tables of ``core/online_layout.py`` (the one place
 that builds the keys and documents each with its type, content and readers): post metadata, posts
 per author, popular posts per window, posts per tag, and per user follows, engaged authors, tag
-interests, hated authors and seen posts, plus ``INDEX_META`` (``as_of``, ``built_at``, one count per
-family).
+interests, hated authors, seen posts and the user action sequence (last ``sequence_length`` engaged
+posts, ``pipelines.sequences``), the co-engagement neighbours of each post when given
+(``pipelines.coengagement``, a Spark job run first), plus ``INDEX_META`` (``as_of``, ``built_at``,
+one count per family).
 
 "Weighted engagements" are ``sum_h ENGAGEMENT_EDGE_WEIGHTS[h] * label_h`` over impressions
 (``core.schema``; RealGraph idea, Kamath et al. 2014); engaged-author weights are the summed
@@ -39,6 +41,7 @@ from core.schema import (
 )
 from core.state import StateDir
 from core import online_layout as keys
+from pipelines.sequences import ENGAGED_HEADS, engagement_sequences, last_n
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +50,18 @@ TAG_POSTS_WINDOW_HOURS = 168
 BATCH_COMMANDS = 5000  # commands per pipeline round trip
 
 
+DEFAULT_SEQUENCE_LENGTH = 64  # engagements kept per user in the online store (issue #19's default N)
+
+
 @dataclass(frozen=True)
 class CanonicalTables:
-    """The three canonical tables the index needs (pandas, columns of ``core.schema``)."""
+    """The canonical tables the index needs (pandas, columns of ``core.schema``); ``prelog_events``
+    (the users' history before the log) is optional: without it sequences hold log engagements only."""
 
     impressions: pd.DataFrame
     posts: pd.DataFrame
     social_edges: pd.DataFrame
+    prelog_events: pd.DataFrame | None = None
 
     @classmethod
     def load(cls, state: StateDir) -> "CanonicalTables":
@@ -72,11 +80,13 @@ class CanonicalTables:
                 )
             needed = [c for c in cols if c in _NEEDED[name]]
             frames[name] = pd.read_parquet(path, columns=needed)
+        prelog = state.table("prelog_events")
+        frames["prelog_events"] = pd.read_parquet(prelog) if prelog.exists() else None
         return cls(**frames)
 
 
 _NEEDED = {
-    "impressions": {"user_id", "post_id", "author_id", "event_ts", *ENGAGEMENT_EDGE_WEIGHTS, "hate"},
+    "impressions": {"user_id", "post_id", "author_id", "event_ts", *ENGAGEMENT_EDGE_WEIGHTS, "hate", *ENGAGED_HEADS},
     "posts": {"post_id", "author_id", "created_ts", "tags", "primary_tag"},
     "social_edges": {"user_id", "author_id", "event_ts", "edge_type", "weight"},
 }
@@ -134,6 +144,8 @@ class CandidateIndexContent:
       tag_interest: user_id, tag, weight
       hated_authors: user_id, author_id
       seen: user_id, post_id, ts
+      sequences: user_id, post_id, author_id, action (str), ts (float s): last N engaged posts per user
+      coengagement: post_id, neighbour_id, score (empty when no neighbours were given)
     """
 
     as_of: pd.Timestamp
@@ -145,6 +157,8 @@ class CandidateIndexContent:
     tag_interest: pd.DataFrame
     hated_authors: pd.DataFrame
     seen: pd.DataFrame
+    sequences: pd.DataFrame
+    coengagement: pd.DataFrame
 
     def counts(self) -> dict[str, int]:
         """Rows per family (keys are stable names used in ``INDEX_META``)."""
@@ -158,20 +172,28 @@ class CandidateIndexContent:
             "tag_interest_edges": len(self.tag_interest),
             "hated_author_edges": len(self.hated_authors),
             "seen_edges": len(self.seen),
+            "sequence_users": int(self.sequences["user_id"].nunique()) if len(self.sequences) else 0,
+            "sequence_events": len(self.sequences),
+            "coengagement_posts": int(self.coengagement["post_id"].nunique()) if len(self.coengagement) else 0,
             "users": int(pd.concat([self.follows["user_id"], self.engaged_authors["user_id"],
                                     self.seen["user_id"]]).nunique()),
         }
 
 
-def compute_candidate_index(tables: CanonicalTables, as_of: datetime | pd.Timestamp | str) -> CandidateIndexContent:
+def compute_candidate_index(tables: CanonicalTables, as_of: datetime | pd.Timestamp | str,
+                            coengagement: pd.DataFrame | None = None,
+                            sequence_length: int = DEFAULT_SEQUENCE_LENGTH) -> CandidateIndexContent:
     """Compute every index family from the canonical tables using only what is known before ``as_of``.
 
     Args:
-        tables: canonical impressions, posts, social_edges (``core.schema`` columns).
+        tables: canonical impressions, posts, social_edges, optional prelog_events (``core.schema`` columns).
         as_of: the cutoff; tz-aware, or naive meaning UTC.
+        coengagement: neighbours from ``pipelines.coengagement.coengagement_neighbours`` computed
+            as of the same cutoff (None: the index holds no co-engagement lists).
+        sequence_length: engaged posts kept per user (the last ones).
 
     Raises:
-        ValueError: a table lacks a needed column.
+        ValueError: a table lacks a needed column, or ``sequence_length < 1``.
     """
     for name in ("impressions", "posts", "social_edges"):
         _require(getattr(tables, name), name)
@@ -235,11 +257,16 @@ def compute_candidate_index(tables: CanonicalTables, as_of: datetime | pd.Timest
 
     hated = (imp.loc[imp["hate"] > 0, ["user_id", "author_id"]].drop_duplicates().reset_index(drop=True))
     seen = imp.groupby(["user_id", "post_id"], as_index=False)["ts"].max()
+    sequences = last_n(engagement_sequences(tables.impressions, tables.prelog_events, cutoff), sequence_length)
+    if coengagement is None:
+        coengagement = pd.DataFrame({"post_id": pd.Series(dtype="int64"), "neighbour_id": pd.Series(dtype="int64"),
+                                     "score": pd.Series(dtype="float64")})
 
     return CandidateIndexContent(
         as_of=cutoff, posts=posts, popular=popular, tag_posts=tag_posts, follows=follows,
         engaged_authors=engaged.reset_index(drop=True), tag_interest=tag_interest.reset_index(drop=True),
-        hated_authors=hated, seen=seen.reset_index(drop=True),
+        hated_authors=hated, seen=seen.reset_index(drop=True), sequences=sequences,
+        coengagement=coengagement[coengagement["neighbour_id"].isin(known_posts)].reset_index(drop=True),
     )
 
 
@@ -326,6 +353,12 @@ def write_candidate_index(client: redis.Redis, content: CandidateIndexContent) -
         p.add("sadd", keys.hated_authors(user), *authors.tolist())
     for user, (pids, ts) in _grouped(content.seen, "user_id", ["post_id", "ts"]):
         p.add("zadd", keys.seen_posts(user), dict(zip(pids.tolist(), ts.tolist())))
+    for user, (pids, authors, actions, ts) in _grouped(content.sequences, "user_id",
+                                                       ["post_id", "author_id", "action", "ts"]):
+        p.add("zadd", keys.action_sequence(user),
+              {keys.encode_action(pid, a, act): t for pid, a, act, t in zip(pids, authors, actions, ts.tolist())})
+    for post, (nbrs, scores) in _grouped(content.coengagement, "post_id", ["neighbour_id", "score"]):
+        p.add("zadd", keys.coengagement(post), dict(zip(nbrs.tolist(), scores.tolist())))
 
     counts = content.counts()
     p.add("hset", keys.INDEX_META, mapping={
@@ -336,7 +369,8 @@ def write_candidate_index(client: redis.Redis, content: CandidateIndexContent) -
 
 
 def build_candidate_index(state: StateDir, redis_url: str, as_of: datetime | pd.Timestamp | str,
-                          tables: CanonicalTables | None = None) -> dict[str, int]:
+                          tables: CanonicalTables | None = None, coengagement: pd.DataFrame | None = None,
+                          sequence_length: int = DEFAULT_SEQUENCE_LENGTH) -> dict[str, int]:
     """Build (or rebuild, replacing) the candidate index in Redis from the state's canonical tables.
 
     Args:
@@ -344,11 +378,14 @@ def build_candidate_index(state: StateDir, redis_url: str, as_of: datetime | pd.
         redis_url: e.g. ``redis://127.0.0.1:6390/0``.
         as_of: cutoff; only events strictly before it are used (tz-aware, or naive meaning UTC).
         tables: already loaded tables (skips reading ``state``), e.g. in tests.
+        coengagement: co-engagement neighbours as of the same cutoff (``build_coengagement``
+            computes them with Spark); None leaves the co-engagement lists empty.
+        sequence_length: engaged posts kept per user in ``hm:seq:{user}``.
 
     Returns:
         counts per family (``posts``, ``authors``, ``popular_24h``, ``popular_7d``, ``tags``,
         ``follow_edges``, ``engaged_author_edges``, ``tag_interest_edges``, ``hated_author_edges``,
-        ``seen_edges``, ``users``).
+        ``seen_edges``, ``sequence_users``, ``sequence_events``, ``coengagement_posts``, ``users``).
 
     Raises:
         FileNotFoundError: a canonical table is missing.
@@ -357,7 +394,7 @@ def build_candidate_index(state: StateDir, redis_url: str, as_of: datetime | pd.
     """
     t0 = time.perf_counter()
     tables = tables or CanonicalTables.load(state)
-    content = compute_candidate_index(tables, as_of)
+    content = compute_candidate_index(tables, as_of, coengagement, sequence_length)
     client = redis.Redis.from_url(redis_url)
     try:
         counts = write_candidate_index(client, content)
@@ -365,3 +402,22 @@ def build_candidate_index(state: StateDir, redis_url: str, as_of: datetime | pd.
         client.close()
     log.info("candidate index as of %s built in %.1f s: %s", content.as_of, time.perf_counter() - t0, counts)
     return counts
+
+
+def build_coengagement(spark, tables: CanonicalTables, as_of: datetime | pd.Timestamp | str, *,
+                       window: int | None = None, top_n: int | None = None, log=print) -> pd.DataFrame:
+    """Co-engagement neighbours of every post from the users' full engagement sequences before
+    ``as_of`` (Spark: ``pipelines.coengagement.coengagement_neighbours``); neighbours are posts
+    created before ``as_of``. Pass the result to ``build_candidate_index``.
+
+    Raises:
+        ValueError: a table lacks a needed column.
+    """
+    from pipelines.coengagement import DEFAULT_TOP_N, DEFAULT_WINDOW, coengagement_neighbours
+
+    cutoff = _as_utc(as_of)
+    created = pd.to_datetime(tables.posts["created_ts"], utc=True)
+    servable = tables.posts.loc[created < cutoff, "post_id"]
+    sequences = engagement_sequences(tables.impressions, tables.prelog_events, cutoff)
+    return coengagement_neighbours(spark, sequences, servable, window=window or DEFAULT_WINDOW,
+                                   top_n=top_n or DEFAULT_TOP_N, log=log)

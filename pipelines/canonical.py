@@ -192,28 +192,32 @@ def prelog_events_table(sequences: pd.DataFrame | None, posts: pd.DataFrame) -> 
     """The pre-log history as events: one row per (user, sequence kind, video id in the sequence).
 
     ``event_ts`` is the user's ``last_time_ms`` + 1 ms (when the whole history is known: a feature
-    row built from it is point-in-time correct from then on); ``author_id`` and ``tag_id`` (the
+    row built from it is point-in-time correct from then on); ``position`` is the video's index in
+    its sequence (0 = oldest: the file lists oldest first), the only order the history has;
+    ``author_id`` and ``tag_id`` (the
     primary tag) come from the posts; videos not in the posts table are dropped. ``sequences``
     None gives an empty table with the same columns and dtypes.
     """
     cols = {"user_id": "int64", "post_id": "int64", "author_id": "int64", "tag_id": "int64",
-            "event_ts": TS_DTYPE, "kind": "string"}
+            "event_ts": TS_DTYPE, "kind": "string", "position": "int64"}
     if sequences is None or sequences.empty:
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in cols.items()})[list(PRELOG_EVENTS_COLUMNS)]
     parts = []
     for kind, column in (("watch", "watch_seq"), ("long_view", "long_watch_seq"), ("like", "like_seq")):
         rows = sequences[["user_id", "last_time_ms", column]].explode(column).dropna(subset=[column])
+        position = rows.groupby(level=0).cumcount()  # explode keeps each user's row label
         parts.append(pd.DataFrame({
             "user_id": rows["user_id"].astype("int64"),
             "post_id": rows[column].astype("int64"),
             "event_ts": epoch_ms_to_ts(rows["last_time_ms"].astype("int64") + 1),
             "kind": kind,
+            "position": position.astype("int64"),
         }))
     events = pd.concat(parts, ignore_index=True)
     meta = posts[["post_id", "author_id", "primary_tag"]].rename(columns={"primary_tag": "tag_id"})
     events = events.merge(meta, on="post_id", how="inner")
     return events.astype(cols)[list(PRELOG_EVENTS_COLUMNS)].sort_values(
-        ["user_id", "kind", "post_id"], kind="stable").reset_index(drop=True)
+        ["user_id", "kind", "position"], kind="stable").reset_index(drop=True)
 
 
 def write_table(frame: pd.DataFrame, path: Path) -> Path:

@@ -430,7 +430,9 @@ def test_home_timeline_declaration_reads_top_to_bottom_and_gates_from_config():
     client = redis.Redis(host="127.0.0.1", port=1)  # never connected: declaring does no I/O
     cfg = load_config()
     p = home_timeline(cfg, rankers, client=client, feature_hydrator=Store(), metrics=MixerMetrics())
-    assert [s.name for s in p.candidate_sources] == ["in_network", "tag_interest", "trending", "popular"]
+    assert [s.name for s in p.candidate_sources] == ["coengagement", "in_network", "tag_interest", "trending",
+                                                     "popular"]
+    assert [h.name for h in p.query_hydrators] == ["user_context", "action_sequence", "experiment_arm"]
     assert [f.name for f in p.filters] == ["previously_seen", "hated_author", "blocked_muted_author", "max_age",
                                            "duplicate"]
     assert [(h.name, h.stage) for h in p.feature_hydrators] == [("store", "feature_hydration"),
@@ -445,11 +447,15 @@ def test_home_timeline_declaration_reads_top_to_bottom_and_gates_from_config():
         ("request_metrics", True)]
     assert p.model_versions == {"light_ranker": "3", "heavy_ranker": "4"}
     q = _query()
-    assert p.candidate_sources[2].enabled(q) and p.feature_hydrators[1].enabled(q)
+    assert p.candidate_sources[3].enabled(q) and p.feature_hydrators[1].enabled(q)
+    assert p.candidate_sources[0].enabled(q) and p.query_hydrators[1].enabled(q)
 
     data = cfg.model_dump()
     data["candidate_sources"]["trending"]["enabled"] = False
+    data["candidate_sources"]["coengagement"]["enabled"] = False
+    data["action_sequence"]["enabled"] = False
     data["realtime"]["enabled"] = False
     off = home_timeline(parse_config(data), rankers, client=client, feature_hydrator=Store(), metrics=MixerMetrics())
-    assert not off.candidate_sources[2].enabled(q) and not off.feature_hydrators[1].enabled(q)
-    assert all(s.enabled(q) for s in off.candidate_sources if s.name != "trending")
+    assert not off.candidate_sources[3].enabled(q) and not off.feature_hydrators[1].enabled(q)
+    assert not off.candidate_sources[0].enabled(q) and not off.query_hydrators[1].enabled(q)
+    assert all(s.enabled(q) for s in off.candidate_sources if s.name not in ("trending", "coengagement"))

@@ -35,6 +35,8 @@ GOLDEN: dict[str, tuple[tuple, str]] = {
     "POST_META": ((), "hm:post_meta"),
     "INDEX_META": ((), "hm:index_meta"),
     "author_posts": ((11,), "hm:author_posts:11"),
+    "action_sequence": ((11,), "hm:seq:11"),
+    "coengagement": ((11,), "hm:coeng:11"),
     "popular": (("24h",), "hm:popular:24h"),
     "tag_posts": ((5,), "hm:tag_posts:5"),
     "engaged_authors": ((3,), "hm:engaged_authors:3"),

@@ -12,7 +12,8 @@ from pipelines.raw import SEQUENCE_COLUMNS, SEQUENCES_FILE, RawDataParseError, r
 
 LAST_MS = 1_650_700_000_000  # 2022-04-23T07:46:40Z
 EXPECTED_DTYPES = {"user_id": "int64", "post_id": "int64", "author_id": "int64", "tag_id": "int64",
-                   "event_ts": "datetime64[us, UTC]", "kind": "string"}
+                   "event_ts": "datetime64[us, UTC]", "kind": "string",
+                   "position": "int64"}
 
 
 def posts(*rows: tuple[int, int, int]) -> pd.DataFrame:
@@ -53,6 +54,10 @@ def test_counts_per_kind_equal_sequence_lengths_minus_unknown_videos():
     assert set(out["kind"]) <= set(PRELOG_KINDS)
     assert 3 not in set(out["user_id"]) and 99 not in set(out["post_id"])
     assert sorted(out.loc[(out.user_id == 1) & (out.kind == "watch"), "post_id"]) == [10, 10, 11, 12]
+    # the sequence order survives as position (0 = oldest; the unknown video keeps its slot)
+    watch = out[(out.user_id == 1) & (out.kind == "watch")]
+    assert watch["post_id"].tolist() == [10, 11, 10, 12] and watch["position"].tolist() == [0, 1, 3, 4]
+    assert out.loc[(out.user_id == 1) & (out.kind == "long_view"), "position"].tolist() == [0, 1]
 
 
 def test_event_ts_is_last_time_plus_one_ms_and_posts_metadata_is_joined():
