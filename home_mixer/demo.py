@@ -29,10 +29,11 @@ from core.state import StateDir
 from mixer.auth import auth_headers
 from mixer.server import MixerServer
 
-STAGES = 14
+STAGES = 15
 REPLAY_HOURS = 2.5   # the log's last hours replayed by the real-time stage ...
 REPLAY_SPEED = 600   # ... at 10 log minutes per wall second (15 s)
 FUNNEL_USERS = 100   # validation-day users whose candidate sets measure the light ranker's funnel recall
+WHOLE_FUNNEL_USERS = 2000  # users with validation-day engagements in the whole-funnel evaluation (seeded sample)
 
 
 def start_mixer(state: StateDir, redis_url: str, port: int | None = None,
@@ -217,10 +218,11 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
     from models.evaluate import evaluate_rankers
     from models.split import split_by_days
     from models.train import format_ablation, train_heavy, train_light
-    from pipelines.candidate_index import build_candidate_index
+    from pipelines.candidate_index import CanonicalTables, build_candidate_index, build_coengagement
     from pipelines.spark import spark_session
     from home_mixer.drift_job import profile_training_window
     from home_mixer.evaluation import add_funnel_to_report, control_weights, funnel_recall, validation_users
+    from home_mixer.whole_funnel import WHOLE_FUNNEL_REPORT, log_to_mlflow, whole_funnel
 
     timer = StageTimer(total=STAGES)
     started_redis = None
@@ -260,8 +262,11 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
         with timer.stage("validate the feature tables (Great Expectations gate), materialise into Redis (Feast)"):
             jobs.materialize(store, state)
             print(f"  every feature table passed the gate; Data Docs {state.reports / GX_DOCS_INDEX}")
-        with timer.stage("candidate index in Redis"):
-            counts = build_candidate_index(state, srv.url, as_of=jobs.log_end(state))
+        with timer.stage("candidate index in Redis: co-engagement neighbours (Spark), action sequences, lists"):
+            tables = CanonicalTables.load(state)
+            neighbours = build_coengagement(spark, tables, jobs.log_end(state), log=lambda line: print(f"  {line}"))
+            counts = build_candidate_index(state, srv.url, as_of=jobs.log_end(state), tables=tables,
+                                           coengagement=neighbours)
             print(f"  {counts}")
         with timer.stage("evaluate champions on the validation days; light ranker funnel recall"):
             report = evaluate_rankers(valid, control_weights(), tracking_uri=state.mlflow_tracking_uri,
@@ -271,6 +276,13 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
             funnel = funnel_recall(state, validation_users(state, FUNNEL_USERS), redis_url=srv.url,
                                    as_of=jobs.log_end(state))
             add_funnel_to_report(state.reports / "evaluation.json", funnel)
+        with timer.stage("whole funnel: candidate generation as of the validation days' start vs popularity "
+                         "and co-engagement (recall@K, hit rate, NDCG with 95 % intervals) -> MLflow"):
+            whole = whole_funnel(state, n_users=WHOLE_FUNNEL_USERS, spark=spark,
+                                 log=lambda line: print(f"  {line}"))
+            path = whole.to_json(state.reports / WHOLE_FUNNEL_REPORT)
+            log_to_mlflow(state, whole, path)
+            print(f"  report {path}")
         with timer.stage("drift: validation days vs the champion's training reference; an injected fault"):
             drift_lines = drift_stage(state, valid)
         with timer.stage("start the mixer and request home timelines over HTTP"):
@@ -303,6 +315,8 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
         print("Offline evaluation on the validation days (inside requests, features as served)")
         print(report.to_table())
         print(funnel.to_line())
+        print()
+        print(whole.to_table("engaged"))
         print()
         print(drift_lines)
         print()

@@ -138,7 +138,7 @@ def test_keys_are_the_historical_ones_byte_for_byte():
         assert (obj(*args) if callable(obj) else obj) == want
     assert layout.INDEX_KEY_PATTERNS == (
         "hm:author_posts:*", "hm:popular:*", "hm:tag_posts:*", "hm:follows:*", "hm:engaged_authors:*",
-        "hm:tag_interest:*", "hm:hated_authors:*", "hm:seen:*")
+        "hm:tag_interest:*", "hm:hated_authors:*", "hm:seen:*", "hm:seq:*", "hm:coeng:*")
     assert layout.RT_KEY_PATTERNS == (
         "hm:rt:*", "hm:follows:*", "hm:hated_authors:*", "hm:blocked_authors:*", "hm:muted_authors:*")
     with pytest.raises(ValueError, match="bad topic"):

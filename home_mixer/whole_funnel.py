@@ -1,0 +1,393 @@
+"""Whole-funnel evaluation: does the served timeline surface what users go on to engage with?
+
+Candidate generation runs as of the start of the evaluated days (the validation days: the last
+``valid_days`` dates of the log), on an online store built only from data before that instant, in
+a Redis database of its own (the served one is untouched):
+
+1. the candidate index as of ``as_of`` (``pipelines.candidate_index``: popular lists, tags, graph,
+   seen posts, user action sequences) with the co-engagement neighbours of the same cutoff (Spark);
+2. the online features as of ``as_of`` (``feast materialize`` up to ``as_of`` from the offline
+   tables, whose rows are point-in-time: a row at t uses only events before t);
+3. the champion rankers from the MLflow registry (trained on the days before).
+
+For each evaluated user (users with an ``engaged`` positive on those days: all, or a seeded sample)
+one request runs the served pipeline (``mixer.pipeline.home_timeline``) up to feature hydration;
+then every candidate is scored in-process as serving scores it, and the served order is paged as
+the mixer pages it (per page: the ``heavy_ranker_top_k`` best light scores of what is left, the
+blended heavy score, author diversity, ``page.default_size`` posts).
+
+Compared orders, each judged by recall@K, hit rate@K, NDCG@K (bootstrap 95 % intervals over users)
+and catalogue coverage (``models.retrieval_metrics``), for the positives ``engaged`` (long_view,
+like, follow, comment or forward), ``click`` and ``long_view`` of the evaluated days:
+
+- ``source:<name>``: each candidate source alone, in its own order, after the request's filters;
+- ``union``: the whole candidate set at the served budget, ordered by the light ranker (its
+  recall at the set's size is the ceiling of every later stage);
+- ``served``: the served order;
+- ``popularity``: the 7-day popularity list as of ``as_of`` (weighted engagements);
+- ``coengagement_baseline``: ``models.retrieval_baselines.coengagement_lists`` over the same
+  sequences, filled with the popularity list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from core.state import StateDir
+from models.retrieval_metrics import DEFAULT_KS, OrderSummary, per_user_metrics, summarize_order
+
+WHOLE_FUNNEL_REPORT = "whole_funnel.json"
+EVAL_DB = 9  # the Redis database of the as-of store (tests use 0, 3, 6, 7)
+POSITIVE_KINDS: tuple[str, ...] = ("engaged", "click", "long_view")
+MLFLOW_EXPERIMENT = "home-mixer-evaluation"
+
+
+@dataclass
+class WholeFunnelReport:
+    """The whole-funnel evaluation's result.
+
+    Attributes:
+        as_of: the cutoff (ISO, UTC): candidate generation sees only what happened before it.
+        days: the evaluated dates (yyyymmdd).
+        users: evaluated users (with at least one ``engaged`` positive).
+        catalogue: posts the index can serve (created before ``as_of``): coverage's denominator.
+        orders: positive kind -> order name -> ``OrderSummary``.
+        candidates: mean / median candidates per request after the filters.
+        sources: source name -> {"mean_candidates", "requests_failed"}.
+        model_versions: the champions measured.
+        seconds: wall time per step.
+    """
+
+    as_of: str
+    days: list[int]
+    users: int
+    catalogue: int
+    orders: dict[str, dict[str, OrderSummary]]
+    candidates: dict[str, float]
+    sources: dict[str, dict[str, float]]
+    model_versions: dict[str, str]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready."""
+        return {"as_of": self.as_of, "days": self.days, "users": self.users, "catalogue": self.catalogue,
+                "candidates": self.candidates, "sources": self.sources, "model_versions": self.model_versions,
+                "seconds": self.seconds,
+                "orders": {kind: {name: s.to_dict() for name, s in orders.items()}
+                           for kind, orders in self.orders.items()}}
+
+    def to_json(self, path: Path) -> Path:
+        """Write ``to_dict()`` to ``path`` (parents created)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    def to_table(self, kind: str = "engaged", ks: Sequence[int] = (10, 20, 50, 200, 500)) -> str:
+        """A text table: one row per order; recall@K (95 % interval at K=200), hit rate@200, NDCG@20
+        and coverage@200 for the ``kind`` positives."""
+        orders = self.orders[kind]
+        head = (f"whole funnel as of {self.as_of} ({self.users:,} users with {kind} positives on "
+                f"{self.days[0]}..{self.days[-1]}; {self.candidates['mean']:.0f} candidates per request)")
+        cols = " ".join(f"{'R@' + str(k):>6}" for k in ks)
+        lines = [head, f"{'order':<28} {cols} {'R@200 95% CI':>15} {'HR@200':>7} {'NDCG@20':>8} {'cov@200':>8}"]
+        for name, s in orders.items():
+            r = " ".join(f"{s.recall[k][0]:6.3f}" if k in s.recall else f"{'':>6}" for k in ks)
+            ci = s.recall.get(200)
+            ci_text = f"[{ci[1]:.3f}, {ci[2]:.3f}]" if ci else ""
+            hr = s.hit.get(200, (np.nan,))[0]
+            nd = s.ndcg.get(20, (np.nan,))[0]
+            cov = s.coverage.get(200, np.nan)
+            lines.append(f"{name:<28} {r} {ci_text:>15} {hr:7.3f} {nd:8.3f} {cov:8.3f}")
+        return "\n".join(lines)
+
+
+def evaluated_days(impressions: pd.DataFrame, valid_days: int) -> tuple[list[int], pd.Timestamp]:
+    """The last ``valid_days`` dates of the log and the cutoff: the first impression of those days.
+
+    Raises:
+        ValueError: the log has no more than ``valid_days`` dates (nothing before the cutoff).
+    """
+    days = sorted(int(d) for d in pd.unique(impressions["date"]))
+    if valid_days < 1 or len(days) <= valid_days:
+        raise ValueError(f"need more than {valid_days} dates to evaluate the last {valid_days}; the log has {days}")
+    chosen = days[-valid_days:]
+    ts = pd.to_datetime(impressions.loc[impressions["date"].isin(chosen), "event_ts"], utc=True)
+    return chosen, ts.min()
+
+
+def positives_by_user(impressions: pd.DataFrame, days: Sequence[int]) -> dict[str, dict[int, set[int]]]:
+    """Per positive kind (``POSITIVE_KINDS``), user -> the posts with that positive on ``days``."""
+    from pipelines.sequences import ENGAGED_HEADS
+
+    rows = impressions[impressions["date"].isin(list(days))]
+    masks = {"engaged": rows[list(ENGAGED_HEADS)].fillna(0).to_numpy().sum(axis=1) > 0,
+             "click": rows["click"].fillna(0).to_numpy() > 0,
+             "long_view": rows["long_view"].fillna(0).to_numpy() > 0}
+    out = {}
+    for kind, mask in masks.items():
+        sub = rows.loc[mask, ["user_id", "post_id"]]
+        out[kind] = {int(u): set(int(p) for p in g) for u, g in sub.groupby("user_id")["post_id"]}
+    return out
+
+
+def _top(scores, k: int) -> np.ndarray:
+    """Indices of the ``k`` highest scores, NaN last, ties in input order (``TopKSelector``'s order)."""
+    s = np.asarray(scores, dtype="float64")
+    return np.argsort(-np.where(np.isnan(s), -np.inf, s), kind="stable")[:k]
+
+
+def served_order(cands: list, page_size: int, heavy_k: int, diversity, max_items: int) -> list[int]:
+    """Post ids in the order the mixer's pages would show them (module docstring, step 3).
+
+    ``cands`` carry ``light_score`` and the blended ``score`` of every candidate (the heavy ranker
+    scores a post the same on any page: its features are fixed within the evaluation instant).
+    ``diversity``: the ``AuthorDiversitySelector`` of the served pipeline.
+    """
+    from mixer.candidate import Query
+
+    remaining = list(cands)
+    order: list[int] = []
+    q = Query(user_id=0, page_size=page_size, now_s=0.0, request_id="funnel")
+    while remaining and len(order) < max_items:
+        light = [c.light_score for c in remaining]
+        top = [dataclasses.replace(remaining[i]) for i in _top(light, heavy_k)]  # copies: diversity rescales
+        page = diversity.select(q, top).candidates[:page_size]
+        if not page:
+            break
+        shown = {c.post_id for c in page}
+        order += [c.post_id for c in page]
+        remaining = [c for c in remaining if c.post_id not in shown]
+    return order[:max_items]
+
+
+def _prepare_store(state: StateDir, redis_url: str, feast_connection: str, as_of: pd.Timestamp, spark,
+                   log: Callable[[str], None]) -> dict[str, float]:
+    """The as-of online store in ``redis_url``'s database: index + co-engagement + materialised features."""
+    import redis
+
+    from feature_repo import store as fs
+    from pipelines.candidate_index import CanonicalTables, build_candidate_index, build_coengagement
+    from pipelines.features.common import BASE_ROW_TS
+    from pipelines.training_set import log_span
+
+    seconds = {}
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    t0 = time.perf_counter()
+    tables = CanonicalTables.load(state)
+    neighbours = build_coengagement(spark, tables, as_of, log=log)
+    counts = build_candidate_index(state, redis_url, as_of, tables=tables, coengagement=neighbours)
+    seconds["index"] = time.perf_counter() - t0
+    log(f"index as of {as_of.isoformat()}: {counts}")
+    t0 = time.perf_counter()
+    ev_state = StateDir(state.root / "eval" / f"funnel-{as_of.strftime('%Y%m%dT%H%M%S')}").ensure()
+    store = fs.open_store(ev_state, feast_connection)
+    fs.apply(store, state.tables)
+    start = min(BASE_ROW_TS.to_pydatetime(), log_span(state)[0])
+    fs.materialize(store, start, as_of.to_pydatetime())
+    seconds["materialize"] = time.perf_counter() - t0
+    log(f"online features materialised up to {as_of.isoformat()} in {seconds['materialize']:.1f} s")
+    return seconds
+
+
+def whole_funnel(state: StateDir, *, redis_url: str | None = None, feast_connection: str | None = None,
+                 valid_days: int = 2, n_users: int | None = 2000, seed: int = 0, ks: Sequence[int] = DEFAULT_KS,
+                 spark=None, prepare: bool = True, n_boot: int = 1000, rankers=None,
+                 log: Callable[[str], None] | None = print) -> WholeFunnelReport:
+    """Run the whole-funnel evaluation (module docstring).
+
+    Args:
+        state: the state folder with canonical tables, feature tables, Feast registry and champions.
+        redis_url: the Redis database for the as-of store (default: the state's Redis, db ``EVAL_DB``);
+            it is flushed first.
+        feast_connection: the same database in Feast's form (``host:port,db=N``; default derived).
+        valid_days: the last dates evaluated.
+        n_users: a seeded sample of the users with positives (None: all of them).
+        seed: the sample's and the bootstrap's seed.
+        ks: cut-offs.
+        spark: a Spark session (default ``pipelines.spark.spark_session``).
+        prepare: build the as-of store (False: ``redis_url`` already holds it; tests reuse one).
+        n_boot: bootstrap resamples.
+        rankers: (light, heavy) handles instead of the champions.
+        log: progress lines (None: quiet).
+
+    Returns:
+        ``WholeFunnelReport``.
+
+    Raises:
+        FileNotFoundError: a canonical table is missing (``home-mixer features build``).
+        RuntimeError: no Redis given and the state's Redis is not running.
+        ValueError: too few dates, or no user with positives.
+    """
+    from tqdm import tqdm
+
+    from core.schema import HOME_SURFACE
+    from core.services import RedisServer
+    from home_mixer.evaluation import control_weights
+    from mixer.api import open_resources
+    from mixer.blenders import WeightedSumBlender
+    from mixer.config import load_config
+    from mixer.metrics import MixerMetrics
+    from mixer.pipeline import HomeTimelinePipeline
+    from mixer.scorers import HeavyRankerScorer, LightRankerScorer
+    from mixer.selectors import AuthorDiversitySelector
+    from models.retrieval_baselines import coengagement_lists
+    from pipelines.sequences import engagement_sequences
+
+    say = log or (lambda line: None)
+    if redis_url is None:
+        srv = RedisServer.running(state)
+        if srv is None:
+            raise RuntimeError(f"Redis of {state.root} is not running: `home-mixer services start`, or pass redis_url")
+        redis_url = f"redis://127.0.0.1:{srv.port}/{EVAL_DB}"
+        feast_connection = feast_connection or f"{srv.feast_connection_string},db={EVAL_DB}"
+    imp = pd.read_parquet(state.table("impressions"))
+    days, as_of = evaluated_days(imp, valid_days)
+    positives = positives_by_user(imp, days)
+    users = sorted(positives["engaged"])
+    if not users:
+        raise ValueError(f"no user has an engaged positive on {days}")
+    if n_users is not None and len(users) > n_users:
+        users = sorted(int(u) for u in np.random.default_rng(seed).choice(users, size=n_users, replace=False))
+    seconds: dict[str, float] = {}
+    if prepare:
+        if feast_connection is None:
+            raise ValueError("pass feast_connection with redis_url (host:port,db=N) to build the as-of store")
+        if spark is None:
+            from pipelines.spark import spark_session
+
+            spark = spark_session("home-mixer-whole-funnel")
+        seconds |= _prepare_store(state, redis_url, feast_connection, as_of, spark, say)
+
+    config = load_config(None)
+    config = config.with_overrides(
+        redis_url=redis_url,
+        models={**config.models.model_dump(), "tracking_uri": state.mlflow_tracking_uri, "reload_interval_s": 0},
+        scoring={**config.scoring.model_dump(), "backend": "in_process"},
+        clock={"now": as_of.isoformat(), "since": None},
+        # the candidate sets are measured, not the sources' latency: a cold request must not time out
+        candidate_sources={name: {**s, "timeout_ms": max(float(s["timeout_ms"]), 5000.0)}
+                           for name, s in config.candidate_sources.model_dump().items()},
+        feature_logging={**config.feature_logging.model_dump(), "enabled": False},
+        drift_sample={**config.drift_sample.model_dump(), "enabled": False},
+    )
+    weights = control_weights()
+    metrics = MixerMetrics()
+    res = open_resources(config, metrics, rankers=rankers)
+    lists: dict[str, list[list[int]]] = {}
+    n_cands: list[int] = []
+    source_sizes: dict[str, list[int]] = {}
+    source_failures: dict[str, int] = {}
+    t0 = time.perf_counter()
+    try:
+        served = res.pipeline
+        light = LightRankerScorer(served.rankers.light.handle)
+        heavy = HeavyRankerScorer(served.rankers.heavy.handle)
+        blender = WeightedSumBlender({"funnel": weights}, heavy.heads)
+        diversity = AuthorDiversitySelector(config.filters.max_posts_per_author, config.ranking.author_diversity_decay,
+                                            config.ranking.author_diversity_floor)
+
+        def candidates_only(r):  # the served declaration up to feature hydration, nothing written
+            return dataclasses.replace(served.declare(r), scoring=(), selectors=(), side_effects=())
+
+        generation = HomeTimelinePipeline(config=config, declare=candidates_only, rankers=served.rankers,
+                                          executor=res.executor, metrics=metrics)
+        max_k = max(ks)
+        for uid in tqdm(users, desc="whole funnel", unit="user", disable=log is None, mininterval=5):
+            result = generation.run(int(uid), surface=HOME_SURFACE)
+            cands, features = result.ranked or [], result.features
+            kept = {c.post_id for c in cands}
+            n_cands.append(len(cands))
+            for sr in result.source_results:
+                source_sizes.setdefault(sr.name, []).append(len(sr.candidates))
+                if sr.status != "ok":
+                    source_failures[sr.name] = source_failures.get(sr.name, 0) + 1
+                lists.setdefault(f"source:{sr.name}", []).append(
+                    [c.post_id for c in sr.candidates if c.post_id in kept])
+            if cands:
+                query = dataclasses.replace(result.query, arm="funnel")
+                light.score(query, cands, features)
+                heavy.score(query, cands, features)
+                blender.blend(query, cands)
+                by_light = [cands[i].post_id for i in _top([c.light_score for c in cands], len(cands))]
+                order = served_order(cands, config.page.default_size, config.ranking.heavy_ranker_top_k,
+                                     diversity, max_k)
+            else:
+                by_light, order = [], []
+            lists.setdefault("union", []).append(by_light)
+            lists.setdefault("served", []).append(order)
+        seconds["requests"] = time.perf_counter() - t0
+        model_versions = served.model_versions
+    finally:
+        res.close()
+
+    t0 = time.perf_counter()
+    from pipelines.candidate_index import CanonicalTables, compute_candidate_index
+
+    tables = CanonicalTables.load(state)
+    index = compute_candidate_index(tables, as_of)
+    popular = index.popular["7d"].sort_values(ascending=False, kind="stable").index.astype("int64").tolist()
+    catalogue = len(index.posts)
+    lists["popularity"] = [popular[:max(ks)]] * len(users)
+    sequences = engagement_sequences(tables.impressions, tables.prelog_events, as_of)
+    baseline = coengagement_lists(sequences, users, popular, k=max(ks))
+    lists["coengagement_baseline"] = [baseline[u] for u in users]
+    seconds["baselines"] = time.perf_counter() - t0
+
+    first = ["served", "union", "popularity", "coengagement_baseline"]
+    names = first + sorted(n for n in lists if n not in first)
+    orders: dict[str, dict[str, OrderSummary]] = {}
+    for kind in POSITIVE_KINDS:
+        pos = positives[kind]
+        idx = [i for i, u in enumerate(users) if u in pos]
+        orders[kind] = {}
+        for name in names:
+            m = per_user_metrics([lists[name][i] for i in idx], [pos[users[i]] for i in idx], ks)
+            orders[kind][name] = summarize_order(name, m, catalogue, n_boot=n_boot, seed=seed)
+    n = np.asarray(n_cands, dtype="float64")
+    report = WholeFunnelReport(
+        as_of=as_of.isoformat(), days=days, users=len(users), catalogue=catalogue, orders=orders,
+        candidates={"mean": float(n.mean()), "median": float(np.median(n))},
+        sources={s: {"mean_candidates": float(np.mean(v)), "requests_failed": source_failures.get(s, 0)}
+                 for s, v in source_sizes.items()},
+        model_versions=dict(model_versions), seconds=seconds)
+    return report
+
+
+def log_to_mlflow(state: StateDir, report: WholeFunnelReport, path: Path) -> str:
+    """Log the report as an MLflow run of experiment ``MLFLOW_EXPERIMENT``: metrics
+    ``<kind>.<order>.recall_at_<K>`` / ``hit_rate_at_<K>`` / ``ndcg_at_<K>``, the JSON as an
+    artifact, the champions' versions as params. Returns the run id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(state.mlflow_tracking_uri)
+    mlflow.set_experiment(MLFLOW_EXPERIMENT)
+    with mlflow.start_run(run_name=f"whole-funnel {report.as_of}") as run:
+        mlflow.log_params({"as_of": report.as_of, "users": report.users, "days": ",".join(map(str, report.days)),
+                           **{f"version.{k}": v for k, v in report.model_versions.items()}})
+        values = {}
+        for kind, orders in report.orders.items():
+            for name, s in orders.items():
+                safe = name.replace(":", ".")
+                for k in s.ks:
+                    values[f"{kind}.{safe}.recall_at_{k}"] = s.recall[k][0]
+                    values[f"{kind}.{safe}.hit_rate_at_{k}"] = s.hit[k][0]
+                    values[f"{kind}.{safe}.ndcg_at_{k}"] = s.ndcg[k][0]
+        mlflow.log_metrics({k: float(v) for k, v in values.items() if np.isfinite(v)})
+        mlflow.log_artifact(str(path))
+        return run.info.run_id
+
+
+__all__ = ["EVAL_DB", "POSITIVE_KINDS", "WHOLE_FUNNEL_REPORT", "WholeFunnelReport", "evaluated_days",
+           "log_to_mlflow", "positives_by_user", "served_order", "whole_funnel"]

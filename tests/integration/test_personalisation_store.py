@@ -1,0 +1,132 @@
+"""The history path on a real Redis and a real local Spark: co-engagement neighbours (Spark job),
+the candidate index's action sequences and neighbour lists, the action-sequence query hydrator
+(batch history merged with the stream processor's live list) and the co-engagement source."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import redis
+
+from core import online_layout as keys
+from core.schema import IMPRESSIONS_COLUMNS, POSTS_COLUMNS, PRELOG_EVENTS_COLUMNS, SOCIAL_EDGES_COLUMNS
+from mixer.candidate import EngagedAction, Query
+from mixer.candidate_sources import CoEngagementCandidateSource
+from mixer.caches import CacheSettings, MixerCaches
+from mixer.components import Fallback
+from mixer.query_hydrators import UserActionSequenceQueryHydrator
+from mixer.redis_health import RedisHealth
+from pipelines.candidate_index import CanonicalTables, build_coengagement, compute_candidate_index, write_candidate_index
+from pipelines.coengagement import coengagement_neighbours
+
+pytestmark = pytest.mark.integration
+
+T0 = pd.Timestamp("2022-04-26T00:00:00Z")
+AS_OF = T0 + pd.Timedelta(hours=5)
+
+
+def imp(user, post, minutes, **labels) -> dict:
+    row = {c: 0 for c in IMPRESSIONS_COLUMNS}
+    return row | {"user_id": user, "post_id": post, "author_id": 1000 + post,
+                  "event_ts": T0 + pd.Timedelta(minutes=minutes), "date": 20220426} | labels
+
+
+def tables() -> CanonicalTables:
+    rows = []
+    # users 1..3 engage 1 -> 2 -> 3 in a row; user 4 engages 3 -> 4; user 5 engages 2 after the cutoff
+    for u in (1, 2, 3):
+        rows += [imp(u, 1, 10 * u, long_view=1), imp(u, 2, 10 * u + 1, like=1), imp(u, 3, 10 * u + 2, long_view=1)]
+    rows += [imp(4, 3, 50, long_view=1), imp(4, 4, 51, comment=1), imp(4, 9, 52, click=1)]
+    rows += [imp(5, 2, 60 * 6, long_view=1), imp(5, 5, 60 * 6 + 1, long_view=1)]
+    posts = pd.DataFrame([{"post_id": p, "author_id": 1000 + p, "created_ts": T0 - pd.Timedelta(days=1),
+                           "duration_ms": 1000, "video_type": "NORMAL", "tags": "7", "primary_tag": 7}
+                          for p in (1, 2, 3, 4, 5, 9)], columns=list(POSTS_COLUMNS))
+    prelog = pd.DataFrame([{"user_id": 6, "post_id": p, "author_id": 1000 + p, "tag_id": 7,
+                            "event_ts": T0 - pd.Timedelta(hours=1), "kind": "long_view", "position": i}
+                           for i, p in enumerate((4, 3))], columns=list(PRELOG_EVENTS_COLUMNS))
+    edges = pd.DataFrame({c: pd.Series(dtype="int64") for c in SOCIAL_EDGES_COLUMNS}).astype(
+        {"event_ts": "datetime64[us, UTC]", "edge_type": "string", "weight": "float64"})
+    return CanonicalTables(impressions=pd.DataFrame(rows), posts=posts, social_edges=edges, prelog_events=prelog)
+
+
+def test_spark_neighbours_are_the_iuf_weighted_cosine(spark):
+    seq = pd.DataFrame({"user_id": [1, 1, 1, 2, 2], "post_id": [1, 2, 3, 2, 3], "ts": [0.0, 1, 2, 0, 1]})
+    out = coengagement_neighbours(spark, seq, servable_posts=[1, 2, 3], window=1, top_n=5, log=None)
+    got = {(int(a), int(b)): s for a, b, s in out.itertuples(index=False)}
+    w1, w2 = 1 / math.log2(2 + 3), 1 / math.log2(2 + 2)
+    # 2-3 co-occur for both users; 1-2 for user 1 only; 1-3 are two apart (window 1): no pair
+    assert got[(2, 3)] == pytest.approx((w1 + w2) / math.sqrt(2 * 2))
+    assert got[(3, 2)] == got[(2, 3)]
+    assert got[(1, 2)] == pytest.approx(w1 / math.sqrt(1 * 2))
+    assert (1, 3) not in got
+    assert out.groupby("post_id")["score"].apply(lambda s: s.is_monotonic_decreasing).all()
+    top1 = coengagement_neighbours(spark, seq, servable_posts=[1, 2, 3], window=1, top_n=1, log=None)
+    assert top1.groupby("post_id").size().max() == 1 and set(top1.loc[top1.post_id == 2, "neighbour_id"]) == {3}
+    not_servable = coengagement_neighbours(spark, seq, servable_posts=[1, 2], window=1, top_n=5, log=None)
+    assert 3 not in set(not_servable["neighbour_id"])
+    with pytest.raises(ValueError, match=">= 1"):
+        coengagement_neighbours(spark, seq, [1], window=0)
+
+
+@pytest.fixture()
+def store(spark, redis_client):
+    t = tables()
+    neighbours = build_coengagement(spark, t, AS_OF, log=None)
+    content = compute_candidate_index(t, AS_OF, neighbours, sequence_length=2)
+    write_candidate_index(redis_client, content)
+    return redis_client, content
+
+
+def test_index_holds_point_in_time_sequences_and_neighbours(store):
+    client, content = store
+    # user 1's last 2 engagements, newest first, with author and action
+    members = client.zrevrange(keys.action_sequence(1), 0, -1)
+    assert [keys.decode_action(m) for m in members] == [(3, 1003, "long_view"), (2, 1002, "like")]
+    assert client.zcard(keys.action_sequence(6)) == 2  # the pre-log history counts
+    assert not client.exists(keys.action_sequence(5))  # engaged only after the cutoff
+    nbrs = {int(p) for p in client.zrange(keys.coengagement(3), 0, -1)}
+    assert nbrs == {1, 2, 4}  # 5 co-occurs with 2 only after the cutoff
+    assert 5 not in {int(p) for p in client.zrange(keys.coengagement(2), 0, -1)}
+    assert content.counts()["coengagement_posts"] == 4 and content.counts()["sequence_users"] == 5
+
+
+def test_hydrator_merges_live_engagements_and_the_source_expands_them(store):
+    client, _ = store
+    hydrator = UserActionSequenceQueryHydrator(client, max_length=3)
+    q = hydrator.hydrate(Query(user_id=1, page_size=10, now_s=0.0, request_id="r"))
+    assert [a.post_id for a in q.action_sequence] == [3, 2]
+    # the stream processor saw user 1 engage with 4 later, and with 2 again
+    client.zadd(keys.rt_user_recent_posts(1), {4: AS_OF.timestamp() + 10, 2: AS_OF.timestamp() + 5})
+    q = hydrator.hydrate(Query(user_id=1, page_size=10, now_s=0.0, request_id="r"))
+    assert [(a.post_id, a.author_id, a.action) for a in q.action_sequence] == [
+        (4, -1, "engaged"), (2, 1002, "engaged"), (3, 1003, "long_view")]
+    empty = hydrator.hydrate(Query(user_id=99, page_size=10, now_s=0.0, request_id="r"))
+    assert empty.action_sequence == ()
+
+    caches = MixerCaches(CacheSettings())
+    source = CoEngagementCandidateSource(client, max_candidates=10, seed_posts=2, caches=caches)
+    cands = source.fetch(Query(user_id=7, page_size=10, now_s=0.0, request_id="r",
+                               action_sequence=(EngagedAction(3, 1003, "long_view", 2.0),
+                                                EngagedAction(2, 1002, "like", 1.0))))
+    ids = [c.post_id for c in cands]
+    assert 3 not in ids and 2 not in ids  # the user's own engagements are not candidates
+    scores = {c.post_id: c.source_score for c in cands}
+    expect_1 = client.zscore(keys.coengagement(3), 1) + client.zscore(keys.coengagement(2), 1)
+    assert scores[1] == pytest.approx(expect_1) and ids[0] == 1  # neighbour of both seeds leads
+    assert all(c.source == "coengagement" for c in cands)
+    assert source.fetch(Query(user_id=7, page_size=10, now_s=0.0, request_id="r")) == []
+
+    # Redis down: the cached seeds still answer (degraded); the hydrator serves without a sequence
+    health = RedisHealth()
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    down_source = CoEngagementCandidateSource(dead, max_candidates=10, seed_posts=2, caches=caches, health=health)
+    with pytest.raises(Fallback) as fb:
+        down_source.fetch(Query(user_id=7, page_size=10, now_s=0.0, request_id="r",
+                                action_sequence=(EngagedAction(3, 1003, "long_view", 2.0),
+                                                 EngagedAction(9, 1009, "like", 1.0))))
+    assert {c.post_id for c in fb.value.value} == {1, 2, 4}  # 3's cached list; 9 was never read
+    with pytest.raises(Fallback) as fq:
+        UserActionSequenceQueryHydrator(dead, health=health).hydrate(Query(1, 10, 0.0, "r"))
+    assert fq.value.value.action_sequence == ()
