@@ -19,7 +19,7 @@ Candidate index (``pipelines.candidate_index.build_candidate_index``, rebuilt as
 | ``engaged_authors(user_id)`` | ``hm:engaged_authors:{user_id}`` | zset | author_id -> summed engagement edge weight | candidate index | ``UserContextHydrator`` |
 | ``tag_interest(user_id)`` | ``hm:tag_interest:{user_id}`` | zset | tag -> summed engagement weight of engaged posts with the tag | candidate index | ``UserContextHydrator`` |
 | ``seen_posts(user_id)`` | ``hm:seen:{user_id}`` | zset | post_id -> last impression time in the log | candidate index | ``UserContextHydrator`` (previously-seen filter) |
-| ``action_sequence(user_id)`` | ``hm:seq:{user_id}`` | zset | ``"post_id|author_id|action"`` (``encode_action``) -> engagement time (epoch s, float): the user's last N engaged posts (``pipelines.sequences``) | candidate index | ``UserActionSequenceQueryHydrator`` |
+| ``action_sequence(user_id)`` | ``hm:seq:{user_id}`` | zset | ``"post_id|author_id|action"`` (``encode_action``) -> engagement time (epoch s, float): the user's last N engaged posts (``pipelines.sequences``) | candidate index (history before its cutoff); ``engagement.lua`` (live engagements, capped at N) | ``UserActionSequenceQueryHydrator`` |
 | ``coengagement(post_id)`` | ``hm:coeng:{post_id}`` | zset | neighbour post_id -> co-engagement cosine (``pipelines.coengagement``), top N | candidate index | ``CoEngagementCandidateSource`` |
 
 Graph sets (author_ids; the index writes them from the log, the stream processor keeps them current):

@@ -480,10 +480,36 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def cmd_whole_funnel(args, state) -> None:
+    """``evaluate --whole-funnel``: the whole-funnel evaluation of the state's validation days."""
+    from core.services import RedisServer
+    from home_mixer.whole_funnel import WHOLE_FUNNEL_REPORT, log_to_mlflow, whole_funnel
+
+    if args.whole_funnel_users < 0:
+        raise UsageError("--whole-funnel-users must be >= 0 (0 = every user with positives)")
+    if RedisServer.running(state) is None:  # checked before the long evaluation, not after it
+        raise UsageError(f"--whole-funnel needs the Redis of {state.root} (the as-of store is built in its "
+                         "database 9): start it with `home-mixer services start`")
+    report = whole_funnel(state, n_users=args.whole_funnel_users or None, seed=args.funnel_seed,
+                          valid_days=args.valid_days)
+    path = report.to_json(state.reports / WHOLE_FUNNEL_REPORT)
+    run_id = log_to_mlflow(state, report, path)
+    for kind in report.orders:
+        print(report.to_table(kind))
+        print()
+    print(f"report {path}; MLflow run {run_id}")
+
+
 def cmd_evaluate(args) -> int:
     from home_mixer.evaluation import evaluate_log
 
     state = _state(args)
+    if not args.log and not args.whole_funnel:
+        raise UsageError("give --log PATH (evaluate inside logged requests), --whole-funnel, or both")
+    if args.whole_funnel:
+        cmd_whole_funnel(args, state)
+        if not args.log:
+            return 0
     if args.funnel_users < 0 or args.funnel_light_k < 1 or args.funnel_heavy_k < 1:
         raise UsageError("--funnel-users must be >= 0, --funnel-light-k and --funnel-heavy-k >= 1")
     if args.funnel_users:
@@ -511,6 +537,40 @@ def cmd_evaluate(args) -> int:
         print(funnel.to_line())
         add_funnel_to_report(out, funnel)
     return 0
+
+
+def cmd_index_build(args) -> int:
+    from home_mixer import jobs
+    from pipelines.candidate_index import CanonicalTables, build_candidate_index, build_coengagement
+    from pipelines.spark import spark_session
+
+    state = _state(args)
+    url = jobs.redis_url_for(state)
+    as_of = pd_timestamp(args.as_of) if args.as_of else jobs.log_end(state)
+    tables = CanonicalTables.load(state)
+    neighbours = None
+    if not args.no_coengagement:
+        neighbours = build_coengagement(spark_session("home-mixer-index"), tables, as_of, window=args.window,
+                                        top_n=args.neighbours)
+    counts = build_candidate_index(state, url, as_of, tables=tables, coengagement=neighbours,
+                                   sequence_length=args.sequence_length)
+    print(f"candidate index as of {as_of}: {counts}")
+    return 0
+
+
+def pd_timestamp(text: str):
+    """An ISO instant as a UTC pandas Timestamp (naive = UTC).
+
+    Raises:
+        UsageError: not a time.
+    """
+    import pandas as pd
+
+    try:
+        ts = pd.Timestamp(text)
+    except ValueError as e:
+        raise UsageError(f"--as-of {text!r} is not an ISO-8601 time: {e}") from None
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
 def cmd_promote(args) -> int:
@@ -751,8 +811,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --from-logged: an impression labels a serve within this many seconds after it")
     t.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("evaluate", help="evaluate the champions on an impression log")
-    ev.add_argument("--log", required=True, help="impression log CSV (KuaiRand log schema)")
+    ev = sub.add_parser("evaluate", help="evaluate the champions on an impression log; the whole funnel")
+    ev.add_argument("--log", help="impression log CSV (KuaiRand log schema)")
+    ev.add_argument("--whole-funnel", action="store_true",
+                    help="whole-funnel evaluation: candidate generation as of the start of the state's validation "
+                         "days, recall@K / hit rate / NDCG of the users' later engagements per source, union, served "
+                         "order, popularity and co-engagement baselines (JSON in <state>/reports/whole_funnel.json, "
+                         "logged to MLflow)")
+    ev.add_argument("--whole-funnel-users", type=int, default=2000,
+                    help="seeded sample of users with positives (0 = all; default 2000)")
+    ev.add_argument("--valid-days", type=int, default=2, help="the last dates evaluated by --whole-funnel")
     ev.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="users/videos folder")
     ev.add_argument("--history", help="log whose events precede --log (default: the shared log)")
     ev.add_argument("--from-date", type=int, help="only evaluate rows with date >= this yyyymmdd")
@@ -769,6 +837,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--funnel-heavy-k", type=int, default=20, help="the heavy ranker's top that should survive")
     ev.add_argument("--funnel-seed", type=int, default=0, help="seed of the user sample and the random floor")
     ev.set_defaults(func=cmd_evaluate)
+
+    ix = sub.add_parser("index", help="the candidate index in Redis")
+    ixsub = ix.add_subparsers(dest="action", required=True)
+    ib = ixsub.add_parser("build", help="co-engagement neighbours (Spark), action sequences and candidate lists "
+                                        "from the canonical tables, as of a cutoff (replaces the index)")
+    ib.add_argument("--as-of", help="cutoff, ISO-8601 (default: the end of the log)")
+    ib.add_argument("--sequence-length", type=int, default=64, help="engagements kept per user (default 64)")
+    ib.add_argument("--window", type=int, default=10, help="co-engagement window in sequence positions")
+    ib.add_argument("--neighbours", type=int, default=200, help="co-engagement neighbours kept per post")
+    ib.add_argument("--no-coengagement", action="store_true", help="skip the Spark co-engagement job")
+    ib.set_defaults(func=cmd_index_build)
 
     m = sub.add_parser("models", help="registry operations")
     msub = m.add_subparsers(dest="action", required=True)

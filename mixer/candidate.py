@@ -22,8 +22,8 @@ class EngagedAction(NamedTuple):
 
     Attributes:
         post_id: the engaged post (int64 id).
-        author_id: its author (-1 when unknown: a live engagement from the stream processor's list).
-        action: ``pipelines.sequences.ACTION_STRENGTH`` name, or "engaged" for a live engagement.
+        author_id: its author.
+        action: one of ``pipelines.sequences.ACTION_STRENGTH``.
         ts: engagement time, epoch seconds UTC.
     """
 

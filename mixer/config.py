@@ -112,8 +112,8 @@ class CoEngagementSourceSettings(_Strict):
 
     enabled: bool = True
     max_candidates: int = Field(500, ge=1)
-    seed_posts: int = Field(20, ge=1)
-    neighbours_per_seed: int = Field(50, ge=1)
+    seed_posts: int = Field(32, ge=1)
+    neighbours_per_seed: int = Field(200, ge=1)
     timeout_ms: float = Field(50, gt=0)
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import redis
 
 from core import online_layout as keys
+from core.history_features import coengagement_scores
 from mixer.caches import MixerCaches
 from mixer.candidate import Candidate, Query
 from mixer.components import CandidateSource, Fallback
@@ -27,15 +29,16 @@ class CoEngagementCandidateSource(CandidateSource):
     Args:
         max_candidates: posts returned (best first).
         seed_posts: latest engagements expanded.
-        neighbours_per_seed: neighbours read per seed (the index keeps 50).
+        neighbours_per_seed: neighbours read per seed (the index keeps 200: recall@200 of the
+            source was 0.36 with 50, 0.45 with 200, 0.49 with every neighbour, on the validation days).
         timeout_ms: the runner's deadline for this source.
 
     Raises:
         ValueError: a count < 1.
     """
 
-    def __init__(self, client: redis.Redis, max_candidates: int = 500, seed_posts: int = 20,
-                 neighbours_per_seed: int = 50, timeout_ms: float = 50, name: str = "coengagement", *,
+    def __init__(self, client: redis.Redis, max_candidates: int = 500, seed_posts: int = 32,
+                 neighbours_per_seed: int = 200, timeout_ms: float = 50, name: str = "coengagement", *,
                  enabled: bool = True, caches: MixerCaches | None = None, health: RedisHealth | None = None):
         if min(max_candidates, seed_posts, neighbours_per_seed) < 1:
             raise ValueError(f"max_candidates, seed_posts and neighbours_per_seed must be >= 1, got "
@@ -54,11 +57,8 @@ class CoEngagementCandidateSource(CandidateSource):
         """The config switch."""
         return self._enabled
 
-    def _read(self, posts: list[int]) -> dict[int, list[tuple[int, float]]]:
-        pipe = self.client.pipeline(transaction=False)
-        for post in posts:
-            pipe.zrevrange(keys.coengagement(post), 0, self.neighbours_per_seed - 1, withscores=True)
-        return {post: [(int(n), float(s)) for n, s in rows] for post, rows in zip(posts, pipe.execute())}
+    def _read(self, posts: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        return read_neighbours(self.client, posts, self.neighbours_per_seed)
 
     def fetch(self, query: Query) -> list[Candidate]:
         """Candidates with post_id and source_score, best first.
@@ -84,14 +84,25 @@ class CoEngagementCandidateSource(CandidateSource):
                     lists.update(read)
                 except redis.RedisError as e:
                     failed = e
-        engaged = {a.post_id for a in query.action_sequence}
-        score: dict[int, float] = {}
-        for seed in seeds:
-            for post, sim in lists.get(seed, ()):
-                if post not in engaged:
-                    score[post] = score.get(post, 0.0) + sim
-        ranked = sorted(score.items(), key=lambda kv: (-kv[1], kv[0]))[: self.max_candidates]
-        out = [Candidate(post_id=pid, source=self.name, source_score=s) for pid, s in ranked]
+        ids, total, _, _ = coengagement_scores([lists[s] for s in seeds if s in lists])
+        keep = ~np.isin(ids, np.fromiter((a.post_id for a in query.action_sequence), dtype="int64"))
+        ids, total = ids[keep], total[keep]
+        order = np.lexsort((ids, -total))[: self.max_candidates]  # best first, ties by id
+        out = [Candidate(post_id=int(pid), source=self.name, source_score=float(s))
+               for pid, s in zip(ids[order], total[order])]
         if failed is not None:
             raise Fallback(out, f"Redis unavailable: {len(lists)} of {len(seeds)} seeds from the cache ({failed!r})")
         return out
+
+
+def read_neighbours(client: redis.Redis, posts: list[int], n: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """The top ``n`` co-engagement neighbours of each post, one pipeline: post -> (ids int64,
+    similarities float64), best first (empty arrays for a post without a list)."""
+    pipe = client.pipeline(transaction=False)
+    for post in posts:
+        pipe.zrevrange(keys.coengagement(post), 0, n - 1, withscores=True)
+    out = {}
+    for post, rows in zip(posts, pipe.execute()):
+        out[post] = (np.fromiter((int(m) for m, _ in rows), dtype="int64", count=len(rows)),
+                     np.fromiter((float(s) for _, s in rows), dtype="float64", count=len(rows)))
+    return out

@@ -1,4 +1,4 @@
-"""The user action sequence: the user's last engaged posts, batch history merged with live ones."""
+"""The user action sequence: the user's last engaged posts (batch history and live appends)."""
 
 from __future__ import annotations
 
@@ -11,19 +11,17 @@ from mixer.candidate import EngagedAction, Query
 from mixer.components import Fallback, QueryHydrator
 from mixer.redis_health import RedisHealth, guarded
 
-LIVE_ACTION = "engaged"  # the stream processor's recent-posts list records no action kind
+from pipelines.sequences import ACTION_STRENGTH
 
 
 class UserActionSequenceQueryHydrator(QueryHydrator):
-    """Puts the user's last ``max_length`` engagements on the query (``Query.action_sequence``,
-    newest first), read in one round trip from:
+    """Puts the user's last ``max_length`` engaged posts on the query (``Query.action_sequence``,
+    newest first), read in one command from ``hm:seq:{user}``: the candidate index writes the
+    history before its cutoff (``pipelines.sequences``: log and pre-log engagements), the stream
+    processor appends live engagements (``engagement.lua``, once per event id).
 
-    - ``hm:seq:{user}``: the engaged posts the candidate index built from the log and the pre-log
-      history (``pipelines.sequences``: post, author, action, time);
-    - ``hm:rt:user:{user}:posts``: the posts the stream processor saw the user engage with since
-      (applied once per event id by ``engagement.lua``), action ``"engaged"``, author unknown (-1).
-
-    A post in both keeps its newest entry. While Redis is down the query goes on without a
+    A post engaged several times (a long view, then a like) keeps its newest entry, the strongest
+    action on a tie, as ``pipelines.sequences`` does offline. While Redis is down the query goes on without a
     sequence (``Fallback``: degraded "query_hydration"): the history-based sources return nothing
     and the others still serve, which is better than no page.
 
@@ -53,19 +51,15 @@ class UserActionSequenceQueryHydrator(QueryHydrator):
         return self._enabled
 
     def _read(self, uid: int) -> tuple[EngagedAction, ...]:
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zrevrange(keys.action_sequence(uid), 0, self.max_length - 1, withscores=True)
-        pipe.zrevrange(keys.rt_user_recent_posts(uid), 0, self.max_length - 1, withscores=True)
-        batch, live = pipe.execute()
+        # twice the length: a post with two actions has two members
+        rows = self.client.zrevrange(keys.action_sequence(uid), 0, 2 * self.max_length - 1, withscores=True)
+        strength = {a: i for i, a in enumerate(ACTION_STRENGTH)}
         newest: dict[int, EngagedAction] = {}
-        for member, ts in batch:
+        for member, ts in rows:
             post, author, action = keys.decode_action(member)
-            newest[post] = EngagedAction(post, author, action, float(ts))
-        for post, ts in live:
-            post = int(post)
-            if post not in newest or newest[post].ts < float(ts):
-                author = newest[post].author_id if post in newest else -1
-                newest[post] = EngagedAction(post, author, LIVE_ACTION, float(ts))
+            seen = newest.get(post)
+            if seen is None or (float(ts), strength.get(action, -1)) > (seen.ts, strength.get(seen.action, -1)):
+                newest[post] = EngagedAction(post, author, action, float(ts))
         return tuple(sorted(newest.values(), key=lambda a: (-a.ts, a.post_id))[: self.max_length])
 
     def hydrate(self, query: Query) -> Query:

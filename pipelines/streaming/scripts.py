@@ -22,7 +22,9 @@ from typing import NamedTuple
 from core import online_layout as keys
 from core import realtime
 from core.lua import LuaScriptSpec
+from core.history_features import SEQUENCE_LENGTH
 from core.schema import POSITIVE_HEADS
+from pipelines.sequences import ENGAGED_HEADS
 
 _PACKAGE = "pipelines.streaming"
 
@@ -45,6 +47,7 @@ class EngagementKeys(NamedTuple):
     trending_posts: str     # zset
     trending_tags: str      # zset
     coverage: str           # hash: stream coverage
+    action_sequence: str    # zset: the user action sequence (engaged posts)
 
     @classmethod
     def of(cls, event_id: str, user_id: int, post_id: int, author_id: int) -> "EngagementKeys":
@@ -55,7 +58,7 @@ class EngagementKeys(NamedTuple):
                    keys.rt_post_score(post_id), keys.rt_author_score(author_id), keys.rt_user_recent_posts(user_id),
                    keys.rt_user_recent_authors(user_id), keys.hated_authors(user_id), keys.follows(user_id),
                    keys.rt_social_ts(user_id), keys.POST_META, keys.RT_TRENDING_POSTS, keys.RT_TRENDING_TAGS,
-                   keys.RT_COVERAGE)
+                   keys.RT_COVERAGE, keys.action_sequence(user_id))
 
 
 class EngagementArgs(NamedTuple):
@@ -71,6 +74,7 @@ class EngagementArgs(NamedTuple):
     post_id: int
     author_id: int
     positive: int                   # 1 if kind is a positive head (recent engagements)
+    engaged: int                    # 1 if kind is an engagement of the user action sequence (ENGAGED_HEADS)
     # the constants (core.realtime), last so they can default
     half_life: str = repr(realtime.HALF_LIFE_S)
     counts_ttl: int = realtime.COUNTS_TTL_S
@@ -81,6 +85,7 @@ class EngagementArgs(NamedTuple):
     trending_half_life: str = repr(realtime.TRENDING_HALF_LIFE_S)
     trending_cap: int = realtime.TRENDING_CAP
     out_of_order_s: int = realtime.OUT_OF_ORDER_S
+    sequence_cap: int = SEQUENCE_LENGTH
 
     @classmethod
     def of(cls, kind: str, event_s: float, write_s: float, post_id: int, author_id: int,
@@ -93,7 +98,8 @@ class EngagementArgs(NamedTuple):
             ValueError: unknown ``kind``.
         """
         return cls(seen_ttl, kind, realtime.bucket_start(event_s), f"{event_s:.6f}", f"{write_s:.6f}",
-                   repr(realtime.kind_weight(kind)), post_id, author_id, int(kind in POSITIVE_HEADS))
+                   repr(realtime.kind_weight(kind)), post_id, author_id, int(kind in POSITIVE_HEADS),
+                   int(kind in ENGAGED_HEADS))
 
 
 ENGAGEMENT = LuaScriptSpec(_PACKAGE, "engagement.lua", EngagementKeys, EngagementArgs, helpers=("guard.lua",))

@@ -92,16 +92,33 @@ def test_index_holds_point_in_time_sequences_and_neighbours(store):
     assert content.counts()["coengagement_posts"] == 4 and content.counts()["sequence_users"] == 5
 
 
-def test_hydrator_merges_live_engagements_and_the_source_expands_them(store):
+def test_stream_appends_live_engagements_once_and_the_source_expands_them(store):
     client, _ = store
     hydrator = UserActionSequenceQueryHydrator(client, max_length=3)
     q = hydrator.hydrate(Query(user_id=1, page_size=10, now_s=0.0, request_id="r"))
     assert [a.post_id for a in q.action_sequence] == [3, 2]
-    # the stream processor saw user 1 engage with 4 later, and with 2 again
-    client.zadd(keys.rt_user_recent_posts(1), {4: AS_OF.timestamp() + 10, 2: AS_OF.timestamp() + 5})
+    # the real stream processor applies user 1's live engagements: a like of 4, a click of 5 (not
+    # an engagement), a long view and then a like of 2; a redelivered event is applied once
+    from pipelines.streaming.bus import RedisStreamsBus
+    from pipelines.streaming.events import EngagementEvent
+    from pipelines.streaming.processor import StreamProcessor
+
+    now = AS_OF.timestamp()
+    bus = RedisStreamsBus(client)
+    for eid, kind, post, dt in [("a", "like", 4, 10), ("b", "click", 5, 11), ("c", "long_view", 2, 12),
+                                ("d", "like", 2, 12), ("a", "like", 4, 10)]:
+        bus.publish("engagements", EngagementEvent(event_id=eid, kind=kind, user_id=1, post_id=post,
+                                                   author_id=1000 + post,
+                                                   event_ts=pd.Timestamp(now + dt, unit="s", tz="UTC").to_pydatetime()))
+    proc = StreamProcessor(client, bus, clock=lambda: now + 20)
+    while proc.run_once(count=10, block_ms=10):
+        pass
+    assert proc.stats["applied"] == 4  # the redelivered like of 4 is not applied twice
+    # index: 3 long_view, 2 like; live: 4 like, 2 long_view (2 like only moves forward in time)
+    assert client.zcard(keys.action_sequence(1)) == 4
     q = hydrator.hydrate(Query(user_id=1, page_size=10, now_s=0.0, request_id="r"))
     assert [(a.post_id, a.author_id, a.action) for a in q.action_sequence] == [
-        (4, -1, "engaged"), (2, 1002, "engaged"), (3, 1003, "long_view")]
+        (2, 1002, "like"), (4, 1004, "like"), (3, 1003, "long_view")]
     empty = hydrator.hydrate(Query(user_id=99, page_size=10, now_s=0.0, request_id="r"))
     assert empty.action_sequence == ()
 

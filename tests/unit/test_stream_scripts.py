@@ -53,16 +53,18 @@ def test_engagement_records_built_positionally_equal_the_keyword_form():
         recent_posts=keys.rt_user_recent_posts(3), recent_authors=keys.rt_user_recent_authors(3),
         hated=keys.hated_authors(3), follows=keys.follows(3), social_ts=keys.rt_social_ts(3),
         index_post_meta=keys.POST_META, trending_posts=keys.RT_TRENDING_POSTS, trending_tags=keys.RT_TRENDING_TAGS,
-        coverage=keys.RT_COVERAGE)
+        coverage=keys.RT_COVERAGE, action_sequence=keys.action_sequence(3))
     a = S.EngagementArgs.of("like", 1_651_406_500.25, 1_651_406_501.5, 10, 7, seen_ttl=99)
     assert a == S.EngagementArgs(
         seen_ttl=99, kind="like", bucket_start=1_651_406_400, event_ts="1651406500.250000",
         write_ts="1651406501.500000", weight=repr(realtime.kind_weight("like")), post_id=10, author_id=7, positive=1,
-        half_life=repr(realtime.HALF_LIFE_S), counts_ttl=realtime.COUNTS_TTL_S, score_ttl=realtime.SCORE_TTL_S,
+        engaged=1, half_life=repr(realtime.HALF_LIFE_S), counts_ttl=realtime.COUNTS_TTL_S, score_ttl=realtime.SCORE_TTL_S,
         recent_cap=realtime.RECENT_CAP, retention_s=realtime.RETENTION_S, bucket_s=realtime.BUCKET_S,
         trending_half_life=repr(realtime.TRENDING_HALF_LIFE_S), trending_cap=realtime.TRENDING_CAP,
-        out_of_order_s=realtime.OUT_OF_ORDER_S)
+        out_of_order_s=realtime.OUT_OF_ORDER_S, sequence_cap=64)
     assert S.EngagementArgs.of("impression", 0.0, 0.0, 1, 2, 1).positive == 0
+    click = S.EngagementArgs.of("click", 0.0, 0.0, 1, 2, 1)
+    assert click.positive == 1 and click.engaged == 0  # a click is not in the action sequence
     with pytest.raises(ValueError, match="unknown kind"):
         S.EngagementArgs.of("retweet", 0.0, 0.0, 1, 2, 1)
 

@@ -2,14 +2,14 @@
 -- guard.lua). Keys: core/online_layout.py; bucket / decay / trending math: core/realtime.py.
 -- Returns 0 if the event was applied before (seen marker), 1 if applied now.
 local seen, counts, rt_meta, post_score, author_score, recent_posts, recent_authors, hated, follows,
-      social_ts, index_post_meta, trending_posts, trending_tags, coverage = unpack(KEYS)
-local seen_ttl, kind, bucket_start, event_ts, write_ts, weight, post_id, author_id, positive,
+      social_ts, index_post_meta, trending_posts, trending_tags, coverage, action_sequence = unpack(KEYS)
+local seen_ttl, kind, bucket_start, event_ts, write_ts, weight, post_id, author_id, positive, engaged,
       half_life, counts_ttl, score_ttl, recent_cap, retention_s, bucket_s, trending_half_life,
-      trending_cap, out_of_order_s = unpack(ARGV)
+      trending_cap, out_of_order_s, sequence_cap = unpack(ARGV)
 
 -- one type per key above, in order
 local bad = guard_key_types({'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'zset', 'set', 'set',
-                             'hash', 'hash', 'zset', 'zset', 'hash'})
+                             'hash', 'hash', 'zset', 'zset', 'hash', 'zset'})
 if bad then return bad end
 if not mark_seen(seen, seen_ttl) then return 0 end
 
@@ -97,6 +97,12 @@ if positive == '1' then
   redis.call('ZREMRANGEBYRANK', recent_posts, 0, -(cap + 1))
   redis.call('ZADD', recent_authors, 'GT', ets, author_id)
   redis.call('ZREMRANGEBYRANK', recent_authors, 0, -(cap + 1))
+end
+if engaged == '1' then
+  -- the user action sequence (core.online_layout.action_sequence, member encode_action): the index
+  -- wrote the history before its cutoff, live engagements are appended here, the newest kept
+  redis.call('ZADD', action_sequence, 'GT', ets, post_id .. '|' .. author_id .. '|' .. kind)
+  redis.call('ZREMRANGEBYRANK', action_sequence, 0, -(tonumber(sequence_cap) + 1))
 end
 if kind == 'hate' then redis.call('SADD', hated, author_id) end
 if kind == 'follow' then
