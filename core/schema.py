@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.history_features import HISTORY_FEATURES as _HISTORY_FEATURES
+
 # Engagement heads, in the order of the heavy ranker's output columns. Twitter's heavy ranker
 # (the-algorithm, `home-mixer/.../HomeFeatures` + `ScoredTweetsParam`) predicts one probability per
 # engagement; KuaiRand labels map one to one.
@@ -253,9 +255,14 @@ REQUEST_FEATURES: tuple[str, ...] = (
 # Raw timestamps are inputs to request features, not model inputs.
 _NOT_MODEL_INPUTS = {"post_created_ts", "tmp_last_impression_ts"}
 
+# How each candidate relates to the user action sequence (co-engagement with the latest engaged
+# posts, same author / tag counts, history depth): core/history_features.py, the same code offline
+# (pipelines/history_features.py) and online (mixer/feature_hydrators/history.py).
+HISTORY_FEATURES: tuple[str, ...] = _HISTORY_FEATURES
+
 ALL_FEATURES: tuple[str, ...] = tuple(
     f for v in FEATURE_VIEWS for f in v.features
-) + REQUEST_FEATURES + ID_FEATURES
+) + REQUEST_FEATURES + ID_FEATURES + HISTORY_FEATURES
 
 HEAVY_RANKER_FEATURES: tuple[str, ...] = tuple(f for f in ALL_FEATURES if f not in _NOT_MODEL_INPUTS)
 
@@ -269,6 +276,9 @@ LIGHT_RANKER_FEATURES: tuple[str, ...] = (
     "req_hour_of_day", "req_post_age_hours",
     # the three biggest surfaces (tab 1, 0, 4: 90 % of impressions, click rates 50 %, 8 %, 60 %)
     "req_surface_1", "req_surface_0", "req_surface_4",
+    # the user's history: the light ranker's cut decides which history-matched candidates the heavy
+    # ranker ever sees
+    "hist_coeng_sum", "hist_coeng_max", "hist_author_engagements", "hist_tag_engagements", "hist_len",
 )
 
 # Feature groups of the ablation study (``home-mixer train --ablation``): each is removed in turn.
@@ -282,6 +292,7 @@ FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
     "temporal": tuple(TEMPORAL_VIEW.features) + ("req_secs_since_last_impression",),
     "request_context": ("req_hour_of_day", "req_day_of_week", "req_post_age_hours") + SURFACE_FEATURES,
     "ids": ID_FEATURES,
+    "history": HISTORY_FEATURES,
 }
 
 ENTITY_COLUMNS: tuple[str, ...] = ("user_id", "post_id", "author_id", "tag_id", "event_timestamp")

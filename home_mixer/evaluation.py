@@ -80,7 +80,7 @@ def featurize_log(state: StateDir, log: Path, data_dir: Path, history: Path | No
     imp = imp.withColumn("time_ms", (F.unix_micros("event_ts") / 1000).cast("long"))
     evaluated = imp.join(keys, ["user_id", "post_id", "time_ms"], "inner")
     posts = pd.read_parquet(ev_state.table("posts"), columns=["post_id", "primary_tag"])
-    return served_feature_rows(spark, store, evaluated, posts, gap_s)
+    return served_feature_rows(spark, store, evaluated, posts, gap_s, history_state=ev_state)
 
 
 def evaluate_log(state: StateDir, log: Path, data_dir: Path = DEFAULT_DATA_DIR,

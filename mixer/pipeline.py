@@ -9,6 +9,7 @@ the request entry point around it (``HomeTimelinePipeline``).
     filters              PreviouslySeen -> HatedAuthor -> BlockedMutedAuthor -> MaxAge -> Duplicate
                          (cheapest first)
     feature hydration    FeastLayoutFeatureHydrator (or FeastSdkFeatureHydrator) + request features,
+                         HistoryFeatureHydrator (each candidate against the user action sequence),
                          then RealtimeFeatureHydrator (fresh post counts from the stream processor)
     light ranker         LightRankerScorer over all candidates
     heavy ranker         TopKSelector (heavy_ranker_top_k by light score), then HeavyRankerScorer:
@@ -50,6 +51,7 @@ from mixer.candidate_sources import (
 )
 from mixer.components import FeatureHydrator, TimelineResult
 from mixer.config import MixerConfig
+from mixer.feature_hydrators.history import HistoryFeatureHydrator
 from mixer.feature_hydrators.realtime import RealtimeFeatureHydrator, StreamLiveness
 from mixer.filters import (
     BlockedMutedAuthorFilter,
@@ -165,6 +167,8 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
         ],
         feature_hydrators=[
             feature_hydrator,  # stage feature_hydration: the Feast online store + request features
+            HistoryFeatureHydrator(client, src.coengagement.seed_posts, src.coengagement.neighbours_per_seed,
+                                   enabled=config.action_sequence.enabled, caches=caches, health=health),
             RealtimeFeatureHydrator(client, config.realtime.max_staleness_s, enabled=config.realtime.enabled,
                                     liveness=resilience.liveness, health=health),
         ],

@@ -250,5 +250,32 @@ def guarded(health: RedisHealth | None, read: Callable[[], object]):
         raise
 
 
-__all__ = ["RedisClientSettings", "RedisHealth", "RedisUnavailable", "StoreWatcher", "guarded", "read_versions",
-           "redis_client"]
+def read_through(cache, ids: list, read: Callable[[list], dict], health: RedisHealth | None):
+    """Values of ``ids`` from ``cache`` (a ``mixer.caches.VersionedCache``, or None), the missing
+    ones read with ``read(missing)`` (guarded by ``health``) and cached under the version current
+    before the read (a build that lands meanwhile is not overwritten by older values).
+
+    Returns:
+        (id -> value for what was found or read, the ``redis.RedisError`` of a failed read or None:
+        the caller answers from what it has, degraded).
+
+    Raises:
+        redis.RedisError: no cache and the read failed.
+    """
+    if cache is None:
+        return guarded(health, lambda: read(ids)), None
+    version = cache.version
+    found, missing = cache.get_many(ids)
+    values = dict(found)
+    if missing:
+        try:
+            got = guarded(health, lambda: read(list(missing)))
+        except redis.RedisError as e:
+            return values, e
+        cache.put_many(got, version)
+        values.update(got)
+    return values, None
+
+
+__all__ = ["RedisClientSettings", "RedisHealth", "RedisUnavailable", "StoreWatcher", "guarded", "read_through",
+           "read_versions", "redis_client"]

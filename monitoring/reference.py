@@ -24,7 +24,7 @@ import pandas as pd
 
 from core.schema import (
     CHAMPION_ALIAS, FEATURE_VIEWS, HEADS, HEAVY_RANKER_FEATURES, HEAVY_RANKER_NAME, ID_FEATURES,
-    LIGHT_RANKER_FEATURES, REQUEST_FEATURES,
+    HISTORY_FEATURES, LIGHT_RANKER_FEATURES, REQUEST_FEATURES,
 )
 
 REFERENCE_DIR = "reference"
@@ -49,12 +49,15 @@ def monitored_features() -> tuple[str, ...]:
 
 
 def feature_view_of(feature: str) -> str:
-    """The feature view a feature belongs to (``request`` for request-time features)."""
+    """The feature view a feature belongs to (``request`` for request-time features, ``history``
+    for the user-action-sequence features)."""
     for view in FEATURE_VIEWS:
         if feature in view.features:
             return view.name
     if feature in REQUEST_FEATURES:
         return "request"
+    if feature in HISTORY_FEATURES:
+        return "history"
     raise KeyError(f"{feature!r} is not a feature of core.schema")
 
 

@@ -42,7 +42,7 @@ def _seconds(ts: pd.Series) -> np.ndarray:
 
 
 def engagement_sequences(impressions: pd.DataFrame, prelog_events: pd.DataFrame | None,
-                         as_of) -> pd.DataFrame:
+                         as_of, distinct: bool = True) -> pd.DataFrame:
     """Every user's distinct engaged posts before ``as_of``, oldest first (module docstring).
 
     Args:
@@ -50,6 +50,8 @@ def engagement_sequences(impressions: pd.DataFrame, prelog_events: pd.DataFrame 
             and the ``ENGAGED_HEADS`` label columns).
         prelog_events: canonical ``prelog_events`` (with ``position``), or None.
         as_of: the cutoff (tz-aware, or naive meaning UTC); only events strictly before it count.
+        distinct: keep each post's latest engagement only (False: every engagement, for callers
+            that cut the sequence at several times and de-duplicate after the cut).
 
     Returns:
         DataFrame ``SEQUENCE_COLUMNS``: user_id, post_id, author_id (int64), action (str, one of
@@ -103,8 +105,8 @@ def engagement_sequences(impressions: pd.DataFrame, prelog_events: pd.DataFrame 
                              "author_id": pd.Series(dtype="int64"), "action": pd.Series(dtype="object"),
                              "ts": pd.Series(dtype="float64")})
     events = pd.concat(parts, ignore_index=True).sort_values(["user_id", "ts", "strength"], kind="stable")
-    # the latest engagement of each post; the strongest action when two share that time
-    events = events.drop_duplicates(["user_id", "post_id"], keep="last")
+    if distinct:  # the latest engagement of each post; the strongest action when two share that time
+        events = events.drop_duplicates(["user_id", "post_id"], keep="last")
     events["action"] = np.asarray(ACTION_STRENGTH, dtype=object)[events["strength"].to_numpy()]
     return events[list(SEQUENCE_COLUMNS)].reset_index(drop=True)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from core.requests import REQUEST_GAP_S, assign_requests, served_feature_ts
-from core.schema import HEADS, HOME_SURFACE
+from core.schema import HEADS, HISTORY_FEATURES, HOME_SURFACE
 from core.state import StateDir
 from feature_repo import store as fs
 
@@ -20,7 +20,7 @@ TRAINING_SET_TABLE = "training_set"
 
 
 def served_feature_rows(spark, store, impressions, posts: pd.DataFrame,
-                        gap_s: float = REQUEST_GAP_S) -> pd.DataFrame:
+                        gap_s: float = REQUEST_GAP_S, history_state: StateDir | None = None) -> pd.DataFrame:
     """Impressions with the features serving had: grouped into requests, joined at the last materialisation.
 
     Every impression of one request (``core.requests.assign_requests``) gets the feature values
@@ -40,6 +40,10 @@ def served_feature_rows(spark, store, impressions, posts: pd.DataFrame,
         posts: the canonical posts (pandas, at least ``post_id`` and ``primary_tag``): a row's
             ``tag_id`` (the key of the user x tag view) is its post's primary tag, -1 if none.
         gap_s: request inactivity gap, seconds.
+        history_state: the state whose canonical tables give the history features
+            (``pipelines.history_features``: the user action sequence before each request, the
+            co-engagement neighbours of that day's index build; Spark). None leaves the
+            ``HISTORY_FEATURES`` columns NaN (what a mixer without the history hydrator serves).
 
     Returns:
         pandas DataFrame sorted by (``event_timestamp``, ``user_id``, ``post_id``): entity
@@ -77,6 +81,15 @@ def served_feature_rows(spark, store, impressions, posts: pd.DataFrame,
     for col, values in id_bucket_columns(df["user_id"].to_numpy(), df["post_id"].to_numpy(),
                                          df["author_id"].to_numpy()).items():
         df[col] = values
+    if history_state is not None:
+        from pipelines.candidate_index import CanonicalTables
+        from pipelines.history_features import add_history_features
+
+        df = add_history_features(spark, df, CanonicalTables.load(history_state),
+                                  log=lambda line: print(f"[history] {line}", flush=True))
+    else:
+        for col in HISTORY_FEATURES:
+            df[col] = np.nan
     return df.sort_values(["event_timestamp", "user_id", "post_id"], kind="stable").reset_index(drop=True)
 
 
@@ -92,7 +105,7 @@ def training_set(spark, store, state: StateDir, gap_s: float = REQUEST_GAP_S) ->
     """
     imp = spark.read.parquet(str(state.table("impressions")))
     posts = pd.read_parquet(state.table("posts"), columns=["post_id", "primary_tag"])
-    df = served_feature_rows(spark, store, imp, posts, gap_s)
+    df = served_feature_rows(spark, store, imp, posts, gap_s, history_state=state)
     df.to_parquet(state.table(TRAINING_SET_TABLE), index=False, coerce_timestamps="us")
     return df
 

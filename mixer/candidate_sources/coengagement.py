@@ -10,7 +10,7 @@ from core.history_features import coengagement_scores
 from mixer.caches import MixerCaches
 from mixer.candidate import Candidate, Query
 from mixer.components import CandidateSource, Fallback
-from mixer.redis_health import RedisHealth, guarded
+from mixer.redis_health import RedisHealth, read_through
 
 
 class CoEngagementCandidateSource(CandidateSource):
@@ -70,20 +70,7 @@ class CoEngagementCandidateSource(CandidateSource):
         seeds = [a.post_id for a in query.action_sequence[: self.seed_posts]]
         if not seeds:
             return []
-        cache, failed = self.cache, None
-        if cache is None:
-            lists = self._read(seeds)
-        else:
-            version = cache.version
-            found, missing = cache.get_many(seeds)
-            lists = dict(found)
-            if missing:
-                try:
-                    read = guarded(self.health, lambda: self._read(list(missing)))
-                    cache.put_many(read, version)
-                    lists.update(read)
-                except redis.RedisError as e:
-                    failed = e
+        lists, failed = read_through(self.cache, seeds, self._read, self.health)
         ids, total, _, _ = coengagement_scores([lists[s] for s in seeds if s in lists])
         keep = ~np.isin(ids, np.fromiter((a.post_id for a in query.action_sequence), dtype="int64"))
         ids, total = ids[keep], total[keep]

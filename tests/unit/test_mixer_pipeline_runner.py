@@ -436,6 +436,7 @@ def test_home_timeline_declaration_reads_top_to_bottom_and_gates_from_config():
     assert [f.name for f in p.filters] == ["previously_seen", "hated_author", "blocked_muted_author", "max_age",
                                            "duplicate"]
     assert [(h.name, h.stage) for h in p.feature_hydrators] == [("store", "feature_hydration"),
+                                                               ("history", "history_features"),
                                                                ("realtime", "realtime_features")]
     assert [(s.name, [x.name for x in s.selectors], [x.name for x in s.scorers]) for s in p.scoring] == [
         ("light_ranker", [], ["light_ranker"]), ("heavy_ranker", ["top_k"], ["heavy_ranker"]),
@@ -447,7 +448,8 @@ def test_home_timeline_declaration_reads_top_to_bottom_and_gates_from_config():
         ("request_metrics", True)]
     assert p.model_versions == {"light_ranker": "3", "heavy_ranker": "4"}
     q = _query()
-    assert p.candidate_sources[3].enabled(q) and p.feature_hydrators[1].enabled(q)
+    assert p.candidate_sources[3].enabled(q) and p.feature_hydrators[2].enabled(q)
+    assert p.feature_hydrators[1].enabled(q)
     assert p.candidate_sources[0].enabled(q) and p.query_hydrators[1].enabled(q)
 
     data = cfg.model_dump()
@@ -456,6 +458,7 @@ def test_home_timeline_declaration_reads_top_to_bottom_and_gates_from_config():
     data["action_sequence"]["enabled"] = False
     data["realtime"]["enabled"] = False
     off = home_timeline(parse_config(data), rankers, client=client, feature_hydrator=Store(), metrics=MixerMetrics())
-    assert not off.candidate_sources[3].enabled(q) and not off.feature_hydrators[1].enabled(q)
+    assert not off.candidate_sources[3].enabled(q) and not off.feature_hydrators[2].enabled(q)
+    assert not off.feature_hydrators[1].enabled(q)  # no action sequence: no history features
     assert not off.candidate_sources[0].enabled(q) and not off.query_hydrators[1].enabled(q)
     assert all(s.enabled(q) for s in off.candidate_sources if s.name not in ("trending", "coengagement"))
