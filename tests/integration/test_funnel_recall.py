@@ -166,3 +166,61 @@ def test_a_light_ranker_ordering_like_the_heavy_blend_has_recall_one(funnel_stat
     assert r.random_recall < 1.0
     assert r.model_versions == {"light_ranker": "heavy-blend", "heavy_ranker": "1"}
 
+
+
+def test_whole_funnel_measures_the_served_pipeline_against_its_baselines(funnel_state, data_dir, redis_server,
+                                                                         spark, tmp_path):
+    """The whole-funnel evaluation on the real log and the mixer's own pipeline: an index as of the
+    validation days' start (with Spark co-engagement neighbours and action sequences) in its own
+    database, the champions of the module's registry, 40 users with later engagements."""
+    import mlflow
+
+    from home_mixer.whole_funnel import evaluated_days, log_to_mlflow, positives_by_user, whole_funnel
+    from pipelines.candidate_index import build_candidate_index, build_coengagement
+
+    state = funnel_state[0]
+    tables = _canonical(data_dir)
+    for name in ("posts", "social_edges"):
+        getattr(tables, name).to_parquet(state.table(name))
+    imp = pd.read_parquet(state.table("impressions"))
+    days, as_of = evaluated_days(imp, 2)
+    assert days == sorted(imp["date"].unique())[-2:] and as_of == pd.to_datetime(
+        imp.loc[imp["date"].isin(days), "event_ts"], utc=True).min()
+    url = f"redis://127.0.0.1:{redis_server.port}/10"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    neighbours = build_coengagement(spark, tables, as_of, log=None)
+    build_candidate_index(state, url, as_of, tables=tables, coengagement=neighbours)
+    ks = (10, 200, 500, 5000)
+    report = whole_funnel(state, redis_url=url, prepare=False, n_users=40, seed=1, ks=ks, n_boot=200, log=None)
+    print(report.to_table())
+    positives = positives_by_user(imp, days)
+    assert report.users == 40 and report.days == days and report.as_of == as_of.isoformat()
+    assert set(report.orders) == {"engaged", "click", "long_view"}
+    orders = report.orders["engaged"]
+    assert {"served", "union", "popularity", "coengagement_baseline", "source:coengagement", "source:popular",
+            "source:tag_interest", "source:in_network"} <= set(orders)
+    for s in orders.values():
+        r = [s.recall[k][0] for k in ks]
+        assert all(0 <= x <= 1 for x in r) and r == sorted(r)  # recall grows with K
+        assert all(s.recall[k][1] <= s.recall[k][0] <= s.recall[k][2] for k in ks)
+        assert all(0 <= v <= 1 for v in s.coverage.values())
+    # every source's surviving candidates and the served pages are inside the union
+    full = orders["union"].recall[5000][0]
+    assert all(orders[n].recall[5000][0] <= full + 1e-12 for n in orders if n.startswith("source:") or n == "served")
+    assert orders["union"].mean_list_len == pytest.approx(report.candidates["mean"])
+    assert orders["served"].mean_list_len <= 5000 and orders["served"].recall[5000][0] > 0
+    # the popularity list is the index's 7-day list
+    top = [int(p) for p in client.zrevrange(online_layout.popular("7d"), 0, 9)]
+    assert orders["popularity"].coverage[10] == pytest.approx(len(top) / report.catalogue)
+    # users without click positives on those days leave the click table (recall is undefined for them)
+    assert 0 < report.orders["click"]["served"].users <= 40 and len(positives["click"]) >= len(positives["engaged"]) / 2
+    # the co-engagement source found something, from the user action sequences
+    assert orders["source:coengagement"].mean_list_len > 0 and report.sources["coengagement"]["requests_failed"] == 0
+    path = report.to_json(tmp_path / "whole_funnel.json")
+    assert json.loads(path.read_text())["orders"]["engaged"]["served"]["recall"]["200"][0] == orders["served"].recall[200][0]
+    run_id = log_to_mlflow(state, report, path)
+    run = mlflow.MlflowClient(state.mlflow_tracking_uri).get_run(run_id)
+    assert run.data.metrics["engaged.served.recall_at_200"] == pytest.approx(orders["served"].recall[200][0])
+    client.flushdb()
+    client.close()
