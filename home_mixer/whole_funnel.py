@@ -366,27 +366,44 @@ def whole_funnel(state: StateDir, *, redis_url: str | None = None, feast_connect
 
 
 def log_to_mlflow(state: StateDir, report: WholeFunnelReport, path: Path) -> str:
-    """Log the report as an MLflow run of experiment ``MLFLOW_EXPERIMENT``: metrics
-    ``<kind>.<order>.recall_at_<K>`` / ``hit_rate_at_<K>`` / ``ndcg_at_<K>``, the JSON as an
-    artifact, the champions' versions as params. Returns the run id."""
-    import mlflow
+    """Log the report as an MLflow run of experiment ``MLFLOW_EXPERIMENT`` in the state's tracking
+    store: metrics ``<kind>.<order>.recall_at_<K>`` / ``hit_rate_at_<K>`` / ``ndcg_at_<K>``, the
+    JSON at ``path`` as an artifact, the champions' versions as params. Returns the run id.
 
-    mlflow.set_tracking_uri(state.mlflow_tracking_uri)
-    mlflow.set_experiment(MLFLOW_EXPERIMENT)
-    with mlflow.start_run(run_name=f"whole-funnel {report.as_of}") as run:
-        mlflow.log_params({"as_of": report.as_of, "users": report.users, "days": ",".join(map(str, report.days)),
-                           **{f"version.{k}": v for k, v in report.model_versions.items()}})
-        values = {}
-        for kind, orders in report.orders.items():
-            for name, s in orders.items():
-                safe = name.replace(":", ".")
-                for k in s.ks:
-                    values[f"{kind}.{safe}.recall_at_{k}"] = s.recall[k][0]
-                    values[f"{kind}.{safe}.hit_rate_at_{k}"] = s.hit[k][0]
-                    values[f"{kind}.{safe}.ndcg_at_{k}"] = s.ndcg[k][0]
-        mlflow.log_metrics({k: float(v) for k, v in values.items() if np.isfinite(v)})
-        mlflow.log_artifact(str(path))
-        return run.info.run_id
+    Uses an explicit ``MlflowClient`` (not the fluent API, whose tracking URI and active run are
+    process-wide), so the caller's MLflow settings are untouched."""
+    import time as _time
+
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=state.mlflow_tracking_uri)
+    experiment = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment is not None else client.create_experiment(MLFLOW_EXPERIMENT)
+    run = client.create_run(experiment_id, run_name=f"whole-funnel {report.as_of}")
+    run_id = run.info.run_id
+    now = int(_time.time() * 1000)
+    params = {"as_of": report.as_of, "users": str(report.users), "days": ",".join(map(str, report.days)),
+              **{f"version.{k}": str(v) for k, v in report.model_versions.items()}}
+    metrics = []
+    for kind, orders in report.orders.items():
+        for name, s in orders.items():
+            safe = name.replace(":", ".")
+            for k in s.ks:
+                for metric, values in (("recall", s.recall), ("hit_rate", s.hit), ("ndcg", s.ndcg)):
+                    v = float(values[k][0])
+                    if np.isfinite(v):
+                        metrics.append(Metric(f"{kind}.{safe}.{metric}_at_{k}", v, now, 0))
+    try:
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+        for i in range(0, len(metrics), 1000):  # MLflow's batch limit
+            client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        client.log_artifact(run_id, str(path))
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id)
+    return run_id
 
 
 __all__ = ["EVAL_DB", "POSITIVE_KINDS", "WHOLE_FUNNEL_REPORT", "WholeFunnelReport", "evaluated_days",

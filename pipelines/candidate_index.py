@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Iterable
 
@@ -131,6 +131,10 @@ def _engagement_weight(impressions: pd.DataFrame) -> np.ndarray:
     return w
 
 
+def _empty_frame(dtypes: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in dtypes.items()})
+
+
 @dataclass(frozen=True)
 class CandidateIndexContent:
     """What the index holds, computed in memory (pandas) before it is written.
@@ -157,8 +161,10 @@ class CandidateIndexContent:
     tag_interest: pd.DataFrame
     hated_authors: pd.DataFrame
     seen: pd.DataFrame
-    sequences: pd.DataFrame
-    coengagement: pd.DataFrame
+    sequences: pd.DataFrame = field(default_factory=lambda: _empty_frame(
+        {"user_id": "int64", "post_id": "int64", "author_id": "int64", "action": "object", "ts": "float64"}))
+    coengagement: pd.DataFrame = field(default_factory=lambda: _empty_frame(
+        {"post_id": "int64", "neighbour_id": "int64", "score": "float64"}))
 
     def counts(self) -> dict[str, int]:
         """Rows per family (keys are stable names used in ``INDEX_META``)."""
@@ -259,8 +265,7 @@ def compute_candidate_index(tables: CanonicalTables, as_of: datetime | pd.Timest
     seen = imp.groupby(["user_id", "post_id"], as_index=False)["ts"].max()
     sequences = last_n(engagement_sequences(tables.impressions, tables.prelog_events, cutoff), sequence_length)
     if coengagement is None:
-        coengagement = pd.DataFrame({"post_id": pd.Series(dtype="int64"), "neighbour_id": pd.Series(dtype="int64"),
-                                     "score": pd.Series(dtype="float64")})
+        coengagement = _empty_frame({"post_id": "int64", "neighbour_id": "int64", "score": "float64"})
 
     return CandidateIndexContent(
         as_of=cutoff, posts=posts, popular=popular, tag_posts=tag_posts, follows=follows,

@@ -144,6 +144,7 @@ def write_world(client: redis.Redis, world: World) -> None:
     from pipelines.streaming.processor import StreamProcessor
 
     now_s = int(NOW.timestamp())
+    authors = {p: a for p, a, _, _ in world.posts}
     popular = pd.Series(world.popular, dtype="float64")
     popular.index = popular.index.astype("int64")
     tag_posts = [(t, p, 1.0) for p, _, _, tags in world.posts for t in tags]
@@ -158,6 +159,14 @@ def write_world(client: redis.Redis, world: World) -> None:
         tag_interest=_frame([(VIEWER, t, w) for t, w in world.tag_interest.items()], ["user_id", "tag", "weight"]),
         hated_authors=_frame([(VIEWER, a) for a in sorted(world.index_hated)], ["user_id", "author_id"]),
         seen=_frame([(VIEWER, p, now_s - 86400) for p in sorted(world.seen)], ["user_id", "post_id", "ts"]),
+        # the viewer engaged every seen post, each a co-engagement neighbour of every post: the
+        # co-engagement source offers every post, hidden authors' and served ones included
+        sequences=pd.DataFrame({"user_id": VIEWER, "post_id": sorted(world.seen),
+                                "author_id": [authors.get(p, 0) for p in sorted(world.seen)], "action": "like",
+                                "ts": [float(now_s - 86400 + i) for i in range(len(world.seen))]}).astype(
+            {"user_id": "int64", "post_id": "int64", "author_id": "int64"}),
+        coengagement=_frame([(s, p, 1.0) for s in sorted(world.seen) for p, _, _, _ in world.posts if p != s],
+                            ["post_id", "neighbour_id", "score"]),
     ))
 
     processor = StreamProcessor(client, RedisStreamsBus(client))

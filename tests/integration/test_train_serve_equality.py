@@ -98,20 +98,23 @@ def _pick_requests(ts: pd.DataFrame, imp: pd.DataFrame, n: int = 6) -> tuple[pd.
                                 for r in sizes["request_id"]]
 
 
-def test_logged_features_of_replayed_requests_equal_their_training_rows(built):
+def test_logged_features_of_replayed_requests_equal_their_training_rows(built, spark):
     state, store, ts, url, client = built
     imp = pd.read_parquet(state.table("impressions"))
     hour, requests = _pick_requests(ts, imp)
     assert len(requests) >= 3
 
-    from pipelines.candidate_index import build_candidate_index
+    from pipelines.candidate_index import CanonicalTables, build_candidate_index, build_coengagement
     from pipelines.features.common import BASE_ROW_TS
 
     fs.materialize(store, min(BASE_ROW_TS.to_pydatetime(), jobs.log_span(state)[0]), hour.to_pydatetime())
-    build_candidate_index(state, url, hour)
+    # the index holds the co-engagement neighbours of the day's build (training rows read the same)
+    tables = CanonicalTables.load(state)
+    neighbours = build_coengagement(spark, tables, hour.floor("D"), log=None)
+    build_candidate_index(state, url, hour, tables=tables, coengagement=neighbours)
     compared = 0
     for request in requests:
-        compared += _replay_and_compare(client, url, hour, request)
+        compared += _replay_and_compare(client, url, hour, request, imp)
     print(f"train/serve equality at H = {hour}: {len(requests)} requests, {compared} served posts x "
           f"{len(ALL_FEATURES)} features = {compared * len(ALL_FEATURES)} values equal")
     assert compared >= 10
@@ -132,9 +135,38 @@ def test_logged_features_of_replayed_requests_equal_their_training_rows(built):
     assert client.type(keys.SERVED_FEATURES) == b"stream"
 
 
-def _replay_and_compare(client, url: str, hour: pd.Timestamp, request: pd.DataFrame) -> int:
-    """Serve ``request``'s user at its start and surface; compare its logged served rows with the
-    training rows. Returns the number of posts compared (asserts every feature equal)."""
+def _stream_engagements(client, imp: pd.DataFrame, user: int, since: pd.Timestamp, until: pd.Timestamp) -> int:
+    """What the stream processor would have applied for ``user`` between the index build and the
+    request (the user action sequence grows with live engagements): the real processor applies the
+    user's engagements in [since, until). Returns how many events it applied."""
+    from pipelines.streaming.bus import RedisStreamsBus
+    from pipelines.streaming.events import EngagementEvent
+    from pipelines.streaming.processor import StreamProcessor
+
+    ts = pd.to_datetime(imp["event_ts"], utc=True)
+    rows = imp[(imp["user_id"] == user) & (ts >= since) & (ts < until)]
+    bus = RedisStreamsBus(client)
+    n = 0
+    for r in rows.itertuples(index=False):
+        for kind in ("click", "long_view", "like", "follow", "comment", "forward"):
+            if getattr(r, kind):
+                at = pd.Timestamp(r.event_ts).tz_convert("UTC")
+                bus.publish("engagements", EngagementEvent(
+                    event_id=f"{user}-{r.post_id}-{at.value}-{kind}", kind=kind, user_id=user, post_id=int(r.post_id),
+                    author_id=int(r.author_id), event_ts=at.to_pydatetime()))
+                n += 1
+    if n:
+        proc = StreamProcessor(client, bus, clock=lambda: until.timestamp())
+        while proc.run_once(count=100, block_ms=10):
+            pass
+        assert proc.stats["applied"] == n
+    return n
+
+
+def _replay_and_compare(client, url: str, hour: pd.Timestamp, request: pd.DataFrame, imp: pd.DataFrame) -> int:
+    """Serve ``request``'s user at its start and surface, after the stream processor applied the
+    user's engagements since the index build; compare its logged served rows with the training
+    rows. Returns the number of posts compared (asserts every feature equal)."""
     from core.online_layout import FeastRedisLayout
     from core.schema import LIGHT_RANKER_FEATURES
     from mixer.feature_hydrators import FeastLayoutFeatureHydrator
@@ -143,6 +175,7 @@ def _replay_and_compare(client, url: str, hour: pd.Timestamp, request: pd.DataFr
     start = request["request_ts"].iloc[0]
     surface = int(request["tab"].iloc[0])
     assert (request["feature_ts"] == hour).all() and hour <= start < hour + pd.Timedelta(hours=1)
+    _stream_engagements(client, imp, user, hour, start)
     data = load_config().model_dump()
     data.update(redis_url=url, clock={"now": start.isoformat()}, realtime={"enabled": False},
                 page={"default_size": 100, "max_size": 100},
@@ -193,5 +226,6 @@ def _replay_and_compare(client, url: str, hour: pd.Timestamp, request: pd.DataFr
     # the values are not trivially equal: the user's history and the posts' counts are there
     assert offline.loc[compared_posts, "user_impressions"].gt(0).all()
     assert offline.loc[compared_posts, "post_impressions_24h"].notna().any()
+    assert offline.loc[compared_posts, "hist_len"].gt(0).all()  # and the user's action sequence
     # only the logged request's posts are compared; the page also served the real sources' posts
     return len(compared_posts)
