@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from core.state import StateDir
-from models.retrieval_metrics import DEFAULT_KS, OrderSummary, per_user_metrics, summarize_order
+from models.retrieval_metrics import DEFAULT_KS, OrderSummary, bootstrap_mean_interval, per_user_metrics, summarize_order
 
 WHOLE_FUNNEL_REPORT = "whole_funnel.json"
 EVAL_DB = 9  # the Redis database of the as-of store (tests use 0, 3, 6, 7)
@@ -61,6 +61,8 @@ class WholeFunnelReport:
         catalogue: posts the index can serve (created before ``as_of``): coverage's denominator.
         orders: positive kind -> order name -> ``OrderSummary``.
         candidates: mean / median candidates per request after the filters.
+        union_recall: positive kind -> (mean, low, high): recall of the whole candidate set, the
+            ceiling of every ranking stage.
         sources: source name -> {"mean_candidates", "requests_failed"}.
         model_versions: the champions measured.
         seconds: wall time per step.
@@ -74,12 +76,14 @@ class WholeFunnelReport:
     candidates: dict[str, float]
     sources: dict[str, dict[str, float]]
     model_versions: dict[str, str]
+    union_recall: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready."""
         return {"as_of": self.as_of, "days": self.days, "users": self.users, "catalogue": self.catalogue,
-                "candidates": self.candidates, "sources": self.sources, "model_versions": self.model_versions,
+                "candidates": self.candidates, "union_recall": {k: list(v) for k, v in self.union_recall.items()},
+                "sources": self.sources, "model_versions": self.model_versions,
                 "seconds": self.seconds,
                 "orders": {kind: {name: s.to_dict() for name, s in orders.items()}
                            for kind, orders in self.orders.items()}}
@@ -97,6 +101,9 @@ class WholeFunnelReport:
         head = (f"whole funnel as of {self.as_of} ({self.users:,} users with {kind} positives on "
                 f"{self.days[0]}..{self.days[-1]}; {self.candidates['mean']:.0f} candidates per request)")
         cols = " ".join(f"{'R@' + str(k):>6}" for k in ks)
+        if kind in self.union_recall:
+            m, lo, hi = self.union_recall[kind]
+            head += f"\nrecall of the whole candidate set (the ceiling of the ranking stages): {m:.3f} [{lo:.3f}, {hi:.3f}]"
         lines = [head, f"{'order':<28} {cols} {'R@200 95% CI':>15} {'HR@200':>7} {'NDCG@20':>8} {'cov@200':>8}"]
         for name, s in orders.items():
             r = " ".join(f"{s.recall[k][0]:6.3f}" if k in s.recall else f"{'':>6}" for k in ks)
@@ -348,9 +355,12 @@ def whole_funnel(state: StateDir, *, redis_url: str | None = None, feast_connect
     first = ["served", "union", "popularity", "coengagement_baseline"]
     names = first + sorted(n for n in lists if n not in first)
     orders: dict[str, dict[str, OrderSummary]] = {}
+    union_recall = {}
     for kind in POSITIVE_KINDS:
         pos = positives[kind]
         idx = [i for i, u in enumerate(users) if u in pos]
+        whole = np.array([len(pos[users[i]] & set(lists["union"][i])) / len(pos[users[i]]) for i in idx])
+        union_recall[kind] = tuple(float(x) for x in bootstrap_mean_interval(whole, n_boot=n_boot, seed=seed))
         orders[kind] = {}
         for name in names:
             m = per_user_metrics([lists[name][i] for i in idx], [pos[users[i]] for i in idx], ks)
@@ -361,7 +371,7 @@ def whole_funnel(state: StateDir, *, redis_url: str | None = None, feast_connect
         candidates={"mean": float(n.mean()), "median": float(np.median(n))},
         sources={s: {"mean_candidates": float(np.mean(v)), "requests_failed": source_failures.get(s, 0)}
                  for s, v in source_sizes.items()},
-        model_versions=dict(model_versions), seconds=seconds)
+        model_versions=dict(model_versions), union_recall=union_recall, seconds=seconds)
     return report
 
 

@@ -207,6 +207,7 @@ def test_whole_funnel_measures_the_served_pipeline_against_its_baselines(funnel_
         assert all(0 <= v <= 1 for v in s.coverage.values())
     # every source's surviving candidates and the served pages are inside the union
     full = orders["union"].recall[5000][0]
+    assert report.union_recall["engaged"][0] == pytest.approx(full)  # K=5000 holds every candidate
     assert all(orders[n].recall[5000][0] <= full + 1e-12 for n in orders if n.startswith("source:") or n == "served")
     assert orders["union"].mean_list_len == pytest.approx(report.candidates["mean"])
     assert orders["served"].mean_list_len <= 5000 and orders["served"].recall[5000][0] > 0
