@@ -185,9 +185,15 @@ def _prepare_store(state: StateDir, redis_url: str, feast_connection: str, as_of
     from pipelines.features.common import BASE_ROW_TS
     from pipelines.training_set import log_span
 
+    from core import online_layout as layout
+
     seconds = {}
     client = redis.Redis.from_url(redis_url)
     try:
+        # the evaluation never serves: a database with served records is a serving store, not ours to flush
+        if client.exists(layout.SERVED_IMPRESSIONS, layout.SERVED_FEATURES):
+            raise ValueError(f"{redis_url} holds a mixer's served records: it is a serving store; give the "
+                             f"whole-funnel evaluation a database of its own (default db {EVAL_DB})")
         client.flushdb()
     finally:
         client.close()
@@ -235,7 +241,8 @@ def whole_funnel(state: StateDir, *, redis_url: str | None = None, feast_connect
     Raises:
         FileNotFoundError: a canonical table is missing (``home-mixer features build``).
         RuntimeError: no Redis given and the state's Redis is not running.
-        ValueError: too few dates, or no user with positives.
+        ValueError: too few dates, no user with positives, or ``redis_url`` is a serving store
+            (it holds a mixer's served records; nothing is flushed).
     """
     from tqdm import tqdm
 
