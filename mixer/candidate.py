@@ -59,7 +59,8 @@ class Query:
         seen_posts: post ids with an impression in the log before the index cutoff.
         served_posts: post ids the mixer served within the served TTL.
         action_sequence: the user's last engaged posts, newest first (``EngagedAction``; set by
-            ``UserActionSequenceQueryHydrator``; empty for a user without history).
+            ``UserActionSequenceQueryHydrator``; empty for a user without history; None when it
+            could not be read: the history features are then missing, not "no history").
         quality_factor: share of the full work this request gets, in (0, 1]
             (``mixer.quality_factor``): candidate source limits and heavy_ranker_top_k are scaled by it.
     """
@@ -81,7 +82,7 @@ class Query:
     muted_authors: frozenset[int] = frozenset()
     seen_posts: frozenset[int] = frozenset()
     served_posts: frozenset[int] = frozenset()
-    action_sequence: tuple[EngagedAction, ...] = ()
+    action_sequence: tuple[EngagedAction, ...] | None = ()
     quality_factor: float = 1.0
 
     @property

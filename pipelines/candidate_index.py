@@ -41,6 +41,7 @@ from core.schema import (
 )
 from core.state import StateDir
 from core import online_layout as keys
+from core.history_features import SEQUENCE_LENGTH
 from pipelines.sequences import ENGAGED_HEADS, engagement_sequences, last_n
 
 log = logging.getLogger(__name__)
@@ -325,12 +326,33 @@ def delete_candidate_index(client: redis.Redis) -> int:
     return deleted
 
 
+def _live_sequence_members(client: redis.Redis, since_s: float) -> dict[bytes, list[tuple[bytes, float]]]:
+    """Members of every ``hm:seq:{user}`` stamped at or after ``since_s``: what the stream processor
+    appended after the cutoff of the index being replaced (key -> [(member, ts)])."""
+    keys_found = list(client.scan_iter(match=keys.action_sequence("*"), count=10_000))  # type: ignore[arg-type]
+    live: dict[bytes, list[tuple[bytes, float]]] = {}
+    for i in range(0, len(keys_found), BATCH_COMMANDS):
+        batch = keys_found[i:i + BATCH_COMMANDS]
+        pipe = client.pipeline(transaction=False)
+        for key in batch:
+            pipe.zrangebyscore(key, since_s, "+inf", withscores=True)
+        for key, rows in zip(batch, pipe.execute()):
+            if rows:
+                live[key] = rows
+    return live
+
+
 def write_candidate_index(client: redis.Redis, content: CandidateIndexContent) -> dict[str, int]:
     """Replace the index in Redis with ``content`` (delete first, then pipelined batched writes).
+
+    The user action sequences keep what the stream processor appended at or after the new cutoff
+    (those events are applied once, by event id, and would not come again), capped as the
+    processor caps them.
 
     Returns:
         ``content.counts()`` (also stored in ``INDEX_META`` with ``as_of`` and ``built_at``).
     """
+    live = _live_sequence_members(client, content.as_of.value / 1e9)
     delete_candidate_index(client)
     p = _BatchedPipeline(client)
 
@@ -362,6 +384,9 @@ def write_candidate_index(client: redis.Redis, content: CandidateIndexContent) -
                                                        ["post_id", "author_id", "action", "ts"]):
         p.add("zadd", keys.action_sequence(user),
               {keys.encode_action(pid, a, act): t for pid, a, act, t in zip(pids, authors, actions, ts.tolist())})
+    for key, rows in live.items():
+        p.add("zadd", key, {m: ts for m, ts in rows}, gt=True)
+        p.add("zremrangebyrank", key, 0, -(2 * SEQUENCE_LENGTH + 1))
     for post, (nbrs, scores) in _grouped(content.coengagement, "post_id", ["neighbour_id", "score"]):
         p.add("zadd", keys.coengagement(post), dict(zip(nbrs.tolist(), scores.tolist())))
 
@@ -424,5 +449,5 @@ def build_coengagement(spark, tables: CanonicalTables, as_of: datetime | pd.Time
     created = pd.to_datetime(tables.posts["created_ts"], utc=True)
     servable = tables.posts.loc[created < cutoff, "post_id"]
     sequences = engagement_sequences(tables.impressions, tables.prelog_events, cutoff)
-    return coengagement_neighbours(spark, sequences, servable, window=window or DEFAULT_WINDOW,
-                                   top_n=top_n or DEFAULT_TOP_N, log=log)
+    return coengagement_neighbours(spark, sequences, servable, window=DEFAULT_WINDOW if window is None else window,
+                                   top_n=DEFAULT_TOP_N if top_n is None else top_n, log=log)

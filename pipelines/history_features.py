@@ -4,7 +4,10 @@ A row's features use only what the mixer would have had at its request's start (
 
 - the user action sequence: the engaged posts before ``request_ts`` (the index's history before
   its cutoff plus the stream processor's live appends since; ``pipelines.sequences``), the last
-  ``SEQUENCE_LENGTH``, newest first;
+  ``SEQUENCE_LENGTH`` distinct posts of the last 2 x ``SEQUENCE_LENGTH`` engagements, newest
+  first, as the mixer reads its 2N members. Exact while fewer than N live members were appended
+  since the build (the key then holds every one); the tag of a post created after the build is
+  unknown online (no post metadata), so it is -1 here too;
 - the co-engagement neighbour lists of the index build serving the request. The index is rebuilt
   once per ``cadence`` (default daily at 00:00 UTC), so a row of day D reads the neighbours the Spark
   job (``pipelines.coengagement``) computes from the sequences before D's start. Using the
@@ -81,15 +84,19 @@ def add_history_features(spark, rows: pd.DataFrame, tables, *, cadence: str = DE
     end = request_ts.max() + pd.Timedelta(microseconds=1)
     # every engagement: a post engaged before and after a request is in that request's sequence
     seq = engagement_sequences(tables.impressions, tables.prelog_events, end, distinct=False)
-    tags = tables.posts.drop_duplicates("post_id").set_index("post_id")["primary_tag"]
-    seq_tag = seq["post_id"].map(tags).fillna(-1).to_numpy(dtype="int64")
+    posts_by_id = tables.posts.drop_duplicates("post_id").set_index("post_id")
+    seq_tag = seq["post_id"].map(posts_by_id["primary_tag"]).fillna(-1).to_numpy(dtype="int64")
+    # the mixer reads a sequence post's tag from the index's post metadata, which holds the posts
+    # created before the build: a post created after it has no tag there (-1)
+    created = pd.to_datetime(seq["post_id"].map(posts_by_id["created_ts"]), utc=True)
+    seq_created = ((created - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).fillna(np.inf).to_numpy()
     by_user = {}
     users = seq["user_id"].to_numpy(dtype="int64")
     if len(users):
         bounds = np.flatnonzero(np.diff(users)) + 1
         for s, e in zip(np.concatenate(([0], bounds)), np.concatenate((bounds, [len(users)]))):
             by_user[int(users[s])] = (seq["ts"].to_numpy()[s:e], seq["post_id"].to_numpy(dtype="int64")[s:e],
-                                      seq["author_id"].to_numpy(dtype="int64")[s:e], seq_tag[s:e])
+                                      seq["author_id"].to_numpy(dtype="int64")[s:e], seq_tag[s:e], seq_created[s:e])
     fetch = neighbours_for or (lambda cutoff: build_coengagement(spark, tables, cutoff, log=None))
     req_s = ((request_ts - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy()
     cutoffs = request_ts.dt.floor(cadence)
@@ -100,6 +107,7 @@ def add_history_features(spark, rows: pd.DataFrame, tables, *, cadence: str = DE
     uids = out["user_id"].to_numpy(dtype="int64")
     for cutoff in sorted(cutoffs.unique()):
         t0 = time.perf_counter()
+        cutoff_s = pd.Timestamp(cutoff).value / 1e9
         lists = neighbour_lists(fetch(pd.Timestamp(cutoff)))
         at = np.flatnonzero((cutoffs == cutoff).to_numpy())
         groups = pd.DataFrame({"u": uids[at], "t": req_s[at]}).groupby(["u", "t"], sort=False).indices
@@ -115,7 +123,8 @@ def add_history_features(spark, rows: pd.DataFrame, tables, *, cadence: str = DE
                 rev = np.arange(k - 1, lo - 1, -1)  # newest first
                 _, first = np.unique(hist[1][rev], return_index=True)
                 keep = rev[np.sort(first)][:sequence_length]
-                seq_posts, seq_authors, seq_tags = hist[1][keep], hist[2][keep], hist[3][keep]
+                seq_posts, seq_authors = hist[1][keep], hist[2][keep]
+                seq_tags = np.where(hist[4][keep] < cutoff_s, hist[3][keep], -1)
                 seeds = [lists.get(int(p), _EMPTY) for p in seq_posts[:seed_posts]]
             cols = history_feature_columns(seq_authors, seq_tags, seeds, posts[rows_at], authors[rows_at],
                                            cand_tags[rows_at])

@@ -67,12 +67,13 @@ class CoEngagementCandidateSource(CandidateSource):
             redis.RedisError: Redis is unreachable (no cache).
             Fallback: Redis is unreachable; the candidates of the cached seeds.
         """
-        seeds = [a.post_id for a in query.action_sequence[: self.seed_posts]]
+        sequence = query.action_sequence or ()  # None: unknown (Redis down): nothing to expand
+        seeds = [a.post_id for a in sequence[: self.seed_posts]]
         if not seeds:
             return []
         lists, failed = read_through(self.cache, seeds, self._read, self.health)
         ids, total, _, _ = coengagement_scores([lists[s] for s in seeds if s in lists])
-        keep = ~np.isin(ids, np.fromiter((a.post_id for a in query.action_sequence), dtype="int64"))
+        keep = ~np.isin(ids, np.fromiter((a.post_id for a in sequence), dtype="int64"))
         ids, total = ids[keep], total[keep]
         order = np.lexsort((ids, -total))[: self.max_candidates]  # best first, ties by id
         out = [Candidate(post_id=int(pid), source=self.name, source_score=float(s))

@@ -63,11 +63,14 @@ class HistoryFeatureHydrator(FeatureHydrator):
 
         Raises:
             redis.RedisError: a read failed (the runner keeps the frame as it was: degraded).
+            RuntimeError: the query's sequence is unknown (``None``: its read failed); degraded too.
             ValueError: ``features`` is None or of another length than ``candidates``.
         """
         if features is None or len(features) != len(candidates):
             raise ValueError("the history hydrator refines the frame of the feature hydrator declared before it")
         seq = query.action_sequence
+        if seq is None:  # the sequence could not be read: missing (NaN), not "no history" (zeros)
+            raise RuntimeError("no user action sequence (its read failed): history features left missing")
         posts = [a.post_id for a in seq]
         seeds = posts[: self.seed_posts]
         meta, failed = read_through(self.meta_cache, posts, self._read_meta, self.health) if posts else ({}, None)

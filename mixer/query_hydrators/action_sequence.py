@@ -20,8 +20,9 @@ class UserActionSequenceQueryHydrator(QueryHydrator):
     history before its cutoff (``pipelines.sequences``: log and pre-log engagements), the stream
     processor appends live engagements (``engagement.lua``, once per event id).
 
-    A post engaged several times (a long view, then a like) keeps its newest entry, the strongest
-    action on a tie, as ``pipelines.sequences`` does offline. While Redis is down the query goes on without a
+    The key holds one member per (post, action), up to 2N; a post engaged several times (a long
+    view, then a like) keeps its newest entry, the strongest action on a tie, as
+    ``pipelines.history_features`` does offline. While Redis is down the query goes on without a
     sequence (``Fallback``: degraded "query_hydration"): the history-based sources return nothing
     and the others still serve, which is better than no page.
 
@@ -66,10 +67,11 @@ class UserActionSequenceQueryHydrator(QueryHydrator):
         """``query`` with ``action_sequence`` set (empty for an unknown user).
 
         Raises:
-            Fallback: Redis is unreachable; the query without a sequence.
+            Fallback: Redis is unreachable; the query with ``action_sequence`` None (unknown).
         """
         try:
             seq = guarded(self.health, lambda: self._read(query.user_id))
         except redis.RedisError as e:
-            raise Fallback(query, f"Redis unavailable: no action sequence ({e!r})") from e
+            raise Fallback(dataclasses.replace(query, action_sequence=None),
+                           f"Redis unavailable: no action sequence ({e!r})") from e
         return dataclasses.replace(query, action_sequence=seq)

@@ -85,7 +85,9 @@ class EngagementArgs(NamedTuple):
     trending_half_life: str = repr(realtime.TRENDING_HALF_LIFE_S)
     trending_cap: int = realtime.TRENDING_CAP
     out_of_order_s: int = realtime.OUT_OF_ORDER_S
-    sequence_cap: int = SEQUENCE_LENGTH
+    # members kept in the user action sequence: one per (post, action), so 2N leave room for N posts
+    # (the mixer reads 2N members and keeps one per post; pipelines.history_features does the same)
+    sequence_cap: int = 2 * SEQUENCE_LENGTH
 
     @classmethod
     def of(cls, kind: str, event_s: float, write_s: float, post_id: int, author_id: int,

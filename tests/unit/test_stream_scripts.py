@@ -61,7 +61,7 @@ def test_engagement_records_built_positionally_equal_the_keyword_form():
         engaged=1, half_life=repr(realtime.HALF_LIFE_S), counts_ttl=realtime.COUNTS_TTL_S, score_ttl=realtime.SCORE_TTL_S,
         recent_cap=realtime.RECENT_CAP, retention_s=realtime.RETENTION_S, bucket_s=realtime.BUCKET_S,
         trending_half_life=repr(realtime.TRENDING_HALF_LIFE_S), trending_cap=realtime.TRENDING_CAP,
-        out_of_order_s=realtime.OUT_OF_ORDER_S, sequence_cap=64)
+        out_of_order_s=realtime.OUT_OF_ORDER_S, sequence_cap=128)
     assert S.EngagementArgs.of("impression", 0.0, 0.0, 1, 2, 1).positive == 0
     click = S.EngagementArgs.of("click", 0.0, 0.0, 1, 2, 1)
     assert click.positive == 1 and click.engaged == 0  # a click is not in the action sequence

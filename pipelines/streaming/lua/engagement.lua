@@ -100,7 +100,8 @@ if positive == '1' then
 end
 if engaged == '1' then
   -- the user action sequence (core.online_layout.action_sequence, member encode_action): the index
-  -- wrote the history before its cutoff, live engagements are appended here, the newest kept
+  -- wrote the history before its cutoff, live engagements are appended here, the newest 2N members
+  -- kept (one per post and action: N posts fit)
   redis.call('ZADD', action_sequence, 'GT', ets, post_id .. '|' .. author_id .. '|' .. kind)
   redis.call('ZREMRANGEBYRANK', action_sequence, 0, -(tonumber(sequence_cap) + 1))
 end
