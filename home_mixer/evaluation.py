@@ -233,7 +233,7 @@ class FunnelReport:
         return f"FunnelReport({self.to_dict()})"
 
 
-def _top(scores, k: int):
+def top_indices(scores, k: int):
     """Indices of the ``k`` highest scores, NaN last, ties in input order (as ``TopKSelector``)."""
     import numpy as np
 
@@ -366,8 +366,8 @@ def funnel_recall(state: StateDir, users: list[int], light_k: int = 200, heavy_k
             light.score(query, cands, features)
             heavy.score(query, cands, features)
             blender.blend(query, cands)
-            top_heavy = set(_top([c.score for c in cands], heavy_k).tolist())
-            top_light = set(_top([c.light_score for c in cands], light_k).tolist())
+            top_heavy = set(top_indices([c.score for c in cands], heavy_k).tolist())
+            top_light = set(top_indices([c.light_score for c in cands], light_k).tolist())
             top_random = set(rng.permutation(n)[:light_k].tolist())
             denom = min(heavy_k, n)
             rows.append({"user_id": int(uid), "candidates": n, "recall": len(top_heavy & top_light) / denom,

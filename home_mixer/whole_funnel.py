@@ -145,12 +145,6 @@ def positives_by_user(impressions: pd.DataFrame, days: Sequence[int]) -> dict[st
     return out
 
 
-def _top(scores, k: int) -> np.ndarray:
-    """Indices of the ``k`` highest scores, NaN last, ties in input order (``TopKSelector``'s order)."""
-    s = np.asarray(scores, dtype="float64")
-    return np.argsort(-np.where(np.isnan(s), -np.inf, s), kind="stable")[:k]
-
-
 def served_order(cands: list, page_size: int, heavy_k: int, diversity, max_items: int) -> list[int]:
     """Post ids in the order the mixer's pages would show them (module docstring, step 3).
 
@@ -158,6 +152,7 @@ def served_order(cands: list, page_size: int, heavy_k: int, diversity, max_items
     scores a post the same on any page: its features are fixed within the evaluation instant).
     ``diversity``: the ``AuthorDiversitySelector`` of the served pipeline.
     """
+    from home_mixer.evaluation import top_indices
     from mixer.candidate import Query
 
     remaining = list(cands)
@@ -165,7 +160,7 @@ def served_order(cands: list, page_size: int, heavy_k: int, diversity, max_items
     q = Query(user_id=0, page_size=page_size, now_s=0.0, request_id="funnel")
     while remaining and len(order) < max_items:
         light = [c.light_score for c in remaining]
-        top = [dataclasses.replace(remaining[i]) for i in _top(light, heavy_k)]  # copies: diversity rescales
+        top = [dataclasses.replace(remaining[i]) for i in top_indices(light, heavy_k)]  # copies: diversity rescales
         page = diversity.select(q, top).candidates[:page_size]
         if not page:
             break
@@ -248,7 +243,7 @@ def whole_funnel(state: StateDir, *, redis_url: str | None = None, feast_connect
 
     from core.schema import HOME_SURFACE
     from core.services import RedisServer
-    from home_mixer.evaluation import control_weights
+    from home_mixer.evaluation import control_weights, top_indices
     from mixer.api import open_resources
     from mixer.blenders import WeightedSumBlender
     from mixer.config import load_config
@@ -334,7 +329,7 @@ def whole_funnel(state: StateDir, *, redis_url: str | None = None, feast_connect
                 light.score(query, cands, features)
                 heavy.score(query, cands, features)
                 blender.blend(query, cands)
-                by_light = [cands[i].post_id for i in _top([c.light_score for c in cands], len(cands))]
+                by_light = [cands[i].post_id for i in top_indices([c.light_score for c in cands], len(cands))]
                 order = served_order(cands, config.page.default_size, config.ranking.heavy_ranker_top_k,
                                      diversity, max_k)
             else:
@@ -347,12 +342,22 @@ def whole_funnel(state: StateDir, *, redis_url: str | None = None, feast_connect
         res.close()
 
     t0 = time.perf_counter()
-    from pipelines.candidate_index import CanonicalTables, compute_candidate_index
+    import redis
 
+    from core import online_layout as layout
+    from pipelines.candidate_index import CanonicalTables
+
+    # the popularity list and the catalogue as the as-of store holds them (what the popular source reads)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        popular = [int(p) for p in client.zrevrange(layout.popular("7d"), 0, -1)]
+        catalogue = int(client.hget(layout.INDEX_META, "posts") or 0)
+    finally:
+        client.close()
+    if catalogue < 1:
+        raise ValueError(f"{redis_url} holds no candidate index (no posts in {layout.INDEX_META}): build the "
+                         "as-of store first (prepare=True)")
     tables = CanonicalTables.load(state)
-    index = compute_candidate_index(tables, as_of)
-    popular = index.popular["7d"].sort_values(ascending=False, kind="stable").index.astype("int64").tolist()
-    catalogue = len(index.posts)
     lists["popularity"] = [popular[:max(ks)]] * len(users)
     sequences = engagement_sequences(tables.impressions, tables.prelog_events, as_of)
     baseline = coengagement_lists(sequences, users, popular, k=max(ks))

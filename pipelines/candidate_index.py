@@ -296,7 +296,7 @@ class _BatchedPipeline:
             self.pending = 0
 
 
-def _grouped(frame: pd.DataFrame, key: str, cols: list[str]) -> Iterable[tuple[int, list[np.ndarray]]]:
+def grouped_arrays(frame: pd.DataFrame, key: str, cols: list[str]) -> Iterable[tuple[int, list[np.ndarray]]]:
     """Yield ``(key value, [column arrays of that group])`` using one sort instead of groupby objects."""
     if frame.empty:
         return
@@ -363,31 +363,31 @@ def write_candidate_index(client: redis.Redis, content: CandidateIndexContent) -
     for i in range(0, len(items), 1000):
         p.add("hset", keys.POST_META, mapping=dict(items[i:i + 1000]))
 
-    for author, (pids, created) in _grouped(posts, "author_id", ["post_id", "created_ts"]):
+    for author, (pids, created) in grouped_arrays(posts, "author_id", ["post_id", "created_ts"]):
         p.add("zadd", keys.author_posts(author), dict(zip(pids.tolist(), created.tolist())))
     for window, scores in content.popular.items():
         if len(scores):
             p.add("zadd", keys.popular(window), dict(zip(scores.index.tolist(), scores.tolist())))
-    for tag, (pids, scores) in _grouped(content.tag_posts, "tag", ["post_id", "score"]):
+    for tag, (pids, scores) in grouped_arrays(content.tag_posts, "tag", ["post_id", "score"]):
         p.add("zadd", keys.tag_posts(tag), dict(zip(pids.tolist(), scores.tolist())))
-    for user, (authors,) in _grouped(content.follows, "user_id", ["author_id"]):
+    for user, (authors,) in grouped_arrays(content.follows, "user_id", ["author_id"]):
         p.add("sadd", keys.follows(user), *authors.tolist())
-    for user, (authors, w) in _grouped(content.engaged_authors, "user_id", ["author_id", "weight"]):
+    for user, (authors, w) in grouped_arrays(content.engaged_authors, "user_id", ["author_id", "weight"]):
         p.add("zadd", keys.engaged_authors(user), dict(zip(authors.tolist(), w.tolist())))
-    for user, (tags, w) in _grouped(content.tag_interest, "user_id", ["tag", "weight"]):
+    for user, (tags, w) in grouped_arrays(content.tag_interest, "user_id", ["tag", "weight"]):
         p.add("zadd", keys.tag_interest(user), dict(zip(tags.tolist(), w.tolist())))
-    for user, (authors,) in _grouped(content.hated_authors, "user_id", ["author_id"]):
+    for user, (authors,) in grouped_arrays(content.hated_authors, "user_id", ["author_id"]):
         p.add("sadd", keys.hated_authors(user), *authors.tolist())
-    for user, (pids, ts) in _grouped(content.seen, "user_id", ["post_id", "ts"]):
+    for user, (pids, ts) in grouped_arrays(content.seen, "user_id", ["post_id", "ts"]):
         p.add("zadd", keys.seen_posts(user), dict(zip(pids.tolist(), ts.tolist())))
-    for user, (pids, authors, actions, ts) in _grouped(content.sequences, "user_id",
+    for user, (pids, authors, actions, ts) in grouped_arrays(content.sequences, "user_id",
                                                        ["post_id", "author_id", "action", "ts"]):
         p.add("zadd", keys.action_sequence(user),
               {keys.encode_action(pid, a, act): t for pid, a, act, t in zip(pids, authors, actions, ts.tolist())})
     for key, rows in live.items():
         p.add("zadd", key, {m: ts for m, ts in rows}, gt=True)
         p.add("zremrangebyrank", key, 0, -(2 * SEQUENCE_LENGTH + 1))
-    for post, (nbrs, scores) in _grouped(content.coengagement, "post_id", ["neighbour_id", "score"]):
+    for post, (nbrs, scores) in grouped_arrays(content.coengagement, "post_id", ["neighbour_id", "score"]):
         p.add("zadd", keys.coengagement(post), dict(zip(nbrs.tolist(), scores.tolist())))
 
     counts = content.counts()

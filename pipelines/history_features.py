@@ -31,18 +31,12 @@ _EMPTY = (np.zeros(0, dtype="int64"), np.zeros(0, dtype="float64"))
 
 
 def neighbour_lists(neighbours: pd.DataFrame) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """``coengagement_neighbours`` output -> post -> (neighbour ids int64, similarities float64),
-    best first (the features are sums, maxima and counts: the order of equal scores does not matter)."""
-    if neighbours.empty:
-        return {}
-    nb = neighbours.sort_values(["post_id", "score", "neighbour_id"], ascending=[True, False, False], kind="stable")
-    posts = nb["post_id"].to_numpy(dtype="int64")
-    ids = nb["neighbour_id"].to_numpy(dtype="int64")
-    sims = nb["score"].to_numpy(dtype="float64")
-    bounds = np.flatnonzero(np.diff(posts)) + 1
-    starts = np.concatenate(([0], bounds))
-    ends = np.concatenate((bounds, [len(posts)]))
-    return {int(posts[s]): (ids[s:e], sims[s:e]) for s, e in zip(starts, ends)}
+    """``coengagement_neighbours`` output -> post -> (neighbour ids int64, similarities float64)
+    (the features are sums, maxima and counts: the order inside a list does not matter)."""
+    from pipelines.candidate_index import grouped_arrays
+
+    return {post: (ids.astype("int64"), sims.astype("float64"))
+            for post, (ids, sims) in grouped_arrays(neighbours, "post_id", ["neighbour_id", "score"])}
 
 
 def add_history_features(spark, rows: pd.DataFrame, tables, *, cadence: str = DEFAULT_CADENCE,
@@ -69,7 +63,7 @@ def add_history_features(spark, rows: pd.DataFrame, tables, *, cadence: str = DE
     Raises:
         ValueError: a needed column is missing.
     """
-    from pipelines.candidate_index import build_coengagement
+    from pipelines.candidate_index import build_coengagement, grouped_arrays
 
     need = {"user_id", "post_id", "author_id", "tag_id", "request_ts"}
     missing = sorted(need - set(rows.columns))
@@ -90,13 +84,9 @@ def add_history_features(spark, rows: pd.DataFrame, tables, *, cadence: str = DE
     # created before the build: a post created after it has no tag there (-1)
     created = pd.to_datetime(seq["post_id"].map(posts_by_id["created_ts"]), utc=True)
     seq_created = ((created - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).fillna(np.inf).to_numpy()
-    by_user = {}
-    users = seq["user_id"].to_numpy(dtype="int64")
-    if len(users):
-        bounds = np.flatnonzero(np.diff(users)) + 1
-        for s, e in zip(np.concatenate(([0], bounds)), np.concatenate((bounds, [len(users)]))):
-            by_user[int(users[s])] = (seq["ts"].to_numpy()[s:e], seq["post_id"].to_numpy(dtype="int64")[s:e],
-                                      seq["author_id"].to_numpy(dtype="int64")[s:e], seq_tag[s:e], seq_created[s:e])
+    # grouped_arrays sorts stably by user: each user's rows stay in time order
+    by_user = dict(grouped_arrays(seq.assign(tag=seq_tag, created=seq_created), "user_id",
+                                  ["ts", "post_id", "author_id", "tag", "created"]))
     fetch = neighbours_for or (lambda cutoff: build_coengagement(spark, tables, cutoff, log=None))
     req_s = ((request_ts - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy()
     cutoffs = request_ts.dt.floor(cadence)

@@ -34,8 +34,7 @@ class PostMetadataCandidateHydrator(CandidateHydrator):
         self.health = health
 
     def _read(self, ids: list[int]) -> dict[int, tuple | None]:
-        values = self.client.hmget(keys.POST_META, ids)
-        return {pid: None if v is None else keys.decode_post_meta(v) for pid, v in zip(ids, values)}
+        return read_post_meta(self.client, ids)
 
     def hydrate(self, query: Query, candidates: list[Candidate]) -> tuple[list[Candidate], int]:
         """Return ``(hydrated candidates in input order, number dropped for missing metadata)``.
@@ -81,3 +80,15 @@ class PostMetadataCandidateHydrator(CandidateHydrator):
             c.in_network = c.author_id in in_network
             kept.append(c)
         return kept, len(candidates) - len(kept)
+
+
+def read_post_meta(client: redis.Redis, ids: list[int]) -> dict[int, tuple | None]:
+    """``hm:post_meta`` of ``ids`` in one HMGET: post -> ``(author_id, created_ts, tags)``
+    (``core.online_layout.decode_post_meta``), None for a post the index does not hold.
+
+    Raises:
+        ValueError: a value is malformed (rebuild the index).
+        redis.RedisError: Redis is unreachable.
+    """
+    values = client.hmget(keys.POST_META, ids)
+    return {pid: None if v is None else keys.decode_post_meta(v) for pid, v in zip(ids, values)}

@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import redis
 
-from core import online_layout as keys
 from core.history_features import HISTORY_FEATURES, SEED_POSTS, history_feature_columns
 from mixer.caches import MixerCaches
 from mixer.candidate import Candidate, Query
+from mixer.candidate_hydrators.post_metadata import read_post_meta
 from mixer.candidate_sources.coengagement import read_neighbours
 from mixer.components import FeatureHydrator
 from mixer.redis_health import RedisHealth, read_through
@@ -54,10 +54,6 @@ class HistoryFeatureHydrator(FeatureHydrator):
         """The config switch."""
         return self._enabled
 
-    def _read_meta(self, ids: list[int]) -> dict:
-        values = self.client.hmget(keys.POST_META, ids)
-        return {pid: None if v is None else keys.decode_post_meta(v) for pid, v in zip(ids, values)}
-
     def hydrate(self, query: Query, candidates: list[Candidate], features: pd.DataFrame | None) -> pd.DataFrame:
         """``features`` with the history columns set (row i = candidate i).
 
@@ -73,7 +69,8 @@ class HistoryFeatureHydrator(FeatureHydrator):
             raise RuntimeError("no user action sequence (its read failed): history features left missing")
         posts = [a.post_id for a in seq]
         seeds = posts[: self.seed_posts]
-        meta, failed = read_through(self.meta_cache, posts, self._read_meta, self.health) if posts else ({}, None)
+        meta, failed = read_through(self.meta_cache, posts, lambda ids: read_post_meta(self.client, ids),
+                                     self.health) if posts else ({}, None)
         if failed is None and seeds:
             lists, failed = read_through(self.neighbour_cache, seeds,
                                          lambda ids: read_neighbours(self.client, ids, self.neighbours_per_seed),
