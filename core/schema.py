@@ -281,6 +281,15 @@ LIGHT_RANKER_FEATURES: tuple[str, ...] = (
     "hist_coeng_sum", "hist_coeng_max", "hist_author_engagements", "hist_tag_engagements", "hist_len",
 )
 
+# The light ranker trained on the mixer's candidate sets (``home_mixer.candidate_training``): over a
+# whole candidate set the volume of recent engagement (what the logging policy kept showing) and the
+# match with the user's history separate what users go on to engage with; rates alone do not.
+CANDIDATE_LIGHT_RANKER_FEATURES: tuple[str, ...] = LIGHT_RANKER_FEATURES + (
+    "post_impressions_1h", "post_impressions_7d", "post_long_views_7d", "post_likes_7d", "post_clicks_24h",
+    "post_long_views_24h", "post_impressions_total", "author_impressions_total", "hist_coeng_seeds",
+    "ut_impressions", "ut_long_view_rate", "ut_prelog_watches", "ua_prelog_watches",
+)
+
 # Feature groups of the ablation study (``home-mixer train --ablation``): each is removed in turn.
 FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
     "user": tuple(USER_VIEW.features),

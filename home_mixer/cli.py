@@ -394,7 +394,7 @@ def cmd_train(args) -> int:
         frame = jobs.load_training_set(state)
     train, valid = split_by_days(frame, valid_days=args.valid_days)
     results = {}
-    if args.model in ("light", "both"):
+    if args.model in ("light", "both") and args.light_on == "impressions":
         results["light_ranker"] = train_light(train, valid, state, register=not args.no_register,
                                               set_champion=not args.no_promote)
     if args.model in ("heavy", "both"):
@@ -404,6 +404,8 @@ def cmd_train(args) -> int:
         from home_mixer.drift_job import profile_training_window
 
         profile_training_window(state, heavy.run_id, train, heavy.model)
+    if args.model in ("light", "both") and args.light_on == "candidates":
+        results["light_ranker"] = _train_light_on_candidates(state, valid, args)
     for name, res in results.items():
         print(f"{name}: run {res.run_id} version {res.model_version}")
         print(json.dumps(res.metrics, indent=1, default=float))
@@ -441,6 +443,30 @@ def cmd_monitor_dashboard(args) -> int:
         raise UsageError(str(e)) from None
     print(f"drift dashboard: {page}\nopen: {page.resolve().as_uri()}")
     return 0
+
+
+def _train_light_on_candidates(state, valid, args):
+    """``--light-on candidates``: the candidate-set training rows, then the light ranker on them.
+
+    Raises:
+        UsageError: Redis is not running or no champions exist to build the pipeline with.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from home_mixer.candidate_training import candidate_training_set
+    from models.train import train_light_on_candidates
+
+    if args.candidate_users < 1:
+        raise UsageError("--candidate-users must be >= 1")
+    try:
+        cts = candidate_training_set(state, valid_days=args.valid_days, n_users=args.candidate_users)
+    except RuntimeError as exc:
+        raise UsageError(f"{exc}") from exc
+    except MlflowException as exc:
+        raise UsageError("--light-on candidates runs the mixer's pipeline, which needs registered champions: "
+                         f"train both rankers on impressions first (`home-mixer train`). MLflow said: {exc}") from exc
+    return train_light_on_candidates(cts.frame, valid, state, register=not args.no_register,
+                                     set_champion=not args.no_promote, context=cts.run_context())
 
 
 def _logged_training_set(state, window_s: float):
@@ -809,6 +835,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "the impressions of the same (user, post) after each serve")
     t.add_argument("--label-window-s", type=_positive_float, default=3600.0,
                    help="with --from-logged: an impression labels a serve within this many seconds after it")
+    t.add_argument("--light-on", choices=["impressions", "candidates"], default="impressions",
+                   help="the light ranker's training rows: logged impressions, or the mixer's own candidate sets "
+                        "as of a cutoff before the validation days labelled by the next days' engagements "
+                        "(needs Redis running and champions to build the pipeline; see README, Personalisation)")
+    t.add_argument("--candidate-users", type=int, default=4000,
+                   help="with --light-on candidates: users with engagements on the label days (seeded sample)")
     t.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", help="evaluate the champions on an impression log; the whole funnel")

@@ -29,11 +29,12 @@ from core.state import StateDir
 from mixer.auth import auth_headers
 from mixer.server import MixerServer
 
-STAGES = 15
+STAGES = 16
 REPLAY_HOURS = 2.5   # the log's last hours replayed by the real-time stage ...
 REPLAY_SPEED = 600   # ... at 10 log minutes per wall second (15 s)
 FUNNEL_USERS = 100   # validation-day users whose candidate sets measure the light ranker's funnel recall
 WHOLE_FUNNEL_USERS = 2000  # users with validation-day engagements in the whole-funnel evaluation (seeded sample)
+CANDIDATE_TRAINING_USERS = 4000  # users with label-day engagements whose candidate sets train the light ranker
 
 
 def start_mixer(state: StateDir, redis_url: str, port: int | None = None,
@@ -217,7 +218,8 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
     """Run every stage on the data in ``data_dir``; returns a process exit code."""
     from models.evaluate import evaluate_rankers
     from models.split import split_by_days
-    from models.train import format_ablation, train_heavy, train_light
+    from home_mixer.candidate_training import candidate_training_set
+    from models.train import format_ablation, train_heavy, train_light, train_light_on_candidates
     from pipelines.candidate_index import CanonicalTables, build_candidate_index, build_coengagement
     from pipelines.spark import spark_session
     from home_mixer.drift_job import profile_training_window
@@ -268,6 +270,13 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
             counts = build_candidate_index(state, srv.url, as_of=jobs.log_end(state), tables=tables,
                                            coengagement=neighbours)
             print(f"  {counts}")
+        with timer.stage("light ranker on the mixer's candidate sets as of a cutoff before the validation days "
+                         "(labels: the next 2 days' engagements) -> MLflow, register, alias champion"):
+            cts = candidate_training_set(state, n_users=CANDIDATE_TRAINING_USERS, spark=spark,
+                                         log=lambda line: print(f"  {line}"))
+            light = train_light_on_candidates(cts.frame, valid, state, context=cts.run_context())
+            print(f"  run {light.run_id}, version {light.model_version}; held-out users' candidate GAUC "
+                  f"{light.metrics['valid_candidates_engaged_gauc']:.3f}")
         with timer.stage("evaluate champions on the validation days; light ranker funnel recall"):
             report = evaluate_rankers(valid, control_weights(), tracking_uri=state.mlflow_tracking_uri,
                                       request_gap_s=REQUEST_GAP_S)

@@ -28,6 +28,16 @@ def control_weights() -> dict[str, float]:
     return dict(load_config(None).experiment.arms[0].weights)
 
 
+def control_blender(heads, arm: str = "funnel"):
+    """The embedded config's control arm as a ``WeightedSumBlender`` of one arm named ``arm``
+    (weights and light score exponent), for offline orders that must blend as serving does."""
+    from mixer.blenders import WeightedSumBlender
+    from mixer.config import load_config
+
+    control = load_config(None).experiment.arms[0]
+    return WeightedSumBlender({arm: dict(control.weights)}, heads, {arm: control.light_score_exponent})
+
+
 def featurize_log(state: StateDir, log: Path, data_dir: Path, history: Path | None,
                   from_date: int | None, gap_s: float = REQUEST_GAP_S) -> pd.DataFrame:
     """Features as served and labels for every row of ``log`` (dated ``>= from_date``).
@@ -305,11 +315,8 @@ def funnel_recall(state: StateDir, users: list[int], light_k: int = 200, heavy_k
 
     from core.schema import HOME_SURFACE
     from core.services import RedisServer
-    from mixer.api import open_resources
+    from home_mixer.whole_funnel import as_of_generation
     from mixer.blenders import WeightedSumBlender
-    from mixer.config import load_config
-    from mixer.metrics import MixerMetrics
-    from mixer.pipeline import HomeTimelinePipeline
     from mixer.scorers import HeavyRankerScorer, LightRankerScorer
     from pipelines.training_set import log_end
 
@@ -325,36 +332,17 @@ def funnel_recall(state: StateDir, users: list[int], light_k: int = 200, heavy_k
         redis_url = srv.url
     as_of = pd.Timestamp(as_of if as_of is not None else log_end(state))
     as_of = as_of.tz_localize("UTC") if as_of.tzinfo is None else as_of.tz_convert("UTC")
-    config = config or load_config(None)
-    config = config.with_overrides(
-        redis_url=redis_url,
-        models={**config.models.model_dump(), "tracking_uri": state.mlflow_tracking_uri, "reload_interval_s": 0},
-        scoring={**config.scoring.model_dump(), "backend": "in_process"},
-        clock={"now": as_of.isoformat(), "since": None},
-    )
-    if source_timeout_ms is not None:
-        sources = config.candidate_sources.model_dump()
-        config = config.with_overrides(candidate_sources={
-            name: {**settings, "timeout_ms": max(float(settings["timeout_ms"]), float(source_timeout_ms))}
-            for name, settings in sources.items()})
     weights = dict(weights if weights is not None else control_weights())
-    metrics = MixerMetrics()
-    res = open_resources(config, metrics, rankers=rankers)
-    try:
-        served = res.pipeline
+    with as_of_generation(redis_url, state.mlflow_tracking_uri, as_of, rankers=rankers, config=config,
+                          source_timeout_ms=source_timeout_ms) as generation:
+        served = generation.served
         light = LightRankerScorer(served.rankers.light.handle)
         heavy = HeavyRankerScorer(served.rankers.heavy.handle)
-        blender = WeightedSumBlender({"funnel": weights}, heavy.heads)
-
-        def candidates_only(r):  # the served declaration up to feature hydration, nothing written
-            return dataclasses.replace(served.declare(r), scoring=(), selectors=(), side_effects=())
-
-        generation = HomeTimelinePipeline(config=config, declare=candidates_only, rankers=served.rankers,
-                                          executor=res.executor, metrics=metrics)
+        blender = WeightedSumBlender({"funnel": weights}, heavy.heads)  # the heavy ranker's own order
         rng = np.random.default_rng(seed)
         rows = []
         for uid in users:
-            result = generation.run(int(uid), surface=HOME_SURFACE if surface is None else surface)
+            result = generation.pipeline.run(int(uid), surface=HOME_SURFACE if surface is None else surface)
             cands, features = result.ranked or [], result.features
             n = len(cands)
             failed = ",".join(f"{sr.name}:{sr.status}" for sr in result.source_results if sr.status != "ok")
@@ -377,8 +365,6 @@ def funnel_recall(state: StateDir, users: list[int], light_k: int = 200, heavy_k
                                                   "source_failures"])
         return FunnelReport(light_k=light_k, heavy_k=heavy_k, per_request=per_request,
                             model_versions=served.model_versions, weights=weights, as_of=as_of.isoformat())
-    finally:
-        res.close()
 
 
 def add_funnel_to_report(path: Path, funnel: FunnelReport) -> Path:

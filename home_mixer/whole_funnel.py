@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -170,9 +171,35 @@ def served_order(cands: list, page_size: int, heavy_k: int, diversity, max_items
     return order[:max_items]
 
 
-def _prepare_store(state: StateDir, redis_url: str, feast_connection: str, as_of: pd.Timestamp, spark,
-                   log: Callable[[str], None]) -> dict[str, float]:
-    """The as-of online store in ``redis_url``'s database: index + co-engagement + materialised features."""
+def as_of_redis(state: StateDir, db: int = EVAL_DB) -> tuple[str, str]:
+    """(redis URL, Feast connection string) of database ``db`` of the state's running Redis.
+
+    Raises:
+        RuntimeError: the state's Redis is not running (``home-mixer services start``).
+    """
+    from core.services import RedisServer
+
+    srv = RedisServer.running(state)
+    if srv is None:
+        raise RuntimeError(f"Redis of {state.root} is not running: `home-mixer services start`, or pass redis_url")
+    return f"redis://127.0.0.1:{srv.port}/{db}", f"{srv.feast_connection_string},db={db}"
+
+
+def prepare_as_of_store(state: StateDir, redis_url: str, feast_connection: str | None, as_of: pd.Timestamp,
+                        spark=None, log: Callable[[str], None] = print) -> dict[str, float]:
+    """Build the online store as of ``as_of`` in ``redis_url``'s database (flushed first): the
+    candidate index with co-engagement neighbours and action sequences of that cutoff, and the
+    Feast features materialised up to it. Returns wall seconds per step ("index", "materialize").
+
+    Args:
+        feast_connection: the same database in Feast's form (``host:port,db=N``).
+        spark: a Spark session for the co-engagement job (default: a local one).
+
+    Raises:
+        ValueError: no ``feast_connection``, or the database holds a mixer's served records (a
+            serving store: nothing is flushed).
+        FileNotFoundError: a canonical table is missing (``home-mixer features build``).
+    """
     import redis
 
     from feature_repo import store as fs
@@ -182,6 +209,8 @@ def _prepare_store(state: StateDir, redis_url: str, feast_connection: str, as_of
 
     from core import online_layout as layout
 
+    if feast_connection is None:
+        raise ValueError("pass feast_connection with redis_url (host:port,db=N) to build the as-of store")
     seconds = {}
     client = redis.Redis.from_url(redis_url)
     try:
@@ -192,6 +221,10 @@ def _prepare_store(state: StateDir, redis_url: str, feast_connection: str, as_of
         client.flushdb()
     finally:
         client.close()
+    if spark is None:
+        from pipelines.spark import spark_session
+
+        spark = spark_session("home-mixer-as-of-store")
     t0 = time.perf_counter()
     tables = CanonicalTables.load(state)
     neighbours = build_coengagement(spark, tables, as_of, log=log)
@@ -207,6 +240,79 @@ def _prepare_store(state: StateDir, redis_url: str, feast_connection: str, as_of
     seconds["materialize"] = time.perf_counter() - t0
     log(f"online features materialised up to {as_of.isoformat()} in {seconds['materialize']:.1f} s")
     return seconds
+
+
+@dataclass
+class AsOfGeneration:
+    """The served pipeline up to feature hydration over an as-of store (``as_of_generation``).
+
+    Attributes:
+        config: the mixer config used (the served one, pointed at the as-of store and clock).
+        served: the full served pipeline (its rankers, model versions).
+        pipeline: the candidates-only pipeline: sources, hydration, filters, feature hydration; no
+            scoring, selection or side effect (nothing is written).
+    """
+
+    config: object
+    served: object
+    pipeline: object
+
+    def run(self, user_id: int):
+        """One request for ``user_id`` on the home surface: the pipeline's result (``ranked`` holds
+        the filtered candidates, ``features`` their hydrated features, row i for candidate i)."""
+        from core.schema import HOME_SURFACE
+
+        return self.pipeline.run(int(user_id), surface=HOME_SURFACE)
+
+
+@contextmanager
+def as_of_generation(redis_url: str, tracking_uri: str, as_of: pd.Timestamp, rankers=None, config=None,
+                     source_timeout_ms: float | None = 5000.0):
+    """Open the served candidate generation over the as-of store in ``redis_url`` with the mixer's
+    clock at ``as_of``: yields an :class:`AsOfGeneration`, closes its resources on exit.
+
+    The config is ``config`` (default: the embedded ``mixer/mixer.yaml``) pointed at ``redis_url``
+    and ``tracking_uri``, with in-process scoring, no model reloads, no feature logging or drift
+    sampling, and source deadlines of at least ``source_timeout_ms`` (None: as configured). The
+    candidate sets are measured, not the sources' latency: a cold request must not time out.
+
+    Args:
+        rankers: (light, heavy) handles instead of the champions of ``tracking_uri``.
+
+    Raises:
+        redis.RedisError: ``redis_url`` does not answer. MLflow errors: no champions registered.
+    """
+    from mixer.api import open_resources
+    from mixer.config import load_config
+    from mixer.metrics import MixerMetrics
+    from mixer.pipeline import HomeTimelinePipeline
+
+    config = config or load_config(None)
+    config = config.with_overrides(
+        redis_url=redis_url,
+        models={**config.models.model_dump(), "tracking_uri": tracking_uri, "reload_interval_s": 0},
+        scoring={**config.scoring.model_dump(), "backend": "in_process"},
+        clock={"now": as_of.isoformat(), "since": None},
+        feature_logging={**config.feature_logging.model_dump(), "enabled": False},
+        drift_sample={**config.drift_sample.model_dump(), "enabled": False},
+    )
+    if source_timeout_ms is not None:
+        config = config.with_overrides(candidate_sources={
+            name: {**s, "timeout_ms": max(float(s["timeout_ms"]), float(source_timeout_ms))}
+            for name, s in config.candidate_sources.model_dump().items()})
+    metrics = MixerMetrics()
+    res = open_resources(config, metrics, rankers=rankers)
+    try:
+        served = res.pipeline
+
+        def candidates_only(r):  # the served declaration up to feature hydration, nothing written
+            return dataclasses.replace(served.declare(r), scoring=(), selectors=(), side_effects=())
+
+        pipeline = HomeTimelinePipeline(config=config, declare=candidates_only, rankers=served.rankers,
+                                        executor=res.executor, metrics=metrics)
+        yield AsOfGeneration(config, served, pipeline)
+    finally:
+        res.close()
 
 
 def whole_funnel(state: StateDir, *, redis_url: str | None = None, feast_connection: str | None = None,
@@ -241,14 +347,7 @@ def whole_funnel(state: StateDir, *, redis_url: str | None = None, feast_connect
     """
     from tqdm import tqdm
 
-    from core.schema import HOME_SURFACE
-    from core.services import RedisServer
-    from home_mixer.evaluation import control_weights, top_indices
-    from mixer.api import open_resources
-    from mixer.blenders import WeightedSumBlender
-    from mixer.config import load_config
-    from mixer.metrics import MixerMetrics
-    from mixer.pipeline import HomeTimelinePipeline
+    from home_mixer.evaluation import control_blender, top_indices
     from mixer.scorers import HeavyRankerScorer, LightRankerScorer
     from mixer.selectors import AuthorDiversitySelector
     from models.retrieval_baselines import coengagement_lists
@@ -256,11 +355,8 @@ def whole_funnel(state: StateDir, *, redis_url: str | None = None, feast_connect
 
     say = log or (lambda line: None)
     if redis_url is None:
-        srv = RedisServer.running(state)
-        if srv is None:
-            raise RuntimeError(f"Redis of {state.root} is not running: `home-mixer services start`, or pass redis_url")
-        redis_url = f"redis://127.0.0.1:{srv.port}/{EVAL_DB}"
-        feast_connection = feast_connection or f"{srv.feast_connection_string},db={EVAL_DB}"
+        redis_url, default_connection = as_of_redis(state)
+        feast_connection = feast_connection or default_connection
     imp = pd.read_parquet(state.table("impressions"))
     days, as_of = evaluated_days(imp, valid_days)
     positives = positives_by_user(imp, days)
@@ -271,50 +367,24 @@ def whole_funnel(state: StateDir, *, redis_url: str | None = None, feast_connect
         users = sorted(int(u) for u in np.random.default_rng(seed).choice(users, size=n_users, replace=False))
     seconds: dict[str, float] = {}
     if prepare:
-        if feast_connection is None:
-            raise ValueError("pass feast_connection with redis_url (host:port,db=N) to build the as-of store")
-        if spark is None:
-            from pipelines.spark import spark_session
+        seconds |= prepare_as_of_store(state, redis_url, feast_connection, as_of, spark, say)
 
-            spark = spark_session("home-mixer-whole-funnel")
-        seconds |= _prepare_store(state, redis_url, feast_connection, as_of, spark, say)
-
-    config = load_config(None)
-    config = config.with_overrides(
-        redis_url=redis_url,
-        models={**config.models.model_dump(), "tracking_uri": state.mlflow_tracking_uri, "reload_interval_s": 0},
-        scoring={**config.scoring.model_dump(), "backend": "in_process"},
-        clock={"now": as_of.isoformat(), "since": None},
-        # the candidate sets are measured, not the sources' latency: a cold request must not time out
-        candidate_sources={name: {**s, "timeout_ms": max(float(s["timeout_ms"]), 5000.0)}
-                           for name, s in config.candidate_sources.model_dump().items()},
-        feature_logging={**config.feature_logging.model_dump(), "enabled": False},
-        drift_sample={**config.drift_sample.model_dump(), "enabled": False},
-    )
-    weights = control_weights()
-    metrics = MixerMetrics()
-    res = open_resources(config, metrics, rankers=rankers)
     lists: dict[str, list[list[int]]] = {}
     n_cands: list[int] = []
     source_sizes: dict[str, list[int]] = {}
     source_failures: dict[str, int] = {}
     t0 = time.perf_counter()
-    try:
-        served = res.pipeline
+    with as_of_generation(redis_url, state.mlflow_tracking_uri, as_of, rankers=rankers) as generation:
+        config = generation.config
+        served = generation.served
         light = LightRankerScorer(served.rankers.light.handle)
         heavy = HeavyRankerScorer(served.rankers.heavy.handle)
-        blender = WeightedSumBlender({"funnel": weights}, heavy.heads)
+        blender = control_blender(heavy.heads)  # as the control arm blends, light score included
         diversity = AuthorDiversitySelector(config.filters.max_posts_per_author, config.ranking.author_diversity_decay,
                                             config.ranking.author_diversity_floor)
-
-        def candidates_only(r):  # the served declaration up to feature hydration, nothing written
-            return dataclasses.replace(served.declare(r), scoring=(), selectors=(), side_effects=())
-
-        generation = HomeTimelinePipeline(config=config, declare=candidates_only, rankers=served.rankers,
-                                          executor=res.executor, metrics=metrics)
         max_k = max(ks)
         for uid in tqdm(users, desc="whole funnel", unit="user", disable=log is None, mininterval=5):
-            result = generation.run(int(uid), surface=HOME_SURFACE)
+            result = generation.run(uid)
             cands, features = result.ranked or [], result.features
             kept = {c.post_id for c in cands}
             n_cands.append(len(cands))
@@ -338,8 +408,6 @@ def whole_funnel(state: StateDir, *, redis_url: str | None = None, feast_connect
             lists.setdefault("served", []).append(order)
         seconds["requests"] = time.perf_counter() - t0
         model_versions = served.model_versions
-    finally:
-        res.close()
 
     t0 = time.perf_counter()
     import redis
@@ -428,5 +496,5 @@ def log_to_mlflow(state: StateDir, report: WholeFunnelReport, path: Path) -> str
     return run_id
 
 
-__all__ = ["EVAL_DB", "POSITIVE_KINDS", "WHOLE_FUNNEL_REPORT", "WholeFunnelReport", "evaluated_days",
+__all__ = ["AsOfGeneration", "EVAL_DB", "as_of_generation", "as_of_redis", "prepare_as_of_store", "POSITIVE_KINDS", "WHOLE_FUNNEL_REPORT", "WholeFunnelReport", "evaluated_days",
            "log_to_mlflow", "positives_by_user", "served_order", "whole_funnel"]

@@ -188,11 +188,13 @@ class DriftSampleSettings(_Strict):
 
 
 class ArmSettings(_Strict):
-    """One experiment arm: its share of users and its blender weight per head."""
+    """One experiment arm: its share of users, its blender weight per head and the exponent of
+    the light score in the blend (``mixer.blenders.WeightedSumBlender``; 0 = weighted sum only)."""
 
     name: str = Field(min_length=1)
     traffic_share: float = Field(ge=0, le=1)
     weights: dict[str, float]
+    light_score_exponent: float = Field(0.0, ge=0, le=4)
 
     @field_validator("weights")
     @classmethod

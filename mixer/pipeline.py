@@ -177,7 +177,8 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
             ScoringStage("heavy_ranker", selectors=[TopKSelector(ranking.heavy_ranker_top_k)],
                          scorers=[rankers.heavy]),
             ScoringStage("blender", scorers=[
-                WeightedSumBlender({a.name: a.weights for a in config.experiment.arms}, rankers.heavy.heads),
+                WeightedSumBlender({a.name: a.weights for a in config.experiment.arms}, rankers.heavy.heads,
+                                   {a.name: a.light_score_exponent for a in config.experiment.arms}),
             ]),
         ],
         selectors=[

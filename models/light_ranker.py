@@ -15,7 +15,7 @@ import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
-from core.schema import LIGHT_RANKER_FEATURES, POSITIVE_HEADS
+from core.schema import CANDIDATE_LIGHT_RANKER_FEATURES, LIGHT_RANKER_FEATURES, POSITIVE_HEADS
 from models.features import feature_matrix
 from models.split import split_calibration_day
 
@@ -147,3 +147,67 @@ def fit_light_ranker(
     best = booster.best_iteration or booster.current_iteration()
     booster.best_iteration = best
     return LightRankerFit(booster, names, best, len(fit_df), len(cal_df))
+
+
+def user_holdout(users: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """``bool [N]``: rows whose user falls in a seeded ``share`` of the distinct users (all of a
+    user's rows on one side, so early stopping sees users it did not fit).
+
+    Raises:
+        ValueError: ``share`` outside (0, 1) or fewer than 2 distinct users.
+    """
+    distinct = np.unique(users)
+    if not 0.0 < share < 1.0 or len(distinct) < 2:
+        raise ValueError(f"need 0 < share < 1 and >= 2 users to hold some out (share {share}, "
+                         f"{len(distinct)} users)")
+    chosen = np.random.default_rng(seed).choice(distinct, size=max(1, int(round(share * len(distinct)))),
+                                                replace=False)
+    return np.isin(users, chosen)
+
+
+def fit_light_ranker_on_candidates(
+    frame: pd.DataFrame,
+    params: LightRankerParams | None = None,
+    feature_names: Sequence[str] = CANDIDATE_LIGHT_RANKER_FEATURES,
+    holdout_share: float = 0.1,
+    label: str = "engaged",
+) -> LightRankerFit:
+    """Train the light ranker on the mixer's candidate sets (``home_mixer.candidate_training``).
+
+    Binary log loss on ``label`` (1: the user engaged with the candidate on the label days), rows
+    weighted by ``weight`` (the inverse negative-sampling rate) when present; early-stopped on a
+    ``holdout_share`` of the users (seeded by ``params.seed``).
+
+    Args:
+        frame: ``user_id``, ``label``, the feature columns, optionally ``weight``.
+        params: LightGBM settings (default :class:`LightRankerParams` with ``min_data_in_leaf``
+            50: positives are rare, about 1 % of the sampled rows).
+        feature_names: input columns (default ``schema.CANDIDATE_LIGHT_RANKER_FEATURES``).
+
+    Returns:
+        ``LightRankerFit`` (``calibration_rows`` = the held-out users' rows).
+
+    Raises:
+        KeyError / MissingFeaturesError: label or feature columns are missing.
+        ValueError: a side of the split has a single class, or too few users to hold out.
+    """
+    params = params or LightRankerParams(min_data_in_leaf=50)
+    names = tuple(feature_names)
+    if label not in frame.columns or "user_id" not in frame.columns:
+        raise KeyError(f"frame needs 'user_id' and label column {label!r}; "
+                       "build it with home_mixer.candidate_training.candidate_training_set")
+    held = user_holdout(frame["user_id"].to_numpy(), holdout_share, params.seed)
+    y = frame[label].to_numpy(dtype=np.float64)
+    for side, mask in (("fit", ~held), ("held-out", held)):
+        if len(np.unique(y[mask])) < 2:
+            raise ValueError(f"the {side} users have a single class of {label!r}; need positives and negatives")
+    w = frame["weight"].to_numpy(dtype=np.float64) if "weight" in frame.columns else np.ones(len(frame))
+    x = feature_matrix(frame, names)
+    d_fit = lgb.Dataset(x[~held], label=y[~held], weight=w[~held], feature_name=list(names), free_raw_data=True)
+    d_cal = lgb.Dataset(x[held], label=y[held], weight=w[held], reference=d_fit)
+    booster = lgb.train(params.lgb_params(), d_fit, num_boost_round=params.num_boost_round, valid_sets=[d_cal],
+                        valid_names=["held_out_users"],
+                        callbacks=[lgb.early_stopping(params.early_stopping_rounds, verbose=False)])
+    best = booster.best_iteration or booster.current_iteration()
+    booster.best_iteration = best
+    return LightRankerFit(booster, names, best, int((~held).sum()), int(held.sum()))

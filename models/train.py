@@ -33,7 +33,8 @@ import numpy as np
 import pandas as pd
 
 from core.schema import (
-    CHAMPION_ALIAS, FEATURE_GROUPS, HEADS, HEAVY_RANKER_FEATURES, HEAVY_RANKER_NAME, LIGHT_RANKER_FEATURES, LIGHT_RANKER_NAME,
+    CANDIDATE_LIGHT_RANKER_FEATURES, CHAMPION_ALIAS, FEATURE_GROUPS, HEADS, HEAVY_RANKER_FEATURES, HEAVY_RANKER_NAME,
+    LIGHT_RANKER_FEATURES, LIGHT_RANKER_NAME,
 )
 from core.state import StateDir
 from models import metrics as M
@@ -154,13 +155,27 @@ def train_light(
         ValueError: empty frames or fewer than 2 training days.
         KeyError / MissingFeaturesError: label or feature columns missing.
     """
-    import mlflow
-
     _require_rows(train_df, valid_df)
     params = params or LightRankerParams()
     started = time.monotonic()
     fit = fit_light_ranker(train_df, params, feature_names)
     seconds = time.monotonic() - started
+
+    run_params = {
+        **params.as_dict(),
+        "ranker": "light", "objective": "impressions", "n_features": len(fit.feature_names),
+        "best_iteration": fit.best_iteration, "fit_rows": fit.fit_rows, "calibration_rows": fit.calibration_rows,
+        "valid_rows": len(valid_df), "train_days": _days(train_df), "valid_days": _days(valid_df),
+        "train_seconds": round(seconds, 2),
+    }
+    return _log_light(state, fit, valid_df, run_params, {}, register, set_champion)
+
+
+def _log_light(state: StateDir, fit, valid_df: pd.DataFrame, run_params: dict, extra: dict[str, dict],
+               register: bool, set_champion: bool) -> TrainResult:
+    """Measure a light ranker on the validation impressions, log the run (plus ``extra`` nested
+    metrics), register it as ``schema.LIGHT_RANKER_NAME``."""
+    import mlflow
 
     p = fit.predict(valid_df)[:, 0]
     users = valid_df["user_id"].to_numpy()
@@ -168,12 +183,7 @@ def train_light(
     nested = {"engaged": head_metrics(engaged_label(valid_df), p, users, requests=requests)}
     for head in HEADS:  # how well the single score ranks each engagement
         nested[head] = head_metrics(valid_df[head].to_numpy(), p, users, calibration=False, requests=requests)
-    run_params = {
-        **params.as_dict(),
-        "ranker": "light", "n_features": len(fit.feature_names), "best_iteration": fit.best_iteration,
-        "fit_rows": fit.fit_rows, "calibration_rows": fit.calibration_rows, "valid_rows": len(valid_df),
-        "train_days": _days(train_df), "valid_days": _days(valid_df), "train_seconds": round(seconds, 2),
-    }
+    nested |= extra
     features = {"feature_names": list(fit.feature_names), "heads": list(LIGHT_HEADS)}
 
     state.ensure()
@@ -181,12 +191,59 @@ def train_light(
     with mlflow_uris(uri):
         exp_id = ensure_experiment(uri, state.mlflow_artifacts)
         with mlflow.start_run(experiment_id=exp_id, run_name=f"light-{time.strftime('%Y%m%d-%H%M%S')}",
-                              tags={"ranker": "light"}, nested=mlflow.active_run() is not None) as run:
+                              tags={"ranker": "light", "objective": run_params.get("objective", "")},
+                              nested=mlflow.active_run() is not None) as run:
             flat = _log_run_data(run_params, nested, features)
             info = log_light_model(fit.booster, fit.feature_names, LIGHT_HEADS,
                                    LIGHT_RANKER_NAME if register else None)
     version = _finish(state, LIGHT_RANKER_NAME, info, register, set_champion)
     return TrainResult(run.info.run_id, version, flat, fit)
+
+
+def train_light_on_candidates(
+    candidates: pd.DataFrame,
+    valid_df: pd.DataFrame,
+    state: StateDir,
+    register: bool = True,
+    set_champion: bool = True,
+    params: LightRankerParams | None = None,
+    feature_names: Sequence[str] = CANDIDATE_LIGHT_RANKER_FEATURES,
+    context: dict | None = None,
+) -> TrainResult:
+    """Train the light ranker on the mixer's candidate sets, log and register it like :func:`train_light`.
+
+    Args:
+        candidates: ``home_mixer.candidate_training.CandidateTrainingSet.frame`` (labels from the
+            days after its cutoff, all before ``valid_df``'s days).
+        valid_df: validation impressions (the same metrics as :func:`train_light`, so the promotion
+            gate compares like with like); the held-out users' candidate rows add
+            ``valid_candidates_engaged_auc`` / ``_gauc`` (per user, sampling-weighted rows unweighted).
+        context: extra run params (cutoff, label days, users...).
+
+    Raises:
+        ValueError / KeyError: see ``models.light_ranker.fit_light_ranker_on_candidates``; empty frames.
+    """
+    from models.light_ranker import fit_light_ranker_on_candidates, user_holdout
+
+    _require_rows(candidates, valid_df)
+    params = params or LightRankerParams(min_data_in_leaf=50)
+    started = time.monotonic()
+    fit = fit_light_ranker_on_candidates(candidates, params, feature_names)
+    seconds = time.monotonic() - started
+    held = user_holdout(candidates["user_id"].to_numpy(), 0.1, params.seed)
+    rows = candidates.loc[held]
+    p = fit.predict(rows)[:, 0]
+    y = rows["engaged"].to_numpy()
+    extra = {"candidates_engaged": {"auc": M.auc(y, p), "gauc": M.gauc(y, p, rows["user_id"].to_numpy()),
+                                    "positives": float(y.sum()), "rows": float(len(y))}}
+    run_params = {
+        **params.as_dict(), **(context or {}),
+        "ranker": "light", "objective": "candidate_sets", "n_features": len(fit.feature_names),
+        "best_iteration": fit.best_iteration, "fit_rows": fit.fit_rows, "calibration_rows": fit.calibration_rows,
+        "valid_rows": len(valid_df), "candidate_positives": int(candidates["engaged"].sum()),
+        "valid_days": _days(valid_df), "train_seconds": round(seconds, 2),
+    }
+    return _log_light(state, fit, valid_df, run_params, extra, register, set_champion)
 
 
 # A head's ablation deltas are reported for heads with at least this many validation positives

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import pandas as pd
@@ -10,23 +11,41 @@ from mixer.candidate import Candidate, Query
 from mixer.components import Scorer
 
 
+# the light score's floor in the product: a zero probability must not erase the heads' ordering
+LIGHT_SCORE_FLOOR = 1e-6
+
+
 class WeightedSumBlender(Scorer):
-    """``score = sum_h weight[arm][h] * p_h`` (Twitter home-mixer's weighted-sum "ScoredTweets"
-    model: each head's probability times a tunable weight, negative feedback with a negative
-    weight; the weights are what an experiment arm varies).
+    """``score = light_score ** e[arm] * sum_h weight[arm][h] * p_h``.
+
+    The sum is Twitter home-mixer's weighted-sum "ScoredTweets" model: each head's probability
+    times a tunable weight, negative feedback with a negative weight; the weights are what an
+    experiment arm varies. The heavy ranker's heads are probabilities *given the post is shown*;
+    a light ranker trained on the mixer's candidate sets (``home_mixer.candidate_training``)
+    estimates the probability that the user engages with the candidate at all. With exponent
+    ``e = 1`` the score is their product, as ESMM's pCTCVR = pCTR x pCVR (Ma et al., SIGIR 2018)
+    chains a whole-space estimate with a conditional one; ``e = 0`` is the plain weighted sum.
+    The light score is floored at ``LIGHT_SCORE_FLOOR``; a candidate without one (NaN) keeps the sum.
 
     Args:
         arm_weights: arm name -> head -> weight.
         heads: heads the heavy ranker predicts; each arm may only weight these.
+        light_exponents: arm name -> exponent ``e`` (missing arms: 0).
 
     Raises:
-        ValueError: an arm weights a head the heavy ranker does not predict.
+        ValueError: an arm weights a head the heavy ranker does not predict; an exponent is negative.
     """
 
     name = "weighted_sum"
     version = ""  # no registered model: not in model_versions
 
-    def __init__(self, arm_weights: Mapping[str, Mapping[str, float]], heads: Sequence[str]):
+    def __init__(self, arm_weights: Mapping[str, Mapping[str, float]], heads: Sequence[str],
+                 light_exponents: Mapping[str, float] | None = None):
+        exponents = dict(light_exponents or {})
+        bad = {a: e for a, e in exponents.items() if not (e >= 0.0 and math.isfinite(e))}
+        if bad:
+            raise ValueError(f"light score exponents must be finite and >= 0, got {bad}")
+        self.light_exponents = {a: float(exponents.get(a, 0.0)) for a in arm_weights}
         for arm, weights in arm_weights.items():
             missing = sorted(set(weights) - set(heads))
             if missing:
@@ -43,8 +62,11 @@ class WeightedSumBlender(Scorer):
         if query.arm not in self.arm_weights:
             raise KeyError(f"experiment arm {query.arm!r} is not configured ({sorted(self.arm_weights)})")
         weights = self.arm_weights[query.arm]
+        e = self.light_exponents[query.arm]
         for c in candidates:
             c.score = sum(w * c.heads.get(h, 0.0) for h, w in weights.items())
+            if e and not math.isnan(c.light_score):
+                c.score *= max(c.light_score, LIGHT_SCORE_FLOOR) ** e
 
     def score(self, query: Query, candidates: list[Candidate], features: pd.DataFrame | None = None) -> None:
         """The blender as a pipeline scorer: ``blend(query, candidates)`` (``features`` unused).

@@ -225,3 +225,71 @@ def test_whole_funnel_measures_the_served_pipeline_against_its_baselines(funnel_
     assert run.data.metrics["engaged.served.recall_at_200"] == pytest.approx(orders["served"].recall[200][0])
     client.flushdb()
     client.close()
+
+
+def test_candidate_training_rows_are_the_served_candidates_labelled_by_the_next_days(funnel_state, data_dir,
+                                                                                      redis_server, spark):
+    """The light ranker's candidate-set training rows: the served pipeline's candidates as of a cutoff
+    before the evaluated days, features as hydrated, labels from the label days only; a light ranker
+    trained on them is registered without moving the champion and serves through the pipeline."""
+
+    from core.schema import ALL_FEATURES, CANDIDATE_LIGHT_RANKER_FEATURES, HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
+    from home_mixer.candidate_training import candidate_training_set, training_cutoff
+    from home_mixer.whole_funnel import as_of_generation, evaluated_days, positives_by_user
+    from models.light_ranker import LightRankerParams
+    from models.registry import load_ranker, load_ranker_version
+    from models.split import split_by_days
+    from models.train import train_light_on_candidates
+    from pipelines.candidate_index import build_candidate_index, build_coengagement
+    from tests.dev_frame import build_dev_frame
+
+    state = funnel_state[0]
+    tables = _canonical(data_dir)
+    for name in ("posts", "social_edges"):
+        getattr(tables, name).to_parquet(state.table(name))
+    imp = pd.read_parquet(state.table("impressions"))
+    label_days, cutoff = training_cutoff(imp, valid_days=2, horizon_days=2)
+    eval_days, eval_cutoff = evaluated_days(imp, 2)
+    assert max(label_days) < min(eval_days) and cutoff < eval_cutoff
+    with pytest.raises(ValueError, match="need more than"):
+        training_cutoff(imp, valid_days=2, horizon_days=len(imp["date"].unique()))
+    url = f"redis://127.0.0.1:{redis_server.port}/11"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    build_candidate_index(state, url, cutoff, tables=tables, coengagement=build_coengagement(spark, tables, cutoff,
+                                                                                            log=None))
+    cts = candidate_training_set(state, redis_url=url, prepare=False, n_users=30, negatives_per_user=40, seed=2,
+                                 log=None)
+    frame = cts.frame
+    assert cts.as_of == cutoff and cts.label_days == label_days and cts.users >= 30
+    assert set(ALL_FEATURES) <= set(frame.columns) and len(frame) < cts.candidates
+    positives = positives_by_user(imp, label_days)
+    for uid, rows in frame.groupby("user_id"):
+        engaged = positives["engaged"].get(uid, set())
+        assert set(rows.loc[rows["engaged"] == 1, "post_id"]) <= engaged  # labels only from the label days
+        assert ((rows["engaged"] == 0) | rows["post_id"].isin(engaged)).all()
+        assert (rows["engaged"] == 0).sum() <= 40 and (rows["weight"] >= 1).all()
+    assert frame["engaged"].sum() > 0
+    # the rows carry the features the served pipeline hydrated for that candidate at the cutoff
+    uid = int(frame["user_id"].iloc[0])
+    with as_of_generation(url, state.mlflow_tracking_uri, cutoff) as generation:
+        result = generation.run(uid)
+    served = result.features.assign(post_id=[c.post_id for c in result.ranked]).set_index("post_id")
+    mine = frame[frame["user_id"] == uid].set_index("post_id")
+    np.testing.assert_array_equal(mine[list(ALL_FEATURES)].to_numpy(dtype=float),
+                                  served.loc[mine.index, list(ALL_FEATURES)].to_numpy(dtype=float))
+
+    _, valid = split_by_days(build_dev_frame(data_dir), 2)
+    names = [f for f in CANDIDATE_LIGHT_RANKER_FEATURES if frame[f].notna().any()]
+    res = train_light_on_candidates(frame, valid, state, set_champion=False, feature_names=names,
+                                    params=LightRankerParams(num_boost_round=30, early_stopping_rounds=10,
+                                                             min_data_in_leaf=5), context={"cutoff": str(cutoff)})
+    assert res.model_version is not None and 0 <= res.metrics["valid_candidates_engaged_auc"] <= 1
+    light = load_ranker_version(LIGHT_RANKER_NAME, res.model_version, state.mlflow_tracking_uri)
+    assert tuple(light.feature_names) == tuple(names) and light.predict(frame.head(5)).shape == (5, 1)
+    # the champion is untouched (set_champion=False) and the new version serves through the pipeline
+    heavy = load_ranker(HEAVY_RANKER_NAME, tracking_uri=state.mlflow_tracking_uri)
+    with as_of_generation(url, state.mlflow_tracking_uri, cutoff, rankers=(light, heavy)) as generation:
+        assert generation.served.model_versions["light_ranker"] == str(res.model_version)
+    client.flushdb()
+    client.close()

@@ -157,12 +157,12 @@ def test_stream_appends_live_engagements_once_and_the_source_expands_them(store)
 def test_whole_funnel_refuses_to_flush_a_serving_store(redis_client, tmp_path):
     """The as-of store is flushed before it is built: a database a mixer served from is refused."""
     from core.state import StateDir
-    from home_mixer.whole_funnel import _prepare_store
+    from home_mixer.whole_funnel import prepare_as_of_store
 
     redis_client.xadd(keys.SERVED_IMPRESSIONS, {"post_id": 1})
     redis_client.set("canary", 1)
     url = redis_client.connection_pool.connection_kwargs
     with pytest.raises(ValueError, match="serving store"):
-        _prepare_store(StateDir(tmp_path).ensure(), f"redis://{url['host']}:{url['port']}/{url['db']}", "127.0.0.1:0",
-                       AS_OF, spark=None, log=lambda line: None)
+        prepare_as_of_store(StateDir(tmp_path).ensure(), f"redis://{url['host']}:{url['port']}/{url['db']}", "127.0.0.1:0",
+                            AS_OF, spark=None, log=lambda line: None)
     assert redis_client.get("canary") == b"1"  # nothing was flushed

@@ -79,3 +79,25 @@ def test_blender_is_a_scorer_without_a_model():
     assert blender.score(Q, [c], None) is None and blender.version == ""
     assert c.score == pytest.approx(0.4)
     assert LightRankerScorer(FakeHandle(("user_click_rate",), ("engaged",))).score(Q, [], _frame([])) is None
+
+
+def test_blender_multiplies_by_the_light_score_to_the_arm_exponent():
+    """score = light ** e * sum_h w_h p_h; e = 0 is the plain sum; no light score keeps the sum;
+    the light score is floored so a zero does not erase the order."""
+    from mixer.blenders.weighted_sum import LIGHT_SCORE_FLOOR
+
+    blender = WeightedSumBlender({"a": {"click": 1.0, "hate": -2.0}, "b": {"click": 1.0}}, HEADS,
+                                 {"a": 1.0})
+    cands = [Candidate(i, "popular", light_score=ls, heads={"click": 0.5, "hate": 0.1})
+             for i, ls in enumerate([0.2, np.nan, 0.0])]
+    blender.blend(Q, cands)
+    assert [c.score for c in cands] == pytest.approx([0.2 * 0.3, 0.3, LIGHT_SCORE_FLOOR * 0.3])
+    blender.blend(Query(1, 1, 0.0, "r", arm="b"), cands)  # arm without an exponent: the plain sum
+    assert [c.score for c in cands] == pytest.approx([0.5, 0.5, 0.5])
+    squared = WeightedSumBlender({"a": {"click": 1.0}}, HEADS, {"a": 2.0})
+    high, low = Candidate(1, "p", light_score=0.4, heads={"click": 0.1}), Candidate(2, "p", light_score=0.1,
+                                                                                   heads={"click": 0.3})
+    squared.blend(Q, [high, low])
+    assert high.score > low.score  # 0.016 > 0.003: the light score outweighs a 3x head probability
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        WeightedSumBlender({"a": {"click": 1.0}}, HEADS, {"a": -1.0})

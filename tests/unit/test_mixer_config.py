@@ -61,6 +61,8 @@ def test_running_clock_advances_from_now_at_since():
     ("scoring:\n  threads: 0\n", "scoring.threads"),
     ("experiment:\n  salt: s\n  arms:\n    - {name: a, traffic_share: 0.7, weights: {click: 1}}\n", "sum to"),
     ("experiment:\n  salt: s\n  arms:\n    - {name: a, traffic_share: 1.0, weights: {clicks: 1}}\n", "unknown heads"),
+    ("experiment:\n  salt: s\n  arms:\n    - {name: a, traffic_share: 1.0, weights: {click: 1}, "
+     "light_score_exponent: -1}\n", "light_score_exponent"),
 ])
 def test_bad_values_name_the_key(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"
