@@ -260,9 +260,15 @@ _NOT_MODEL_INPUTS = {"post_created_ts", "tmp_last_impression_ts"}
 # (pipelines/history_features.py) and online (mixer/feature_hydrators/history.py).
 HISTORY_FEATURES: tuple[str, ...] = _HISTORY_FEATURES
 
+# Retrieval model scores of each candidate at request time (mixer/feature_hydrators/retrieval.py):
+# the two-tower's user-vector x post-vector cosine. Only served pipelines compute them, so only the
+# rows built from the mixer's own candidate sets (home_mixer/candidate_training.py) carry them;
+# impression training sets hold NaN.
+RETRIEVAL_FEATURES: tuple[str, ...] = ("retrieval_two_tower_score",)
+
 ALL_FEATURES: tuple[str, ...] = tuple(
     f for v in FEATURE_VIEWS for f in v.features
-) + REQUEST_FEATURES + ID_FEATURES + HISTORY_FEATURES
+) + REQUEST_FEATURES + ID_FEATURES + HISTORY_FEATURES + RETRIEVAL_FEATURES
 
 HEAVY_RANKER_FEATURES: tuple[str, ...] = tuple(f for f in ALL_FEATURES if f not in _NOT_MODEL_INPUTS)
 
@@ -288,7 +294,7 @@ CANDIDATE_LIGHT_RANKER_FEATURES: tuple[str, ...] = LIGHT_RANKER_FEATURES + (
     "post_impressions_1h", "post_impressions_7d", "post_long_views_7d", "post_likes_7d", "post_clicks_24h",
     "post_long_views_24h", "post_impressions_total", "author_impressions_total", "hist_coeng_seeds",
     "ut_impressions", "ut_long_view_rate", "ut_prelog_watches", "ua_prelog_watches",
-)
+) + RETRIEVAL_FEATURES
 
 # Feature groups of the ablation study (``home-mixer train --ablation``): each is removed in turn.
 FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
@@ -312,4 +318,6 @@ VALIDATION_DAYS = 2
 # Registered model names in MLflow and the alias the mixer serves.
 LIGHT_RANKER_NAME = "light_ranker"
 HEAVY_RANKER_NAME = "heavy_ranker"
+# The learned-retrieval model (models.two_tower): towers, candidate embeddings and FAISS index in one version.
+TWO_TOWER_NAME = "two_tower"
 CHAMPION_ALIAS = "champion"

@@ -66,24 +66,47 @@ class CandidateTrainingSet:
 
 def training_cutoff(impressions: pd.DataFrame, valid_days: int, horizon_days: int) -> tuple[list[int], pd.Timestamp]:
     """The label dates (the ``horizon_days`` dates before the last ``valid_days``) and the cutoff
-    (the first impression of those dates).
+    (the first impression of those dates): ``models.split.held_out_days``.
 
     Raises:
         ValueError: the log has too few dates to leave any before the label dates.
     """
-    days = sorted(int(d) for d in pd.unique(impressions["date"]))
-    if horizon_days < 1 or valid_days < 0 or len(days) <= valid_days + horizon_days:
-        raise ValueError(f"need more than {valid_days + horizon_days} dates for {horizon_days} label date(s) "
-                         f"before {valid_days} evaluated date(s); the log has {days}")
-    label_days = days[len(days) - valid_days - horizon_days:len(days) - valid_days]
-    ts = pd.to_datetime(impressions.loc[impressions["date"].isin(label_days), "event_ts"], utc=True)
-    return label_days, ts.min()
+    from models.split import held_out_days
+
+    return held_out_days(impressions, horizon_days, skip_last=valid_days)
+
+
+def as_of_two_tower(state: StateDir, as_of: pd.Timestamp, log: Callable[[str], None] | None = print):
+    """The learned retrieval serving would have had at ``as_of``: when a two-tower model is
+    registered with the champion alias (so the mixer serves the embedding source), the same model
+    trained again on the events before ``as_of`` only (``models.train.train_two_tower``, the
+    champion's settings, an MLflow run but no registered version), as an in-memory handle; None
+    when no two-tower champion exists (the mixer serves without learned retrieval).
+
+    The registered champion has seen the days after ``as_of``: serving it at an earlier cutoff
+    would leak the labels into the candidate sets.
+    """
+    from core.schema import TWO_TOWER_NAME
+    from models.registry import RankerNotFoundError, TwoTowerHandle, load_two_tower
+    from models.train import _servable, train_two_tower
+    from models.two_tower import ITEM_COLUMNS
+
+    try:
+        champion = load_two_tower(state.mlflow_tracking_uri)
+    except RankerNotFoundError:
+        return None
+    res = train_two_tower(state, as_of=as_of, params=champion.model.params, register=False,
+                          index_kind=champion.index.kind, log=log or (lambda line: None))
+    posts = pd.read_parquet(state.table("posts"))
+    ids, vectors = res.model.item_embeddings(_servable(posts, as_of)[list(ITEM_COLUMNS)])
+    return TwoTowerHandle(TWO_TOWER_NAME, "", f"as-of-{as_of:%Y%m%dT%H%M}", res.run_id, res.model, res.index,
+                          ids, vectors)
 
 
 def candidate_training_set(state: StateDir, *, valid_days: int = 2, horizon_days: int = 2,
                            n_users: int | None = 4000, negatives_per_user: int = 200, seed: int = 0,
                            redis_url: str | None = None, feast_connection: str | None = None, spark=None,
-                           prepare: bool = True, rankers=None,
+                           prepare: bool = True, rankers=None, retrieval="as_of",
                            log: Callable[[str], None] | None = print) -> CandidateTrainingSet:
     """Run the served candidate generation as of the training cutoff and label its candidates.
 
@@ -102,6 +125,8 @@ def candidate_training_set(state: StateDir, *, valid_days: int = 2, horizon_days
         prepare: build the as-of store (False: it is already there).
         rankers: (light, heavy) handles for the pipeline (only its feature hydration runs); default
             the champions.
+        retrieval: the embedding source's two-tower handle; ``"as_of"`` (default): the champion's
+            model trained again before the cutoff (:func:`as_of_two_tower`), None: no learned retrieval.
         log: progress lines (None: quiet).
 
     Raises:
@@ -134,12 +159,15 @@ def candidate_training_set(state: StateDir, *, valid_days: int = 2, horizon_days
     if prepare:
         seconds |= prepare_as_of_store(state, redis_url, feast_connection, as_of, spark, say)
 
+    if isinstance(retrieval, str) and retrieval == "as_of":
+        retrieval = as_of_two_tower(state, as_of, log)
     feature_cols = list(ALL_FEATURES)
     parts: list[pd.DataFrame] = []
     generated = 0
     found: list[float] = []
     t0 = time.perf_counter()
-    with as_of_generation(redis_url, state.mlflow_tracking_uri, as_of, rankers=rankers) as generation:
+    with as_of_generation(redis_url, state.mlflow_tracking_uri, as_of, rankers=rankers,
+                          retrieval=retrieval) as generation:
         for uid in tqdm(users, desc="candidate sets", unit="user", disable=log is None, mininterval=5):
             result = generation.run(uid)
             cands = result.ranked or []
@@ -176,4 +204,4 @@ def candidate_training_set(state: StateDir, *, valid_days: int = 2, horizon_days
                                 seconds=seconds)
 
 
-__all__ = ["CandidateTrainingSet", "TRAINING_DB", "candidate_training_set", "training_cutoff"]
+__all__ = ["CandidateTrainingSet", "TRAINING_DB", "as_of_two_tower", "candidate_training_set", "training_cutoff"]

@@ -384,6 +384,13 @@ def cmd_train(args) -> int:
     from core.schema import VALIDATION_DAYS
 
     state = _state(args)
+    if args.model == "two_tower":
+        from models.train import train_two_tower
+
+        res = train_two_tower(state, register=not args.no_register, set_champion=not args.no_promote)
+        print(f"two_tower: run {res.run_id} version {res.model_version}")
+        print(json.dumps(res.metrics, indent=1, default=float))
+        return 0
     if not 1 <= args.valid_days <= VALIDATION_DAYS:
         raise UsageError(f"--valid-days must be 1..{VALIDATION_DAYS}: the feature smoothing priors were "
                          f"computed with the last {VALIDATION_DAYS} days held out, so validating on more "
@@ -822,7 +829,9 @@ def build_parser() -> argparse.ArgumentParser:
     fv.set_defaults(func=cmd_validate_features)
 
     t = sub.add_parser("train", help="train, log to MLflow, register and alias the rankers")
-    t.add_argument("--model", choices=["light", "heavy", "both"], default="both")
+    t.add_argument("--model", choices=["light", "heavy", "both", "two_tower"], default="both",
+                   help="both = light + heavy; two_tower = the learned retrieval model with its FAISS index, trained "
+                        "on the engagement sequences before the validation days (served by the embedding source)")
     t.add_argument("--valid-days", type=int, default=2, help="validation days at the end of the log (1..2)")
     t.add_argument("--no-register", action="store_true", help="log the run only")
     t.add_argument("--no-ablation", dest="ablation", action="store_false",

@@ -29,7 +29,7 @@ from core.state import StateDir
 from mixer.auth import auth_headers
 from mixer.server import MixerServer
 
-STAGES = 16
+STAGES = 17
 REPLAY_HOURS = 2.5   # the log's last hours replayed by the real-time stage ...
 REPLAY_SPEED = 600   # ... at 10 log minutes per wall second (15 s)
 FUNNEL_USERS = 100   # validation-day users whose candidate sets measure the light ranker's funnel recall
@@ -219,7 +219,7 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
     from models.evaluate import evaluate_rankers
     from models.split import split_by_days
     from home_mixer.candidate_training import candidate_training_set
-    from models.train import format_ablation, train_heavy, train_light, train_light_on_candidates
+    from models.train import format_ablation, train_heavy, train_light, train_light_on_candidates, train_two_tower
     from pipelines.candidate_index import CanonicalTables, build_candidate_index, build_coengagement
     from pipelines.spark import spark_session
     from home_mixer.drift_job import profile_training_window
@@ -261,6 +261,11 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
             profile_training_window(state, heavy.run_id, train, heavy.model)
             print(f"  run {heavy.run_id}, version {heavy.model_version} (reference profile of the training "
                   "window logged with it)")
+        with timer.stage("train the two-tower retrieval model (torch, sampled softmax with logQ correction) on the "
+                         "engagement sequences before the validation days, FAISS HNSW index -> MLflow, register, "
+                         "alias champion"):
+            tower = train_two_tower(state, log=lambda line: print(f"  {line}"))
+            print(f"  run {tower.run_id}, version {tower.model_version}")
         with timer.stage("validate the feature tables (Great Expectations gate), materialise into Redis (Feast)"):
             jobs.materialize(store, state)
             print(f"  every feature table passed the gate; Data Docs {state.reports / GX_DOCS_INDEX}")

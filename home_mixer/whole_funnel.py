@@ -118,17 +118,15 @@ class WholeFunnelReport:
 
 
 def evaluated_days(impressions: pd.DataFrame, valid_days: int) -> tuple[list[int], pd.Timestamp]:
-    """The last ``valid_days`` dates of the log and the cutoff: the first impression of those days.
+    """The last ``valid_days`` dates of the log and the cutoff: the first impression of those days
+    (``models.split.held_out_days``).
 
     Raises:
         ValueError: the log has no more than ``valid_days`` dates (nothing before the cutoff).
     """
-    days = sorted(int(d) for d in pd.unique(impressions["date"]))
-    if valid_days < 1 or len(days) <= valid_days:
-        raise ValueError(f"need more than {valid_days} dates to evaluate the last {valid_days}; the log has {days}")
-    chosen = days[-valid_days:]
-    ts = pd.to_datetime(impressions.loc[impressions["date"].isin(chosen), "event_ts"], utc=True)
-    return chosen, ts.min()
+    from models.split import held_out_days
+
+    return held_out_days(impressions, valid_days)
 
 
 def positives_by_user(impressions: pd.DataFrame, days: Sequence[int]) -> dict[str, dict[int, set[int]]]:
@@ -267,7 +265,7 @@ class AsOfGeneration:
 
 @contextmanager
 def as_of_generation(redis_url: str, tracking_uri: str, as_of: pd.Timestamp, rankers=None, config=None,
-                     source_timeout_ms: float | None = 5000.0):
+                     source_timeout_ms: float | None = 5000.0, retrieval="load"):
     """Open the served candidate generation over the as-of store in ``redis_url`` with the mixer's
     clock at ``as_of``: yields an :class:`AsOfGeneration`, closes its resources on exit.
 
@@ -278,6 +276,8 @@ def as_of_generation(redis_url: str, tracking_uri: str, as_of: pd.Timestamp, ran
 
     Args:
         rankers: (light, heavy) handles instead of the champions of ``tracking_uri``.
+        retrieval: the embedding source's two-tower handle (``"load"``: the registered champion, if
+            any; None: without learned retrieval).
 
     Raises:
         redis.RedisError: ``redis_url`` does not answer. MLflow errors: no champions registered.
@@ -301,7 +301,7 @@ def as_of_generation(redis_url: str, tracking_uri: str, as_of: pd.Timestamp, ran
             name: {**s, "timeout_ms": max(float(s["timeout_ms"]), float(source_timeout_ms))}
             for name, s in config.candidate_sources.model_dump().items()})
     metrics = MixerMetrics()
-    res = open_resources(config, metrics, rankers=rankers)
+    res = open_resources(config, metrics, rankers=rankers, retrieval=retrieval)
     try:
         served = res.pipeline
 
@@ -313,6 +313,21 @@ def as_of_generation(redis_url: str, tracking_uri: str, as_of: pd.Timestamp, ran
         yield AsOfGeneration(config, served, pipeline)
     finally:
         res.close()
+
+
+def check_trained_before(retrieval, tracking_uri: str, as_of: pd.Timestamp) -> None:
+    """Raise ValueError when the two-tower model ``retrieval`` (None: nothing to check) was trained
+    on events at or after ``as_of`` (its run's ``as_of`` param), which would leak the evaluated
+    days into the candidate sets; the message says how to train one before the cutoff."""
+    if retrieval is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    trained = MlflowClient(tracking_uri).get_run(retrieval.run_id).data.params.get("as_of")
+    if trained is None or pd.Timestamp(trained) > as_of:
+        raise ValueError(f"two-tower v{retrieval.version} was trained on events up to {trained}, after the cutoff "
+                         f"{as_of.isoformat()}: it has seen the evaluated days. Train one before it "
+                         "(`home-mixer train --model two_tower`, whose default cutoff is the validation days' start)")
 
 
 def whole_funnel(state: StateDir, *, redis_url: str | None = None, feast_connection: str | None = None,
@@ -377,6 +392,7 @@ def whole_funnel(state: StateDir, *, redis_url: str | None = None, feast_connect
     with as_of_generation(redis_url, state.mlflow_tracking_uri, as_of, rankers=rankers) as generation:
         config = generation.config
         served = generation.served
+        check_trained_before(served.rankers.retrieval, state.mlflow_tracking_uri, as_of)
         light = LightRankerScorer(served.rankers.light.handle)
         heavy = HeavyRankerScorer(served.rankers.heavy.handle)
         blender = control_blender(heavy.heads)  # as the control arm blends, light score included
@@ -496,5 +512,5 @@ def log_to_mlflow(state: StateDir, report: WholeFunnelReport, path: Path) -> str
     return run_id
 
 
-__all__ = ["AsOfGeneration", "EVAL_DB", "as_of_generation", "as_of_redis", "prepare_as_of_store", "POSITIVE_KINDS", "WHOLE_FUNNEL_REPORT", "WholeFunnelReport", "evaluated_days",
+__all__ = ["AsOfGeneration", "EVAL_DB", "as_of_generation", "as_of_redis", "check_trained_before", "prepare_as_of_store", "POSITIVE_KINDS", "WHOLE_FUNNEL_REPORT", "WholeFunnelReport", "evaluated_days",
            "log_to_mlflow", "positives_by_user", "served_order", "whole_funnel"]

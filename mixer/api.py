@@ -261,12 +261,34 @@ def _load_rankers(config: MixerConfig, metrics: MixerMetrics, backend=None) -> t
                  for h in (light, heavy))
 
 
+def _load_retrieval(config: MixerConfig):
+    """The two-tower model at the alias (``models.registry.load_two_tower``), or None when the
+    embedding source is off or no two-tower model is registered with the alias (logged: the mixer
+    serves without learned retrieval until one is)."""
+    from models.registry import RankerNotFoundError, load_two_tower
+
+    if not config.candidate_sources.embedding.enabled:
+        return None
+    m = config.models
+    try:
+        return load_two_tower(config.resolved_tracking_uri(), alias=m.alias, name=m.two_tower)
+    except RankerNotFoundError as e:
+        log.warning("no two-tower model to serve, the embedding source is off: %s", e)
+        return None
+
+
 def _alias_versions(config: MixerConfig) -> dict[str, int]:
-    from models.registry import alias_version
+    from models.registry import RankerNotFoundError, alias_version
 
     uri, m = config.resolved_tracking_uri(), config.models
-    return {"light_ranker": alias_version(m.light_ranker, m.alias, uri),
-            "heavy_ranker": alias_version(m.heavy_ranker, m.alias, uri)}
+    versions = {"light_ranker": alias_version(m.light_ranker, m.alias, uri),
+                "heavy_ranker": alias_version(m.heavy_ranker, m.alias, uri)}
+    if config.candidate_sources.embedding.enabled:
+        try:
+            versions["two_tower"] = alias_version(m.two_tower, m.alias, uri)
+        except RankerNotFoundError:  # none registered yet: nothing to swap in
+            pass
+    return versions
 
 
 def _warm_up(*handles: RankerHandle) -> None:
@@ -279,11 +301,18 @@ def _warm_up(*handles: RankerHandle) -> None:
         h.predict(pd.DataFrame(np.nan, index=range(2), columns=list(h.feature_names)))
 
 
+# ``open_resources(retrieval=...)``: load the registered two-tower model (the default)
+LOAD_RETRIEVAL = "load"
+
+
 def open_resources(config: MixerConfig, metrics: MixerMetrics,
                    rankers: tuple[RankerHandle, RankerHandle] | None = None,
-                   feature_hydrator=None) -> MixerResources:
+                   feature_hydrator=None, retrieval=LOAD_RETRIEVAL) -> MixerResources:
     """Open Redis, load models (unless ``rankers`` is given), build the pipeline and what serves it
     through Redis faults (``open_resilience``).
+
+    ``retrieval``: the embedding source's two-tower handle; by default the one registered with the
+    alias (None when there is none), None to serve without it.
 
     Raises:
         ConfigError: no Redis configured. redis.RedisError: Redis does not answer (at start-up
@@ -305,10 +334,12 @@ def open_resources(config: MixerConfig, metrics: MixerMetrics,
         else:
             light, heavy = rankers
             _warm_up(light, heavy)
+        if retrieval is LOAD_RETRIEVAL:
+            retrieval = _load_retrieval(config)
         hydrator = feature_hydrator or _feature_hydrator(config, client, resilience)
         executor = ThreadPoolExecutor(max_workers=config.source_pool_workers, thread_name_prefix="hm-source")
         pipeline = build_pipeline(config, client=client, light=light, heavy=heavy, feature_hydrator=hydrator,
-                                  executor=executor, metrics=metrics, resilience=resilience)
+                                  executor=executor, metrics=metrics, resilience=resilience, retrieval=retrieval)
         store_watcher = StoreWatcher(client, resilience.caches, resilience.health,
                                      version_check_s=config.caches.version_check_s, probe_s=config.redis.probe_s,
                                      flush=resilience.writes.flush, pending=resilience.writes.pending).start()
@@ -320,7 +351,7 @@ def open_resources(config: MixerConfig, metrics: MixerMetrics,
     watcher = None
     if rankers is None and config.models.reload_interval_s > 0:
         watcher = ModelAliasWatcher(pipeline, lambda: _alias_versions(config),
-                                    lambda: _load_rankers(config, metrics, backend),
+                                    lambda: (*_load_rankers(config, metrics, backend), _load_retrieval(config)),
                                     config.models.reload_interval_s, metrics).start()
     return MixerResources(client=client, executor=executor, pipeline=pipeline, watcher=watcher, backend=backend,
                           resilience=resilience, store_watcher=store_watcher)

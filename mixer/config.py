@@ -50,6 +50,8 @@ class ModelSettings(_Strict):
     tracking_uri: str | None = None
     light_ranker: str = "light_ranker"
     heavy_ranker: str = "heavy_ranker"
+    # the retrieval model of the embedding source; served when registered with the alias
+    two_tower: str = "two_tower"
     alias: str = "champion"
     # Poll the registry aliases this often and swap in a newly promoted version (0 = never).
     reload_interval_s: float = Field(5.0, ge=0)
@@ -117,8 +119,18 @@ class CoEngagementSourceSettings(_Strict):
     timeout_ms: float = Field(50, gt=0)
 
 
+class EmbeddingSourceSettings(_Strict):
+    """``EmbeddingCandidateSource``: two-tower user vector against the ANN index (needs a registered
+    two-tower model, ``models.two_tower``; without one the source stays off)."""
+
+    enabled: bool = True
+    max_candidates: int = Field(300, ge=1)
+    timeout_ms: float = Field(50, gt=0)
+
+
 class CandidateSourceSettings(_Strict):
     coengagement: CoEngagementSourceSettings = CoEngagementSourceSettings()
+    embedding: EmbeddingSourceSettings = EmbeddingSourceSettings()
     in_network: InNetworkSourceSettings = InNetworkSourceSettings()
     popular: PopularSourceSettings = PopularSourceSettings()
     tag_interest: TagInterestSourceSettings = TagInterestSourceSettings()

@@ -20,8 +20,10 @@ class ModelAliasWatcher:
 
     Args:
         pipeline: a ``HomeTimelinePipeline`` (``model_versions``, ``swap_rankers``).
-        resolve_versions: () -> {"light_ranker": version, "heavy_ranker": version} from the registry.
-        load: () -> (light handle, heavy handle) at the aliases' current versions.
+        resolve_versions: () -> {"light_ranker": version, "heavy_ranker": version[, "two_tower":
+            version]} from the registry.
+        load: () -> (light handle, heavy handle[, retrieval handle]) at the aliases' current
+            versions: the arguments of ``pipeline.swap_rankers``.
         interval_s: seconds between polls.
         metrics: ``MixerMetrics`` (``model_reloads_total{model,outcome}``).
     """
@@ -49,8 +51,7 @@ class ModelAliasWatcher:
         if not changed or wanted == self._failed:  # a failed version is retried only after a new promote
             return False
         try:
-            light, heavy = self.load()
-            self.pipeline.swap_rankers(light, heavy)
+            self.pipeline.swap_rankers(*self.load())
         except Exception as e:  # noqa: BLE001
             self._failed = wanted
             log.error("could not load promoted versions %s: %r; still serving %s", wanted, e, current)

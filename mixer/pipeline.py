@@ -43,7 +43,7 @@ from mixer.caches import MixerCaches
 from mixer.candidate import Query
 from mixer.candidate_hydrators import PostMetadataCandidateHydrator
 from mixer.candidate_sources import (
-    CoEngagementCandidateSource,
+    CoEngagementCandidateSource, EmbeddingCandidateSource,
     InNetworkCandidateSource,
     PopularCandidateSource,
     TagInterestCandidateSource,
@@ -52,6 +52,7 @@ from mixer.candidate_sources import (
 from mixer.components import FeatureHydrator, TimelineResult
 from mixer.config import MixerConfig
 from mixer.feature_hydrators.history import HistoryFeatureHydrator
+from mixer.feature_hydrators.retrieval import RetrievalScoreFeatureHydrator
 from mixer.feature_hydrators.realtime import RealtimeFeatureHydrator, StreamLiveness
 from mixer.filters import (
     BlockedMutedAuthorFilter,
@@ -100,15 +101,22 @@ class Resilience:
 
 @dataclass(frozen=True)
 class RankerSet:
-    """The scorers in use, swapped as one object so a request never mixes model versions."""
+    """The models in use, swapped as one object so a request never mixes model versions: the
+    scorers, and the retrieval model of the embedding source (a ``models.registry.TwoTowerHandle``,
+    None when no two-tower model is registered)."""
 
     light: LightRankerScorer
     heavy: HeavyRankerScorer
+    retrieval: object | None = None
 
     @property
     def model_versions(self) -> dict[str, str]:
-        """``{"light_ranker": version, "heavy_ranker": version}`` (registered versions, str)."""
-        return {"light_ranker": self.light.version, "heavy_ranker": self.heavy.version}
+        """``{"light_ranker": version, "heavy_ranker": version}`` (registered versions, str), plus
+        ``"two_tower"`` when a retrieval model is served."""
+        versions = {"light_ranker": self.light.version, "heavy_ranker": self.heavy.version}
+        if self.retrieval is not None:
+            versions["two_tower"] = str(self.retrieval.version)
+        return versions
 
 
 def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redis,
@@ -144,6 +152,8 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
             CoEngagementCandidateSource(client, src.coengagement.max_candidates, src.coengagement.seed_posts,
                                         src.coengagement.neighbours_per_seed, src.coengagement.timeout_ms,
                                         enabled=src.coengagement.enabled, caches=caches, health=health),
+            EmbeddingCandidateSource(rankers.retrieval, src.embedding.max_candidates, src.embedding.timeout_ms,
+                                     enabled=src.embedding.enabled),
             InNetworkCandidateSource(client, src.in_network.max_candidates, src.in_network.max_authors,
                                      src.in_network.posts_per_author, src.in_network.timeout_ms,
                                      caches=caches, health=health),
@@ -169,6 +179,7 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
             feature_hydrator,  # stage feature_hydration: the Feast online store + request features
             HistoryFeatureHydrator(client, src.coengagement.seed_posts, src.coengagement.neighbours_per_seed,
                                    enabled=config.action_sequence.enabled, caches=caches, health=health),
+            RetrievalScoreFeatureHydrator(rankers.retrieval, enabled=src.embedding.enabled),
             RealtimeFeatureHydrator(client, config.realtime.max_staleness_s, enabled=config.realtime.enabled,
                                     liveness=resilience.liveness, health=health),
         ],
@@ -248,8 +259,10 @@ class HomeTimelinePipeline:
         """``{"light_ranker": version, "heavy_ranker": version}`` serving new requests."""
         return self._serving.rankers.model_versions
 
-    def swap_rankers(self, light: RankerHandle, heavy: RankerHandle) -> None:
+    def swap_rankers(self, light: RankerHandle, heavy: RankerHandle, retrieval=None) -> None:
         """Serve new model versions from the next request on (in-flight requests finish on the old).
+
+        ``retrieval``: the two-tower handle of the embedding source (None: none is served).
 
         The pipeline is declared again with the new rankers, and rankers + declaration are replaced
         by one attribute assignment (atomic for readers): a request never mixes versions.
@@ -258,7 +271,7 @@ class HomeTimelinePipeline:
             ValueError: the new heavy ranker has other heads than the blender's (a restart with a
                 matching config is needed), or a model needs features the mixer cannot hydrate.
         """
-        new = RankerSet(LightRankerScorer(light), HeavyRankerScorer(heavy))
+        new = RankerSet(LightRankerScorer(light), HeavyRankerScorer(heavy), retrieval)
         current = self._serving.rankers
         if list(new.heavy.heads) != list(current.heavy.heads):
             raise ValueError(f"heavy ranker v{heavy.version} has heads {list(new.heavy.heads)}, "
@@ -305,12 +318,14 @@ class HomeTimelinePipeline:
 
 def build_pipeline(config: MixerConfig, *, client: redis.Redis, light: RankerHandle, heavy: RankerHandle,
                    feature_hydrator: FeatureHydrator, executor: ThreadPoolExecutor,
-                   metrics: MixerMetrics, resilience: Resilience = Resilience()) -> HomeTimelinePipeline:
+                   metrics: MixerMetrics, resilience: Resilience = Resilience(),
+                   retrieval=None) -> HomeTimelinePipeline:
     """Assemble the home-timeline pipeline (``home_timeline``) from the config and already-opened resources.
 
     Args:
         client: Redis with the candidate index (and served records).
         light, heavy: loaded rankers (``models.registry.load_ranker``).
+        retrieval: the loaded two-tower model (``models.registry.load_two_tower``), or None.
         feature_hydrator: ``FeastLayoutFeatureHydrator`` or ``FeastSdkFeatureHydrator``.
         executor: thread pool for candidate sources (caller shuts it down).
         metrics: where the pipeline records metrics.
@@ -323,7 +338,7 @@ def build_pipeline(config: MixerConfig, *, client: redis.Redis, light: RankerHan
         config=config,
         declare=functools.partial(home_timeline, config, client=client, feature_hydrator=feature_hydrator,
                                   metrics=metrics, resilience=resilience),
-        rankers=RankerSet(LightRankerScorer(light), HeavyRankerScorer(heavy)),
+        rankers=RankerSet(LightRankerScorer(light), HeavyRankerScorer(heavy), retrieval),
         executor=executor, metrics=metrics,
     )
     metrics.set_model_versions(pipeline.model_versions)

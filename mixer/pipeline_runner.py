@@ -122,7 +122,8 @@ class CandidatePipeline:
             Candidate sources in priority order (earlier sources win duplicates downstream).
         scoring: the scoring stages, in order.
         model_versions: scorer name -> version of the scorers that serve a registered model
-            (non-empty ``version``), derived.
+            (non-empty ``version``), plus the registered models of candidate sources that serve
+            one (``served_model`` -> ``version``, e.g. the two-tower of the embedding source); derived.
 
     Raises:
         TypeError: a component lacks its kind's name, ``enabled`` or methods.
@@ -159,7 +160,10 @@ class CandidatePipeline:
         clash += [h.stage for h in self.feature_hydrators if h.stage in FIXED_STAGES or h.stage in scoring_names]
         if clash:
             raise ValueError(f"stage names {sorted(set(clash))} are used twice; fixed stages are {list(FIXED_STAGES)}")
-        object.__setattr__(self, "model_versions", {s.name: str(s.version) for s in scorers if s.version})
+        versions = {s.name: str(s.version) for s in scorers if s.version}
+        versions |= {src.served_model: str(src.version) for src in self.candidate_sources
+                     if getattr(src, "served_model", None) and getattr(src, "version", "")}
+        object.__setattr__(self, "model_versions", versions)
 
 
 def _missing_features(query: Query, candidates: list[Candidate]):

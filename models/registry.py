@@ -12,7 +12,10 @@ Formats:
 - light ranker: ``mlflow.lightgbm`` (LightGBM's text model), input float32 ``[N, F]``.
 - heavy ranker: ``mlflow.pytorch`` with MLflow's default ``pt2`` format (``torch.export``): the
   graph with its buffers, no pickle, dynamic batch size; loading needs only torch.
-- both carry ``metadata = {"ranker", "feature_names", "heads"}`` in their ``MLmodel`` file, and
+- two-tower retrieval model (``schema.TWO_TOWER_NAME``): a pyfunc model whose data folder holds
+  the towers, the candidate embeddings and the FAISS index (:func:`log_two_tower_model`), loaded
+  by alias with :func:`load_two_tower` into a :class:`TwoTowerHandle`.
+- the rankers carry ``metadata = {"ranker", "feature_names", "heads"}`` in their ``MLmodel`` file, and
   explicit ``pip_requirements`` pinned from ``requirements.lock`` (MLflow would otherwise infer
   them from the whole test environment).
 
@@ -543,3 +546,215 @@ def load_ranker(name: str, alias: str = CHAMPION_ALIAS, tracking_uri: str | None
     """
     uri = _resolve_uri(tracking_uri)
     return load_ranker_version(name, alias_version(name, alias, uri), uri, alias=alias)
+
+
+# ---------------------------------------------------------------- the two-tower retrieval model
+#
+# The third registered model (``schema.TWO_TOWER_NAME``) is logged as an MLflow pyfunc model with a
+# custom loader module (this one: :func:`_load_pyfunc`), so nothing is pickled. Its data folder
+# holds every artifact retrieval needs, all artifacts of the registered version:
+#   towers/      ``TwoTowerFit.save``: weights.pt (state dict), config.json, vocab.npz
+#   embeddings/  item_ids.npy (int64 [N]) and item_vectors.npy (float32 [N, D]): the catalogue's
+#                candidate embeddings the index was built from
+#   index/       ``AnnIndex.save``: index.faiss, ids.npy, ann.json
+# ``MLmodel`` metadata: ``{"retrieval": "two_tower", "dim", "items", "index_kind"}``.
+
+TWO_TOWER_REQUIREMENTS: tuple[str, ...] = ("torch", "faiss-cpu", "numpy", "pandas")
+TWO_TOWER_DATA = "two_tower"
+
+
+def _two_tower_hint() -> str:
+    return "train it with models.train.train_two_tower (it registers the model and sets the champion alias)"
+
+
+def _with_two_tower_hint(lookup, *args):
+    """``lookup(*args)``; a ``RankerNotFoundError`` gains how to train the two-tower model."""
+    try:
+        return lookup(*args)
+    except RankerNotFoundError as e:
+        raise RankerNotFoundError(f"{e}; for the two-tower model: {_two_tower_hint()}") from None
+
+
+def log_two_tower_model(fit, item_ids: np.ndarray, item_vectors: np.ndarray, index,
+                        registered_name: str | None):
+    """Log a two-tower model with its candidate embeddings and ANN index to the active run.
+
+    Must run inside :func:`mlflow_uris` with an active run (``name="model"``, pyfunc flavour,
+    loader :func:`_load_pyfunc`); registered as ``registered_name`` when given.
+
+    Args:
+        fit: ``models.two_tower.TwoTowerFit``.
+        item_ids: int64 ``[N]`` post ids; item_vectors: float32 ``[N, D]`` their item-tower vectors.
+        index: ``models.ann_index.AnnIndex`` built from them.
+
+    Returns:
+        MLflow's ``ModelInfo`` (``registered_model_version`` set when registered).
+
+    Raises:
+        ValueError: ids, vectors and index disagree (count, dimension or id set).
+    """
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec
+
+    ids = np.asarray(item_ids, dtype=np.int64)
+    vectors = np.asarray(item_vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(ids) != len(vectors) or vectors.shape[1] != fit.dim or index.dim != fit.dim \
+            or index.ntotal != len(ids) or not np.array_equal(np.sort(index.ids), np.sort(ids)):
+        raise ValueError(f"item ids {ids.shape}, vectors {vectors.shape}, index {index.ntotal} x {index.dim} "
+                         f"and model dim {fit.dim} disagree: build the index from these embeddings")
+    with tempfile.TemporaryDirectory(prefix="home-mixer-two-tower-") as tmp:
+        data = Path(tmp) / TWO_TOWER_DATA
+        fit.save(data / "towers")
+        (data / "embeddings").mkdir(parents=True)
+        np.save(data / "embeddings" / "item_ids.npy", ids)
+        np.save(data / "embeddings" / "item_vectors.npy", vectors)
+        index.save(data / "index")
+        return mlflow.pyfunc.log_model(
+            name="model",
+            loader_module="models.registry",
+            data_path=str(data),
+            pip_requirements=pinned_requirements(TWO_TOWER_REQUIREMENTS),
+            # no input schema (a column of variable-length (post, author, action) lists); the
+            # retrieval depth is an inference parameter
+            signature=ModelSignature(inputs=None, params=ParamSchema([ParamSpec("k", "long", 100)])),
+            metadata={"retrieval": "two_tower", "dim": int(fit.dim), "items": int(len(ids)),
+                      "index_kind": index.kind},
+            registered_model_name=registered_name,
+        )
+
+
+@dataclass(frozen=True)
+class TwoTowerHandle:
+    """A registered two-tower version in memory: user tower, candidate embeddings, ANN index.
+
+    Attributes:
+        name / alias / version / run_id: as :class:`RankerHandle` (alias "" if loaded by version).
+        model: the ``models.two_tower.TwoTowerFit`` (both towers).
+        index: the ``models.ann_index.AnnIndex`` over the candidate embeddings.
+        item_ids: int64 ``[N]``; item_vectors: float32 ``[N, D]``: the candidate embeddings.
+    """
+
+    name: str
+    alias: str
+    version: int
+    run_id: str
+    model: Any = field(repr=False)
+    index: Any = field(repr=False)
+    item_ids: np.ndarray = field(repr=False)
+    item_vectors: np.ndarray = field(repr=False)
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension D."""
+        return int(self.model.dim)
+
+    def user_embeddings(self, sequences) -> np.ndarray:
+        """User vectors float32 ``[B, D]`` of request-time action sequences
+        (``TwoTowerFit.user_embeddings``: per user ``[(post_id, author_id, action), ...]``, newest first)."""
+        return self.model.user_embeddings(sequences)
+
+    def search(self, user_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest candidates of each user vector: ``(post ids int64 [Q, k], scores
+        float32 [Q, k])``, -1 / -inf padded (``AnnIndex.search``; its errors)."""
+        return self.index.search(user_vectors, k)
+
+    def retrieve(self, sequences, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``search(user_embeddings(sequences), k)``."""
+        return self.search(self.user_embeddings(sequences), k)
+
+
+def _read_two_tower(data: Path) -> tuple[Any, Any, np.ndarray, np.ndarray]:
+    """(fit, index, item_ids, item_vectors) from a two-tower data folder (layout above)."""
+    from models.ann_index import AnnIndex
+    from models.two_tower import TwoTowerFit
+
+    fit = TwoTowerFit.load(data / "towers")
+    index = AnnIndex.load(data / "index")
+    ids = np.load(data / "embeddings" / "item_ids.npy").astype(np.int64, copy=False)
+    vectors = np.load(data / "embeddings" / "item_vectors.npy").astype(np.float32, copy=False)
+    if vectors.shape != (len(ids), fit.dim) or index.dim != fit.dim or index.ntotal != len(ids):
+        raise ValueError(f"{data}: embeddings {vectors.shape}, index {index.ntotal} x {index.dim}, model dim "
+                         f"{fit.dim} disagree; {_two_tower_hint()}")
+    return fit, index, ids, vectors
+
+
+class _TwoTowerPyfunc:
+    """What ``mlflow.pyfunc.load_model`` returns for a two-tower version (via :func:`_load_pyfunc`).
+
+    ``predict(model_input, params={"k": 100})``: ``model_input`` is a DataFrame with a column
+    ``action_sequence`` (per row a list of ``(post_id, author_id, action)``, newest first) or such
+    a list of sequences; returns a DataFrame with ``post_ids`` and ``scores`` (lists of length k).
+    """
+
+    def __init__(self, fit, index):
+        self.fit = fit
+        self.index = index
+
+    def predict(self, model_input, params: dict | None = None) -> pd.DataFrame:
+        k = int((params or {}).get("k", 100))
+        seqs = list(model_input["action_sequence"]) if isinstance(model_input, pd.DataFrame) else list(model_input)
+        ids, scores = self.index.search(self.fit.user_embeddings([[tuple(e) for e in s] for s in seqs]), k)
+        return pd.DataFrame({"post_ids": list(ids), "scores": list(scores)})
+
+
+def _load_pyfunc(data_path: str) -> _TwoTowerPyfunc:
+    """MLflow pyfunc loader of the two-tower model (``loader_module="models.registry"``)."""
+    fit, index, _, _ = _read_two_tower(Path(data_path))
+    return _TwoTowerPyfunc(fit, index)
+
+
+def load_two_tower_version(version: int, tracking_uri: str | None = None, *, name: str | None = None,
+                           alias: str = "") -> TwoTowerHandle:
+    """Load version ``version`` of the registered two-tower model (default ``schema.TWO_TOWER_NAME``).
+
+    Downloads ``models:/<name>/<version>`` to a temporary folder, reads the towers, candidate
+    embeddings and FAISS index into memory, and removes the files.
+
+    Raises:
+        RankerNotFoundError: no store, registered model or version.
+        ValueError: the version is not a two-tower model logged by :func:`log_two_tower_model`,
+            or its artifacts disagree.
+    """
+    from mlflow.models import Model
+
+    from core.schema import TWO_TOWER_NAME
+
+    name = name or TWO_TOWER_NAME
+    uri = _resolve_uri(tracking_uri)
+    mv = _with_two_tower_hint(registered_version, name, version, uri)
+    with tempfile.TemporaryDirectory(prefix="home-mixer-two-tower-") as tmp:
+        local = download_version(name, mv.version, Path(tmp), uri)
+        meta = Model.load(str(local)).metadata or {}
+        if meta.get("retrieval") != "two_tower":
+            raise ValueError(f"{name} v{mv.version} is not a two-tower model (metadata {meta}); {_two_tower_hint()}")
+        found = [p for p in local.rglob(TWO_TOWER_DATA) if p.is_dir() and (p / "towers").is_dir()]
+        if not found:
+            raise ValueError(f"{name} v{mv.version} has no {TWO_TOWER_DATA}/ data folder; {_two_tower_hint()}")
+        fit, index, ids, vectors = _read_two_tower(found[0])
+    return TwoTowerHandle(name=name, alias=alias, version=mv.version, run_id=mv.run_id, model=fit, index=index,
+                          item_ids=ids, item_vectors=vectors)
+
+
+def load_two_tower(tracking_uri: str | None = None, alias: str = CHAMPION_ALIAS, *,
+                   name: str | None = None) -> TwoTowerHandle:
+    """Load the two-tower version that ``alias`` points at (resolved once, as :func:`load_ranker`).
+
+    Args:
+        tracking_uri: MLflow URI; default ``StateDir.from_env().mlflow_tracking_uri``.
+        alias: registry alias, default ``"champion"``.
+        name: registered model name, default ``schema.TWO_TOWER_NAME``.
+
+    Returns:
+        :class:`TwoTowerHandle` (``.version``, ``.user_embeddings``, ``.index``, ``.search``).
+
+    Raises:
+        RankerNotFoundError: no store, registered model or alias (the message says how to train it).
+        ValueError: the version is not a two-tower model.
+    """
+    from core.schema import TWO_TOWER_NAME
+
+    name = name or TWO_TOWER_NAME
+    uri = _resolve_uri(tracking_uri)
+    version = _with_two_tower_hint(alias_version, name, alias, uri)
+    return load_two_tower_version(version, uri, name=name, alias=alias)

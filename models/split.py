@@ -65,3 +65,32 @@ def split_calibration_day(train: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFra
             f"calibration slice), the frame has {len(days)}: {days}"
         )
     return split_by_days(train, valid_days=1)
+
+
+def held_out_days(impressions: pd.DataFrame, n_days: int, skip_last: int = 0) -> tuple[list[int], pd.Timestamp]:
+    """The ``n_days`` dates before the log's last ``skip_last`` ones, and their start: the first
+    impression of those dates.
+
+    The one cutoff rule of every as-of job: the whole funnel evaluates the last ``valid_days``
+    (``skip_last=0``) from a store built before their start; the candidate-set light ranker is
+    labelled by the ``horizon_days`` before them (``skip_last=valid_days``); the two-tower trains on
+    everything before the validation days' start.
+
+    Args:
+        impressions: canonical impressions with ``date`` (int yyyymmdd) and ``event_ts``.
+        n_days: dates returned (>= 1); skip_last: dates at the end of the log left out (>= 0).
+
+    Returns:
+        (the dates, ascending; the cutoff, tz-aware UTC).
+
+    Raises:
+        ValueError: ``n_days < 1``, ``skip_last < 0``, or the log has no date before the returned ones.
+        KeyError: ``date`` or ``event_ts`` missing.
+    """
+    days = sorted(int(d) for d in pd.unique(impressions["date"]))
+    if n_days < 1 or skip_last < 0 or len(days) <= n_days + skip_last:
+        raise ValueError(f"need more than {n_days + skip_last} dates for {n_days} date(s) before the last "
+                         f"{skip_last}; the log has {days}")
+    chosen = days[len(days) - skip_last - n_days:len(days) - skip_last]
+    ts = pd.to_datetime(impressions.loc[impressions["date"].isin(chosen), "event_ts"], utc=True)
+    return chosen, ts.min()

@@ -16,6 +16,11 @@ Each call is one MLflow run in the experiment ``home-mixer-rankers`` (artifacts 
   ``schema.HEAVY_RANKER_NAME``, with alias ``schema.CHAMPION_ALIAS`` moved to the new version
   unless ``set_champion=False``.
 
+:func:`train_two_tower` is the learned-retrieval run of the same experiment (tag
+``ranker=two_tower``): the two-tower model (``models.two_tower``) on the users' engagement
+sequences, held-out recall@K against the 7-day popularity list, and the model with its candidate
+embeddings and FAISS index registered as ``schema.TWO_TOWER_NAME``.
+
 Input frames follow the training-set contract: user_id, post_id, author_id, event_timestamp,
 date (int yyyymmdd), the label columns of ``schema.HEADS`` (0/1), and the feature columns.
 """
@@ -26,6 +31,7 @@ import argparse
 import math
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -58,6 +64,7 @@ class TrainResult:
         model: the in-memory fitted ranker (``LightRankerFit`` or ``HeavyRankerFit``), e.g. for
             an exporter that runs right after training.
         ablation: the heavy ranker's ablation table when requested (``heavy_ablation``), else None.
+        index: the two-tower's ``AnnIndex`` over the registered candidate embeddings, else None.
     """
 
     run_id: str
@@ -65,6 +72,7 @@ class TrainResult:
     metrics: dict[str, float]
     model: Any = field(default=None, repr=False, compare=False)
     ablation: pd.DataFrame | None = field(default=None, repr=False, compare=False)
+    index: Any = field(default=None, repr=False, compare=False)
 
 
 def head_metrics(y: np.ndarray, p: np.ndarray, users: np.ndarray, calibration: bool = True,
@@ -123,6 +131,21 @@ def _log_run_data(params: dict, nested: dict, features: dict) -> dict[str, float
     return flat
 
 
+@contextmanager
+def _training_run(state: StateDir, prefix: str, tags: dict[str, str]):
+    """One MLflow run in the state's tracking store (experiment ``home-mixer-rankers``), named
+    ``<prefix>-<time>``, nested when a run is already active; yields the run."""
+    import mlflow
+
+    state.ensure()
+    uri = state.mlflow_tracking_uri
+    with mlflow_uris(uri):
+        exp_id = ensure_experiment(uri, state.mlflow_artifacts)
+        with mlflow.start_run(experiment_id=exp_id, run_name=f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}",
+                              tags=tags, nested=mlflow.active_run() is not None) as run:
+            yield run
+
+
 def _finish(state: StateDir, name: str, info, register: bool, set_champion: bool) -> int | None:
     if not register:
         return None
@@ -175,8 +198,6 @@ def _log_light(state: StateDir, fit, valid_df: pd.DataFrame, run_params: dict, e
                register: bool, set_champion: bool) -> TrainResult:
     """Measure a light ranker on the validation impressions, log the run (plus ``extra`` nested
     metrics), register it as ``schema.LIGHT_RANKER_NAME``."""
-    import mlflow
-
     p = fit.predict(valid_df)[:, 0]
     users = valid_df["user_id"].to_numpy()
     requests = _requests(valid_df)
@@ -186,16 +207,9 @@ def _log_light(state: StateDir, fit, valid_df: pd.DataFrame, run_params: dict, e
     nested |= extra
     features = {"feature_names": list(fit.feature_names), "heads": list(LIGHT_HEADS)}
 
-    state.ensure()
-    uri = state.mlflow_tracking_uri
-    with mlflow_uris(uri):
-        exp_id = ensure_experiment(uri, state.mlflow_artifacts)
-        with mlflow.start_run(experiment_id=exp_id, run_name=f"light-{time.strftime('%Y%m%d-%H%M%S')}",
-                              tags={"ranker": "light", "objective": run_params.get("objective", "")},
-                              nested=mlflow.active_run() is not None) as run:
-            flat = _log_run_data(run_params, nested, features)
-            info = log_light_model(fit.booster, fit.feature_names, LIGHT_HEADS,
-                                   LIGHT_RANKER_NAME if register else None)
+    with _training_run(state, "light", {"ranker": "light", "objective": run_params.get("objective", "")}) as run:
+        flat = _log_run_data(run_params, nested, features)
+        info = log_light_model(fit.booster, fit.feature_names, LIGHT_HEADS, LIGHT_RANKER_NAME if register else None)
     version = _finish(state, LIGHT_RANKER_NAME, info, register, set_champion)
     return TrainResult(run.info.run_id, version, flat, fit)
 
@@ -402,15 +416,155 @@ def train_heavy(
     example = feature_matrix(train_df.head(8), fit.feature_names)
     example = np.where(np.isnan(example), fit.model.in_median.numpy(), example).astype(np.float32)
 
-    state.ensure()
-    uri = state.mlflow_tracking_uri
-    with mlflow_uris(uri):
-        exp_id = ensure_experiment(uri, state.mlflow_artifacts)
-        with mlflow.start_run(experiment_id=exp_id, run_name=f"heavy-{time.strftime('%Y%m%d-%H%M%S')}",
-                              tags={"ranker": "heavy"}, nested=mlflow.active_run() is not None) as run:
-            flat = _log_run_data(run_params, nested, features)
-            if table is not None:
-                mlflow.log_table(table, "ablation.json")
-            info = log_heavy_model(fit.model, example, HEAVY_RANKER_NAME if register else None)
+    with _training_run(state, "heavy", {"ranker": "heavy"}) as run:
+        flat = _log_run_data(run_params, nested, features)
+        if table is not None:
+            mlflow.log_table(table, "ablation.json")
+        info = log_heavy_model(fit.model, example, HEAVY_RANKER_NAME if register else None)
     version = _finish(state, HEAVY_RANKER_NAME, info, register, set_champion)
     return TrainResult(run.info.run_id, version, flat, fit, ablation=table)
+
+
+# ---------------------------------------------------------------- learned retrieval (two-tower)
+
+# recall@K of the held-out check: the candidate source's retrieval depths
+TWO_TOWER_KS: tuple[int, ...] = (50, 100, 200)
+# the popularity baseline: posts by engagements in the 7 days before the held-out day (the
+# whole-funnel evaluation's 7-day popularity list)
+POPULAR_WINDOW_DAYS = 7
+
+
+def _servable(posts: pd.DataFrame, before: pd.Timestamp) -> pd.DataFrame:
+    """Posts created before ``before`` (undated ones are not servable), one row per post."""
+    created = pd.to_datetime(posts["created_ts"], utc=True)
+    return posts.loc[created.notna() & (created < before)].drop_duplicates("post_id", keep="last")
+
+
+def train_two_tower(
+    state: StateDir,
+    as_of=None,
+    params=None,
+    register: bool = True,
+    set_champion: bool = True,
+    index_kind: str = "hnsw",
+    index_params: dict | None = None,
+    refit: bool = True,
+    log=print,
+) -> TrainResult:
+    """Train, evaluate, log and register the two-tower retrieval model with its FAISS index.
+
+    Steps, all point in time (nothing at or after ``as_of`` is read):
+    1. the state's canonical ``impressions``, ``posts`` and (if present) ``prelog_events``;
+       ``engagement_sequences`` before ``as_of`` (default: the start of the validation days,
+       ``models.two_tower.validation_cutoff(impressions, schema.VALIDATION_DAYS)``, the rule of
+       the whole-funnel evaluation, so its evaluated days stay unseen);
+    2. held-out check: the model is trained on the events before the last day before ``as_of``
+       (its first impression) and measured on that day: ``holdout_recall_at_K`` (next-engaged
+       posts in the user vector's top K from the index over the posts created before that day,
+       history removed: ``two_tower.next_engagement_recall``), ``holdout_popular_recall_at_K``
+       (the 7-day popularity list, same users), ``holdout_exact_recall_at_K`` (exact search) and
+       ``index_recall_at_100`` (ANN top 100 against exact, the same queries);
+    3. ``refit=True``: trained again on every event before ``as_of`` (the registered model);
+       ``False`` registers the held-out model itself (cheaper, one day less data);
+    4. candidate embeddings of every post created before ``as_of``, the ANN index over them;
+    5. one MLflow run (experiment ``home-mixer-rankers``, tag ``ranker=two_tower``): params
+       (``TwoTowerParams``, counts, cutoffs, index settings), metrics, ``two_tower.json``, the model
+       with embeddings and index (``models.registry.log_two_tower_model``), registered as
+       ``schema.TWO_TOWER_NAME``; alias ``champion`` moved unless ``set_champion=False``.
+
+    Args:
+        state: state folder with the canonical tables (``home-mixer features build``).
+        as_of: training cutoff (tz-aware, or naive UTC); None: the validation days' start.
+        params: ``models.two_tower.TwoTowerParams`` (default settings if None).
+        index_kind / index_params: ``AnnIndex.build`` kind and parameters.
+        log: progress lines.
+
+    Returns:
+        :class:`TrainResult` (``model``: the registered ``TwoTowerFit``; ``metrics`` as logged).
+
+    Raises:
+        FileNotFoundError: a canonical table is missing.
+        ValueError: no training examples, too few dates to find the held-out day, or a bad index setting.
+    """
+    import mlflow
+
+    from models.ann_index import AnnIndex, exact_recall_at_k
+    from models.registry import log_two_tower_model
+    from models.two_tower import (
+        ITEM_COLUMNS, TwoTowerParams, fit_two_tower, latest_histories, next_engagement_recall, validation_cutoff,
+    )
+    from core.schema import TWO_TOWER_NAME, VALIDATION_DAYS
+    from pipelines.sequences import engagement_sequences
+
+    params = (params or TwoTowerParams()).validate()
+    tables = {}
+    for name in ("impressions", "posts"):
+        if not state.table(name).exists():
+            raise FileNotFoundError(f"canonical table {state.table(name)} is missing: run `home-mixer features build` first")
+        tables[name] = pd.read_parquet(state.table(name))
+    imp, posts = tables["impressions"], tables["posts"]
+    prelog = pd.read_parquet(state.table("prelog_events")) if state.table("prelog_events").exists() else None
+    if as_of is None:
+        _, cutoff = validation_cutoff(imp, VALIDATION_DAYS)
+    else:
+        cutoff = pd.Timestamp(as_of)
+        cutoff = cutoff.tz_localize("UTC") if cutoff.tzinfo is None else cutoff.tz_convert("UTC")
+    earlier = imp[pd.to_datetime(imp["event_ts"], utc=True) < cutoff]
+    if earlier["date"].nunique() < 2:
+        raise ValueError(f"the held-out check needs >= 2 dates before {cutoff}, the log has "
+                         f"{sorted(earlier['date'].unique().tolist())}: give a later as_of")
+    (holdout_day,), holdout_start = validation_cutoff(earlier, 1)
+    started = time.monotonic()
+    sequences = engagement_sequences(imp, prelog, cutoff)
+    log(f"[two-tower] {len(sequences):,} engagements of {sequences['user_id'].nunique():,} users before {cutoff}; "
+        f"held-out day {holdout_day} from {holdout_start}")
+
+    # held-out check
+    held = fit_two_tower(sequences, posts, params, before=holdout_start, log=log)
+    catalogue = _servable(posts, holdout_start)
+    ids, vectors = held.item_embeddings(catalogue[list(ITEM_COLUMNS)])
+    index = AnnIndex.build(ids, vectors, index_kind, **(index_params or {}))
+    exact = AnnIndex.build(ids, vectors, "flat")
+    ts = sequences["ts"].to_numpy(dtype="float64")
+    window = (ts >= (holdout_start - pd.Timedelta(days=POPULAR_WINDOW_DAYS)).value / 1e9) & (ts < holdout_start.value / 1e9)
+    popular = sequences.loc[window, "post_id"].value_counts()
+    popular = popular[popular.index.isin(set(ids.tolist()))].index.to_numpy(dtype="int64")
+    ann = next_engagement_recall(held, index.search, sequences, holdout_start, cutoff, TWO_TOWER_KS, popular)
+    ex = next_engagement_recall(held, exact.search, sequences, holdout_start, cutoff, TWO_TOWER_KS)
+    histories = latest_histories(sequences, holdout_start, params.max_sequence_length)
+    queries = held.user_embeddings(list(histories.values())[:2000])
+    index_recall = exact_recall_at_k(index.search(queries, 100)[0], exact.search(queries, 100)[0], 100)
+    metrics = {f"holdout_{k}": float(v) for k, v in ann.items() if k not in ("users", "cold_users")}
+    metrics.update({f"holdout_exact_{k}": float(v) for k, v in ex.items() if k.startswith("recall")})
+    metrics.update({"index_recall_at_100": index_recall, "holdout_users": ann["users"],
+                    "holdout_cold_users": ann["cold_users"], "holdout_train_seconds": held.stats["seconds"]})
+    log(f"[two-tower] held-out day {holdout_day}: recall@100 {metrics['holdout_recall_at_100']:.3f} "
+        f"(popularity {metrics.get('holdout_popular_recall_at_100', float('nan')):.3f}, exact search "
+        f"{metrics['holdout_exact_recall_at_100']:.3f}), index recall@100 vs exact {index_recall:.3f}, "
+        f"{int(ann['users']):,} users")
+
+    fit = fit_two_tower(sequences, posts, params, log=log) if refit else held
+    catalogue = _servable(posts, cutoff)
+    ids, vectors = fit.item_embeddings(catalogue[list(ITEM_COLUMNS)])
+    index = AnnIndex.build(ids, vectors, index_kind, **(index_params or {}))
+    metrics.update({"train_seconds": fit.stats["seconds"], "final_loss": fit.stats["epoch_losses"][-1],
+                    "index_build_seconds": index.build_seconds, "index_bytes": float(index.memory_bytes()),
+                    "catalogue": float(len(ids))})
+    run_params = {
+        **params.as_dict(), "ranker": "two_tower", "loss": "in_batch_softmax_logq", "as_of": cutoff.isoformat(),
+        "holdout_day": holdout_day, "holdout_start": holdout_start.isoformat(), "refit": refit,
+        "examples": fit.stats["examples"], "users": fit.stats["users"], "vocab_posts": fit.stats["vocab_posts"],
+        "vocab_authors": fit.stats["vocab_authors"], "vocab_tags": fit.stats["vocab_tags"],
+        "index_kind": index.kind, **{f"index_{k}": v for k, v in index.params.items()},
+        "prelog_history": prelog is not None,
+    }
+
+    with _training_run(state, "two-tower", {"ranker": "two_tower"}) as run:
+        mlflow.log_params(run_params)
+        mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
+        mlflow.log_dict({"metrics": {k: (v if math.isfinite(v) else None) for k, v in metrics.items()},
+                         "stats": fit.stats, "held_out_stats": held.stats}, "two_tower.json")
+        info = log_two_tower_model(fit, ids, vectors, index, TWO_TOWER_NAME if register else None)
+    version = _finish(state, TWO_TOWER_NAME, info, register, set_champion)
+    log(f"[two-tower] run {run.info.run_id}, version {version}, {time.monotonic() - started:.0f} s")
+    return TrainResult(run.info.run_id, version, metrics, fit, index=index)

@@ -24,7 +24,7 @@ import pandas as pd
 
 from core.schema import (
     CHAMPION_ALIAS, FEATURE_VIEWS, HEADS, HEAVY_RANKER_FEATURES, HEAVY_RANKER_NAME, ID_FEATURES,
-    HISTORY_FEATURES, LIGHT_RANKER_FEATURES, REQUEST_FEATURES,
+    HISTORY_FEATURES, LIGHT_RANKER_FEATURES, REQUEST_FEATURES, RETRIEVAL_FEATURES,
 )
 
 REFERENCE_DIR = "reference"
@@ -50,7 +50,7 @@ def monitored_features() -> tuple[str, ...]:
 
 def feature_view_of(feature: str) -> str:
     """The feature view a feature belongs to (``request`` for request-time features, ``history``
-    for the user-action-sequence features)."""
+    for the user-action-sequence features, ``retrieval`` for the retrieval models' scores)."""
     for view in FEATURE_VIEWS:
         if feature in view.features:
             return view.name
@@ -58,6 +58,8 @@ def feature_view_of(feature: str) -> str:
         return "request"
     if feature in HISTORY_FEATURES:
         return "history"
+    if feature in RETRIEVAL_FEATURES:
+        return "retrieval"
     raise KeyError(f"{feature!r} is not a feature of core.schema")
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from core.requests import REQUEST_GAP_S, assign_requests, served_feature_ts
-from core.schema import HEADS, HISTORY_FEATURES, HOME_SURFACE
+from core.schema import HEADS, HISTORY_FEATURES, HOME_SURFACE, RETRIEVAL_FEATURES
 from core.state import StateDir
 from feature_repo import store as fs
 
@@ -90,6 +90,8 @@ def served_feature_rows(spark, store, impressions, posts: pd.DataFrame,
     else:
         for col in HISTORY_FEATURES:
             df[col] = np.nan
+    for col in RETRIEVAL_FEATURES:  # a logged request has no retrieval model as of its time: missing
+        df[col] = np.nan
     return df.sort_values(["event_timestamp", "user_id", "post_id"], kind="stable").reset_index(drop=True)
 
 

@@ -2,6 +2,7 @@
 
 from mixer.candidate_sources.base import CandidateSource, SourceResult
 from mixer.candidate_sources.coengagement import CoEngagementCandidateSource
+from mixer.candidate_sources.embedding import EmbeddingCandidateSource
 from mixer.candidate_sources.in_network import InNetworkCandidateSource
 from mixer.candidate_sources.parallel_runner import ParallelSourceRunner
 from mixer.candidate_sources.popular import PopularCandidateSource
@@ -9,6 +10,6 @@ from mixer.candidate_sources.tag_interest import TagInterestCandidateSource
 from mixer.candidate_sources.trending import TrendingCandidateSource
 
 __all__ = [
-    "CandidateSource", "CoEngagementCandidateSource", "SourceResult", "InNetworkCandidateSource", "ParallelSourceRunner",
+    "CandidateSource", "CoEngagementCandidateSource", "EmbeddingCandidateSource", "SourceResult", "InNetworkCandidateSource", "ParallelSourceRunner",
     "PopularCandidateSource", "TagInterestCandidateSource", "TrendingCandidateSource",
 ]

@@ -430,13 +430,14 @@ def test_home_timeline_declaration_reads_top_to_bottom_and_gates_from_config():
     client = redis.Redis(host="127.0.0.1", port=1)  # never connected: declaring does no I/O
     cfg = load_config()
     p = home_timeline(cfg, rankers, client=client, feature_hydrator=Store(), metrics=MixerMetrics())
-    assert [s.name for s in p.candidate_sources] == ["coengagement", "in_network", "tag_interest", "trending",
-                                                     "popular"]
+    assert [s.name for s in p.candidate_sources] == ["coengagement", "embedding", "in_network", "tag_interest",
+                                                     "trending", "popular"]
     assert [h.name for h in p.query_hydrators] == ["user_context", "action_sequence", "experiment_arm"]
     assert [f.name for f in p.filters] == ["previously_seen", "hated_author", "blocked_muted_author", "max_age",
                                            "duplicate"]
     assert [(h.name, h.stage) for h in p.feature_hydrators] == [("store", "feature_hydration"),
                                                                ("history", "history_features"),
+                                                               ("retrieval", "retrieval_features"),
                                                                ("realtime", "realtime_features")]
     assert [(s.name, [x.name for x in s.selectors], [x.name for x in s.scorers]) for s in p.scoring] == [
         ("light_ranker", [], ["light_ranker"]), ("heavy_ranker", ["top_k"], ["heavy_ranker"]),
@@ -448,7 +449,19 @@ def test_home_timeline_declaration_reads_top_to_bottom_and_gates_from_config():
         ("request_metrics", True)]
     assert p.model_versions == {"light_ranker": "3", "heavy_ranker": "4"}
     q = _query()
-    assert p.candidate_sources[3].enabled(q) and p.feature_hydrators[2].enabled(q)
+    assert not p.candidate_sources[1].enabled(q)  # no two-tower model registered: learned retrieval off
+
+    @dataclass
+    class TwoTower:
+        version: int = 5
+        item_ids: tuple = (1, 2)
+
+    with_retrieval = home_timeline(cfg, RankerSet(rankers.light, rankers.heavy, TwoTower()), client=client,
+                                   feature_hydrator=Store(), metrics=MixerMetrics())
+    assert with_retrieval.candidate_sources[1].enabled(q) and with_retrieval.feature_hydrators[2].enabled(q)
+    assert not p.feature_hydrators[2].enabled(q)
+    assert with_retrieval.model_versions == {"light_ranker": "3", "heavy_ranker": "4", "two_tower": "5"}
+    assert p.candidate_sources[4].enabled(q) and p.feature_hydrators[3].enabled(q)
     assert p.feature_hydrators[1].enabled(q)
     assert p.candidate_sources[0].enabled(q) and p.query_hydrators[1].enabled(q)
 
@@ -458,7 +471,7 @@ def test_home_timeline_declaration_reads_top_to_bottom_and_gates_from_config():
     data["action_sequence"]["enabled"] = False
     data["realtime"]["enabled"] = False
     off = home_timeline(parse_config(data), rankers, client=client, feature_hydrator=Store(), metrics=MixerMetrics())
-    assert not off.candidate_sources[3].enabled(q) and not off.feature_hydrators[2].enabled(q)
+    assert not off.candidate_sources[4].enabled(q) and not off.feature_hydrators[3].enabled(q)
     assert not off.feature_hydrators[1].enabled(q)  # no action sequence: no history features
     assert not off.candidate_sources[0].enabled(q) and not off.query_hydrators[1].enabled(q)
-    assert all(s.enabled(q) for s in off.candidate_sources if s.name not in ("trending", "coengagement"))
+    assert all(s.enabled(q) for s in off.candidate_sources if s.name not in ("trending", "coengagement", "embedding"))
