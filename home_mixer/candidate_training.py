@@ -30,6 +30,7 @@ import pandas as pd
 from core.state import StateDir
 
 TRAINING_DB = 10  # the as-of store of the training cutoff (the whole funnel's is 9)
+CANDIDATE_TRAINING_TABLE = "candidate_training_set"  # <state>/tables/<name>.parquet: the last rows built
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,8 @@ def candidate_training_set(state: StateDir, *, valid_days: int = 2, horizon_days
             model trained again before the cutoff (:func:`as_of_two_tower`), None: no learned retrieval.
         log: progress lines (None: quiet).
 
+    The rows are also written to the state's table ``CANDIDATE_TRAINING_TABLE``.
+
     Raises:
         ValueError: too few dates, no positives on the label dates, or the database is a serving store.
         RuntimeError: no Redis given and the state's Redis is not running.
@@ -196,6 +199,9 @@ def candidate_training_set(state: StateDir, *, valid_days: int = 2, horizon_days
     if not parts:
         raise ValueError(f"no request as of {as_of.isoformat()} produced candidates; is the as-of store built?")
     frame = pd.concat(parts, ignore_index=True)
+    # kept for inspection: the rows the light ranker learned from
+    state.tables.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(state.table(CANDIDATE_TRAINING_TABLE), index=False)
     say(f"candidate training set as of {as_of.isoformat()}: {len(users):,} requests, {generated:,} candidates, "
         f"{len(frame):,} rows kept ({int(frame['engaged'].sum()):,} engaged positives; "
         f"{np.mean(found) if found else 0:.1%} of the users' engaged posts were in their candidate set)")
@@ -204,4 +210,4 @@ def candidate_training_set(state: StateDir, *, valid_days: int = 2, horizon_days
                                 seconds=seconds)
 
 
-__all__ = ["CandidateTrainingSet", "TRAINING_DB", "as_of_two_tower", "candidate_training_set", "training_cutoff"]
+__all__ = ["CANDIDATE_TRAINING_TABLE", "CandidateTrainingSet", "TRAINING_DB", "as_of_two_tower", "candidate_training_set", "training_cutoff"]

@@ -40,7 +40,7 @@ import pandas as pd
 
 from core.schema import (
     CANDIDATE_LIGHT_RANKER_FEATURES, CHAMPION_ALIAS, FEATURE_GROUPS, HEADS, HEAVY_RANKER_FEATURES, HEAVY_RANKER_NAME,
-    LIGHT_RANKER_FEATURES, LIGHT_RANKER_NAME,
+    LIGHT_RANKER_FEATURES, LIGHT_RANKER_NAME, RETRIEVAL_FEATURES,
 )
 from core.state import StateDir
 from models import metrics as M
@@ -240,6 +240,8 @@ def train_light_on_candidates(
     from models.light_ranker import fit_light_ranker_on_candidates, user_holdout
 
     _require_rows(candidates, valid_df)
+    # logged impressions have no retrieval model as of their time: missing, as serving would have it
+    valid_df = valid_df.assign(**{c: np.nan for c in RETRIEVAL_FEATURES if c not in valid_df.columns})
     params = params or LightRankerParams(min_data_in_leaf=50)
     started = time.monotonic()
     fit = fit_light_ranker_on_candidates(candidates, params, feature_names)
