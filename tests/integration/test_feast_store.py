@@ -97,9 +97,17 @@ def test_no_feature_sees_its_own_impression(built):
     assert (ts.loc[known, "user_impressions"].to_numpy() == before[known].to_numpy()).all()
 
 
-def test_materialize_fills_redis_with_latest_rows(built):
+@pytest.fixture(scope="module")
+def materialized(built):
+    """One good ``materialize`` run (gate passed, Redis filled, the gate's baseline recorded), shared:
+    each run takes about two minutes here."""
     state, store, _ = built
     jobs.materialize(store, state)
+    return built
+
+
+def test_materialize_fills_redis_with_latest_rows(materialized):
+    state, store, _ = materialized
     table = pd.read_parquet(state.table("user_features"))
     latest = table.sort_values("event_timestamp").groupby("user_id").tail(1).sample(n=40, random_state=1)
     feats = [f"user_features:{f}" for f in ("user_impressions", "user_click_rate", "user_follow_num")]
@@ -110,12 +118,11 @@ def test_materialize_fills_redis_with_latest_rows(built):
                                    latest[col].astype(float).to_numpy(), equal_nan=True)
 
 
-def test_gate_stops_a_faulted_table_and_redis_keeps_the_last_good_values(built, tmp_path):
+def test_gate_stops_a_faulted_table_and_redis_keeps_the_last_good_values(materialized, tmp_path):
     """materialize validates first: a faulted content table raises before Redis is touched."""
     from monitoring.feature_validation import FeatureValidationError, inject_fault
 
-    state, store, _ = built
-    jobs.materialize(store, state)  # a good run: Redis filled, the gate's baseline recorded
+    state, store, _ = materialized  # a good run: Redis filled, the gate's baseline recorded
     path = state.table("content_features")
     clean = pd.read_parquet(path)
     posts = [{"post_id": int(p)} for p in clean["post_id"].drop_duplicates().head(30)]
