@@ -270,7 +270,10 @@ ALL_FEATURES: tuple[str, ...] = tuple(
     f for v in FEATURE_VIEWS for f in v.features
 ) + REQUEST_FEATURES + ID_FEATURES + HISTORY_FEATURES + RETRIEVAL_FEATURES
 
-HEAVY_RANKER_FEATURES: tuple[str, ...] = tuple(f for f in ALL_FEATURES if f not in _NOT_MODEL_INPUTS)
+# Not the retrieval scores: impression training rows cannot carry them (no retrieval model as of
+# each logged request), so the heavy ranker would learn nothing for an input serving then fills.
+HEAVY_RANKER_FEATURES: tuple[str, ...] = tuple(
+    f for f in ALL_FEATURES if f not in _NOT_MODEL_INPUTS and f not in RETRIEVAL_FEATURES)
 
 # Light ranker: a small, cheap set (Twitter's light ranker used a few dozen static/real-time
 # features; here the strongest per group).

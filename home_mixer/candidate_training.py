@@ -80,12 +80,13 @@ def training_cutoff(impressions: pd.DataFrame, valid_days: int, horizon_days: in
 def as_of_two_tower(state: StateDir, as_of: pd.Timestamp, log: Callable[[str], None] | None = print):
     """The learned retrieval serving would have had at ``as_of``: when a two-tower model is
     registered with the champion alias (so the mixer serves the embedding source), the same model
-    trained again on the events before ``as_of`` only (``models.train.train_two_tower``, the
-    champion's settings, an MLflow run but no registered version), as an in-memory handle; None
+    trained again on the events before ``as_of`` only (``models.train.train_two_tower``, an MLflow
+    run but no registered version), as an in-memory handle; None
     when no two-tower champion exists (the mixer serves without learned retrieval).
 
     The registered champion has seen the days after ``as_of``: serving it at an earlier cutoff
-    would leak the labels into the candidate sets.
+    would leak the labels into the candidate sets. The champion's tower settings and index kind are
+    reused; the index's build parameters are the defaults.
     """
     from core.schema import TWO_TOWER_NAME
     from models.registry import RankerNotFoundError, TwoTowerHandle, load_two_tower
@@ -112,8 +113,8 @@ def candidate_training_set(state: StateDir, *, valid_days: int = 2, horizon_days
     """Run the served candidate generation as of the training cutoff and label its candidates.
 
     Users: those with an ``engaged`` positive on the label dates (a seeded sample of ``n_users``),
-    plus as many users without one (their requests teach what a user who engages with nothing
-    new is shown; capped at the same sample size). Every positive candidate is kept, and
+    plus a quarter as many active users without one (their requests teach what a user who engages
+    with nothing new is shown). Every positive candidate is kept, and
     ``negatives_per_user`` of the others drawn uniformly (weight = the inverse sampling rate).
 
     Args:
@@ -139,7 +140,9 @@ def candidate_training_set(state: StateDir, *, valid_days: int = 2, horizon_days
     from tqdm import tqdm
 
     from core.schema import ALL_FEATURES
-    from home_mixer.whole_funnel import as_of_generation, as_of_redis, positives_by_user, prepare_as_of_store
+    from home_mixer.whole_funnel import (
+        as_of_generation, as_of_redis, check_trained_before, positives_by_user, prepare_as_of_store,
+    )
 
     say = log or (lambda line: None)
     if redis_url is None:
@@ -164,6 +167,8 @@ def candidate_training_set(state: StateDir, *, valid_days: int = 2, horizon_days
 
     if isinstance(retrieval, str) and retrieval == "as_of":
         retrieval = as_of_two_tower(state, as_of, log)
+    else:  # a given model must not have seen the label days either
+        check_trained_before(retrieval, state.mlflow_tracking_uri, as_of)
     feature_cols = list(ALL_FEATURES)
     parts: list[pd.DataFrame] = []
     generated = 0

@@ -315,19 +315,59 @@ def as_of_generation(redis_url: str, tracking_uri: str, as_of: pd.Timestamp, ran
         res.close()
 
 
-def check_trained_before(retrieval, tracking_uri: str, as_of: pd.Timestamp) -> None:
-    """Raise ValueError when the two-tower model ``retrieval`` (None: nothing to check) was trained
-    on events at or after ``as_of`` (its run's ``as_of`` param), which would leak the evaluated
-    days into the candidate sets; the message says how to train one before the cutoff."""
-    if retrieval is None:
-        return
+def _run_param(tracking_uri: str, run_id: str | None, key: str) -> str | None:
+    """Param ``key`` of MLflow run ``run_id`` (None without a run or the param)."""
+    if not run_id:
+        return None
     from mlflow.tracking import MlflowClient
 
-    trained = MlflowClient(tracking_uri).get_run(retrieval.run_id).data.params.get("as_of")
-    if trained is None or pd.Timestamp(trained) > as_of:
+    return MlflowClient(tracking_uri).get_run(run_id).data.params.get(key)
+
+
+def trained_after(retrieval, tracking_uri: str, as_of: pd.Timestamp) -> bool:
+    """Whether the two-tower ``retrieval`` saw events at or after ``as_of`` (its run's ``as_of``
+    param; a run without one counts as after: nothing says it did not)."""
+    trained = _run_param(tracking_uri, retrieval.run_id, "as_of")
+    return trained is None or pd.Timestamp(trained) > as_of
+
+
+def check_trained_before(retrieval, tracking_uri: str, as_of: pd.Timestamp) -> None:
+    """Raise ValueError when the two-tower model ``retrieval`` (None: nothing to check) was trained
+    on events after ``as_of``, which would leak the evaluated days into the candidate sets."""
+    if retrieval is not None and trained_after(retrieval, tracking_uri, as_of):
+        trained = _run_param(tracking_uri, retrieval.run_id, "as_of") or "an unrecorded cutoff"
         raise ValueError(f"two-tower v{retrieval.version} was trained on events up to {trained}, after the cutoff "
-                         f"{as_of.isoformat()}: it has seen the evaluated days. Train one before it "
-                         "(`home-mixer train --model two_tower`, whose default cutoff is the validation days' start)")
+                         f"{as_of.isoformat()}: it has seen the evaluated days; pass one trained before it "
+                         "(home_mixer.candidate_training.as_of_two_tower)")
+
+
+def check_labels_before(light, tracking_uri: str, days: Sequence[int]) -> None:
+    """Raise ValueError when the light ranker ``light`` was trained on candidate sets labelled by
+    one of the evaluated ``days`` (its run's ``label_days`` param; impression-trained rankers have
+    none and are split by day at training)."""
+    labels = _run_param(tracking_uri, getattr(light, "run_id", None), "label_days")
+    if labels and max(int(d) for d in labels.split(",")) >= min(days):
+        raise ValueError(f"light ranker v{light.version} was trained on the engagements of {labels}, which overlap "
+                         f"the evaluated days {days[0]}..{days[-1]}: retrain it with the same --valid-days "
+                         "(`home-mixer train --model light --light-on candidates`)")
+
+
+def funnel_retrieval(state: StateDir, as_of: pd.Timestamp, log: Callable[[str], None]):
+    """The two-tower the whole funnel serves: the registered champion when it was trained before
+    ``as_of``; otherwise (it has seen the evaluated days) the champion's model trained again on the
+    events before ``as_of`` (``home_mixer.candidate_training.as_of_two_tower``); None without one."""
+    from models.registry import RankerNotFoundError, load_two_tower
+
+    try:
+        champion = load_two_tower(state.mlflow_tracking_uri)
+    except RankerNotFoundError:
+        return None
+    if not trained_after(champion, state.mlflow_tracking_uri, as_of):
+        return champion
+    from home_mixer.candidate_training import as_of_two_tower
+
+    log(f"two-tower v{champion.version} has seen events after {as_of.isoformat()}: training one before it")
+    return as_of_two_tower(state, as_of, log)
 
 
 def whole_funnel(state: StateDir, *, redis_url: str | None = None, feast_connection: str | None = None,
@@ -389,10 +429,13 @@ def whole_funnel(state: StateDir, *, redis_url: str | None = None, feast_connect
     source_sizes: dict[str, list[int]] = {}
     source_failures: dict[str, int] = {}
     t0 = time.perf_counter()
-    with as_of_generation(redis_url, state.mlflow_tracking_uri, as_of, rankers=rankers) as generation:
+    retrieval = funnel_retrieval(state, as_of, say)
+    with as_of_generation(redis_url, state.mlflow_tracking_uri, as_of, rankers=rankers,
+                          retrieval=retrieval) as generation:
         config = generation.config
         served = generation.served
         check_trained_before(served.rankers.retrieval, state.mlflow_tracking_uri, as_of)
+        check_labels_before(served.rankers.light.handle, state.mlflow_tracking_uri, days)
         light = LightRankerScorer(served.rankers.light.handle)
         heavy = HeavyRankerScorer(served.rankers.heavy.handle)
         blender = control_blender(heavy.heads)  # as the control arm blends, light score included
@@ -512,5 +555,5 @@ def log_to_mlflow(state: StateDir, report: WholeFunnelReport, path: Path) -> str
     return run_id
 
 
-__all__ = ["AsOfGeneration", "EVAL_DB", "as_of_generation", "as_of_redis", "check_trained_before", "prepare_as_of_store", "POSITIVE_KINDS", "WHOLE_FUNNEL_REPORT", "WholeFunnelReport", "evaluated_days",
+__all__ = ["AsOfGeneration", "EVAL_DB", "as_of_generation", "as_of_redis", "check_labels_before", "check_trained_before", "funnel_retrieval", "prepare_as_of_store", "POSITIVE_KINDS", "WHOLE_FUNNEL_REPORT", "WholeFunnelReport", "evaluated_days",
            "log_to_mlflow", "positives_by_user", "served_order", "whole_funnel"]

@@ -271,10 +271,12 @@ def _load_retrieval(config: MixerConfig):
         return None
     m = config.models
     try:
-        return load_two_tower(config.resolved_tracking_uri(), alias=m.alias, name=m.two_tower)
+        handle = load_two_tower(config.resolved_tracking_uri(), alias=m.alias, name=m.two_tower)
     except RankerNotFoundError as e:
         log.warning("no two-tower model to serve, the embedding source is off: %s", e)
         return None
+    handle.retrieve([[]], 10)  # the first forward allocates (~0.1 s): not on a request's deadline
+    return handle
 
 
 def _alias_versions(config: MixerConfig) -> dict[str, int]:
@@ -334,7 +336,7 @@ def open_resources(config: MixerConfig, metrics: MixerMetrics,
         else:
             light, heavy = rankers
             _warm_up(light, heavy)
-        if retrieval is LOAD_RETRIEVAL:
+        if isinstance(retrieval, str) and retrieval == LOAD_RETRIEVAL:
             retrieval = _load_retrieval(config)
         hydrator = feature_hydrator or _feature_hydrator(config, client, resilience)
         executor = ThreadPoolExecutor(max_workers=config.source_pool_workers, thread_name_prefix="hm-source")

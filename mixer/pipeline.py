@@ -153,7 +153,7 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
                                         src.coengagement.neighbours_per_seed, src.coengagement.timeout_ms,
                                         enabled=src.coengagement.enabled, caches=caches, health=health),
             EmbeddingCandidateSource(rankers.retrieval, src.embedding.max_candidates, src.embedding.timeout_ms,
-                                     enabled=src.embedding.enabled),
+                                     enabled=src.embedding.enabled and config.action_sequence.enabled),
             InNetworkCandidateSource(client, src.in_network.max_candidates, src.in_network.max_authors,
                                      src.in_network.posts_per_author, src.in_network.timeout_ms,
                                      caches=caches, health=health),
@@ -179,7 +179,8 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
             feature_hydrator,  # stage feature_hydration: the Feast online store + request features
             HistoryFeatureHydrator(client, src.coengagement.seed_posts, src.coengagement.neighbours_per_seed,
                                    enabled=config.action_sequence.enabled, caches=caches, health=health),
-            RetrievalScoreFeatureHydrator(rankers.retrieval, enabled=src.embedding.enabled),
+            RetrievalScoreFeatureHydrator(rankers.retrieval,  # both need the user's sequence
+                                          enabled=src.embedding.enabled and config.action_sequence.enabled),
             RealtimeFeatureHydrator(client, config.realtime.max_staleness_s, enabled=config.realtime.enabled,
                                     liveness=resilience.liveness, health=health),
         ],

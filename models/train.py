@@ -214,6 +214,10 @@ def _log_light(state: StateDir, fit, valid_df: pd.DataFrame, run_params: dict, e
     return TrainResult(run.info.run_id, version, flat, fit)
 
 
+# Users of the candidate sets kept out of fitting and early stopping, for the run's candidate metrics.
+REPORT_USER_SHARE = 0.1
+
+
 def train_light_on_candidates(
     candidates: pd.DataFrame,
     valid_df: pd.DataFrame,
@@ -229,9 +233,10 @@ def train_light_on_candidates(
     Args:
         candidates: ``home_mixer.candidate_training.CandidateTrainingSet.frame`` (labels from the
             days after its cutoff, all before ``valid_df``'s days).
-        valid_df: validation impressions (the same metrics as :func:`train_light`, so the promotion
-            gate compares like with like); the held-out users' candidate rows add
-            ``valid_candidates_engaged_auc`` / ``_gauc`` (per user, sampling-weighted rows unweighted).
+        valid_df: validation impressions (the same metrics as :func:`train_light`, with the retrieval
+            scores missing as logged requests have them); a ``REPORT_USER_SHARE`` of the users,
+            neither fitted nor early-stopped on, add ``valid_candidates_engaged_auc`` / ``_gauc``
+            (per user; the sampled rows unweighted).
         context: extra run params (cutoff, label days, users...).
 
     Raises:
@@ -243,11 +248,12 @@ def train_light_on_candidates(
     # logged impressions have no retrieval model as of their time: missing, as serving would have it
     valid_df = valid_df.assign(**{c: np.nan for c in RETRIEVAL_FEATURES if c not in valid_df.columns})
     params = params or LightRankerParams(min_data_in_leaf=50)
+    # the reported users are neither fitted nor early-stopped on
+    report = user_holdout(candidates["user_id"].to_numpy(), REPORT_USER_SHARE, params.seed + 1)
     started = time.monotonic()
-    fit = fit_light_ranker_on_candidates(candidates, params, feature_names)
+    fit = fit_light_ranker_on_candidates(candidates.loc[~report], params, feature_names)
     seconds = time.monotonic() - started
-    held = user_holdout(candidates["user_id"].to_numpy(), 0.1, params.seed)
-    rows = candidates.loc[held]
+    rows = candidates.loc[report]
     p = fit.predict(rows)[:, 0]
     y = rows["engaged"].to_numpy()
     extra = {"candidates_engaged": {"auc": M.auc(y, p), "gauc": M.gauc(y, p, rows["user_id"].to_numpy()),

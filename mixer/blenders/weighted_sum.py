@@ -16,7 +16,7 @@ LIGHT_SCORE_FLOOR = 1e-6
 
 
 class WeightedSumBlender(Scorer):
-    """``score = light_score ** e[arm] * sum_h weight[arm][h] * p_h``.
+    """``score = light_score ** e[arm] * sum_h weight[arm][h] * p_h`` (for a non-negative sum).
 
     The sum is Twitter home-mixer's weighted-sum "ScoredTweets" model: each head's probability
     times a tunable weight, negative feedback with a negative weight; the weights are what an
@@ -26,6 +26,8 @@ class WeightedSumBlender(Scorer):
     ``e = 1`` the score is their product, as ESMM's pCTCVR = pCTR x pCVR (Ma et al., SIGIR 2018)
     chains a whole-space estimate with a conditional one; ``e = 0`` is the plain weighted sum.
     The light score is floored at ``LIGHT_SCORE_FLOOR``; a candidate without one (NaN) keeps the sum.
+    A negative sum is divided by the factor instead, so a likelier post never ranks lower than a
+    less likely one of the same sum (as ``AuthorDiversitySelector`` treats negative scores).
 
     Args:
         arm_weights: arm name -> head -> weight.
@@ -66,7 +68,9 @@ class WeightedSumBlender(Scorer):
         for c in candidates:
             c.score = sum(w * c.heads.get(h, 0.0) for h, w in weights.items())
             if e and not math.isnan(c.light_score):
-                c.score *= max(c.light_score, LIGHT_SCORE_FLOOR) ** e
+                factor = max(c.light_score, LIGHT_SCORE_FLOOR) ** e
+                # a negative sum (negative feedback outweighs) is divided: likelier posts stay higher
+                c.score = c.score * factor if c.score >= 0 else c.score / factor
 
     def score(self, query: Query, candidates: list[Candidate], features: pd.DataFrame | None = None) -> None:
         """The blender as a pipeline scorer: ``blend(query, candidates)`` (``features`` unused).

@@ -17,8 +17,10 @@ class RetrievalScoreFeatureHydrator(FeatureHydrator):
     the candidate. This is the "two-tower dot product" history feature of the ranking stage
     (Covington et al. 2016 feed their retrieval scores to the ranker the same way).
 
-    A post outside the registered catalogue (created after the model's index build) and a request
-    whose sequence is unknown keep NaN. Without a model the hydrator is off.
+    A post outside the registered catalogue (created after the model's index build) is embedded on
+    the fly by the candidate tower from its author, primary tag and content features (the tower's
+    shared row stands in for its unknown id, as training's id dropout taught it). A request whose
+    sequence is unknown keeps NaN. Without a model the hydrator is off.
 
     Args:
         retrieval: a ``models.registry.TwoTowerHandle`` (``user_embeddings``, ``item_ids``,
@@ -65,5 +67,24 @@ class RetrievalScoreFeatureHydrator(FeatureHydrator):
         score = np.full(len(candidates), np.nan)
         hit = rows >= 0
         score[hit] = np.asarray(self.retrieval.item_vectors, dtype=np.float32)[rows[hit]] @ user
+        new = np.flatnonzero(~hit)
+        tower = getattr(self.retrieval, "model", None)
+        if len(new) and tower is not None:
+            score[new] = tower.item_embeddings(_item_rows(candidates, features, new))[1] @ user
         features[RETRIEVAL_FEATURES[0]] = score
         return features
+
+
+def _item_rows(candidates: list[Candidate], features: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
+    """The candidate tower's inputs (``models.two_tower.ITEM_COLUMNS``) of ``candidates[rows]``,
+    from the candidates (author, primary tag) and the hydrated content features (duration, ad flag;
+    NaN duration and an unknown type where the store has none)."""
+    duration = features["post_duration_ms"].to_numpy(dtype="float64")[rows]
+    is_ad = features["post_is_ad"].to_numpy(dtype="float64")[rows]
+    return pd.DataFrame({
+        "post_id": [candidates[i].post_id for i in rows],
+        "author_id": [candidates[i].author_id for i in rows],
+        "primary_tag": [candidates[i].tag_id for i in rows],
+        "duration_ms": duration,
+        "video_type": np.where(np.isnan(is_ad), None, np.where(is_ad > 0, "AD", "NORMAL")),
+    })

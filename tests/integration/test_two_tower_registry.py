@@ -201,3 +201,28 @@ def test_the_mixer_serves_the_champion_and_swaps_a_promoted_version_without_rest
             assert pipeline.declaration.candidate_sources[1].retrieval.version == other
         finally:
             promote(TWO_TOWER_NAME, champion, CHAMPION_ALIAS, tracking_uri=uri)
+
+
+def test_the_retrieval_score_embeds_posts_outside_the_registered_catalogue(trained, state):
+    """A post created after the index build has no registered embedding: the candidate tower embeds
+    it from its author, tag and content features, as it embeds the catalogue."""
+    from mixer.candidate import Candidate, EngagedAction, Query
+    from mixer.feature_hydrators.retrieval import RetrievalScoreFeatureHydrator
+
+    handle = load_two_tower(state.mlflow_tracking_uri)
+    posts = pd.read_parquet(state.table("posts")).drop_duplicates("post_id").head(2)
+    known = posts.iloc[0]
+    fresh = posts.iloc[[1]].assign(post_id=10**12)  # an id the model never saw
+    cands = [Candidate(int(known.post_id), "popular", author_id=int(known.author_id), tag_id=int(known.primary_tag)),
+             Candidate(10**12, "popular", author_id=int(fresh.author_id.iloc[0]), tag_id=int(fresh.primary_tag.iloc[0]))]
+    frame = pd.DataFrame({"post_duration_ms": [np.nan, float(fresh.duration_ms.iloc[0])],
+                          "post_is_ad": [np.nan, float(str(fresh.video_type.iloc[0]).upper() == "AD")]})
+    seq = (EngagedAction(int(known.post_id), int(known.author_id), "long_view", 0.0),)
+    query = Query(user_id=1, page_size=20, now_s=0.0, request_id="r", action_sequence=seq)
+    out = RetrievalScoreFeatureHydrator(handle).hydrate(query, cands, frame)["retrieval_two_tower_score"].to_numpy()
+    user = handle.user_embeddings([list(seq)])[0]
+    row = int(np.flatnonzero(handle.item_ids == known.post_id)[0])
+    assert out[0] == pytest.approx(float(handle.item_vectors[row] @ user), abs=1e-5)
+    fresh_vec = handle.model.item_embeddings(fresh.assign(video_type=fresh.video_type.astype(str).str.upper()
+                                                          .where(lambda v: v == "AD", "NORMAL")))[1][0]
+    assert np.isfinite(out[1]) and out[1] == pytest.approx(float(fresh_vec @ user), abs=1e-5)

@@ -99,5 +99,10 @@ def test_blender_multiplies_by_the_light_score_to_the_arm_exponent():
                                                                                    heads={"click": 0.3})
     squared.blend(Q, [high, low])
     assert high.score > low.score  # 0.016 > 0.003: the light score outweighs a 3x head probability
+    # a negative sum: the likelier post must still rank higher (divided, not multiplied)
+    hated = WeightedSumBlender({"a": {"hate": -1.0}}, HEADS, {"a": 1.0})
+    likely, unlikely = (Candidate(i, "p", light_score=ls, heads={"hate": 0.1}) for i, ls in ((1, 0.9), (2, 0.01)))
+    hated.blend(Q, [likely, unlikely])
+    assert likely.score > unlikely.score and likely.score == pytest.approx(-0.1 / 0.9)
     with pytest.raises(ValueError, match="finite and >= 0"):
         WeightedSumBlender({"a": {"click": 1.0}}, HEADS, {"a": -1.0})

@@ -475,3 +475,7 @@ def test_home_timeline_declaration_reads_top_to_bottom_and_gates_from_config():
     assert not off.feature_hydrators[1].enabled(q)  # no action sequence: no history features
     assert not off.candidate_sources[0].enabled(q) and not off.query_hydrators[1].enabled(q)
     assert all(s.enabled(q) for s in off.candidate_sources if s.name not in ("trending", "coengagement", "embedding"))
+    # without the action sequence learned retrieval has nothing to embed: off even with a model
+    off_tt = home_timeline(parse_config(data), RankerSet(rankers.light, rankers.heavy, TwoTower()), client=client,
+                           feature_hydrator=Store(), metrics=MixerMetrics())
+    assert not off_tt.candidate_sources[1].enabled(q) and not off_tt.feature_hydrators[2].enabled(q)
