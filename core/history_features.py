@@ -16,6 +16,13 @@ newest ``SEED_POSTS`` of them (``pipelines.coengagement``, as of the last index 
 
 A user without history gets zeros (not NaN: "no overlap" is a value, and the rankers should learn
 what an empty history means).
+
+The sequence itself also reaches the heavy ranker, for target attention over it (DIN, Zhou et al.
+KDD 2018): ``SEQUENCE_ID_FEATURES`` are the hashed post and author buckets of the newest
+``ATTENTION_LENGTH`` sequence posts (``core.id_features.sequence_bucket_columns``), the same value
+in every candidate row of a request, 0 where the sequence is shorter (padding). They are columns
+of the feature frame like the candidate's own id buckets, so every serving path (in-process,
+ONNX/Triton, BentoML) and the feature log carry them without a second input tensor.
 """
 
 from __future__ import annotations
@@ -30,6 +37,12 @@ HISTORY_FEATURES: tuple[str, ...] = (
 )
 SEQUENCE_LENGTH = 64  # engaged posts per user in the online store (issue #19's N)
 SEED_POSTS = 32       # newest engagements expanded through co-engagement (recall@200 flat from 20 to 64)
+# Sequence posts the heavy ranker attends over. DIN's behaviour sequences are of this order (its
+# Amazon data averages ~10 behaviours); each position costs two frame columns per candidate row.
+ATTENTION_LENGTH = 16
+SEQUENCE_POST_FEATURES: tuple[str, ...] = tuple(f"seq_post_bucket_{i:02d}" for i in range(ATTENTION_LENGTH))
+SEQUENCE_AUTHOR_FEATURES: tuple[str, ...] = tuple(f"seq_author_bucket_{i:02d}" for i in range(ATTENTION_LENGTH))
+SEQUENCE_ID_FEATURES: tuple[str, ...] = SEQUENCE_POST_FEATURES + SEQUENCE_AUTHOR_FEATURES
 
 NeighbourList = tuple[np.ndarray, np.ndarray]  # (neighbour post ids int64, similarities float64), best first
 
@@ -108,5 +121,6 @@ def history_feature_columns(seq_authors: Sequence[int], seq_tags: Sequence[int],
     }
 
 
-__all__ = ["HISTORY_FEATURES", "NeighbourList", "SEED_POSTS", "SEQUENCE_LENGTH", "coengagement_scores",
+__all__ = ["ATTENTION_LENGTH", "HISTORY_FEATURES", "NeighbourList", "SEED_POSTS", "SEQUENCE_AUTHOR_FEATURES",
+           "SEQUENCE_ID_FEATURES", "SEQUENCE_LENGTH", "SEQUENCE_POST_FEATURES", "coengagement_scores",
            "history_feature_columns"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from core.history_features import ATTENTION_LENGTH
 from core.schema import ID_FEATURES
 
 # feature -> (id column, bucket count B, salt). Sizes: KuaiRand-Pure has 27,285 users, 7,583
@@ -86,3 +87,35 @@ def id_bucket_columns(user_id, post_id, author_id) -> dict[str, np.ndarray]:
     user = np.full(n, user_id, dtype=np.int64) if np.ndim(user_id) == 0 else np.asarray(user_id)
     values = {"user_id": user, "post_id": post, "author_id": np.asarray(author_id)}
     return {feat: id_bucket(values[col], b, salt) for feat, (col, b, salt) in ID_BUCKETS.items()}
+
+
+def sequence_bucket_rows(seq_posts, seq_authors, length: int = ATTENTION_LENGTH) -> np.ndarray:
+    """Hashed buckets of the newest ``length`` sequence posts and their authors, one row.
+
+    The same hash and salts as the candidate's ``id_post_bucket`` / ``id_author_bucket``, so the
+    heavy ranker embeds a sequence post with the table it embeds candidates with (DIN shares the
+    item embeddings between behaviours and target; Zhou et al. KDD 2018, sec. 4.3).
+
+    Args:
+        seq_posts, seq_authors: the user action sequence, newest first, aligned (any length; the
+            first ``length`` are kept; -1 = unknown author -> bucket 0).
+        length: positions (``ATTENTION_LENGTH``).
+
+    Returns:
+        float64 ``[2 * length]``: post buckets then author buckets (``SEQUENCE_ID_FEATURES``
+        order), 0 past the sequence's end (padding).
+
+    Raises:
+        ValueError: posts and authors differ in length.
+    """
+    posts = np.asarray(seq_posts, dtype=np.int64).reshape(-1)[:length]
+    authors = np.asarray(seq_authors, dtype=np.int64).reshape(-1)[:length]
+    if len(posts) != len(authors):
+        raise ValueError(f"{len(posts)} sequence posts but {len(authors)} authors")
+    out = np.zeros(2 * length)
+    _, post_b, post_salt = ID_BUCKETS["id_post_bucket"]
+    _, author_b, author_salt = ID_BUCKETS["id_author_bucket"]
+    out[:len(posts)] = id_bucket(posts, post_b, post_salt)
+    out[length:length + len(authors)] = id_bucket(authors, author_b, author_salt)
+    return out
+

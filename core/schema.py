@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.history_features import HISTORY_FEATURES as _HISTORY_FEATURES
+from core.history_features import SEQUENCE_ID_FEATURES as _SEQUENCE_ID_FEATURES
 
 # Engagement heads, in the order of the heavy ranker's output columns. Twitter's heavy ranker
 # (the-algorithm, `home-mixer/.../HomeFeatures` + `ScoredTweetsParam`) predicts one probability per
@@ -260,6 +261,11 @@ _NOT_MODEL_INPUTS = {"post_created_ts", "tmp_last_impression_ts"}
 # (pipelines/history_features.py) and online (mixer/feature_hydrators/history.py).
 HISTORY_FEATURES: tuple[str, ...] = _HISTORY_FEATURES
 
+# The sequence itself, for the heavy ranker's target attention (DIN): hashed post and author buckets
+# of the newest sequence posts, the same in every row of a request, 0 = padding
+# (core/history_features.py; set by the same offline and online code as HISTORY_FEATURES).
+SEQUENCE_ID_FEATURES: tuple[str, ...] = _SEQUENCE_ID_FEATURES
+
 # Retrieval model scores of each candidate at request time (mixer/feature_hydrators/retrieval.py):
 # the two-tower's user-vector x post-vector cosine. Only served pipelines compute them, so only the
 # rows built from the mixer's own candidate sets (home_mixer/candidate_training.py) carry them;
@@ -268,7 +274,7 @@ RETRIEVAL_FEATURES: tuple[str, ...] = ("retrieval_two_tower_score",)
 
 ALL_FEATURES: tuple[str, ...] = tuple(
     f for v in FEATURE_VIEWS for f in v.features
-) + REQUEST_FEATURES + ID_FEATURES + HISTORY_FEATURES + RETRIEVAL_FEATURES
+) + REQUEST_FEATURES + ID_FEATURES + HISTORY_FEATURES + SEQUENCE_ID_FEATURES + RETRIEVAL_FEATURES
 
 # Not the retrieval scores: impression training rows cannot carry them (no retrieval model as of
 # each logged request), so the heavy ranker would learn nothing for an input serving then fills.
@@ -311,6 +317,7 @@ FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
     "request_context": ("req_hour_of_day", "req_day_of_week", "req_post_age_hours") + SURFACE_FEATURES,
     "ids": ID_FEATURES,
     "history": HISTORY_FEATURES,
+    "sequence_attention": SEQUENCE_ID_FEATURES,
 }
 
 ENTITY_COLUMNS: tuple[str, ...] = ("user_id", "post_id", "author_id", "tag_id", "event_timestamp")

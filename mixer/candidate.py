@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
+
 from core.schema import HOME_SURFACE
 
 if TYPE_CHECKING:  # annotation only (mixer.selectors imports this module)
@@ -61,6 +63,8 @@ class Query:
         action_sequence: the user's last engaged posts, newest first (``EngagedAction``; set by
             ``UserActionSequenceQueryHydrator``; empty for a user without history; None when it
             could not be read: the history features are then missing, not "no history").
+        user_embedding: the two-tower user vector of ``action_sequence`` (float32 ``[D]``; set by
+            ``UserEmbeddingQueryHydrator``; None without a served two-tower or a known sequence).
         quality_factor: share of the full work this request gets, in (0, 1]
             (``mixer.quality_factor``): candidate source limits and heavy_ranker_top_k are scaled by it.
     """
@@ -83,6 +87,7 @@ class Query:
     seen_posts: frozenset[int] = frozenset()
     served_posts: frozenset[int] = frozenset()
     action_sequence: tuple[EngagedAction, ...] | None = ()
+    user_embedding: np.ndarray | None = field(default=None, compare=False)  # arrays do not compare as bools
     quality_factor: float = 1.0
 
     @property

@@ -65,7 +65,7 @@ from mixer.metrics import MixerMetrics
 from mixer.pipeline_runner import CandidatePipeline, PipelineRunner, ScoringStage
 from mixer.query_hydrators import (
     ExperimentArmQueryHydrator,
-    UserActionSequenceQueryHydrator,
+    UserActionSequenceQueryHydrator, UserEmbeddingQueryHydrator,
     UserContextQueryHydrator,
 )
 from mixer.redis_health import RedisHealth
@@ -146,6 +146,8 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
             UserContextQueryHydrator(client, config.served.ttl_seconds, caches=caches, health=health),
             UserActionSequenceQueryHydrator(client, config.action_sequence.max_length,
                                             enabled=config.action_sequence.enabled, health=health),
+            UserEmbeddingQueryHydrator(rankers.retrieval,  # once for the embedding source and retrieval scores
+                                       enabled=src.embedding.enabled and config.action_sequence.enabled),
             ExperimentArmQueryHydrator(config.experiment),
         ],
         candidate_sources=[  # priority order: the most personalised source names a post several returned

@@ -9,7 +9,12 @@ Architecture (:class:`HeavyRankerNet`, one self-contained ``nn.Module``)::
          (id bucket columns are zeroed in u: a hash is not a magnitude)
       -> hashed id embeddings (user, post, author; core.id_features): bucket b -> E_k[b] [8],
          buckets seen < id_min_count times in training -> the out-of-vocabulary row E_k[0]
-      -> v = [u, E_user, E_post, E_author]  [F + 24]
+      -> target attention over the user action sequence (DIN; only with the sequence columns
+         ``core.schema.SEQUENCE_ID_FEATURES`` among the inputs): each of the L sequence posts is
+         embedded with the candidates' post and author tables, k_i = [E_post, E_author] [16]; the
+         candidate q = [E_post, E_author] [16]; weight a_i = MLP([q, k_i, q - k_i, q * k_i])
+         (64 -> 32 -> PReLU -> 1, no softmax, padding masked); pooled s = sum_i a_i k_i [16]
+      -> v = [u, E_user, E_post, E_author, s]  [F + 24 (+ 16)]
       -> E experts, each a small MLP on v (default 4 experts of one 64-unit ReLU layer) -> e_k
       -> one softmax gate per head over the experts: g_h = softmax(W_h v + c_h)  [E]
       -> mixture per head m_h = sum_k g_h[k] e_k
@@ -31,6 +36,15 @@ vocabulary embedding, which is trained on the rare ids: so a new user or post at
 the embedding of "rarely seen", not an untrained random vector (the OOV bucket of Twitter's and
 YouTube's id features; Covington et al. 2016, "Deep Neural Networks for YouTube
 Recommendations", sec. 4.1). The embeddings start near zero (std 0.01) and take dropout.
+
+Target attention. A user's interests are many; which of them matters depends on the candidate.
+DIN (Zhou et al. 2018, "Deep Interest Network for Click-Through Rate Prediction", KDD, sec. 4.3)
+weights each past behaviour by an activation unit on (candidate, behaviour) and sums the weighted
+behaviour embeddings, without softmax so the sum keeps the intensity of the matching interest;
+the embeddings are shared with the candidate's. The activation is PReLU (DIN's Dice is its
+data-adaptive generalisation). The sequence is the user action sequence's newest
+``core.history_features.ATTENTION_LENGTH`` posts, hashed like the candidate ids, as frame columns
+(0 = padding): the model still takes one ``[N, F]`` matrix, so every serving path is unchanged.
 
 Prior offset. ``post_{h}_rate_total`` is the post's smoothed historical rate of head ``h`` (the
 "popularity lookup", which on its own beats the shared-bottom network on the rare heads). Its
@@ -84,7 +98,8 @@ import torch
 from torch import nn
 
 from core.id_features import ID_BUCKETS
-from core.schema import HEADS, HEAVY_RANKER_FEATURES, post_prior_rate
+from core.history_features import SEQUENCE_AUTHOR_FEATURES, SEQUENCE_POST_FEATURES
+from core.schema import HEADS, HEAVY_RANKER_FEATURES, SEQUENCE_ID_FEATURES, post_prior_rate
 from models.features import InputNormalisation, feature_matrix
 from models.split import split_calibration_day
 
@@ -115,12 +130,17 @@ class HeavyRankerNet(nn.Module):
             then ignored). Ids are the features of ``core.id_features.ID_BUCKETS`` among the inputs.
         id_vocab: per id feature, a bool array ``[B + 1]``: which buckets have a trained embedding
             (the rest read the out-of-vocabulary row 0); default all but 0 (see ``id_vocabulary``).
+        sequence_attention: attend over the sequence columns (``SEQUENCE_ID_FEATURES``) when they,
+            the post and author id features and id embeddings are all present. The sequence
+            columns never enter the dense input (they are hashes), attention or not.
+        attention_hidden: width of the attention unit's hidden layer.
     """
 
     def __init__(self, norm: InputNormalisation, heads: Sequence[str], hidden: Sequence[int] = (64,),
                  tower: int = 32, dropout: float = 0.1, n_experts: int = 4, prior_offset: bool = True,
                  prior_eps: float = 1e-4, id_embedding_dim: int = 8,
-                 id_vocab: dict[str, np.ndarray] | None = None):
+                 id_vocab: dict[str, np.ndarray] | None = None, sequence_attention: bool = True,
+                 attention_hidden: int = 32):
         super().__init__()
         if n_experts < 1 or not hidden:
             raise ValueError(f"need n_experts >= 1 and at least one expert layer; got {n_experts}, {hidden}")
@@ -138,7 +158,7 @@ class HeavyRankerNet(nn.Module):
         index = {n: i for i, n in enumerate(self.feature_names)}
         self.id_features = tuple(f for f in ID_BUCKETS if f in index) if id_embedding_dim > 0 else ()
         dense = torch.ones(n_in)
-        for f in ID_BUCKETS:
+        for f in (*ID_BUCKETS, *SEQUENCE_ID_FEATURES):
             if f in index:
                 dense[index[f]] = 0.0
         self.register_buffer("dense_mask", dense)
@@ -157,6 +177,20 @@ class HeavyRankerNet(nn.Module):
             self.register_buffer(f"id_vocab_{j}", torch.from_numpy(vocab))
         self.id_dropout = nn.Dropout(dropout)
         n_in = n_in + len(self.id_features) * id_embedding_dim
+        # DIN target attention: needs the whole sequence and the post and author tables
+        self.attends = bool(sequence_attention) and all(f in index for f in SEQUENCE_ID_FEATURES) \
+            and "id_post_bucket" in self.id_features and "id_author_bucket" in self.id_features
+        self.register_buffer("seq_post_index", torch.tensor(
+            [index[f] for f in SEQUENCE_POST_FEATURES] if self.attends else [], dtype=torch.long))
+        self.register_buffer("seq_author_index", torch.tensor(
+            [index[f] for f in SEQUENCE_AUTHOR_FEATURES] if self.attends else [], dtype=torch.long))
+        self._post_j = self.id_features.index("id_post_bucket") if self.attends else -1
+        self._author_j = self.id_features.index("id_author_bucket") if self.attends else -1
+        if self.attends:
+            width = 2 * id_embedding_dim
+            self.attention = nn.Sequential(nn.Linear(4 * width, attention_hidden), nn.PReLU(),
+                                           nn.Linear(attention_hidden, 1))
+            n_in += width
 
         def expert() -> nn.Sequential:
             layers: list[nn.Module] = []
@@ -193,20 +227,37 @@ class HeavyRankerNet(nn.Module):
 
     def embed_ids(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Id embeddings ``[N, D]`` per id feature: bucket -> its row, or row 0 if out of vocabulary."""
-        out = []
-        for j, emb in enumerate(self.id_embeddings):
-            raw = torch.index_select(x, 1, self.id_index[j:j + 1]).squeeze(1)
-            raw = torch.nan_to_num(raw, nan=0.0).clamp(0.0, float(emb.num_embeddings - 1))
-            bucket = raw.to(torch.long)
-            vocab = getattr(self, f"id_vocab_{j}")
-            bucket = torch.where(vocab[bucket], bucket, torch.zeros_like(bucket))
-            out.append(self.id_dropout(emb(bucket)))
-        return out
+        return [self._lookup(j, torch.index_select(x, 1, self.id_index[j:j + 1]).squeeze(1))
+                for j in range(len(self.id_embeddings))]
+
+    def _lookup(self, j: int, raw: torch.Tensor) -> torch.Tensor:
+        """Embeddings of id feature ``j`` for raw buckets of any shape (NaN/0 -> row 0; OOV -> row 0)."""
+        emb = self.id_embeddings[j]
+        bucket = torch.nan_to_num(raw, nan=0.0).clamp(0.0, float(emb.num_embeddings - 1)).to(torch.long)
+        vocab = getattr(self, f"id_vocab_{j}")
+        bucket = torch.where(vocab[bucket], bucket, torch.zeros_like(bucket))
+        return self.id_dropout(emb(bucket))
+
+    def attend(self, x: torch.Tensor, ids: list[torch.Tensor]) -> torch.Tensor:
+        """DIN pooling ``[N, 2D]``: the sequence's embeddings weighted by the attention unit on
+        (candidate, behaviour); padding (bucket 0 / NaN) weighs nothing; an empty sequence gives 0."""
+        seq_posts = torch.index_select(x, 1, self.seq_post_index)  # [N, L]
+        seq_authors = torch.index_select(x, 1, self.seq_author_index)
+        keys = torch.cat([self._lookup(self._post_j, seq_posts), self._lookup(self._author_j, seq_authors)],
+                         dim=2)  # [N, L, 2D]
+        query = torch.cat([ids[self._post_j], ids[self._author_j]], dim=1).unsqueeze(1).expand_as(keys)
+        weight = self.attention(torch.cat([query, keys, query - keys, query * keys], dim=2))  # [N, L, 1]
+        present = (torch.nan_to_num(seq_posts, nan=0.0) > 0).to(keys.dtype).unsqueeze(2)
+        return (weight * present * keys).sum(dim=1)
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Expert and gate input ``[N, F + ids * D]``: normalised features and id embeddings."""
+        """Expert and gate input ``[N, F + ids * D (+ 2D with attention)]``: normalised features,
+        id embeddings and the attention-pooled sequence."""
         u = self.normalise(x)
-        return torch.cat([u, *self.embed_ids(x)], dim=1) if len(self.id_embeddings) else u
+        if not len(self.id_embeddings):
+            return u
+        ids = self.embed_ids(x)
+        return torch.cat([u, *ids, self.attend(x, ids)] if self.attends else [u, *ids], dim=1)
 
     def gate_weights(self, u: torch.Tensor) -> torch.Tensor:
         """Per-head softmax gates ``[N, H, E]`` for expert inputs ``u`` (see ``inputs``)."""
@@ -325,7 +376,9 @@ class HeavyRankerParams:
     ``prior_offset`` adds ``logit(clip(post_{h}_rate_total, prior_eps, 1 - prior_eps))`` to head
     ``h``'s logit when that feature is an input; ``id_embedding_dim`` is the width of each hashed
     id embedding (0: none) and ``id_min_count`` the training rows a bucket needs to get its own
-    embedding instead of the out-of-vocabulary one; ``rank_loss_weight`` weights the within-context
+    embedding instead of the out-of-vocabulary one; ``sequence_attention`` turns on DIN target
+    attention over the sequence columns (with ``attention_hidden`` units) when they are inputs;
+    ``rank_loss_weight`` weights the within-context
     softmax loss (0: BCE only) and ``rank_context`` names the columns that form a context (those
     absent from the frame are skipped). The small defaults (4 experts x 64, towers of 32)
     keep in-process scoring of 200 candidates around a millisecond (``bench/heavy_ranker.py``).
@@ -342,6 +395,8 @@ class HeavyRankerParams:
     prior_eps: float = 1e-4
     id_embedding_dim: int = 8
     id_min_count: int = 5
+    sequence_attention: bool = True
+    attention_hidden: int = 32
     rank_loss_weight: float = 0.0
     rank_context: tuple[str, ...] = ("request_id",)
     dropout: float = 0.1
@@ -515,7 +570,9 @@ def fit_heavy_ranker(
         model = HeavyRankerNet(norm, heads, params.hidden, params.tower, params.dropout,
                                n_experts=params.n_experts, prior_offset=params.prior_offset,
                                prior_eps=params.prior_eps, id_embedding_dim=params.id_embedding_dim,
-                               id_vocab=id_vocabulary(x_fit, names, params.id_min_count))
+                               id_vocab=id_vocabulary(x_fit, names, params.id_min_count),
+                               sequence_attention=params.sequence_attention,
+                               attention_hidden=params.attention_hidden)
         loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.from_numpy(pos_weight), reduction="none")
         opt = torch.optim.Adam(model.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay)
         xt, yt = torch.from_numpy(x_fit), torch.from_numpy(y_fit)

@@ -24,7 +24,7 @@ import pandas as pd
 
 from core.schema import (
     CHAMPION_ALIAS, FEATURE_VIEWS, HEADS, HEAVY_RANKER_FEATURES, HEAVY_RANKER_NAME, ID_FEATURES,
-    HISTORY_FEATURES, LIGHT_RANKER_FEATURES, REQUEST_FEATURES, RETRIEVAL_FEATURES,
+    HISTORY_FEATURES, LIGHT_RANKER_FEATURES, REQUEST_FEATURES, RETRIEVAL_FEATURES, SEQUENCE_ID_FEATURES,
 )
 
 REFERENCE_DIR = "reference"
@@ -42,10 +42,10 @@ def score_column(head: str) -> str:
 
 
 def monitored_features() -> tuple[str, ...]:
-    """Model input features watched for drift: the inputs of both rankers, without id buckets (a
-    hash has no distribution to compare)."""
+    """Model input features watched for drift: the inputs of both rankers, without id buckets, the candidate's or
+    the sequence's (a hash has no distribution to compare)."""
     names = dict.fromkeys((*HEAVY_RANKER_FEATURES, *LIGHT_RANKER_FEATURES))
-    return tuple(n for n in names if n not in ID_FEATURES)
+    return tuple(n for n in names if n not in ID_FEATURES and n not in SEQUENCE_ID_FEATURES)
 
 
 def feature_view_of(feature: str) -> str:
@@ -56,7 +56,7 @@ def feature_view_of(feature: str) -> str:
             return view.name
     if feature in REQUEST_FEATURES:
         return "request"
-    if feature in HISTORY_FEATURES:
+    if feature in HISTORY_FEATURES or feature in SEQUENCE_ID_FEATURES:
         return "history"
     if feature in RETRIEVAL_FEATURES:
         return "retrieval"

@@ -23,7 +23,10 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from core.history_features import HISTORY_FEATURES, SEED_POSTS, SEQUENCE_LENGTH, history_feature_columns
+from core.history_features import (
+    ATTENTION_LENGTH, HISTORY_FEATURES, SEED_POSTS, SEQUENCE_ID_FEATURES, SEQUENCE_LENGTH, history_feature_columns,
+)
+from core.id_features import sequence_bucket_rows
 from pipelines.sequences import engagement_sequences
 
 DEFAULT_CADENCE = "1D"
@@ -43,7 +46,8 @@ def add_history_features(spark, rows: pd.DataFrame, tables, *, cadence: str = DE
                          sequence_length: int = SEQUENCE_LENGTH, seed_posts: int = SEED_POSTS,
                          neighbours_for: Callable[[pd.Timestamp], pd.DataFrame] | None = None,
                          log: Callable[[str], None] | None = print) -> pd.DataFrame:
-    """``rows`` with the ``HISTORY_FEATURES`` columns (float64) added (module docstring).
+    """``rows`` with the ``HISTORY_FEATURES`` and ``SEQUENCE_ID_FEATURES`` columns (float64) added
+    (module docstring).
 
     Args:
         spark: the Spark session of the co-engagement job.
@@ -70,7 +74,7 @@ def add_history_features(spark, rows: pd.DataFrame, tables, *, cadence: str = DE
     if missing:
         raise ValueError(f"rows lack columns {missing}: pass training-set rows (pipelines.training_set)")
     out = rows.copy()
-    for name in HISTORY_FEATURES:
+    for name in HISTORY_FEATURES + SEQUENCE_ID_FEATURES:
         out[name] = np.zeros(len(out))
     if out.empty:
         return out
@@ -91,6 +95,7 @@ def add_history_features(spark, rows: pd.DataFrame, tables, *, cadence: str = DE
     req_s = ((request_ts - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy()
     cutoffs = request_ts.dt.floor(cadence)
     values = np.zeros((len(out), len(HISTORY_FEATURES)))
+    seq_ids = np.zeros((len(out), len(SEQUENCE_ID_FEATURES)))
     posts = out["post_id"].to_numpy(dtype="int64")
     authors = out["author_id"].to_numpy(dtype="int64")
     cand_tags = out["tag_id"].to_numpy(dtype="int64")
@@ -105,7 +110,7 @@ def add_history_features(spark, rows: pd.DataFrame, tables, *, cadence: str = DE
             rows_at = at[idx]
             hist = by_user.get(int(u))
             if hist is None:
-                seq_authors = seq_tags = np.zeros(0, dtype="int64")
+                seq_posts = seq_authors = seq_tags = np.zeros(0, dtype="int64")
                 seeds: list = []
             else:
                 k = int(np.searchsorted(hist[0], t, side="left"))  # strictly before the request
@@ -113,17 +118,23 @@ def add_history_features(spark, rows: pd.DataFrame, tables, *, cadence: str = DE
                 rev = np.arange(k - 1, lo - 1, -1)  # newest first
                 _, first = np.unique(hist[1][rev], return_index=True)
                 keep = rev[np.sort(first)][:sequence_length]
+                # ties in time in the mixer's order (newest first, then post id): the attention
+                # positions are then the same; the history features are order-free
+                keep = keep[np.lexsort((hist[1][keep], -hist[0][keep]))]
                 seq_posts, seq_authors = hist[1][keep], hist[2][keep]
                 seq_tags = np.where(hist[4][keep] < cutoff_s, hist[3][keep], -1)
                 seeds = [lists.get(int(p), _EMPTY) for p in seq_posts[:seed_posts]]
             cols = history_feature_columns(seq_authors, seq_tags, seeds, posts[rows_at], authors[rows_at],
                                            cand_tags[rows_at])
             values[rows_at] = np.column_stack([cols[name] for name in HISTORY_FEATURES])
+            seq_ids[rows_at] = sequence_bucket_rows(seq_posts, seq_authors, ATTENTION_LENGTH)
         if log is not None:
             log(f"history features as of the {pd.Timestamp(cutoff).isoformat()} index: {len(at):,} rows, "
                 f"{len(groups):,} requests, {len(lists):,} neighbour lists in {time.perf_counter() - t0:.1f} s")
     for j, name in enumerate(HISTORY_FEATURES):
         out[name] = values[:, j]
+    for j, name in enumerate(SEQUENCE_ID_FEATURES):
+        out[name] = seq_ids[:, j]
     return out
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from core.requests import REQUEST_GAP_S, assign_requests, served_feature_ts
-from core.schema import HEADS, HISTORY_FEATURES, HOME_SURFACE, RETRIEVAL_FEATURES
+from core.schema import HEADS, HISTORY_FEATURES, HOME_SURFACE, RETRIEVAL_FEATURES, SEQUENCE_ID_FEATURES
 from core.state import StateDir
 from feature_repo import store as fs
 
@@ -43,7 +43,7 @@ def served_feature_rows(spark, store, impressions, posts: pd.DataFrame,
         history_state: the state whose canonical tables give the history features
             (``pipelines.history_features``: the user action sequence before each request, the
             co-engagement neighbours of that day's index build; Spark). None leaves the
-            ``HISTORY_FEATURES`` columns NaN (what a mixer without the history hydrator serves).
+            ``HISTORY_FEATURES`` and ``SEQUENCE_ID_FEATURES`` columns NaN (what a mixer without the history hydrator serves).
 
     Returns:
         pandas DataFrame sorted by (``event_timestamp``, ``user_id``, ``post_id``): entity
@@ -88,7 +88,7 @@ def served_feature_rows(spark, store, impressions, posts: pd.DataFrame,
         df = add_history_features(spark, df, CanonicalTables.load(history_state),
                                   log=lambda line: print(f"[history] {line}", flush=True))
     else:
-        for col in HISTORY_FEATURES:
+        for col in HISTORY_FEATURES + SEQUENCE_ID_FEATURES:
             df[col] = np.nan
     for col in RETRIEVAL_FEATURES:  # a logged request has no retrieval model as of its time: missing
         df[col] = np.nan

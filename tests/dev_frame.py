@@ -17,7 +17,7 @@ import pandas as pd
 
 from core.requests import assign_requests
 from core.schema import (
-    ACTIVE_DEGREES, ENGAGEMENT_EDGE_WEIGHTS, HEADS, HISTORY_FEATURES, POSITIVE_HEADS, RETRIEVAL_FEATURES, RAW_LABEL_COLUMNS, SMOOTHING_M, WINDOWS_HOURS,
+    ACTIVE_DEGREES, ENGAGEMENT_EDGE_WEIGHTS, HEADS, HISTORY_FEATURES, POSITIVE_HEADS, RETRIEVAL_FEATURES, RAW_LABEL_COLUMNS, SEQUENCE_ID_FEATURES, SMOOTHING_M, WINDOWS_HOURS,
 )
 from core.id_features import id_bucket_columns
 from core.request_features import LOCAL_UTC_OFFSET_HOURS, add_request_features
@@ -259,7 +259,7 @@ def build_dev_frame(data_dir: Path, user_sample_mod: int = 1) -> pd.DataFrame:
     # the history features need the co-engagement job's daily neighbour tables (Spark:
     # pipelines.history_features); the dev frame leaves them missing, as a mixer without the history
     # hydrator would serve them (tests of that path build them for real)
-    for col in HISTORY_FEATURES + RETRIEVAL_FEATURES:  # retrieval scores: served candidate sets only
+    for col in HISTORY_FEATURES + SEQUENCE_ID_FEATURES + RETRIEVAL_FEATURES:  # retrieval scores: served candidate sets only
         out[col] = np.nan
     # request ids as evaluation groups them (the features here stay per impression: a dev shortcut)
     out = assign_requests(out)

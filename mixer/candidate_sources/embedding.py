@@ -65,7 +65,8 @@ class EmbeddingCandidateSource(CandidateSource):
         sequence = query.action_sequence
         if sequence is None:
             return []
-        vector = self.retrieval.user_embeddings([list(sequence)])
+        vector = query.user_embedding  # hydrated once per request; computed here when it was not
+        vector = self.retrieval.user_embeddings([list(sequence)]) if vector is None else vector[None, :]
         ids, scores = self.retrieval.search(vector, self.max_candidates + len(sequence))
         ids, scores = ids[0], scores[0]
         keep = (ids >= 0) & ~np.isin(ids, np.fromiter((a.post_id for a in sequence), dtype="int64",

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import redis
 
-from core.history_features import HISTORY_FEATURES, SEED_POSTS, history_feature_columns
+from core.history_features import HISTORY_FEATURES, SEED_POSTS, SEQUENCE_ID_FEATURES, history_feature_columns
+from core.id_features import sequence_bucket_rows
 from mixer.caches import MixerCaches
 from mixer.candidate import Candidate, Query
 from mixer.candidate_hydrators.post_metadata import read_post_meta
@@ -18,7 +19,8 @@ _EMPTY = (np.zeros(0, dtype="int64"), np.zeros(0, dtype="float64"))
 
 
 class HistoryFeatureHydrator(FeatureHydrator):
-    """Sets the ``core.history_features.HISTORY_FEATURES`` columns of the frame from
+    """Sets the ``core.history_features.HISTORY_FEATURES`` and ``SEQUENCE_ID_FEATURES`` columns of
+    the frame from
     ``Query.action_sequence`` (newest first), the sequence posts' primary tags (``hm:post_meta``)
     and the co-engagement neighbour lists of the newest ``seed_posts`` (``hm:coeng:{post}``), with
     ``core.history_features.history_feature_columns``: the function the training sets use
@@ -85,4 +87,7 @@ class HistoryFeatureHydrator(FeatureHydrator):
                                        [c.tag_id for c in candidates])
         for name in HISTORY_FEATURES:
             features[name] = cols[name]
+        # the sequence for the heavy ranker's target attention: the same row for every candidate
+        seq_row = sequence_bucket_rows(posts, [a.author_id for a in seq])
+        features[list(SEQUENCE_ID_FEATURES)] = np.broadcast_to(seq_row, (len(candidates), len(seq_row)))
         return features

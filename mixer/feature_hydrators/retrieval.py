@@ -62,7 +62,9 @@ class RetrievalScoreFeatureHydrator(FeatureHydrator):
             raise ValueError("the retrieval hydrator refines the frame of the feature hydrator declared before it")
         if query.action_sequence is None:
             raise RuntimeError("no user action sequence (its read failed): retrieval scores left missing")
-        user = self.retrieval.user_embeddings([list(query.action_sequence)])[0]
+        user = query.user_embedding  # hydrated once per request; computed here when it was not
+        if user is None:
+            user = self.retrieval.user_embeddings([list(query.action_sequence)])[0]
         rows = self._rows(np.fromiter((c.post_id for c in candidates), dtype=np.int64, count=len(candidates)))
         score = np.full(len(candidates), np.nan)
         hit = rows >= 0

@@ -3,5 +3,7 @@
 from mixer.query_hydrators.action_sequence import UserActionSequenceQueryHydrator
 from mixer.query_hydrators.experiment_arm import ExperimentArmQueryHydrator, assign_arm
 from mixer.query_hydrators.user_context import UserContextQueryHydrator
+from mixer.query_hydrators.user_embedding import UserEmbeddingQueryHydrator
 
-__all__ = ["ExperimentArmQueryHydrator", "UserActionSequenceQueryHydrator", "UserContextQueryHydrator", "assign_arm"]
+__all__ = ["ExperimentArmQueryHydrator", "UserActionSequenceQueryHydrator", "UserContextQueryHydrator",
+           "UserEmbeddingQueryHydrator", "assign_arm"]

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import redis
 
-from core.history_features import HISTORY_FEATURES
+from core.history_features import HISTORY_FEATURES, SEQUENCE_ID_FEATURES
 from core.schema import ALL_FEATURES
 from mixer.candidate import Candidate, Query
 from mixer.caches import CacheSettings, MixerCaches
@@ -69,7 +69,7 @@ def test_mixer_history_features_equal_the_training_rows(served, spark):
         cands = [Candidate(post_id=int(p), source="t", author_id=int(posts.at[p, "author_id"]),
                            tag_id=int(posts.at[p, "primary_tag"])) for p in ids]
         frame = pd.DataFrame(np.full((len(cands), len(ALL_FEATURES)), np.nan), columns=list(ALL_FEATURES))
-        online = hydrator.hydrate(query, cands, frame)[list(HISTORY_FEATURES)]
+        online = hydrator.hydrate(query, cands, frame)[list(HISTORY_FEATURES + SEQUENCE_ID_FEATURES)]
         served_rows.append(online)
         offline_rows.append(pd.DataFrame({"user_id": int(uid), "post_id": [c.post_id for c in cands],
                                           "author_id": [c.author_id for c in cands],
@@ -83,6 +83,8 @@ def test_mixer_history_features_equal_the_training_rows(served, spark):
     assert asked == [CUTOFF]
     assert nonzero > 50, "the comparison must cover candidates with co-engagement"
     assert (online["hist_author_engagements"] > 0).any() and (online["hist_tag_engagements"] > 0).any()
-    np.testing.assert_allclose(online.to_numpy(), offline[list(HISTORY_FEATURES)].to_numpy(), rtol=1e-12, atol=0)
+    assert (online[SEQUENCE_ID_FEATURES[0]] > 0).all(), "every user here has a sequence: position 0 is set"
+    np.testing.assert_allclose(online.to_numpy(), offline[list(HISTORY_FEATURES + SEQUENCE_ID_FEATURES)].to_numpy(),
+                               rtol=1e-12, atol=0)
     print(f"history features: {len(online)} candidates of {len(users)} requests x {len(HISTORY_FEATURES)} "
           f"features equal; {nonzero} with co-engagement")

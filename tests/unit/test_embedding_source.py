@@ -93,3 +93,31 @@ def test_retrieval_score_feature_is_the_cosine_with_the_user_vector_nan_outside_
     with pytest.raises(ValueError, match="refines the frame"):
         hydrator.hydrate(_query(seq), cands, None)
     assert hydrator.enabled(_query(seq)) and not RetrievalScoreFeatureHydrator(None).enabled(_query(seq))
+
+
+def test_the_user_tower_runs_once_per_request_for_the_source_and_the_retrieval_scores():
+    import pandas as pd
+
+    from mixer.candidate import Candidate
+    from mixer.feature_hydrators.retrieval import RetrievalScoreFeatureHydrator
+    from mixer.query_hydrators import UserEmbeddingQueryHydrator
+
+    ids, vectors = _catalogue()
+    retrieval = Retrieval(ids, vectors)
+    seq = (EngagedAction(3, 30, "long_view", 1.0), EngagedAction(8, 80, "like", 0.5))
+    hydrator = UserEmbeddingQueryHydrator(retrieval)
+    assert not hydrator.enabled(_query(None)) and not UserEmbeddingQueryHydrator(None).enabled(_query(seq))
+    query = hydrator.hydrate(_query(seq))
+    assert len(retrieval.seen) == 1
+    np.testing.assert_allclose(query.user_embedding, retrieval.user_embeddings([list(seq)])[0])
+    retrieval.seen.clear()
+    found = EmbeddingCandidateSource(retrieval, max_candidates=5).fetch(query)
+    cands = [Candidate(post_id=c.post_id, source=c.source) for c in found]
+    frame = pd.DataFrame({"post_duration_ms": np.nan, "post_is_ad": np.nan}, index=range(len(cands)))
+    scored = RetrievalScoreFeatureHydrator(retrieval).hydrate(query, cands, frame)
+    assert retrieval.seen == []  # neither ran the tower again
+    np.testing.assert_allclose(scored["retrieval_two_tower_score"], [c.source_score for c in found], atol=1e-5)
+    # a query hydrated without it (no vector) still works: the consumers compute it themselves
+    assert [c.post_id for c in EmbeddingCandidateSource(retrieval, max_candidates=5).fetch(_query(seq))] == \
+        [c.post_id for c in found]
+    assert len(retrieval.seen) == 1

@@ -432,7 +432,8 @@ def test_home_timeline_declaration_reads_top_to_bottom_and_gates_from_config():
     p = home_timeline(cfg, rankers, client=client, feature_hydrator=Store(), metrics=MixerMetrics())
     assert [s.name for s in p.candidate_sources] == ["coengagement", "embedding", "in_network", "tag_interest",
                                                      "trending", "popular"]
-    assert [h.name for h in p.query_hydrators] == ["user_context", "action_sequence", "experiment_arm"]
+    assert [h.name for h in p.query_hydrators] == ["user_context", "action_sequence", "user_embedding",
+                                                  "experiment_arm"]
     assert [f.name for f in p.filters] == ["previously_seen", "hated_author", "blocked_muted_author", "max_age",
                                            "duplicate"]
     assert [(h.name, h.stage) for h in p.feature_hydrators] == [("store", "feature_hydration"),
