@@ -121,11 +121,12 @@ def _candidates(numeric: set[float], categorical: set[float]) -> np.ndarray:
     with np.errstate(over="ignore"):  # thresholds past float32's range become inf, dropped below
         t = np.array(sorted(numeric), dtype=np.float32)
     t = np.concatenate([t, np.nextafter(t, np.float32(-np.inf)), np.nextafter(t, np.float32(np.inf))])
-    # Left out: values within LightGBM's zero band edge (0 < |x| <= 1e-35, its kZeroThreshold),
-    # where lleaves and LightGBM disagree about exactly +-1e-35 (found by this check); features
-    # are counts, rates and times, never that small. Inside the band (1e-36) and 0 stay.
+    # Left out: tiny thresholds (0 < |x| <= 1e-30), around the edge of LightGBM's zero band
+    # (kZeroThreshold = 1e-35): an input of exactly -1e-35 is zero to LightGBM, not to lleaves 1.3
+    # (found by this check). Features are counts, rates and times, never that small; 0, -0 and
+    # the band's inside (1e-36) stay.
     t = t[np.isfinite(t) & ((t == 0) | (np.abs(t) > 1e-30))]
-    # categorical inputs are integer codes (LightGBM truncates others): the codes, an unseen one, -1
+    # categorical inputs are integer codes: the split's codes, an unseen one and -1
     cats = np.array(sorted(categorical), dtype=np.float32)
     unseen = np.array([cats.max() + 1, -1.0] if len(cats) else [], dtype=np.float32)
     extra = np.array([0.0, -0.0, 1e-36, np.nan], dtype=np.float32)
