@@ -74,6 +74,12 @@ class StateDir:
         return self.root / "reports"
 
     @property
+    def compiled_models(self) -> Path:
+        """Models compiled to machine code, one file per model hash (``models.compiled_light``):
+        built once, reused by every later load on this machine."""
+        return self.root / "compiled"
+
+    @property
     def run(self) -> Path:
         """Pid and port files of services started by home-mixer."""
         return self.root / "run"

@@ -237,14 +237,19 @@ def _scoring_backend(config: MixerConfig):
     return make_backend(config.scoring.backend, config.scoring.url)
 
 
-def _load_rankers(config: MixerConfig, metrics: MixerMetrics, backend=None) -> tuple[RankerHandle, RankerHandle]:
-    """Both rankers at the alias's versions, warmed up, wrapped for ``backend`` (None: in-process)."""
+def _load_rankers(config: MixerConfig, metrics: MixerMetrics, backend=None,
+                  client: redis.Redis | None = None) -> tuple[RankerHandle, RankerHandle]:
+    """Both rankers at the alias's versions, warmed up, wrapped for ``backend`` (None: in-process);
+    the light ranker compiled per ``light_ranker.backend`` (its load check reads the feature log
+    through ``client``)."""
+    from mixer.scorers.light_backend import light_ranker_backend
     from models.registry import load_ranker
 
     uri = config.resolved_tracking_uri()
     m = config.models
     threads = config.scoring.threads
     light = dataclasses.replace(load_ranker(m.light_ranker, alias=m.alias, tracking_uri=uri), num_threads=threads)
+    light = light_ranker_backend(light, config.light_ranker, client)
     heavy = dataclasses.replace(load_ranker(m.heavy_ranker, alias=m.alias, tracking_uri=uri), num_threads=threads)
     _warm_up(light, heavy)  # also the fallback of a remote backend: it must not be cold either
     if backend is None:
@@ -332,7 +337,7 @@ def open_resources(config: MixerConfig, metrics: MixerMetrics,
         resilience = open_resilience(config, client, metrics)
         if rankers is None:
             backend = _scoring_backend(config)
-            light, heavy = _load_rankers(config, metrics, backend)
+            light, heavy = _load_rankers(config, metrics, backend, client)
         else:
             light, heavy = rankers
             _warm_up(light, heavy)
@@ -353,7 +358,7 @@ def open_resources(config: MixerConfig, metrics: MixerMetrics,
     watcher = None
     if rankers is None and config.models.reload_interval_s > 0:
         watcher = ModelAliasWatcher(pipeline, lambda: _alias_versions(config),
-                                    lambda: (*_load_rankers(config, metrics, backend), _load_retrieval(config)),
+                                    lambda: (*_load_rankers(config, metrics, backend, client), _load_retrieval(config)),
                                     config.models.reload_interval_s, metrics).start()
     return MixerResources(client=client, executor=executor, pipeline=pipeline, watcher=watcher, backend=backend,
                           resilience=resilience, store_watcher=store_watcher)

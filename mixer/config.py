@@ -84,6 +84,20 @@ class ScoringSettings(_Strict):
         return self
 
 
+class LightRankerSettings(_Strict):
+    """How the light ranker scores in-process (``models.compiled_light``).
+
+    ``compiled`` compiles the registered LightGBM model with lleaves (LLVM) once per version into
+    ``cache_dir`` (null: ``<state>/compiled``; a restart reads it back), checks it against LightGBM
+    at load (max |diff| <= 1e-6 on rows on every split threshold plus the last ``check_rows`` rows
+    of the feature log) and scores with it; if lleaves is missing, compiling fails or the check
+    fails, a warning is logged and LightGBM scores. ``lightgbm`` always scores with LightGBM."""
+
+    backend: Literal["compiled", "lightgbm"] = "compiled"
+    cache_dir: str | None = None
+    check_rows: int = Field(1000, ge=0)
+
+
 class InNetworkSourceSettings(_Strict):
     max_candidates: int = Field(500, ge=1)
     max_authors: int = Field(100, ge=1)
@@ -326,6 +340,7 @@ class MixerConfig(_Strict):
     feast: FeastSettings = FeastSettings()
     models: ModelSettings = ModelSettings()
     scoring: ScoringSettings = ScoringSettings()
+    light_ranker: LightRankerSettings = LightRankerSettings()
     candidate_sources: CandidateSourceSettings = CandidateSourceSettings()
     action_sequence: ActionSequenceSettings = ActionSequenceSettings()
     ranking: RankingSettings = RankingSettings()

@@ -15,6 +15,9 @@ Formats:
 - two-tower retrieval model (``schema.TWO_TOWER_NAME``): a pyfunc model whose data folder holds
   the towers, the candidate embeddings and the FAISS index (:func:`log_two_tower_model`), loaded
   by alias with :func:`load_two_tower` into a :class:`TwoTowerHandle`.
+- the light ranker can score compiled: :func:`with_compiled_light` gives its handle an lleaves
+  (LLVM) build of the LightGBM model, cached per model hash in the state folder and checked against
+  LightGBM at load (``models.compiled_light``); LightGBM stays the fallback.
 - the rankers carry ``metadata = {"ranker", "feature_names", "heads"}`` in their ``MLmodel`` file, and
   explicit ``pip_requirements`` pinned from ``requirements.lock`` (MLflow would otherwise infer
   them from the whole test environment).
@@ -27,6 +30,7 @@ restores what was there, so this module leaves no global state behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import os
 import threading
@@ -425,8 +429,12 @@ class RankerHandle:
             ranker), for exporters; scoring goes through :meth:`predict`.
         program: the heavy ranker's ``torch.export.ExportedProgram`` when loaded with
             ``with_program=True`` (the ONNX exporter's input); None otherwise.
-        num_threads: LightGBM's prediction threads (0: its default, OpenMP's, all cores). Torch's
-            intra-op pool is per process: ``torch.set_num_threads``, set by the server.
+        num_threads: LightGBM's (and the compiled model's) prediction threads (0: LightGBM's
+            default, OpenMP's, all cores). Torch's intra-op pool is per process:
+            ``torch.set_num_threads``, set by the server.
+        compiled: the light ranker compiled by lleaves (``models.compiled_light``), which then
+            scores instead of LightGBM; None scores with the loaded model. Set by
+            :func:`with_compiled_light`.
     """
 
     name: str
@@ -439,6 +447,14 @@ class RankerHandle:
     model: Any
     program: Any = field(default=None, repr=False, compare=False)
     num_threads: int = 0
+    compiled: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def engine(self) -> str:
+        """What scores :meth:`predict`: ``"lleaves"`` (compiled), ``"lightgbm"`` or ``"torch"``."""
+        if self.compiled is not None:
+            return "lleaves"
+        return "lightgbm" if self.kind == "light" else "torch"
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         """Scores for each row of ``frame``: ``np.ndarray float32 [N, len(heads)]``, probabilities.
@@ -454,7 +470,10 @@ class RankerHandle:
         x = feature_matrix(frame, self.feature_names)
         if len(x) == 0:
             return np.zeros((0, len(self.heads)), dtype=np.float32)
-        if self.kind == "light":
+        if self.compiled is not None:
+            # lleaves' threads are plain Python threads per call: 0 ("all cores") means one per core
+            out = self.compiled.predict(x, n_jobs=self.num_threads or os.cpu_count() or 1)
+        elif self.kind == "light":
             from models.light_ranker import predict_booster
 
             out = predict_booster(self.model, x, num_threads=self.num_threads)
@@ -523,6 +542,33 @@ def load_ranker_version(name: str, version: int, tracking_uri: str | None = None
         feature_names=tuple(meta["feature_names"]), heads=tuple(meta["heads"]),
         kind=kind, model=model, program=program,
     )
+
+
+def with_compiled_light(handle: RankerHandle, cache_dir: Path,
+                        check_rows: pd.DataFrame | None = None) -> RankerHandle:
+    """``handle`` scoring with its LightGBM model compiled by lleaves (``models.compiled_light``),
+    checked against LightGBM at load; ``handle`` unchanged (LightGBM scores, a warning is logged)
+    when lleaves is missing, compiling fails or the check finds a difference > 1e-6.
+
+    Args:
+        handle: a light ranker (``kind == "light"``).
+        cache_dir: where compiled models are kept (``StateDir.compiled_models``); the file is keyed
+            by the model's hash and named after ``<name>-v<version>``, so a restart reuses it.
+        check_rows: real feature rows (any frame with the handle's ``feature_names``, NaN allowed)
+            added to the model's threshold rows of the equality check; None: threshold rows only.
+
+    Raises:
+        ValueError: ``handle`` is not a light ranker.
+    """
+    from models.compiled_light import compile_or_none
+
+    if handle.kind != "light":
+        raise ValueError(f"{handle.name} v{handle.version} is a {handle.kind} ranker; only the light ranker compiles")
+    rows = None
+    if check_rows is not None and len(check_rows):
+        rows = feature_matrix(check_rows, handle.feature_names)
+    compiled = compile_or_none(handle.model, cache_dir, f"{handle.name}-v{handle.version}", rows)
+    return handle if compiled is None else dataclasses.replace(handle, compiled=compiled)
 
 
 def load_ranker(name: str, alias: str = CHAMPION_ALIAS, tracking_uri: str | None = None) -> RankerHandle:

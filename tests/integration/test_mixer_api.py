@@ -322,6 +322,36 @@ def test_promote_and_rollback_without_restart(mixer_server, mixer_state, known_u
     assert swap_s < 30
 
 
+def test_the_mixer_compiles_the_light_ranker_once_and_a_restart_reuses_it(mixer_server, mixer_state, known_users):
+    """The mixer (``light_ranker.backend: compiled``, the default) compiled its light ranker at start
+    into ``<state>/compiled``; a later load of the same version (what a restart or a second worker
+    does) reads that file instead of compiling, and scores the feature log's real rows as LightGBM."""
+    from mixer.scorers.light_backend import served_feature_rows
+    from models.compiled_light import MAX_ABS_DIFF
+    from models.registry import alias_version, load_ranker, with_compiled_light
+
+    http, client = mixer_server
+    uri = mixer_state.mlflow_tracking_uri
+    version = alias_version("light_ranker", tracking_uri=uri)
+    for user in known_users[:3]:  # served rows for the feature log
+        _timeline(http, user_id=user, limit=20)
+    cached = sorted(mixer_state.compiled_models.glob(f"light_ranker-v{version}-*.o"))
+    assert len(cached) == 1, sorted(p.name for p in mixer_state.compiled_models.glob("*"))
+    written = cached[0].stat()
+    deadline = time.monotonic() + 10
+    while (rows := served_feature_rows(client, 1000)) is None or len(rows) < 40:
+        assert time.monotonic() < deadline, "the feature log stayed empty"
+        time.sleep(0.1)
+
+    plain = load_ranker("light_ranker", tracking_uri=uri)
+    fast = with_compiled_light(plain, mixer_state.compiled_models, check_rows=rows)
+    assert fast.engine == "lleaves" and fast.compiled.from_cache and fast.compiled.path == cached[0]
+    assert (cached[0].stat().st_mtime_ns, cached[0].stat().st_ino) == (written.st_mtime_ns, written.st_ino)
+    ours, theirs = fast.predict(rows), plain.predict(rows)
+    assert np.abs(ours.astype(np.float64) - theirs).max() <= MAX_ABS_DIFF
+    assert np.isnan(rows[list(plain.feature_names)].to_numpy()).any()  # real rows with missing features
+
+
 def test_mixer_on_bentoml_answers_every_request_when_the_server_dies(mixer_server, mixer_state, known_users,
                                                                     redis_server):
     """scoring.backend: bentoml; the BentoML server is SIGKILLed mid-run of HTTP requests."""

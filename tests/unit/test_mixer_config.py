@@ -19,6 +19,7 @@ def test_embedded_default_is_valid_and_documented_values_hold():
         assert set(arm.weights) == set(HEADS) and arm.weights["hate"] < 0
     # the demo serves as of the end of the log: 2022-05-04T16:00:00Z
     assert cfg.clock.now_s() == 1651680000.0
+    assert cfg.light_ranker.backend == "compiled" and cfg.light_ranker.cache_dir is None
 
 
 def test_file_merges_over_default(tmp_path):
@@ -59,6 +60,8 @@ def test_running_clock_advances_from_now_at_since():
     ("clock:\n  now: '2022-05-04T16:00:00Z'\n  since: soon\n", "clock.since must be an ISO-8601"),
     ("page:\n  default_size: 200\n", "page.default_size"),
     ("scoring:\n  threads: 0\n", "scoring.threads"),
+    ("light_ranker:\n  backend: treelite\n", "light_ranker.backend"),
+    ("light_ranker:\n  check_rows: -1\n", "light_ranker.check_rows"),
     ("experiment:\n  salt: s\n  arms:\n    - {name: a, traffic_share: 0.7, weights: {click: 1}}\n", "sum to"),
     ("experiment:\n  salt: s\n  arms:\n    - {name: a, traffic_share: 1.0, weights: {clicks: 1}}\n", "unknown heads"),
     ("experiment:\n  salt: s\n  arms:\n    - {name: a, traffic_share: 1.0, weights: {click: 1}, "
