@@ -90,7 +90,7 @@ def as_of_two_tower(state: StateDir, as_of: pd.Timestamp, log: Callable[[str], N
     """
     from core.schema import TWO_TOWER_NAME
     from models.registry import RankerNotFoundError, TwoTowerHandle, load_two_tower
-    from models.train import _servable, train_two_tower
+    from models.train import servable_posts, train_two_tower
     from models.two_tower import ITEM_COLUMNS
 
     try:
@@ -100,7 +100,7 @@ def as_of_two_tower(state: StateDir, as_of: pd.Timestamp, log: Callable[[str], N
     res = train_two_tower(state, as_of=as_of, params=champion.model.params, register=False,
                           index_kind=champion.index.kind, log=log or (lambda line: None))
     posts = pd.read_parquet(state.table("posts"))
-    ids, vectors = res.model.item_embeddings(_servable(posts, as_of)[list(ITEM_COLUMNS)])
+    ids, vectors = res.model.item_embeddings(servable_posts(posts, as_of)[list(ITEM_COLUMNS)])
     return TwoTowerHandle(TWO_TOWER_NAME, "", f"as-of-{as_of:%Y%m%dT%H%M}", res.run_id, res.model, res.index,
                           ids, vectors)
 

@@ -588,6 +588,17 @@ def cmd_index_build(args) -> int:
     counts = build_candidate_index(state, url, as_of, tables=tables, coengagement=neighbours,
                                    sequence_length=args.sequence_length)
     print(f"candidate index as of {as_of}: {counts}")
+    if args.ann != "off":
+        from models.registry import RankerNotFoundError
+        from models.train import refresh_two_tower_index
+
+        try:  # the learned-retrieval index over the same catalogue, with the champion's towers
+            refresh_two_tower_index(state, as_of, index_kind=args.ann_kind, set_champion=not args.no_promote)
+        except RankerNotFoundError as e:
+            if args.ann == "on":
+                raise UsageError(f"--ann on: {e}") from None
+            print("ANN index skipped: no two_tower champion yet (`home-mixer train --model two_tower` trains one "
+                  "with its index)")
     return 0
 
 
@@ -888,6 +899,12 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--window", type=int, default=10, help="co-engagement window in sequence positions")
     ib.add_argument("--neighbours", type=int, default=200, help="co-engagement neighbours kept per post")
     ib.add_argument("--no-coengagement", action="store_true", help="skip the Spark co-engagement job")
+    ib.add_argument("--ann", choices=["auto", "on", "off"], default="auto",
+                    help="also re-embed the catalogue with the champion two-tower's candidate tower and register "
+                         "its FAISS index as a new two_tower version (auto: when a champion exists)")
+    ib.add_argument("--ann-kind", choices=["hnsw", "ivfpq", "flat"], default="hnsw", help="FAISS index kind")
+    ib.add_argument("--no-promote", action="store_true",
+                    help="register the new two_tower version without moving the champion alias")
     ib.set_defaults(func=cmd_index_build)
 
     m = sub.add_parser("models", help="registry operations")

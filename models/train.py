@@ -442,8 +442,9 @@ TWO_TOWER_KS: tuple[int, ...] = (50, 100, 200)
 POPULAR_WINDOW_DAYS = 7
 
 
-def _servable(posts: pd.DataFrame, before: pd.Timestamp) -> pd.DataFrame:
-    """Posts created before ``before`` (undated ones are not servable), one row per post."""
+def servable_posts(posts: pd.DataFrame, before: pd.Timestamp) -> pd.DataFrame:
+    """Posts created before ``before`` (undated ones are not servable), one row per post (the
+    newest row of a post listed twice): the catalogue an ANN index built at ``before`` holds."""
     created = pd.to_datetime(posts["created_ts"], utc=True)
     return posts.loc[created.notna() & (created < before)].drop_duplicates("post_id", keep="last")
 
@@ -529,7 +530,7 @@ def train_two_tower(
 
     # held-out check
     held = fit_two_tower(sequences, posts, params, before=holdout_start, log=log)
-    catalogue = _servable(posts, holdout_start)
+    catalogue = servable_posts(posts, holdout_start)
     ids, vectors = held.item_embeddings(catalogue[list(ITEM_COLUMNS)])
     index = AnnIndex.build(ids, vectors, index_kind, **(index_params or {}))
     exact = AnnIndex.build(ids, vectors, "flat")
@@ -552,7 +553,7 @@ def train_two_tower(
         f"{int(ann['users']):,} users")
 
     fit = fit_two_tower(sequences, posts, params, log=log) if refit else held
-    catalogue = _servable(posts, cutoff)
+    catalogue = servable_posts(posts, cutoff)
     ids, vectors = fit.item_embeddings(catalogue[list(ITEM_COLUMNS)])
     index = AnnIndex.build(ids, vectors, index_kind, **(index_params or {}))
     metrics.update({"train_seconds": fit.stats["seconds"], "final_loss": fit.stats["epoch_losses"][-1],
@@ -575,4 +576,87 @@ def train_two_tower(
         info = log_two_tower_model(fit, ids, vectors, index, TWO_TOWER_NAME if register else None)
     version = _finish(state, TWO_TOWER_NAME, info, register, set_champion)
     log(f"[two-tower] run {run.info.run_id}, version {version}, {time.monotonic() - started:.0f} s")
+    return TrainResult(run.info.run_id, version, metrics, fit, index=index)
+
+
+def refresh_two_tower_index(state: StateDir, as_of=None, index_kind: str = "hnsw", index_params: dict | None = None,
+                            register: bool = True, set_champion: bool = True, query_users: int = 2000,
+                            log=print) -> TrainResult:
+    """Rebuild the served two-tower's candidate embeddings and ANN index over today's catalogue,
+    without retraining the towers: the index job of ``home-mixer index build``.
+
+    Posts keep arriving after the two-tower was trained; the candidate tower embeds a new post from
+    its author, tag and content (id dropout trained it for unseen ids), so the catalogue can be
+    refreshed as often as the candidate index while the towers are retrained on their own cadence
+    (YouTube's and Pinterest's retrieval indexes are rebuilt this way, daily or faster).
+
+    Steps: the champion ``two_tower`` version's towers; every post created before ``as_of``
+    (:func:`servable_posts`) embedded by the candidate tower; the index (``AnnIndex.build``) and
+    its recall@100 against exact search for up to ``query_users`` real user vectors (the users'
+    latest sequences before ``as_of``); logged as an MLflow run (``home-mixer-rankers``; params
+    ``source_version``, ``as_of``, the index settings; metrics ``catalogue``, ``new_posts`` (not in
+    the source version's catalogue), ``index_recall_at_100``, ``index_build_seconds``,
+    ``index_bytes``) and registered as a new ``two_tower`` version with the same towers, moved to
+    ``champion`` when ``set_champion`` (the mixer's alias watcher swaps it in without a restart).
+
+    Args:
+        state: the state folder (canonical tables, MLflow).
+        as_of: catalogue cutoff (default: the hour after the log's last impression, "now").
+        index_kind / index_params: as :func:`train_two_tower`.
+        register / set_champion: as the other trainers.
+        query_users: users whose vectors measure the index's recall (0: skip the check).
+
+    Returns:
+        :class:`TrainResult` (``model``: the unchanged ``TwoTowerFit``; ``index``: the new index).
+
+    Raises:
+        models.registry.RankerNotFoundError: no ``two_tower`` champion (run
+            ``home-mixer train --model two_tower`` first).
+        FileNotFoundError: the canonical tables are missing.
+        ValueError: no post was created before ``as_of``.
+    """
+    import mlflow
+
+    from core.schema import TWO_TOWER_NAME
+    from models.ann_index import AnnIndex, exact_recall_at_k
+    from models.registry import load_two_tower, log_two_tower_model
+    from models.two_tower import ITEM_COLUMNS, latest_histories
+    from pipelines.sequences import engagement_sequences
+    from pipelines.training_set import log_end
+
+    champion = load_two_tower(state.mlflow_tracking_uri)
+    for name in ("impressions", "posts"):
+        if not state.table(name).exists():
+            raise FileNotFoundError(f"canonical table {state.table(name)} is missing: run `home-mixer features build` first")
+    cutoff = pd.Timestamp(log_end(state) if as_of is None else as_of)
+    cutoff = cutoff.tz_localize("UTC") if cutoff.tzinfo is None else cutoff.tz_convert("UTC")
+    started = time.monotonic()
+    catalogue = servable_posts(pd.read_parquet(state.table("posts")), cutoff)
+    if catalogue.empty:
+        raise ValueError(f"no post was created before {cutoff}: nothing to index")
+    fit = champion.model
+    ids, vectors = fit.item_embeddings(catalogue[list(ITEM_COLUMNS)])
+    index = AnnIndex.build(ids, vectors, index_kind, **(index_params or {}))
+    new_posts = int((~np.isin(ids, np.asarray(champion.item_ids, dtype=np.int64))).sum())
+    metrics = {"catalogue": float(len(ids)), "new_posts": float(new_posts),
+               "index_build_seconds": index.build_seconds, "index_bytes": float(index.memory_bytes())}
+    if query_users > 0:
+        imp = pd.read_parquet(state.table("impressions"))
+        prelog = pd.read_parquet(state.table("prelog_events")) if state.table("prelog_events").exists() else None
+        histories = latest_histories(engagement_sequences(imp, prelog, cutoff), cutoff, fit.params.max_sequence_length)
+        if histories:
+            queries = fit.user_embeddings(list(histories.values())[:query_users])
+            exact = AnnIndex.build(ids, vectors, "flat")
+            metrics["index_recall_at_100"] = exact_recall_at_k(index.search(queries, 100)[0],
+                                                               exact.search(queries, 100)[0], 100)
+    with _training_run(state, "two-tower-index", {"ranker": "two_tower", "job": "index_build"}) as run:
+        mlflow.log_params({"source_version": champion.version, "as_of": cutoff.isoformat(), "index_kind": index.kind,
+                           **{f"index_{k}": v for k, v in index.params.items()}})
+        mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
+        info = log_two_tower_model(fit, ids, vectors, index, TWO_TOWER_NAME if register else None)
+    version = _finish(state, TWO_TOWER_NAME, info, register, set_champion)
+    log(f"[two-tower index] towers of v{champion.version}, {len(ids):,} posts before {cutoff} ({new_posts:,} new), "
+        f"{index.kind} in {index.build_seconds:.1f} s"
+        + (f", recall@100 vs exact {metrics['index_recall_at_100']:.3f}" if "index_recall_at_100" in metrics else "")
+        + (f" -> version {version}" if version is not None else ""))
     return TrainResult(run.info.run_id, version, metrics, fit, index=index)

@@ -226,3 +226,46 @@ def test_the_retrieval_score_embeds_posts_outside_the_registered_catalogue(train
     fresh_vec = handle.model.item_embeddings(fresh.assign(video_type=fresh.video_type.astype(str).str.upper()
                                                           .where(lambda v: v == "AD", "NORMAL")))[1][0]
     assert np.isfinite(out[1]) and out[1] == pytest.approx(float(fresh_vec @ user), abs=1e-5)
+
+
+def test_the_index_job_re_embeds_a_later_catalogue_with_the_champion_towers(trained, state):
+    """``home-mixer index build``'s ANN step: the champion's towers, the catalogue as of a later
+    cutoff (posts created since the training cutoff join it), a new registered version as champion."""
+    from mlflow import MlflowClient
+
+    from models.registry import alias_version
+    from models.train import refresh_two_tower_index, servable_posts
+
+    before = load_two_tower(state.mlflow_tracking_uri)
+    original = pd.read_parquet(state.table("posts"))
+    created = pd.to_datetime(original["created_ts"], utc=True)
+    # KuaiRand's videos were all uploaded before the log: add one created after the training cutoff
+    fresh = original.dropna(subset=["created_ts"]).tail(1).assign(
+        post_id=10**9, created_ts=created.max() + pd.Timedelta(hours=1))
+    posts = pd.concat([original, fresh], ignore_index=True)
+    posts.to_parquet(state.table("posts"), index=False)
+    later = created.max() + pd.Timedelta(hours=2)  # every dated post is servable then
+    try:
+        res = refresh_two_tower_index(state, later, query_users=300, log=lambda _: None)
+        assert alias_version(TWO_TOWER_NAME, CHAMPION_ALIAS, state.mlflow_tracking_uri) == res.model_version
+        after = load_two_tower(state.mlflow_tracking_uri)
+        expected = servable_posts(posts, later)["post_id"].to_numpy()
+        assert set(after.item_ids.tolist()) == set(expected.tolist())
+        assert 10**9 in set(expected.tolist())
+        assert res.metrics["new_posts"] == len(set(expected.tolist()) - set(before.item_ids.tolist())) == 1
+        assert res.metrics["index_recall_at_100"] >= 0.9
+        # the same towers: a user and an already-indexed post get the same vectors as before
+        seq = [(int(p), 0, "long_view") for p in before.item_ids[:5]]
+        np.testing.assert_allclose(after.user_embeddings([seq]), before.user_embeddings([seq]), atol=1e-6)
+        row = {int(p): i for i, p in enumerate(after.item_ids)}
+        old = {int(p): i for i, p in enumerate(before.item_ids)}
+        shared = list(old)[:20]
+        np.testing.assert_allclose(after.item_vectors[[row[p] for p in shared]],
+                                   before.item_vectors[[old[p] for p in shared]], atol=1e-5)
+        params = MlflowClient(state.mlflow_tracking_uri).get_run(res.run_id).data.params
+        assert params["source_version"] == str(before.version) and params["index_kind"] == "hnsw"
+    finally:
+        from models.registry import promote
+
+        original.to_parquet(state.table("posts"), index=False)
+        promote(TWO_TOWER_NAME, before.version, CHAMPION_ALIAS, tracking_uri=state.mlflow_tracking_uri)
