@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.schema import HEAVY_RANKER_NAME, LIGHT_RANKER_NAME
+from core.schema import HEAVY_RANKER_NAME, LIGHT_RANKER_NAME, TWO_TOWER_NAME
 from core.state import DEFAULT_DATA_DIR, StateDir, state_from_cli
 
 
@@ -712,11 +712,12 @@ def cmd_serve_mixer(args) -> int:
     return 0
 
 
-MODEL_NAMES = {"light": LIGHT_RANKER_NAME, "heavy": HEAVY_RANKER_NAME}
+MODEL_NAMES = {"light": LIGHT_RANKER_NAME, "heavy": HEAVY_RANKER_NAME, "two_tower": TWO_TOWER_NAME}
 
 
 def cmd_export(args) -> int:
-    """Export one registered ranker (by alias) to ONNX, checked against the native model."""
+    """Export one registered ranker, or the two-tower's user tower, (by alias) to ONNX, checked
+    against the native model (the rankers on validation rows, the user tower on real sequences)."""
     import time
 
     from models.registry import alias_version
@@ -727,11 +728,19 @@ def cmd_export(args) -> int:
     name, uri = MODEL_NAMES[args.model], state.mlflow_tracking_uri
     version = alias_version(name, args.alias, uri)  # once: the folder is named by this version
     out = Path(args.out) if args.out else state.root / "onnx" / name / str(version)
-    rows = validation_rows(state, n=args.rows)
-    res = export_version(name, version, uri, out, rows, alias=args.alias)
+    if args.model == "two_tower":
+        from serving.user_tower_export import export_user_tower_version, validation_sequences
+
+        res = export_user_tower_version(name, version, uri, out, validation_sequences(state, n=args.rows),
+                                        alias=args.alias)
+        shapes, checked = f"user tower {list(res.feature_names)} [batch, L] -> user_embedding [batch, D]", "sequences"
+    else:
+        res = export_version(name, version, uri, out, validation_rows(state, n=args.rows), alias=args.alias)
+        shapes = f"features [batch, {len(res.feature_names)}] -> probabilities [batch, {len(res.heads)}] {list(res.heads)}"
+        checked = "validation rows"
     print(f"{res.name}@{args.alias} = v{res.version} (run {res.run_id}) -> {res.path}")
-    print(f"  features [batch, {len(res.feature_names)}] -> probabilities [batch, {len(res.heads)}] {list(res.heads)}")
-    print(f"  max |onnx - native| = {res.max_abs_diff:.2e} on {res.rows_checked} validation rows; "
+    print(f"  {shapes}")
+    print(f"  max |onnx - native| = {res.max_abs_diff:.2e} on {res.rows_checked} {checked}; "
           f"{time.monotonic() - started:.1f} s")
     return 0
 
@@ -987,11 +996,13 @@ def build_parser() -> argparse.ArgumentParser:
     gf.add_argument("--out", help="JSON path (default <state>/reports/grafana/home_mixer_oncall.json)")
     gf.set_defaults(func=cmd_monitor_grafana)
 
-    ex = sub.add_parser("export", help="export a registered ranker to ONNX (checked against the native model)")
+    ex = sub.add_parser("export", help="export a registered ranker, or the two-tower's user tower, to ONNX "
+                                       "(checked against the native model)")
     ex.add_argument("--model", choices=sorted(MODEL_NAMES), required=True)
     ex.add_argument("--alias", default="champion")
     ex.add_argument("--out", help="output folder for model.onnx (default <state>/onnx/<name>/<version>)")
-    ex.add_argument("--rows", type=int, default=2000, help="validation rows for the check")
+    ex.add_argument("--rows", type=int, default=2000,
+                    help="validation rows for the check (two_tower: users' action sequences)")
     ex.set_defaults(func=cmd_export)
 
     st = sub.add_parser("stream", help="the real-time path: stream processor and log replay (Redis Streams)")

@@ -103,6 +103,7 @@ class MixerResources:
     backend: object | None = None  # the model-server client, closed at shutdown
     resilience: Resilience = field(default_factory=Resilience)
     store_watcher: StoreWatcher | None = None
+    user_tower: object | None = None  # the Triton user-tower client (user_tower: triton), closed at shutdown
 
     def close(self) -> None:
         """Stop the alias and store watchers, flush buffered writes (if Redis answers), close the
@@ -117,8 +118,9 @@ class MixerResources:
             if writes.pending():
                 log.warning("shutdown with %d side-effect writes still buffered (Redis unreachable): lost",
                             len(writes))
-        if self.backend is not None:
-            self.backend.close()
+        for remote in (self.backend, self.user_tower):
+            if remote is not None:
+                remote.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 
@@ -266,10 +268,24 @@ def _load_rankers(config: MixerConfig, metrics: MixerMetrics, backend=None,
                  for h in (light, heavy))
 
 
-def _load_retrieval(config: MixerConfig):
+def _user_tower_backend(config: MixerConfig):
+    """The Triton user-tower client of ``candidate_sources.embedding.user_tower: triton`` (None for
+    in-process, or when the embedding source is off); one per mixer."""
+    emb = config.candidate_sources.embedding
+    if not emb.enabled or emb.user_tower == "in_process":
+        return None
+    from mixer.query_hydrators.remote_user_tower import TritonUserTower
+    from mixer.scorers.remote import CircuitBreakers
+
+    circuits = CircuitBreakers("triton_grpc", config.scoring.breaker_fail_max, config.scoring.breaker_reset_s)
+    return TritonUserTower(emb.triton_url, config.models.two_tower, emb.triton_timeout_ms / 1000.0, circuits)
+
+
+def _load_retrieval(config: MixerConfig, metrics: MixerMetrics | None = None, user_tower=None):
     """The two-tower model at the alias (``models.registry.load_two_tower``), or None when the
     embedding source is off or no two-tower model is registered with the alias (logged: the mixer
-    serves without learned retrieval until one is)."""
+    serves without learned retrieval until one is). With ``user_tower`` (``_user_tower_backend``)
+    its user tower runs on Triton, in-process on failure (counted in ``metrics``)."""
     from models.registry import RankerNotFoundError, load_two_tower
 
     if not config.candidate_sources.embedding.enabled:
@@ -281,7 +297,17 @@ def _load_retrieval(config: MixerConfig):
         log.warning("no two-tower model to serve, the embedding source is off: %s", e)
         return None
     handle.retrieve([[]], 10)  # the first forward allocates (~0.1 s): not on a request's deadline
-    return handle
+    if user_tower is None:
+        return handle
+
+    def on_fallback(model: str, path: str, reason: str) -> None:
+        if metrics is not None:
+            metrics.scoring_fallbacks.labels(model=model, backend=path, reason=reason).inc()
+
+    if metrics is not None:
+        user_tower.circuits.configure(config.scoring.breaker_fail_max, config.scoring.breaker_reset_s,
+                                      metrics.set_circuit_state)
+    return user_tower.wrap(handle, on_fallback)
 
 
 def _alias_versions(config: MixerConfig) -> dict[str, int]:
@@ -331,7 +357,7 @@ def open_resources(config: MixerConfig, metrics: MixerMetrics,
     torch.set_num_threads(config.scoring.threads)  # per process: this worker's share of the cores
     url = config.resolved_redis_url()
     client = redis_client(url, config.redis)
-    backend = None
+    backend = user_tower = None
     try:
         client.ping()
         resilience = open_resilience(config, client, metrics)
@@ -342,7 +368,8 @@ def open_resources(config: MixerConfig, metrics: MixerMetrics,
             light, heavy = rankers
             _warm_up(light, heavy)
         if isinstance(retrieval, str) and retrieval == LOAD_RETRIEVAL:
-            retrieval = _load_retrieval(config)
+            user_tower = _user_tower_backend(config)
+            retrieval = _load_retrieval(config, metrics, user_tower)
         hydrator = feature_hydrator or _feature_hydrator(config, client, resilience)
         executor = ThreadPoolExecutor(max_workers=config.source_pool_workers, thread_name_prefix="hm-source")
         pipeline = build_pipeline(config, client=client, light=light, heavy=heavy, feature_hydrator=hydrator,
@@ -352,16 +379,18 @@ def open_resources(config: MixerConfig, metrics: MixerMetrics,
                                      flush=resilience.writes.flush, pending=resilience.writes.pending).start()
     except BaseException:
         client.close()
-        if backend is not None:
-            backend.close()
+        for remote in (backend, user_tower):
+            if remote is not None:
+                remote.close()
         raise
     watcher = None
     if rankers is None and config.models.reload_interval_s > 0:
         watcher = ModelAliasWatcher(pipeline, lambda: _alias_versions(config),
-                                    lambda: (*_load_rankers(config, metrics, backend, client), _load_retrieval(config)),
+                                    lambda: (*_load_rankers(config, metrics, backend, client),
+                                             _load_retrieval(config, metrics, user_tower)),
                                     config.models.reload_interval_s, metrics).start()
     return MixerResources(client=client, executor=executor, pipeline=pipeline, watcher=watcher, backend=backend,
-                          resilience=resilience, store_watcher=store_watcher)
+                          resilience=resilience, store_watcher=store_watcher, user_tower=user_tower)
 
 
 def open_resilience(config: MixerConfig, client: redis.Redis, metrics: MixerMetrics) -> Resilience:

@@ -135,11 +135,27 @@ class CoEngagementSourceSettings(_Strict):
 
 class EmbeddingSourceSettings(_Strict):
     """``EmbeddingCandidateSource``: two-tower user vector against the ANN index (needs a registered
-    two-tower model, ``models.two_tower``; without one the source stays off)."""
+    two-tower model, ``models.two_tower``; without one the source stays off).
+
+    ``user_tower`` says where the user vector is computed once per request
+    (``UserEmbeddingQueryHydrator``): ``in_process`` (default) runs the registered tower in the
+    mixer; ``triton`` asks the Triton model of the same name and version at ``triton_url`` (gRPC
+    ``host:port``; ``home-mixer serve triton sync`` exports it) with a ``triton_timeout_ms``
+    deadline, and runs the tower in-process on error, on timeout or while the circuit breaker
+    (``scoring.breaker_*``) is open, counted in ``hm_mixer_scoring_fallbacks_total{model="two_tower"}``."""
 
     enabled: bool = True
     max_candidates: int = Field(300, ge=1)
     timeout_ms: float = Field(50, gt=0)
+    user_tower: Literal["in_process", "triton"] = "in_process"
+    triton_url: str | None = None
+    triton_timeout_ms: float = Field(20, gt=0)
+
+    @model_validator(mode="after")
+    def _triton_needs_url(self) -> "EmbeddingSourceSettings":
+        if self.user_tower == "triton" and not self.triton_url:
+            raise ValueError("candidate_sources.embedding.triton_url (gRPC host:port) is required for user_tower: triton")
+        return self
 
 
 class CandidateSourceSettings(_Strict):

@@ -76,7 +76,7 @@ class MixerMetrics:
                                     "(in_process, triton_grpc, triton_http, bentoml, in_process_fallback)",
                                     ["model", "path"], registry=r)
         self.scoring_fallbacks = prom.Counter("hm_mixer_scoring_fallbacks_total",
-                                              "Remote ranker calls answered in-process instead",
+                                              "Remote model calls (rankers, two-tower user tower) answered in-process instead",
                                               ["model", "backend", "reason"], registry=r)
         # max over workers: the worst breaker of any worker
         self.circuit_state = prom.Gauge("hm_mixer_circuit_state", "Model-server circuit breaker per model "

@@ -25,10 +25,13 @@ post-id and author embeddings (shared tables), an action embedding (``ACTION_STR
 position embedding (0 = newest); attention pooling (softmax over the entries of a logit that is a
 linear function of the entry plus a learned recency term per position and a learned term per
 action: recency- and action-weighted pooling whose weights are learned) and mean pooling, plus
-the history length, -> MLP -> L2 normalisation. Sequences are packed (no padding:
+the history length, -> MLP -> L2 normalisation. Training packs sequences (no padding:
 :class:`PackedSequences`; the median history is 13 entries, the maximum 64). It needs only
 what the mixer has at request time, ``[(post_id, author_id, action), ...]`` newest first, so
-:meth:`TwoTowerFit.user_embeddings` runs per request (one forward per batch). User features
+:meth:`TwoTowerFit.user_embeddings` runs per request (one forward per batch); there the
+sequences are padded to ``max_sequence_length`` (:func:`user_tower_inputs`, shared with the
+ONNX export that Triton serves, ``serving.user_tower_export``) and the same tower runs on the
+padded batch (``user_vectors_padded``). User features
 (the user view) are left out: they would need a second online read on the request path and the
 sequence already carries the user's history, pre-log history included.
 
@@ -219,6 +222,87 @@ class PackedSequences:
                 torch.from_numpy(self.position), torch.from_numpy(self.segment), self.batch)
 
 
+@dataclass(frozen=True)
+class UserTowerInputs:
+    """A batch of B request-time action sequences as the user tower's padded inputs: what both the
+    in-process tower (``TwoTowerNet.user_vectors_padded``) and its ONNX export (served by Triton)
+    read, made by one function (:func:`user_tower_inputs`) so the two paths cannot disagree.
+
+    Attributes (L = the model's ``max_sequence_length``; entry ``j`` of row ``i`` is the user's
+    ``j``-th newest engagement, position ``j``):
+        post, author: int64 ``[B, L]`` embedding rows (0 = OOV and padding).
+        action: int64 ``[B, L]`` action rows (0 = unknown action and padding).
+        mask: float32 ``[B, L]``: 1.0 for an entry, 0.0 for padding (rows are left-aligned).
+    """
+
+    post: np.ndarray
+    author: np.ndarray
+    action: np.ndarray
+    mask: np.ndarray
+
+    NAMES = ("post", "author", "action", "mask")  # the ONNX inputs, in this order
+
+    @property
+    def batch(self) -> int:
+        return int(self.post.shape[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``{input name: array}`` in :attr:`NAMES` order (the ONNX / Triton feed)."""
+        return {name: getattr(self, name) for name in self.NAMES}
+
+    def tensors(self):
+        """The torch inputs of ``TwoTowerNet.user_vectors_padded`` (zero-copy views)."""
+        torch = _torch()
+        return tuple(torch.from_numpy(a) for a in self.arrays().values())
+
+
+def user_tower_inputs(sequences: Sequence[Sequence[tuple[int, int, str]]], post_vocab: np.ndarray,
+                      author_vocab: np.ndarray, max_length: int) -> UserTowerInputs:
+    """Padded user-tower inputs of request-time action sequences: the id lookups and padding that
+    stay in Python before the tower's graph (in-process or ONNX).
+
+    Args:
+        sequences: per user ``[(post_id, author_id, action), ...]`` newest first; longer tuples
+            are read by their first three fields (``EngagedAction``); only the first ``max_length``
+            entries are read; ``[]`` is a user without history.
+        post_vocab / author_vocab: sorted int64 ids with an embedding row each (row ``i + 1``);
+            unknown ids get row 0 (OOV). An action outside ``ACTION_STRENGTH`` gets row 0.
+        max_length: L, the padded width (the model's ``max_sequence_length``).
+
+    Returns:
+        :class:`UserTowerInputs` of ``[len(sequences), max_length]``.
+
+    Raises:
+        ValueError: an entry has fewer than 3 fields, or its ids are not integers.
+    """
+    strength = {a: i + 1 for i, a in enumerate(ACTION_STRENGTH)}
+    b = len(sequences)
+    posts: list[int] = []
+    authors: list[int] = []
+    actions: list[int] = []
+    lengths = np.zeros(b, dtype=np.int64)
+    for i, seq in enumerate(sequences):
+        seq = seq[:max_length]
+        for entry in seq:
+            if len(entry) < 3:
+                raise ValueError(f"sequence {i} holds {entry!r}: expected (post_id, author_id, action) triples")
+            posts.append(entry[0])
+            authors.append(entry[1])
+            actions.append(strength.get(entry[2], 0))
+        lengths[i] = len(seq)
+    try:
+        post = np.asarray(posts, dtype=np.int64)
+        author = np.asarray(authors, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError("post and author ids of the sequences must be integers") from None
+    filled = np.arange(max_length)[None, :] < lengths[:, None]  # [B, L], row-major = entry order
+    out = {name: np.zeros((b, max_length), dtype=np.int64) for name in ("post", "author", "action")}
+    out["post"][filled] = _lookup(post_vocab, post)
+    out["author"][filled] = _lookup(author_vocab, author)
+    out["action"][filled] = np.asarray(actions, dtype=np.int64)
+    return UserTowerInputs(**out, mask=filled.astype(np.float32))
+
+
 def training_examples(sequences: pd.DataFrame, before=None, min_history: int = 1) -> TrainingExamples:
     """(history, next engaged post) examples from ``engagement_sequences`` output.
 
@@ -356,7 +440,43 @@ def build_net(n_posts: int, n_authors: int, n_tags: int, params: TwoTowerParams)
             depth = torch.log1p(count) / math.log1p(self.max_len)
             return nn.functional.normalize(self.user_mlp(torch.cat([attended, mean, depth.unsqueeze(-1)], dim=-1)), dim=-1)
 
+        def user_vectors_padded(self, post, author, action, mask):
+            """The user tower on padded sequences (``UserTowerInputs.tensors()``: int64 ``[B, L]``
+            post / author / action rows, float32 ``[B, L]`` mask, L = ``max_sequence_length``) ->
+            float32 ``[B, D]``, unit rows. The same function as :meth:`user_vectors` (padding is
+            masked out of both poolings and the count; sums taken per row instead of by
+            ``index_add``, so results agree to float rounding); traceable by ``torch.export`` with
+            a dynamic batch dimension (no Python ints from the data), hence the served and
+            exported request path."""
+            positions = self.position_emb.weight[: post.shape[1]].unsqueeze(0)  # position j = j-th newest
+            h = self.post_emb(post) + self.author_emb(author) + self.action_emb(action) + positions
+            score = (self.attention(h).squeeze(-1) + self.position_logit.weight[: post.shape[1], 0].unsqueeze(0)
+                     + self.action_logit(action).squeeze(-1))
+            w = torch.exp(score.clamp(-15.0, 15.0)) * mask  # clamped as in user_vectors
+            attended = (w.unsqueeze(-1) * h).sum(1) / w.sum(1).clamp_min(1e-12).unsqueeze(-1)
+            count = mask.sum(1)
+            mean = (mask.unsqueeze(-1) * h).sum(1) / count.clamp_min(1.0).unsqueeze(-1)
+            depth = torch.log1p(count) / math.log1p(self.max_len)
+            return nn.functional.normalize(self.user_mlp(torch.cat([attended, mean, depth.unsqueeze(-1)], dim=-1)), dim=-1)
+
     return TwoTowerNet()
+
+
+def user_tower_module(net):
+    """The user tower of a ``TwoTowerNet`` as its own ``torch.nn.Module`` whose ``forward(post,
+    author, action, mask)`` is ``net.user_vectors_padded`` (shares the parameters; what
+    ``torch.onnx.export`` converts)."""
+    from torch import nn
+
+    class UserTower(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, post, author, action, mask):
+            return self.net.user_vectors_padded(post, author, action, mask)
+
+    return UserTower().eval()
 
 
 def sampled_softmax_logq_loss(user, item, item_ids, log_q, temperature: float):
@@ -458,34 +578,10 @@ class TwoTowerFit:
                 out.append(self.net.item_vectors(*self._item_inputs(posts.iloc[s:s + batch_size])).numpy())
         return ids.copy(), np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
 
-    def encode_sequences(self, sequences: Sequence[Sequence[tuple[int, int, str]]]) -> PackedSequences:
-        """Model inputs of request-time sequences (see :meth:`user_embeddings`): the first
-        ``max_sequence_length`` entries of each, packed, ids mapped to embedding rows."""
-        L = self.params.max_sequence_length
-        strength = {a: i + 1 for i, a in enumerate(ACTION_STRENGTH)}
-        posts: list[int] = []
-        authors: list[int] = []
-        actions: list[int] = []
-        lengths = np.zeros(len(sequences), dtype=np.int64)
-        for i, seq in enumerate(sequences):
-            seq = seq[:L]
-            for entry in seq:
-                if len(entry) < 3:
-                    raise ValueError(f"sequence {i} holds {entry!r}: expected (post_id, author_id, action) triples")
-                posts.append(entry[0])
-                authors.append(entry[1])
-                actions.append(strength.get(entry[2], 0))
-            lengths[i] = len(seq)
-        try:
-            post = np.asarray(posts, dtype=np.int64)
-            author = np.asarray(authors, dtype=np.int64)
-        except (TypeError, ValueError, OverflowError):
-            raise ValueError("post and author ids of the sequences must be integers") from None
-        segment = np.repeat(np.arange(len(sequences), dtype=np.int64), lengths)
-        offsets = np.cumsum(lengths) - lengths
-        position = np.arange(len(post), dtype=np.int64) - np.repeat(offsets, lengths)
-        return PackedSequences(_lookup(self.post_vocab, post), _lookup(self.author_vocab, author),
-                               np.asarray(actions, dtype=np.int64), position, segment, len(sequences))
+    def user_tower_inputs(self, sequences: Sequence[Sequence[tuple[int, int, str]]]) -> UserTowerInputs:
+        """Padded inputs of request-time sequences for this model's vocabularies
+        (:func:`user_tower_inputs`; the in-process and the Triton paths both start here)."""
+        return user_tower_inputs(sequences, self.post_vocab, self.author_vocab, self.params.max_sequence_length)
 
     def user_embeddings(self, sequences: Sequence[Sequence[tuple[int, int, str]]]) -> np.ndarray:
         """User-tower vectors of request-time action sequences (one forward for the batch).
@@ -505,13 +601,17 @@ class TwoTowerFit:
         Raises:
             ValueError: an entry has fewer than 3 fields, or its ids are not integers.
         """
-        torch = _torch()
         if len(sequences) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        packed = self.encode_sequences(sequences)
+        return self.user_vectors(self.user_tower_inputs(sequences))
+
+    def user_vectors(self, inputs: UserTowerInputs) -> np.ndarray:
+        """The user tower in-process on padded inputs (:meth:`user_tower_inputs`): float32 ``[B, D]``,
+        unit rows. ``serving.user_tower_export`` checks the ONNX export against this."""
+        torch = _torch()
         self.net.eval()
         with torch.inference_mode():
-            out = self.net.user_vectors(*packed.tensors())
+            out = self.net.user_vectors_padded(*inputs.tensors())
         return np.ascontiguousarray(out.numpy(), dtype=np.float32)
 
     # ------------------------------------------------------------ persistence
@@ -762,6 +862,6 @@ def next_engagement_recall(fit: TwoTowerFit, search: Callable[[np.ndarray, int],
     return out
 
 
-__all__ = ["CONTENT_FEATURES", "ITEM_COLUMNS", "TrainingExamples", "TwoTowerFit", "TwoTowerParams", "build_net",
-           "fit_two_tower", "latest_histories", "next_engagement_recall", "sampled_softmax_logq_loss",
-           "training_examples", "validation_cutoff"]
+__all__ = ["CONTENT_FEATURES", "ITEM_COLUMNS", "TrainingExamples", "TwoTowerFit", "TwoTowerParams", "UserTowerInputs",
+           "build_net", "fit_two_tower", "latest_histories", "next_engagement_recall", "sampled_softmax_logq_loss",
+           "training_examples", "user_tower_inputs", "user_tower_module", "validation_cutoff"]

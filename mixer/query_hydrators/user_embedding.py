@@ -18,8 +18,13 @@ class UserEmbeddingQueryHydrator(QueryHydrator):
     Declared after ``UserActionSequenceQueryHydrator``. While the sequence is unknown (None: its
     read failed) the vector stays None and its readers skip or degrade as before.
 
+    Where the tower runs is the handle's business (``candidate_sources.embedding.user_tower``):
+    in-process for a ``TwoTowerHandle``; on Triton, falling back to in-process on error, for a
+    ``mixer.query_hydrators.remote_user_tower.RemoteUserTowerHandle``.
+
     Args:
-        retrieval: the served two-tower (``models.registry.TwoTowerHandle``) or None (off).
+        retrieval: the served two-tower (``models.registry.TwoTowerHandle`` or its Triton-backed
+            ``RemoteUserTowerHandle``) or None (off).
         enabled: ``candidate_sources.embedding.enabled`` and ``action_sequence.enabled``.
     """
 

@@ -12,7 +12,7 @@ import torch
 
 from models.ann_index import AnnIndex, set_threads
 from models.two_tower import (
-    TwoTowerFit, TwoTowerParams, fit_two_tower, latest_histories, next_engagement_recall,
+    TwoTowerFit, TwoTowerParams, build_net, fit_two_tower, latest_histories, next_engagement_recall,
     sampled_softmax_logq_loss, training_examples, validation_cutoff,
 )
 from pipelines.sequences import ACTION_STRENGTH, ENGAGED_HEADS, engagement_sequences
@@ -220,6 +220,61 @@ def test_request_time_input_equals_the_training_input(planted):
     h = latest_histories(train, pd.Timestamp(train["ts"].max() + 1, unit="s", tz="UTC"), 64)
     u0 = train[train.user_id == 0].sort_values("ts", ascending=False)
     assert h[0] == [(int(p), int(a), str(x)) for p, a, x in zip(u0.post_id, u0.author_id, u0.action)]
+
+
+def test_user_tower_inputs_pad_truncate_and_map_ids(planted):
+    """The one tensorisation both the in-process tower and the Triton path use."""
+    _, _, _, _, fit, _ = planted
+    from models.two_tower import UserTowerInputs, user_tower_inputs
+
+    L = fit.params.max_sequence_length
+    long = [(i % 400, 10_000 + i % 400, "like") for i in range(L + 10)]
+    seqs = [[(5, 10_005, "long_view", 1.6e9), (999_999, 77, "no_such_action")], [], long]
+    x = fit.user_tower_inputs(seqs)
+    assert x.arrays().keys() == set(UserTowerInputs.NAMES) and list(x.arrays()) == list(UserTowerInputs.NAMES)
+    for name in ("post", "author", "action"):
+        assert getattr(x, name).dtype == np.int64 and getattr(x, name).shape == (3, L)
+    assert x.mask.dtype == np.float32 and x.mask.shape == (3, L)
+    np.testing.assert_array_equal(x.mask.sum(1), [2, 0, L])  # truncated to the newest L
+    # entry j of a row is the j-th newest; rows are the vocabularies' rows (+1), OOV / unknown -> 0
+    row5 = int(np.searchsorted(fit.post_vocab, 5)) + 1
+    assert x.post[0, :2].tolist() == [row5, 0] and x.author[0, 1] == 0
+    assert x.action[0, :2].tolist() == [ACTION_STRENGTH.index("long_view") + 1, 0]
+    # padding is all zeros, and the first L entries of a long history are read in order
+    assert not x.post[0, 2:].any() and not x.post[1].any() and not x.action[1].any()
+    np.testing.assert_array_equal(x.post[2], user_tower_inputs([long[:L]], fit.post_vocab, fit.author_vocab, L).post[0])
+    assert fit.user_tower_inputs([]).post.shape == (0, L)
+    with pytest.raises(ValueError, match="triples"):
+        fit.user_tower_inputs([[(1, 2)]])
+    # the request path is the tower on exactly these inputs (packed training path: the test below)
+    assert np.array_equal(fit.user_vectors(x), fit.user_embeddings(seqs))
+
+
+def test_the_onnx_user_tower_equals_the_in_process_tower(planted):
+    """``torch.onnx.export(dynamo=True)`` of the padded tower, batch dimension dynamic, run by
+    onnxruntime on the shared tensorisation: max |diff| <= 1e-5 (and a wrong model is caught)."""
+    seq, _, _, _, fit, _ = planted
+    from serving.export import ExportMismatchError, onnx_session
+    from serving.user_tower_export import INPUT_NAMES, OUTPUT_NAME, check_sequences, user_tower_to_onnx, verify_user_tower
+
+    model = user_tower_to_onnx(fit)
+    assert [i.name for i in model.graph.input] == list(INPUT_NAMES)
+    histories = list(latest_histories(seq, pd.Timestamp(seq["ts"].max() + 1, unit="s", tz="UTC"), 64).values())
+    checked = check_sequences(histories[:200], fit.params.max_sequence_length)
+    assert len(checked) == 203 and checked[200] == [] and len(checked[-1]) > fit.params.max_sequence_length
+    assert verify_user_tower(model, fit, checked) <= 1e-5
+    session = onnx_session(model)
+    for batch in (checked[:1], checked[:37]):  # the batch dimension is dynamic, 1 included
+        got = session.run([OUTPUT_NAME], fit.user_tower_inputs(batch).arrays())[0]
+        assert got.dtype == np.float32 and got.shape == (len(batch), fit.dim)
+        np.testing.assert_allclose(got, fit.user_embeddings(batch), rtol=0, atol=1e-5)
+    other = TwoTowerFit(net=build_net(len(fit.post_vocab), len(fit.author_vocab), len(fit.tag_vocab), fit.params),
+                        params=fit.params, post_vocab=fit.post_vocab, author_vocab=fit.author_vocab,
+                        tag_vocab=fit.tag_vocab)
+    with pytest.raises(ExportMismatchError, match="differs from the in-process tower"):
+        verify_user_tower(model, other, checked)
+    with pytest.raises(ValueError, match="no real sequences"):
+        check_sequences([[]], 64)
 
 
 def test_save_and_load_give_the_same_embeddings(planted, tmp_path):
