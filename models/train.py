@@ -281,6 +281,9 @@ def heavy_ablation(train_df: pd.DataFrame, valid_df: pd.DataFrame, params: Heavy
 
     Trains the heavy ranker once per group of ``groups`` (default ``schema.FEATURE_GROUPS``) with
     that group's features removed (same params and seed), and scores the validation rows. The
+    ``sequence_attention`` group (the sequence columns, read only by DIN attention) is the
+    exception while ``params.sequence_attention`` is off: its variant ``+sequence_attention``
+    trains with attention on instead (a change of the model, not of its inputs). The
     full model is also retrained with ``noise_seeds - 1`` other seeds: the spread of its request
     GAUC over seeds is the training noise a group's change must exceed to mean anything (on
     KuaiRand's 2 validation days about +-0.01 on click and long_view, more on rare heads).
@@ -291,7 +294,7 @@ def heavy_ablation(train_df: pd.DataFrame, valid_df: pd.DataFrame, params: Heavy
         log: receives one progress line per variant.
 
     Returns:
-        DataFrame, one row per variant (``all`` first, then ``-<group>``), columns ``variant``,
+        DataFrame, one row per variant (``all`` first, then ``-<group>`` / ``+sequence_attention``), columns ``variant``,
         ``removed`` (features dropped), ``<head>_request_gauc`` for every head,
         ``<head>_delta`` (variant minus ``all``; negative = the group helps) and ``mean_delta``
         over heads with >= ``ABLATION_MIN_POSITIVES`` validation positives; then, when
@@ -316,6 +319,12 @@ def heavy_ablation(train_df: pd.DataFrame, valid_df: pd.DataFrame, params: Heavy
     for i, (group, feats) in enumerate(groups.items(), 1):
         kept = tuple(n for n in names if n not in set(feats))
         started = time.monotonic()
+        if group == "sequence_attention" and not params.sequence_attention:
+            # the sequence columns are inputs only through attention: with it off, compare turning it on
+            p = fit_heavy_ranker(train_df, replace(params, sequence_attention=True), names, HEADS).predict(valid_df)
+            rows.append({"variant": f"+{group}", "removed": 0, **scores(p)})
+            log(f"[ablation {i}/{len(groups)}] +{group}: {time.monotonic() - started:.0f} s")
+            continue
         p = fit_heavy_ranker(train_df, params, kept, HEADS).predict(valid_df)
         rows.append({"variant": f"-{group}", "removed": len(names) - len(kept), **scores(p)})
         log(f"[ablation {i}/{len(groups)}] -{group}: {len(names) - len(kept)} features removed, "

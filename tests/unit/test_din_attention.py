@@ -130,7 +130,7 @@ def test_attention_learns_interests_that_only_the_sequence_reveals():
     frame = _interest_frame()
     train, test = frame[frame["date"] < 20220103], frame[frame["date"] == 20220103]
     params = HeavyRankerParams(hidden=(32,), tower=8, max_epochs=10, patience=3, num_threads=1, id_min_count=3,
-                               dropout=0.0, learning_rate=3e-3, batch_size=128)
+                               dropout=0.0, learning_rate=3e-3, batch_size=128, sequence_attention=True)
     din = fit_heavy_ranker(train, params, feature_names=NAMES)
     plain = fit_heavy_ranker(train, HeavyRankerParams(**{**params.__dict__, "sequence_attention": False}),
                              feature_names=NAMES)

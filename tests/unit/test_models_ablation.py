@@ -48,3 +48,21 @@ def test_text_table_marks_changes_within_the_noise(table):
     assert text.splitlines()[0].split()[:3] == ["variant", "removed", "click"]
     assert "seed spread" in text and "±" in text and "training noise" in text
     assert "-most" in text
+
+
+def test_with_attention_off_the_ablation_compares_turning_it_on():
+    from core.schema import SEQUENCE_ID_FEATURES
+    from tests.unit.test_din_attention import NAMES, _interest_frame
+
+    frame = _interest_frame(users=300, days=3)
+    frame["request_id"] = np.arange(len(frame)) // 24  # one request per user and day
+    last = frame["date"] == frame["date"].max()
+    params = HeavyRankerParams(hidden=(32,), tower=8, max_epochs=10, patience=3, num_threads=1, id_min_count=3,
+                               dropout=0.0, learning_rate=3e-3, batch_size=128)
+    assert not params.sequence_attention
+    table = heavy_ablation(frame[~last], frame[last], params, NAMES, groups={"sequence_attention": SEQUENCE_ID_FEATURES},
+                           noise_seeds=1, log=lambda line: None).set_index("variant")
+    assert table.index.tolist() == ["all", "+sequence_attention"]
+    assert table.loc["+sequence_attention", "removed"] == 0
+    # the interests only the sequence reveals: attention wins inside requests
+    assert table.loc["+sequence_attention", "click_delta"] > 0.05
