@@ -143,11 +143,25 @@ def _mixer_class():
     return MixerServer
 
 
+def _triton_models(state: StateDir) -> tuple[str, ...]:
+    """What Triton serves: both rankers, and the two-tower's user tower once one is registered."""
+    from models.registry import RankerNotFoundError, alias_version
+    from serving.triton.repository import RANKERS
+
+    try:
+        alias_version(TWO_TOWER_NAME, tracking_uri=state.mlflow_tracking_uri)
+    except RankerNotFoundError:
+        return tuple(RANKERS)
+    return (*RANKERS, TWO_TOWER_NAME)
+
+
 def _triton_sync(state: StateDir, args, running) -> None:
-    """Export the registry's aliased versions missing from the repository; reload a running server."""
+    """Export the registry's aliased versions missing from the repository (the rankers, and the
+    two-tower's user tower when registered); reload a running server."""
     from serving.export import validation_rows
-    from serving.triton.repository import sync_repository
+    from serving.triton.repository import RANKERS, sync_repository, sync_user_tower
     from serving.triton.server import repository_dir
+    from serving.user_tower_export import validation_sequences
 
     if running is None and args.action == "start":
         from serving.triton.install import TritonInstallation
@@ -155,6 +169,10 @@ def _triton_sync(state: StateDir, args, running) -> None:
         TritonInstallation.find()  # fail before exporting anything
     repo = running.repository if running is not None else repository_dir(state)
     report = sync_repository(state.mlflow_tracking_uri, repo, check_rows=lambda: validation_rows(state, n=args.rows))
+    for name in _triton_models(state):
+        if name not in RANKERS:
+            report[name] = sync_user_tower(name, state.mlflow_tracking_uri, repo,
+                                           check_sequences=lambda: validation_sequences(state, n=args.rows))
     for name, sync in report.items():
         aliases = ", ".join(f"{a}=v{v}" for a, v in sync.aliases.items())
         print(f"{name}: serving versions {list(sync.served)} ({aliases})")
@@ -163,6 +181,9 @@ def _triton_sync(state: StateDir, args, running) -> None:
                   f"on {e.rows_checked} rows, {e.seconds:.1f} s)")
     if running is not None:
         for name, sync in report.items():
+            if name not in running.models:
+                print(f"{name}: synced; it loads when Triton starts again (`home-mixer serve triton stop`, then `start`)")
+                continue
             if sync.changed or running.versions(name) != list(sync.served):
                 print(f"{name}: reloaded, ready versions {running.load(name)}")
             else:
@@ -229,7 +250,7 @@ def _mixer_token_action(state: StateDir, args, found) -> int:
 
 SERVICES: dict[str, ServiceSpec] = {
     "redis": ServiceSpec("redis", _redis_class, lambda state, args: _redis_class()(state, port=args.port)),
-    "triton": ServiceSpec("triton", _triton_class, lambda state, args: _triton_class()(state),
+    "triton": ServiceSpec("triton", _triton_class, lambda state, args: _triton_class()(state, models=_triton_models(state)),
                           before_start=_triton_sync, extra_actions={"sync": _triton_sync_action}),
     "bentoml": ServiceSpec("bentoml", _bento_class, lambda state, args: _bento_class()(state, port=args.port)),
     "mixer": ServiceSpec("mixer", _mixer_class, _make_mixer, extra_actions={"token": _mixer_token_action}),
@@ -632,7 +653,8 @@ def cmd_promote(args) -> int:
         previous = alias_version(name, args.alias, tracking_uri=uri)
     except RankerNotFoundError:
         previous = None
-    check = _promotion_check(state, name, args.version, args.alias, args.force)
+    # the gate compares rankers inside requests; the two-tower retrieves (held-out recall in its runs)
+    check = None if name == TWO_TOWER_NAME else _promotion_check(state, name, args.version, args.alias, args.force)
     if check is not None and not check.passed and not args.force:
         print(f"home-mixer: refused: {name} v{args.version} ranks worse than v{check.champion_version} "
               f"(@{args.alias}) inside requests on the validation days: request GAUC "
@@ -646,13 +668,17 @@ def cmd_promote(args) -> int:
         print(f"forced: v{args.version} is worse than v{check.champion_version} on "
               f"{check.describe(check.blocking_heads)}")
     triton = TritonServer.running(state)
-    if triton is not None:  # export the version if new, then (re)load it: no Triton restart
+    if triton is not None and name in triton.models:  # export the version if new, then (re)load it: no restart
         from serving.export import validation_rows
-        from serving.triton.repository import sync_repository
+        from serving.triton.repository import RANKERS, sync_repository, sync_user_tower
+        from serving.user_tower_export import validation_sequences
 
         try:
-            sync_repository(uri, triton.repo_dir, check_rows=lambda: validation_rows(state, n=2000),
-                            models=(name,))
+            if name in RANKERS:
+                sync_repository(uri, triton.repo_dir, check_rows=lambda: validation_rows(state, n=2000),
+                                models=(name,))
+            else:  # the two-tower: Triton serves its user tower
+                sync_user_tower(name, uri, triton.repo_dir, check_sequences=lambda: validation_sequences(state))
             print(f"triton: {name} ready versions {triton.load(name)} "
                   f"({time.monotonic() - started:.1f} s after promote)")
         except Exception as exc:  # the alias must not point at a version the servers cannot serve
@@ -925,7 +951,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "version's on any head with >= 100 positives, the promotion is refused (exit 1) unless "
                     "--force is given. Rolling back to an older version is the same check: use --force to "
                     "roll back to a worse version in an emergency.")
-    pr.add_argument("--model", choices=["light", "heavy"], required=True)
+    pr.add_argument("--model", choices=["light", "heavy", "two_tower"], required=True,
+                    help="two_tower has no request-GAUC gate (it retrieves; its runs log held-out recall)")
     pr.add_argument("--version", type=int, required=True)
     pr.add_argument("--alias", default="champion")
     pr.add_argument("--force", action="store_true",

@@ -228,7 +228,7 @@ def test_the_retrieval_score_embeds_posts_outside_the_registered_catalogue(train
     assert np.isfinite(out[1]) and out[1] == pytest.approx(float(fresh_vec @ user), abs=1e-5)
 
 
-def test_the_index_job_re_embeds_a_later_catalogue_with_the_champion_towers(trained, state):
+def test_the_index_job_re_embeds_a_later_catalogue_with_the_champion_towers(trained, state, monkeypatch):
     """``home-mixer index build``'s ANN step: the champion's towers, the catalogue as of a later
     cutoff (posts created since the training cutoff join it), a new registered version as champion."""
     from mlflow import MlflowClient
@@ -264,6 +264,13 @@ def test_the_index_job_re_embeds_a_later_catalogue_with_the_champion_towers(trai
                                    before.item_vectors[[old[p] for p in shared]], atol=1e-5)
         params = MlflowClient(state.mlflow_tracking_uri).get_run(res.run_id).data.params
         assert params["source_version"] == str(before.version) and params["index_kind"] == "hnsw"
+        # rollback through the CLI: the two-tower has no request-GAUC gate, and no Triton serves it here
+        from home_mixer.cli import main
+
+        monkeypatch.setenv("HOME_MIXER_STATE", str(state.root))  # --state exports it: restored after
+        assert main(["--state", str(state.root), "models", "promote", "--model", "two_tower",
+                     "--version", str(before.version)]) == 0
+        assert alias_version(TWO_TOWER_NAME, CHAMPION_ALIAS, state.mlflow_tracking_uri) == before.version
     finally:
         from models.registry import promote
 
