@@ -9,9 +9,8 @@ import torch
 from core.history_features import ATTENTION_LENGTH, SEQUENCE_ID_FEATURES
 from core.id_features import ID_BUCKETS, id_bucket, sequence_bucket_rows
 from core.schema import HEADS
-from models import metrics as M
 from models.features import InputNormalisation
-from models.heavy_ranker import HeavyRankerNet, HeavyRankerParams, fit_heavy_ranker
+from models.heavy_ranker import HeavyRankerNet
 
 IDS = ["id_post_bucket", "id_author_bucket"]
 NAMES = ["f0", *IDS, *SEQUENCE_ID_FEATURES]
@@ -101,7 +100,8 @@ def test_attention_model_exports_to_onnx_with_the_same_outputs(tmp_path):
 def _interest_frame(seed: int = 4, users: int = 400, per_user: int = 24, days: int = 3) -> pd.DataFrame:
     """Each user's sequence comes from one of 8 interest clusters of authors; a candidate is
     engaged with when its author is in the user's cluster (mostly not an author of the sequence).
-    Only the sequence says which cluster: the per-row features carry nothing."""
+    Only the sequence says which cluster: the per-row features carry nothing. (Learning it with
+    attention and not without: ``tests/unit/test_models_ablation.py``.)"""
     rng = np.random.default_rng(seed)
     clusters, authors_per = 8, 40
     cluster = rng.integers(0, clusters, users)
@@ -124,18 +124,3 @@ def _interest_frame(seed: int = 4, users: int = 400, per_user: int = 24, days: i
             frame["date"] = 20220101 + d
             rows.append(frame)
     return pd.concat(rows, ignore_index=True)
-
-
-def test_attention_learns_interests_that_only_the_sequence_reveals():
-    frame = _interest_frame()
-    train, test = frame[frame["date"] < 20220103], frame[frame["date"] == 20220103]
-    params = HeavyRankerParams(hidden=(32,), tower=8, max_epochs=10, patience=3, num_threads=1, id_min_count=3,
-                               dropout=0.0, learning_rate=3e-3, batch_size=128, sequence_attention=True)
-    din = fit_heavy_ranker(train, params, feature_names=NAMES)
-    plain = fit_heavy_ranker(train, HeavyRankerParams(**{**params.__dict__, "sequence_attention": False}),
-                             feature_names=NAMES)
-    assert din.model.attends and not plain.model.attends
-    auc_din = M.auc(test["click"], din.predict(test)[:, 0])
-    auc_plain = M.auc(test["click"], plain.predict(test)[:, 0])
-    print(f"click AUC with attention {auc_din:.3f}, without {auc_plain:.3f}")
-    assert auc_din > auc_plain + 0.05 and auc_din > 0.65
