@@ -259,7 +259,10 @@ def test_ablation_table_is_logged_in_the_heavy_run(frames, state):
     fast = HeavyRankerParams(hidden=(16,), tower=8, max_epochs=2, patience=1, num_threads=1)
     result = train_heavy(train, valid, state, register=False, params=fast, ablation=True, log=lambda line: None)
     table = result.ablation
-    assert table["variant"].tolist() == ["all", *(f"-{g}" for g in FEATURE_GROUPS), "seed spread"]
+    # attention is off by default: its group is compared by turning it on, the others by removal
+    assert not fast.sequence_attention
+    assert table["variant"].tolist() == ["all", *(("+" if g == "sequence_attention" else "-") + g for g in FEATURE_GROUPS),
+                                         "seed spread"]
     with mlflow_uris(state.mlflow_tracking_uri):
         raw = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/ablation.json")  # log_table's JSON
     logged = pd.DataFrame(raw["data"], columns=raw["columns"])
