@@ -77,6 +77,8 @@ from __future__ import annotations
 import re
 import struct
 
+import numpy as np
+
 from core.schema import FEATURE_VIEWS, FeatureViewSpec
 
 PREFIX = "hm:"
@@ -341,6 +343,29 @@ class FeastRedisLayout:
             parts.append(struct.pack("<IIq", _INT64, 8, int(join_values[k])))
         parts.append(self._project_bytes)
         return b"".join(parts)
+
+    def keys(self, view: str, name: str, values, **fixed: int) -> list[bytes]:
+        """Redis keys of ``view`` for every value of join key ``name``, the other join keys
+        ``fixed``: the bytes of :meth:`key`, packed at once with numpy (a request reads ~1,000 rows;
+        one ``key`` call per row cost about 1.2 µs, a tenth of that here).
+
+        Args:
+            values: int64-like ``[N]``; fixed: the other join keys' values.
+
+        Raises:
+            KeyError: a join key of ``view`` is neither ``name`` nor in ``fixed``.
+        """
+        ordered = self._sorted_keys[view]
+        vals = np.asarray(values, dtype=np.int64).reshape(-1)
+        body = np.empty((len(vals), len(ordered), 2), dtype="<u4")
+        body[:, :, 0], body[:, :, 1] = _INT64, 8
+        ints = np.empty((len(vals), len(ordered)), dtype="<i8")
+        for j, k in enumerate(ordered):
+            ints[:, j] = vals if k == name else int(fixed[k])
+        rows = np.concatenate([body, ints.view("<u4").reshape(len(vals), len(ordered), 2)], axis=2)
+        buf, width = rows.tobytes(), 16 * len(ordered)
+        head, tail = self._headers[view], self._project_bytes
+        return [head + buf[i:i + width] + tail for i in range(0, len(buf), width)]
 
     def feast_key(self, view: str, **join_values: int) -> bytes:
         """The same key built by Feast (``helpers._redis_key``); slower, for checks."""

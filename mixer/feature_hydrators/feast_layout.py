@@ -9,6 +9,8 @@ this reader (same answers).
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import numpy as np
 import pandas as pd
 import redis
@@ -167,15 +169,14 @@ class FeastLayoutFeatureHydrator(FeatureHydrator):
             cached, to_read = cache.get_many(posts)
         else:
             cached, to_read = {}, posts
-        # per second join key: the candidates' values and the distinct valid ones (>= 0), read once
-        pair_values = {key: [getattr(c, self.PAIR_KEYS[key]) for c in candidates]
+        # per second join key: the candidates' values and the distinct valid ones (>= 0, sorted), read once
+        pair_values = {key: np.fromiter(map(attrgetter(self.PAIR_KEYS[key]), candidates), dtype=np.int64, count=n)
                        for key in dict.fromkeys(k for _, k in self._pair_views)}
-        pair_distinct = {key: [x for x in dict.fromkeys(vals) if x >= 0] for key, vals in pair_values.items()}
+        pair_distinct = {key: np.unique(vals[vals >= 0]) for key, vals in pair_values.items()}
         # one script call: (view, keys) groups in this order, replies in the same order
         groups = [(v, [lay.key(v.name, user_id=uid)]) for v in self._user_views]
-        groups += [(v, [lay.key(v.name, post_id=pid) for pid in to_read]) for v in self._post_views] if to_read else []
-        groups += [(v, [lay.key(v.name, user_id=uid, **{key: x}) for x in pair_distinct[key]])
-                   for v, key in self._pair_views]
+        groups += [(v, lay.keys(v.name, "post_id", to_read)) for v in self._post_views] if to_read else []
+        groups += [(v, lay.keys(v.name, key, pair_distinct[key], user_id=uid)) for v, key in self._pair_views]
         failed = None
         try:
             read = guarded(self.health, lambda: self._read(groups)) if cache is not None else self._read(groups)
@@ -213,9 +214,9 @@ class FeastLayoutFeatureHydrator(FeatureHydrator):
             col += len(v.features)
         pair_pos = {}
         for key, distinct in pair_distinct.items():  # row len(distinct) of a block is the all-NaN row
-            index = {x: i for i, x in enumerate(distinct)}
-            pair_pos[key] = np.fromiter((index.get(x, len(distinct)) for x in pair_values[key]),
-                                        dtype=np.int64, count=n)
+            vals = pair_values[key]
+            at = np.searchsorted(distinct, vals)
+            pair_pos[key] = np.where(vals >= 0, at, len(distinct))  # every valid value is in distinct
         for v, key in self._pair_views:
             width = len(v.features)
             rows = np.vstack([next(blocks), np.full((1, width), np.nan)]) if blocks else np.full((1, width), np.nan)

@@ -27,6 +27,20 @@ def test_template_keys_equal_feast_redis_key():
     assert k.index(b"author_id") < k.index(b"user_id")
 
 
+def test_batched_keys_equal_one_key_at_a_time_and_feast_redis_key():
+    layout = FeastRedisLayout("home_mixer")
+    values = np.array([0, 1, 7_583, 2**40, -5], dtype=np.int64)
+    for name, spec in layout.views.items():
+        vary = [k for k in spec.join_keys if k != "user_id"] or ["user_id"]
+        fixed = {k: 123_456 for k in spec.join_keys if k != vary[0]}
+        batch = layout.keys(name, vary[0], values, **fixed)
+        assert batch == [layout.key(name, **fixed, **{vary[0]: int(x)}) for x in values]
+        assert batch[2] == layout.feast_key(name, **fixed, **{vary[0]: 7_583})
+    assert layout.keys("user_features", "user_id", []) == []
+    with pytest.raises(KeyError):
+        layout.keys("social_features", "author_id", values)  # user_id neither varies nor is fixed
+
+
 def test_only_serialization_v3():
     with pytest.raises(ValueError, match="version 3"):
         FeastRedisLayout("home_mixer", entity_key_serialization_version=2)
