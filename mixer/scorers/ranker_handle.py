@@ -56,7 +56,7 @@ def predict_matrix(handle: RankerHandle, frame: pd.DataFrame, role: str) -> tupl
     """
     from mixer.scorers.remote import predict_with_path
 
-    raw, path = predict_with_path(handle, frame[list(handle.feature_names)])
+    raw, path = predict_with_path(handle, frame)  # each path takes its columns (no copy of the frame here)
     out = np.asarray(raw, dtype="float64")
     if out.ndim == 1:
         out = out.reshape(-1, 1)

@@ -41,6 +41,13 @@ def test_feature_matrix_of_a_float_frame_equals_the_column_by_column_path():
     assert x.dtype == np.float32 and x.flags["C_CONTIGUOUS"] and np.isnan(x[0, 3]) and np.isnan(x[1, 2])
     np.testing.assert_array_equal(x, feature_matrix(mixed, names))
     np.testing.assert_array_equal(x[:, 1], np.where(np.isfinite(block[:, 0]), block[:, 0], np.nan).astype(np.float32))
+    # the three fast paths agree: an all-float frame (whole block), floats beside a non-float column
+    # (selected columns only), repeated column names (by name)
+    with_dates = floats.assign(date=pd.Timestamp("2022-05-03"), label="x")
+    np.testing.assert_array_equal(x, feature_matrix(with_dates, names))
+    repeated = pd.concat([floats, floats[["a"]]], axis=1)
+    assert not repeated.columns.is_unique
+    np.testing.assert_array_equal(x[:, [0, 2, 3]], feature_matrix(repeated, ["f", "c", "b"]))
 
 
 def test_feature_matrix_lists_every_missing_column():
