@@ -17,13 +17,13 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 # The canonical follow graph (parquet, StateDir.table("follow_graph")): the edge user_id -> author_id
 # (the follower and the followee, named as the social-edge columns of core.schema), when it was
 # loaded (UTC), and where it came from ("snap:<file>", "generated:seed=<s>", "kuairand").
 FOLLOW_GRAPH_COLUMNS: tuple[str, ...] = ("user_id", "author_id", "event_ts", "source")
-_CHUNK_LINES = 1_000_000
 
 
 class EdgeListError(ValueError):
@@ -94,19 +94,24 @@ def _parse_lines(lines: list[str], path: Path, first_line: int) -> tuple[np.ndar
     raise EdgeListError(f"{path}: lines {first_line + 1}-{first_line + len(lines)} could not be parsed")
 
 
-def write_edge_list(path: str | Path, follower: np.ndarray, followee: np.ndarray, header: str = "") -> Path:
+def write_edge_list(path: str | Path, follower: np.ndarray, followee: np.ndarray, header: str = "",
+                    chunk_edges: int = 2_000_000) -> Path:
     """Write ``follower followee`` lines (tab-separated, SNAP style) with ``header`` as ``#`` comments;
-    gzipped if ``path`` ends in ``.gz``. Returns the path."""
+    gzipped (level 1: 30M edges in seconds, not minutes) if ``path`` ends in ``.gz``. Arrow's CSV
+    writer formats the ids (numpy's ``savetxt`` formats row by row in Python). Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     follower = np.asarray(follower, dtype=np.int64)
     followee = np.asarray(followee, dtype=np.int64)
-    with _open_text(path, "w") as fh:
-        for line in header.splitlines():
-            fh.write(f"# {line}\n")
-        for start in range(0, follower.size, _CHUNK_LINES):
-            pair = np.stack([follower[start:start + _CHUNK_LINES], followee[start:start + _CHUNK_LINES]], axis=1)
-            np.savetxt(fh, pair, fmt="%d", delimiter="\t")
+    options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+    opener = (lambda: gzip.open(path, "wb", compresslevel=1)) if path.suffix == ".gz" else (lambda: open(path, "wb"))
+    with opener() as fh:
+        fh.write("".join(f"# {line}\n" for line in header.splitlines()).encode("utf-8"))
+        for start in range(0, follower.size, chunk_edges):
+            buf = pa.BufferOutputStream()
+            pacsv.write_csv(pa.table({"follower": follower[start:start + chunk_edges],
+                                      "followee": followee[start:start + chunk_edges]}), buf, options)
+            fh.write(buf.getvalue().to_pybytes())
     return path
 
 
