@@ -1198,7 +1198,7 @@ def build_parser() -> argparse.ArgumentParser:
     gg.add_argument("--out", help="also write the graph as a SNAP edge list (.gz: gzipped)")
     gk = grsub.add_parser("kuairand", help="KuaiRand's graph: explicit follows plus engaged authors "
                                            "(pipelines.graph.kuairand documents the rule)")
-    gk.add_argument("--min-weight", type=float, default=6.0,
+    gk.add_argument("--min-weight", type=float, default=2.0,
                     help="RealGraph-style engagement weight that makes an engaged author a followee")
     for g in (gl, gg, gk):
         g.add_argument("--no-load", action="store_true", help="write the canonical table only, not Redis")

@@ -9,9 +9,15 @@ author. Rule of ``kuairand_follow_graph``: a user follows an author if
   head's ``core.schema.ENGAGEMENT_EDGE_WEIGHTS``, added to the engagement weight), or
 - the summed RealGraph-style weight of the user's engagements with the author's posts before
   ``as_of`` (per impression: click 1 + long view 1 + like 3 + comment 4 + forward 4 + follow 5,
-  ``pipelines.canonical.engagement_weight``) is at least ``min_weight`` (default 6: three posts
-  clicked and watched through, or one liked, clicked and watched plus one more view; a single
-  casual view is not a follow).
+  ``pipelines.canonical.engagement_weight``) is at least ``min_weight`` (default 2: one of the
+  author's posts clicked and watched through, or liked, commented or forwarded; a click alone is
+  not a follow).
+
+Why 2 and not a repeated-interaction rule as RealGraph's: KuaiRand's log almost never shows a user
+engaging twice with one author (of 75,668 engaged user-author pairs, 419 have two engaged posts), so
+a rule asking for repetition leaves ~1 followee per user. On KuaiRand-Pure the default gives 54,144
+edges (mean 3.0 followees over the users who have any, 3,829 authors, at most 505 followers);
+``min_weight`` 3 gives 3,854, 6 gives 730.
 
 The weight kept on the edge ranks a user's followees (the read path pulls the strongest
 celebrities first).
@@ -26,7 +32,7 @@ import pandas as pd
 from core.schema import ENGAGEMENT_EDGE_WEIGHTS
 from pipelines.streaming.events import PostCreatedEvent
 
-DEFAULT_MIN_WEIGHT = 6.0
+DEFAULT_MIN_WEIGHT = 2.0
 
 
 def kuairand_follow_graph(social_edges: pd.DataFrame, as_of: datetime | pd.Timestamp | str | None = None,

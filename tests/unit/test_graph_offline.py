@@ -108,18 +108,19 @@ def _edges(rows):
         event_ts=lambda f: pd.to_datetime(f["event_ts"], utc=True))
 
 
-def test_kuairand_graph_keeps_follows_and_repeatedly_engaged_authors():
+def test_kuairand_graph_keeps_follows_and_engaged_authors_above_the_weight():
     edges = _edges([
         (1, 10, "2022-04-08", "follow", 1.0),         # explicit follow: in, weight 5
-        (1, 11, "2022-04-08", "engagement", 2.0),     # one casual view: out
-        (1, 12, "2022-04-08", "engagement", 5.0),
-        (1, 12, "2022-04-09", "engagement", 2.0),     # 7 >= 6: in
+        (1, 11, "2022-04-08", "engagement", 1.0),     # a click alone: out
+        (1, 12, "2022-04-08", "engagement", 2.0),     # clicked and watched through: in
+        (1, 12, "2022-04-09", "engagement", 3.0),     # weights add up: 5
         (2, 12, "2022-05-01", "engagement", 9.0),     # after as_of: out
         (3, 3, "2022-04-08", "follow", 1.0),          # self: out
     ])
     g = kuairand_follow_graph(edges, as_of="2022-04-20")
     assert list(zip(g["user_id"], g["author_id"], g["weight"], g["kind"])) == [
-        (1, 12, 7.0, "engagement"), (1, 10, 5.0, "follow")]
+        (1, 10, 5.0, "follow"), (1, 12, 5.0, "engagement")]
+    assert len(kuairand_follow_graph(edges, as_of="2022-04-20", min_weight=6)) == 1  # the follow alone
 
 
 def test_post_created_events_come_in_creation_order_with_stable_ids():
