@@ -62,8 +62,8 @@ Social graph and home timelines (``pipelines.graph``). Every key carries a Redis
 slot and every script touches one slot. A follow edge joins two users, so it is applied as two
 single-slot halves (``graph_edge.lua`` on the follower, then on the followee), each idempotent by its
 own seen marker; fan-out and the follow backfill write one user's timeline per command (a pipeline
-spans slots, a command does not). The one global key is ``DELETED_POSTS`` (one slot, read once per
-request with ``ZMSCORE``). Counts are ``SCARD`` of the sets (O(1) in Redis: a separate counter could
+spans slots, a command does not). The two global keys are ``DELETED_POSTS`` and
+``FANOUT_CELEBRITIES`` (one slot each, read once per request with ``ZMSCORE``). Counts are ``SCARD`` of the sets (O(1) in Redis: a separate counter could
 drift from its set, ``SCARD`` cannot). Timeline members are ``"post_id|author_id"``
 (``encode_timeline_entry``), as Twitter's timeline service keeps (tweet id, author id) pairs, so the
 read path filters unfollowed / blocked / muted authors without another lookup.
@@ -77,6 +77,7 @@ read path filters unfollowed / blocked / muted authors without another lookup.
 | ``home_timeline(user_id)`` | ``hm:{u:{user_id}}:timeline`` | zset (capped, ``fanout.timeline_length``) | ``"post_id|author_id"`` -> created time (epoch s) of the followees' posts | ``FanoutWorker``, follow backfill (``SocialGraphWriter``) | ``HomeTimelineReader`` (lazy cleanup: ``ZREM``) |
 | ``user_posts(user_id)`` | ``hm:{u:{user_id}}:posts`` | zset (capped) | ``"post_id|author_id"`` -> created time: the author's own timeline | ``FanoutWorker`` | follow backfill, celebrity pulls (read path) |
 | ``fanout_progress(post_id)`` | ``hm:{p:{post_id}}:fanout`` | hash (TTL) | ``cursor`` (``SSCAN`` cursor of the next page), ``pages`` written, ``done`` (``celebrity``: skipped) | ``FanoutWorker`` | ``FanoutWorker`` (a restarted worker resumes at ``cursor``) |
+| ``FANOUT_CELEBRITIES`` | ``hm:fanout:celebrities`` | zset | author_id -> followers when the fan-out last skipped the author's post: the authors whose posts are pulled at read | ``FanoutWorker`` (``ZADD`` on a skip, ``ZREM`` on a push) | ``HomeTimelineReader`` (celebrity pulls) |
 | ``DELETED_POSTS`` | ``hm:deleted_posts`` | zset | post_id -> deletion time (epoch s): tombstones honoured at read | ``SocialGraphStore.delete_post`` | ``HomeTimelineReader`` |
 
 Event bus (``pipelines.streaming.bus.RedisStreamsBus``; stream ids ``"<ms>-<seq>"``, Redis server time):
@@ -279,8 +280,9 @@ def rt_social_ts(user_id: int) -> str:
 
 # ---------------------------------------------------------------- social graph and home timelines
 DELETED_POSTS = "hm:deleted_posts"
+FANOUT_CELEBRITIES = "hm:fanout:celebrities"
 # Every key family of the graph and timelines (a bench or a test resets them with these).
-GRAPH_KEY_PATTERNS: tuple[str, ...] = ("hm:{u:*", "hm:{p:*", DELETED_POSTS)
+GRAPH_KEY_PATTERNS: tuple[str, ...] = ("hm:{u:*", "hm:{p:*", DELETED_POSTS, FANOUT_CELEBRITIES)
 
 
 def _user_tag(user_id: int) -> str:

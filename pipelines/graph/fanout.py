@@ -5,8 +5,9 @@ several (processes or machines) and the bus splits the posts between them. For e
 ``PostCreatedEvent`` of author A:
 
 1. The post goes into A's own timeline (``user_posts``, capped), always.
-2. If A has more than ``celebrity_threshold`` followers, that is all: the read path pulls A's
-   latest posts (Twitter's hybrid: no million writes per celebrity post).
+2. If A has more than ``celebrity_threshold`` followers, A is listed in ``FANOUT_CELEBRITIES`` and
+   that is all: the read path pulls A's latest posts (Twitter's hybrid: no million writes per
+   celebrity post). A post of an author at or below the threshold takes A off the list.
 3. Otherwise the worker reads A's followers in pages (``SSCAN``, ``page_size``) and, per page, one
    pipeline: ``ZADD`` of ``"post|author"`` -> created time into each follower's ``home_timeline``,
    ``ZREMRANGEBYRANK`` to keep the newest ``timeline_length``, then the post's checkpoint
@@ -113,8 +114,9 @@ class FanoutWorker:
         if state.get("done"):
             return self._finish("duplicate", event, followers, 0, 0, 0)
         if followers > s.celebrity_threshold:
-            self.client.pipeline(transaction=False).hset(progress, mapping={"done": 1, "celebrity": 1}) \
-                .expire(progress, s.progress_ttl_s).execute()
+            # the read path pulls the posts of the authors listed here
+            self.client.pipeline(transaction=False).zadd(keys.FANOUT_CELEBRITIES, {str(author): followers}) \
+                .hset(progress, mapping={"done": 1, "celebrity": 1}).expire(progress, s.progress_ttl_s).execute()
             return self._finish("celebrity_skipped", event, followers, 0, 0, 0)
         start = cursor = state.get("cursor", 0)
         delivered = pages = 0
@@ -137,7 +139,9 @@ class FanoutWorker:
             self.metrics.deliveries.inc(new)
             if pause and cursor:
                 time.sleep(pause)
-        self.client.pipeline(transaction=False).hset(progress, "done", 1).expire(progress, s.progress_ttl_s).execute()
+        # pushed: not (or no longer, after falling below the threshold) an author to pull
+        self.client.pipeline(transaction=False).zrem(keys.FANOUT_CELEBRITIES, str(author)) \
+            .hset(progress, "done", 1).expire(progress, s.progress_ttl_s).execute()
         return self._finish("fanned_out", event, followers, delivered, pages, start)
 
     def _finish(self, outcome: str, event: PostCreatedEvent, followers: int, delivered: int, pages: int,

@@ -67,61 +67,120 @@ def filter_timeline(members: list[tuple[bytes | str, float]], followed: Collecti
     return TimelineFilterResult(kept, stale, hidden)
 
 
+@dataclass(frozen=True)
+class HomeTimelineRead:
+    """What ``HomeTimelineReader.read`` returns.
+
+    Attributes:
+        entries: the showable posts, newest first, at most ``limit``: pushed ones and those pulled
+            from followed celebrities, one per post id.
+        pulled: post ids among ``entries`` that came from celebrity pulls.
+        celebrities: the followed celebrities pulled, strongest edge first.
+        stale: members removed from the pushed timeline (deleted / unfollowed / blocked).
+        hidden: muted entries skipped.
+    """
+
+    entries: list[TimelineEntry]
+    pulled: frozenset[int]
+    celebrities: list[int]
+    stale: list[bytes | str]
+    hidden: int
+
+
 class HomeTimelineReader:
-    """Reads a user's pushed home timeline with ``filter_timeline`` applied, in two round trips
-    (the timeline; then the authors' follow flags and the posts' tombstones), and removes stale
-    entries (module docstring) in a third, fire-and-forget one only when there are any.
+    """A user's home timeline as the in-network source serves it: the pushed timeline with
+    ``filter_timeline`` applied, merged with the latest posts of the followed celebrities (the
+    authors the fan-out skipped, ``FANOUT_CELEBRITIES``), pulled at read (Twitter's hybrid).
+
+    Round trips: (1) the newest pushed entries created at or before ``until`` and the user's
+    followees; (2) the entries' tombstones and which followees are celebrities; (3) the strongest
+    ``max_celebrity_pulls`` celebrities' latest posts (only when there are any). A window whose
+    entries are mostly filtered out reads the next one (at most ``max_rounds``). Stale entries are
+    removed in one more, fire-and-forget ``ZREM`` (a failure there only delays the cleanup).
 
     Args:
         client: ``redis.Redis`` of the online store.
-        overscan: read this many times ``limit`` entries, so filtered ones leave ``limit`` to show.
+        overscan: read this many times ``limit`` pushed entries, so filtered ones leave ``limit``.
+        max_rounds: pushed windows read at most per call.
     """
 
-    def __init__(self, client: redis.Redis, overscan: float = 1.5):
-        if overscan < 1:
-            raise ValueError(f"overscan must be >= 1, got {overscan}")
+    def __init__(self, client: redis.Redis, overscan: float = 1.5, max_rounds: int = 4):
+        if overscan < 1 or max_rounds < 1:
+            raise ValueError(f"need overscan >= 1 and max_rounds >= 1, got {overscan}, {max_rounds}")
         self.client = client
         self.overscan = overscan
+        self.max_rounds = max_rounds
 
-    def read(self, user_id: int, limit: int, blocked: Collection[int] = (), muted: Collection[int] = (),
-             cleanup: bool = True, max_rounds: int = 4) -> TimelineFilterResult:
-        """The newest ``limit`` showable entries of ``user_id``'s home timeline (fewer if it has fewer).
+    def read(self, user_id: int, limit: int, *, until: float | str = "+inf", blocked: Collection[int] = (),
+             muted: Collection[int] = (), strength: dict[int, float] | None = None, max_celebrity_pulls: int = 0,
+             posts_per_celebrity: int = 20, cleanup: bool = True) -> HomeTimelineRead:
+        """The newest ``limit`` showable posts of ``user_id``'s home timeline created at or before
+        ``until`` (epoch s; a replayed request time sees only older posts).
 
-        Reads ``limit * overscan`` entries; when the filter leaves fewer than ``limit``, reads the
-        next window too, at most ``max_rounds`` windows (a timeline of mostly stale entries costs
-        a bounded number of round trips; the cleanup shrinks it for the next read).
+        Args:
+            blocked, muted: the user's blocked / muted authors (query hydration has them).
+            strength: author -> edge strength (e.g. RealGraph engagement weight); celebrities are
+                pulled strongest first, then by follower count.
+            max_celebrity_pulls: followed celebrities pulled at most (0: pushed timeline only).
+            posts_per_celebrity: latest posts pulled per celebrity.
 
         Raises:
             redis.RedisError: the store is unreachable (the candidate source fails open on it).
         """
         if limit < 1:
-            return TimelineFilterResult([], [], 0)
-        key = keys.home_timeline(user_id)
-        window = max(int(limit * self.overscan), limit + 1)
-        kept, stale, hidden = [], [], 0
-        for start in range(0, window * max_rounds, window):
-            members = self.client.zrevrange(key, start, start + window - 1, withscores=True)
-            if members:
-                res = self._filter(user_id, members, blocked, muted)
-                kept += res.kept
-                stale += res.stale
-                hidden += res.hidden
+            return HomeTimelineRead([], frozenset(), [], [], 0)
+        key, window = keys.home_timeline(user_id), max(int(limit * self.overscan), limit + 1)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrevrangebyscore(key, until, "-inf", start=0, num=window, withscores=True)
+        pipe.smembers(keys.graph_followees(user_id))
+        members, followees = pipe.execute()
+        followed = {int(a) for a in followees}
+        pulls = sorted(followed) if max_celebrity_pulls > 0 else []
+        kept, stale, hidden, celeb_counts = [], [], 0, None
+        for start in range(0, window * self.max_rounds, window):
+            if start:
+                members = self.client.zrevrangebyscore(key, until, "-inf", start=start, num=window, withscores=True)
+            decoded = [keys.decode_timeline_entry(m) for m, _ in members]
+            pipe = self.client.pipeline(transaction=False)
+            if decoded:
+                pipe.zmscore(keys.DELETED_POSTS, [str(p) for p, _ in decoded])
+            if celeb_counts is None and pulls:
+                pipe.zmscore(keys.FANOUT_CELEBRITIES, [str(a) for a in pulls])
+            got = pipe.execute() if len(pipe) else []
+            tombstones = got.pop(0) if decoded else []
+            if celeb_counts is None:
+                celeb_counts = {a: c for a, c in zip(pulls, got[0])} if pulls else {}
+            deleted = {p for (p, _), t in zip(decoded, tombstones) if t is not None}
+            res = filter_timeline(members, followed, deleted, blocked, muted)
+            kept += res.kept
+            stale += res.stale
+            hidden += res.hidden
             if len(kept) >= limit or len(members) < window:
                 break
+        strength = strength or {}
+        celebrities = sorted((a for a, c in celeb_counts.items() if c is not None and a not in blocked
+                              and a not in muted), key=lambda a: (-strength.get(a, 0.0), -celeb_counts[a], a))
+        celebrities = celebrities[:max_celebrity_pulls]
+        pulled: set[int] = set()
+        if celebrities:
+            pipe = self.client.pipeline(transaction=False)
+            for a in celebrities:
+                pipe.zrevrangebyscore(keys.user_posts(a), until, "-inf", start=0, num=posts_per_celebrity,
+                                      withscores=True)
+            have = {e.post_id for e in kept}
+            for posts in pipe.execute():
+                for member, score in posts:
+                    post, author = keys.decode_timeline_entry(member)
+                    if post not in have:  # an author who crossed the threshold: pushed and pulled
+                        have.add(post)
+                        pulled.add(post)
+                        kept.append(TimelineEntry(post, author, float(score)))
+        kept.sort(key=lambda e: (-e.created_ts, -e.post_id))
+        kept = kept[:limit]
         if cleanup and stale:
-            self.client.zrem(key, *stale)
-        return TimelineFilterResult(kept[:limit], stale, hidden)
-
-    def _filter(self, user_id: int, members: list, blocked: Collection[int],
-                muted: Collection[int]) -> TimelineFilterResult:
-        """One window: the authors' follow flags and the posts' tombstones in one round trip, then
-        ``filter_timeline``."""
-        decoded = [keys.decode_timeline_entry(m) for m, _ in members]
-        authors = sorted({a for _, a in decoded})
-        pipe = self.client.pipeline(transaction=False)
-        pipe.smismember(keys.graph_followees(user_id), authors)
-        pipe.zmscore(keys.DELETED_POSTS, [str(p) for p, _ in decoded])
-        follow_flags, tombstones = pipe.execute()
-        followed = {a for a, f in zip(authors, follow_flags) if f}
-        deleted = {p for (p, _), t in zip(decoded, tombstones) if t is not None}
-        return filter_timeline(members, followed, deleted, blocked, muted)
+            try:
+                self.client.zrem(key, *stale)
+            except redis.RedisError:
+                pass  # the next read removes them
+        shown = {e.post_id for e in kept}
+        return HomeTimelineRead(kept, frozenset(pulled & shown), celebrities, stale, hidden)

@@ -149,11 +149,11 @@ def test_the_bus_drives_fanout_and_the_reader_honours_deletes_unfollows_blocks_a
     redis_client.srem(keys.graph_followees(1), 11)  # as an unfollow leaves it
     reader = HomeTimelineReader(redis_client)
     res = reader.read(1, limit=10, blocked={12}, muted={13})
-    assert [(e.post_id, e.author_id) for e in res.kept] == [(1, 10)]
+    assert [(e.post_id, e.author_id) for e in res.entries] == [(1, 10)]
     assert res.hidden == 1
     # lazy cleanup: deleted, unfollowed and blocked entries are gone from the store; the muted one stays
     assert _timeline(redis_client, 1) == ["4|13", "1|10"]
-    assert [e.post_id for e in reader.read(2, limit=1).kept] == [1]  # user 2 never saw the deleted 5
+    assert [e.post_id for e in reader.read(2, limit=1).entries] == [1]  # user 2 never saw the deleted 5
 
 
 # ---------------------------------------------------------------- a worker SIGKILLed mid-post
@@ -222,3 +222,38 @@ def test_a_worker_killed_mid_post_loses_and_doubles_nothing(redis_server, redis_
     assert pages_total <= pages_needed + 1 < pages_needed + int(pages_before), (pages_total, pages_needed)
     backlog = bus.backlog("posts", "fanout")
     assert backlog.pending == 0 and backlog.lag == 0
+
+
+# ---------------------------------------------------------------- the read path (must-have 3)
+def test_the_in_network_source_merges_the_pushed_timeline_with_celebrity_pulls(redis_client):
+    from mixer.candidate import Query
+    from mixer.candidate_sources.in_network import InNetworkCandidateSource
+
+    settings = FanoutSettings(celebrity_threshold=2)
+    store = SocialGraphStore(redis_client)
+    # user 1 follows 10 (1 follower: pushed) and celebrities 20, 21, 22 (3 followers each: pulled)
+    store.load_edges(np.array([1, 1, 1, 1, 2, 3, 2, 3, 2, 3]), np.array([10, 20, 21, 22, 20, 20, 21, 21, 22, 22]))
+    worker = FanoutWorker(redis_client, RedisStreamsBus(redis_client), settings)
+    for post, author, t in ((1, 10, 100), (2, 20, 200), (3, 21, 300), (4, 22, 400), (5, 10, 500), (6, 20, 900)):
+        worker.fan_out(_post(post, author, dt_s=t))
+    assert _timeline(redis_client, 1) == ["5|10", "1|10"]  # only the normal author was pushed
+    source = InNetworkCandidateSource(redis_client, max_candidates=10, posts_per_author=5, read="timeline",
+                                      max_celebrity_pulls=2)
+    now = (T0 + timedelta(seconds=600)).timestamp()  # post 6 is in the future of this request
+    query = Query(1, 10, now, "r", engaged_authors={22: 4.0, 21: 1.0}, muted_authors=frozenset({99}))
+    got = source.fetch(query)
+    # pushed 5, 1 + the two strongest celebrities (22, then 21) pulled; 20 is beyond max_celebrity_pulls;
+    # newest first, one list
+    assert [(c.post_id, c.author_id) for c in got] == [(5, 10), (4, 22), (3, 21), (1, 10)]
+    assert [c.source_score for c in got] == [1.0, 5.0, 2.0, 1.0]  # engagement weight + 1: all followed
+    assert all(c.in_network and c.source == "in_network" for c in got)
+    reader = HomeTimelineReader(redis_client)
+    read = reader.read(1, 10, until=now, strength=query.engaged_authors, max_celebrity_pulls=3)
+    assert read.celebrities == [22, 21, 20] and read.pulled == {2, 3, 4}
+    # unfollowing a celebrity stops its pulls; blocking one hides it; a deleted pulled post is gone
+    redis_client.srem(keys.graph_followees(1), 22)
+    store.delete_post(3, 21)
+    read = reader.read(1, 10, until=now, blocked={20}, max_celebrity_pulls=3)
+    assert [e.post_id for e in read.entries] == [5, 1] and read.celebrities == [21]
+    # without pulls (a user who follows no celebrity, or max_celebrity_pulls 0) only the pushed entries
+    assert [e.post_id for e in reader.read(1, 10, until=now).entries] == [5, 1]

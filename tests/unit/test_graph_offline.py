@@ -13,7 +13,7 @@ import pytest
 
 from core import online_layout as keys
 from core.state import StateDir
-from pipelines.graph.config import FanoutConfigError, load_fanout_config
+from pipelines.graph.config import FanoutConfigError, FanoutSettings, load_fanout_config
 from pipelines.graph.edges import EdgeListError, read_edge_list, write_edge_list, write_follow_graph
 from pipelines.graph.generator import KWAK_FOLLOWER_EXPONENT, fit_power_law_exponent, generate_follow_graph
 from pipelines.graph.kuairand import kuairand_follow_graph, post_created_events
@@ -136,6 +136,7 @@ def test_post_created_events_come_in_creation_order_with_stable_ids():
 def test_fanout_settings_default_and_file_and_errors(tmp_path):
     s = load_fanout_config()
     assert (s.celebrity_threshold, s.timeline_length, s.page_size) == (10_000, 800, 500)
+    assert s == FanoutSettings()  # the YAML's defaults are the model's (the mixer's config embeds the model)
     path = tmp_path / "f.yaml"
     path.write_text("fanout:\n  celebrity_threshold: 100\n")
     assert load_fanout_config(path).celebrity_threshold == 100

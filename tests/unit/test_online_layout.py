@@ -72,6 +72,7 @@ GOLDEN: dict[str, tuple[tuple, str]] = {
     "user_posts": ((3,), "hm:{u:3}:posts"),
     "fanout_progress": ((10,), "hm:{p:10}:fanout"),
     "DELETED_POSTS": ((), "hm:deleted_posts"),
+    "FANOUT_CELEBRITIES": ((), "hm:fanout:celebrities"),
 }
 
 
