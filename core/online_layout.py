@@ -283,6 +283,22 @@ DELETED_POSTS = "hm:deleted_posts"
 FANOUT_CELEBRITIES = "hm:fanout:celebrities"
 # Every key family of the graph and timelines (a bench or a test resets them with these).
 GRAPH_KEY_PATTERNS: tuple[str, ...] = ("hm:{u:*", "hm:{p:*", DELETED_POSTS, FANOUT_CELEBRITIES)
+# SCAN pattern of every user's followee set (``SocialGraphStore.snapshot``); ``graph_key_user`` parses one.
+GRAPH_FOLLOWEES_PATTERN = "hm:{u:*}:followees"
+
+
+def graph_key_user(key: bytes | str) -> int:
+    """The user id of a graph key (``hm:{u:123}:...`` -> 123).
+
+    Raises:
+        ValueError: not a key of ``_user_tag``'s form.
+    """
+    text = key.decode() if isinstance(key, bytes) else key
+    head, sep, rest = text.partition("{u:")
+    uid, close, _ = rest.partition("}")
+    if head != PREFIX or not sep or not close or not uid.isdigit():
+        raise ValueError(f"{text!r} is not a graph key of the form hm:{{u:<id>}}:...")
+    return int(uid)
 
 
 def _user_tag(user_id: int) -> str:

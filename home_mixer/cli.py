@@ -843,7 +843,8 @@ def cmd_stream(args) -> int:
 
 def cmd_graph(args) -> int:
     """``graph load PATH`` / ``graph generate`` / ``graph kuairand``: the follow graph into Redis
-    (both directions) and the canonical ``follow_graph`` table."""
+    (both directions) and the canonical ``follow_graph`` table; ``graph export``: that table from
+    what Redis holds now (streamed edge changes included)."""
     import numpy as np
     import redis
     from tqdm import tqdm
@@ -853,6 +854,13 @@ def cmd_graph(args) -> int:
     from pipelines.graph.store import SocialGraphStore
 
     state = _state(args)
+    if args.action == "export":
+        client = redis.Redis.from_url(jobs.redis_url_for(state))
+        follower, followee = SocialGraphStore(client).snapshot()
+        client.close()
+        path = write_follow_graph(state, follower, followee, "redis-snapshot")
+        print(f"canonical table {path}: {follower.size:,} follow edges as Redis holds them now")
+        return 0
     if args.action == "load":
         path = Path(args.path)
         if not path.exists():
@@ -1203,6 +1211,8 @@ def build_parser() -> argparse.ArgumentParser:
     for g in (gl, gg, gk):
         g.add_argument("--no-load", action="store_true", help="write the canonical table only, not Redis")
         g.add_argument("--quiet", action="store_true", help="no progress bars")
+    grsub.add_parser("export", help="snapshot the graph in Redis (loads + streamed follows / unfollows / blocks) "
+                                    "into the canonical follow_graph table for offline jobs")
     gr.set_defaults(func=cmd_graph)
 
     fo = sub.add_parser("fanout", help="fan-out workers: post events -> followers' home timelines")

@@ -115,6 +115,36 @@ class SocialGraphStore:
         pipe.zadd(keys.DELETED_POSTS, {str(int(post_id)): time.time() if deleted_at is None else deleted_at})
         pipe.execute()
 
+    def snapshot(self, scan_count: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
+        """Every follow edge now in Redis, as ``(follower, followee)`` int64 arrays sorted by
+        follower then followee: the graph as the loaders and the stream processor left it, for the
+        canonical ``follow_graph`` table (``home-mixer graph export``). One ``SCAN`` of the followee
+        sets and pipelined ``SMEMBERS``; not atomic (edges changing meanwhile may or may not be in)."""
+        src, dst = [], []
+        batch: list = []
+
+        def flush():
+            pipe = self.client.pipeline(transaction=False)
+            for key in batch:
+                pipe.smembers(key)
+            for key, members in zip(batch, pipe.execute()):
+                if members:
+                    dst.append(np.fromiter((int(m) for m in members), dtype=np.int64, count=len(members)))
+                    src.append(np.full(len(members), keys.graph_key_user(key), dtype=np.int64))
+            batch.clear()
+
+        for key in self.client.scan_iter(match=keys.GRAPH_FOLLOWEES_PATTERN, count=scan_count):
+            batch.append(key)
+            if len(batch) >= LOAD_BATCH_COMMANDS:
+                flush()
+        if batch:
+            flush()
+        if not src:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        follower, followee = np.concatenate(src), np.concatenate(dst)
+        order = np.lexsort((followee, follower))
+        return follower[order], followee[order]
+
     def clear(self) -> int:
         """Delete every graph and timeline key (``GRAPH_KEY_PATTERNS``); returns how many."""
         n = 0

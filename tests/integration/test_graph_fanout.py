@@ -115,6 +115,29 @@ def test_a_bulk_load_is_idempotent_and_counts_both_directions(redis_client):
     assert store.clear() > 0 and store.counts([3]) == [(0, 0)]
 
 
+def test_the_cli_loads_an_edge_list_and_exports_what_redis_holds_after_streamed_changes(
+        redis_server, redis_client, tmp_path, monkeypatch, capsys):
+    import pyarrow.parquet as pq
+
+    from home_mixer.cli import main
+
+    monkeypatch.setenv("HOME_MIXER_REDIS_URL", redis_server.url)
+    edges = tmp_path / "edges.txt"
+    edges.write_text("# a SNAP file\n1\t2\n1\t3\n2\t3\n")
+    assert main(["--state", str(tmp_path / "state"), "graph", "load", str(edges), "--quiet"]) == 0
+    assert SocialGraphStore(redis_client).counts([3]) == [(2, 0)]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 2\n1 two\n")
+    assert main(["--state", str(tmp_path / "state"), "graph", "load", str(bad), "--quiet"]) == 2
+    assert "bad.txt:2: expected 'follower followee'" in capsys.readouterr().err
+    # a streamed unfollow and follow change the graph; the export sees them
+    proc = StreamProcessor(redis_client, RedisStreamsBus(redis_client), graph=SocialGraphWriter(redis_client))
+    proc.apply_many([_social(1, "unfollow", 1, 2), _social(2, "follow", 3, 1)])
+    assert main(["--state", str(tmp_path / "state"), "graph", "export"]) == 0
+    table = pq.read_table(tmp_path / "state" / "tables" / "follow_graph.parquet").to_pandas()
+    assert list(zip(table["user_id"], table["author_id"])) == [(1, 3), (2, 3), (3, 1)]
+
+
 # ---------------------------------------------------------------- fan-out and the read side
 def test_fanout_pushes_once_caps_the_timeline_and_skips_celebrities(redis_client):
     settings = FanoutSettings(celebrity_threshold=3, timeline_length=2, page_size=1)
