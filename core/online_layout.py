@@ -57,6 +57,29 @@ is in ``core.realtime``):
 | ``RT_TRENDING_TAGS`` | ``hm:rt:trending:tags`` | zset | tag -> the same | ``engagement.lua`` | ``RealtimeFeatureReader.trending`` |
 | ``RT_COVERAGE`` | ``hm:rt:coverage`` | hash | ``newest``, ``first``, ``since`` event times; ``caught_up``: Redis server time before which the processors' group applied every entry (liveness) | ``engagement.lua`` (event times), ``StreamProcessor`` (``HDEL`` after lost entries), ``coverage_stamp.lua`` (``caught_up``) | ``RealtimeFeatureReader.coverage`` (``RealtimeFeatureHydrator``) |
 
+Social graph and home timelines (``pipelines.graph``). Every key carries a Redis Cluster hash tag
+``{u:<user_id>}`` (``{p:<post_id>}`` for a post's fan-out progress), so the keys of one user share a
+slot and every script touches one slot. A follow edge joins two users, so it is applied as two
+single-slot halves (``graph_edge.lua`` on the follower, then on the followee), each idempotent by its
+own seen marker; fan-out and the follow backfill write one user's timeline per command (a pipeline
+spans slots, a command does not). The two global keys are ``DELETED_POSTS`` and
+``FANOUT_CELEBRITIES`` (one slot each, read once per request with ``ZMSCORE``). Counts are ``SCARD`` of the sets (O(1) in Redis: a separate counter could
+drift from its set, ``SCARD`` cannot). Timeline members are ``"post_id|author_id"``
+(``encode_timeline_entry``), as Twitter's timeline service keeps (tweet id, author id) pairs, so the
+read path filters unfollowed / blocked / muted authors without another lookup.
+
+| builder | key | type | content | writer | readers |
+| --- | --- | --- | --- | --- | --- |
+| ``graph_followees(user_id)`` | ``hm:{u:{user_id}}:followees`` | set | author_ids the user follows | ``graph_edge.lua`` (``SocialGraphWriter``), ``SocialGraphStore.load_edges`` | ``HomeTimelineReader`` (unfollows at read), the read path |
+| ``graph_followers(user_id)`` | ``hm:{u:{user_id}}:followers`` | set | user_ids following the user | ``graph_edge.lua``, ``SocialGraphStore.load_edges`` | ``FanoutWorker`` (``SSCAN`` pages, ``SCARD`` for the celebrity threshold) |
+| ``graph_edge_ts(user_id)`` | ``hm:{u:{user_id}}:edge_ts`` | hash | ``out:{author_id}`` / ``in:{follower_id}`` -> ts of the last applied edge action (drops stale events) | ``graph_edge.lua`` | ``graph_edge.lua`` |
+| ``graph_seen_event(user_id, event_id)`` | ``hm:{u:{user_id}}:seen:{event_id}`` | string (TTL) | ``1``: this half of the event was applied (idempotency) | ``graph_edge.lua`` | ``graph_edge.lua`` |
+| ``home_timeline(user_id)`` | ``hm:{u:{user_id}}:timeline`` | zset (capped, ``fanout.timeline_length``) | ``"post_id|author_id"`` -> created time (epoch s) of the followees' posts | ``FanoutWorker``, follow backfill (``SocialGraphWriter``) | ``HomeTimelineReader`` (lazy cleanup: ``ZREM``) |
+| ``user_posts(user_id)`` | ``hm:{u:{user_id}}:posts`` | zset (capped) | ``"post_id|author_id"`` -> created time: the author's own timeline | ``FanoutWorker`` | follow backfill, celebrity pulls (read path) |
+| ``fanout_progress(post_id)`` | ``hm:{p:{post_id}}:fanout`` | hash (TTL) | ``cursor`` (``SSCAN`` cursor of the next page), ``pages`` written, ``done`` (``celebrity``: skipped) | ``FanoutWorker`` | ``FanoutWorker`` (a restarted worker resumes at ``cursor``) |
+| ``FANOUT_CELEBRITIES`` | ``hm:fanout:celebrities`` | zset | author_id -> followers when the fan-out last skipped the author's post: the authors whose posts are pulled at read | ``FanoutWorker`` (``ZADD`` on a skip, ``ZREM`` on a push) | ``HomeTimelineReader`` (celebrity pulls) |
+| ``DELETED_POSTS`` | ``hm:deleted_posts`` | zset | post_id -> deletion time (epoch s): tombstones honoured at read | ``SocialGraphStore.delete_post`` | ``HomeTimelineReader`` |
+
 Event bus (``pipelines.streaming.bus.RedisStreamsBus``; stream ids ``"<ms>-<seq>"``, Redis server time):
 
 | builder | key | type | content | writer | readers |
@@ -255,6 +278,87 @@ def rt_user_recent_authors(user_id: int) -> str:
 def rt_social_ts(user_id: int) -> str:
     """hash ``{follow|block|mute}:{author_id}`` -> ts of the last applied action (drops stale events)."""
     return f"hm:rt:social_ts:{user_id}"
+
+
+# ---------------------------------------------------------------- social graph and home timelines
+DELETED_POSTS = "hm:deleted_posts"
+FANOUT_CELEBRITIES = "hm:fanout:celebrities"
+# Every key family of the graph and timelines (a bench or a test resets them with these).
+GRAPH_KEY_PATTERNS: tuple[str, ...] = ("hm:{u:*", "hm:{p:*", DELETED_POSTS, FANOUT_CELEBRITIES)
+# SCAN pattern of every user's followee set (``SocialGraphStore.snapshot``); ``graph_key_user`` parses one.
+GRAPH_FOLLOWEES_PATTERN = "hm:{u:*}:followees"
+
+
+def graph_key_user(key: bytes | str) -> int:
+    """The user id of a graph key (``hm:{u:123}:...`` -> 123).
+
+    Raises:
+        ValueError: not a key of ``_user_tag``'s form.
+    """
+    text = key.decode() if isinstance(key, bytes) else key
+    head, sep, rest = text.partition("{u:")
+    uid, close, _ = rest.partition("}")
+    if head != PREFIX or not sep or not close or not uid.isdigit():
+        raise ValueError(f"{text!r} is not a graph key of the form hm:{{u:<id>}}:...")
+    return int(uid)
+
+
+def _user_tag(user_id: int) -> str:
+    # Redis Cluster hashes only the part inside the first {...}: one slot per user
+    return f"hm:{{u:{int(user_id)}}}"
+
+
+def graph_followees(user_id: int) -> str:
+    """set of author_ids the user follows (the graph service; hash tag ``{u:user_id}``)."""
+    return f"{_user_tag(user_id)}:followees"
+
+
+def graph_followers(user_id: int) -> str:
+    """set of user_ids that follow the user (hash tag ``{u:user_id}``)."""
+    return f"{_user_tag(user_id)}:followers"
+
+
+def graph_edge_ts(user_id: int) -> str:
+    """hash ``out:{author}`` / ``in:{follower}`` -> ts (epoch s) of the last applied edge action."""
+    return f"{_user_tag(user_id)}:edge_ts"
+
+
+def graph_seen_event(user_id: int, event_id: str) -> str:
+    """string (TTL): this user's half of a social event was applied (idempotency)."""
+    return f"{_user_tag(user_id)}:seen:{event_id}"
+
+
+def home_timeline(user_id: int) -> str:
+    """zset ``"post|author"`` -> created time (epoch s): the pushed home timeline, capped."""
+    return f"{_user_tag(user_id)}:timeline"
+
+
+def user_posts(user_id: int) -> str:
+    """zset ``"post|author"`` -> created time (epoch s): the author's own timeline, capped."""
+    return f"{_user_tag(user_id)}:posts"
+
+
+def fanout_progress(post_id: int) -> str:
+    """hash (TTL) ``cursor``, ``pages``, ``done``: a post's fan-out checkpoint."""
+    return f"hm:{{p:{int(post_id)}}}:fanout"
+
+
+def encode_timeline_entry(post_id: int, author_id: int) -> str:
+    """``"post_id|author_id"``: one member of ``home_timeline`` / ``user_posts``."""
+    return f"{int(post_id)}|{int(author_id)}"
+
+
+def decode_timeline_entry(value: bytes | str) -> tuple[int, int]:
+    """Inverse of ``encode_timeline_entry``: ``(post_id, author_id)``.
+
+    Raises:
+        ValueError: not in the ``post|author`` form (written by another version: clear the timelines).
+    """
+    text = value.decode() if isinstance(value, bytes) else value
+    post, sep, author = text.partition("|")
+    if not sep:
+        raise ValueError(f"bad timeline entry {text!r}: expected 'post|author'")
+    return int(post), int(author)
 
 
 # ---------------------------------------------------------------- event bus

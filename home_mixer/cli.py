@@ -771,6 +771,34 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _stop_on_signals():
+    """A ``threading.Event`` that SIGINT and SIGTERM set: a foreground service stops cleanly."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _serve_metrics(serve: Callable[[], tuple], port: int | None):
+    """Start a ``/metrics`` server with ``serve()`` when ``port`` is set (0 = any free port); returns
+    it (``None`` without a port).
+
+    Raises:
+        UsageError: the port is taken.
+    """
+    if port is None:
+        return None
+    try:
+        server, _ = serve()
+    except OSError as exc:
+        raise UsageError(f"cannot serve metrics on 127.0.0.1:{port} ({exc}); pick another --metrics-port") from None
+    print(f"metrics on http://127.0.0.1:{server.server_port}/metrics", flush=True)
+    return server
+
+
 def cmd_stream(args) -> int:
     """``stream run``: the stream processor until Ctrl-C; ``stream replay``: a log into the bus."""
     from home_mixer import jobs
@@ -785,31 +813,23 @@ def cmd_stream(args) -> int:
             if getattr(args, flag):
                 argv += [f"--{flag}", str(getattr(args, flag))]
         return replay_main(argv)
-    import signal
-    import threading
-
     import redis
 
+    from pipelines.graph.config import load_fanout_config
+    from pipelines.graph.writer import SocialGraphWriter
     from pipelines.streaming.bus import RedisStreamsBus
     from pipelines.streaming.metrics import forget_metrics_endpoint, record_name
     from pipelines.streaming.processor import StreamProcessor
 
     client = redis.Redis.from_url(url)
+    # the social graph (followers / followees, follow backfill) is kept beside the real-time features
     processor = StreamProcessor(client, RedisStreamsBus(client), consumer=args.consumer,
-                                reclaim_idle_ms=args.reclaim_idle_ms, reclaim_every_s=args.reclaim_every_s)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    server = None
-    if args.metrics_port is not None:
-        try:
-            # recorded in <state>/run so `home-mixer monitor start` scrapes it
-            server, _ = processor.metrics.serve(args.metrics_port, state=state, name=record_name(processor.consumer))
-        except OSError as exc:
-            print(f"cannot serve metrics on 127.0.0.1:{args.metrics_port} ({exc}); pick another --metrics-port",
-                  file=sys.stderr)
-            return 2
-        print(f"metrics on http://127.0.0.1:{server.server_port}/metrics", flush=True)
+                                reclaim_idle_ms=args.reclaim_idle_ms, reclaim_every_s=args.reclaim_every_s,
+                                graph=SocialGraphWriter(client, load_fanout_config(args.fanout_config)))
+    stop = _stop_on_signals()
+    # recorded in <state>/run so `home-mixer monitor start` scrapes it
+    server = _serve_metrics(lambda: processor.metrics.serve(args.metrics_port, state=state,
+                                                            name=record_name(processor.consumer)), args.metrics_port)
     print(f"stream processor {processor.consumer} consuming {url} (Ctrl-C stops)", flush=True)
     applied = processor.run(stop)
     p50, p99 = processor.lag_percentiles()
@@ -817,6 +837,129 @@ def cmd_stream(args) -> int:
     if server is not None:
         server.shutdown()
         forget_metrics_endpoint(state, record_name(processor.consumer))
+    client.close()
+    return 0
+
+
+def cmd_graph(args) -> int:
+    """``graph load PATH`` / ``graph generate`` / ``graph kuairand``: the follow graph into Redis
+    (both directions) and the canonical ``follow_graph`` table; ``graph export``: that table from
+    what Redis holds now (streamed edge changes included)."""
+    import numpy as np
+    import redis
+    from tqdm import tqdm
+
+    from home_mixer import jobs
+    from pipelines.graph.edges import read_edge_list, write_edge_list, write_follow_graph
+    from pipelines.graph.store import SocialGraphStore
+
+    state = _state(args)
+    if args.action == "export":
+        client = redis.Redis.from_url(jobs.redis_url_for(state))
+        follower, followee = SocialGraphStore(client).snapshot()
+        client.close()
+        path = write_follow_graph(state, follower, followee, "redis-snapshot")
+        print(f"canonical table {path}: {follower.size:,} follow edges as Redis holds them now")
+        return 0
+    if args.action == "load":
+        path = Path(args.path)
+        if not path.exists():
+            raise UsageError(f"edge list {path} not found; give a SNAP file ('follower followee' per line)")
+        with tqdm(total=path.stat().st_size if path.suffix != ".gz" else None, unit="B", unit_scale=True,
+                  desc=f"read {path.name}", disable=args.quiet) as bar:
+            follower, followee = read_edge_list(path, progress=bar.update)
+        source = f"snap:{path.name}"
+    elif args.action == "generate":
+        from pipelines.graph.generator import generate_follow_graph
+
+        if args.users < 2 or args.mean_followees <= 0:
+            raise UsageError("need --users >= 2 and --mean-followees > 0")
+        graph = generate_follow_graph(args.users, args.mean_followees, seed=args.seed)
+        print(graph.describe(), flush=True)
+        follower, followee = graph.follower, graph.followee
+        source = f"generated:users={args.users},mean_followees={args.mean_followees},seed={args.seed}"
+        if args.out:
+            write_edge_list(args.out, follower, followee, header=f"home-mixer graph generate: {graph.describe()}")
+            print(f"wrote {args.out}")
+    else:  # kuairand
+        import pandas as pd
+
+        from pipelines.graph.kuairand import kuairand_follow_graph
+
+        table = state.table("social_edges")
+        if not table.exists():
+            raise UsageError(f"{table} not found: build the canonical tables first (home-mixer features build)")
+        edges = kuairand_follow_graph(pd.read_parquet(table), min_weight=args.min_weight)
+        follower, followee = edges["user_id"].to_numpy(np.int64), edges["author_id"].to_numpy(np.int64)
+        print(f"KuaiRand graph: {len(edges):,} edges ({int((edges['kind'] == 'follow').sum())} explicit follows)")
+        source = "kuairand"
+    print(f"canonical table {write_follow_graph(state, follower, followee, source)}")
+    if args.no_load:
+        return 0
+    client = redis.Redis.from_url(jobs.redis_url_for(state))
+    store = SocialGraphStore(client)
+    with tqdm(total=2 * int((follower != followee).sum()), unit="member", unit_scale=True,
+              desc="load into Redis", disable=args.quiet) as bar:
+        n = store.load_edges(follower, followee, progress=bar.update)
+    print(f"loaded {n:,} follow edges (followers and followees) into {jobs.redis_url_for(state)}")
+    client.close()
+    return 0
+
+
+def cmd_fanout(args) -> int:
+    """``fanout run``: fan-out workers (one consumer each of the post topic's group) until Ctrl-C."""
+    import signal
+    import subprocess
+
+    from pipelines.graph.config import load_fanout_config
+
+    state = _state(args)
+    overrides = {k: v for k, v in (("reclaim_idle_ms", args.reclaim_idle_ms),
+                                   ("page_pause_ms", args.page_pause_ms)) if v is not None}
+    settings = load_fanout_config(args.config, **overrides)
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.workers > 1:
+        # one process per worker (a worker is I/O-bound on one Redis connection; processes use the cores)
+        base = args.consumer or f"fanout-{os.getpid()}"
+        procs = []
+        for i in range(args.workers):
+            argv = [sys.executable, "-m", "home_mixer.cli", "--state", str(state.root), "fanout", "run",
+                    "--workers", "1", "--consumer", f"{base}-{i}"]
+            for flag, value in (("--config", args.config), ("--reclaim-idle-ms", args.reclaim_idle_ms),
+                                ("--page-pause-ms", args.page_pause_ms)):
+                if value is not None:
+                    argv += [flag, str(value)]
+            if args.metrics_port is not None:
+                argv += ["--metrics-port", str(args.metrics_port + i if args.metrics_port else 0)]
+            procs.append(subprocess.Popen(argv))
+        stop = lambda *_: [p.send_signal(signal.SIGTERM) for p in procs if p.poll() is None]  # noqa: E731
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, stop)
+        print(f"{args.workers} fan-out workers: pids {[p.pid for p in procs]} (Ctrl-C stops)", flush=True)
+        codes = [p.wait() for p in procs]
+        return max(codes)
+    import redis
+
+    from home_mixer import jobs
+    from pipelines.graph.fanout import FanoutWorker
+    from pipelines.graph.metrics import record_name
+    from pipelines.streaming.bus import RedisStreamsBus
+    from pipelines.streaming.metrics import forget_metrics_endpoint
+
+    url = jobs.redis_url_for(state)
+    client = redis.Redis.from_url(url)
+    worker = FanoutWorker(client, RedisStreamsBus(client), settings, consumer=args.consumer)
+    stop_event = _stop_on_signals()
+    server = _serve_metrics(lambda: worker.metrics.serve(args.metrics_port, state=state, consumer=worker.consumer),
+                            args.metrics_port)
+    print(f"fan-out worker {worker.consumer} consuming {settings.post_topic} / {settings.group} on {url} "
+          f"(celebrity threshold {settings.celebrity_threshold:,}; Ctrl-C stops)", flush=True)
+    handled = worker.run(stop_event)
+    print(f"fan-out worker {worker.consumer}: {handled} posts; {dict(worker.stats)}", flush=True)
+    if server is not None:
+        server.shutdown()
+        forget_metrics_endpoint(state, record_name(worker.consumer))
     client.close()
     return 0
 
@@ -1047,7 +1190,41 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run: take over entries another consumer left pending this long (ms)")
     st.add_argument("--reclaim-every-s", type=float, default=30.0,
                     help="run: look for entries orphaned by crashed consumers this often (s)")
+    st.add_argument("--fanout-config", help="run: YAML with a 'fanout:' mapping (celebrity threshold, timeline "
+                                            "length, backfill) for the social graph's follow backfill")
     st.set_defaults(func=cmd_stream)
+
+    gr = sub.add_parser("graph", help="the follow graph: load a SNAP edge list, generate one, or build KuaiRand's")
+    grsub = gr.add_subparsers(dest="action", required=True)
+    gl = grsub.add_parser("load", help="load a SNAP edge list ('follower followee' per line, '#' comments, .gz ok)")
+    gl.add_argument("path", help="the edge list file")
+    gg = grsub.add_parser("generate", help="a synthetic graph with Twitter's follower power law (Kwak et al. 2010) "
+                                           "and a celebrity tail")
+    gg.add_argument("--users", type=int, required=True, help="number of users")
+    gg.add_argument("--mean-followees", type=float, default=30.0, help="mean followees per user")
+    gg.add_argument("--seed", type=int, default=0, help="random seed (same seed, same graph)")
+    gg.add_argument("--out", help="also write the graph as a SNAP edge list (.gz: gzipped)")
+    gk = grsub.add_parser("kuairand", help="KuaiRand's graph: explicit follows plus engaged authors "
+                                           "(pipelines.graph.kuairand documents the rule)")
+    gk.add_argument("--min-weight", type=float, default=2.0,
+                    help="RealGraph-style engagement weight that makes an engaged author a followee")
+    for g in (gl, gg, gk):
+        g.add_argument("--no-load", action="store_true", help="write the canonical table only, not Redis")
+        g.add_argument("--quiet", action="store_true", help="no progress bars")
+    grsub.add_parser("export", help="snapshot the graph in Redis (loads + streamed follows / unfollows / blocks) "
+                                    "into the canonical follow_graph table for offline jobs")
+    gr.set_defaults(func=cmd_graph)
+
+    fo = sub.add_parser("fanout", help="fan-out workers: post events -> followers' home timelines")
+    fo.add_argument("action", choices=["run"])
+    fo.add_argument("--workers", type=int, default=1, help="worker processes (one consumer of the group each)")
+    fo.add_argument("--config", help="YAML file with a 'fanout:' mapping (default pipelines/graph/fanout.yaml)")
+    fo.add_argument("--consumer", help="consumer name (default <host>-<pid>; with --workers N, a prefix)")
+    fo.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0 = any free; "
+                                                     "worker i of N gets port + i)")
+    fo.add_argument("--reclaim-idle-ms", type=int, help="take over posts another worker left pending this long")
+    fo.add_argument("--page-pause-ms", type=float, help="throttle: pause between follower pages (ms)")
+    fo.set_defaults(func=cmd_fanout)
 
     c = sub.add_parser("clean", help="stop services and remove the state folder")
     c.set_defaults(func=cmd_clean)
@@ -1067,7 +1244,7 @@ def main(argv: list[str] | None = None) -> int:
         name = type(exc).__name__
         if name in {"DataValidationError", "FeatureValidationError", "RawDataMissingError", "RawDataParseError",
                     "RankerNotFoundError", "ConfigError", "MissingFeaturesError", "TritonNotInstalledError",
-                    "ExportError", "ExportMismatchError"}:
+                    "ExportError", "ExportMismatchError", "FanoutConfigError", "EdgeListError"}:
             print(f"home-mixer: {name}: {exc}", file=sys.stderr)
             return 2
         raise

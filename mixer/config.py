@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from core.schema import HEADS
+from pipelines.graph.config import FanoutSettings
 from mixer.admission import OverloadSettings
 from mixer.caches import CacheSettings
 from mixer.quality_factor import QualityFactorSettings
@@ -103,6 +104,9 @@ class InNetworkSourceSettings(_Strict):
     max_authors: int = Field(100, ge=1)
     posts_per_author: int = Field(20, ge=1)
     timeout_ms: float = Field(50, gt=0)
+    # index: the candidate index's author lists; timeline: the pushed home timeline + celebrity pulls
+    # (fan-out workers running; fanout.max_celebrity_pulls)
+    read: Literal["index", "timeline"] = "index"
 
 
 class PopularSourceSettings(_Strict):
@@ -372,6 +376,7 @@ class MixerConfig(_Strict):
     caches: CacheSettings = CacheSettings()  # shared reads by store version; last-known-good values
     overload: OverloadSettings = OverloadSettings()
     quality_factor: QualityFactorSettings = QualityFactorSettings()
+    fanout: FanoutSettings = FanoutSettings()  # the social graph and fan-out (pipelines/graph/fanout.yaml)
     source_pool_workers: int = Field(8, ge=1)
 
     def resolved_redis_url(self) -> str:

@@ -3,7 +3,8 @@ the request entry point around it (``HomeTimelinePipeline``).
 
     query hydration      UserContextQueryHydrator (Redis), UserActionSequenceQueryHydrator (Redis),
                          ExperimentArmQueryHydrator (hash)
-    candidate sources    CoEngagement, InNetwork, TagInterest, Trending, Popular - in parallel,
+    candidate sources    CoEngagement, InNetwork (index author lists, or the pushed home timeline
+                         + celebrity pulls), TagInterest, Trending, Popular - in parallel,
                          per-source timeout, fail-open
     candidate hydration  PostMetadataCandidateHydrator (author, created time, in-network)
     filters              PreviouslySeen -> HatedAuthor -> BlockedMutedAuthor -> MaxAge -> Duplicate
@@ -158,7 +159,8 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
                                      enabled=src.embedding.enabled and config.action_sequence.enabled),
             InNetworkCandidateSource(client, src.in_network.max_candidates, src.in_network.max_authors,
                                      src.in_network.posts_per_author, src.in_network.timeout_ms,
-                                     caches=caches, health=health),
+                                     caches=caches, health=health, read=src.in_network.read,  # index | timeline:
+                                     max_celebrity_pulls=config.fanout.max_celebrity_pulls),  # pushed + pulled
             TagInterestCandidateSource(client, src.tag_interest.max_candidates, src.tag_interest.top_tags,
                                        src.tag_interest.timeout_ms, caches=caches, health=health),
             TrendingCandidateSource(client, src.trending.max_candidates, src.trending.timeout_ms,

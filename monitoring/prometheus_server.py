@@ -13,6 +13,8 @@ run records of the state folder (``<state>/run/*.json``, written by the services
 - ``stream_processor``: every stream processor serving metrics (``home-mixer stream run
   --metrics-port``: records ``run/stream_processor-<consumer>.json`` of service ``stream_processor``
   with ``ports.metrics_port``, ``pipelines.streaming.metrics.record_metrics_endpoint``);
+- ``fanout_worker``: every fan-out worker serving metrics (``home-mixer fanout run --metrics-port``:
+  ``run/fanout_worker-<consumer>.json``, ``pipelines.graph.metrics``);
 - ``drift_exporter``: the drift exporter (``run/drift_exporter.json``), if recorded;
 - ``prometheus``: itself.
 
@@ -47,6 +49,7 @@ ALERT_RULES = RULES_DIR / "alerts.yml"
 SCRAPE_JOBS: dict[str, tuple[str, tuple[str, ...]]] = {
     "mixer": ("mixer", ("port",)),
     "stream_processor": ("stream_processor", ("metrics_port", "port")),
+    "fanout_worker": ("fanout_worker", ("metrics_port",)),
     "drift_exporter": ("drift_exporter", ("port",)),
 }
 

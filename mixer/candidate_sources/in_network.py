@@ -1,10 +1,21 @@
-"""In-network candidates: recent posts of authors the user follows or engaged with."""
+"""In-network candidates: recent posts of authors the user follows or engaged with.
+
+Two reads (``candidate_sources.in_network.read``):
+
+- ``index``: the candidate index's per-author post lists of the followed and engaged authors,
+  pulled at request time (the KuaiRand log's follows are too few for a timeline of their own);
+- ``timeline``: the user's pushed home timeline (fan-out workers, ``pipelines.graph.fanout``) merged
+  with the latest posts of the followed celebrities, pulled (at most ``fanout.max_celebrity_pulls``,
+  strongest edges first), with deletes, unfollows, blocks and mutes applied
+  (``pipelines.graph.timeline.HomeTimelineReader``): Twitter's hybrid push / pull.
+"""
 
 from __future__ import annotations
 
 import redis
 
 from core import online_layout as keys
+from pipelines.graph.timeline import HomeTimelineReader
 from mixer.caches import MixerCaches
 from mixer.candidate import Candidate, Query
 from mixer.components import CandidateSource, Fallback
@@ -30,8 +41,14 @@ class InNetworkCandidateSource(CandidateSource):
 
     def __init__(self, client: redis.Redis, max_candidates: int = 400, max_authors: int = 100,
                  posts_per_author: int = 20, timeout_ms: float = 50, name: str = "in_network", *,
-                 caches: MixerCaches | None = None, health: RedisHealth | None = None):
+                 caches: MixerCaches | None = None, health: RedisHealth | None = None, read: str = "index",
+                 max_celebrity_pulls: int = 50):
+        if read not in ("index", "timeline"):
+            raise ValueError(f"read must be 'index' or 'timeline', got {read!r}")
         self.client = client
+        self.read = read
+        self.max_celebrity_pulls = max_celebrity_pulls
+        self._timeline = HomeTimelineReader(client) if read == "timeline" else None
         self.max_candidates = max_candidates
         self.max_authors = max_authors
         self.posts_per_author = posts_per_author
@@ -50,6 +67,8 @@ class InNetworkCandidateSource(CandidateSource):
 
     def fetch(self, query: Query) -> list[Candidate]:
         """Candidates with author_id, created_ts and in_network=True already set."""
+        if self._timeline is not None:
+            return self._fetch_timeline(query)
         authors = self._authors(query)
         if not authors:
             return []
@@ -80,6 +99,20 @@ class InNetworkCandidateSource(CandidateSource):
             raise Fallback(out, f"Redis unavailable: {len(lists)} of {len(authors)} authors from the cache "
                                 f"({failed!r})")
         return out
+
+    def _fetch_timeline(self, query: Query) -> list[Candidate]:
+        """The pushed timeline plus celebrity pulls (module docstring). ``source_score`` = the
+        author's engagement weight + 1 (every author here is followed), as in the index read.
+        Timelines change with every post, so nothing is cached: while Redis is down this raises
+        (``RedisUnavailable`` at once) and the runner fails the source open."""
+        strength = query.engaged_authors
+        got = guarded(self.health, lambda: self._timeline.read(
+            query.user_id, self.max_candidates, until=query.now_s, blocked=query.blocked_authors,
+            muted=query.muted_authors, strength=strength, max_celebrity_pulls=self.max_celebrity_pulls,
+            posts_per_celebrity=self.posts_per_author))
+        return [Candidate(post_id=e.post_id, source=self.name, author_id=e.author_id, created_ts=e.created_ts,
+                          in_network=True, source_score=strength.get(e.author_id, 0.0) + 1.0)
+                for e in got.entries]
 
     def _read(self, authors: list[int], until) -> dict[int, list[tuple[int, float]]]:
         """Newest ``posts_per_author`` posts created at or before ``until`` per author, one pipeline."""

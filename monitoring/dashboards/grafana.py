@@ -184,6 +184,21 @@ def oncall_rows() -> list[tuple[str, list[PanelSpec]]]:
             PanelSpec("Stream events by outcome", (Query(_rate("hm_stream_events_total", "topic, outcome"),
                                                          "{{topic}} {{outcome}}"),), "ops"),
         ]),
+        ("Fan-out", [
+            PanelSpec("Fan-out lag p50 / p99",
+                      (Query(_quantile(0.5, "hm_fanout_lag_seconds", ""), "p50"),
+                       Query(_quantile(0.99, "hm_fanout_lag_seconds", ""), "p99")),
+                      "s", "Post created to its last follower's home timeline written (alert: p99 > 5 s).", red=5.0),
+            PanelSpec("Fan-out deliveries/s and backlog",
+                      (Query("sum(rate(hm_fanout_deliveries_total[$__rate_interval]))", "deliveries/s"),
+                       Query("sum by (topic, group) (hm_fanout_backlog_entries)", "{{topic}}/{{group}} backlog")),
+                      "short", "Home-timeline entries written per second, and posts not yet fanned out."),
+            PanelSpec("Fan-out posts by outcome, retries",
+                      (Query(_rate("hm_fanout_posts_total", "outcome"), "{{outcome}}"),
+                       Query("sum(rate(hm_fanout_retries_total[$__rate_interval]))", "retries")),
+                      "ops", "fanned_out, celebrity_skipped (pulled at read), duplicate, failed; retries = posts "
+                      "resumed after a worker stopped mid-post."),
+        ]),
         ("Drift", [
             PanelSpec("Drift share vs gate", (Query("max(hm_drift_share)", "drift share"),
                                               Query("max(hm_drift_gate)", "gate")),

@@ -32,8 +32,10 @@ The bus's Lua scripts are ``pipelines/streaming/lua/{skip_trimmed,applied_until}
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import redis
 
@@ -51,6 +53,7 @@ from pipelines.streaming.scripts import (
 )
 
 AnyEvent = EngagementEvent | PostCreatedEvent | SocialGraphEvent
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -421,3 +424,28 @@ class RedisStreamsBus:
                 continue
             out.append(Delivery(topic=topic, group=group, id=entry_id, event=event, fields=fields, delivery_count=n))
         return out
+
+
+def run_consumer_loop(stop_event: threading.Event, own_pending: Callable[[], int], run_once: Callable[[], int],
+                      name: str, retry_s: float = 1.0) -> int:
+    """The loop of a consumer process (stream processor, fan-out worker): ``run_once`` until
+    ``stop_event`` is set; returns the sum of what the calls returned. A ``redis.RedisError`` is
+    logged and retried after ``retry_s``.
+
+    At start and after every error it first calls ``own_pending`` (re-read what this consumer name
+    read but did not acknowledge, e.g. the batch in hand when Redis went away or the process was
+    restarted under the same name), which ``XREADGROUP >`` never returns and the reclaim would only
+    take after its idle time.
+    """
+    total, resume = 0, True
+    while not stop_event.is_set():
+        try:
+            if resume:
+                total += own_pending()
+                resume = False
+            total += run_once()
+        except redis.RedisError as exc:
+            log.warning("%s: %s; retrying", name, exc)
+            resume = True
+            stop_event.wait(retry_s)
+    return total

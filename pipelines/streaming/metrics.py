@@ -86,9 +86,11 @@ def record_name(consumer: str) -> str:
     return f"{SERVICE}-{re.sub(r'[^A-Za-z0-9_.-]', '_', consumer)}"
 
 
-def record_metrics_endpoint(state: StateDir, name: str, port: int, host: str = "127.0.0.1") -> Path:
-    """Write ``<state>/run/<name>.json`` = ``{"service": "stream_processor", "ports": {"metrics_port":
-    port}, "fields": {"host": host}, "pid", "started_at"}`` atomically; returns its path.
+def record_metrics_endpoint(state: StateDir, name: str, port: int, host: str = "127.0.0.1",
+                            service: str = SERVICE) -> Path:
+    """Write ``<state>/run/<name>.json`` = ``{"service": service, "ports": {"metrics_port": port},
+    "fields": {"host": host}, "pid", "started_at"}`` atomically; returns its path. ``service`` is the
+    Prometheus job that scrapes it (``stream_processor``; the fan-out workers' ``fanout_worker``).
 
     No ``create_time``: ``core.services.stop_recorded`` (``home-mixer clean``) only stops the
     services it started, and this processor runs in the foreground of its own command.
@@ -96,7 +98,7 @@ def record_metrics_endpoint(state: StateDir, name: str, port: int, host: str = "
     path = state.run / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"service": SERVICE, "ports": {"metrics_port": int(port)}, "fields": {"host": host},
+    tmp.write_text(json.dumps({"service": service, "ports": {"metrics_port": int(port)}, "fields": {"host": host},
                                "pid": os.getpid(), "started_at": time.time()}, indent=1) + "\n")
     os.replace(tmp, path)  # Prometheus' target refresh never reads half a file
     return path

@@ -24,7 +24,11 @@ the online store must be one Redis (or share a clock): the mixer compares the bu
 online store's. One field for the database: run one processor group (one topic) per online store.
 Entries trimmed before delivery are not waited for (``EventBus.skip_trimmed`` reports them).
 
-``PostCreatedEvent`` entries are acknowledged without a write (the candidate index owns posts).
+``PostCreatedEvent`` entries are acknowledged without a write (the candidate index owns posts; the
+fan-out workers, ``pipelines.graph.fanout``, consume them in a group of their own). With a
+``SocialGraphWriter`` a social event also updates the social graph in the same pipeline
+(``graph_edge.lua``, one single-slot half per user), and a follow then backfills the followee's recent
+posts into the follower's home timeline (one more round trip per batch).
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ import redis
 
 from core import online_layout as keys
 from core import realtime
-from pipelines.streaming.bus import Delivery, EventBus
+from pipelines.graph.writer import SocialGraphWriter
+from pipelines.streaming.bus import Delivery, EventBus, run_consumer_loop
 from pipelines.streaming.events import EngagementEvent, SocialGraphEvent
 from pipelines.streaming.metrics import StreamMetrics
 from pipelines.streaming.scripts import (
@@ -75,6 +80,9 @@ class StreamProcessor:
         stamp_every_s: batches write the liveness stamp (module docstring: one ``applied_until``
             round trip to the bus + ``coverage_stamp.lua`` in the batch's pipeline) at most this
             often (s); the mixer's staleness limit is tens of seconds.
+        graph: keeps the social graph (``pipelines.graph.SocialGraphWriter``: followers and
+            followees of every follow / unfollow / block, and the follow backfill of home
+            timelines) beside ``social.lua``'s sets; ``None`` leaves the graph alone.
 
     Raises:
         ValueError: a negative ``reclaim_idle_ms`` / ``stamp_every_s`` or a non-positive ttl / window.
@@ -85,7 +93,7 @@ class StreamProcessor:
                  reclaim_every_s: float = 30.0, seen_ttl_s: int = realtime.SEEN_TTL_S,
                  clock: Callable[[], float] = time.time, lag_window: int = 10_000,
                  metrics: StreamMetrics | None = None, backlog_every_s: float = 1.0,
-                 stamp_every_s: float = 0.1):
+                 stamp_every_s: float = 0.1, graph: "SocialGraphWriter | None" = None):
         if reclaim_idle_ms < 0 or seen_ttl_s < 1 or lag_window < 1 or stamp_every_s < 0:
             raise ValueError("need reclaim_idle_ms >= 0, seen_ttl_s >= 1, lag_window >= 1, stamp_every_s >= 0")
         self.client, self.bus, self.topic, self.group = client, bus, topic, group
@@ -94,6 +102,7 @@ class StreamProcessor:
         self.clock = clock
         self.metrics = metrics or StreamMetrics()
         self.backlog_every_s, self.stamp_every_s = backlog_every_s, stamp_every_s
+        self.graph = graph
         self._last_stamp = -math.inf
         self._engagement = ENGAGEMENT.register(client)
         self._social = SOCIAL.register(client)
@@ -107,20 +116,22 @@ class StreamProcessor:
         self.stats = collections.Counter()  # applied, duplicate, stale, skipped, failed, lost
 
     # ---- applying events ----
-    def _call(self, event, write_ts: float, client) -> bool:
-        """Queue (on a pipeline) or run the event's script; False if the event needs no write."""
+    def _call(self, event, write_ts: float, client) -> int:
+        """Queue (on a pipeline) or run the event's scripts; returns how many were queued (0: the
+        event needs no write; a social event with a graph writer queues social.lua and the graph's
+        two halves, ``SocialGraphWriter.queue``)."""
         ets = event.event_ts.timestamp() if hasattr(event, "event_ts") else 0.0
         if isinstance(event, EngagementEvent):
             p, a = event.post_id, event.author_id
             self._engagement(EngagementKeys.of(event.event_id, event.user_id, p, a),
                              EngagementArgs.of(event.kind, ets, write_ts, p, a, self.seen_ttl_s), client=client)
-            return True
+            return 1
         if isinstance(event, SocialGraphEvent):
             self._social(SocialKeys.of(event.event_id, event.user_id),
                          SocialArgs(seen_ttl=self.seen_ttl_s, action=event.action, author_id=event.author_id,
                                     event_ts=f"{ets:.6f}"), client=client)
-            return True
-        return False
+            return 1 + (self.graph.queue(event, client) if self.graph is not None else 0)
+        return 0
 
     def _record(self, outcome: str, event=None, done_ts: float = 0.0, n: int = 1) -> None:
         self.stats[outcome] += n
@@ -173,15 +184,22 @@ class StreamProcessor:
         queued = [self._call(e, write_ts, pipe) for e in events]
         if stamp:
             self._stamp(self._stamp_keys, CoverageStampArgs(caught_up=f"{caught_up:.3f}"), client=pipe)
-        results = iter(pipe.execute(raise_on_error=False) if any(queued) or stamp else [])
+        results = pipe.execute(raise_on_error=False) if any(queued) or stamp else []
         done_ts = self.clock()  # the writes are visible to readers from here: the lag's end
+        # a follow's backfill reads the followee's posts: a second round trip, after the edges
+        backfill_error = self._backfill(events, queued, results) if self.graph is not None else {}
+        results = iter(results)
         out: list[bool | Exception] = []
-        for event, q in zip(events, queued):
+        for i, (event, q) in enumerate(zip(events, queued)):
             if not q:
                 self._record("skipped")
                 out.append(False)
                 continue
-            res = next(results)
+            res, *graph = [next(results) for _ in range(q)]
+            # the graph's halves are idempotent on their own: a failed one leaves the entry
+            # pending, and the retry applies only what is missing
+            res = next((r for r in (res, *graph) if isinstance(r, Exception)), res)
+            res = backfill_error.get(i, res)
             if isinstance(res, Exception):
                 self._record("failed")
                 out.append(res)
@@ -195,6 +213,24 @@ class StreamProcessor:
                 # the mixer will judge the stream stale: say why here
                 log.warning("liveness stamp of %s / %s failed: %s", self.topic, self.group, res)
         return out
+
+    def _backfill(self, events: list, queued: list[int], results: list) -> dict[int, Exception]:
+        """Backfill the followee's recent posts for every follow in the batch whose writes
+        succeeded (``SocialGraphWriter.backfill``, idempotent: ZADD); returns event index -> the
+        error for the follows whose backfill failed (left pending, retried)."""
+        follows, at = [], 0
+        for i, (event, q) in enumerate(zip(events, queued)):
+            if q and isinstance(event, SocialGraphEvent) and event.action == "follow" and not any(
+                    isinstance(r, Exception) for r in results[at:at + q]):
+                follows.append(i)
+            at += q
+        if not follows:
+            return {}
+        try:
+            self.graph.backfill([(events[i].user_id, events[i].author_id) for i in follows])
+        except redis.RedisError as exc:
+            return {i: exc for i in follows}
+        return {}
 
     # ---- consuming ----
     def _process(self, deliveries: list[Delivery]) -> int:
@@ -269,18 +305,9 @@ class StreamProcessor:
         consumer name read but did not acknowledge, e.g. the batch in hand when Redis went away),
         which ``XREADGROUP >`` never returns and the reclaim would only take after ``reclaim_idle_ms``.
         """
-        total, own_pending = 0, True
-        while not stop_event.is_set():
-            try:
-                if own_pending:
-                    total += self._process(self.bus.consume_own_pending(self.topic, self.group, self.consumer, count))
-                    own_pending = False
-                total += self.run_once(count, block_ms)
-            except redis.RedisError as exc:
-                log.warning("stream processor: %s; retrying", exc)
-                own_pending = True
-                stop_event.wait(1.0)
-        return total
+        return run_consumer_loop(
+            stop_event, lambda: self._process(self.bus.consume_own_pending(self.topic, self.group, self.consumer, count)),
+            lambda: self.run_once(count, block_ms), "stream processor")
 
     def refresh_backlog(self):
         """Read the group's backlog from the bus into the consumer-lag gauges and set the lag

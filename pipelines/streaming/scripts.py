@@ -10,6 +10,7 @@ and build them from an event; ``SPEC.register(client)`` loads it at start-up and
 | --- | --- | --- | --- |
 | ``engagement.lua`` | ``guard.lua`` | ``StreamProcessor`` (one ``EngagementEvent``) | ``EngagementKeys`` / ``EngagementArgs`` |
 | ``social.lua`` | ``guard.lua`` | ``StreamProcessor`` (one ``SocialGraphEvent``) | ``SocialKeys`` / ``SocialArgs`` |
+| ``graph_edge.lua`` | ``guard.lua`` | ``StreamProcessor`` via ``pipelines.graph.SocialGraphWriter`` (one half of a ``SocialGraphEvent``) | ``GraphEdgeKeys`` / ``GraphEdgeArgs`` |
 | ``coverage_stamp.lua`` | | ``StreamProcessor`` (liveness stamp) | ``CoverageStampKeys`` / ``CoverageStampArgs`` |
 | ``skip_trimmed.lua`` | ``stream_helpers.lua`` | ``RedisStreamsBus.skip_trimmed`` | ``SkipTrimmedKeys`` / ``SkipTrimmedArgs`` |
 | ``applied_until.lua`` | ``stream_helpers.lua`` | ``RedisStreamsBus.applied_until`` | ``AppliedUntilKeys`` / ``AppliedUntilArgs`` |
@@ -136,6 +137,34 @@ class SocialArgs(NamedTuple):
 SOCIAL = LuaScriptSpec(_PACKAGE, "social.lua", SocialKeys, SocialArgs, helpers=("guard.lua",))
 
 
+# ---------------------------------------------------------------- graph_edge.lua
+class GraphEdgeKeys(NamedTuple):
+    """KEYS of ``graph_edge.lua``: all of one user (hash tag ``{u:user_id}``: one slot)."""
+
+    seen: str       # string: this half's idempotency marker
+    edge_ts: str    # hash: last edge action times of the user's pairs
+    followees: str  # set
+    followers: str  # set
+
+    @classmethod
+    def of(cls, event_id: str, user_id: int) -> "GraphEdgeKeys":
+        return cls(seen=keys.graph_seen_event(user_id, event_id), edge_ts=keys.graph_edge_ts(user_id),
+                   followees=keys.graph_followees(user_id), followers=keys.graph_followers(user_id))
+
+
+class GraphEdgeArgs(NamedTuple):
+    """ARGV of ``graph_edge.lua``."""
+
+    seen_ttl: int
+    side: str       # "out": the keys' user acted; "in": the keys' user was acted on
+    action: str     # follow | unfollow | block
+    other_id: int   # the other user of the pair
+    event_ts: str   # "%.6f"
+
+
+GRAPH_EDGE = LuaScriptSpec(_PACKAGE, "graph_edge.lua", GraphEdgeKeys, GraphEdgeArgs, helpers=("guard.lua",))
+
+
 # ---------------------------------------------------------------- coverage_stamp.lua
 class CoverageStampKeys(NamedTuple):
     coverage: str = keys.RT_COVERAGE
@@ -178,4 +207,4 @@ class AppliedUntilArgs(NamedTuple):
 APPLIED_UNTIL = LuaScriptSpec(_PACKAGE, "applied_until.lua", AppliedUntilKeys, AppliedUntilArgs,
                               helpers=("stream_helpers.lua",))
 
-ALL_SPECS: tuple[LuaScriptSpec, ...] = (ENGAGEMENT, SOCIAL, COVERAGE_STAMP, SKIP_TRIMMED, APPLIED_UNTIL)
+ALL_SPECS: tuple[LuaScriptSpec, ...] = (ENGAGEMENT, SOCIAL, GRAPH_EDGE, COVERAGE_STAMP, SKIP_TRIMMED, APPLIED_UNTIL)

@@ -92,6 +92,7 @@ def test_panels_use_only_metrics_the_services_export(model, tmp_path):
     from core.state import StateDir
     from mixer.metrics import MixerMetrics
     from monitoring.exporter import exporter_registry
+    from pipelines.graph.metrics import FanoutMetrics
     from pipelines.streaming.metrics import StreamMetrics
 
     # the drift exporter yields its gauges only once there is a drift summary and a materialisation
@@ -107,6 +108,7 @@ def test_panels_use_only_metrics_the_services_export(model, tmp_path):
     state.record_materialization(datetime(2026, 1, 1, tzinfo=timezone.utc))
     exported = (_exported(MixerMetrics(prom.CollectorRegistry()).registry)
                 | _exported(StreamMetrics(prom.CollectorRegistry()).registry)
+                | _exported(FanoutMetrics(prom.CollectorRegistry()).registry)
                 | _exported(exporter_registry(state)))
     used = {m for _, expr in panel_queries(model) for m in re.findall(r"\bhm_[a-z0-9_]+\b", expr)}
     assert used and used <= exported, used - exported
@@ -123,6 +125,8 @@ REQUIRED = {
     "source failure rate": ("hm_mixer_source_calls_total", {"source"}, set()),
     "stream lag p50/p99": ("hm_stream_event_to_online_seconds_bucket", {"topic"}, {"0.5", "0.99"}),
     "consumer lag": ("hm_stream_consumer_lag_entries", {"topic", "group"}, set()),
+    "fan-out lag p50/p99": ("hm_fanout_lag_seconds_bucket", set(), {"0.5", "0.99"}),
+    "fan-out backlog": ("hm_fanout_backlog_entries", {"topic", "group"}, set()),
     "drift per feature view": ("hm_feature_drifted", {"view"}, set()),
     "score distribution per head": ("hm_mixer_head_score_bucket", {"head"}, {"0.1", "0.5", "0.9"}),
 }
@@ -147,7 +151,7 @@ def test_required_stand_alone_panels(model):
     assert failure and "/" in failure[0]  # a ratio: failures / calls
     assert "hm_feature_age_seconds" in exprs and "hm_drift_share" in exprs and "hm_prediction_drift_score" in exprs
     assert [p["title"] for p in model["panels"] if p["type"] == "row"] == [
-        "Requests", "Pipeline stages", "Candidate sources", "Scoring", "Features and stream", "Drift"]
+        "Requests", "Pipeline stages", "Candidate sources", "Scoring", "Features and stream", "Fan-out", "Drift"]
 
 
 def test_the_committed_dashboard_is_what_the_code_generates(model, tmp_path):
@@ -206,3 +210,24 @@ def test_a_serving_stream_processor_becomes_a_prometheus_target(tmp_path):
         server.shutdown()
     forget_metrics_endpoint(state, name)
     assert PrometheusServer(state).targets()["stream_processor"] == []
+
+
+def test_a_serving_fanout_worker_becomes_a_prometheus_target(tmp_path):
+    """The fan-out panels have data only if Prometheus scrapes the workers (job ``fanout_worker``),
+    and a stream processor's record is not mistaken for a worker's."""
+    from core.state import StateDir
+    from monitoring.prometheus_server import PrometheusServer
+    from pipelines.graph.metrics import FanoutMetrics, record_name
+    from pipelines.streaming.metrics import forget_metrics_endpoint
+
+    state = StateDir(tmp_path).ensure()
+    server, _ = FanoutMetrics(prom.CollectorRegistry()).serve(0, state=state, consumer="w/1")
+    try:
+        targets = PrometheusServer(state).targets()
+        assert targets["fanout_worker"] == [{"name": "fanout_worker-w_1",
+                                             "address": f"127.0.0.1:{server.server_port}"}]
+        assert targets["stream_processor"] == []
+    finally:
+        server.shutdown()
+    forget_metrics_endpoint(state, record_name("w/1"))
+    assert PrometheusServer(state).targets()["fanout_worker"] == []

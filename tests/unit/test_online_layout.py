@@ -64,6 +64,15 @@ GOLDEN: dict[str, tuple[tuple, str]] = {
     "RT_COVERAGE": ((), "hm:rt:coverage"),
     "event_stream": (("engagements",), "hm:events:engagements"),
     "dead_letter_stream": (("engagements",), "hm:events:engagements:dead"),
+    "graph_followees": ((3,), "hm:{u:3}:followees"),
+    "graph_followers": ((3,), "hm:{u:3}:followers"),
+    "graph_edge_ts": ((3,), "hm:{u:3}:edge_ts"),
+    "graph_seen_event": ((3, "e-1"), "hm:{u:3}:seen:e-1"),
+    "home_timeline": ((3,), "hm:{u:3}:timeline"),
+    "user_posts": ((3,), "hm:{u:3}:posts"),
+    "fanout_progress": ((10,), "hm:{p:10}:fanout"),
+    "DELETED_POSTS": ((), "hm:deleted_posts"),
+    "FANOUT_CELEBRITIES": ((), "hm:fanout:celebrities"),
 }
 
 

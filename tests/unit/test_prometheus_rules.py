@@ -13,7 +13,7 @@ import yaml
 from core.state import PROJECT_ROOT
 
 RULES_DIR = PROJECT_ROOT / "monitoring" / "prometheus"
-ALERTS = ("HomeMixerDriftShareHigh", "HomeMixerFeaturesStale", "HomeMixerStreamLagHigh",
+ALERTS = ("HomeMixerDriftShareHigh", "HomeMixerFeaturesStale", "HomeMixerStreamLagHigh", "HomeMixerFanoutLagHigh",
           "HomeMixerLatencyP99High", "HomeMixerScoringFallbackRateHigh", "HomeMixerSourceFailureRateHigh")
 
 promtool = shutil.which("promtool")
@@ -57,14 +57,15 @@ def test_every_alert_fires_and_stays_quiet_in_the_promtool_tests():
 
 def test_alerts_use_the_metric_names_the_services_export():
     from mixer.metrics import MixerMetrics
+    from pipelines.graph.metrics import FanoutMetrics
     from pipelines.streaming.metrics import StreamMetrics
 
     text = (RULES_DIR / "alerts.yml").read_text()
     exported = set()
-    for metrics in (MixerMetrics(), StreamMetrics()):
+    for metrics in (MixerMetrics(), StreamMetrics(), FanoutMetrics()):
         for family in metrics.registry.collect():
             exported.add(family.name + ("_total" if family.type == "counter" else ""))
             if family.type == "histogram":
                 exported.add(family.name + "_bucket")
-    used = set(re.findall(r"\bhm_(?:mixer|stream)_[a-z0-9_]+", text))
+    used = set(re.findall(r"\bhm_(?:mixer|stream|fanout)_[a-z0-9_]+", text))
     assert used and used <= exported, used - exported
