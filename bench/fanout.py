@@ -60,21 +60,19 @@ def _worker(url: str, group: str, threshold: int, stop_when_idle: bool, out, sec
     worker = FanoutWorker(client, RedisStreamsBus(client), settings, consumer=f"w{os.getpid()}")
     worker.bus.ensure_group(settings.post_topic, group)
     out.put("ready")  # start-up (imports, connections) is not measured
-    delivered, lags, idle, last, end = 0, [], 0, time.time(), time.monotonic() + seconds
+    lags, idle, last, end = [], 0, time.time(), time.monotonic() + seconds
     while time.monotonic() < end:
-        batch = worker.bus.consume(settings.post_topic, group, worker.consumer, count=10, block_ms=200)
+        batch = worker.bus.consume(settings.post_topic, group, worker.consumer, count=50, block_ms=200)
         if not batch:
             idle += 1
             if stop_when_idle and idle >= 3:
                 break
             continue
         idle = 0
-        for d in batch:
-            res = worker.fan_out(d.event)
-            lags.append(time.time() - d.event.event_ts.timestamp())
-            worker.bus.ack(d)
-            delivered += res.delivered
+        worker.process(batch)  # as the worker's own loop: small posts batched, the rest page by page
         last = time.time()
+        lags += [last - d.event.event_ts.timestamp() for d in batch]
+    delivered = int(worker.metrics.deliveries._value.get())  # this process's counter
     out.put((delivered, lags, _peak_rss_mb(), last))
 
 

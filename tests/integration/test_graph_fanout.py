@@ -158,6 +158,42 @@ def test_fanout_pushes_once_caps_the_timeline_and_skips_celebrities(redis_client
     assert "hm_fanout_deliveries_total 9.0" in m and 'hm_fanout_posts_total{outcome="celebrity_skipped"} 1.0' in m
 
 
+def test_a_batch_of_small_posts_fans_out_as_the_posts_one_by_one(redis_client):
+    """``process`` writes the one-page posts of a batch in three pipelines; the timelines, counts and
+    outcomes are those of fanning the posts out one by one, celebrities and larger posts included."""
+    settings = FanoutSettings(celebrity_threshold=5, page_size=3, timeline_length=4)
+    # author 10: 3 followers (one page), 20: 4 (two pages), 30: 6 (celebrity), 40: none
+    follower = np.array([1, 2, 3, 1, 2, 3, 4, 1, 2, 3, 4, 5, 6])
+    followee = np.array([10, 10, 10, 20, 20, 20, 20, 30, 30, 30, 30, 30, 30])
+    posts = [_post(1, 10), _post(2, 20), _post(3, 30), _post(4, 40), _post(5, 10), _post(1, 10), _post(6, 10)]
+    results = {}
+    for db, batched in ((1, False), (2, True)):
+        client = redis_client.connection_pool.connection_kwargs and type(redis_client)(
+            **{**redis_client.connection_pool.connection_kwargs, "db": db})
+        client.flushdb()
+        SocialGraphStore(client).load_edges(follower, followee)
+        bus = RedisStreamsBus(client)
+        worker = FanoutWorker(client, bus, settings)
+        if batched:
+            bus.ensure_group(settings.post_topic, settings.group)
+            bus.publish_many([(settings.post_topic, p) for p in posts])
+            got = bus.consume(settings.post_topic, settings.group, "c", count=len(posts))
+            assert worker.process(got) == len(posts)
+            assert bus.consume_own_pending(settings.post_topic, settings.group, "c", 10) == []  # all acked
+        else:
+            for p in posts:
+                worker.fan_out(p)
+        results[batched] = ({u: _timeline(client, u) for u in range(1, 7)},
+                            {a: [m.decode() for m in client.zrange(keys.user_posts(a), 0, -1)] for a in (10, 20, 30, 40)},
+                            dict(worker.stats))
+        client.flushdb()
+    assert results[True] == results[False]
+    timelines, own, stats = results[True]
+    assert timelines[1] == ["6|10", "5|10", "2|20", "1|10"]  # capped at 4, newest first
+    assert timelines[4] == ["2|20"] and timelines[5] == [] and own[30] == ["3|30"]
+    assert stats == {"fanned_out": 5, "celebrity_skipped": 1, "duplicate": 1}
+
+
 def test_the_bus_drives_fanout_and_the_reader_honours_deletes_unfollows_blocks_and_mutes(redis_client):
     bus = RedisStreamsBus(redis_client)
     settings = FanoutSettings(page_size=2)
@@ -228,7 +264,10 @@ def test_a_worker_killed_mid_post_loses_and_doubles_nothing(redis_server, redis_
 
     second = _start_worker(tmp_path, redis_server.url, "w2", config)
     try:
-        _wait(lambda: redis_client.hget(keys.fanout_progress(2), "done"), 30, "the second worker to finish")
+        # post 2 (one page) may have been written by the first worker's batch already: wait for the
+        # taken-over post 1 and for nothing left pending
+        _wait(lambda: redis_client.hget(progress, "done") and bus.backlog("posts", "fanout").pending == 0, 30,
+              "the second worker to finish")
     finally:
         second.send_signal(signal.SIGTERM)
         out, _ = second.communicate(timeout=20)
