@@ -72,7 +72,9 @@ def _worker(url: str, group: str, threshold: int, stop_when_idle: bool, out, sec
         worker.process(batch)  # as the worker's own loop: small posts batched, the rest page by page
         last = time.time()
         lags += [last - d.event.event_ts.timestamp() for d in batch]
-    delivered = int(worker.metrics.deliveries._value.get())  # this process's counter
+    text = worker.metrics.render().decode()  # this process's deliveries counter
+    delivered = int(float(next(line.split()[-1] for line in text.splitlines()
+                               if line.startswith("hm_fanout_deliveries_total "))))
     out.put((delivered, lags, _peak_rss_mb(), last))
 
 
