@@ -3,15 +3,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
 from typing import Callable
 
 import numpy as np
 
-from mixer.scorers.remote import CIRCUIT_OPEN, FALLBACK, ModelCircuit, fallback_reason
-
-log = logging.getLogger(__name__)
+from mixer.scorers.remote import ModelCircuit, remote_or_local
 
 TRITON_PATH = "triton_grpc"
 
@@ -81,25 +77,12 @@ class RemoteUserTowerHandle:
         inputs = self.local.model.user_tower_inputs(sequences)  # raises ValueError before any call
         if inputs.batch == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        guard = self.circuit.attempt() if self.circuit is not None else contextlib.nullcontext()
-        try:
-            with guard:  # a wrong shape counts as a failure of the server too
-                out = self.client.embed(inputs, version=int(self.version), timeout_s=self.timeout_s)
-                if out.shape != (inputs.batch, self.dim):
-                    raise ValueError(f"server returned shape {out.shape}, expected ({inputs.batch}, {self.dim})")
-            self.last_path = TRITON_PATH
-            return out
-        except Exception as e:  # noqa: BLE001 - any server failure falls back, never fails the request
-            reason = fallback_reason(e)
-            if reason == CIRCUIT_OPEN:  # every call while open: the state change was logged once
-                log.debug("%s v%s user tower on %s: circuit open; in-process", self.name, self.version, TRITON_PATH)
-            else:
-                log.warning("%s v%s user tower on %s failed (%s: %r); embedding in-process", self.name,
-                            self.version, TRITON_PATH, reason, e)
-            if self.on_fallback:
-                self.on_fallback(self.name, TRITON_PATH, reason)
-            self.last_path = FALLBACK
-            return self.local.model.user_vectors(inputs)
+        out, self.last_path = remote_or_local(
+            lambda: self.client.embed(inputs, version=int(self.version), timeout_s=self.timeout_s),
+            lambda: self.local.model.user_vectors(inputs), (inputs.batch, self.dim),
+            name=self.name, version=self.version, path=TRITON_PATH, what="embedding", circuit=self.circuit,
+            on_fallback=self.on_fallback)
+        return out
 
 
 class TritonUserTower:

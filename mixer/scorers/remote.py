@@ -296,24 +296,11 @@ class RemoteRankerHandle:
         """Probabilities float32 [len(frame), len(heads)] and the path that produced them."""
         x = frame[list(self.feature_names)].to_numpy(dtype=np.float32)
         circuits = getattr(self.backend, "circuits", None)
-        guard = circuits.for_model(self.name).attempt() if circuits is not None else contextlib.nullcontext()
-        try:
-            with guard:  # a wrong shape counts as a failure of the server too
-                out = np.asarray(self.backend.predict(x, self.name, int(self.version), self.timeout_s),
-                                 dtype=np.float32)
-                if out.shape != (len(frame), len(self.heads)):
-                    raise ValueError(f"server returned shape {out.shape}, expected ({len(frame)}, {len(self.heads)})")
-            return out, self.path
-        except Exception as e:  # noqa: BLE001 - any server failure falls back, never fails the request
-            reason = fallback_reason(e)
-            if reason == CIRCUIT_OPEN:  # every call while open: the state change was logged once
-                log.debug("%s v%s on %s: circuit open; scoring in-process", self.name, self.version, self.path)
-            else:
-                log.warning("%s v%s on %s failed (%s: %r); scoring in-process", self.name, self.version,
-                            self.path, reason, e)
-            if self.on_fallback:
-                self.on_fallback(self.name, self.path, reason)
-            return np.asarray(self.local.predict(frame), dtype=np.float32), FALLBACK
+        return remote_or_local(
+            lambda: self.backend.predict(x, self.name, int(self.version), self.timeout_s),
+            lambda: self.local.predict(frame), (len(frame), len(self.heads)),
+            name=self.name, version=self.version, path=self.path, what="scoring",
+            circuit=circuits.for_model(self.name) if circuits is not None else None, on_fallback=self.on_fallback)
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         return self.predict_with_path(frame)[0]
@@ -338,6 +325,42 @@ def fallback_reason(exc: BaseException) -> str:
             return "timeout"
         seen = seen.__cause__
     return "error"
+
+
+def remote_or_local(remote: Callable[[], np.ndarray], local: Callable[[], np.ndarray], shape: tuple[int, int], *,
+                    name: str, version, path: str, what: str, circuit=None,
+                    on_fallback: Callable[[str, str, str], None] | None = None) -> tuple[np.ndarray, str]:
+    """``remote()`` through the model's circuit breaker, checked to be float32 ``shape``; on any
+    failure ``local()`` instead: a slow or dead server costs at most its deadline, never an answer.
+
+    Args:
+        remote / local: the server call and the in-process call of the same model version.
+        shape: the expected output shape (a wrong one counts as a failure of the server).
+        name, version, path: for the logs and ``on_fallback``; what: the work, for the logs
+            ("scoring", "embedding").
+        circuit: the model's breaker (``ModelCircuit``) or None.
+        on_fallback: called with (model name, path, reason); reason ``"timeout"``, ``"error"`` or
+            ``"circuit_open"``.
+
+    Returns:
+        (float32 output, ``path`` or ``FALLBACK``).
+    """
+    guard = circuit.attempt() if circuit is not None else contextlib.nullcontext()
+    try:
+        with guard:  # a wrong shape counts as a failure of the server too
+            out = np.asarray(remote(), dtype=np.float32)
+            if out.shape != tuple(shape):
+                raise ValueError(f"server returned shape {out.shape}, expected {tuple(shape)}")
+        return out, path
+    except Exception as e:  # noqa: BLE001 - any server failure falls back, never fails the request
+        reason = fallback_reason(e)
+        if reason == CIRCUIT_OPEN:  # every call while open: the state change was logged once
+            log.debug("%s v%s on %s: circuit open; %s in-process", name, version, path, what)
+        else:
+            log.warning("%s v%s on %s failed (%s: %r); %s in-process", name, version, path, reason, e, what)
+        if on_fallback:
+            on_fallback(name, path, reason)
+        return np.asarray(local(), dtype=np.float32), FALLBACK
 
 
 def predict_with_path(handle, frame: pd.DataFrame) -> tuple[np.ndarray, str]:
