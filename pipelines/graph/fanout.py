@@ -115,8 +115,7 @@ class FanoutWorker:
         pipe = self.client.pipeline(transaction=False)
         pipe.hgetall(progress)
         pipe.scard(keys.graph_followers(author))
-        pipe.zadd(keys.user_posts(author), {member: created})
-        pipe.zremrangebyrank(keys.user_posts(author), 0, -s.user_posts_length - 1)
+        self._queue_entry(pipe, keys.user_posts(author), member, created, s.user_posts_length)
         state, followers, _, _ = pipe.execute()
         state = {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in state.items()}
         if state.get("done"):
@@ -132,9 +131,7 @@ class FanoutWorker:
         for cursor, page in self.store.follower_pages(author, s.page_size, cursor):
             pipe = self.client.pipeline(transaction=False)
             for follower in page:
-                timeline = keys.home_timeline(follower)
-                pipe.zadd(timeline, {member: created})
-                pipe.zremrangebyrank(timeline, 0, -s.timeline_length - 1)
+                self._queue_entry(pipe, keys.home_timeline(follower), member, created, s.timeline_length)
             # the checkpoint comes last: Redis runs a pipeline in order, so a saved cursor means
             # every write of its page is applied
             pipe.hset(progress, "cursor", cursor)
@@ -159,6 +156,12 @@ class FanoutWorker:
         if outcome != "duplicate":
             self.metrics.lag.observe(max(self.clock() - event.event_ts.timestamp(), 0.0))
         return FanoutResult(outcome, int(followers), delivered, pages, int(start))
+
+    @staticmethod
+    def _queue_entry(pipe, key: str, member: str, created: float, cap: int) -> None:
+        """Two commands on ``pipe``: ``ZADD`` of the entry (1 = new, 0 = written before), then the cap."""
+        pipe.zadd(key, {member: created})
+        pipe.zremrangebyrank(key, 0, -cap - 1)
 
     def fan_out_small(self, events: list[PostCreatedEvent]) -> dict[str, FanoutResult]:
         """Fan out the posts of ``events`` whose authors have at most ``page_size`` followers and
@@ -192,14 +195,10 @@ class FanoutWorker:
         spans = []
         for (e, _), members in zip(small, followers):
             member, created = keys.encode_timeline_entry(e.post_id, e.author_id), e.event_ts.timestamp()
-            own = keys.user_posts(e.author_id)
-            pipe.zadd(own, {member: created})
-            pipe.zremrangebyrank(own, 0, -s.user_posts_length - 1)
+            self._queue_entry(pipe, keys.user_posts(e.author_id), member, created, s.user_posts_length)
             start = len(pipe)
             for f in members:
-                timeline = keys.home_timeline(int(f))
-                pipe.zadd(timeline, {member: created})
-                pipe.zremrangebyrank(timeline, 0, -s.timeline_length - 1)
+                self._queue_entry(pipe, keys.home_timeline(int(f)), member, created, s.timeline_length)
             spans.append((start, len(pipe)))
             progress = keys.fanout_progress(e.post_id)
             pipe.zrem(keys.FANOUT_CELEBRITIES, str(e.author_id))  # pushed: not an author to pull
