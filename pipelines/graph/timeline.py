@@ -12,6 +12,7 @@ backfills the author's recent posts again (``SocialGraphWriter.backfill``). Mute
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import Collection
 
@@ -41,7 +42,8 @@ class TimelineFilterResult:
 
 def filter_timeline(members: list[tuple[bytes | str, float]], followed: Collection[int], deleted: Collection[int],
                     blocked: Collection[int] = (), muted: Collection[int] = (),
-                    always_follow: Collection[int] = ()) -> TimelineFilterResult:
+                    always_follow: Collection[int] = (),
+                    decoded: list[tuple[int, int]] | None = None) -> TimelineFilterResult:
     """Apply deletes, unfollows, blocks and mutes to raw timeline members (pure; no Redis).
 
     Args:
@@ -51,13 +53,15 @@ def filter_timeline(members: list[tuple[bytes | str, float]], followed: Collecti
         deleted: post ids with a tombstone.
         blocked, muted: the user's blocked / muted author ids (query hydration has them).
         always_follow: authors exempt from the follow check (e.g. the user's own posts).
+        decoded: ``(post_id, author_id)`` of each member when the caller has decoded them already.
 
     Raises:
         ValueError: a member not in the ``post|author`` form.
     """
     kept, stale, hidden = [], [], 0
-    for member, score in members:
-        post, author = keys.decode_timeline_entry(member)
+    if decoded is None:
+        decoded = [keys.decode_timeline_entry(m) for m, _ in members]
+    for (member, score), (post, author) in zip(members, decoded):
         if post in deleted or author in blocked or (author not in followed and author not in always_follow):
             stale.append(member)
         elif author in muted:
@@ -151,7 +155,7 @@ class HomeTimelineReader:
             if celeb_counts is None:
                 celeb_counts = {a: c for a, c in zip(pulls, got[0])} if pulls else {}
             deleted = {p for (p, _), t in zip(decoded, tombstones) if t is not None}
-            res = filter_timeline(members, followed, deleted, blocked, muted)
+            res = filter_timeline(members, followed, deleted, blocked, muted, decoded=decoded)
             kept += res.kept
             stale += res.stale
             hidden += res.hidden
@@ -167,14 +171,7 @@ class HomeTimelineReader:
             for a in celebrities:
                 pipe.zrevrangebyscore(keys.user_posts(a), until, "-inf", start=0, num=posts_per_celebrity,
                                       withscores=True)
-            have = {e.post_id for e in kept}
-            for posts in pipe.execute():
-                for member, score in posts:
-                    post, author = keys.decode_timeline_entry(member)
-                    if post not in have:  # an author who crossed the threshold: pushed and pulled
-                        have.add(post)
-                        pulled.add(post)
-                        kept.append(TimelineEntry(post, author, float(score)))
+            pulled = self._merge_pulled(kept, pipe.execute(), limit)
         kept.sort(key=lambda e: (-e.created_ts, -e.post_id))
         kept = kept[:limit]
         if cleanup and stale:
@@ -184,3 +181,27 @@ class HomeTimelineReader:
                 pass  # the next read removes them
         shown = {e.post_id for e in kept}
         return HomeTimelineRead(kept, frozenset(pulled & shown), celebrities, stale, hidden)
+
+    @staticmethod
+    def _merge_pulled(kept: list[TimelineEntry], lists: list[list[tuple[bytes, float]]], limit: int) -> set[int]:
+        """Append to ``kept`` the pulled entries that can still be among the newest ``limit``; returns
+        their post ids. ``lists`` are the celebrities' posts, each newest first: a lazy k-way merge
+        stops at the first entry older than the ``limit``-th one already certain, so 50 celebrities x
+        20 posts decode about ``limit`` entries, not 1,000 (most of the read's CPU was decoding)."""
+        have = {e.post_id for e in kept}
+        pushed = sorted((e.created_ts for e in kept), reverse=True)
+        floor = pushed[limit - 1] if len(pushed) >= limit else -float("inf")
+        pulled: set[int] = set()
+        newer = 0  # pulled entries appended, all at or after the current merge position
+        for member, score in heapq.merge(*lists, key=lambda ms: -ms[1]):
+            # everything from here on is at most this old: the newest ``limit`` are settled
+            if score < floor or newer >= limit and score < last:
+                break
+            post, author = keys.decode_timeline_entry(member)
+            if post not in have:  # an author who crossed the threshold: pushed and pulled
+                have.add(post)
+                pulled.add(post)
+                kept.append(TimelineEntry(post, author, float(score)))
+                newer += 1
+                last = score
+        return pulled

@@ -17,7 +17,7 @@ from pipelines.graph.config import FanoutConfigError, FanoutSettings, load_fanou
 from pipelines.graph.edges import EdgeListError, read_edge_list, write_edge_list, write_follow_graph
 from pipelines.graph.generator import KWAK_FOLLOWER_EXPONENT, fit_power_law_exponent, generate_follow_graph
 from pipelines.graph.kuairand import kuairand_follow_graph, post_created_events
-from pipelines.graph.timeline import filter_timeline
+from pipelines.graph.timeline import HomeTimelineReader, TimelineEntry, filter_timeline
 
 
 # ---------------------------------------------------------------- generator
@@ -161,3 +161,34 @@ def test_the_filter_drops_deleted_unfollowed_blocked_and_hides_muted():
     assert res.stale == [e(2, 11), e(3, 12), e(5, 14)] and res.hidden == 1
     with pytest.raises(ValueError, match="expected 'post|author'"):
         filter_timeline([(b"17", 1.0)], followed=set(), deleted=set())
+
+
+def test_the_lazy_celebrity_merge_equals_decoding_every_pulled_post():
+    # the read decodes only the pulled posts that can reach the newest ``limit``; on random
+    # timelines, pulls, ties and posts both pushed and pulled it must equal the full decode
+    rng = np.random.default_rng(3)
+    e = keys.encode_timeline_entry
+    for trial in range(300):
+        limit = int(rng.integers(1, 30))
+        created = rng.integers(0, 40, size=500).astype(float)  # a post's time is its own: ties, no clashes
+        author_of = rng.integers(1, 8, size=500)  # author 1 is pushed; 2..7 are pulled
+        kept = sorted((TimelineEntry(int(p), int(author_of[p]), created[p])
+                       for p in rng.choice(500, size=int(rng.integers(0, 40)), replace=False)),
+                      key=lambda t: -t.created_ts)
+        lists = []
+        for author in range(2, 8):
+            posts = [p for p in np.flatnonzero(author_of == author) if rng.random() < 0.3]
+            # newest first; some of them also pushed (an author who crossed the threshold)
+            lists.append(sorted(((e(int(p), author).encode(), created[p]) for p in posts), key=lambda ms: -ms[1]))
+        want, have = list(kept), {t.post_id for t in kept}
+        for members in lists:
+            for m, s in members:
+                post, author = keys.decode_timeline_entry(m)
+                if post not in have:
+                    have.add(post)
+                    want.append(TimelineEntry(post, author, s))
+        order = lambda t: (-t.created_ts, -t.post_id)  # noqa: E731
+        got = list(kept)
+        pulled = HomeTimelineReader._merge_pulled(got, lists, limit)
+        assert sorted(got, key=order)[:limit] == sorted(want, key=order)[:limit], trial
+        assert pulled == {t.post_id for t in got} - {t.post_id for t in kept}
