@@ -22,6 +22,7 @@ import pandas as pd
 
 from feature_repo import store as fs
 from home_mixer import jobs
+from home_mixer.demo_fanout import DEMO_CELEBRITY_THRESHOLD, fanout_stage, format_in_network, showcase_timeline
 from core.requests import REQUEST_GAP_S
 from core.services import RedisServer
 from core.stages import StageTimer
@@ -29,7 +30,7 @@ from core.state import StateDir
 from mixer.auth import auth_headers
 from mixer.server import MixerServer
 
-STAGES = 17
+STAGES = 18
 REPLAY_HOURS = 2.5   # the log's last hours replayed by the real-time stage ...
 REPLAY_SPEED = 600   # ... at 10 log minutes per wall second (15 s)
 FUNNEL_USERS = 100   # validation-day users whose candidate sets measure the light ranker's funnel recall
@@ -67,29 +68,34 @@ def pick_users(training_set: pd.DataFrame, n: int) -> list[int]:
     return counts.sort_values(["n", "user_id"], ascending=[False, True])["user_id"].head(n).tolist()
 
 
-def format_timeline(resp: dict, rows: int = 10) -> str:
-    """A text table of one ``/v1/home-timeline`` response: rank, post, author, scores, source."""
+def format_timeline(resp: dict, rows: int = 10, only_source: str | None = None) -> str:
+    """A text table of one ``/v1/home-timeline`` response: rank, post, author, scores, source (with
+    ``only_source``, only the first ``rows`` items of that source, at their ranks)."""
     lines = [f"user {resp['user_id']}  arm={resp['arm']}  models={resp.get('model_versions')}",
              f"{'#':>2} {'post':>6} {'author':>8} {'score':>7} {'p_click':>7} {'p_lview':>7} "
              f"{'p_like':>7} {'light':>6}  source"]
-    for i, it in enumerate(resp["items"][:rows], 1):
+    shown = [(i, it) for i, it in enumerate(resp["items"], 1) if only_source in (None, it["source"])]
+    for i, it in shown[:rows]:
         h = it["heads"]
         lines.append(f"{i:>2} {it['post_id']:>6} {it['author_id']:>8} {it['score']:7.3f} "
                      f"{h['click']:7.3f} {h['long_view']:7.3f} {h['like']:7.4f} "
-                     f"{it['light_score']:6.3f}  {it['source']}{' (in-network)' if it['in_network'] else ''}")
+                     f"{it['light_score']:6.3f}  {it['source']}"
+                     f"{' (' + it['source_detail'] + ')' if it.get('source_detail') else ''}")
     lines.append(f"   {len(resp['items'])} items; stage ms: "
                  + ", ".join(f"{k}={v:.1f}" for k, v in resp.get("timings_ms", {}).items()))
     return "\n".join(lines)
 
 
 def realtime_stage(state: StateDir, redis_url: str, base: str, data_dir: Path, as_of,
-                   since, before: list[dict]) -> str:
+                   since, before: list[dict], fanout_config: Path | None = None) -> str:
     """Run the stream processor (a thread) on a live replay of the log's last ``REPLAY_HOURS``
     hours, both on the mixer's running clock, then ask for the users of ``before`` again.
 
     Returns a text report: events applied, event->online lag p50/p99, consumer lag, the top
     trending posts, and per user how the page changed. The users' served records are cleared first
-    so that the pages compare (otherwise the mixer would not serve the same posts twice).
+    so that the pages compare (otherwise the mixer would not serve the same posts twice). The
+    replayed follows also update the social graph (and backfill the followee's posts into the
+    follower's home timeline) with the ``fanout:`` settings of ``fanout_config``.
     """
     import threading
 
@@ -98,6 +104,8 @@ def realtime_stage(state: StateDir, redis_url: str, base: str, data_dir: Path, a
     from core import online_layout as keys
     from mixer.config import running_clock
     from mixer.feature_hydrators.realtime_reader import RealtimeFeatureReader
+    from pipelines.graph.config import load_fanout_config
+    from pipelines.graph.writer import SocialGraphWriter
     from pipelines.streaming.bus import RedisStreamsBus
     from pipelines.streaming.processor import StreamProcessor
     from pipelines.streaming.replay import LogReplayer, load_replay_inputs
@@ -106,7 +114,8 @@ def realtime_stage(state: StateDir, redis_url: str, base: str, data_dir: Path, a
     clock = running_clock(as_of.to_pydatetime(), since.to_pydatetime())
     client = redis.Redis.from_url(redis_url)
     bus = RedisStreamsBus(client)
-    processor = StreamProcessor(client, bus, clock=clock)
+    processor = StreamProcessor(client, bus, clock=clock,
+                                graph=SocialGraphWriter(client, load_fanout_config(fanout_config)))
     stop = threading.Event()
     worker = threading.Thread(target=processor.run, args=(stop,), kwargs={"block_ms": 100}, daemon=True)
     worker.start()
@@ -299,11 +308,17 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
             print(f"  report {path}")
         with timer.stage("drift: validation days vs the champion's training reference; an injected fault"):
             drift_lines = drift_stage(state, valid)
+        with timer.stage(f"social graph + fan-out: KuaiRand's follow graph into Redis, the post events replayed "
+                         f"through fan-out worker processes (celebrities above {DEMO_CELEBRITY_THRESHOLD} followers pulled)"):
+            fan = fanout_stage(state, srv.url, jobs.log_end(state))
+            print("\n".join(fan.lines))
         with timer.stage("start the mixer and request home timelines over HTTP"):
             as_of = jobs.log_end(state)
             config = state.run / "demo-mixer.yaml"  # merged over the embedded mixer/mixer.yaml
             since = pd.Timestamp.now(tz="UTC")
-            config.write_text(f"clock:\n  now: \"{as_of.isoformat()}\"\n  since: \"{since.isoformat()}\"\n")
+            # in-network from the fanned-out home timelines plus celebrity pulls (the stage above)
+            config.write_text(f"clock:\n  now: \"{as_of.isoformat()}\"\n  since: \"{since.isoformat()}\"\n"
+                              "candidate_sources:\n  in_network:\n    read: timeline\n")
             previous = MixerServer.find(state)
             if previous is not None:  # left by a demo run with --keep-running: it serves the old models
                 print(f"  stopping the mixer left running at {previous.url} (pid {previous.pid})")
@@ -317,13 +332,30 @@ def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_
                                headers=mixer.auth_headers, timeout=30)
                 r.raise_for_status()
                 responses.append(r.json())
+            # one user's home timeline as the in-network source reads it, then that user's served page
+            shown_user, timeline_lines = showcase_timeline(srv.url, fan.showcase_users, as_of.timestamp())
+            showcase = None
+            if shown_user is not None:
+                r = httpx.post(f"{base}/v1/home-timeline", json={"user_id": shown_user, "limit": 100},
+                               headers=mixer.auth_headers, timeout=30)
+                r.raise_for_status()
+                showcase = r.json()
         print()
         for resp in responses:
             print(format_timeline(resp))
+            print(f"   {format_in_network(resp)}")
+            print()
+        if showcase is not None:
+            print("\n".join(timeline_lines))
+            print(f"  served page of {len(showcase['items'])} posts for this user: {format_in_network(showcase)} "
+                  "(KuaiRand users rarely engage twice with one author, so the rankers put in-network posts low)")
+            if any(it["source"] == "in_network" for it in showcase["items"]):
+                print(format_timeline(showcase, rows=len(showcase["items"]), only_source="in_network"))
             print()
         with timer.stage(f"real time: stream processor + live replay of the log's last {REPLAY_HOURS} h "
                          f"at {REPLAY_SPEED}x, timelines again"):
-            rt_report = realtime_stage(state, srv.url, base, data_dir, as_of, since, responses)
+            rt_report = realtime_stage(state, srv.url, base, data_dir, as_of, since, responses,
+                                       fanout_config=fan.config)
         print(rt_report)
         print()
         print("Offline evaluation on the validation days (inside requests, features as served)")

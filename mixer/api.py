@@ -58,7 +58,12 @@ class TimelineItem(BaseModel):
     score: float | None = Field(description="blended score after author diversity (higher is better)")
     heads: dict[str, float | None] = Field(description="heavy ranker probability per engagement head")
     light_score: float | None
-    source: str = Field(description="candidate source: in_network, popular or tag_interest")
+    source: str = Field(description="candidate source (the pipeline declaration's names: in_network, popular, "
+                                    "tag_interest, coengagement, embedding...)")
+    source_detail: str = Field("", description="how the source found the post, when it has several ways: "
+                                              "in_network with the timeline read: pushed (fanned out into the "
+                                              "home timeline) or pulled (a followed celebrity's post, merged at "
+                                              "read); empty otherwise")
     in_network: bool
 
 
@@ -422,7 +427,7 @@ def _response(result: TimelineResult) -> dict:
         "items": [{
             "post_id": c.post_id, "author_id": c.author_id, "score": finite(c.score),
             "heads": {h: finite(p) for h, p in c.heads.items()}, "light_score": finite(c.light_score),
-            "source": c.source, "in_network": c.in_network,
+            "source": c.source, "source_detail": c.source_detail, "in_network": c.in_network,
         } for c in result.items],
         "next_cursor": result.next_cursor.encode() if result.next_cursor else None,
         "model_versions": result.model_versions,

@@ -115,6 +115,9 @@ class Candidate:
             candidate hydrator fills it and for posts without tags (no user x tag features).
         in_network: the author is in the user's follow/engagement graph.
         source_score: the source's own ordering score (engagement weight, recency...).
+        source_detail: how the source found it, when it has several ways (in_network's timeline
+            read: ``pushed`` = fanned out into the home timeline, ``pulled`` = a followed
+            celebrity's post merged at read); empty otherwise.
         light_score: light ranker output (NaN until scored).
         heads: head name -> heavy ranker probability (empty until scored).
         score: blended score used for ranking (NaN until blended).
@@ -127,6 +130,7 @@ class Candidate:
     tag_id: int = -1
     in_network: bool = False
     source_score: float = 0.0
+    source_detail: str = ""
     light_score: float = math.nan
     heads: dict[str, float] = field(default_factory=dict)
     score: float = math.nan

@@ -111,7 +111,8 @@ class InNetworkCandidateSource(CandidateSource):
             muted=query.muted_authors, strength=strength, max_celebrity_pulls=self.max_celebrity_pulls,
             posts_per_celebrity=self.posts_per_author))
         return [Candidate(post_id=e.post_id, source=self.name, author_id=e.author_id, created_ts=e.created_ts,
-                          in_network=True, source_score=strength.get(e.author_id, 0.0) + 1.0)
+                          in_network=True, source_score=strength.get(e.author_id, 0.0) + 1.0,
+                          source_detail="pulled" if e.post_id in got.pulled else "pushed")
                 for e in got.entries]
 
     def _read(self, authors: list[int], until) -> dict[int, list[tuple[int, float]]]:

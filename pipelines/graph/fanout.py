@@ -22,6 +22,11 @@ their deliveries, each post's ``done`` mark after its own writes, in a third (Re
 in order, so a ``done`` mark still means every write of its post is applied). Larger posts take the
 paged path above.
 
+Deletes: a ``PostDeletedEvent`` on the same topic is applied by ``delete``: a tombstone
+(``DELETED_POSTS``, the first deletion time kept) and the post out of its author's timeline. Copies
+already pushed stay in home timelines until a read drops them (``HomeTimelineReader``: lazy cleanup,
+no fan-out of deletes); a post whose tombstone exists when its fan-out starts is not fanned out.
+
 Nothing lost, nothing doubled: the entry is acknowledged only after the last page, so a worker
 killed mid-post leaves it pending; another worker takes it over after ``reclaim_idle_ms``
 (``XAUTOCLAIM``) or the same consumer re-reads its own pending list when it restarts, and resumes
@@ -51,15 +56,21 @@ from pipelines.graph.config import FanoutSettings
 from pipelines.graph.metrics import FanoutMetrics
 from pipelines.graph.store import SocialGraphStore
 from pipelines.streaming.bus import Delivery, EventBus, run_consumer_loop
-from pipelines.streaming.events import PostCreatedEvent
+from pipelines.streaming.events import PostCreatedEvent, PostDeletedEvent
 
 log = logging.getLogger(__name__)
+
+
+def published_at(delivery: Delivery) -> float:
+    """When ``delivery`` was appended to the bus (epoch s): the time part of its Redis stream id
+    (``"<ms>-<seq>"``, the Redis server's clock)."""
+    return int(delivery.id.split("-", 1)[0]) / 1000.0
 
 
 @dataclass(frozen=True)
 class FanoutResult:
     """What one post's fan-out did: ``outcome`` (``fanned_out`` | ``celebrity_skipped`` |
-    ``duplicate``), ``followers`` (the author's count when read), ``delivered`` (entries newly
+    ``duplicate`` | ``deleted``: deleted before its fan-out, nothing written), ``followers`` (the author's count when read), ``delivered`` (entries newly
     written by this call), ``pages`` written by this call, ``resumed_at`` (the cursor it started from:
     non-zero when it resumed a checkpoint)."""
 
@@ -99,7 +110,8 @@ class FanoutWorker:
         self._last_reclaim = -float("inf")
         self._last_backlog = -float("inf")
         self._outcomes = {o: self.metrics.posts.labels(outcome=o)
-                          for o in ("fanned_out", "celebrity_skipped", "duplicate", "failed")}
+                          for o in ("fanned_out", "celebrity_skipped", "duplicate", "deleted", "post_deleted",
+                                    "failed")}
 
     # ---- one post ----
     def fan_out(self, event: PostCreatedEvent) -> FanoutResult:
@@ -115,11 +127,17 @@ class FanoutWorker:
         pipe = self.client.pipeline(transaction=False)
         pipe.hgetall(progress)
         pipe.scard(keys.graph_followers(author))
-        self._queue_entry(pipe, keys.user_posts(author), member, created, s.user_posts_length)
-        state, followers, _, _ = pipe.execute()
+        pipe.zscore(keys.DELETED_POSTS, str(event.post_id))
+        state, followers, tombstone = pipe.execute()
         state = {k.decode() if isinstance(k, bytes) else k: int(v) for k, v in state.items()}
         if state.get("done"):
             return self._finish("duplicate", event, followers, 0, 0, 0)
+        if tombstone is not None:
+            self._mark_deleted(event)
+            return self._finish("deleted", event, followers, 0, 0, 0)
+        pipe = self.client.pipeline(transaction=False)
+        self._queue_entry(pipe, keys.user_posts(author), member, created, s.user_posts_length)
+        pipe.execute()
         if followers > s.celebrity_threshold:
             # the read path pulls the posts of the authors listed here
             self.client.pipeline(transaction=False).zadd(keys.FANOUT_CELEBRITIES, {str(author): followers}) \
@@ -149,11 +167,29 @@ class FanoutWorker:
             .hset(progress, "done", 1).expire(progress, s.progress_ttl_s).execute()
         return self._finish("fanned_out", event, followers, delivered, pages, start)
 
+    def _mark_deleted(self, event: PostCreatedEvent) -> None:
+        """A post deleted before its fan-out: done, nothing written (a copy written to the author's
+        timeline by a fan-out that raced the delete is removed)."""
+        progress = keys.fanout_progress(event.post_id)
+        self.client.pipeline(transaction=False) \
+            .zrem(keys.user_posts(event.author_id), keys.encode_timeline_entry(event.post_id, event.author_id)) \
+            .hset(progress, mapping={"done": 1, "deleted": 1}).expire(progress, self.settings.progress_ttl_s).execute()
+
+    def delete(self, event: PostDeletedEvent) -> None:
+        """Apply a delete (module docstring); idempotent (a redelivery changes nothing).
+
+        Raises:
+            redis.RedisError: the write failed; the event stays pending and is retried.
+        """
+        self.store.delete_post(event.post_id, event.author_id, deleted_at=event.event_ts.timestamp())
+        self.stats["post_deleted"] += 1
+        self._outcomes["post_deleted"].inc()
+
     def _finish(self, outcome: str, event: PostCreatedEvent, followers: int, delivered: int, pages: int,
                 start: int) -> FanoutResult:
         self.stats[outcome] += 1
         self._outcomes[outcome].inc()
-        if outcome != "duplicate":
+        if outcome not in ("duplicate", "deleted"):
             self.metrics.lag.observe(max(self.clock() - event.event_ts.timestamp(), 0.0))
         return FanoutResult(outcome, int(followers), delivered, pages, int(start))
 
@@ -179,10 +215,13 @@ class FanoutWorker:
         for e in events:
             pipe.hgetall(keys.fanout_progress(e.post_id))
             pipe.scard(keys.graph_followers(e.author_id))
+            pipe.zscore(keys.DELETED_POSTS, str(e.post_id))
         got = pipe.execute()
         small, seen = [], set()
-        for e, state, n in zip(events, got[0::2], got[1::2]):
-            if not state and 0 < n <= s.page_size and e.post_id not in seen:  # untouched, one page
+        for e, state, n, tombstone in zip(events, got[0::3], got[1::3], got[2::3]):
+            # untouched, not deleted, not a celebrity's (fan_out handles those), one page
+            if (not state and tombstone is None and 0 < n <= min(s.page_size, s.celebrity_threshold)
+                    and e.post_id not in seen):
                 small.append((e, int(n)))
                 seen.add(e.post_id)  # a post delivered twice in the batch: the second is a duplicate
         if not small:
@@ -219,25 +258,40 @@ class FanoutWorker:
         untouched. Small posts go through :meth:`fan_out_small` together, the rest one by one.
         Returns the posts handled (acknowledged)."""
         posts = [d for d in deliveries if isinstance(d.event, PostCreatedEvent)]
-        batched: set[str] = set()
+        # deletes first: a post created and deleted within one batch is then not fanned out
+        deletes = [d for d in deliveries if isinstance(d.event, PostDeletedEvent)]
+        applied = set()
+        for d in deletes:
+            try:
+                self.delete(d.event)
+                applied.add(d.id)
+            except redis.RedisError as exc:
+                log.warning("delete of post %s failed: %s; left pending", d.event.post_id, exc)
+                self.stats["failed"] += 1
+                self._outcomes["failed"].inc()
+        batched: dict[str, FanoutResult] = {}
         if len(posts) > 1:
             try:
-                batched = set(self.fan_out_small([d.event for d in posts]))
+                batched = self.fan_out_small([d.event for d in posts])
             except redis.RedisError as exc:  # the posts whose done mark was written are skipped below
                 log.warning("batched fan-out of %d posts failed: %s; one by one", len(posts), exc)
         done = []
         for d in deliveries:
+            if isinstance(d.event, PostDeletedEvent):
+                if d.id in applied:
+                    self.bus.ack(d)
+                    done.append(d)
+                continue
             if not isinstance(d.event, PostCreatedEvent):
+                self.bus.ack(d)  # not ours: nothing to do, and it must not stay pending
                 done.append(d)
                 continue
             if d.delivery_count > 1:
                 self.metrics.retries.inc()
                 self.stats["retries"] += 1
             try:
-                if d.event.event_id in batched:
-                    batched.discard(d.event.event_id)  # a second delivery of it is a duplicate
-                else:
-                    self.fan_out(d.event)
+                # a second delivery of a batched post is a duplicate (pop)
+                result = batched.pop(d.event.event_id, None) or self.fan_out(d.event)
             except redis.RedisError as exc:
                 log.warning("fan-out of post %s failed: %s; left pending", d.event.post_id, exc)
                 self.stats["failed"] += 1
@@ -246,6 +300,8 @@ class FanoutWorker:
             # ack each post as soon as it is done: a kill later in the batch must not redo it
             self.bus.ack(d)
             done.append(d)
+            if result.outcome in ("fanned_out", "celebrity_skipped"):
+                self.metrics.delivery_lag.observe(max(self.clock() - published_at(d), 0.0))
         return len(done)
 
     def run_once(self, count: int = 50, block_ms: int | None = None) -> int:

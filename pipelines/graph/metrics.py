@@ -11,6 +11,11 @@ Names (prefix ``hm_fanout_``):
   from a crashed worker, or re-read from the worker's own pending list), resumed at the checkpoint.
 - ``lag_seconds`` (histogram): post created (event time) -> its last follower written (or the
   skip decided), the freshness of home timelines.
+- ``delivery_lag_seconds`` (histogram): post appended to the bus (its stream id's time) -> its last
+  follower written: the fan-out's own delay without the producer's. Live, the two agree; for a
+  replay or a backfill of old posts only this one means anything.
+- ``posts_total{outcome}`` also counts ``deleted`` (a post deleted before its fan-out: nothing
+  written) and ``post_deleted`` (a ``PostDeletedEvent`` applied).
 - ``backlog_entries{topic,group}`` (gauge): posts not yet delivered to the group plus delivered and
   not acknowledged (``EventBus.backlog``: lag + pending).
 
@@ -47,6 +52,9 @@ class FanoutMetrics:
                                     registry=r)
         self.lag = prom.Histogram("hm_fanout_lag_seconds", "Post created to its last follower written",
                                   buckets=LAG_BUCKETS, registry=r)
+        self.delivery_lag = prom.Histogram("hm_fanout_delivery_lag_seconds",
+                                           "Post appended to the bus to its last follower written",
+                                           buckets=LAG_BUCKETS, registry=r)
         self.backlog = prom.Gauge("hm_fanout_backlog_entries", "Posts not yet fanned out (undelivered + pending)",
                                   ["topic", "group"], registry=r)
 

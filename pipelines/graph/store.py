@@ -109,10 +109,11 @@ class SocialGraphStore:
     def delete_post(self, post_id: int, author_id: int, deleted_at: float | None = None) -> None:
         """Delete a post: drop it from the author's own timeline and add a tombstone
         (``DELETED_POSTS``) that the read path honours; copies in home timelines are removed
-        lazily when read (``HomeTimelineReader``), not by a fan-out of deletes."""
+        lazily when read (``HomeTimelineReader``), not by a fan-out of deletes. Idempotent."""
         pipe = self.client.pipeline(transaction=False)
         pipe.zrem(keys.user_posts(author_id), keys.encode_timeline_entry(post_id, author_id))
-        pipe.zadd(keys.DELETED_POSTS, {str(int(post_id)): time.time() if deleted_at is None else deleted_at})
+        # NX: a redelivered or repeated delete keeps the first deletion time
+        pipe.zadd(keys.DELETED_POSTS, {str(int(post_id)): time.time() if deleted_at is None else deleted_at}, nx=True)
         pipe.execute()
 
     def snapshot(self, scan_count: int = 10_000) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ from pipelines.streaming.events import (
     Event,
     EventValidationError,
     PostCreatedEvent,
+    PostDeletedEvent,
     SocialGraphEvent,
     encode_event,
     parse_event,
@@ -18,6 +19,7 @@ from pipelines.streaming.events import (
 
 __all__ = [
     "Delivery", "EventBus", "RedisStreamsBus",
-    "EngagementEvent", "Event", "EventValidationError", "PostCreatedEvent", "SocialGraphEvent",
+    "EngagementEvent", "Event", "EventValidationError", "PostCreatedEvent", "PostDeletedEvent",
+    "SocialGraphEvent",
     "encode_event", "parse_event",
 ]

@@ -41,9 +41,11 @@ import redis
 
 from core.online_layout import dead_letter_stream, event_stream
 from pipelines.streaming.events import (
+    AnyEvent,
     EngagementEvent,
     EventValidationError,
     PostCreatedEvent,
+    PostDeletedEvent,
     SocialGraphEvent,
     encode_event,
     parse_event,
@@ -52,7 +54,6 @@ from pipelines.streaming.scripts import (
     APPLIED_UNTIL, SKIP_TRIMMED, AppliedUntilArgs, AppliedUntilKeys, SkipTrimmedArgs, SkipTrimmedKeys,
 )
 
-AnyEvent = EngagementEvent | PostCreatedEvent | SocialGraphEvent
 log = logging.getLogger(__name__)
 
 

@@ -1,6 +1,6 @@
 """The versioned event schema of the streaming pipeline (pydantic v2, one discriminated union).
 
-Three event types, told apart by ``type``; every event carries ``schema_version`` (only ``1``
+Four event types, told apart by ``type``; every event carries ``schema_version`` (only ``1``
 exists: a change that old consumers cannot read gets a new version, never a silent reinterpretation)
 and an ``event_id`` chosen by the producer (consumers use it to make their writes idempotent, since
 a stream delivers at least once).
@@ -8,6 +8,7 @@ a stream delivers at least once).
 - ``EngagementEvent`` (``type="engagement"``): an impression or one engagement of a user with a post.
   ``kind`` is ``"impression"`` or one of ``core.schema.HEADS``.
 - ``PostCreatedEvent`` (``type="post_created"``): a post was published.
+- ``PostDeletedEvent`` (``type="post_deleted"``): its author (or moderation) deleted a post.
 - ``SocialGraphEvent`` (``type="social"``): follow / unfollow / block / mute of ``author_id`` by
   ``user_id`` (the canonical social-edge column names, ``schema.SOCIAL_EDGES_COLUMNS``).
 
@@ -87,6 +88,16 @@ class PostCreatedEvent(_EventBase):
     tags: tuple[Id, ...] = ()
 
 
+class PostDeletedEvent(_EventBase):
+    """``post_id`` of ``author_id`` was deleted at ``event_ts`` (UTC). Fan-out workers apply it
+    (``pipelines.graph.fanout``): a tombstone the home-timeline read honours, the post out of its
+    author's timeline, and a fan-out not yet done stopped."""
+
+    type: Literal["post_deleted"] = "post_deleted"
+    post_id: Id
+    author_id: Id
+
+
 class SocialGraphEvent(_EventBase):
     """``user_id`` did ``action`` (follow / unfollow / block / mute) to ``author_id`` at
     ``event_ts`` (UTC). A user cannot act on themselves."""
@@ -103,8 +114,9 @@ class SocialGraphEvent(_EventBase):
         return self
 
 
-Event = Annotated[Union[EngagementEvent, PostCreatedEvent, SocialGraphEvent], Field(discriminator="type")]
-EVENT_TYPES: tuple[str, ...] = ("engagement", "post_created", "social")
+AnyEvent = Union[EngagementEvent, PostCreatedEvent, PostDeletedEvent, SocialGraphEvent]
+Event = Annotated[AnyEvent, Field(discriminator="type")]
+EVENT_TYPES: tuple[str, ...] = ("engagement", "post_created", "post_deleted", "social")
 _ADAPTER: TypeAdapter = TypeAdapter(Event)
 
 
@@ -127,7 +139,7 @@ def _decode(value: Any, what: str) -> str:
     raise EventValidationError(f"{what} must be bytes or str, got {type(value).__name__}")
 
 
-def parse_event(payload: bytes | str | dict) -> EngagementEvent | PostCreatedEvent | SocialGraphEvent:
+def parse_event(payload: bytes | str | dict) -> "AnyEvent":
     """Validate one event.
 
     ``payload`` is one of: the event's JSON (bytes or str); the event as a dict; or the fields of a
@@ -171,7 +183,7 @@ def parse_event(payload: bytes | str | dict) -> EngagementEvent | PostCreatedEve
         raise EventValidationError(_reason(exc)) from None
 
 
-def encode_event(event: EngagementEvent | PostCreatedEvent | SocialGraphEvent) -> dict[bytes, bytes]:
+def encode_event(event: AnyEvent) -> dict[bytes, bytes]:
     """Stream-entry fields of ``event``: ``{b"event": <JSON, UTF-8>, b"type": <type>}``.
 
     ``parse_event(encode_event(e)) == e`` for every valid event.
@@ -180,6 +192,6 @@ def encode_event(event: EngagementEvent | PostCreatedEvent | SocialGraphEvent) -
         TypeError: ``event`` is not one of the event models (build it with the model, which
             validates it, rather than passing a dict).
     """
-    if not isinstance(event, (EngagementEvent, PostCreatedEvent, SocialGraphEvent)):
+    if not isinstance(event, (EngagementEvent, PostCreatedEvent, PostDeletedEvent, SocialGraphEvent)):
         raise TypeError(f"expected an event model, got {type(event).__name__}; build e.g. EngagementEvent(...)")
     return {EVENT_FIELD: event.model_dump_json().encode("utf-8"), TYPE_FIELD: event.type.encode("ascii")}

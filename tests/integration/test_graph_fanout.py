@@ -24,14 +24,14 @@ import numpy as np
 import pytest
 
 from core import online_layout as keys
-from core.state import PROJECT_ROOT
+from core.state import PROJECT_ROOT, StateDir
 from pipelines.graph.config import FanoutSettings
 from pipelines.graph.fanout import FanoutWorker
 from pipelines.graph.store import SocialGraphStore
 from pipelines.graph.timeline import HomeTimelineReader
 from pipelines.graph.writer import SocialGraphWriter
 from pipelines.streaming.bus import RedisStreamsBus
-from pipelines.streaming.events import PostCreatedEvent, SocialGraphEvent
+from pipelines.streaming.events import PostCreatedEvent, PostDeletedEvent, SocialGraphEvent
 from pipelines.streaming.processor import StreamProcessor
 
 pytestmark = pytest.mark.integration
@@ -215,6 +215,54 @@ def test_the_bus_drives_fanout_and_the_reader_honours_deletes_unfollows_blocks_a
     assert [e.post_id for e in reader.read(2, limit=1).entries] == [1]  # user 2 never saw the deleted 5
 
 
+def test_a_batch_skips_celebrities_below_the_page_size_and_times_the_bus_lag(redis_client):
+    # author 10 has 3 followers: above the threshold (2) though within one page (10), so the batched
+    # path must leave it to the celebrity check, as one-by-one would
+    settings = FanoutSettings(celebrity_threshold=2, page_size=10)
+    SocialGraphStore(redis_client).load_edges(np.array([1, 2, 3, 1]), np.array([10, 10, 10, 20]))
+    bus = RedisStreamsBus(redis_client)
+    worker = FanoutWorker(redis_client, bus, settings)
+    bus.publish_many([(settings.post_topic, _post(1, 10)), (settings.post_topic, _post(2, 20))])
+    assert worker.run_once(count=10) == 2
+    assert dict(worker.stats) == {"celebrity_skipped": 1, "fanned_out": 1}
+    assert _timeline(redis_client, 1) == ["2|20"] and redis_client.zscore(keys.FANOUT_CELEBRITIES, "10") == 3
+    m = worker.metrics.render().decode()
+    # the bus lag of both (the skip is decided too); seconds, not the weeks since T0
+    assert "hm_fanout_delivery_lag_seconds_count 2.0" in m and 'hm_fanout_delivery_lag_seconds_bucket{le="1.0"} 2.0' in m
+
+
+def test_post_deletes_arrive_on_the_bus_and_are_applied_once(redis_client):
+    settings = FanoutSettings(page_size=10)
+    SocialGraphStore(redis_client).load_edges(np.array([1, 2, 1]), np.array([10, 10, 20]))
+    bus = RedisStreamsBus(redis_client)
+    worker = FanoutWorker(redis_client, bus, settings)
+
+    def delete(post, author, dt_s):
+        return PostDeletedEvent(event_id=f"d{post}", event_ts=T0 + timedelta(seconds=dt_s), post_id=post,
+                                author_id=author)
+
+    bus.publish_many([(settings.post_topic, e) for e in (_post(1, 10), _post(2, 10), _post(3, 20))])
+    assert worker.run_once(count=10) == 3
+    # post 1 deleted after its fan-out; post 4 created and deleted in one batch; post 5 deleted
+    # before its create arrives (another worker took the delete first)
+    bus.publish_many([(settings.post_topic, e) for e in (delete(1, 10, 50), _post(4, 20), delete(4, 20, 60),
+                                                          delete(5, 10, 70), delete(1, 10, 80))])
+    assert worker.run_once(count=10) == 5
+    bus.publish(settings.post_topic, _post(5, 10))
+    assert worker.run_once(count=10) == 1
+    assert worker.refresh_backlog() == 0  # every entry acknowledged
+    tomb = dict(redis_client.zrange(keys.DELETED_POSTS, 0, -1, withscores=True))
+    # one tombstone each, the first deletion's time kept (the redelivered delete of 1 changes nothing)
+    assert tomb == {b"1": (T0 + timedelta(seconds=50)).timestamp(), b"4": (T0 + timedelta(seconds=60)).timestamp(),
+                    b"5": (T0 + timedelta(seconds=70)).timestamp()}
+    assert worker.stats["post_deleted"] == 4 and worker.stats["deleted"] == 2  # 4 and 5: never fanned out
+    assert [m.decode() for m in redis_client.zrange(keys.user_posts(10), 0, -1)] == ["2|10"]
+    assert _timeline(redis_client, 2) == ["2|10", "1|10"]  # the pushed copy of 1 waits for a read
+    assert [e.post_id for e in HomeTimelineReader(redis_client).read(2, 10).entries] == [2]
+    assert _timeline(redis_client, 2) == ["2|10"]  # lazy cleanup
+    assert _timeline(redis_client, 1) == ["3|20", "2|10", "1|10"]  # 4 never pushed; 1 waits for a read
+
+
 # ---------------------------------------------------------------- a worker SIGKILLed mid-post
 def _start_worker(state_root, url: str, consumer: str, config) -> subprocess.Popen:
     env = dict(os.environ, HOME_MIXER_REDIS_URL=url, PYTHONUNBUFFERED="1")
@@ -309,6 +357,7 @@ def test_the_in_network_source_merges_the_pushed_timeline_with_celebrity_pulls(r
     assert [(c.post_id, c.author_id) for c in got] == [(5, 10), (4, 22), (3, 21), (1, 10)]
     assert [c.source_score for c in got] == [1.0, 5.0, 2.0, 1.0]  # engagement weight + 1: all followed
     assert all(c.in_network and c.source == "in_network" for c in got)
+    assert [c.source_detail for c in got] == ["pushed", "pulled", "pulled", "pushed"]  # the response shows it
     reader = HomeTimelineReader(redis_client)
     read = reader.read(1, 10, until=now, strength=query.engaged_authors, max_celebrity_pulls=3)
     assert read.celebrities == [22, 21, 20] and read.pulled == {2, 3, 4}
@@ -319,3 +368,43 @@ def test_the_in_network_source_merges_the_pushed_timeline_with_celebrity_pulls(r
     assert [e.post_id for e in read.entries] == [5, 1] and read.celebrities == [21]
     # without pulls (a user who follows no celebrity, or max_celebrity_pulls 0) only the pushed entries
     assert [e.post_id for e in reader.read(1, 10, until=now).entries] == [5, 1]
+
+
+# ---------------------------------------------------------------- the demo's fan-out stage
+def test_the_demo_stage_fans_out_through_worker_processes_and_reports_its_lag(redis_server, redis_client, tmp_path):
+    """``home_mixer.demo_fanout.fanout_stage`` on small canonical tables: the graph's rule, two real
+    worker processes, every post pushed or skipped as a celebrity's, the lag read from their
+    metrics, and a showcase user whose timeline has pushed and pulled posts."""
+    import pandas as pd
+
+    from home_mixer.demo_fanout import fanout_stage, showcase_timeline
+
+    state = StateDir(tmp_path / "state").ensure()
+    ts = pd.Timestamp("2026-01-01", tz="UTC")
+    # author 100 engaged by users 1..5 (a celebrity above threshold 3); author 200 by users 1, 2
+    # (pushed); user 9's engagement with 300 weighs 1 (a click alone: no edge); 6 follows 200 explicitly
+    rows = [(u, 100, "engagement", 2.0) for u in range(1, 6)] + [(1, 200, "engagement", 3.0),
+                                                                  (2, 200, "engagement", 2.0),
+                                                                  (9, 300, "engagement", 1.0), (6, 200, "follow", 1.0)]
+    pd.DataFrame({"user_id": [r[0] for r in rows], "author_id": [r[1] for r in rows], "event_ts": ts,
+                  "edge_type": [r[2] for r in rows], "weight": [r[3] for r in rows]}).to_parquet(
+        state.table("social_edges"))
+    posts = [(1, 100, 1), (2, 200, 2), (3, 200, 3), (4, 300, 4), (5, 100, 5), (6, 200, 10**6)]  # 6: after as_of
+    pd.DataFrame({"post_id": [p[0] for p in posts], "author_id": [p[1] for p in posts],
+                  "created_ts": [ts + pd.Timedelta(seconds=p[2]) for p in posts], "duration_ms": 1000,
+                  "video_type": "NORMAL", "tags": "1", "primary_tag": 1}).to_parquet(state.table("posts"))
+    as_of = ts + pd.Timedelta(hours=1)
+    res = fanout_stage(state, redis_server.url, as_of, workers=2, threshold=3, post_rate=200)
+    assert res.celebrities == {100}
+    assert _timeline(redis_client, 1) == ["3|200", "2|200"] and _timeline(redis_client, 6) == ["3|200", "2|200"]
+    assert _timeline(redis_client, 3) == [] and _timeline(redis_client, 9) == []  # celebrity only; no edge
+    text = "\n".join(res.lines)
+    # 2, 3 and 4 (no followers) pushed, 6 is after as_of; 2 posts x 3 followers of author 200
+    assert "3 pushed, 2 celebrity posts skipped" in text and "6 home-timeline entries written" in text
+    assert "fan-out lag, bus -> last follower written: p50" in text and "nan" not in text
+    assert res.showcase_users == [1, 2]  # both follow the celebrity and a pushed author with posts
+    user, lines = showcase_timeline(redis_server.url, res.showcase_users, as_of.timestamp())
+    assert user == 1 and [ln.split()[-1] for ln in lines[2:]] == ["pulled", "pushed", "pushed", "pulled"]
+    # a second run (the demo run again) clears the first and fans out again, nothing doubled
+    res2 = fanout_stage(state, redis_server.url, as_of, workers=1, threshold=3, post_rate=200)
+    assert "3 pushed" in "\n".join(res2.lines) and _timeline(redis_client, 1) == ["3|200", "2|200"]
