@@ -29,6 +29,9 @@ section numbers below are that manual's):
   is sent again; ``option redispatch 1`` (4.2) sends every retry to another replica. Replaying a
   home-timeline request is safe: it reads, and its side effects (served-posts record, impression
   log) are the ones of a page the caller never got.
+- **queue time**: each request gets ``X-Request-Start: t=<µs since the epoch>`` as it arrives
+  (``http-request set-header``, 4.2, with the ``date(0,us)`` fetch, 7.3.2), so a replica's quality
+  factor sees the wait in HAProxy's queue too (``mixer.admission.upstream_wait_s``).
 - **errors**: HAProxy's own 502/503/504 answers (``http-error``, 4.2) are JSON ``{"message": ...}``
   like the mixer's, with ``Retry-After`` on 503.
 - **metrics**: a stats frontend on its own port serves HAProxy's Prometheus exporter at
@@ -241,6 +244,9 @@ def render_config(settings: FrontDoorSettings, backends: list[Backend], *, bind_
         f"{_json_message('no mixer replica could take the request in time: retry later')} {retry_after}",
         f"  http-error status 504 content-type application/json string "
         f"{_json_message('the mixer replica did not answer in time')}",
+        # when the request arrived: the replica counts the wait in the queue as the caller does
+        # (mixer.admission.upstream_wait_s: quality factor, queue-wait histogram)
+        "  http-request set-header X-Request-Start t=%[date(0,us)]",
         f"  default_backend {BACKEND}",
         "",
         "frontend stats",

@@ -91,6 +91,16 @@ def _metric(door, name: str, **labels) -> float:
     return float(m.group(1))
 
 
+def _queue_wait_s(door) -> float:
+    """Seconds the replicas' admitted requests waited in all (``hm_mixer_queue_wait_seconds_sum``,
+    summed over the replicas): the front door's queue counts, from its X-Request-Start stamp."""
+    total = 0.0
+    for srv in door.servers:
+        text = httpx.get(f"{srv.url}/metrics", timeout=5).text
+        total += float(re.search(r"^hm_mixer_queue_wait_seconds_sum ([0-9.e+]+)$", text, re.M).group(1))
+    return total
+
+
 def _burst(url: str, headers: dict, users: list[int], n: int) -> list[int]:
     """``n`` timeline requests sent at once (a barrier), each on its own connection; their statuses."""
     statuses: list[int] = [0] * n
@@ -155,6 +165,7 @@ def test_a_burst_beyond_the_mixers_bound_queues_instead_of_refusing(door, known_
     direct = _burst(first.url, door.auth_headers, known_users, n)
     assert direct.count(503) >= 1 and set(direct) <= {200, 503}, direct  # the mixer's own bound refuses
     errors_before = _metric(door, "haproxy_backend_http_responses_total", proxy="mixers", code="5xx")
+    waited_before = _queue_wait_s(door)
     t0 = time.monotonic()
     fronted = _burst(door.url, door.auth_headers, known_users, n)
     took = time.monotonic() - t0
@@ -162,8 +173,12 @@ def test_a_burst_beyond_the_mixers_bound_queues_instead_of_refusing(door, known_
     queued = _metric(door, "haproxy_backend_max_queue", proxy="mixers")
     assert queued >= 1  # HAProxy queued the excess rather than passing it on
     assert _metric(door, "haproxy_backend_http_responses_total", proxy="mixers", code="5xx") == errors_before
+    # the replicas counted the wait in HAProxy's queue as their callers' (X-Request-Start)
+    waited = _queue_wait_s(door) - waited_before
+    assert waited >= 0.05, waited
     print(f"\nburst of {n}: one replica alone {direct.count(200)} x 200, {direct.count(503)} x 503; through the "
-          f"front door {fronted.count(200)} x 200 in {took:.2f} s, at most {queued:.0f} queued in HAProxy")
+          f"front door {fronted.count(200)} x 200 in {took:.2f} s, at most {queued:.0f} queued in HAProxy, "
+          f"{waited:.2f} s of queue wait seen by the replicas")
 
 
 def test_a_replica_killed_under_load_costs_the_clients_nothing(door, known_users):  # noqa: F811

@@ -93,7 +93,9 @@ def test_the_config_queues_retries_checks_and_exports():
     stats = _lines(text, "frontend stats")
     assert "bind 127.0.0.1:40001" in stats
     assert "http-request use-service prometheus-exporter if { path /metrics }" in stats
-    assert "bind 127.0.0.1:40000" in _lines(text, "frontend mixer")
+    front = _lines(text, "frontend mixer")
+    assert "bind 127.0.0.1:40000" in front
+    assert "http-request set-header X-Request-Start t=%[date(0,us)]" in front  # mixer.admission.upstream_wait_s
     no_observe = _config(FrontDoorSettings.model_validate({"health": {"error_limit": 0}}))
     assert "observe" not in no_observe
 
