@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -190,6 +192,7 @@ def run_wrk(url: str, script: Path, connections: int, duration_s: int, threads: 
     Raises:
         RuntimeError: wrk printed no result (its output is in the message).
     """
+    machine0, wrk0, wall0 = machine_busy_s(), children_cpu_s(), time.monotonic()
     out = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s}s", "--timeout", "5s",
                           "-s", str(script), url], capture_output=True, text=True, check=False)
     m = re.search(r"^RESULT (\{.*\})$", out.stdout, re.M)
@@ -197,7 +200,29 @@ def run_wrk(url: str, script: Path, connections: int, duration_s: int, threads: 
         raise RuntimeError(f"wrk gave no result:\n{out.stdout}\n{out.stderr}")
     r = json.loads(m.group(1))
     r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    r.update(machine_cpu_s=machine_busy_s() - machine0, wrk_cpu_s=children_cpu_s() - wrk0,
+             wall_s=time.monotonic() - wall0)
     return r
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores of this machine spent busy so far (``/proc/stat``: everything but idle
+    and iowait), whoever used them."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's finished children (the wrk runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def others_cores(r: dict, serving_cpu_s: float) -> float:
+    """Cores other processes of the machine used during a wrk run (neither the serving side nor
+    wrk): the noise of a shared machine, printed with each level."""
+    return max(0.0, r["machine_cpu_s"] - serving_cpu_s - r["wrk_cpu_s"]) / max(r["wall_s"], 1e-9)
 
 
 def lua(users_file: Path, path: str, method: str, token: str | None) -> str:
@@ -361,7 +386,7 @@ def clear_served(client: redis.Redis, users: list[int]) -> None:
         client.delete(*(keys.served_posts(u) for u in users[i:i + 500]))
 
 
-def kill_phase(served: Served, script: Path, connections: int, duration_s: int) -> dict:
+def kill_phase(served: Served, script: Path, connections: int, duration_s: int, redis_pid: int | None) -> dict:
     """Open-loop traffic through the front door; replica 1 SIGKILLed a third of the way in.
 
     Returns the wrk result plus ``killed_at_s`` (into the run), ``down_after_s`` (kill to HAProxy
@@ -385,9 +410,11 @@ def kill_phase(served: Served, script: Path, connections: int, duration_s: int) 
             time.sleep(0.05)
 
     timer = threading.Timer(max(3.0, duration_s / 3), kill)
+    cpu0 = server_cpu_s(served.cpu_pids, redis_pid)
     timer.start()
     r = run_wrk(served.base, script, connections, duration_s, threads=connections)
     timer.join()
+    r["others"] = others_cores(r, server_cpu_s(served.cpu_pids, redis_pid) - cpu0)  # the killed replica's CPU is lost
     after = haproxy_counters(door)
     r.update(marks, failed=r["non2xx"] + r["socket_errors"] + r["timeouts"],
              **{k: after[k] - before[k] for k in ("retries", "redispatches", "5xx")})
@@ -399,7 +426,7 @@ def print_targets(closed: dict[int, dict], opened: dict[float, dict], killed: di
     rows = []
 
     def row(target: str, measured: str, ok: bool) -> None:
-        rows.append(f"  {'MET ' if ok else 'MISS'} {target:<58} {measured}")
+        rows.append(f"  {'MET ' if ok else 'MISS'} {target:<72} {measured}")
 
     if 1 in closed:
         r = closed[1]
@@ -483,14 +510,16 @@ def main() -> None:
             print("Little's law: L = X x W, requests in the system = answers/s x mean latency (s); "
                   "a closed loop holds L at its connection count")
             print(f"{'conc':>4} {'rps':>6} {'2xx/s':>6} {'p50':>6} {'p95':>6} {'p99':>6} {'mean':>6} {'X*W':>5} "
-                  f"{'non2xx':>6} {'503':>6} {'pipeline p99':>12} {'qf':>4} {'cpu ms':>6} | "
+                  f"{'non2xx':>6} {'503':>6} {'pipeline p99':>12} {'qf':>4} {'cpu ms':>6} {'others':>6} | "
                   f"{'floor rps':>9} {'p50':>5} {'p99':>5} | mixer RSS MB")
+            print("(others: cores the machine's other processes used meanwhile, neither the serving side nor wrk)")
             for c in args.concurrency:
                 clear_served(client, users)
                 h0, cpu0 = histogram(served.metrics_bases, headers), server_cpu_s(served.cpu_pids, srv.pid)
                 r = run_wrk(base, timeline, c, args.duration)
                 ok = r["requests"] - r["non2xx"]
-                cpu = (server_cpu_s(served.cpu_pids, srv.pid) - cpu0) * 1000 / max(ok, 1)
+                serving = server_cpu_s(served.cpu_pids, srv.pid) - cpu0
+                cpu = serving * 1000 / max(ok, 1)
                 h1 = histogram(served.metrics_bases, headers)
                 f = run_wrk(base, health, c, max(3, args.duration // 3))
                 mem = worker_memory_mb(served.mixer_pids)
@@ -500,14 +529,16 @@ def main() -> None:
                 print(f"{c:>4} {r['rps']:6.1f} {r['ok_rps']:6.1f} {r['p50_us'] / 1e3:6.1f} {r['p95_us'] / 1e3:6.1f} "
                       f"{r['p99_us'] / 1e3:6.1f} {r['mean_us'] / 1e3:6.1f} {r['rps'] * r['mean_us'] / 1e6:5.2f} "
                       f"{r['non2xx'] + r['socket_errors']:>6} {r['refused']:>6} "
-                      f"{quantile_from_buckets(h0, h1, 0.99):12.1f} {qf:>4} {cpu:6.1f} | {f['rps']:9.0f} "
+                      f"{quantile_from_buckets(h0, h1, 0.99):12.1f} {qf:>4} {cpu:6.1f} {others_cores(r, serving):6.2f} | "
+                      f"{f['rps']:9.0f} "
                       f"{f['p50_us'] / 1e3:5.1f} {f['p99_us'] / 1e3:5.1f} | "
                       f"{' '.join(f'{m:.0f}' for m in mem)} (sum {np.sum(mem):.0f})")
             if args.rate:
                 print(f"\nopen loop: Poisson arrivals over {args.open_connections} connections, refusals not retried; "
                       f"latency of admitted (2xx) answers, client side, ms; X*W = mean admitted requests in flight")
                 print(f"{'offered':>7} {'sent/s':>7} {'2xx/s':>6} {'503/s':>6} {'errors':>6} {'p50':>6} {'p95':>6} "
-                      f"{'p99':>6} {'max':>6} {'mean':>6} {'X*W':>5} {'qf':>4} {'late':>5} {'cpu ms':>6} | mixer RSS MB")
+                      f"{'p99':>6} {'max':>6} {'mean':>6} {'X*W':>5} {'qf':>4} {'late':>5} {'cpu ms':>6} {'others':>6} "
+                      "| mixer RSS MB")
             for rate in args.rate:
                 clear_served(client, users)
                 script = Path(tmp) / f"open_{rate:g}.lua"
@@ -516,7 +547,8 @@ def main() -> None:
                 r = run_wrk(base, script, args.open_connections, args.duration, threads=args.open_connections)
                 secs = r["duration_us"] / 1e6
                 ok = sum(r["admitted_ms"].values())
-                cpu = (server_cpu_s(served.cpu_pids, srv.pid) - cpu0) * 1000 / max(ok, 1)
+                serving = server_cpu_s(served.cpu_pids, srv.pid) - cpu0
+                cpu = serving * 1000 / max(ok, 1)
                 p50, p95, p99, pmax = histogram_quantiles(r["admitted_ms"], (0.5, 0.95, 0.99, 1.0))
                 mean = histogram_mean_ms(r["admitted_ms"])
                 errors = r["non2xx"] + r["socket_errors"] + r["timeouts"]
@@ -525,13 +557,14 @@ def main() -> None:
                 qf = f"{r['qf']:.1f}" if r["qf"] >= 0 else "-"
                 print(f"{rate:7.0f} {r['sent'] / secs:7.1f} {ok / secs:6.1f} {r['refused'] / secs:6.1f} {errors:>6} "
                       f"{p50:6.0f} {p95:6.0f} {p99:6.0f} {pmax:6.0f} {mean:6.1f} {ok / secs * mean / 1000:5.2f} "
-                      f"{qf:>4} {r['late']:>5} {cpu:6.1f} | {' '.join(f'{m:.0f}' for m in mem)} (sum {np.sum(mem):.0f})")
+                      f"{qf:>4} {r['late']:>5} {cpu:6.1f} {others_cores(r, serving):6.2f} | "
+                      f"{' '.join(f'{m:.0f}' for m in mem)} (sum {np.sum(mem):.0f})")
             if served.door is not None and args.kill_rate > 0:
                 clear_served(client, users)
                 script = Path(tmp) / "kill.lua"
                 script.write_text(open_lua(users_file, "/v1/home-timeline", token, args.kill_rate,
                                            args.open_connections))
-                k = kill_phase(served, script, args.open_connections, max(args.duration, 10))
+                k = kill_phase(served, script, args.open_connections, max(args.duration, 10), srv.pid)
                 p50, p99, pmax = histogram_quantiles(k["admitted_ms"], (0.5, 0.99, 1.0))
                 secs = k["duration_us"] / 1e6
                 down = "not within 10 s" if k["down_after_s"] is None else f"{k['down_after_s'] * 1000:.0f} ms later"
@@ -540,7 +573,7 @@ def main() -> None:
                       f"{sum(k['admitted_ms'].values())} answered 2xx, failed {k['failed']} (non-2xx {k['non2xx']}, "
                       f"socket errors {k['socket_errors']}, timeouts {k['timeouts']}); HAProxy retried "
                       f"{k['retries']:.0f}, redispatched {k['redispatches']:.0f}, 5xx {k['5xx']:.0f}; admitted "
-                      f"p50 / p99 / max {p50:.0f} / {p99:.0f} / {pmax:.0f} ms")
+                      f"p50 / p99 / max {p50:.0f} / {p99:.0f} / {pmax:.0f} ms; others used {k['others']:.2f} cores")
                 killed = {"rate": args.kill_rate, "failed": k["failed"], "sent": k["sent"]}
         print_targets(closed, opened, killed)
     finally:
