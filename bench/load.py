@@ -364,7 +364,9 @@ def haproxy_counters(door) -> dict[str, float]:
     for key, pattern in (("retries", r'^haproxy_backend_retry_warnings_total\{proxy="mixers"\} (\S+)$'),
                          ("redispatches", r'^haproxy_backend_redispatch_warnings_total\{proxy="mixers"\} (\S+)$'),
                          ("5xx", r'^haproxy_backend_http_responses_total\{proxy="mixers",code="5xx"\} (\S+)$'),
-                         ("max_queue", r'^haproxy_backend_max_queue\{proxy="mixers"\} (\S+)$')):
+                         ("max_queue", r'^haproxy_backend_max_queue\{proxy="mixers"\} (\S+)$'),
+                         ("queue", r'^haproxy_backend_current_queue\{proxy="mixers"\} (\S+)$'),
+                         ("in_flight", r'^haproxy_backend_current_sessions\{proxy="mixers"\} (\S+)$')):
         m = re.search(pattern, text, re.M)
         out[key] = float(m.group(1)) if m else float("nan")
     return out
@@ -394,6 +396,14 @@ def kill_phase(served: Served, script: Path, connections: int, duration_s: int, 
     timeouts the clients saw) and HAProxy's counter deltas (``retries``, ``redispatches``, ``5xx``).
     """
     door = served.door
+    # requests the previous level left queued time out (503) after its wrk stopped: let them
+    # drain first, or they would count here
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        now = haproxy_counters(door)
+        if now["queue"] == 0 and now["in_flight"] == 0:
+            break
+        time.sleep(0.2)
     before = haproxy_counters(door)
     marks: dict[str, float | None] = {}
     started = time.monotonic()

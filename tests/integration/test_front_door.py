@@ -9,16 +9,20 @@ rankers in MLflow and online features of ``test_mixer_api.prepare_served_state``
 - a burst of twice the replicas' in-flight bound queues in HAProxy and is answered, where the same
   burst on one replica is partly refused (503);
 - a replica SIGKILLed under 20 requests/s costs the clients nothing: HAProxy retries what it had
-  sent the dead replica on the other one.
+  sent the dead replica on the other one;
+- ``home-mixer serve mixer status`` shows the front door from its records, ``stop`` stops it all.
 
-The tests run in this order (each leaves both replicas up, but the last).
+The tests run in this order (each leaves both replicas up, but the last two).
 """
 
 from __future__ import annotations
 
+import io
+import json
 import re
 import threading
 import time
+from contextlib import redirect_stdout
 
 import httpx
 import pytest
@@ -57,7 +61,7 @@ def door(tmp_path_factory, data_dir, known_users):  # noqa: F811
             # checks every 0.5 s (0.2 s while a replica changes state): the tests wait less
             "front_door": {"health": {"interval_ms": 500, "fast_interval_ms": 200, "down_interval_ms": 250}},
         }))
-        door = MixerFrontDoor(state, replicas=2, name="fd", config=config).start(timeout_s=240)
+        door = MixerFrontDoor(state, replicas=2, config=config).start(timeout_s=240)  # records as the CLI's
         yield door, redis_srv, state
     finally:
         if door is not None:
@@ -208,3 +212,29 @@ def test_a_replica_killed_under_load_costs_the_clients_nothing(door, known_users
     assert not failed
     assert len(after) >= 40 and _servers(door)[survivor.name] == "UP"
     assert not pid_alive(victim.pid)
+
+
+def test_the_cli_shows_and_stops_the_front_door(door, monkeypatch):
+    """``serve mixer status`` finds the front door from the state folder's records (the killed
+    replica shown not running and DOWN), ``serve mixer stop`` stops HAProxy and the live replica."""
+    from home_mixer.cli import main
+
+    door, _, state = door
+    monkeypatch.setenv("HOME_MIXER_STATE", str(state.root))  # --state exports it: restore after
+
+    def cli(*argv) -> tuple[int, str]:
+        out = io.StringIO()
+        with redirect_stdout(out):
+            code = main(["--state", str(state.root), *argv])
+        return code, out.getvalue()
+
+    code, text = cli("serve", "mixer", "status", "--json")
+    status = json.loads(text)
+    assert code == 0 and status["running"] and status["url"] == door.url
+    assert [(r["running"], r.get("haproxy")) for r in status["replicas"]] == [(False, "DOWN"), (True, "UP")]
+    code, text = cli("serve", "mixer", "status")
+    assert code == 0 and text.startswith(f"mixer front door: {door.url} (HAProxy pid {door.haproxy.pid}")
+    pids = [door.haproxy.pid, door.servers[1].pid]
+    assert cli("serve", "mixer", "stop") == (0, "mixer front door stopped (HAProxy and 2 replicas)\n")
+    assert not any(pid_alive(p) for p in pids)
+    assert cli("serve", "mixer", "status") == (1, "mixer: stopped\n")

@@ -138,3 +138,16 @@ def test_stats_csv_rows():
         ("mixer-replica-1", "UP", "L7OK"), ("mixer-replica-2", "DOWN", "L7STS"), ("BACKEND", "UP", "")]
     with pytest.raises(ValueError, match="not HAProxy stats CSV"):
         parse_stats_csv("<html>")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--replicas", "0"], "--replicas must be >= 1"),
+    (["--replicas", "2", "--workers", "2"], "--workers does not combine with --replicas"),
+])
+def test_the_cli_refuses_bad_replica_flags_before_starting_anything(tmp_path, monkeypatch, capsys, argv, needle):
+    from home_mixer.cli import main
+
+    monkeypatch.setenv("HOME_MIXER_STATE", str(tmp_path))
+    assert main(["--state", str(tmp_path), "serve", "mixer", "start", *argv]) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("*.json"))
