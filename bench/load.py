@@ -358,12 +358,14 @@ def start_served(state: StateDir, redis_url: str, args) -> Served:
 
 
 def haproxy_counters(door) -> dict[str, float]:
-    """The front door's backend counters from HAProxy's exporter: retries, redispatches, 5xx."""
+    """The front door's counters from HAProxy's exporter: retries (both tiers), redispatches, the
+    5xx answers callers got, the replicas' backend queue and requests in flight."""
     text = httpx.get(door.metrics_url, timeout=5).text
     out = {}
     for key, pattern in (("retries", r'^haproxy_backend_retry_warnings_total\{proxy="mixers"\} (\S+)$'),
+                         ("tier_retries", r'^haproxy_backend_retry_warnings_total\{proxy="retry"\} (\S+)$'),
                          ("redispatches", r'^haproxy_backend_redispatch_warnings_total\{proxy="mixers"\} (\S+)$'),
-                         ("5xx", r'^haproxy_backend_http_responses_total\{proxy="mixers",code="5xx"\} (\S+)$'),
+                         ("5xx", r'^haproxy_frontend_http_responses_total\{proxy="mixer",code="5xx"\} (\S+)$'),
                          ("max_queue", r'^haproxy_backend_max_queue\{proxy="mixers"\} (\S+)$'),
                          ("queue", r'^haproxy_backend_current_queue\{proxy="mixers"\} (\S+)$'),
                          ("in_flight", r'^haproxy_backend_current_sessions\{proxy="mixers"\} (\S+)$')):
@@ -427,7 +429,7 @@ def kill_phase(served: Served, script: Path, connections: int, duration_s: int, 
     r["others"] = others_cores(r, server_cpu_s(served.cpu_pids, redis_pid) - cpu0)  # the killed replica's CPU is lost
     after = haproxy_counters(door)
     r.update(marks, failed=r["non2xx"] + r["socket_errors"] + r["timeouts"],
-             **{k: after[k] - before[k] for k in ("retries", "redispatches", "5xx")})
+             **{k: after[k] - before[k] for k in ("retries", "tier_retries", "redispatches", "5xx")})
     return r
 
 
@@ -582,7 +584,8 @@ def main() -> None:
                       f"{k['killed_at_s']:.1f} s, marked DOWN {down}; {k['sent']} sent, "
                       f"{sum(k['admitted_ms'].values())} answered 2xx, failed {k['failed']} (non-2xx {k['non2xx']}, "
                       f"socket errors {k['socket_errors']}, timeouts {k['timeouts']}); HAProxy retried "
-                      f"{k['retries']:.0f}, redispatched {k['redispatches']:.0f}, 5xx {k['5xx']:.0f}; admitted "
+                      f"{k['retries']:.0f} (retry tier {k['tier_retries']:.0f}), redispatched {k['redispatches']:.0f}, 5xx to "
+                      f"callers {k['5xx']:.0f}; admitted "
                       f"p50 / p99 / max {p50:.0f} / {p99:.0f} / {pmax:.0f} ms; others used {k['others']:.2f} cores")
                 killed = {"rate": args.kill_rate, "failed": k["failed"], "sent": k["sent"]}
         print_targets(closed, opened, killed)

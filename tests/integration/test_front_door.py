@@ -75,6 +75,11 @@ def _servers(door) -> dict[str, str]:
     return {s["name"]: s["status"] for s in door.haproxy.servers()}
 
 
+def _all_up(door) -> None:
+    """Wait until HAProxy has every replica fully up (a check in flight shows "UP 1/2")."""
+    _wait_for("every replica up", lambda: set(_servers(door).values()) == {"UP"}, 10)
+
+
 def _wait_for(what: str, probe, timeout_s: float = 20.0):
     deadline = time.monotonic() + timeout_s
     while True:
@@ -131,7 +136,7 @@ def test_a_replica_with_nothing_to_serve_leaves_the_pool(door, known_users):  # 
     Redis back: replica 2 passes its checks and returns."""
     door, redis_srv, state = door
     first, second = door.servers
-    assert _servers(door) == {first.name: "UP", second.name: "UP"}
+    _all_up(door)
     with httpx.Client(base_url=first.url, timeout=30, headers=door.auth_headers) as http:
         for user in known_users * 2:  # straight to replica 1: its caches hold these users' context
             assert http.post("/v1/home-timeline", json={"user_id": user, "limit": 5}).status_code == 200
@@ -164,7 +169,7 @@ def test_a_burst_beyond_the_mixers_bound_queues_instead_of_refusing(door, known_
     front door, which sends each replica at most its maxconn, they all wait their turn and get 200."""
     door, _, _ = door
     first = door.servers[0]
-    assert set(_servers(door).values()) == {"UP"}
+    _all_up(door)
     n = 4 * BOUND  # twice what both replicas admit at once
     direct = _burst(first.url, door.auth_headers, known_users, n)
     assert direct.count(503) >= 1 and set(direct) <= {200, 503}, direct  # the mixer's own bound refuses
@@ -191,7 +196,7 @@ def test_a_replica_killed_under_load_costs_the_clients_nothing(door, known_users
     replica 2 (retry-on conn-failure empty-response, redispatch): no client sees an error."""
     door, _, _ = door
     victim, survivor = door.servers
-    assert set(_servers(door).values()) == {"UP"}
+    _all_up(door)
     retries_before = _metric(door, "haproxy_backend_retry_warnings_total", proxy="mixers")
     redispatches_before = _metric(door, "haproxy_backend_redispatch_warnings_total", proxy="mixers")
     with PacedLoad(door.url, known_users, rate_hz=20, threads=4, headers=door.auth_headers) as load:

@@ -88,13 +88,22 @@ def test_the_config_queues_retries_checks_and_exports():
         "server mixer-replica-1 127.0.0.1:41001", "server mixer-replica-2 127.0.0.1:41002"]
     assert any(line.startswith("http-request return status 503") and line.endswith("if { queue() ge 64 }")
                and "hdr Retry-After 1" in line for line in backend)
-    for line in ("timeout queue 1000ms", "retries 3", "retry-on conn-failure empty-response", "option redispatch 1"):
-        assert line in defaults
+    assert "timeout queue 1000ms" in defaults
+    assert "option http-buffer-request" in defaults  # a request is retried only if held whole
+    for line in ("retries 3", "retry-on conn-failure empty-response", "option redispatch 1"):
+        assert line in backend
+    # the retry tier: a replica's reset (which HAProxy 2.6 does not retry) comes back a 502 from
+    # the replica tier, retried here; both tiers meet on one abstract socket named by the port
+    retry, inner = _lines(text, "backend retry"), _lines(text, "frontend replica_tier")
+    assert "retry-on conn-failure empty-response 502" in retry and "retries 3" in retry
+    assert any(line.startswith("option http-server-close") for line in retry)  # first on its connection
+    assert "server replicas abns@home-mixer-front-door-40000" in retry
+    assert "bind abns@home-mixer-front-door-40000" in inner and f"default_backend {BACKEND}" in inner
     stats = _lines(text, "frontend stats")
     assert "bind 127.0.0.1:40001" in stats
     assert "http-request use-service prometheus-exporter if { path /metrics }" in stats
     front = _lines(text, "frontend mixer")
-    assert "bind 127.0.0.1:40000" in front
+    assert "bind 127.0.0.1:40000" in front and "default_backend retry" in front
     assert "http-request set-header X-Request-Start t=%[date(0,us)]" in front  # mixer.admission.upstream_wait_s
     no_observe = _config(FrontDoorSettings.model_validate({"health": {"error_limit": 0}}))
     assert "observe" not in no_observe
