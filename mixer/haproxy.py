@@ -28,13 +28,14 @@ section numbers below are that manual's):
   connection failed, or whose replica closed or reset the connection without answering (a crash
   mid-request), is sent again; ``option redispatch 1`` (4.2) sends every retry to another replica;
   ``option http-buffer-request`` (4.2) holds the whole request first, which a retry needs. HAProxy
-  2.6 retries a reset only for the first request of a client connection (a later one is closed
-  without an answer, for the client to retry: ``http-reuse`` in 4.2 explains why), so the
-  callers' connections end in a **retry tier** that sends each request to the **replica tier** on
-  a connection of its own (``option http-server-close`` over an abstract Unix socket, ``abns@``,
-  11.1) and retries what still comes back 502. Replaying a home-timeline request is safe: it
-  reads, and its side effects (served-posts record, impression log) are those of a page the caller
-  never got.
+  2.6 retries a reset only for the first request of a client connection: a later one is closed
+  without an answer or a log line, for the client to retry (``http-reuse`` in 4.2; maintainers in
+  haproxy/haproxy issues #1423 and #3414); measured here, a keep-alive caller lost one request in
+  25-50 % of replica kills. So the callers' connections end in a **retry tier** that sends each
+  request to the **replica tier** on a connection of its own (``option http-server-close`` over an
+  abstract Unix socket, ``abns@``, 11.1) and retries what still comes back 502. Replaying a
+  home-timeline request is safe: it reads, and its side effects (served-posts record, impression
+  log) are those of a page the caller never got.
 - **queue time**: each request gets ``X-Request-Start: t=<µs since the epoch>`` as it arrives
   (``http-request set-header``, 4.2, with the ``date(0,us)`` fetch, 7.3.2), so a replica's quality
   factor sees the wait in HAProxy's queue too (``mixer.admission.upstream_wait_s``).
