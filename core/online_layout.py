@@ -459,14 +459,26 @@ class FeastRedisLayout:
         Raises:
             KeyError: a join key of ``view`` is neither ``name`` nor in ``fixed``.
         """
-        ordered = self._sorted_keys[view]
         vals = np.asarray(values, dtype=np.int64).reshape(-1)
-        body = np.empty((len(vals), len(ordered), 2), dtype="<u4")
+        columns = {k: (vals if k == name else np.full(len(vals), int(fixed[k]), dtype=np.int64))
+                   for k in self._sorted_keys[view]}
+        return self.keys_of(view, columns)
+
+    def keys_of(self, view: str, columns: dict[str, np.ndarray]) -> list[bytes]:
+        """Redis keys of ``view`` for ``N`` entity rows given column-wise (join key name -> int64
+        ``[N]``), packed at once with numpy (materialisation writes a million keys).
+
+        Raises:
+            KeyError: a join key of ``view`` is missing from ``columns``.
+        """
+        ordered = self._sorted_keys[view]
+        n = len(np.asarray(columns[ordered[0]]).reshape(-1))
+        body = np.empty((n, len(ordered), 2), dtype="<u4")
         body[:, :, 0], body[:, :, 1] = _INT64, 8
-        ints = np.empty((len(vals), len(ordered)), dtype="<i8")
+        ints = np.empty((n, len(ordered)), dtype="<i8")
         for j, k in enumerate(ordered):
-            ints[:, j] = vals if k == name else int(fixed[k])
-        rows = np.concatenate([body, ints.view("<u4").reshape(len(vals), len(ordered), 2)], axis=2)
+            ints[:, j] = np.asarray(columns[k], dtype=np.int64).reshape(-1)
+        rows = np.concatenate([body, ints.view("<u4").reshape(n, len(ordered), 2)], axis=2)
         buf, width = rows.tobytes(), 16 * len(ordered)
         head, tail = self._headers[view], self._project_bytes
         return [head + buf[i:i + width] + tail for i in range(0, len(buf), width)]

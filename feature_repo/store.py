@@ -81,23 +81,54 @@ def historical_features(store, entity_df):
     return job.to_df()
 
 
-def materialize(store, start: datetime, end: datetime) -> None:
-    """Load the latest feature values in ``[start, end]`` from the offline store into Redis, then
+MATERIALIZE_ENGINES = ("redis", "feast")
+
+
+def materialize(store, start: datetime, end: datetime, *, engine: str = "redis", progress=None) -> list | None:
+    """Load the latest feature values in ``[start, end]`` from the offline tables into Redis, then
     bump ``core.online_layout.FEATURE_VERSION`` (the mixer drops its cached post features within
     seconds of the change).
 
+    Args:
+        engine: ``"redis"`` (default): ``feature_repo.online_writer`` writes Feast's layout itself,
+            the same bytes ``feast materialize`` writes (tested), about 10x faster here, and records
+            the interval in Feast's registry; ``"feast"``: Feast's own ``materialize``.
+        progress: with ``"redis"``, called with the entities of each written batch.
+
+    Returns:
+        The ``online_writer.ViewWrite`` per view (``"redis"``), or None (``"feast"``).
+
     Raises:
-        redis.RedisError: the version could not be written (the values are loaded; a mixer keeps
+        ValueError: an unknown engine, or the views' tables are not in one folder.
+        redis.RedisError: a write, or the version, failed (written values stay; a mixer keeps
             its cached ones until the next successful materialize or its restart).
     """
     import time
 
-    store.materialize(start_date=start, end_date=end)
+    if engine not in MATERIALIZE_ENGINES:
+        raise ValueError(f"unknown materialisation engine {engine!r}; use one of {MATERIALIZE_ENGINES}")
     client = _online_client(store.config.online_store.connection_string)
+    writes = None
     try:
+        if engine == "feast":
+            store.materialize(start_date=start, end_date=end)
+        else:
+            from feature_repo.online_writer import write_views
+
+            views = [store.get_feature_view(spec.name) for spec in FEATURE_VIEWS]
+            folders = {Path(v.batch_source.path).parent for v in views}
+            if len(folders) != 1:
+                raise ValueError(f"the feature views read tables from several folders {sorted(map(str, folders))}; "
+                                 "run feast apply over one tables folder (or use engine='feast')")
+            writes = write_views(client, folders.pop(), start, end, project=store.project,
+                                 key_ttl_seconds=store.config.online_store.key_ttl_seconds, progress=progress)
+            for view in views:  # as Feast's own materialize does, so `feast` CLI users see the interval
+                store.registry.apply_materialization(view, store.project, start, end, commit=False)
+            store.registry.commit()
         client.set(keys.FEATURE_VERSION, f"{time.time():.6f}")
     finally:
         client.close()
+    return writes
 
 
 def _online_client(connection_string: str):

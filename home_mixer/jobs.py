@@ -97,7 +97,16 @@ def validate_features(state: StateDir, gate_config=None):
                                    until=pd.Timestamp(log_end(state)))
 
 
-def materialize(store, state: StateDir, *, validate: bool = True, gate_config=None) -> tuple[datetime, datetime]:
+def materialize_window(state: StateDir) -> tuple[datetime, datetime]:
+    """``materialize``'s window: from the features' base rows (``pipelines.features.common.BASE_ROW_TS``
+    or the first impression if earlier) to ``log_end``."""
+    from pipelines.features.common import BASE_ROW_TS
+
+    return min(BASE_ROW_TS.to_pydatetime(), log_span(state)[0]), log_end(state)
+
+
+def materialize(store, state: StateDir, *, validate: bool = True, gate_config=None,
+                engine: str = "redis", progress=None) -> tuple[datetime, datetime]:
     """Fill the Redis online store with the latest feature values, from the features' base rows
     (``pipelines.features.common.BASE_ROW_TS`` or the first impression if earlier) to ``log_end``.
 
@@ -108,18 +117,19 @@ def materialize(store, state: StateDir, *, validate: bool = True, gate_config=No
     Args:
         validate: run the gate (``False`` only to force a load the gate would stop).
         gate_config: ``monitoring.feature_validation.FeatureGateConfig`` (default tolerances).
+        engine: ``"redis"`` (the project's writer of Feast's layout, default) or ``"feast"``
+            (``feature_repo.store.materialize``).
+        progress: called with the entities of each written batch (``"redis"`` only).
 
     Raises:
         monitoring.feature_validation.FeatureValidationError: a table failed the gate (the message
             names table, column and expectation; report and Data Docs under ``state.reports``).
     """
     from monitoring.feature_validation import save_profiles
-    from pipelines.features.common import BASE_ROW_TS
 
-    start = min(BASE_ROW_TS.to_pydatetime(), log_span(state)[0])
-    end = log_end(state)
+    start, end = materialize_window(state)
     gate = validate_features(state, gate_config) if validate else None
-    fs.materialize(store, start, end)
+    fs.materialize(store, start, end, engine=engine, progress=progress)
     state.record_materialization(end)
     if gate is not None:
         save_profiles(state.reports, gate.profiles)

@@ -99,11 +99,36 @@ def test_no_feature_sees_its_own_impression(built):
 
 @pytest.fixture(scope="module")
 def materialized(built):
-    """One good ``materialize`` run (gate passed, Redis filled, the gate's baseline recorded), shared:
-    each run takes about two minutes here."""
+    """One good ``materialize`` run (gate passed, Redis filled, the gate's baseline recorded), shared."""
     state, store, _ = built
     jobs.materialize(store, state)
     return built
+
+
+def _online_hashes(client) -> dict:
+    """Every Feast hash in a Redis database: key -> {field: value} (bytes)."""
+    return {k: client.hgetall(k) for k in client.scan_iter(count=10_000) if client.type(k) == b"hash"}
+
+
+def test_the_projects_writer_writes_what_feast_materialize_writes(materialized, redis_server):
+    """``engine="redis"`` (the default, ``feature_repo.online_writer``) against Feast's own
+    ``materialize`` of the same tables and window into another database: every key, field and
+    value byte for byte."""
+    import redis
+
+    state, store, _ = materialized
+    start, end = jobs.materialize_window(state)
+    ours = _online_hashes(redis.Redis.from_url(redis_server.url))
+    url = redis_server.url.rsplit("/", 1)[0] + "/5"
+    other = redis.Redis.from_url(url)
+    other.flushdb()
+    feast_store = fs.open_store(state, jobs.feast_connection(url))
+    fs.materialize(feast_store, start, end, engine="feast")
+    theirs = _online_hashes(other)
+    other.flushdb()
+    assert len(theirs) > 1000 and set(ours) == set(theirs)
+    diff = [(k, f) for k in theirs for f in set(theirs[k]) | set(ours[k]) if theirs[k].get(f) != ours[k].get(f)]
+    assert not diff, diff[:5]
 
 
 def test_materialize_fills_redis_with_latest_rows(materialized):
