@@ -29,9 +29,6 @@ SPARK_CONF: dict[str, str] = {
     "spark.sql.execution.arrow.pyspark.enabled": "true",
     "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
 }
-# On a standalone cluster (``home-mixer services start spark``): executors as large as a worker
-# offers by default (2g; Spark's default 1g is too small for the point-in-time joins).
-STANDALONE_CONF: dict[str, str] = {"spark.executor.memory": "2g"}
 
 
 def spark_session(app_name: str, master: str | None = None) -> SparkSession:
@@ -52,8 +49,9 @@ def spark_session(app_name: str, master: str | None = None) -> SparkSession:
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     master = master or os.environ.get(MASTER_ENV, DEFAULT_MASTER)
     builder = SparkSession.builder.appName(app_name).master(master)
-    conf = {**SPARK_CONF, **(STANDALONE_CONF if master.startswith("spark://") else {})}
-    for key, value in conf.items():
+    # on a standalone cluster executors keep Spark's default 1g: an executor larger than every
+    # worker offers would never be granted and the job would wait for resources forever
+    for key, value in SPARK_CONF.items():
         builder = builder.config(key, value)
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("WARN")

@@ -43,6 +43,7 @@ def _cli(state: StateDir, *argv: str) -> subprocess.CompletedProcess:
 
 
 def test_the_feature_job_on_a_standalone_cluster_writes_what_local_mode_writes(tmp_path, spark, data_dir):
+    (tmp_path / "local").mkdir()
     local = slice_state(tmp_path / "local", spark, data_dir, SLICE_ROWS)
     remote = StateDir(tmp_path / "remote").ensure()
     features = {spec.table for spec in FEATURE_VIEWS}
@@ -56,7 +57,7 @@ def test_the_feature_job_on_a_standalone_cluster_writes_what_local_mode_writes(t
         assert master is not None and len(master.alive_workers()) == 1
         env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
         job = subprocess.run([sys.executable, "-c", JOB, str(remote.root)], capture_output=True, text=True,
-                             cwd=PROJECT_ROOT, timeout=600,
+                             cwd=PROJECT_ROOT, timeout=420,
                              env={**env, "HOME_MIXER_SPARK_MASTER": master.url})
         assert job.returncode == 0, job.stderr[-3000:]
         status = _cli(remote, "services", "status", "spark", "--json")
