@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from feature_repo import store as fs
-from core.services import RedisServer, ServiceError, feast_connection_string, online_store_address  # noqa: F401
+from core.services import ServiceError, feast_connection_string, online_store_address
 from core.state import StateDir
 from pipelines.training_set import TRAINING_SET_TABLE, log_span, load_training_set, log_end, training_set  # noqa: F401
 
