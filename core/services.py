@@ -19,7 +19,9 @@ parsing):
 
 A service is a small subclass: ``service`` (record name), ``port_fields``, :meth:`command`,
 :meth:`ready` and optionally :meth:`environment`, :meth:`prepare`, :meth:`start_failure`,
-:meth:`live`. :class:`RedisServer` is here; ``serving.triton.server.TritonServer``,
+:meth:`live`. :class:`RedisServer` (the single online store) and the HA set's :class:`RedisNode` and
+:class:`RedisSentinel`, started together by :class:`RedisHA` (``services start --ha``), are here;
+``serving.triton.server.TritonServer``,
 ``serving.bento.server.BentoServer`` and ``mixer.server.MixerServer`` are the others. The CLI that
 starts, stops and shows them is written once, in ``home_mixer/cli.py``.
 """

@@ -391,3 +391,36 @@ def test_stream_processor_rides_a_failover(tmp_path, replay_slice, processes):
         client.close()
     finally:
         RedisHA(state).stop()
+
+
+def test_write_buffer_counts_writes_no_replica_confirmed(redis_client):
+    """``WAIT`` on a Redis without replicas (a replica down): each write lands on the primary and
+    counts as unconfirmed; after one WAIT timed out, writes skip WAIT for the pause (no 20 ms each,
+    no WAIT in Redis's command stats) and count too; after the pause WAIT is tried again."""
+    from mixer.redis_health import RedisHealth
+    from mixer.side_effects.write_buffer import RedisWriteBuffer
+
+    seen = Counter()
+    buffer = RedisWriteBuffer(redis_client, RedisHealth(), replica_acks=1, ack_timeout_ms=20, ack_pause_s=0.3,
+                              on_unreplicated=lambda name, n: seen.update({name: n}))
+
+    def write(i: int) -> tuple[str, float]:
+        t = time.monotonic()
+        outcome = buffer.write("impression_log", lambda pipe: pipe.rpush("hm:test:writes", i))
+        return outcome, time.monotonic() - t
+
+    def waits() -> int:
+        return int(redis_client.info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
+
+    w0 = waits()
+    first = write(0)
+    paused = [write(i) for i in range(1, 6)]
+    w1 = waits()
+    time.sleep(0.35)
+    again = write(6)
+    assert first[0] == "written" and first[1] >= 0.018  # WAIT waited out its 20 ms
+    assert all(o == "written" for o, _ in paused) and w1 - w0 == 1  # no WAIT during the pause
+    assert again[0] == "written" and again[1] >= 0.018 and waits() - w1 == 1
+    assert redis_client.lrange("hm:test:writes", 0, -1) == [str(i).encode() for i in range(7)]
+    assert seen == Counter({"impression_log": 7}) and buffer.stats()["unreplicated"] == {"impression_log": 7}
+    assert buffer.stats()["primary"]["up"] and not buffer.pending()
