@@ -12,26 +12,34 @@ from datetime import datetime
 from pathlib import Path
 
 from feature_repo import store as fs
-from core.services import RedisServer, ServiceError, feast_connection_string
+from core.services import ServiceError, feast_connection_string, online_store_address
 from core.state import StateDir
 from pipelines.training_set import TRAINING_SET_TABLE, log_span, load_training_set, log_end, training_set  # noqa: F401
 
 
 
 def redis_url_for(state: StateDir) -> str:
-    """The Redis to use: ``HOME_MIXER_REDIS_URL`` or the server ``home-mixer services start`` left.
+    """The online store to use: ``HOME_MIXER_REDIS_URL``, else the one ``home-mixer services start``
+    left (the HA set's ``redis+sentinel://`` address, else the single Redis's ``redis://`` URL).
+    Open it with ``core.online_store.connect``.
 
     Raises:
         ServiceError: neither exists.
+        core.online_store.OnlineStoreAddressError: ``HOME_MIXER_REDIS_URL`` is malformed (the
+            message says what to write).
     """
+    from core.online_store import parse_address
+
     url = os.environ.get("HOME_MIXER_REDIS_URL")
     if url:
+        parse_address(url)
         return url
-    srv = RedisServer.running(state)
-    if srv is None:
-        raise ServiceError("no Redis is running for this state folder: run `home-mixer services start` "
-                           "(or set HOME_MIXER_REDIS_URL=redis://host:port/0).")
-    return srv.url
+    address = online_store_address(state)
+    if address is None:
+        raise ServiceError("no Redis is running for this state folder: run `home-mixer services start [--ha]` "
+                           "(or set HOME_MIXER_REDIS_URL=redis://host:port/0 or "
+                           "redis+sentinel://host:port,host:port/service_name/0).")
+    return address
 
 
 feast_connection = feast_connection_string

@@ -33,6 +33,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from core import online_layout as keys
+from core.online_store import connect
 from core.services import RedisServer
 from core.state import StateDir
 from pipelines.raw import LOG_DTYPES, LOG_FILE, VIDEOS_DTYPES, VIDEOS_FILE, read_csv_typed
@@ -222,7 +223,7 @@ class ResumingProducer(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        client = redis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0))
+        client = connect(self.url, retry=Retry(NoBackoff(), 0))  # a redis:// or redis+sentinel:// address
         replayer = LogReplayer(RedisStreamsBus(client), topic=TOPIC, speed=self.speed, time_mode="log")
         published = 0  # length of the prefix of rows known to be published
         deadline = time.monotonic() + 60
