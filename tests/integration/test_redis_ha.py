@@ -406,7 +406,7 @@ def test_write_buffer_counts_writes_no_replica_confirmed(redis_client):
 
     def write(i: int) -> tuple[str, float]:
         t = time.monotonic()
-        outcome = buffer.write("impression_log", lambda pipe: pipe.rpush("hm:test:writes", i))
+        outcome = buffer.write("impression_log", lambda pipe: pipe.rpush("ha_test:writes", i))
         return outcome, time.monotonic() - t
 
     def waits() -> int:
@@ -421,6 +421,6 @@ def test_write_buffer_counts_writes_no_replica_confirmed(redis_client):
     assert first[0] == "written" and first[1] >= 0.018  # WAIT waited out its 20 ms
     assert all(o == "written" for o, _ in paused) and w1 - w0 == 1  # no WAIT during the pause
     assert again[0] == "written" and again[1] >= 0.018 and waits() - w1 == 1
-    assert redis_client.lrange("hm:test:writes", 0, -1) == [str(i).encode() for i in range(7)]
+    assert redis_client.lrange("ha_test:writes", 0, -1) == [str(i).encode() for i in range(7)]
     assert seen == Counter({"impression_log": 7}) and buffer.stats()["unreplicated"] == {"impression_log": 7}
     assert buffer.stats()["primary"]["up"] and not buffer.pending()
