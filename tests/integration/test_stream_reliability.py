@@ -277,6 +277,11 @@ def test_processor_sigkilled_mid_replay_is_replaced_without_loss_or_double_count
     assert {r["consumer"] for r in pending} == {b"A"}
     assert client.xpending(KEY, GROUP)["pending"] == len(pending)  # nothing changed at the kill
     assert 0 < len(applied_at_kill) < len(events) and published_at_kill < len(events), "kill not mid-replay"
+    # A batch's writes are atomic and in stream order (one script per run of engagements, in one
+    # pipeline), so what the killed process wrote of its entries in hand is a prefix of them: a
+    # whole batch (or a prefix of its pipeline), never a scattered subset.
+    marked = [e.event_id in written for e in pending_events]
+    assert marked == sorted(marked, reverse=True), marked
     print(f"\nkill after {attempts} freeze(s): {len(applied_at_kill)}/{len(events)} events applied, "
           f"{published_at_kill} published, {len(pending)} pending of which {len(written)} written, not acked")
 
