@@ -12,10 +12,13 @@ so only the event whose write fails stays pending. Each event has a seen marker
 event of the same call had, changes nothing, so an event delivered twice (at-least-once bus,
 reclaim after a crash, a partly applied batch delivered again) counts once. A social event is one
 ``lua/social.lua`` call (after the ``lua/guard.lua`` prelude), in order with the engagement calls in
-the batch's pipeline. The bus entry is acknowledged only after its write returned; a failed write
-leaves it pending, and a processor reclaims entries idle for ``reclaim_idle_ms`` when it starts and
-every ``reclaim_every_s`` after. A crash between the write and the XACK leaves the batch pending
-with every seen marker set: its redelivery is a no-op. Key layout: ``core/online_layout.py``; window
+the batch's pipeline. The bus entry is acknowledged only with or after its write: when the bus is
+Redis Streams on this same Redis, a run of engagements acknowledges its entries in its own script
+(write and XACK one atomic step), else (and for social events) one XACK follows the pipeline; a
+crash in between leaves those entries pending with their seen markers set, and their redelivery is
+a no-op. A failed write leaves its entry pending, and a processor reclaims entries idle for
+``reclaim_idle_ms`` when it starts and every ``reclaim_every_s`` after. A batch is two round trips
+when all goes well: ``EventBus.poll`` (the trimmed-entries check and the read) and the write. Key layout: ``core/online_layout.py``; window
 / decay math: ``core/realtime.py``; the reader: ``mixer.feature_hydrators.realtime_reader``.
 
 Liveness stamp (``caught_up`` in ``online_layout.RT_COVERAGE``), which the mixer compares with the
@@ -56,7 +59,7 @@ import redis
 from core import online_layout as keys
 from core import realtime
 from pipelines.graph.writer import SocialGraphWriter
-from pipelines.streaming.bus import Delivery, EventBus, run_consumer_loop
+from pipelines.streaming.bus import Delivery, EventBus, RedisStreamsBus, run_consumer_loop
 from pipelines.streaming.events import EngagementEvent, SocialGraphEvent
 from pipelines.streaming.metrics import StreamMetrics
 from pipelines.streaming.scripts import (
@@ -70,13 +73,26 @@ log = logging.getLogger(__name__)
 MAX_BATCH_EVENTS = 1000
 _OUTCOMES = {0: "duplicate", 1: "applied"}  # script replies; social.lua's 2 is "stale"
 
+
+def _same_server(a: redis.Redis, b: redis.Redis) -> bool:
+    """Whether two clients reach the same Redis database: the same client, or the same host,
+    port, unix socket and db (a name and its address count as different: the answer errs on no)."""
+    if a is b:
+        return True
+    ka, kb = a.get_connection_kwargs(), b.get_connection_kwargs()
+    return all(ka.get(f) == kb.get(f) for f in ("host", "port", "path", "db"))
+
 class StreamProcessor:
     """Consumes ``topic`` as ``consumer`` of ``group`` and writes real-time features.
 
     A batch of deliveries is written in one pipeline (one ``engagement_batch.lua`` EVALSHA per run
     of engagement events, one ``social.lua`` per social event; each call atomic on its own) and
-    acknowledged with one XACK for the events whose write succeeded. A failed engagement call wrote
-    nothing and is retried one event per call in a second round trip.
+    acknowledged with one XACK for the events whose write succeeded. When the bus is a
+    ``RedisStreamsBus`` on the online store's own Redis, a run's XACK is the last command of its
+    script instead: its writes and its acknowledgement are one atomic step, and the batch needs
+    one round trip fewer (Kafka Streams' exactly-once commits the offsets in the state's
+    transaction likewise); the social events keep the separate XACK. A failed engagement call
+    wrote (and acknowledged) nothing and is retried one event per call in a second round trip.
 
     Args:
         client: ``redis.Redis`` of the online store (any ``decode_responses``).
@@ -118,6 +134,9 @@ class StreamProcessor:
         self.graph = graph
         self._last_stamp = -math.inf
         self._batch = EngagementBatchScript(client)
+        # the XACK of a run of engagements inside its script: only on the bus's own server
+        self._ack_in_script = isinstance(bus, RedisStreamsBus) and _same_server(bus.client, client)
+        self._stream_key = keys.event_stream(topic)
         self._social = SOCIAL.register(client)
         self._stamp = COVERAGE_STAMP.register(client)
         self._stamp_keys = CoverageStampKeys()
@@ -193,7 +212,7 @@ class StreamProcessor:
             redis.RedisError: the round trip itself failed (connection lost): events before the
                 failure may have been applied, which is safe since a retry is idempotent.
         """
-        return self._write(events, stamp=False)
+        return self._write(events, stamp=False)[0]
 
     def _applied_until(self) -> float | None:
         """The bus's ``applied_until`` for the liveness stamp; ``None`` (logged: the mixer will
@@ -208,8 +227,13 @@ class StreamProcessor:
                         self.group)
         return caught_up
 
-    def _write(self, events: list, stamp: bool) -> list[bool | Exception]:
+    def _write(self, events: list, stamp: bool, ids: list[str] | None = None
+               ) -> tuple[list[bool | Exception], list[bool]]:
+        """Write ``events`` (see ``apply_many``); with ``ids`` (their stream entries) and the bus on
+        this Redis, each engagement run's script also acknowledges its entries. Returns
+        ``apply_many``'s list and, per event, whether it was acknowledged here."""
         write_ts = self.clock()
+        ack = ids is not None and self._ack_in_script
         # before the writes and their XACK: this batch is still pending, so the stamp claims only
         # what preceded it (a failed write keeps it there until it succeeds); module docstring
         caught_up = self._applied_until() if stamp else None
@@ -221,7 +245,9 @@ class StreamProcessor:
         event_s = [0.0] * len(events)
 
         def queue_run(start: int, stop: int) -> None:
-            event_s[start:stop] = self._batch.queue(pipe, events[start:stop], write_ts, self.seen_ttl_s)
+            event_s[start:stop] = self._batch.queue(
+                pipe, events[start:stop], write_ts, self.seen_ttl_s,
+                (self._stream_key, self.group, ids[start:stop]) if ack else None)
             steps.append((start, stop))
 
         run_start = None
@@ -244,6 +270,7 @@ class StreamProcessor:
         queued = any(len(st) == 2 or st[2] for st in steps)
         replies = iter(pipe.execute(raise_on_error=False) if queued or stamp else [])
         results: list = [None] * len(events)  # per event: reply, exception, or None (no write)
+        acked = [False] * len(events)
         graph_ok: list[int] = []  # follows whose social and graph writes succeeded (backfill)
         retry: list[tuple[int, int, Exception]] = []
         for st in steps:
@@ -256,6 +283,7 @@ class StreamProcessor:
                     raise RuntimeError(f"engagement_batch.lua answered {len(res)} results for {stop - start} events")
                 else:
                     results[start:stop] = res
+                    acked[start:stop] = [ack] * (stop - start)
                 continue
             i, _, q = st
             if not q:
@@ -274,20 +302,20 @@ class StreamProcessor:
                 # the mixer will judge the stream stale: say why here
                 log.warning("liveness stamp of %s / %s failed: %s", self.topic, self.group, res)
         if retry:
-            self._retry_one_by_one(events, retry, results, write_ts)
+            self._retry_one_by_one(events, retry, results, write_ts, ids if ack else None, acked)
         done_ts = self.clock()  # the writes are visible to readers from here: the lag's end
         # a follow's backfill reads the followee's posts: a second round trip, after the edges
         if graph_ok:
             for i, exc in self._backfill(events, graph_ok).items():
                 results[i] = exc
-        return self._record(results, event_s, done_ts)
+        return self._record(results, event_s, done_ts), acked
 
     def _retry_one_by_one(self, events: list, runs: list[tuple[int, int, Exception]], results: list,
-                          write_ts: float) -> None:
+                          write_ts: float, ids: list[str] | None, acked: list[bool]) -> None:
         """Apply the events of failed ``engagement_batch.lua`` calls (``runs``: (start, stop) into
         ``events`` and the call's error; each changed nothing) one event per call, in one more round
-        trip, and put each reply (or error) in ``results``: only an event whose own write fails
-        stays failed. A ``NoScriptError`` (the server restarted or flushed its scripts) is why the
+        trip, and put each reply (or error) in ``results`` (and, with ``ids``, acknowledge each
+        event in its call: ``acked``): only an event whose own write fails stays failed. A ``NoScriptError`` (the server restarted or flushed its scripts) is why the
         script is loaded again first.
 
         Raises:
@@ -300,12 +328,14 @@ class StreamProcessor:
         pipe = self.client.pipeline(transaction=False)
         for start, stop, _ in runs:
             for i in range(start, stop):
-                self._batch.queue(pipe, [events[i]], write_ts, self.seen_ttl_s)
+                self._batch.queue(pipe, [events[i]], write_ts, self.seen_ttl_s,
+                                  None if ids is None else (self._stream_key, self.group, [ids[i]]))
         replies = iter(pipe.execute(raise_on_error=False))
         for start, stop, _ in runs:
             for i in range(start, stop):
                 res = next(replies)
                 results[i] = res if isinstance(res, Exception) else res[0]
+                acked[i] = ids is not None and not isinstance(res, Exception)
 
     def _backfill(self, events: list, follows: list[int]) -> dict[int, Exception]:
         """Backfill the followee's recent posts for the follows at ``follows`` (indexes into
@@ -321,20 +351,21 @@ class StreamProcessor:
     # ---- consuming ----
     def _process(self, deliveries: list[Delivery]) -> int:
         """Write ``deliveries`` with the liveness stamp (if ``stamp_every_s`` has passed; module
-        docstring) in one pipeline, then XACK the ones written; an empty batch writes the stamp
-        alone (an idle processor stays live)."""
+        docstring) in one pipeline, then XACK the ones written that their script did not
+        acknowledge itself (the class); an empty batch writes the stamp alone (an idle processor
+        stays live)."""
         now = time.monotonic()
         stamp = now - self._last_stamp >= self.stamp_every_s
         if stamp:
             self._last_stamp = now
-        results = self._write([d.event for d in deliveries], stamp=stamp)
+        results, acked = self._write([d.event for d in deliveries], stamp=stamp, ids=[d.id for d in deliveries])
         done = []
-        for d, res in zip(deliveries, results):
+        for d, res, was_acked in zip(deliveries, results, acked):
             if isinstance(res, Exception):
                 # No ack: the entry stays pending and is reclaimed later (or dead-lettered after
                 # max_deliveries by the bus).
                 log.warning("write failed for %s %s: %s; left pending", self.topic, d.id, res)
-            else:
+            elif not was_acked:
                 done.append(d)
         if done:
             self.bus.ack_many(done)
@@ -374,10 +405,10 @@ class StreamProcessor:
         applied = 0
         if self._last_reclaim is None or self.clock() - self._last_reclaim >= self.reclaim_every_s:
             applied += self.reclaim(count)
-        lost = self.bus.skip_trimmed(self.topic, self.group)
+        # the trimmed-entries check and the read in one round trip (EventBus.poll)
+        lost, got = self.bus.poll(self.topic, self.group, self.consumer, count=count, block_ms=block_ms)
         if lost:
             self._lost(lost)
-        got = self.bus.consume(self.topic, self.group, self.consumer, count=count, block_ms=block_ms)
         applied += self._process(got)
         if time.monotonic() - self._last_backlog >= self.backlog_every_s:
             self.refresh_backlog()

@@ -12,7 +12,7 @@ and build them from an event; ``SPEC.register(client)`` loads it at start-up and
 | ``social.lua`` | ``guard.lua`` | ``StreamProcessor`` (one ``SocialGraphEvent``) | ``SocialKeys`` / ``SocialArgs`` |
 | ``graph_edge.lua`` | ``guard.lua`` | ``StreamProcessor`` via ``pipelines.graph.SocialGraphWriter`` (one half of a ``SocialGraphEvent``) | ``GraphEdgeKeys`` / ``GraphEdgeArgs`` |
 | ``coverage_stamp.lua`` | | ``StreamProcessor`` (liveness stamp) | ``CoverageStampKeys`` / ``CoverageStampArgs`` |
-| ``skip_trimmed.lua`` | ``stream_helpers.lua`` | ``RedisStreamsBus.skip_trimmed`` | ``SkipTrimmedKeys`` / ``SkipTrimmedArgs`` |
+| ``skip_trimmed.lua`` | ``stream_helpers.lua`` | ``RedisStreamsBus.skip_trimmed`` / ``poll`` | ``SkipTrimmedKeys`` / ``SkipTrimmedArgs`` |
 | ``applied_until.lua`` | ``stream_helpers.lua`` | ``RedisStreamsBus.applied_until`` | ``AppliedUntilKeys`` / ``AppliedUntilArgs`` |
 """
 
@@ -60,6 +60,7 @@ class EngagementBatchArgs(NamedTuple):
     n_posts: int                    # distinct posts of the events
     n_authors: int                  # distinct authors
     n_users: int                    # distinct users of the events that touch a user key (not impressions)
+    n_acks: int = 0                 # stream entries to XACK at the end (0, or one per event)
     kinds: str = _kind_table()
     half_life: str = repr(realtime.HALF_LIFE_S)
     counts_ttl: int = realtime.COUNTS_TTL_S
@@ -89,10 +90,14 @@ class EngagementBatchScript:
 
     KEYS = ``EngagementBatchKeys`` + one seen marker per event + per distinct post (counts, meta,
     score) + per distinct author (score) + per distinct user of a non-impression event
-    (recent posts, recent authors, hated, follows, social_ts, action sequence); ARGV =
-    ``EngagementBatchArgs`` + the post ids + the author ids + per event (kind, event time ``%.6f``,
-    post / author / user index, 1-based, user 0 for an impression). This class is the one place
-    that lays them out.
+    (recent posts, recent authors, hated, follows, social_ts, action sequence) [+ the events'
+    stream]; ARGV = ``EngagementBatchArgs`` + the post ids + the author ids + per event (kind,
+    event time ``%.6f``, post / author / user index, 1-based, user 0 for an impression) [+ the
+    consumer group and one entry id per event]. This class is the one place that lays them out.
+
+    With ``ack`` the script ends with the XACK of the events' stream entries: the writes and the
+    acknowledgement are one atomic step (the bus must be Redis Streams on the same server; the
+    processor checks).
 
     The call is ``EVALSHA`` queued directly (not redis-py's ``Script``, whose pipeline sends a
     ``SCRIPT EXISTS`` round trip first): a ``NoScriptError`` reply (Redis restarted or flushed its
@@ -109,10 +114,16 @@ class EngagementBatchScript:
         self.sha = self.client.script_load(self.source)
 
     @staticmethod
-    def layout(events: list, write_s: float, seen_ttl: int) -> tuple[list, list, list[float]]:
+    def layout(events: list, write_s: float, seen_ttl: int,
+               ack: tuple[str, str, list[str]] | None = None) -> tuple[list, list, list[float]]:
         """``(keys, args, event_s)`` of one call for ``events`` (``EngagementEvent``) written at
         ``write_s`` (epoch s); ``event_s`` is each event's time (epoch s), which the caller needs
-        for the event-to-online lag."""
+        for the event-to-online lag. ``ack``: ``(stream key, group, one entry id per event)`` to
+        acknowledge in the same call.
+
+        Raises:
+            ValueError: ``ack`` has another number of entry ids than there are events.
+        """
         seen, ev, ets = [], [], []
         posts: dict[int, int] = {}
         authors: dict[int, int] = {}
@@ -144,13 +155,22 @@ class EngagementBatchScript:
             ets.append(t)
             seen.append(seen_key(e.event_id))
             ev += (kind, f"{t:.6f}", pj, aj, uj)
-        head = EngagementBatchArgs(seen_ttl, f"{write_s:.6f}", len(events), len(posts), len(authors), len(users))
-        return [*_HEAD_KEYS, *seen, *post_keys, *author_keys, *user_keys], [*head, *post_ids, *author_ids, *ev], ets
+        if ack is None:
+            head = EngagementBatchArgs(seen_ttl, f"{write_s:.6f}", len(events), len(posts), len(authors), len(users))
+            return [*_HEAD_KEYS, *seen, *post_keys, *author_keys, *user_keys], [*head, *post_ids, *author_ids, *ev], ets
+        stream, group, ids = ack
+        if len(ids) != len(events):
+            raise ValueError(f"{len(ids)} entry ids to acknowledge for {len(events)} events")
+        head = EngagementBatchArgs(seen_ttl, f"{write_s:.6f}", len(events), len(posts), len(authors), len(users),
+                                   len(ids))
+        return ([*_HEAD_KEYS, *seen, *post_keys, *author_keys, *user_keys, stream],
+                [*head, *post_ids, *author_ids, *ev, group, *ids], ets)
 
-    def queue(self, pipe, events: list, write_s: float, seen_ttl: int) -> list[float]:
+    def queue(self, pipe, events: list, write_s: float, seen_ttl: int,
+              ack: tuple[str, str, list[str]] | None = None) -> list[float]:
         """Queue the call for ``events`` on ``pipe`` (its reply: per event 1 applied now, 0 applied
-        before); returns the events' times (epoch s)."""
-        k, a, ets = self.layout(events, write_s, seen_ttl)
+        before) and, with ``ack``, their XACK (``layout``); returns the events' times (epoch s)."""
+        k, a, ets = self.layout(events, write_s, seen_ttl, ack)
         pipe.execute_command("EVALSHA", self.sha, len(k), *k, *a)
         return ets
 

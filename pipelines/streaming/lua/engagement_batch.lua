@@ -22,19 +22,21 @@
 --
 -- KEYS: the 4 named below, then one seen marker per event, then per post (counts, meta, score),
 -- per author (score), per user (recent_posts, recent_authors, hated, follows, social_ts,
--- action_sequence).
--- ARGV: the 17 named below, then per post its id, per author its id, then per event: kind,
+-- action_sequence), then (n_acks > 0) the events' stream.
+-- ARGV: the 18 named below, then per post its id, per author its id, then per event: kind,
 -- event_ts ('%.6f'), post index, author index, user index (1-based into the lists above; user
--- index 0: the event touches no user key). ``kinds`` is 'name weight positive engaged ...'.
+-- index 0: the event touches no user key), then (n_acks > 0) the consumer group and one stream
+-- entry id per event, acknowledged (XACK) as the last write: the writes and the ack are one
+-- atomic step. ``kinds`` is 'name weight positive engaged ...'.
 -- Returns per event 1 (applied now) or 0 (applied before: nothing written).
 --
 -- Lua costs here are mostly conversions and global lookups (tonumber of a string ~200 ns, a
 -- number concatenated ~600 ns): library functions are locals, the per-event indexes stay strings
 -- (table keys), expiry times are formatted once.
 local index_post_meta, trending_posts, trending_tags, coverage = unpack(KEYS, 1, 4)
-local seen_ttl, write_ts, n_events, n_posts, n_authors, n_users, kinds, half_life, counts_ttl,
+local seen_ttl, write_ts, n_events, n_posts, n_authors, n_users, n_acks, kinds, half_life, counts_ttl,
       score_ttl, recent_cap, retention_s, bucket_s, trending_half_life, trending_cap, out_of_order_s,
-      sequence_cap = unpack(ARGV, 1, 17)
+      sequence_cap = unpack(ARGV, 1, 18)
 
 local tonumber, type, pairs, ipairs, unpack, error = tonumber, type, pairs, ipairs, unpack, error
 local floor, min, max, pow, log = math.floor, math.min, math.max, math.pow, math.log
@@ -42,18 +44,21 @@ local format, match, gmatch = string.format, string.match, string.gmatch
 local rcall, rpcall = redis.call, redis.pcall
 local KEYS, ARGV = KEYS, ARGV
 
-local ne, np, na, nu = tonumber(n_events), tonumber(n_posts), tonumber(n_authors), tonumber(n_users)
+local ne, np, na, nu, nk = tonumber(n_events), tonumber(n_posts), tonumber(n_authors), tonumber(n_users),
+                          tonumber(n_acks)
 local write_s, half, retention, bucket_len = tonumber(write_ts), tonumber(half_life), tonumber(retention_s),
                                              tonumber(bucket_s)
 local tr_half, tr_cap, ooo = tonumber(trending_half_life), tonumber(trending_cap), tonumber(out_of_order_s)
 local rcap, scap = tonumber(recent_cap), tonumber(sequence_cap)
-local K_SEEN, A_POST = 4, 17
+local K_SEEN, A_POST = 4, 18
 local K_POST = K_SEEN + ne
 local K_AUTHOR = K_POST + 3 * np
 local K_USER = K_AUTHOR + na
 local A_AUTHOR = A_POST + np
 local A_EVENT = A_AUTHOR + na
-if #KEYS ~= K_USER + 6 * nu or #ARGV ~= A_EVENT + 5 * ne then
+local A_ACK = A_EVENT + 5 * ne  -- then the group and the entry ids; their stream is the last key
+if #KEYS ~= K_USER + 6 * nu + (nk > 0 and 1 or 0) or #ARGV ~= A_ACK + (nk > 0 and nk + 1 or 0)
+   or (nk > 0 and nk ~= ne) then
   return redis.error_reply('ERR engagement_batch.lua: ' .. #KEYS .. ' keys / ' .. #ARGV ..
                            ' args do not match the counts in ARGV')
 end
@@ -439,5 +444,11 @@ if cov then
     if cov_dirty[k] then fields[#fields + 1] = names[k]; fields[#fields + 1] = cov[k] end
   end
   if #fields > 0 then rcall('HSET', coverage, unpack(fields)) end
+end
+if nk > 0 then
+  -- the events' stream entries, acknowledged with the writes (applied now or before: both done)
+  local ids = {}
+  for k = 1, nk do ids[k] = ARGV[A_ACK + 1 + k] end
+  chunked('XACK', KEYS[#KEYS], ids, 1, ARGV[A_ACK + 1])
 end
 return result
