@@ -69,16 +69,16 @@ def _batch_call(events: list, write_s: float, seen_ttl: int, caps: dict) -> tupl
     return k, args
 
 
-def _dump(client: redis.Redis, event_ids) -> dict:
-    """Every key the engagement scripts can write for ``POSTS`` / ``USERS`` / their authors and
-    ``event_ids``: type, content (scores as Redis prints them) and whether it has a TTL (the TTL
-    itself within 5 s, as ``ttl_s``)."""
+def _dump(client: redis.Redis, event_ids, posts=POSTS, users=USERS) -> dict:
+    """Every key the engagement scripts can write for ``posts`` / ``users`` / the posts' authors
+    and ``event_ids``: type, content (scores as Redis prints them) and whether it has a TTL (the
+    TTL itself within 5 s)."""
     names = [keys.RT_TRENDING_POSTS, keys.RT_TRENDING_TAGS, keys.RT_COVERAGE]
     names += [keys.rt_seen_event(e) for e in event_ids]
-    for p in POSTS:
+    for p in posts:
         names += [keys.rt_post_counts(p), keys.rt_post_meta(p), keys.rt_post_score(p)]
-    names += [keys.rt_author_score(_author(p)) for p in POSTS]
-    for u in USERS:
+    names += [keys.rt_author_score(_author(p)) for p in posts]
+    for u in users:
         names += [keys.rt_user_recent_posts(u), keys.rt_user_recent_authors(u), keys.hated_authors(u), keys.follows(u),
                   keys.rt_social_ts(u), keys.action_sequence(u)]
     out = {}
@@ -158,6 +158,36 @@ def test_a_batch_leaves_what_one_script_per_event_leaves(redis_client, caps):
         if caps["recent_cap"] == 3:
             assert max(redis_client.zcard(keys.rt_user_recent_posts(u)) for u in USERS) == 3
             assert redis_client.zcard(keys.RT_TRENDING_POSTS) == 4
+    finally:
+        reference_db.flushdb()
+        reference_db.close()
+
+
+def test_a_call_longer_than_the_scripts_chunks_leaves_what_one_script_per_event_leaves(redis_client):
+    """engagement_batch.lua sends at most 1000 values per unpack() (Lua's C stack): a call of 1500
+    events on 1500 posts (seen markers, tags and trending members past one chunk) still equals the
+    reference."""
+    conn = redis_client.connection_pool.connection_kwargs
+    reference_db = redis.Redis(host=conn["host"], port=conn["port"], db=conn.get("db", 0) + 1)
+    reference_db.flushdb()
+    try:
+        posts = range(1500)
+        meta = {str(p): keys.encode_post_meta(_author(p), 0, [p % 1200, 2000 + p % 700]) for p in posts}
+        for c in (redis_client, reference_db):
+            c.hset(keys.POST_META, mapping=meta)
+        events = [_eng(f"c{p}", "like" if p % 4 else "click", NOW - p, user=p % 6, post=p, author=_author(p))
+                  for p in posts]
+        caps = dict(trending_cap=rt.TRENDING_CAP, recent_cap=rt.RECENT_CAP,
+                    sequence_cap=EngagementBatchArgs._field_defaults["sequence_cap"])
+        reference = reference_db.register_script(REFERENCE.read_text())
+        want = [reference(*_reference_call(e, NOW, 3600, caps)) for e in events]
+        got = redis_client.register_script(EngagementBatchScript(redis_client).source)(
+            *_batch_call(events, NOW, 3600, caps))
+        assert got == want == [1] * len(events)
+        assert redis_client.zcard(keys.RT_TRENDING_POSTS) == 1500 and redis_client.zcard(keys.RT_TRENDING_TAGS) == 1900
+        ids = {e.event_id for e in events}
+        got, want = _dump(redis_client, ids, posts, USERS), _dump(reference_db, ids, posts, USERS)
+        assert [k for k in got.keys() | want.keys() if got.get(k) != want.get(k)] == []
     finally:
         reference_db.flushdb()
         reference_db.close()

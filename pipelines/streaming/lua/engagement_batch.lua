@@ -92,6 +92,10 @@ local function guard_type(key, want)
 end
 -- cmd key [pre] list... in chunks of CHUNK items of ``step`` values; replies concatenated
 local function chunked(cmd, key, list, step, pre)
+  if #list <= CHUNK * step then  -- the usual case: one call, no copy
+    if pre then return rcall(cmd, key, pre, unpack(list)) end
+    return rcall(cmd, key, unpack(list))
+  end
   local out = {}
   for s = 1, #list, CHUNK * step do
     local args = {}
