@@ -8,7 +8,8 @@ per call: a batch costs about one Redis command per event (its seen marker) plus
 author and user. It reads (and so type-checks) every key before its first write, since a script is
 not rolled back on an error; a call that fails changes nothing and is retried one event per call,
 so only the event whose write fails stays pending. Each event has a seen marker
-(``online_layout.rt_seen_event``, ``EX ttl``): an event whose marker exists, or whose id an earlier
+(``online_layout.rt_seen_event``, expiring ``seen_ttl_s`` after its write): an event whose marker
+exists, or whose id an earlier
 event of the same call had, changes nothing, so an event delivered twice (at-least-once bus,
 reclaim after a crash, a partly applied batch delivered again) counts once. A social event is one
 ``lua/social.lua`` call (after the ``lua/guard.lua`` prelude), in order with the engagement calls in
@@ -18,8 +19,9 @@ Redis Streams on this same Redis, a run of engagements acknowledges its entries 
 crash in between leaves those entries pending with their seen markers set, and their redelivery is
 a no-op. A failed write leaves its entry pending, and a processor reclaims entries idle for
 ``reclaim_idle_ms`` when it starts and every ``reclaim_every_s`` after. A batch is two round trips
-when all goes well: ``EventBus.poll`` (the trimmed-entries check and the read) and the write. Key layout: ``core/online_layout.py``; window
-/ decay math: ``core/realtime.py``; the reader: ``mixer.feature_hydrators.realtime_reader``.
+when all goes well: ``EventBus.poll`` (the trimmed-entries check and the read) and the write. Key
+layout: ``core/online_layout.py``; window / decay math: ``core/realtime.py``; the reader:
+``mixer.feature_hydrators.realtime_reader``.
 
 Liveness stamp (``caught_up`` in ``online_layout.RT_COVERAGE``), which the mixer compares with the
 Redis server's clock to tell a live stream from a stopped or overloaded one: a batch (at most every
@@ -81,6 +83,7 @@ def _same_server(a: redis.Redis, b: redis.Redis) -> bool:
         return True
     ka, kb = a.get_connection_kwargs(), b.get_connection_kwargs()
     return all(ka.get(f) == kb.get(f) for f in ("host", "port", "path", "db"))
+
 
 class StreamProcessor:
     """Consumes ``topic`` as ``consumer`` of ``group`` and writes real-time features.
@@ -315,8 +318,9 @@ class StreamProcessor:
         """Apply the events of failed ``engagement_batch.lua`` calls (``runs``: (start, stop) into
         ``events`` and the call's error; each changed nothing) one event per call, in one more round
         trip, and put each reply (or error) in ``results`` (and, with ``ids``, acknowledge each
-        event in its call: ``acked``): only an event whose own write fails stays failed. A ``NoScriptError`` (the server restarted or flushed its scripts) is why the
-        script is loaded again first.
+        event in its call: ``acked``): only an event whose own write fails stays failed. The
+        script is loaded again first: a ``NoScriptError`` (the server restarted or flushed its
+        scripts) is one way a call fails.
 
         Raises:
             redis.RedisError: the round trip itself failed (the events stay pending).
