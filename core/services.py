@@ -569,6 +569,18 @@ class ManagedProcess:
         return out
 
 
+class IndexedInstance:
+    """Mixin of a service that runs as several numbered instances (an ``index`` field): each has
+    its own record and log, ``<service>-<index>``, and is found by its index."""
+
+    @property
+    def record_name(self) -> str:
+        return f"{self.service}-{self.index}"  # type: ignore[attr-defined]
+
+    def _find_kwargs(self) -> dict[str, Any]:
+        return {"index": self.index}  # type: ignore[attr-defined]
+
+
 def stop_recorded(state: StateDir, timeout_s: float = 15.0) -> list[str]:
     """Stop every service process recorded in ``state.run`` (last started first), whatever its kind.
 
@@ -732,7 +744,7 @@ def _ask(port: int | None, *command, timeout_s: float = 1.0):
 
 
 @dataclass
-class RedisNode(ManagedProcess):
+class RedisNode(IndexedInstance, ManagedProcess):
     """One Redis node of the HA set (``redis-ha-node-<index>``): Debian's ``redis-server`` with a
     config file generated at each start in ``state/redis/ha/node-<index>.conf`` (Sentinel rewrites
     it with ``CONFIG REWRITE`` when it changes the node's role), data and AOF in
@@ -752,13 +764,6 @@ class RedisNode(ManagedProcess):
     record_fields: ClassVar[tuple[str, ...]] = ("index", "replica_of")
     cmdline_marker: ClassVar[str] = "redis-server"
     start_timeout_s: ClassVar[float] = 15.0
-
-    @property
-    def record_name(self) -> str:
-        return f"{self.service}-{self.index}"
-
-    def _find_kwargs(self) -> dict[str, Any]:
-        return {"index": self.index}
 
     @property
     def folder(self) -> Path:
@@ -817,7 +822,7 @@ class RedisNode(ManagedProcess):
 
 
 @dataclass
-class RedisSentinel(ManagedProcess):
+class RedisSentinel(IndexedInstance, ManagedProcess):
     """One Sentinel of the HA set (``redis-ha-sentinel-<index>``): Debian's ``redis-sentinel`` with
     a config generated at each start in ``state/redis/ha/sentinel-<index>.conf`` (Sentinel rewrites
     it as it learns replicas, peers and failovers; the next start reads the last primary from it).
@@ -839,13 +844,6 @@ class RedisSentinel(ManagedProcess):
     record_fields: ClassVar[tuple[str, ...]] = ("index", "primary_port", "down_after_ms", "failover_timeout_ms")
     cmdline_marker: ClassVar[str] = "sentinel"
     start_timeout_s: ClassVar[float] = 15.0
-
-    @property
-    def record_name(self) -> str:
-        return f"{self.service}-{self.index}"
-
-    def _find_kwargs(self) -> dict[str, Any]:
-        return {"index": self.index}
 
     @property
     def config_file(self) -> Path:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from core.services import ManagedProcess, ServiceError
+from core.services import IndexedInstance, ManagedProcess, ServiceError
 
 MASTER_CLASS = "org.apache.spark.deploy.master.Master"
 WORKER_CLASS = "org.apache.spark.deploy.worker.Worker"
@@ -124,7 +124,7 @@ class SparkMaster(ManagedProcess):
 
 
 @dataclass
-class SparkWorker(ManagedProcess):
+class SparkWorker(IndexedInstance, ManagedProcess):
     """Standalone worker ``index`` of the master at ``master_url``, with ``cores`` and ``memory``.
 
     Attributes:
@@ -148,13 +148,6 @@ class SparkWorker(ManagedProcess):
     record_fields: ClassVar[tuple[str, ...]] = ("master_url", "master_webui_port", "cores", "memory")
     cmdline_marker: ClassVar[str] = WORKER_CLASS
     start_timeout_s: ClassVar[float] = 60.0
-
-    @property
-    def record_name(self) -> str:
-        return f"{self.service}-{self.index}"
-
-    def _find_kwargs(self) -> dict[str, Any]:
-        return {"index": self.index}
 
     def prepare(self) -> None:
         spark_home()
