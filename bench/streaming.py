@@ -13,9 +13,9 @@ positive labels + follow edge). Consumers run in spawned child processes (own in
    parsing), and ``StreamProcessor.run_once(count)``; events/s = N / drain seconds, ratio =
    processor / floor. CPU per event of the consumer (Python) and of redis-server (INFO cpu), EVALSHA
    us per call (INFO commandstats) and the CPU other programs took meanwhile (/proc/stat) say where
-   the time goes. ``--consumers K`` also drains with K processor processes in one group;
-   ``--proto`` with ``LeanProcessor`` (cheap Python-side changes); ``--lua-variants`` with variants
-   of the engagement script (``lua_variants``).
+   the time goes. ``--consumers K`` also drains with K processor processes in one group (events/s
+   over the span from the first start to the last finish, and the same CPU split): the scaling
+   from 1 to K processes.
 2. Event->online lag at offered rates: processor child(ren) run ``StreamProcessor.run(count,
    block_ms=100)`` while this process runs ``LogReplayer`` with ``time_mode="live"`` (events stamped
    with the wall clock at publish). The rows are real but re-timed one log second apart, with
@@ -28,11 +28,14 @@ positive labels + follow edge). Consumers run in spawned child processes (own in
 
     .venv/bin/python bench/streaming.py [--rates 200,1000,3000,0.7max,max] [--step-seconds 10]
         [--drain-events 20000] [--counts 10,100,500] [--lag-count 100] [--consumers 2]
-        [--lag-consumers 1] [--tick 0.01] [--repeat 1] [--proto] [--lua-variants]
+        [--lag-consumers 1] [--tick 0.01] [--repeat 1]
 
-Defaults take about 1.5 minutes on 2 cores. Redis, the processor(s) and the producer share the 2
-cores; the ``other_cores`` columns show how much CPU other programs took (numbers from a busy box
-are lower). Exit code 0, or 130 when interrupted.
+The summary's first lines are the headline: the processor's drain rate against the bare consumer
+floor of the same run (processor / floor_raw), the K-process scaling, and the CPU per event of the
+processor and of redis-server. Defaults take about 1.5 minutes on 2 cores. Redis, the processor(s)
+and the producer share the 2 cores; the ``other_cores`` columns show how much CPU other programs
+took (numbers from a busy box are lower: compare ratios of one run). Exit code 0, or 130 when
+interrupted.
 """
 
 from __future__ import annotations
@@ -101,93 +104,14 @@ def _machine_busy_s() -> float:
     return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def _make_processor(client, bus, group: str, consumer: str, proto: bool, lags: list | None = None):
+def _make_processor(client, bus, group: str, consumer: str, lags: list | None = None):
     from pipelines.streaming.metrics import StreamMetrics
     from pipelines.streaming.processor import StreamProcessor
 
     metrics = StreamMetrics()
     if lags is not None:
         metrics.lag = _LagTap(metrics.lag, lags)
-    cls = _lean_processor_class() if proto else StreamProcessor
-    return cls(client, bus, topic=TOPIC, group=group, consumer=consumer, metrics=metrics)
-
-
-def _lean_processor_class():
-    """``StreamProcessor`` with cheap Python-side changes, to measure them without editing it:
-
-    - ``_record``: the per-event Prometheus ``labels(...)`` lookups are hoisted (one dict lookup per
-      outcome instead of a ``labels()`` call, which takes a lock and builds a key, per event and metric);
-    - ``_publish_lag``: the p50/p99 gauges (``np.percentile`` over the 10k-lag window) are refreshed
-      at most every 0.5 s instead of after every batch.
-    Redis-side work (the Lua script) is unchanged, so the written features are the same.
-    """
-    from pipelines.streaming.processor import StreamProcessor
-
-    class LeanProcessor(StreamProcessor):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            self._counters = {}
-            self._lag_child = self.metrics.lag.labels(topic=self.topic)
-            self._next_gauges = 0.0
-
-        def _record(self, outcome, event=None, write_ts=0.0):
-            self.stats[outcome] += 1
-            c = self._counters.get(outcome)
-            if c is None:
-                c = self._counters[outcome] = self.metrics.events.labels(topic=self.topic, outcome=outcome)
-            c.inc()
-            if outcome == "applied":
-                lag = write_ts - event.event_ts.timestamp()
-                self._lags.append(lag)
-                self._lag_child.observe(max(lag, 0.0))
-
-        def _publish_lag(self):
-            now = time.monotonic()
-            if now >= self._next_gauges:
-                self._next_gauges = now + 0.5
-                super()._publish_lag()
-
-    return LeanProcessor
-
-
-# Replaces engagement.lua's type guard (the names are the script's unpack(KEYS) / unpack(ARGV) locals).
-_LAZY_GUARD = r"""
--- check the type of only the keys this event's path touches (impressions: 4 instead of 14)
-local idx = {1, 2, 3, 14}
-local want = {'string', 'hash', 'hash', 'hash'}
-local function need(i, t) idx[#idx + 1] = i; want[#want + 1] = t end
-if tonumber(weight) > 0 then need(4, 'hash'); need(5, 'hash'); need(11, 'hash'); need(12, 'zset'); need(13, 'zset') end
-if positive == '1' then need(6, 'zset'); need(7, 'zset') end
-if kind == 'hate' then need(8, 'set') end
-if kind == 'follow' then need(9, 'set'); need(10, 'hash') end
-for j, i in ipairs(idx) do
-  local got = redis.call('TYPE', KEYS[i])['ok']
-  if got ~= 'none' and got ~= want[j] then
-    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' is a ' .. got .. ', expected ' .. want[j])
-  end
-end
-"""
-_GUARD_RE = r"local bad = guard_key_types\(\{[^}]*\}\)\nif bad then return bad end\n"
-
-
-def lua_variants() -> dict[str, str]:
-    """Variants of the processor's engagement script (``pipelines/streaming/lua/engagement.lua``
-    after its prelude; same KEYS / ARGV), to price its parts: ``lua:full`` (as shipped),
-    ``lua:lazy_guard`` (type checks of the touched keys only: same safety), ``lua:no_guard`` (no
-    type checks: NOT safe, the price of the guard) and ``lua:return1`` (the per-call floor of
-    EVALSHA with 14 keys and 18 args)."""
-    import re
-
-    from pipelines.streaming.scripts import ENGAGEMENT
-
-    full = ENGAGEMENT.source
-    if len(re.findall(_GUARD_RE, full)) != 1:
-        raise RuntimeError("engagement.lua no longer has one `local bad = guard_key_types({...})` guard; "
-                           "update lua_variants()")
-    return {"lua:full": full,
-            "lua:lazy_guard": re.sub(_GUARD_RE, lambda _: _LAZY_GUARD, full),
-            "lua:no_guard": re.sub(_GUARD_RE, "", full),
-            "lua:return1": "return 1"}
+    return StreamProcessor(client, bus, topic=TOPIC, group=group, consumer=consumer, metrics=metrics)
 
 
 def _drop_features(client) -> None:
@@ -219,15 +143,13 @@ def _drain_processor(proc, count: int) -> int:
 
 def drain_child(url: str, count: int, groups: list[tuple[str, str]], out) -> None:
     """Drain the ``TOPIC`` stream once per ``(group, kind)``: kind ``raw`` = XREADGROUP + XACK,
-    ``bus`` = bus consume + ack_many, ``processor`` / ``proto`` = ``run_once(count)``. Puts one dict
+    ``bus`` = bus consume + ack_many, ``processor`` = ``run_once(count)``. Puts one dict
     per kind on ``out``: events, secs (wall), cpu_s (this process), redis_s (redis-server CPU),
     busy_s (whole machine CPU), lua_us (EVALSHA usec per call from INFO commandstats), stats."""
     import redis
 
     from core import online_layout as keys
-    from core.lua import LuaScript
     from pipelines.streaming.bus import RedisStreamsBus
-    from pipelines.streaming.scripts import ENGAGEMENT
 
     client = redis.Redis.from_url(url)
     bus = RedisStreamsBus(client)
@@ -236,11 +158,9 @@ def drain_child(url: str, count: int, groups: list[tuple[str, str]], out) -> Non
     for group, kind in groups:
         bus.ensure_group(TOPIC, group)
         proc = None
-        if kind in ("processor", "proto") or kind.startswith("lua:"):
+        if kind == "processor":
             _drop_features(client)
-            proc = _make_processor(client, bus, group, f"{group}-c1", kind == "proto")
-            if kind.startswith("lua:"):  # prototype only: the variant, called like the shipped script
-                proc._engagement = LuaScript(ENGAGEMENT, client.register_script(lua_variants()[kind]))
+            proc = _make_processor(client, bus, group, f"{group}-c1")
         client.config_resetstat()
         done = 0
         r0, b0, c0, t0 = _redis_cpu_s(client), _machine_busy_s(), time.process_time(), time.perf_counter()
@@ -280,7 +200,7 @@ def consumer_child(url: str, count: int, group: str, consumer: str, barrier, out
     client = redis.Redis.from_url(url)
     bus = RedisStreamsBus(client)
     bus.ensure_group(TOPIC, group)
-    proc = _make_processor(client, bus, group, consumer, False)
+    proc = _make_processor(client, bus, group, consumer)
     barrier.wait()
     t0, c0 = time.monotonic(), time.process_time()
     done = _drain_processor(proc, count)
@@ -289,7 +209,7 @@ def consumer_child(url: str, count: int, group: str, consumer: str, barrier, out
     client.close()
 
 
-def lag_child(url: str, count: int, block_ms: int, consumer: str, proto: bool, ready, stop, out) -> None:
+def lag_child(url: str, count: int, block_ms: int, consumer: str, ready, stop, out) -> None:
     """Run ``StreamProcessor.run`` on ``TOPIC`` as ``consumer`` of ``LAG_GROUP`` until ``stop`` is
     set; put ``{"lags": [lag_s...], "stats": {...}, "window_p50_p99": (s, s), "cpu_s": s}``
     on ``out`` (``window_p50_p99``: the processor's own ``lag_percentiles``, to cross-check the tap)."""
@@ -300,7 +220,7 @@ def lag_child(url: str, count: int, block_ms: int, consumer: str, proto: bool, r
     client = redis.Redis.from_url(url)
     bus = RedisStreamsBus(client)
     lags: list[float] = []
-    proc = _make_processor(client, bus, LAG_GROUP, consumer, proto, lags)
+    proc = _make_processor(client, bus, LAG_GROUP, consumer, lags)
     proc.run_once(count=count)  # creates the group, does the first reclaim, loads the scripts
     c0 = time.process_time()
     ready.set()
@@ -385,10 +305,11 @@ class _Rows:
         return rows
 
 
-def _drain_step(ctx, url, client, bus, rows, videos, post_meta, count, n, proto, consumers, lua=False, repeat=1):
+def _drain_step(ctx, url, client, bus, rows, videos, post_meta, count, n, consumers, repeat=1):
     """One batch size: pre-fill, bare XADD, the drains in a child (``repeat`` interleaved rounds,
-    the fastest round of each kind kept), then ``consumers`` processors together. Returns a result
-    row (events/s, CPU per event, ...)."""
+    the fastest round of each kind kept), then 1 and ``consumers`` processor processes in a group
+    of their own each (``_group_drain``, ``repeat`` interleaved rounds, the fastest kept). Returns a
+    result row (events/s, CPU per event, ...)."""
     from core import online_layout as keys
     from pipelines.streaming.replay import LogReplayer
 
@@ -409,9 +330,7 @@ def _drain_step(ctx, url, client, bus, rows, videos, post_meta, count, n, proto,
     row["xadd_bare_ev_s"] = len(ents) / (time.perf_counter() - t0)
     client.delete(bare_key)
 
-    groups = [("g-raw", "raw"), ("g-bus", "bus"), ("g-proc", "processor")] + ([("g-proto", "proto")] if proto else [])
-    if lua:
-        groups += [(f"g-{k[4:]}", k) for k in lua_variants()]
+    groups = [("g-raw", "raw"), ("g-bus", "bus"), ("g-proc", "processor")]
     # Rounds interleave the kinds, so a slow spell of the machine does not land on one kind only.
     groups = [(f"{g}-{i}", k) for i in range(repeat) for g, k in groups]
     best: dict[str, dict] = {}
@@ -431,26 +350,45 @@ def _drain_step(ctx, url, client, bus, rows, videos, post_meta, count, n, proto,
         row[f"{kind}_other_cores"] = max(0.0, (r["busy_s"] - r["cpu_s"] - r["redis_s"]) / r["secs"])
 
     if consumers > 1:
-        _drop_features(client)
-        barrier, out = ctx.Barrier(consumers + 1), ctx.Queue()
-        procs = [ctx.Process(target=consumer_child, args=(url, count, "g-multi", f"c{i}", barrier, out), daemon=True)
-                 for i in range(consumers)]
-        try:
-            for p in procs:
-                p.start()
-            barrier.wait(timeout=120)
-            res = [out.get(timeout=900) for _ in procs]
-        finally:
-            for p in procs:
-                p.join(10)
-                if p.is_alive():
-                    p.terminate()
-        done = sum(r["events"] for r in res)
-        applied = sum(r["stats"].get("applied", 0) for r in res)
-        if done != n_events or applied < 0.99 * n_events:
-            raise RuntimeError(f"{consumers} processors handled {done} / applied {applied} of {n_events} events")
-        row["multi_ev_s"] = done / (max(r["t1"] for r in res) - min(r["t0"] for r in res))
+        best = {}
+        for i in range(repeat):
+            for k in (1, consumers):
+                r = _group_drain(ctx, url, client, count, n_events, k, f"g-x{k}-{i}")
+                if k not in best or r["ev_s"] > best[k]["ev_s"]:
+                    best[k] = r
+        for k, r in best.items():
+            row.update({f"x{k}_{name}": v for name, v in r.items()})
     return row
+
+
+def _group_drain(ctx, url, client, count: int, n_events: int, k: int, group: str) -> dict:
+    """``k`` processor processes drain the stream together in a new group: events/s from the
+    first start to the last finish, CPU per event of the processors (summed) and of
+    redis-server, and the cores other programs took meanwhile."""
+    _drop_features(client)
+    barrier, out = ctx.Barrier(k + 1), ctx.Queue()
+    procs = [ctx.Process(target=consumer_child, args=(url, count, group, f"c{i}", barrier, out), daemon=True)
+             for i in range(k)]
+    try:
+        for p in procs:
+            p.start()
+        r0, b0 = _redis_cpu_s(client), _machine_busy_s()
+        barrier.wait(timeout=120)
+        res = [out.get(timeout=900) for _ in procs]
+        redis_s, busy = _redis_cpu_s(client) - r0, _machine_busy_s() - b0
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.terminate()
+    done = sum(r["events"] for r in res)
+    applied = sum(r["stats"].get("applied", 0) for r in res)
+    if done != n_events or applied < 0.99 * n_events:
+        raise RuntimeError(f"{k} processors handled {done} / applied {applied} of {n_events} events")
+    secs = max(r["t1"] for r in res) - min(r["t0"] for r in res)
+    cpu = sum(r["cpu_s"] for r in res)
+    return {"ev_s": done / secs, "cpu_us": 1e6 * cpu / done, "redis_us": 1e6 * redis_s / done,
+            "other_cores": max(0.0, (busy - cpu - redis_s) / secs)}
 
 
 class _TimedBus:
@@ -470,7 +408,7 @@ class _TimedBus:
         return getattr(self.bus, name)
 
 
-def _lag_step(ctx, url, client, bus, rows, videos, post_meta, rate, seconds, count, tick, proto, consumers):
+def _lag_step(ctx, url, client, bus, rows, videos, post_meta, rate, seconds, count, tick, consumers):
     """One offered rate: ``consumers`` processor children + a paced live replay here."""
     import numpy as np
 
@@ -483,7 +421,7 @@ def _lag_step(ctx, url, client, bus, rows, videos, post_meta, rate, seconds, cou
     speed = len(frame) / seconds
     stop, out = ctx.Event(), ctx.Queue()
     readies = [ctx.Event() for _ in range(consumers)]
-    procs = [ctx.Process(target=lag_child, args=(url, count, 100, f"c{i}", proto, readies[i], stop, out), daemon=True)
+    procs = [ctx.Process(target=lag_child, args=(url, count, 100, f"c{i}", readies[i], stop, out), daemon=True)
              for i in range(consumers)]
     try:
         for p in procs:
@@ -575,16 +513,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="run_once(count=...) batch sizes of the drain")
     ap.add_argument("--lag-count", type=int, default=100, help="run(count=...) batch size in the lag steps")
     ap.add_argument("--consumers", type=int, default=2,
-                    help="also drain with this many processor processes in one group (1 = skip)")
+                    help="also drain with 1 and with this many processor processes in one group, the scaling (1 = skip)")
     ap.add_argument("--lag-consumers", type=int, default=1, help="processor processes in the lag steps")
     ap.add_argument("--tick", type=float, default=0.01,
                     help="producer pacing tick (s): rows due within it are published together")
-    ap.add_argument("--proto", action="store_true",
-                    help="also drain with the LeanProcessor prototype (Python-side changes, see its docstring)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="drain rounds per batch size (kinds interleaved; the fastest round of each kind is kept)")
-    ap.add_argument("--lua-variants", action="store_true",
-                    help="also drain with variants of the engagement Lua script at --lag-count (see lua_variants)")
     args = ap.parse_args(argv)
     if args.step_seconds <= 0 or args.drain_events < 100 or args.lag_count < 1 or args.tick <= 0:
         ap.error("need --step-seconds > 0, --drain-events >= 100, --lag-count >= 1, --tick > 0")
@@ -615,16 +549,17 @@ def main(argv: list[str] | None = None) -> int:
             bus = RedisStreamsBus(client)
             for count in sorted(set(args.counts) | {args.lag_count}):
                 d = _drain_step(ctx, srv.url, client, bus, rows, videos, post_meta, count, args.drain_events,
-                                args.proto, args.consumers, lua=args.lua_variants and count == args.lag_count,
-                                repeat=args.repeat)
+                                args.consumers, repeat=args.repeat)
                 drains.append(d)
+                scaling = (f", {args.consumers} processes {d[f'x{args.consumers}_ev_s'] / d['x1_ev_s']:.2f}x one"
+                           if args.consumers > 1 else "")
                 print(f"drain count={count}: processor {d['processor_ev_s']:.0f} ev/s, floor "
-                      f"{d['raw_ev_s']:.0f} ev/s", flush=True)
+                      f"{d['raw_ev_s']:.0f} ev/s ({d['processor_ev_s'] / d['raw_ev_s']:.3f}x){scaling}", flush=True)
             max_rate = next(d["processor_ev_s"] for d in drains if d["count"] == args.lag_count)
             for tok in args.rates:
                 rate = round(float(tok[:-3] or 1) * max_rate if tok.endswith("max") else float(tok))
                 s = _lag_step(ctx, srv.url, client, bus, rows, videos, post_meta, rate, args.step_seconds,
-                              args.lag_count, args.tick, args.proto, args.lag_consumers)
+                              args.lag_count, args.tick, args.lag_consumers)
                 steps.append(s)
                 print(f"rate {rate} ev/s: lag p50 {s['lag_p50_ms']:.1f} ms p99 {s['lag_p99_ms']:.1f} ms, "
                       f"consumer lag at end {s['consumer_lag_end']} (+{s['pending_end']} pending)", flush=True)
@@ -646,53 +581,46 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n1. drain throughput, {args.drain_events} pre-filled events per batch size, best of {args.repeat} "
           "round(s), events/s. floor_raw = "
           "XREADGROUP+XACK only, floor_bus = bus.consume+ack_many (adds event parsing); cpu_us / redis_us = "
-          "CPU us per event in the consumer / in redis-server; lua_us = EVALSHA us per call; other_cores = "
-          "CPU other programs took meanwhile")
+          "CPU us per event in the consumer / in redis-server; lua_us = EVALSHA us per call (one per batch, and "
+          "the bus's skip_trimmed per read); other_cores = CPU other programs took meanwhile; xK = K processor "
+          "processes in one group (a harness of its own: x1 is one process in it)")
     dt = pd.DataFrame(drains).rename(columns={"raw_ev_s": "floor_raw_ev_s", "bus_ev_s": "floor_bus_ev_s"})
     dt["proc/floor_raw"] = dt.processor_ev_s / dt.floor_raw_ev_s
     dt["proc/floor_bus"] = dt.processor_ev_s / dt.floor_bus_ev_s
     cols = ["count", "producer_ev_s", "xadd_bare_ev_s", "floor_raw_ev_s", "floor_bus_ev_s", "processor_ev_s",
-            "proc/floor_raw", "proc/floor_bus", "bus_cpu_us", "processor_cpu_us", "processor_redis_us",
-            "processor_lua_us", "processor_other_cores"]
-    if args.consumers > 1:
-        dt[f"x{args.consumers}_ev_s"] = dt.multi_ev_s
-        dt[f"x{args.consumers}/processor"] = dt.multi_ev_s / dt.processor_ev_s
-        cols += [f"x{args.consumers}_ev_s", f"x{args.consumers}/processor"]
-    if args.proto:
-        dt["proto/processor"] = dt.proto_ev_s / dt.processor_ev_s
-        cols += ["proto_ev_s", "proto/processor", "proto_cpu_us", "proto_other_cores"]
+            "proc/floor_raw", "proc/floor_bus", "raw_cpu_us", "raw_redis_us", "bus_cpu_us", "processor_cpu_us",
+            "processor_redis_us", "processor_lua_us", "processor_other_cores"]
     print(dt[cols].to_string(index=False, float_format=fmt))
-    if args.lua_variants:
-        d = dt.set_index("count").loc[args.lag_count]
-        names = [k[4:] for k in lua_variants()]
-        lt = pd.DataFrame({"script": names,
-                           "ev_s": [d[f"lua:{k}_ev_s"] for k in names],
-                           "lua_us": [d[f"lua:{k}_lua_us"] for k in names],
-                           "redis_us": [d[f"lua:{k}_redis_us"] for k in names],
-                           "cpu_us": [d[f"lua:{k}_cpu_us"] for k in names],
-                           "other_cores": [d[f"lua:{k}_other_cores"] for k in names]})
-        lt["ev_s/full"] = lt.ev_s / lt.ev_s[0]
-        print(f"\n1b. engagement script variants, processor drain at count={args.lag_count} (no_guard and return1 "
-              "are prices, not proposals)")
-        print(lt.to_string(index=False, float_format=fmt))
+    if args.consumers > 1:
+        k = args.consumers
+        print(f"\n1b. 1 and {k} processor processes in one group, best of {args.repeat} round(s): events/s, CPU us per "
+              "event of the processors (summed) and of redis-server, other programs' cores")
+        dt[f"x{k}/x1"] = dt[f"x{k}_ev_s"] / dt.x1_ev_s
+        mcols = ["count"] + [f"x{n}_{c}" for n in (1, k) for c in ("ev_s", "cpu_us", "redis_us", "other_cores")]
+        print(dt[mcols + [f"x{k}/x1"]].to_string(index=False, float_format=fmt))
     print(f"\n2. event->online lag (write time - event time stamped at publish), {args.lag_consumers} processor "
           f"process(es) run(count={args.lag_count}, block_ms=100), live replay {args.step_seconds:g} s per rate, "
           f"tick {args.tick:g} s; consumer lag / pending read when the producer stops; *_cores = CPU cores used")
     st = pd.DataFrame(steps)
     print(st.to_string(index=False, float_format=fmt))
 
-    print("\n3. summary")
+    print("\n3. summary (one run: compare the ratios, the machine's speed varies between runs)")
     d = dt.set_index("count").loc[args.lag_count]
     best = dt.loc[dt.processor_ev_s.idxmax()]
+    print(f"  HEADLINE processor / floor_raw, count={args.lag_count}: {d['proc/floor_raw']:.3f} "
+          f"({d.processor_ev_s:.0f} ev/s against XREADGROUP+XACK {d.floor_raw_ev_s:.0f} ev/s; "
+          f"against the bus floor {d['proc/floor_bus']:.3f})")
+    print(f"  CPU per event, one processor: {d.processor_cpu_us:.1f} us in the processor + "
+          f"{d.processor_redis_us:.1f} us in redis-server (the bus floor's consumer: {d.bus_cpu_us:.1f} us)")
+    if args.consumers > 1:
+        k = args.consumers
+        print(f"  HEADLINE {k} processes / 1, count={args.lag_count}: {d[f'x{k}/x1']:.2f}x "
+              f"({d[f'x{k}_ev_s']:.0f} against {d.x1_ev_s:.0f} ev/s; CPU per event {d[f'x{k}_cpu_us']:.1f} us processors "
+              f"+ {d[f'x{k}_redis_us']:.1f} us redis-server, {d[f'x{k}_other_cores']:.2f} cores to other programs)")
     print(f"  producer: LogReplayer unpaced {d.producer_ev_s:7.0f} ev/s, "
           f"bare pipelined XADD {d.xadd_bare_ev_s:7.0f} ev/s")
-    print(f"  processor drain, count={args.lag_count}: {d.processor_ev_s:7.0f} ev/s; floor XREADGROUP+XACK "
-          f"{d.floor_raw_ev_s:7.0f} ev/s -> processor/floor {d['proc/floor_raw']:.3f} "
-          f"(vs bus floor {d['proc/floor_bus']:.3f})")
-    print(f"  best single-processor drain: count={int(best['count'])} {best.processor_ev_s:.0f} ev/s")
-    if args.consumers > 1:
-        print(f"  {args.consumers} processor processes in one group, count={args.lag_count}: {d.multi_ev_s:.0f} ev/s "
-              f"({d.multi_ev_s / d.processor_ev_s:.2f}x one)")
+    print(f"  best single-processor drain: count={int(best['count'])} {best.processor_ev_s:.0f} ev/s "
+          f"({best['proc/floor_raw']:.3f}x its floor)")
     kept = st[(st.consumer_lag_end.fillna(0) + st.pending_end) <= 2 * args.lag_count * args.lag_consumers]
     if len(kept):
         k = kept.loc[kept.achieved_ev_s.idxmax()]

@@ -1,7 +1,9 @@
 """The ground of home-mixer: what every layer shares.
 
 ``schema`` (heads, tables, feature views), ``state`` (the state folder), ``services`` (process
-supervision of Redis and the servers), ``online_layout`` (every Redis key), ``realtime`` (the
+supervision of Redis, single or HA, and the servers), ``online_store`` (the online store's address,
+``redis://`` or ``redis+sentinel://``, and the one function that opens a client on it),
+``online_layout`` (every Redis key), ``realtime`` (the
 real-time features' buckets, windows and decay, shared by their writer and reader), ``lua`` (Redis
 Lua scripts from ``.lua`` files with named keys), ``request_features`` (features computed at request
 time, offline and online) and ``stages`` (the stage timer of long jobs).

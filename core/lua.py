@@ -8,7 +8,10 @@ function``\\ s the script calls). Its first lines name its keys and arguments::
     local group, topic = unpack(ARGV)
 
 and its ``LuaScriptSpec`` names them again, as the fields of two ``NamedTuple`` classes (a
-named record that *is* the positional list, so building the call costs nothing more).
+named record that *is* the positional list, so building the call costs nothing more). A script
+whose KEYS / ARGV go on past a fixed head (``engagement_batch.lua``: per event, post, author, user)
+names the head with ``unpack(KEYS, 1, n)``, checked the same way, and has a wrapper that lays out
+the rest.
 ``LuaScriptSpec`` checks at load that both lists agree (so a key added on one side fails at
 start-up, not as a wrong positional argument), and ``LuaScript.__call__`` passes the records as
 KEYS / ARGV: callers never index ``KEYS[14]``. A script with a variable number of keys
@@ -22,7 +25,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Sequence
 
-_DECL = re.compile(r"^local\s+([A-Za-z_][\w\s,]*?)\s*=\s*unpack\((KEYS|ARGV)\)", re.MULTILINE)
+_DECL = re.compile(r"^local\s+([A-Za-z_][\w\s,]*?)\s*=\s*unpack\((KEYS|ARGV)(?:\s*,\s*1\s*,\s*(\d+))?\)",
+                   re.MULTILINE)
 
 
 def lua_source(package: str, name: str, helpers: Sequence[str] = ()) -> str:
@@ -37,10 +41,17 @@ def lua_source(package: str, name: str, helpers: Sequence[str] = ()) -> str:
 
 def declared_names(source: str, which: str) -> tuple[str, ...] | None:
     """The names of ``local a, b = unpack(KEYS)`` (``which="KEYS"``) or ``unpack(ARGV)`` in ``source``
-    (``None`` if it has no such line)."""
+    (``None`` if it has no such line). A head form ``unpack(KEYS, 1, n)`` must name ``n`` values.
+
+    Raises:
+        ValueError: a head form names another number of values than ``n``.
+    """
     for m in _DECL.finditer(source):
         if m.group(2) == which:
-            return tuple(n.strip() for n in m.group(1).split(","))
+            names = tuple(n.strip() for n in m.group(1).split(","))
+            if m.group(3) is not None and int(m.group(3)) != len(names):
+                raise ValueError(f"unpack({which}, 1, {m.group(3)}) assigned to {len(names)} names: {list(names)}")
+            return names
     return None
 
 

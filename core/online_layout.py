@@ -11,7 +11,7 @@ Candidate index (``pipelines.candidate_index.build_candidate_index``, rebuilt as
 
 | builder | key | type | content | writer | readers |
 | --- | --- | --- | --- | --- | --- |
-| ``POST_META`` | ``hm:post_meta`` | hash | post_id -> ``"author_id|created_ts|tag,tag"`` (``encode_post_meta``) | candidate index | ``PostMetadataHydrator``; ``engagement.lua`` (a post's tags for trending) |
+| ``POST_META`` | ``hm:post_meta`` | hash | post_id -> ``"author_id|created_ts|tag,tag"`` (``encode_post_meta``) | candidate index | ``PostMetadataHydrator``; ``engagement_batch.lua`` (a post's tags for trending) |
 | ``INDEX_META`` | ``hm:index_meta`` | hash | ``as_of``, ``built_at``, one count per family | candidate index | mixer API (``as_of``), operators |
 | ``author_posts(author_id)`` | ``hm:author_posts:{author_id}`` | zset | post_id -> created_ts | candidate index | ``InNetworkCandidateSource`` |
 | ``popular(window)`` | ``hm:popular:{window}`` (``24h``, ``7d``) | zset | post_id -> weighted engagements in the window | candidate index | ``PopularCandidateSource`` |
@@ -19,15 +19,15 @@ Candidate index (``pipelines.candidate_index.build_candidate_index``, rebuilt as
 | ``engaged_authors(user_id)`` | ``hm:engaged_authors:{user_id}`` | zset | author_id -> summed engagement edge weight | candidate index | ``UserContextHydrator`` |
 | ``tag_interest(user_id)`` | ``hm:tag_interest:{user_id}`` | zset | tag -> summed engagement weight of engaged posts with the tag | candidate index | ``UserContextHydrator`` |
 | ``seen_posts(user_id)`` | ``hm:seen:{user_id}`` | zset | post_id -> last impression time in the log | candidate index | ``UserContextHydrator`` (previously-seen filter) |
-| ``action_sequence(user_id)`` | ``hm:seq:{user_id}`` | zset | ``"post_id|author_id|action"`` (``encode_action``) -> engagement time (epoch s, float): the user's last N engaged posts (``pipelines.sequences``) | candidate index (history before its cutoff); ``engagement.lua`` (live engagements, capped at N) | ``UserActionSequenceQueryHydrator`` |
+| ``action_sequence(user_id)`` | ``hm:seq:{user_id}`` | zset | ``"post_id|author_id|action"`` (``encode_action``) -> engagement time (epoch s, float): the user's last N engaged posts (``pipelines.sequences``) | candidate index (history before its cutoff); ``engagement_batch.lua`` (live engagements, capped at N) | ``UserActionSequenceQueryHydrator`` |
 | ``coengagement(post_id)`` | ``hm:coeng:{post_id}`` | zset | neighbour post_id -> co-engagement cosine (``pipelines.coengagement``), top N | candidate index | ``CoEngagementCandidateSource`` |
 
 Graph sets (author_ids; the index writes them from the log, the stream processor keeps them current):
 
 | builder | key | type | writers | readers |
 | --- | --- | --- | --- | --- |
-| ``follows(user_id)`` | ``hm:follows:{user_id}`` | set | candidate index; ``social.lua`` (follow / unfollow / block), ``engagement.lua`` (kind ``follow``) | ``UserContextHydrator`` |
-| ``hated_authors(user_id)`` | ``hm:hated_authors:{user_id}`` | set | candidate index; ``engagement.lua`` (kind ``hate``) | ``UserContextHydrator`` |
+| ``follows(user_id)`` | ``hm:follows:{user_id}`` | set | candidate index; ``social.lua`` (follow / unfollow / block), ``engagement_batch.lua`` (kind ``follow``) | ``UserContextHydrator`` |
+| ``hated_authors(user_id)`` | ``hm:hated_authors:{user_id}`` | set | candidate index; ``engagement_batch.lua`` (kind ``hate``) | ``UserContextHydrator`` |
 | ``blocked_authors(user_id)`` | ``hm:blocked_authors:{user_id}`` | set | ``social.lua`` (block) | ``UserContextHydrator`` |
 | ``muted_authors(user_id)`` | ``hm:muted_authors:{user_id}`` | set | ``social.lua`` (mute) | ``UserContextHydrator`` |
 
@@ -40,22 +40,22 @@ The mixer's own records (a rebuild of the index leaves them alone):
 | ``SERVED_FEATURES`` | ``hm:served_features`` | stream (capped, ``MAXLEN ~ feature_logging.stream_maxlen``) | one entry per served post: ids, request clock, model versions and the feature row the rankers saw (float64 bytes in ``ALL_FEATURES`` order; ``core.feature_log``) | ``FeatureLogSideEffect`` | ``pipelines.logged_features`` (``home-mixer train --from-logged``) |
 | ``DRIFT_SAMPLE`` | ``hm:drift_sample`` | stream (capped, ``MAXLEN ~ drift_sample.stream_maxlen``) | for a sampled share of requests, up to ``drift_sample.per_request`` heavy-ranked candidates each: ids, surface, arm, source, model versions, light / per-head / blended scores and the feature row | ``DriftSampleSideEffect`` | ``monitoring.production`` (``home-mixer monitor drift --window 1h``) |
 
-Real-time features (stream processor, ``pipelines/streaming/lua/{engagement,social}.lua``; the math
+Real-time features (stream processor, ``pipelines/streaming/lua/{engagement_batch,social}.lua``; the math
 is in ``core.realtime``):
 
 | builder | key | type | content | writer | readers |
 | --- | --- | --- | --- | --- | --- |
-| ``rt_seen_event(event_id)`` | ``hm:rt:seen:{event_id}`` | string (TTL) | ``1``: the event was applied (idempotency) | ``engagement.lua``, ``social.lua`` | the same scripts |
-| ``rt_post_counts(post_id)`` | ``hm:rt:post:{post_id}:counts`` | hash (TTL) | ``{kind}:{bucket_start_s}`` -> count in that 5-min bucket | ``engagement.lua`` | ``RealtimeFeatureReader`` (``window_sums.lua``) |
-| ``rt_post_meta(post_id)`` | ``hm:rt:post:{post_id}:meta`` | hash (TTL) | ``last_event_ts`` (newest event), ``last_write_ts`` | ``engagement.lua`` | ``engagement.lua``; ``RealtimeFeatureReader.post_meta`` |
-| ``rt_post_score(post_id)`` | ``hm:rt:post:{post_id}:score`` | hash (TTL) | ``v`` decayed engagement score at time ``t`` | ``engagement.lua`` | ``RealtimeFeatureReader.decayed_scores`` |
-| ``rt_author_score(author_id)`` | ``hm:rt:author:{author_id}:score`` | hash (TTL) | the same, over the author's posts | ``engagement.lua`` | ``RealtimeFeatureReader.decayed_scores`` |
-| ``rt_user_recent_posts(user_id)`` | ``hm:rt:user:{user_id}:posts`` | zset | last 50 positively engaged posts -> event ts | ``engagement.lua`` | ``RealtimeFeatureReader.user_recent`` |
-| ``rt_user_recent_authors(user_id)`` | ``hm:rt:user:{user_id}:authors`` | zset | their authors -> event ts | ``engagement.lua`` | ``RealtimeFeatureReader.user_recent`` |
-| ``rt_social_ts(user_id)`` | ``hm:rt:social_ts:{user_id}`` | hash | ``{follow|block|mute}:{author_id}`` -> ts of the last applied action | ``engagement.lua``, ``social.lua`` | the same scripts (stale actions are dropped) |
-| ``RT_TRENDING_POSTS`` | ``hm:rt:trending:posts`` | zset | post -> log2 forward-decayed score | ``engagement.lua`` | ``RealtimeFeatureReader.trending`` (``TrendingCandidateSource``) |
-| ``RT_TRENDING_TAGS`` | ``hm:rt:trending:tags`` | zset | tag -> the same | ``engagement.lua`` | ``RealtimeFeatureReader.trending`` |
-| ``RT_COVERAGE`` | ``hm:rt:coverage`` | hash | ``newest``, ``first``, ``since`` event times; ``caught_up``: Redis server time before which the processors' group applied every entry (liveness) | ``engagement.lua`` (event times), ``StreamProcessor`` (``HDEL`` after lost entries), ``coverage_stamp.lua`` (``caught_up``) | ``RealtimeFeatureReader.coverage`` (``RealtimeFeatureHydrator``) |
+| ``rt_seen_event(event_id)`` | ``hm:rt:seen:{event_id}`` | string (TTL) | ``1``: the event was applied (idempotency) | ``engagement_batch.lua``, ``social.lua`` | the same scripts |
+| ``rt_post_counts(post_id)`` | ``hm:rt:post:{post_id}:counts`` | hash (TTL) | ``{kind}:{bucket_start_s}`` -> count in that 5-min bucket | ``engagement_batch.lua`` | ``RealtimeFeatureReader`` (``window_sums.lua``) |
+| ``rt_post_meta(post_id)`` | ``hm:rt:post:{post_id}:meta`` | hash (TTL) | ``last_event_ts`` (newest event), ``last_write_ts`` | ``engagement_batch.lua`` | ``engagement_batch.lua``; ``RealtimeFeatureReader.post_meta`` |
+| ``rt_post_score(post_id)`` | ``hm:rt:post:{post_id}:score`` | hash (TTL) | ``v`` decayed engagement score at time ``t`` | ``engagement_batch.lua`` | ``RealtimeFeatureReader.decayed_scores`` |
+| ``rt_author_score(author_id)`` | ``hm:rt:author:{author_id}:score`` | hash (TTL) | the same, over the author's posts | ``engagement_batch.lua`` | ``RealtimeFeatureReader.decayed_scores`` |
+| ``rt_user_recent_posts(user_id)`` | ``hm:rt:user:{user_id}:posts`` | zset | last 50 positively engaged posts -> event ts | ``engagement_batch.lua`` | ``RealtimeFeatureReader.user_recent`` |
+| ``rt_user_recent_authors(user_id)`` | ``hm:rt:user:{user_id}:authors`` | zset | their authors -> event ts | ``engagement_batch.lua`` | ``RealtimeFeatureReader.user_recent`` |
+| ``rt_social_ts(user_id)`` | ``hm:rt:social_ts:{user_id}`` | hash | ``{follow|block|mute}:{author_id}`` -> ts of the last applied action | ``engagement_batch.lua``, ``social.lua`` | the same scripts (stale actions are dropped) |
+| ``RT_TRENDING_POSTS`` | ``hm:rt:trending:posts`` | zset | post -> log2 forward-decayed score | ``engagement_batch.lua`` | ``RealtimeFeatureReader.trending`` (``TrendingCandidateSource``) |
+| ``RT_TRENDING_TAGS`` | ``hm:rt:trending:tags`` | zset | tag -> the same | ``engagement_batch.lua`` | ``RealtimeFeatureReader.trending`` |
+| ``RT_COVERAGE`` | ``hm:rt:coverage`` | hash | ``newest``, ``first``, ``since`` event times; ``caught_up``: Redis server time before which the processors' group applied every entry (liveness) | ``engagement_batch.lua`` (event times), ``StreamProcessor`` (``HDEL`` after lost entries), ``coverage_stamp.lua`` (``caught_up``) | ``RealtimeFeatureReader.coverage`` (``RealtimeFeatureHydrator``) |
 
 Social graph and home timelines (``pipelines.graph``). Every key carries a Redis Cluster hash tag
 ``{u:<user_id>}`` (``{p:<post_id>}`` for a post's fan-out progress), so the keys of one user share a
@@ -459,14 +459,26 @@ class FeastRedisLayout:
         Raises:
             KeyError: a join key of ``view`` is neither ``name`` nor in ``fixed``.
         """
-        ordered = self._sorted_keys[view]
         vals = np.asarray(values, dtype=np.int64).reshape(-1)
-        body = np.empty((len(vals), len(ordered), 2), dtype="<u4")
+        columns = {k: (vals if k == name else np.full(len(vals), int(fixed[k]), dtype=np.int64))
+                   for k in self._sorted_keys[view]}
+        return self.keys_of(view, columns)
+
+    def keys_of(self, view: str, columns: dict[str, np.ndarray]) -> list[bytes]:
+        """Redis keys of ``view`` for ``N`` entity rows given column-wise (join key name -> int64
+        ``[N]``), packed at once with numpy (materialisation writes a million keys).
+
+        Raises:
+            KeyError: a join key of ``view`` is missing from ``columns``.
+        """
+        ordered = self._sorted_keys[view]
+        n = len(np.asarray(columns[ordered[0]]).reshape(-1))
+        body = np.empty((n, len(ordered), 2), dtype="<u4")
         body[:, :, 0], body[:, :, 1] = _INT64, 8
-        ints = np.empty((len(vals), len(ordered)), dtype="<i8")
+        ints = np.empty((n, len(ordered)), dtype="<i8")
         for j, k in enumerate(ordered):
-            ints[:, j] = vals if k == name else int(fixed[k])
-        rows = np.concatenate([body, ints.view("<u4").reshape(len(vals), len(ordered), 2)], axis=2)
+            ints[:, j] = np.asarray(columns[k], dtype=np.int64).reshape(-1)
+        rows = np.concatenate([body, ints.view("<u4").reshape(n, len(ordered), 2)], axis=2)
         buf, width = rows.tobytes(), 16 * len(ordered)
         head, tail = self._headers[view], self._project_bytes
         return [head + buf[i:i + width] + tail for i in range(0, len(buf), width)]

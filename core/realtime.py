@@ -133,7 +133,7 @@ def decayed_add(value: float, t_s: float, weight: float, event_s: float,
 
     Returns ``(value', t')`` with ``t' = max(t_s, event_s)``; the result equals the closed form
     ``sum_i w_i 2**(-(t' - t_i)/half_life_s)`` whatever the arrival order. The writer's Lua
-    (``pipelines/streaming/lua/engagement.lua``) implements the same rule.
+    (``pipelines/streaming/lua/engagement_batch.lua``) implements the same rule.
     """
     if event_s >= t_s:
         return decay(value, t_s, event_s, half_life_s) + weight, event_s

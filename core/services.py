@@ -19,7 +19,9 @@ parsing):
 
 A service is a small subclass: ``service`` (record name), ``port_fields``, :meth:`command`,
 :meth:`ready` and optionally :meth:`environment`, :meth:`prepare`, :meth:`start_failure`,
-:meth:`live`. :class:`RedisServer` is here; ``serving.triton.server.TritonServer``,
+:meth:`live`. :class:`RedisServer` (the single online store) and the HA set's :class:`RedisNode` and
+:class:`RedisSentinel`, started together by :class:`RedisHA` (``services start --ha``), are here;
+``serving.triton.server.TritonServer``,
 ``serving.bento.server.BentoServer`` and ``mixer.server.MixerServer`` are the others. The CLI that
 starts, stops and shows them is written once, in ``home_mixer/cli.py``.
 """
@@ -567,6 +569,18 @@ class ManagedProcess:
         return out
 
 
+class IndexedInstance:
+    """Mixin of a service that runs as several numbered instances (an ``index`` field): each has
+    its own record and log, ``<service>-<index>``, and is found by its index."""
+
+    @property
+    def record_name(self) -> str:
+        return f"{self.service}-{self.index}"  # type: ignore[attr-defined]
+
+    def _find_kwargs(self) -> dict[str, Any]:
+        return {"index": self.index}  # type: ignore[attr-defined]
+
+
 def stop_recorded(state: StateDir, timeout_s: float = 15.0) -> list[str]:
     """Stop every service process recorded in ``state.run`` (last started first), whatever its kind.
 
@@ -639,12 +653,17 @@ class RedisServer(ManagedProcess):
         return self.state.redis / "redis.log"
 
     def prepare(self) -> None:
-        """Raises ServiceError if ``redis-server`` is not installed."""
+        """Raises ServiceError if ``redis-server`` is not installed, or the HA set (``RedisHA``)
+        runs for this state folder (one online store per state folder)."""
         if shutil.which("redis-server") is None:
             raise ServiceError(
                 "redis-server not found on PATH. Install it with `apt-get install -y redis-server` "
                 "(scripts/setup.sh does this) or set HOME_MIXER_REDIS_URL to an existing server."
             )
+        ha = RedisHA.find(self.state)
+        if ha is not None:
+            raise ServiceError(f"Redis HA runs for {self.state.root} ({ha.address}): stop it first "
+                               "(`home-mixer services stop`); one online store per state folder")
 
     def command(self) -> list[str]:
         return [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
@@ -678,3 +697,451 @@ class RedisServer(ManagedProcess):
                 answer in time (see ``state/redis/redis.log``).
         """
         return super().start(timeout_s)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- Redis HA: primary + replica + Sentinels
+
+HA_SERVICE_NAME = "home-mixer"  # the primary's name in `sentinel monitor` and in the sentinel address
+HA_NODES = 2  # a primary and one replica
+HA_SENTINELS = 3  # a majority (2) survives one Sentinel's loss
+HA_QUORUM = 2
+# Local failover tuning (one machine, loopback): a Sentinel marks the primary down after 1 s
+# without a valid PING reply (Redis's default is 30 s, sized for real networks); 2 s of
+# failover-timeout bounds a stuck failover and, doubled, the wait before a retry by another
+# Sentinel after a split vote (Redis's default is 3 min). Measured here: writes resume on the
+# promoted replica ~2 s after the primary's SIGKILL.
+HA_DOWN_AFTER_MS = 1000
+HA_FAILOVER_TIMEOUT_MS = 2000
+
+
+def _redis_binary(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise ServiceError(f"{name} not found on PATH. Install it with `apt-get install -y {package}` "
+                           "(scripts/setup.sh does this).")
+    return path
+
+
+def _client(port: int, timeout_s: float = 1.0) -> redis.Redis:
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis(host="127.0.0.1", port=int(port), socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                       retry=Retry(NoBackoff(), 0))
+
+
+def _ask(port: int | None, *command, timeout_s: float = 1.0):
+    """One command to 127.0.0.1:``port``; None if it does not answer (or ``port`` is None)."""
+    if port is None:
+        return None
+    client = _client(port, timeout_s)
+    try:
+        return client.execute_command(*command)
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+
+
+@dataclass
+class RedisNode(IndexedInstance, ManagedProcess):
+    """One Redis node of the HA set (``redis-ha-node-<index>``): Debian's ``redis-server`` with a
+    config file generated at each start in ``state/redis/ha/node-<index>.conf`` (Sentinel rewrites
+    it with ``CONFIG REWRITE`` when it changes the node's role), data and AOF in
+    ``state/redis/ha/node-<index>/``.
+
+    Attributes:
+        index: 1..``HA_NODES``.
+        port: TCP port on 127.0.0.1 (None: the recorded one, else a free one).
+        replica_of: the primary's port when started as a replica (None: start as a primary).
+    """
+
+    index: int = 1
+    port: int | None = None
+    replica_of: int | None = None
+
+    service: ClassVar[str] = "redis-ha-node"
+    record_fields: ClassVar[tuple[str, ...]] = ("index", "replica_of")
+    cmdline_marker: ClassVar[str] = "redis-server"
+    start_timeout_s: ClassVar[float] = 15.0
+
+    @property
+    def folder(self) -> Path:
+        return self.state.redis / "ha" / f"node-{self.index}"
+
+    @property
+    def config_file(self) -> Path:
+        return self.state.redis / "ha" / f"node-{self.index}.conf"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state.redis / "ha" / f"node-{self.index}.log"
+
+    @property
+    def address(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def prepare(self) -> None:
+        """Raises ServiceError if ``redis-server`` is not installed."""
+        _redis_binary("redis-server", "redis-server")
+
+    def command(self) -> list[str]:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        lines = [
+            f"port {self.port}", "bind 127.0.0.1", "protected-mode yes", "daemonize no",
+            f'dir "{self.folder}"', "appendonly yes", "appendfsync everysec", 'save ""',
+            # a replica (re)syncs at once: Redis 7 waits 5 s by default for more replicas to share
+            # a diskless transfer, which would delay the start and the old primary's return
+            "repl-diskless-sync yes", "repl-diskless-sync-delay 0",
+            "replica-read-only yes", "replica-serve-stale-data yes",
+        ]
+        if self.replica_of is not None:
+            lines.append(f"replicaof 127.0.0.1 {self.replica_of}")
+        self.config_file.parent.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text("# generated by home-mixer at each start; Sentinel may rewrite it\n"
+                                    + "\n".join(lines) + "\n")
+        return [_redis_binary("redis-server", "redis-server"), str(self.config_file)]
+
+    def ready(self) -> bool:
+        """True when the node answers PING (a replica: once it has loaded its data)."""
+        return _ask(self.port, "PING") is not None
+
+    def live(self) -> bool:
+        return self.ready()
+
+    def role(self) -> str | None:
+        """``"master"`` or ``"slave"`` as the node reports it (``ROLE``); None if it does not answer."""
+        answer = _ask(self.port, "ROLE")
+        if not answer:
+            return None
+        role = answer[0]
+        return role.decode() if isinstance(role, bytes) else str(role)
+
+    def status_extra(self) -> dict[str, Any]:
+        return {"role": self.role()}
+
+
+@dataclass
+class RedisSentinel(IndexedInstance, ManagedProcess):
+    """One Sentinel of the HA set (``redis-ha-sentinel-<index>``): Debian's ``redis-sentinel`` with
+    a config generated at each start in ``state/redis/ha/sentinel-<index>.conf`` (Sentinel rewrites
+    it as it learns replicas, peers and failovers; the next start reads the last primary from it).
+
+    Attributes:
+        index: 1..``HA_SENTINELS``.
+        port: TCP port on 127.0.0.1.
+        primary_port: the primary to monitor at start.
+        down_after_ms, failover_timeout_ms: Sentinel's settings (module constants' docstring).
+    """
+
+    index: int = 1
+    port: int | None = None
+    primary_port: int | None = None
+    down_after_ms: int = HA_DOWN_AFTER_MS
+    failover_timeout_ms: int = HA_FAILOVER_TIMEOUT_MS
+
+    service: ClassVar[str] = "redis-ha-sentinel"
+    record_fields: ClassVar[tuple[str, ...]] = ("index", "primary_port", "down_after_ms", "failover_timeout_ms")
+    cmdline_marker: ClassVar[str] = "sentinel"
+    start_timeout_s: ClassVar[float] = 15.0
+
+    @property
+    def config_file(self) -> Path:
+        return self.state.redis / "ha" / f"sentinel-{self.index}.conf"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state.redis / "ha" / f"sentinel-{self.index}.log"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def prepare(self) -> None:
+        """Raises ServiceError if ``redis-sentinel`` is not installed or no primary port is set."""
+        _redis_binary("redis-sentinel", "redis-sentinel")
+        if self.primary_port is None:
+            raise ServiceError("a Sentinel needs the primary's port to monitor (RedisHA.start sets it)")
+
+    def command(self) -> list[str]:
+        name = HA_SERVICE_NAME
+        lines = [
+            f"port {self.port}", "bind 127.0.0.1", "daemonize no", f'dir "{self.config_file.parent}"',
+            f"sentinel monitor {name} 127.0.0.1 {self.primary_port} {HA_QUORUM}",
+            f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
+            f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
+            f"sentinel parallel-syncs {name} 1",
+        ]
+        self.config_file.parent.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text("# generated by home-mixer at each start; Sentinel rewrites it\n"
+                                    + "\n".join(lines) + "\n")
+        return [_redis_binary("redis-sentinel", "redis-sentinel"), str(self.config_file)]
+
+    def master_state(self) -> dict[str, str] | None:
+        """``SENTINEL MASTER <service>`` as a dict of strings (None if the Sentinel does not answer)."""
+        answer = _ask(self.port, "SENTINEL", "MASTER", HA_SERVICE_NAME)
+        return _pairs(answer) if answer else None
+
+    def replicas(self) -> list[dict[str, str]]:
+        """``SENTINEL REPLICAS <service>``: one dict of strings per replica (empty if no answer)."""
+        answer = _ask(self.port, "SENTINEL", "REPLICAS", HA_SERVICE_NAME) or []
+        return [_pairs(r) for r in answer]
+
+    def primary(self) -> int | None:
+        """The port of the primary this Sentinel names now (None if it does not answer)."""
+        answer = _ask(self.port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", HA_SERVICE_NAME)
+        if not answer:
+            return None
+        return int(answer[1])
+
+    def ready(self) -> bool:
+        """True when the Sentinel answers about the monitored primary."""
+        return self.master_state() is not None
+
+    def live(self) -> bool:
+        return _ask(self.port, "PING") is not None
+
+    def status_extra(self) -> dict[str, Any]:
+        m = self.master_state() or {}
+        return {"primary": f"{m.get('ip')}:{m.get('port')}" if m else None, "flags": m.get("flags"),
+                "replicas": m.get("num-slaves"), "other_sentinels": m.get("num-other-sentinels")}
+
+
+def _pairs(answer) -> dict[str, str]:
+    """A Sentinel reply (flat ``[key, value, ...]`` list, or a dict) as a dict of strings."""
+    items = answer.items() if isinstance(answer, dict) else zip(answer[::2], answer[1::2])
+    return {(k.decode() if isinstance(k, bytes) else str(k)): (v.decode() if isinstance(v, bytes) else str(v))
+            for k, v in items}
+
+
+def _last_monitored_port(config: Path) -> int | None:
+    """The primary port in a Sentinel config's ``sentinel monitor`` line (Sentinel rewrites it after
+    a failover), or None."""
+    try:
+        for line in config.read_text().splitlines():
+            parts = line.split()
+            if parts[:2] == ["sentinel", "monitor"] and len(parts) >= 5 and parts[2] == HA_SERVICE_NAME:
+                return int(parts[4])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+@dataclass
+class RedisHA:
+    """The HA online store: ``HA_NODES`` Redis nodes (one primary, replicas) and ``HA_SENTINELS``
+    Sentinels, each a :class:`ManagedProcess` with its own record and port in ``state/run``
+    (``redis-ha-node-<i>``, ``redis-ha-sentinel-<i>``).
+
+    :meth:`start` starts whatever of the set is not running, and keeps the roles the set had: the
+    primary is the one the running Sentinels name, else a running node that says it is a primary,
+    else the one the Sentinels' configs name (they are rewritten at each failover), else node 1.
+    Every other node starts as its replica. A primary killed and started again therefore comes back
+    as a replica of the promoted one (it resyncs from it), never as a second primary.
+
+    Clients reach it through :attr:`address` (``redis+sentinel://...``; ``core.online_store``).
+
+    Attributes:
+        state: the state folder.
+        started_seconds: how long the last :meth:`start` took until the set was ready (s).
+    """
+
+    state: StateDir
+    started_seconds: float | None = None
+
+    label: ClassVar[str] = "redis (HA: primary + replica + 3 Sentinels)"
+
+    def nodes(self) -> list[RedisNode]:
+        """Every node: the running instance, else an unstarted one with its recorded port."""
+        return [self._member(RedisNode, i) for i in range(1, HA_NODES + 1)]
+
+    def sentinels(self) -> list[RedisSentinel]:
+        """Every Sentinel: the running instance, else an unstarted one with its recorded port."""
+        return [self._member(RedisSentinel, i) for i in range(1, HA_SENTINELS + 1)]
+
+    def _member(self, cls, index: int):
+        found = cls.find(self.state, index=index)
+        if found is not None:
+            return found
+        member = cls(self.state, index=index)
+        port = (member.read_record().get("ports") or {}).get("port")
+        member.port = int(port) if port is not None else None
+        return member
+
+    @classmethod
+    def find(cls, state: StateDir) -> "RedisHA | None":
+        """The HA set of ``state`` if any of its processes runs, else None."""
+        ha = cls(state)
+        return ha if any(m.is_ours() for m in (*ha.nodes(), *ha.sentinels())) else None
+
+    @property
+    def pid(self) -> int | None:
+        """The primary node's pid (None if not running): the CLI prints it."""
+        primary = self.primary_node()
+        return primary.pid if primary is not None and primary.is_ours() else None
+
+    @property
+    def log_file(self) -> Path:
+        return self.state.redis / "ha"
+
+    @property
+    def address(self) -> str:
+        """``redis+sentinel://127.0.0.1:<p1>,...:<p3>/home-mixer/0``.
+
+        Raises:
+            ServiceError: the Sentinels were never started (no ports recorded).
+        """
+        from core.online_store import sentinel_address
+
+        ports = [s.port for s in self.sentinels()]
+        if any(p is None for p in ports):
+            raise ServiceError("Redis HA is not started: run `home-mixer services start --ha` first.")
+        return sentinel_address([("127.0.0.1", int(p)) for p in ports], HA_SERVICE_NAME, 0)
+
+    def primary_port(self) -> int | None:
+        """The current primary's port (see the class docstring for the order of the sources)."""
+        for s in self.sentinels():
+            if s.is_ours():
+                port = s.primary()
+                if port is not None:
+                    return port
+        for n in self.nodes():
+            if n.is_ours() and n.role() == "master":
+                return n.port
+        for s in self.sentinels():
+            port = _last_monitored_port(s.config_file)
+            if port is not None and port in {n.port for n in self.nodes()}:
+                return port
+        return self.nodes()[0].port
+
+    def primary_node(self) -> RedisNode | None:
+        """The node that is the primary now (None before the first start)."""
+        port = self.primary_port()
+        return next((n for n in self.nodes() if n.port is not None and n.port == port), None)
+
+    def start(self, timeout_s: float | None = None) -> "RedisHA":
+        """Start what is not running and wait until the Sentinels agree on a primary with a
+        replica in sync and see each other (so a failover can happen from then on).
+
+        Args:
+            timeout_s: seconds to wait for the whole set (default 30).
+
+        Returns:
+            self, with ``started_seconds`` set.
+
+        Raises:
+            ServiceError: ``redis-server`` or ``redis-sentinel`` is missing, the single-mode Redis
+                runs for this state folder (stop it first: one online store per state folder), a
+                process failed to start, or the set was not ready in time (the message says what
+                was missing). What this call started is stopped again on failure.
+        """
+        timeout_s = 30.0 if timeout_s is None else timeout_s
+        _redis_binary("redis-server", "redis-server")
+        _redis_binary("redis-sentinel", "redis-sentinel")
+        single = RedisServer.find(self.state)
+        if single is not None:
+            raise ServiceError(f"the single Redis runs for {self.state.root} at {single.url} (pid {single.pid}): "
+                               "stop it first (`home-mixer services stop`); one online store per state folder")
+        t0 = time.monotonic()
+        started: list[ManagedProcess] = []
+        try:
+            nodes = self.nodes()
+            primary_port = self.primary_port()
+            primary = next((n for n in nodes if n.port == primary_port), nodes[0])
+            order = [primary, *[n for n in nodes if n is not primary]]
+            for node in order:
+                if node.is_ours():
+                    continue
+                node.replica_of = None if node is primary else primary.port
+                node.start(timeout_s=max(1.0, timeout_s - (time.monotonic() - t0)))
+                started.append(node)
+            for s in self.sentinels():
+                if s.is_ours():
+                    continue
+                s.primary_port = primary.port
+                s.start(timeout_s=max(1.0, timeout_s - (time.monotonic() - t0)))
+                started.append(s)
+            self._wait_ready(t0 + timeout_s)
+        except BaseException:
+            for member in reversed(started):
+                member.stop()
+            raise
+        self.started_seconds = time.monotonic() - t0
+        return self
+
+    def _problems(self) -> list[str]:
+        """What keeps the set from failing over now (empty when ready)."""
+        problems = []
+        for s in self.sentinels():
+            m = s.master_state()
+            if m is None:
+                problems.append(f"sentinel {s.index} does not answer")
+                continue
+            flags = m.get("flags", "")
+            if "s_down" in flags or "o_down" in flags or "failover" in flags:
+                problems.append(f"sentinel {s.index}: primary flags {flags}")
+            if int(m.get("num-slaves", 0)) < HA_NODES - 1:
+                problems.append(f"sentinel {s.index} knows {m.get('num-slaves')} replica(s)")
+            if int(m.get("num-other-sentinels", 0)) < HA_SENTINELS - 1:
+                problems.append(f"sentinel {s.index} knows {m.get('num-other-sentinels')} other Sentinel(s)")
+            for replica in s.replicas():
+                if {"s_down", "o_down", "disconnected"} & set(replica.get("flags", "").split(",")):
+                    problems.append(f"sentinel {s.index}: replica {replica.get('name')} is {replica.get('flags')}")
+        primary = self.primary_port()
+        for n in self.nodes():
+            if n.port == primary:
+                continue
+            info = _ask(n.port, "INFO", "replication") or {}
+            if info.get("master_link_status") != "up":
+                problems.append(f"node {n.index} is not in sync with the primary "
+                                f"(master_link_status {info.get('master_link_status')})")
+        return problems
+
+    def _wait_ready(self, deadline: float) -> None:
+        while True:
+            problems = self._problems()
+            if not problems:
+                return
+            if time.monotonic() > deadline:
+                raise ServiceError("Redis HA was not ready in time: " + "; ".join(problems)
+                                   + f" (logs in {self.state.redis / 'ha'})")
+            time.sleep(0.1)
+
+    def ready(self) -> bool:
+        """True when every process answers and a failover could happen now."""
+        return not self._problems()
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop the Sentinels first (so none fails over while the nodes stop), then the replicas,
+        then the primary; the records keep their ports, the Sentinels' configs the last primary."""
+        for s in self.sentinels():
+            s.stop(timeout_s)
+        primary_port = self.primary_port()
+        for n in sorted(self.nodes(), key=lambda n: n.port == primary_port):
+            n.stop(timeout_s)
+
+    def status(self) -> dict[str, Any]:
+        """``{"service", "running", "ready", "address", "primary", "members": [member status]}``."""
+        members = [m.status() for m in (*self.nodes(), *self.sentinels())]
+        running = any(m["running"] for m in members)
+        try:
+            address = self.address
+        except ServiceError:
+            address = None
+        return {"service": "redis-ha", "running": running, "ready": running and self.ready(),
+                "pid": self.pid, "address": address if running else None,
+                "primary": f"127.0.0.1:{self.primary_port()}" if running else None, "members": members,
+                "log": str(self.log_file)}
+
+    def status_extra(self) -> dict[str, Any]:
+        return {}
+
+
+def online_store_address(state: StateDir) -> str | None:
+    """The address of the online store running for ``state``: the HA set's Sentinel address when
+    its Sentinels run, else the single Redis's URL, else None (``core.online_store`` opens either)."""
+    ha = RedisHA(state)
+    if any(s.is_ours() for s in ha.sentinels()):
+        return ha.address
+    single = RedisServer.running(state)
+    return single.url if single is not None else None

@@ -24,6 +24,7 @@ from feature_repo import store as fs
 from home_mixer import jobs
 from home_mixer.demo_fanout import DEMO_CELEBRITY_THRESHOLD, fanout_stage, format_in_network, showcase_timeline
 from core.requests import REQUEST_GAP_S
+from core.online_store import connect
 from core.services import RedisServer
 from core.stages import StageTimer
 from core.state import StateDir
@@ -99,8 +100,6 @@ def realtime_stage(state: StateDir, redis_url: str, base: str, data_dir: Path, a
     """
     import threading
 
-    import redis
-
     from core import online_layout as keys
     from mixer.config import running_clock
     from mixer.feature_hydrators.realtime_reader import RealtimeFeatureReader
@@ -112,7 +111,7 @@ def realtime_stage(state: StateDir, redis_url: str, base: str, data_dir: Path, a
 
     as_of, since = pd.Timestamp(as_of), pd.Timestamp(since)  # tz-aware datetimes or Timestamps
     clock = running_clock(as_of.to_pydatetime(), since.to_pydatetime())
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     bus = RedisStreamsBus(client)
     processor = StreamProcessor(client, bus, clock=clock,
                                 graph=SocialGraphWriter(client, load_fanout_config(fanout_config)))

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import redis
 import yaml
 
+from core.online_store import connect
 from core import online_layout as keys
 from core.services import stop_tree
 from core.state import StateDir
@@ -74,7 +74,7 @@ def fanout_stage(state: StateDir, redis_url: str, as_of, *, workers: int = FANOU
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: build the canonical tables first (home-mixer features build)")
     out = FanoutStageResult()
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     store = SocialGraphStore(client)
     cleared = store.clear()
     edges = kuairand_follow_graph(pd.read_parquet(tables["social_edges"]), as_of=as_of)
@@ -183,7 +183,7 @@ def showcase_timeline(redis_url: str, users: list[int], now_s: float, rows: int 
     lines to print (the newest ``rows`` posts, each marked pushed or pulled), or ``(None, [])``."""
     from pipelines.graph.timeline import HomeTimelineReader
 
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     try:
         reader, best = HomeTimelineReader(client), None
         for uid in users[:30]:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.online_store import connect
 from core.schema import CHAMPION_ALIAS, HEADS, HEAVY_RANKER_NAME, VALIDATION_DAYS
 from core.state import StateDir
 from monitoring.dashboards.drift_page import write_drift_dashboard
@@ -61,13 +62,12 @@ def production_window(state: StateDir, seconds: float) -> pd.DataFrame:
     Raises:
         ValueError: nothing was sampled in that window (names the stream and what to check).
     """
-    import redis
 
     from core import online_layout
     from home_mixer.jobs import redis_url_for
     from monitoring.production import read_production_sample
 
-    client = redis.Redis.from_url(redis_url_for(state))
+    client = connect(redis_url_for(state))
     try:
         now = client.time()[0]
         frame = read_production_sample(client, since_s=now - seconds)

@@ -12,26 +12,34 @@ from datetime import datetime
 from pathlib import Path
 
 from feature_repo import store as fs
-from core.services import RedisServer, ServiceError, feast_connection_string
+from core.services import ServiceError, feast_connection_string, online_store_address
 from core.state import StateDir
 from pipelines.training_set import TRAINING_SET_TABLE, log_span, load_training_set, log_end, training_set  # noqa: F401
 
 
 
 def redis_url_for(state: StateDir) -> str:
-    """The Redis to use: ``HOME_MIXER_REDIS_URL`` or the server ``home-mixer services start`` left.
+    """The online store to use: ``HOME_MIXER_REDIS_URL``, else the one ``home-mixer services start``
+    left (the HA set's ``redis+sentinel://`` address, else the single Redis's ``redis://`` URL).
+    Open it with ``core.online_store.connect``.
 
     Raises:
         ServiceError: neither exists.
+        core.online_store.OnlineStoreAddressError: ``HOME_MIXER_REDIS_URL`` is malformed (the
+            message says what to write).
     """
+    from core.online_store import parse_address
+
     url = os.environ.get("HOME_MIXER_REDIS_URL")
     if url:
+        parse_address(url)
         return url
-    srv = RedisServer.running(state)
-    if srv is None:
-        raise ServiceError("no Redis is running for this state folder: run `home-mixer services start` "
-                           "(or set HOME_MIXER_REDIS_URL=redis://host:port/0).")
-    return srv.url
+    address = online_store_address(state)
+    if address is None:
+        raise ServiceError("no Redis is running for this state folder: run `home-mixer services start [--ha]` "
+                           "(or set HOME_MIXER_REDIS_URL=redis://host:port/0 or "
+                           "redis+sentinel://host:port,host:port/service_name/0).")
+    return address
 
 
 feast_connection = feast_connection_string
@@ -97,7 +105,16 @@ def validate_features(state: StateDir, gate_config=None):
                                    until=pd.Timestamp(log_end(state)))
 
 
-def materialize(store, state: StateDir, *, validate: bool = True, gate_config=None) -> tuple[datetime, datetime]:
+def materialize_window(state: StateDir) -> tuple[datetime, datetime]:
+    """``materialize``'s window: from the features' base rows (``pipelines.features.common.BASE_ROW_TS``
+    or the first impression if earlier) to ``log_end``."""
+    from pipelines.features.common import BASE_ROW_TS
+
+    return min(BASE_ROW_TS.to_pydatetime(), log_span(state)[0]), log_end(state)
+
+
+def materialize(store, state: StateDir, *, validate: bool = True, gate_config=None,
+                engine: str = "redis", progress=None) -> tuple[datetime, datetime]:
     """Fill the Redis online store with the latest feature values, from the features' base rows
     (``pipelines.features.common.BASE_ROW_TS`` or the first impression if earlier) to ``log_end``.
 
@@ -108,18 +125,19 @@ def materialize(store, state: StateDir, *, validate: bool = True, gate_config=No
     Args:
         validate: run the gate (``False`` only to force a load the gate would stop).
         gate_config: ``monitoring.feature_validation.FeatureGateConfig`` (default tolerances).
+        engine: ``"redis"`` (the project's writer of Feast's layout, default) or ``"feast"``
+            (``feature_repo.store.materialize``).
+        progress: called with the entities of each written batch (``"redis"`` only).
 
     Raises:
         monitoring.feature_validation.FeatureValidationError: a table failed the gate (the message
             names table, column and expectation; report and Data Docs under ``state.reports``).
     """
     from monitoring.feature_validation import save_profiles
-    from pipelines.features.common import BASE_ROW_TS
 
-    start = min(BASE_ROW_TS.to_pydatetime(), log_span(state)[0])
-    end = log_end(state)
+    start, end = materialize_window(state)
     gate = validate_features(state, gate_config) if validate else None
-    fs.materialize(store, start, end)
+    fs.materialize(store, start, end, engine=engine, progress=progress)
     state.record_materialization(end)
     if gate is not None:
         save_profiles(state.reports, gate.profiles)

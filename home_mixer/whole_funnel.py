@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from core.online_store import connect
 from core.state import StateDir
 from models.retrieval_metrics import DEFAULT_KS, OrderSummary, bootstrap_mean_interval, per_user_metrics, summarize_order
 
@@ -198,7 +199,6 @@ def prepare_as_of_store(state: StateDir, redis_url: str, feast_connection: str |
             serving store: nothing is flushed).
         FileNotFoundError: a canonical table is missing (``home-mixer features build``).
     """
-    import redis
 
     from feature_repo import store as fs
     from pipelines.candidate_index import CanonicalTables, build_candidate_index, build_coengagement
@@ -210,7 +210,7 @@ def prepare_as_of_store(state: StateDir, redis_url: str, feast_connection: str |
     if feast_connection is None:
         raise ValueError("pass feast_connection with redis_url (host:port,db=N) to build the as-of store")
     seconds = {}
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     try:
         # the evaluation never serves: a database with served records is a serving store, not ours to flush
         if client.exists(layout.SERVED_IMPRESSIONS, layout.SERVED_FEATURES):
@@ -469,13 +469,12 @@ def whole_funnel(state: StateDir, *, redis_url: str | None = None, feast_connect
         model_versions = served.model_versions
 
     t0 = time.perf_counter()
-    import redis
 
     from core import online_layout as layout
     from pipelines.candidate_index import CanonicalTables
 
     # the popularity list and the catalogue as the as-of store holds them (what the popular source reads)
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     try:
         popular = [int(p) for p in client.zrevrange(layout.popular("7d"), 0, -1)]
         catalogue = int(client.hget(layout.INDEX_META, "posts") or 0)

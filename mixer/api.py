@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import redis
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -48,6 +48,7 @@ from mixer.selectors import CursorError, PageCursor
 log = logging.getLogger(__name__)
 
 TIMELINE_PATH = "/v1/home-timeline"
+WORKER_HEADER = "X-Mixer-Worker"  # the pid of the worker process that answered
 
 
 class TimelineItem(BaseModel):
@@ -230,9 +231,7 @@ def _feature_hydrator(config: MixerConfig, client: redis.Redis, resilience: Resi
     from feature_repo.store import open_store
     from core.state import StateDir
 
-    from core.services import feast_connection_string
-
-    return FeastSdkFeatureHydrator(open_store(StateDir.from_env(), feast_connection_string(config.resolved_redis_url())))
+    return FeastSdkFeatureHydrator(open_store(StateDir.from_env(), config.resolved_redis_url()))
 
 
 def _scoring_backend(config: MixerConfig):
@@ -401,6 +400,7 @@ def open_resources(config: MixerConfig, metrics: MixerMetrics,
 def open_resilience(config: MixerConfig, client: redis.Redis, metrics: MixerMetrics) -> Resilience:
     """The caches, Redis health, stream liveness and write buffer of one mixer process, counted in
     ``metrics`` (``hm_mixer_cache_requests_total``, ``..._side_effect_buffer_*``, ``..._redis_outages_total``)."""
+    from core.online_store import has_replica_reads
     from mixer.caches import MixerCaches
     from mixer.feature_hydrators.realtime import StreamLiveness
     from mixer.redis_health import RedisHealth
@@ -410,10 +410,17 @@ def open_resilience(config: MixerConfig, client: redis.Redis, metrics: MixerMetr
         metrics.cache_requests.labels(cache=cache, result=result).inc(n)
 
     health = RedisHealth(on_down=metrics.redis_outages.inc)
+    # With Sentinel, reads go on from a replica while the primary is gone: the writes get their own
+    # health (the primary's), so a buffered write does not make the reads fail fast.
+    ha = has_replica_reads(client)
+    write_health = RedisHealth(on_down=metrics.redis_primary_outages.inc, name="the Redis primary") if ha else health
     writes = RedisWriteBuffer(
-        client, health, max_writes=config.redis.buffer_max_writes,
+        client, write_health, max_writes=config.redis.buffer_max_writes,
         on_drop=lambda name, n: metrics.side_effect_buffer_dropped.labels(side_effect=name).inc(n),
-        on_flush=lambda name, n: metrics.side_effect_buffer_flushed.labels(side_effect=name).inc(n))
+        on_flush=lambda name, n: metrics.side_effect_buffer_flushed.labels(side_effect=name).inc(n),
+        replica_acks=config.redis.replica_acks if ha else 0, ack_timeout_ms=config.redis.replica_ack_timeout_ms,
+        ack_pause_s=config.redis.replica_ack_pause_s,
+        on_unreplicated=lambda name, n: metrics.side_effect_unreplicated.labels(side_effect=name).inc(n))
     return Resilience(caches=MixerCaches(config.caches, on_lookup), health=health, liveness=StreamLiveness(),
                       writes=writes)
 
@@ -518,8 +525,13 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
                                "description": "Redis unreachable, nothing could be served (every stage that "
                                               "fails open failed and no page was left), or the mixer is at its "
                                               "in-flight bound (`Retry-After` says when to retry)"}})
-    def home_timeline(body: TimelineRequest) -> Any:  # type: ignore[valid-type]
-        """Rank one page of the user's home timeline (cold start: popular posts)."""
+    def home_timeline(body: TimelineRequest, response: Response) -> Any:  # type: ignore[valid-type]
+        """Rank one page of the user's home timeline (cold start: popular posts).
+
+        Every answer names the worker process that served it (``X-Mixer-Worker``: its pid), so a
+        caller or load balancer can tell the workers (and replicas) apart.
+        """
+        response.headers[WORKER_HEADER] = worker = str(os.getpid())
         pipeline: HomeTimelinePipeline = app.state.resources.pipeline
         try:
             cursor = PageCursor.decode(body.cursor) if body.cursor else None
@@ -532,14 +544,15 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
         except redis.RedisError as e:
             metrics.requests.labels(status="unavailable").inc()
             log.error("home timeline of user %s failed: Redis: %r", body.user_id, e)
-            return JSONResponse(status_code=503, content={"message": f"Redis is unreachable: {e}"})
+            return JSONResponse(status_code=503, content={"message": f"Redis is unreachable: {e}"},
+                                headers={WORKER_HEADER: worker})
         if not result.items and result.degraded:
             # stages fell back and left nothing to serve (Redis down and a cold process, or every
             # source failed): no page is not an answer (the request metrics count it "unavailable")
             health = getattr(app.state.resources, "resilience", Resilience()).health
             why = ("Redis is unreachable and this mixer has nothing cached to serve yet"
                    if health is not None and not health.up else "no candidates could be served")
-            return JSONResponse(status_code=503,
+            return JSONResponse(status_code=503, headers={WORKER_HEADER: worker},
                                 content={"message": f"{why} (degraded: {', '.join(result.degraded)})"})
         return _response(result)
 
@@ -560,7 +573,8 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
 
         ``status``: "ok" (Redis answers; the stream processor is live, or none was seen: ``mode``
         batch_only is a mode, not a fault), "degraded" (still 200: Redis is down and requests are
-        answered from the last-known-good caches, or a stream processor that was live stopped),
+        answered from the last-known-good caches, a stream processor that was live stopped, or with
+        Sentinel the primary is gone: reads from a replica, writes buffered, ``buffered_writes.primary``),
         "unavailable" (503: Redis is down and nothing is cached, so no page can be served).
         Also: ``mode`` (realtime / batch_only / off), ``redis`` (up, down_for_s, last_error,
         outages), ``stream_processor``, ``caches`` (versions, entries, MiB), ``buffered_writes``,
@@ -597,8 +611,9 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
                 coverage_error = repr(e)
         stream = r.liveness.summary() if config.realtime.enabled else {"mode": "off", "processor": "disabled"}
         stream_stopped = stream.get("processor") == "stopped"
+        primary_down = not r.writes.health.up  # HA: reads from a replica, writes buffered for a new primary
         if r.health.up:
-            status, code = ("degraded" if stream_stopped else "ok"), 200
+            status, code = ("degraded" if stream_stopped or primary_down else "ok"), 200
         elif r.caches.warm():
             status, code = "degraded", 200
         else:

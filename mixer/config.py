@@ -388,25 +388,32 @@ class MixerConfig(_Strict):
         return self
 
     def resolved_redis_url(self) -> str:
-        """``redis_url``, else ``$HOME_MIXER_REDIS_URL``, else the Redis recorded in the state folder.
+        """The online store's address: ``redis_url``, else ``$HOME_MIXER_REDIS_URL``, else the one
+        running for the state folder (the HA set's ``redis+sentinel://`` address, else the single
+        Redis's URL); ``core.online_store.connect`` opens either.
 
         Raises:
-            ConfigError: none of the three is available.
+            ConfigError: none of the three is available, or the address is malformed (the
+                message says what to write).
         """
-        if self.redis_url:
-            return self.redis_url
-        if os.environ.get("HOME_MIXER_REDIS_URL"):
-            return os.environ["HOME_MIXER_REDIS_URL"]
-        from core.services import RedisServer
-        from core.state import StateDir
+        from core.online_store import OnlineStoreAddressError, parse_address
 
-        srv = RedisServer.running(StateDir.from_env())
-        if srv is None:
+        address = self.redis_url or os.environ.get("HOME_MIXER_REDIS_URL")
+        if not address:
+            from core.services import online_store_address
+            from core.state import StateDir
+
+            address = online_store_address(StateDir.from_env())
+        if not address:
             raise ConfigError(
                 "no Redis for the mixer: set redis_url in the config, export HOME_MIXER_REDIS_URL, "
-                "or start one with `home-mixer services start`."
+                "or start one with `home-mixer services start [--ha]`."
             )
-        return srv.url
+        try:
+            parse_address(address)
+        except OnlineStoreAddressError as e:
+            raise ConfigError(f"redis_url: {e}") from None
+        return address
 
     def resolved_tracking_uri(self) -> str:
         """``models.tracking_uri``, else the state folder's MLflow (``MLFLOW_TRACKING_URI`` wins there)."""

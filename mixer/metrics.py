@@ -13,7 +13,9 @@ version in use), ``requests_total{status}``, ``scoring_total{model,path}``,
 ``head_score{head}`` (histogram of the heavy ranker's probability per head of every served post),
 ``cache_requests_total{cache,result}`` (shared-cache lookups: hit, miss, lkg),
 ``side_effect_buffer_dropped_total{side_effect}`` / ``side_effect_buffer_flushed_total{side_effect}``
-(writes buffered during a Redis outage), ``redis_outages_total``.
+(writes buffered during a Redis outage), ``side_effect_unreplicated_total{side_effect}`` (HA: writes
+no replica acknowledged in time), ``redis_outages_total``, ``redis_primary_outages_total`` (HA: the
+primary unreachable while reads went on from a replica).
 """
 
 from __future__ import annotations
@@ -107,6 +109,14 @@ class MixerMetrics:
         self.redis_outages = prom.Counter("hm_mixer_redis_outages_total",
                                           "Times Redis became unreachable (served from caches meanwhile)",
                                           registry=r)
+        self.side_effect_unreplicated = prom.Counter(
+            "hm_mixer_side_effect_unreplicated_total",
+            "Side-effect writes the Redis primary took but no replica acknowledged in time (HA: lost if the "
+            "primary dies before the replica catches up)", ["side_effect"], registry=r)
+        self.redis_primary_outages = prom.Counter(
+            "hm_mixer_redis_primary_outages_total",
+            "Times the Redis primary became unreachable for writes (HA: reads went on from a replica, "
+            "writes were buffered)", registry=r)
 
     def set_model_versions(self, versions: dict[str, str]) -> None:
         """Mark ``{model role: version}`` as the versions in use (gauge 1; previous versions removed,

@@ -31,6 +31,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from core import online_layout as keys
+from core.online_store import connect
 from mixer.caches import MixerCaches, StoreVersions
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,14 @@ class RedisClientSettings(BaseModel):
         probe_s: while Redis is down (or buffered writes wait), probe / flush this often (s).
         buffer_max_writes: served-posts / impression-log writes kept while Redis is down (one per
             request and side effect); older ones past it are dropped and counted.
+        replica_window_s: Sentinel only: seconds reads stay on a replica after the primary failed
+            one (``core.online_store.ReplicaFallbackRedis``).
+        replica_acks: Sentinel only: side-effect writes end with ``WAIT replica_acks`` so a write
+            counts as written once a replica has it too (a failover promotes that replica); 0: no WAIT.
+        replica_ack_timeout_ms: WAIT's bound (ms); a write not acknowledged in time is on the
+            primary only (counted ``unreplicated``, not sent again).
+        replica_ack_pause_s: after an unacknowledged WAIT (no replica in sync), writes skip WAIT
+            this long (s) instead of paying its timeout on every write.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -60,12 +69,23 @@ class RedisClientSettings(BaseModel):
     health_check_interval_s: float = Field(15.0, ge=0)
     probe_s: float = Field(0.25, gt=0)
     buffer_max_writes: int = Field(10_000, ge=1)
+    replica_window_s: float = Field(0.5, gt=0)
+    replica_acks: int = Field(1, ge=0)
+    replica_ack_timeout_ms: int = Field(50, ge=1)
+    replica_ack_pause_s: float = Field(5.0, ge=0)
 
 
 def redis_client(url: str, settings: RedisClientSettings) -> redis.Redis:
-    """A ``redis.Redis`` on ``url`` with the retry / backoff / health check of ``settings``."""
-    return redis.Redis.from_url(
-        url, socket_timeout=settings.socket_timeout_s, socket_connect_timeout=settings.connect_timeout_s,
+    """A client of the online store at ``url`` (``redis://`` or ``redis+sentinel://``, opened by
+    ``core.online_store.connect``) with the retry / backoff / health check of ``settings``; with
+    Sentinel, reads fall back to a replica while the primary is unreachable.
+
+    Raises:
+        core.online_store.OnlineStoreAddressError: a malformed address.
+    """
+    return connect(
+        url, replica_reads=True, replica_window_s=settings.replica_window_s,
+        socket_timeout=settings.socket_timeout_s, socket_connect_timeout=settings.connect_timeout_s,
         retry=Retry(ExponentialBackoff(cap=settings.backoff_cap_ms / 1000.0, base=settings.backoff_base_ms / 1000.0),
                     settings.retries),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
@@ -86,8 +106,9 @@ class RedisHealth:
         outages: how many times it went down (this process).
     """
 
-    def __init__(self, on_down: Callable[[], None] | None = None):
+    def __init__(self, on_down: Callable[[], None] | None = None, name: str = "Redis"):
         self.on_down = on_down  # metrics: an outage began
+        self.name = name  # in log lines: "Redis", or "the Redis primary" for the writes of an HA store
         self.up = True
         self.down_since: float | None = None
         self.last_error = ""
@@ -105,7 +126,8 @@ class RedisHealth:
             if self.up:
                 self.down_since, self.outages = time.time(), self.outages + 1
                 self.up = False
-                log.warning("Redis is down: %r; serving from last-known-good caches", error)
+                log.warning("%s is down: %r; %s", self.name, error,
+                            "serving from last-known-good caches" if self.name == "Redis" else "buffering writes")
                 if self.on_down is not None:
                     self.on_down()
             self.last_error = repr(error)
@@ -114,7 +136,7 @@ class RedisHealth:
         """Redis answered."""
         with self._lock:
             if not self.up:
-                log.warning("Redis is back after %.2f s", time.time() - (self.down_since or time.time()))
+                log.warning("%s is back after %.2f s", self.name, time.time() - (self.down_since or time.time()))
             self.up, self.down_since, self.last_error = True, None, ""
 
     def observe(self, error: BaseException) -> None:

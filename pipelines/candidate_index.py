@@ -39,6 +39,7 @@ from core.schema import (
     POSTS_COLUMNS,
     SOCIAL_EDGES_COLUMNS,
 )
+from core.online_store import connect
 from core.state import StateDir
 from core import online_layout as keys
 from core.history_features import SEQUENCE_LENGTH
@@ -425,7 +426,7 @@ def build_candidate_index(state: StateDir, redis_url: str, as_of: datetime | pd.
     t0 = time.perf_counter()
     tables = tables or CanonicalTables.load(state)
     content = compute_candidate_index(tables, as_of, coengagement, sequence_length)
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     try:
         counts = write_candidate_index(client, content)
     finally:

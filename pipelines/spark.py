@@ -47,9 +47,10 @@ def spark_session(app_name: str, master: str | None = None) -> SparkSession:
     name does not resolve to a reachable address in sandboxes and CI).
     """
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    builder = SparkSession.builder.appName(app_name).master(
-        master or os.environ.get(MASTER_ENV, DEFAULT_MASTER)
-    )
+    master = master or os.environ.get(MASTER_ENV, DEFAULT_MASTER)
+    builder = SparkSession.builder.appName(app_name).master(master)
+    # on a standalone cluster executors keep Spark's default 1g: an executor larger than every
+    # worker offers would never be granted and the job would wait for resources forever
     for key, value in SPARK_CONF.items():
         builder = builder.config(key, value)
     session = builder.getOrCreate()

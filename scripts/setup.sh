@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create the virtual environment from requirements.lock and install system services (redis-server,
-# prometheus + promtool, chromium, haproxy, wrk).
+# redis-sentinel, prometheus + promtool, chromium, haproxy, wrk).
 # Idempotent: a venv whose lock hash matches is reused. Prints the venv path on its last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,20 @@ if ! command -v redis-server >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >&2
 fi
 # Debian starts a system redis on 6379 after install; we never use it (ours run on free ports).
+
+# redis-sentinel: the three Sentinels of `home-mixer services start --ha` (primary + replica + Sentinels).
+if ! command -v redis-sentinel >/dev/null 2>&1; then
+  echo "[setup] installing Debian's redis-sentinel" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-sentinel >&2
+  # the package may start a system Sentinel on :26379; ours run per state folder on free ports
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now redis-sentinel >/dev/null 2>&1 || true
+  elif [ -x /etc/init.d/redis-sentinel ]; then
+    $SUDO /etc/init.d/redis-sentinel stop >/dev/null 2>&1 || true
+  fi
+fi
 
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
   echo "[setup] installing Debian's prometheus (with promtool)" >&2

@@ -22,7 +22,8 @@ from core.state import DEFAULT_DATA_DIR, StateDir  # noqa: E402
 DATA_DIR = Path(os.environ.get("HOME_MIXER_DATA", DEFAULT_DATA_DIR))
 
 # Tests bring their own state, Redis and MLflow: never a developer's (a tracking server, say).
-for _var in ("HOME_MIXER_STATE", "HOME_MIXER_REDIS", "HOME_MIXER_REDIS_URL", "MLFLOW_TRACKING_URI",
+for _var in ("HOME_MIXER_STATE", "HOME_MIXER_REDIS", "HOME_MIXER_REDIS_TYPE", "HOME_MIXER_REDIS_SENTINEL_MASTER",
+             "HOME_MIXER_REDIS_URL", "MLFLOW_TRACKING_URI",
              "MLFLOW_REGISTRY_URI"):
     os.environ.pop(_var, None)
 

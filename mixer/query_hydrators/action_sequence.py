@@ -18,7 +18,7 @@ class UserActionSequenceQueryHydrator(QueryHydrator):
     """Puts the user's last ``max_length`` engaged posts on the query (``Query.action_sequence``,
     newest first), read in one command from ``hm:seq:{user}``: the candidate index writes the
     history before its cutoff (``pipelines.sequences``: log and pre-log engagements), the stream
-    processor appends live engagements (``engagement.lua``, once per event id).
+    processor appends live engagements (``engagement_batch.lua``, once per event id).
 
     The key holds one member per (post, action), up to 2N; a post engaged several times (a long
     view, then a like) keeps its newest entry, the strongest action on a tie, as

@@ -11,12 +11,23 @@ served posts matter most for previously-seen filtering.
 
 Delivery is at least once: a connection lost in the middle of a flushed pipeline is retried whole,
 so a few impression-log entries may be written twice (served-posts ZADDs are idempotent).
+
+With a Sentinel-managed store (``replica_acks`` > 0) each pipeline ends with ``WAIT replica_acks
+timeout``: a write counts as written once a replica has it too, so a SIGKILL of the primary right
+after cannot lose it (Sentinel promotes that replica). Replication stays asynchronous for everyone
+else, and WAIT is best effort (Redis's documentation of WAIT: a synchronously replicated write can
+still be lost in rare failovers). A write whose WAIT times out is on the primary only: it is
+counted ``unreplicated`` (the exposure window: it is lost if the primary dies before the replica
+catches up), not sent again; then WAIT is skipped for ``ack_pause_s`` (a replica is down: every
+write would wait out the timeout) and the writes of the pause are counted ``unreplicated`` too. The buffer's ``health`` is the primary's: with Sentinel it is
+not the mixer's read health, since reads go on from a replica while writes wait for a new primary.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from typing import Callable, Literal
 
@@ -43,27 +54,73 @@ class RedisWriteBuffer:
         flush_batch: writes per flushed pipeline.
         on_drop: ``(side effect name, n)`` when writes are dropped past the bound (metrics).
         on_flush: ``(side effect name, n)`` when buffered writes reached Redis (metrics).
+        replica_acks: replicas each pipeline waits for (``WAIT``); 0 (a single Redis): no WAIT.
+        ack_timeout_ms: WAIT's timeout (ms).
+        ack_pause_s: seconds WAIT is skipped after one timed out.
+        on_unreplicated: ``(side effect name, n)`` for writes the primary took but no replica
+            acknowledged within ``ack_timeout_ms`` (metrics).
 
     Raises:
-        ValueError: ``max_writes`` or ``flush_batch`` < 1.
+        ValueError: ``max_writes`` or ``flush_batch`` < 1, or ``replica_acks`` < 0.
     """
 
     def __init__(self, client: redis.Redis, health: RedisHealth, max_writes: int = 10_000, flush_batch: int = 200,
                  on_drop: Callable[[str, int], None] | None = None,
-                 on_flush: Callable[[str, int], None] | None = None):
-        if max_writes < 1 or flush_batch < 1:
-            raise ValueError(f"max_writes and flush_batch must be >= 1, got {max_writes}, {flush_batch}")
+                 on_flush: Callable[[str, int], None] | None = None, *, replica_acks: int = 0,
+                 ack_timeout_ms: int = 50, ack_pause_s: float = 5.0,
+                 on_unreplicated: Callable[[str, int], None] | None = None):
+        if max_writes < 1 or flush_batch < 1 or replica_acks < 0:
+            raise ValueError(f"max_writes and flush_batch must be >= 1 and replica_acks >= 0, got {max_writes}, "
+                             f"{flush_batch}, {replica_acks}")
         self.client = client
         self.health = health
         self.max_writes = int(max_writes)
         self.flush_batch = int(flush_batch)
         self.on_drop = on_drop
         self.on_flush = on_flush
+        self.replica_acks = int(replica_acks)
+        self.ack_timeout_ms = int(ack_timeout_ms)
+        self.ack_pause_s = float(ack_pause_s)
+        self.on_unreplicated = on_unreplicated
+        self._ack_paused_until = 0.0
         self._queue: deque[tuple[str, WriteOps]] = deque()
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()  # one flusher at a time keeps the order
         self.dropped: dict[str, int] = {}
         self.flushed: dict[str, int] = {}
+        self.unreplicated: dict[str, int] = {}
+
+    def _wait_for_replicas(self, pipe: Pipeline) -> Literal["off", "waited", "paused"]:
+        """Append ``WAIT`` to ``pipe`` if acknowledgements are wanted now. Returns "off" (no
+        replicas wanted), "waited" (WAIT appended: its reply is the pipeline's last) or "paused"
+        (a recent WAIT timed out: the writes go unconfirmed)."""
+        if self.replica_acks <= 0:
+            return "off"
+        if time.monotonic() < self._ack_paused_until:
+            return "paused"
+        pipe.execute_command("WAIT", self.replica_acks, self.ack_timeout_ms)
+        return "waited"
+
+    def _acknowledged(self, wait: str, results: list, names: list[str]) -> None:
+        """Count as ``unreplicated`` the writes ``names`` of a pipeline whose WAIT returned fewer
+        than ``replica_acks`` (and pause WAIT), or that went while WAIT was paused."""
+        if wait == "off":
+            return
+        if wait == "waited":
+            acks = results[-1]
+            if isinstance(acks, Exception) or int(acks) >= self.replica_acks:
+                return
+            self._ack_paused_until = time.monotonic() + self.ack_pause_s
+            log.warning("%d side-effect writes reached the primary but %d of %d replicas acknowledged them within "
+                        "%d ms; not waiting for replicas for %.0f s", len(names), int(acks), self.replica_acks,
+                        self.ack_timeout_ms, self.ack_pause_s)
+        counts: dict[str, int] = {}
+        for name in names:
+            counts[name] = counts.get(name, 0) + 1
+        for name, n in counts.items():
+            self.unreplicated[name] = self.unreplicated.get(name, 0) + n
+            if self.on_unreplicated is not None:
+                self.on_unreplicated(name, n)
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -86,8 +143,10 @@ class RedisWriteBuffer:
         if self.health.up and not self._queue:
             pipe = self.client.pipeline(transaction=False)
             ops(pipe)
+            wait = self._wait_for_replicas(pipe)
             try:
-                pipe.execute()
+                results = pipe.execute()
+                self._acknowledged(wait, results, [name])
                 return "written"
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 self.health.observe(e)
@@ -129,14 +188,18 @@ class RedisWriteBuffer:
                     start = len(pipe.command_stack)
                     ops(pipe)
                     spans.append((start, len(pipe.command_stack)))
+                wait = self._wait_for_replicas(pipe)
                 try:
                     # every command runs; a command error (WRONGTYPE, OOM) comes back in its slot
                     # instead of raising after the others were written (a retry would repeat them)
                     results = pipe.execute(raise_on_error=False)
                 except redis.RedisError as e:  # the connection failed: nothing is known written
+                    if self.health.up:  # once per outage: the watcher retries every probe_s
+                        log.warning("flushing %d buffered side-effect writes failed: %r; kept", len(batch), e)
                     self.health.observe(e)
-                    log.warning("flushing %d buffered side-effect writes failed: %r; kept", len(batch), e)
                     return done
+                self.health.mark_up()  # the primary took them (with Sentinel: perhaps a new one)
+                self._acknowledged(wait, results, [name for name, _ in batch])
                 rejected: dict[str, int] = {}
                 for (name, _), (lo, hi) in zip(batch, spans):
                     if any(isinstance(r, Exception) for r in results[lo:hi]):
@@ -162,9 +225,11 @@ class RedisWriteBuffer:
                 done += len(batch)
 
     def stats(self) -> dict:
-        """``{"pending", "max", "dropped": {name: n}, "flushed": {name: n}}`` (``/healthz``)."""
+        """``{"pending", "max", "dropped": {name: n}, "flushed": {name: n}, "unreplicated": {name: n},
+        "primary": health summary}`` (``/healthz``; ``primary`` is the health of the writes' Redis)."""
         return {"pending": len(self._queue), "max": self.max_writes, "dropped": dict(self.dropped),
-                "flushed": dict(self.flushed)}
+                "flushed": dict(self.flushed), "unreplicated": dict(self.unreplicated),
+                "primary": self.health.summary()}
 
 
 def submit(client: redis.Redis, buffer: RedisWriteBuffer | None, name: str, ops: WriteOps, what: str) -> None:

@@ -1,14 +1,27 @@
 """The stream processor: engagement / social events -> real-time features in Redis (the online store).
 
-Each event is applied in ONE Lua script (atomic in Redis: ``lua/engagement.lua``, ``lua/social.lua``
-after the ``lua/guard.lua`` prelude; named KEYS / ARGV in ``scripts.py``) that first checks the key
-types (a script is not rolled back on an error, so every check that can fail comes before the first
-write), then sets the event's seen marker (``online_layout.rt_seen_event``, ``EX ttl``) only if
-absent and changes nothing if it existed, so an event delivered twice (at-least-once bus, reclaim
-after a crash) counts once. The bus entry is acknowledged only after the script returned; a failed
-write leaves it pending, and a processor reclaims entries idle for ``reclaim_idle_ms`` when it
-starts and every ``reclaim_every_s`` after. Key layout: ``core/online_layout.py``; window / decay
-math: ``core/realtime.py``; the reader: ``mixer.feature_hydrators.realtime_reader``.
+A batch's ``EngagementEvent``\ s are applied by ONE Lua script call (``lua/engagement_batch.lua``,
+laid out by ``scripts.EngagementBatchScript``; a run of engagements between two social events is
+one call, at most ``MAX_BATCH_EVENTS`` events), atomic in Redis. The script folds the events into
+each key's state in order, as one script per event did before, but reads and writes each key once
+per call: a batch costs about one Redis command per event (its seen marker) plus a few per post,
+author and user. It reads (and so type-checks) every key before its first write, since a script is
+not rolled back on an error; a call that fails changes nothing and is retried one event per call,
+so only the event whose write fails stays pending. Each event has a seen marker
+(``online_layout.rt_seen_event``, expiring ``seen_ttl_s`` after its write): an event whose marker
+exists, or whose id an earlier
+event of the same call had, changes nothing, so an event delivered twice (at-least-once bus,
+reclaim after a crash, a partly applied batch delivered again) counts once. A social event is one
+``lua/social.lua`` call (after the ``lua/guard.lua`` prelude), in order with the engagement calls in
+the batch's pipeline. The bus entry is acknowledged only with or after its write: when the bus is
+Redis Streams on this same Redis, a run of engagements acknowledges its entries in its own script
+(write and XACK one atomic step), else (and for social events) one XACK follows the pipeline; a
+crash in between leaves those entries pending with their seen markers set, and their redelivery is
+a no-op. A failed write leaves its entry pending, and a processor reclaims entries idle for
+``reclaim_idle_ms`` when it starts and every ``reclaim_every_s`` after. A batch is two round trips
+when all goes well: ``EventBus.poll`` (the trimmed-entries check and the read) and the write. Key
+layout: ``core/online_layout.py``; window / decay math: ``core/realtime.py``; the reader:
+``mixer.feature_hydrators.realtime_reader``.
 
 Liveness stamp (``caught_up`` in ``online_layout.RT_COVERAGE``), which the mixer compares with the
 Redis server's clock to tell a live stream from a stopped or overloaded one: a batch (at most every
@@ -48,22 +61,41 @@ import redis
 from core import online_layout as keys
 from core import realtime
 from pipelines.graph.writer import SocialGraphWriter
-from pipelines.streaming.bus import Delivery, EventBus, run_consumer_loop
+from pipelines.streaming.bus import Delivery, EventBus, RedisStreamsBus, run_consumer_loop
 from pipelines.streaming.events import EngagementEvent, SocialGraphEvent
 from pipelines.streaming.metrics import StreamMetrics
 from pipelines.streaming.scripts import (
-    COVERAGE_STAMP, ENGAGEMENT, SOCIAL, CoverageStampArgs, CoverageStampKeys, EngagementArgs, EngagementKeys,
-    SocialArgs, SocialKeys,
+    COVERAGE_STAMP, SOCIAL, CoverageStampArgs, CoverageStampKeys, EngagementBatchScript, SocialArgs, SocialKeys,
 )
 
 log = logging.getLogger(__name__)
 
+# Engagement events per engagement_batch.lua call: bounds one script's run time (~10 us per event)
+# and the lists it unpacks; a larger read is several calls in the same pipeline.
+MAX_BATCH_EVENTS = 1000
+_OUTCOMES = {0: "duplicate", 1: "applied"}  # script replies; social.lua's 2 is "stale"
+
+
+def _same_server(a: redis.Redis, b: redis.Redis) -> bool:
+    """Whether two clients reach the same Redis database: the same client, or the same host,
+    port, unix socket and db (a name and its address count as different: the answer errs on no)."""
+    if a is b:
+        return True
+    ka, kb = a.get_connection_kwargs(), b.get_connection_kwargs()
+    return all(ka.get(f) == kb.get(f) for f in ("host", "port", "path", "db"))
+
+
 class StreamProcessor:
     """Consumes ``topic`` as ``consumer`` of ``group`` and writes real-time features.
 
-    A batch of deliveries is written in one pipeline (one EVALSHA per event, each atomic on its
-    own; redis-py first checks the scripts are loaded with one SCRIPT EXISTS, so two round trips)
-    and acknowledged with one XACK for the events whose write succeeded.
+    A batch of deliveries is written in one pipeline (one ``engagement_batch.lua`` EVALSHA per run
+    of engagement events, one ``social.lua`` per social event; each call atomic on its own) and
+    acknowledged with one XACK for the events whose write succeeded. When the bus is a
+    ``RedisStreamsBus`` on the online store's own Redis, a run's XACK is the last command of its
+    script instead: its writes and its acknowledgement are one atomic step, and the batch needs
+    one round trip fewer (Kafka Streams' exactly-once commits the offsets in the state's
+    transaction likewise); the social events keep the separate XACK. A failed engagement call
+    wrote (and acknowledged) nothing and is retried one event per call in a second round trip.
 
     Args:
         client: ``redis.Redis`` of the online store (any ``decode_responses``).
@@ -104,7 +136,10 @@ class StreamProcessor:
         self.backlog_every_s, self.stamp_every_s = backlog_every_s, stamp_every_s
         self.graph = graph
         self._last_stamp = -math.inf
-        self._engagement = ENGAGEMENT.register(client)
+        self._batch = EngagementBatchScript(client)
+        # the XACK of a run of engagements inside its script: only on the bus's own server
+        self._ack_in_script = isinstance(bus, RedisStreamsBus) and _same_server(bus.client, client)
+        self._stream_key = keys.event_stream(topic)
         self._social = SOCIAL.register(client)
         self._stamp = COVERAGE_STAMP.register(client)
         self._stamp_keys = CoverageStampKeys()
@@ -116,33 +151,53 @@ class StreamProcessor:
         self.stats = collections.Counter()  # applied, duplicate, stale, skipped, failed, lost
 
     # ---- applying events ----
-    def _call(self, event, write_ts: float, client) -> int:
-        """Queue (on a pipeline) or run the event's scripts; returns how many were queued (0: the
-        event needs no write; a social event with a graph writer queues social.lua and the graph's
-        two halves, ``SocialGraphWriter.queue``)."""
-        ets = event.event_ts.timestamp() if hasattr(event, "event_ts") else 0.0
-        if isinstance(event, EngagementEvent):
-            p, a = event.post_id, event.author_id
-            self._engagement(EngagementKeys.of(event.event_id, event.user_id, p, a),
-                             EngagementArgs.of(event.kind, ets, write_ts, p, a, self.seen_ttl_s), client=client)
-            return 1
+    def _call(self, event, client) -> int:
+        """Queue (on a pipeline) a non-engagement event's scripts; returns how many were queued (0:
+        the event needs no write; a social event with a graph writer queues social.lua and the
+        graph's two halves, ``SocialGraphWriter.queue``)."""
         if isinstance(event, SocialGraphEvent):
             self._social(SocialKeys.of(event.event_id, event.user_id),
                          SocialArgs(seen_ttl=self.seen_ttl_s, action=event.action, author_id=event.author_id,
-                                    event_ts=f"{ets:.6f}"), client=client)
+                                    event_ts=f"{event.event_ts.timestamp():.6f}"), client=client)
             return 1 + (self.graph.queue(event, client) if self.graph is not None else 0)
         return 0
 
-    def _record(self, outcome: str, event=None, done_ts: float = 0.0, n: int = 1) -> None:
+    def _record(self, results: list, event_s: list, done_ts: float) -> list[bool | Exception]:
+        """Count each event's outcome (``stats``, ``events_total``) and the lag (``done_ts`` - event
+        time) of the applied ones; returns ``apply_many``'s list. ``results[i]`` is the script's
+        reply (0 / 1 / 2), an exception, or ``None`` (no write needed); ``event_s[i]`` the event's
+        time (epoch s)."""
+        counts = collections.Counter()
+        out: list[bool | Exception] = []
+        lags = []
+        for res, t in zip(results, event_s):
+            if res is None:
+                counts["skipped"] += 1
+                out.append(False)
+            elif isinstance(res, Exception):
+                counts["failed"] += 1
+                out.append(res)
+            else:
+                outcome = _OUTCOMES.get(int(res), "stale")
+                counts[outcome] += 1
+                if outcome == "applied":
+                    lags.append(done_ts - t)
+                out.append(outcome == "applied")
+        for outcome, n in counts.items():
+            self._count(outcome, n)
+        if lags:
+            self._lags.extend(lags)
+            observe = self._lag_histogram.observe
+            for lag in lags:
+                observe(lag if lag > 0.0 else 0.0)
+        return out
+
+    def _count(self, outcome: str, n: int) -> None:
         self.stats[outcome] += n
         counter = self._outcome_counters.get(outcome)
         if counter is None:  # labels() costs ~2.5 us: resolve each child once
             counter = self._outcome_counters[outcome] = self.metrics.events.labels(topic=self.topic, outcome=outcome)
         counter.inc(n)
-        if outcome == "applied":
-            lag = done_ts - event.event_ts.timestamp()
-            self._lags.append(lag)
-            self._lag_histogram.observe(max(lag, 0.0))
 
     def apply(self, event) -> bool:
         """Write one event's features atomically; ``True`` if applied now, ``False`` if it was a
@@ -150,7 +205,8 @@ class StreamProcessor:
         return self.apply_many([event])[0]
 
     def apply_many(self, events: list) -> list[bool | Exception]:
-        """Write several events in one pipeline (each event's script is atomic; see the class).
+        """Write several events in one pipeline (see the class; runs of engagement events are one
+        atomic script call each).
 
         Returns per event ``True`` (applied now), ``False`` (duplicate, stale or no write needed) or
         the ``redis.RedisError`` its write raised (nothing of that event was written).
@@ -159,7 +215,7 @@ class StreamProcessor:
             redis.RedisError: the round trip itself failed (connection lost): events before the
                 failure may have been applied, which is safe since a retry is idempotent.
         """
-        return self._write(events, stamp=False)
+        return self._write(events, stamp=False)[0]
 
     def _applied_until(self) -> float | None:
         """The bus's ``applied_until`` for the liveness stamp; ``None`` (logged: the mixer will
@@ -174,58 +230,122 @@ class StreamProcessor:
                         self.group)
         return caught_up
 
-    def _write(self, events: list, stamp: bool) -> list[bool | Exception]:
+    def _write(self, events: list, stamp: bool, ids: list[str] | None = None
+               ) -> tuple[list[bool | Exception], list[bool]]:
+        """Write ``events`` (see ``apply_many``); with ``ids`` (their stream entries) and the bus on
+        this Redis, each engagement run's script also acknowledges its entries. Returns
+        ``apply_many``'s list and, per event, whether it was acknowledged here."""
         write_ts = self.clock()
+        ack = ids is not None and self._ack_in_script
         # before the writes and their XACK: this batch is still pending, so the stamp claims only
         # what preceded it (a failed write keeps it there until it succeeds); module docstring
         caught_up = self._applied_until() if stamp else None
         stamp = caught_up is not None
         pipe = self.client.pipeline(transaction=False)
-        queued = [self._call(e, write_ts, pipe) for e in events]
+        # steps in event order: (start, stop) of a run of engagements (one script call), or
+        # (i, None, queued) for one other event
+        steps: list[tuple] = []
+        event_s = [0.0] * len(events)
+
+        def queue_run(start: int, stop: int) -> None:
+            event_s[start:stop] = self._batch.queue(
+                pipe, events[start:stop], write_ts, self.seen_ttl_s,
+                (self._stream_key, self.group, ids[start:stop]) if ack else None)
+            steps.append((start, stop))
+
+        run_start = None
+        for i, e in enumerate(events):
+            if isinstance(e, EngagementEvent):
+                if run_start is None:
+                    run_start = i
+                if i + 1 - run_start == MAX_BATCH_EVENTS:
+                    queue_run(run_start, i + 1)
+                    run_start = None
+                continue
+            if run_start is not None:
+                queue_run(run_start, i)
+                run_start = None
+            steps.append((i, None, self._call(e, pipe)))
+        if run_start is not None:
+            queue_run(run_start, len(events))
         if stamp:
             self._stamp(self._stamp_keys, CoverageStampArgs(caught_up=f"{caught_up:.3f}"), client=pipe)
-        results = pipe.execute(raise_on_error=False) if any(queued) or stamp else []
-        done_ts = self.clock()  # the writes are visible to readers from here: the lag's end
-        # a follow's backfill reads the followee's posts: a second round trip, after the edges
-        backfill_error = self._backfill(events, queued, results) if self.graph is not None else {}
-        results = iter(results)
-        out: list[bool | Exception] = []
-        for i, (event, q) in enumerate(zip(events, queued)):
-            if not q:
-                self._record("skipped")
-                out.append(False)
+        queued = any(len(st) == 2 or st[2] for st in steps)
+        replies = iter(pipe.execute(raise_on_error=False) if queued or stamp else [])
+        results: list = [None] * len(events)  # per event: reply, exception, or None (no write)
+        acked = [False] * len(events)
+        graph_ok: list[int] = []  # follows whose social and graph writes succeeded (backfill)
+        retry: list[tuple[int, int, Exception]] = []
+        for st in steps:
+            if len(st) == 2:
+                start, stop = st
+                res = next(replies)
+                if isinstance(res, Exception):
+                    retry.append((start, stop, res))  # the call changed nothing: try its events one by one
+                elif len(res) != stop - start:
+                    raise RuntimeError(f"engagement_batch.lua answered {len(res)} results for {stop - start} events")
+                else:
+                    results[start:stop] = res
+                    acked[start:stop] = [ack] * (stop - start)
                 continue
-            res, *graph = [next(results) for _ in range(q)]
+            i, _, q = st
+            if not q:
+                continue
+            res, *graph = [next(replies) for _ in range(q)]
             # the graph's halves are idempotent on their own: a failed one leaves the entry
             # pending, and the retry applies only what is missing
-            res = next((r for r in (res, *graph) if isinstance(r, Exception)), res)
-            res = backfill_error.get(i, res)
-            if isinstance(res, Exception):
-                self._record("failed")
-                out.append(res)
-                continue
-            outcome = {0: "duplicate", 1: "applied"}.get(int(res), "stale")
-            self._record(outcome, event, done_ts)
-            out.append(outcome == "applied")
+            results[i] = next((r for r in (res, *graph) if isinstance(r, Exception)), res)
+            event = events[i]
+            event_s[i] = event.event_ts.timestamp()
+            if self.graph is not None and event.action == "follow" and not isinstance(results[i], Exception):
+                graph_ok.append(i)
         if stamp:
-            res = next(results)
+            res = next(replies)
             if isinstance(res, Exception):
                 # the mixer will judge the stream stale: say why here
                 log.warning("liveness stamp of %s / %s failed: %s", self.topic, self.group, res)
-        return out
+        if retry:
+            self._retry_one_by_one(events, retry, results, write_ts, ids if ack else None, acked)
+        done_ts = self.clock()  # the writes are visible to readers from here: the lag's end
+        # a follow's backfill reads the followee's posts: a second round trip, after the edges
+        if graph_ok:
+            for i, exc in self._backfill(events, graph_ok).items():
+                results[i] = exc
+        return self._record(results, event_s, done_ts), acked
 
-    def _backfill(self, events: list, queued: list[int], results: list) -> dict[int, Exception]:
-        """Backfill the followee's recent posts for every follow in the batch whose writes
-        succeeded (``SocialGraphWriter.backfill``, idempotent: ZADD); returns event index -> the
-        error for the follows whose backfill failed (left pending, retried)."""
-        follows, at = [], 0
-        for i, (event, q) in enumerate(zip(events, queued)):
-            if q and isinstance(event, SocialGraphEvent) and event.action == "follow" and not any(
-                    isinstance(r, Exception) for r in results[at:at + q]):
-                follows.append(i)
-            at += q
-        if not follows:
-            return {}
+    def _retry_one_by_one(self, events: list, runs: list[tuple[int, int, Exception]], results: list,
+                          write_ts: float, ids: list[str] | None, acked: list[bool]) -> None:
+        """Apply the events of failed ``engagement_batch.lua`` calls (``runs``: (start, stop) into
+        ``events`` and the call's error; each changed nothing) one event per call, in one more round
+        trip, and put each reply (or error) in ``results`` (and, with ``ids``, acknowledge each
+        event in its call: ``acked``): only an event whose own write fails stays failed. The
+        script is loaded again first: a ``NoScriptError`` (the server restarted or flushed its
+        scripts) is one way a call fails.
+
+        Raises:
+            redis.RedisError: the round trip itself failed (the events stay pending).
+        """
+        for start, stop, exc in runs:
+            if not isinstance(exc, redis.exceptions.NoScriptError):
+                log.warning("engagement batch of %d events failed (%s); retrying them one by one", stop - start, exc)
+        self._batch.load()
+        pipe = self.client.pipeline(transaction=False)
+        for start, stop, _ in runs:
+            for i in range(start, stop):
+                self._batch.queue(pipe, [events[i]], write_ts, self.seen_ttl_s,
+                                  None if ids is None else (self._stream_key, self.group, [ids[i]]))
+        replies = iter(pipe.execute(raise_on_error=False))
+        for start, stop, _ in runs:
+            for i in range(start, stop):
+                res = next(replies)
+                results[i] = res if isinstance(res, Exception) else res[0]
+                acked[i] = ids is not None and not isinstance(res, Exception)
+
+    def _backfill(self, events: list, follows: list[int]) -> dict[int, Exception]:
+        """Backfill the followee's recent posts for the follows at ``follows`` (indexes into
+        ``events`` whose social and graph writes succeeded; ``SocialGraphWriter.backfill``,
+        idempotent: ZADD); returns event index -> the error for the follows whose backfill failed
+        (left pending, retried)."""
         try:
             self.graph.backfill([(events[i].user_id, events[i].author_id) for i in follows])
         except redis.RedisError as exc:
@@ -235,20 +355,21 @@ class StreamProcessor:
     # ---- consuming ----
     def _process(self, deliveries: list[Delivery]) -> int:
         """Write ``deliveries`` with the liveness stamp (if ``stamp_every_s`` has passed; module
-        docstring) in one pipeline, then XACK the ones written; an empty batch writes the stamp
-        alone (an idle processor stays live)."""
+        docstring) in one pipeline, then XACK the ones written that their script did not
+        acknowledge itself (the class); an empty batch writes the stamp alone (an idle processor
+        stays live)."""
         now = time.monotonic()
         stamp = now - self._last_stamp >= self.stamp_every_s
         if stamp:
             self._last_stamp = now
-        results = self._write([d.event for d in deliveries], stamp=stamp)
+        results, acked = self._write([d.event for d in deliveries], stamp=stamp, ids=[d.id for d in deliveries])
         done = []
-        for d, res in zip(deliveries, results):
+        for d, res, was_acked in zip(deliveries, results, acked):
             if isinstance(res, Exception):
                 # No ack: the entry stays pending and is reclaimed later (or dead-lettered after
                 # max_deliveries by the bus).
                 log.warning("write failed for %s %s: %s; left pending", self.topic, d.id, res)
-            else:
+            elif not was_acked:
                 done.append(d)
         if done:
             self.bus.ack_many(done)
@@ -261,7 +382,7 @@ class StreamProcessor:
         log.error("%d %s entries were trimmed (MAXLEN) before group %s read them; their events are lost "
                   "(see the dead-letter stream). Raise the bus maxlen or keep the processors up; "
                   "real-time coverage restarts now", n, self.topic, self.group)
-        self._record("lost", n=n)
+        self._count("lost", n)
         self.client.hdel(keys.RT_COVERAGE, "since", "first")
 
     def reclaim(self, count: int = 100) -> int:
@@ -288,10 +409,10 @@ class StreamProcessor:
         applied = 0
         if self._last_reclaim is None or self.clock() - self._last_reclaim >= self.reclaim_every_s:
             applied += self.reclaim(count)
-        lost = self.bus.skip_trimmed(self.topic, self.group)
+        # the trimmed-entries check and the read in one round trip (EventBus.poll)
+        lost, got = self.bus.poll(self.topic, self.group, self.consumer, count=count, block_ms=block_ms)
         if lost:
             self._lost(lost)
-        got = self.bus.consume(self.topic, self.group, self.consumer, count=count, block_ms=block_ms)
         applied += self._process(got)
         if time.monotonic() - self._last_backlog >= self.backlog_every_s:
             self.refresh_backlog()

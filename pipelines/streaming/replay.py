@@ -38,6 +38,7 @@ from typing import Callable, Iterator
 import numpy as np
 import pandas as pd
 
+from core.online_store import connect
 from core.schema import RAW_LABEL_COLUMNS
 from pipelines.canonical import deduplicate_log, impressions_table
 from pipelines.raw import LOG_DTYPES, LOG_FILE, VIDEOS_DTYPES, VIDEOS_FILE, read_csv_typed
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start", default=None, help="ISO time with offset, inclusive")
     ap.add_argument("--end", default=None, help="ISO time with offset, exclusive")
     args = ap.parse_args(argv)
-    client = redis.Redis.from_url(args.redis_url)
+    client = connect(args.redis_url)
     try:
         client.ping()
     except redis.ConnectionError as exc:

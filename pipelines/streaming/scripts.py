@@ -8,11 +8,11 @@ and build them from an event; ``SPEC.register(client)`` loads it at start-up and
 
 | script | prelude | run by | KEYS / ARGV |
 | --- | --- | --- | --- |
-| ``engagement.lua`` | ``guard.lua`` | ``StreamProcessor`` (one ``EngagementEvent``) | ``EngagementKeys`` / ``EngagementArgs`` |
+| ``engagement_batch.lua`` | | ``StreamProcessor`` (a run of ``EngagementEvent``, one call) via ``EngagementBatchScript`` | ``EngagementBatchKeys`` / ``EngagementBatchArgs`` (the fixed heads) |
 | ``social.lua`` | ``guard.lua`` | ``StreamProcessor`` (one ``SocialGraphEvent``) | ``SocialKeys`` / ``SocialArgs`` |
 | ``graph_edge.lua`` | ``guard.lua`` | ``StreamProcessor`` via ``pipelines.graph.SocialGraphWriter`` (one half of a ``SocialGraphEvent``) | ``GraphEdgeKeys`` / ``GraphEdgeArgs`` |
 | ``coverage_stamp.lua`` | | ``StreamProcessor`` (liveness stamp) | ``CoverageStampKeys`` / ``CoverageStampArgs`` |
-| ``skip_trimmed.lua`` | ``stream_helpers.lua`` | ``RedisStreamsBus.skip_trimmed`` | ``SkipTrimmedKeys`` / ``SkipTrimmedArgs`` |
+| ``skip_trimmed.lua`` | ``stream_helpers.lua`` | ``RedisStreamsBus.skip_trimmed`` / ``poll`` | ``SkipTrimmedKeys`` / ``SkipTrimmedArgs`` |
 | ``applied_until.lua`` | ``stream_helpers.lua`` | ``RedisStreamsBus.applied_until`` | ``AppliedUntilKeys`` / ``AppliedUntilArgs`` |
 """
 
@@ -30,53 +30,38 @@ from pipelines.sequences import ENGAGED_HEADS
 _PACKAGE = "pipelines.streaming"
 
 
-# ---------------------------------------------------------------- engagement.lua
-class EngagementKeys(NamedTuple):
-    """KEYS of ``engagement.lua`` (types checked by its guard, in this order)."""
+# ---------------------------------------------------------------- engagement_batch.lua
+class EngagementBatchKeys(NamedTuple):
+    """The fixed head of ``engagement_batch.lua``'s KEYS (the global keys; per-event, per-post,
+    per-author and per-user keys follow, laid out by ``EngagementBatchScript.layout``)."""
 
-    seen: str               # string: the event's idempotency marker
-    counts: str             # hash: the post's 5-min bucket counts
-    rt_meta: str            # hash: the post's last event / write times
-    post_score: str         # hash: the post's decayed score
-    author_score: str       # hash: the author's decayed score
-    recent_posts: str       # zset: the user's recent engaged posts
-    recent_authors: str     # zset: their authors
-    hated: str              # set: the user's hated authors
-    follows: str            # set: the user's follows
-    social_ts: str          # hash: the user's last social action times
-    index_post_meta: str    # hash: the candidate index's post metadata (read: tags)
-    trending_posts: str     # zset
-    trending_tags: str      # zset
-    coverage: str           # hash: stream coverage
-    action_sequence: str    # zset: the user action sequence (engaged posts)
-
-    @classmethod
-    def of(cls, event_id: str, user_id: int, post_id: int, author_id: int) -> "EngagementKeys":
-        """The keys one engagement event touches. (Positional, in the field order above: it runs
-        once per event and keywords cost ~1 us more; tests/unit/test_stream_scripts.py checks it
-        against the keyword form.)"""
-        return cls(keys.rt_seen_event(event_id), keys.rt_post_counts(post_id), keys.rt_post_meta(post_id),
-                   keys.rt_post_score(post_id), keys.rt_author_score(author_id), keys.rt_user_recent_posts(user_id),
-                   keys.rt_user_recent_authors(user_id), keys.hated_authors(user_id), keys.follows(user_id),
-                   keys.rt_social_ts(user_id), keys.POST_META, keys.RT_TRENDING_POSTS, keys.RT_TRENDING_TAGS,
-                   keys.RT_COVERAGE, keys.action_sequence(user_id))
+    index_post_meta: str = keys.POST_META        # hash: the candidate index's post metadata (read: tags)
+    trending_posts: str = keys.RT_TRENDING_POSTS  # zset
+    trending_tags: str = keys.RT_TRENDING_TAGS    # zset
+    coverage: str = keys.RT_COVERAGE              # hash: stream coverage
 
 
-class EngagementArgs(NamedTuple):
-    """ARGV of ``engagement.lua``: the event's values and the ``core.realtime`` constants
-    (defaults), as the strings / numbers Redis receives (times ``%.6f``, floats ``repr``)."""
+def _kind_table() -> str:
+    """``"name weight positive engaged ..."`` for every ``core.realtime.ENGAGEMENT_KINDS`` kind: its
+    score weight (``repr(kind_weight)``), 1 if a positive head (recent engagements), 1 if an
+    engagement of the user action sequence (``ENGAGED_HEADS``)."""
+    return " ".join(f"{k} {realtime.kind_weight(k)!r} {int(k in POSITIVE_HEADS)} {int(k in ENGAGED_HEADS)}"
+                    for k in realtime.ENGAGEMENT_KINDS)
 
-    seen_ttl: int
-    kind: str
-    bucket_start: int               # start (s) of the event's bucket
-    event_ts: str                   # event time, "%.6f"
+
+class EngagementBatchArgs(NamedTuple):
+    """The fixed head of ``engagement_batch.lua``'s ARGV: the batch's sizes, the kinds and the
+    ``core.realtime`` constants (defaults), as the strings / numbers Redis receives (times ``%.6f``,
+    floats ``repr``)."""
+
+    seen_ttl: int                   # s, lifetime of the idempotency markers
     write_ts: str                   # processor clock at the write, "%.6f"
-    weight: str                     # repr(kind_weight(kind))
-    post_id: int
-    author_id: int
-    positive: int                   # 1 if kind is a positive head (recent engagements)
-    engaged: int                    # 1 if kind is an engagement of the user action sequence (ENGAGED_HEADS)
-    # the constants (core.realtime), last so they can default
+    n_events: int
+    n_posts: int                    # distinct posts of the events
+    n_authors: int                  # distinct authors
+    n_users: int                    # distinct users of the events that touch a user key (not impressions)
+    n_acks: int = 0                 # stream entries to XACK at the end (0, or one per event)
+    kinds: str = _kind_table()
     half_life: str = repr(realtime.HALF_LIFE_S)
     counts_ttl: int = realtime.COUNTS_TTL_S
     score_ttl: int = realtime.SCORE_TTL_S
@@ -90,22 +75,104 @@ class EngagementArgs(NamedTuple):
     # (the mixer reads 2N members and keeps one per post; pipelines.history_features does the same)
     sequence_cap: int = 2 * SEQUENCE_LENGTH
 
-    @classmethod
-    def of(cls, kind: str, event_s: float, write_s: float, post_id: int, author_id: int,
-           seen_ttl: int) -> "EngagementArgs":
-        """Args of one engagement of ``kind`` at ``event_s`` written at ``write_s`` (epoch s).
 
-        Positional like ``EngagementKeys.of`` (checked against the keyword form by the same test).
+ENGAGEMENT_BATCH = LuaScriptSpec(_PACKAGE, "engagement_batch.lua", EngagementBatchKeys, EngagementBatchArgs)
+
+# kinds whose event touches the user's keys (recent engagements, action sequence, hated, follows)
+_USER_KINDS = frozenset(k for k in realtime.ENGAGEMENT_KINDS
+                        if k in POSITIVE_HEADS or k in ENGAGED_HEADS or k in ("hate", "follow"))
+_HEAD_KEYS = tuple(EngagementBatchKeys())
+
+
+class EngagementBatchScript:
+    """``engagement_batch.lua`` loaded on a client: applies a list of ``EngagementEvent`` in one
+    atomic call (the script's header comment says what it writes and how).
+
+    KEYS = ``EngagementBatchKeys`` + one seen marker per event + per distinct post (counts, meta,
+    score) + per distinct author (score) + per distinct user of a non-impression event
+    (recent posts, recent authors, hated, follows, social_ts, action sequence) [+ the events'
+    stream]; ARGV = ``EngagementBatchArgs`` + the post ids + the author ids + per event (kind,
+    event time ``%.6f``, post / author / user index, 1-based, user 0 for an impression) [+ the
+    consumer group and one entry id per event]. This class is the one place that lays them out.
+
+    With ``ack`` the script ends with the XACK of the events' stream entries: the writes and the
+    acknowledgement are one atomic step (the bus must be Redis Streams on the same server; the
+    processor checks).
+
+    The call is ``EVALSHA`` queued directly (not redis-py's ``Script``, whose pipeline sends a
+    ``SCRIPT EXISTS`` round trip first): a ``NoScriptError`` reply (Redis restarted or flushed its
+    scripts) means nothing was applied; ``load`` and call again.
+    """
+
+    def __init__(self, client):
+        self.client = client
+        self.source = ENGAGEMENT_BATCH.check()
+        self.sha = client.script_load(self.source)
+
+    def load(self) -> None:
+        """``SCRIPT LOAD`` again (after a ``NoScriptError``: the server lost its script cache)."""
+        self.sha = self.client.script_load(self.source)
+
+    @staticmethod
+    def layout(events: list, write_s: float, seen_ttl: int,
+               ack: tuple[str, str, list[str]] | None = None) -> tuple[list, list, list[float]]:
+        """``(keys, args, event_s)`` of one call for ``events`` (``EngagementEvent``) written at
+        ``write_s`` (epoch s); ``event_s`` is each event's time (epoch s), which the caller needs
+        for the event-to-online lag. ``ack``: ``(stream key, group, one entry id per event)`` to
+        acknowledge in the same call.
 
         Raises:
-            ValueError: unknown ``kind``.
+            ValueError: ``ack`` has another number of entry ids than there are events.
         """
-        return cls(seen_ttl, kind, realtime.bucket_start(event_s), f"{event_s:.6f}", f"{write_s:.6f}",
-                   repr(realtime.kind_weight(kind)), post_id, author_id, int(kind in POSITIVE_HEADS),
-                   int(kind in ENGAGED_HEADS))
+        seen, ev, ets = [], [], []
+        posts: dict[int, int] = {}
+        authors: dict[int, int] = {}
+        users: dict[int, int] = {}
+        post_ids, post_keys, author_ids, author_keys, user_keys = [], [], [], [], []
+        seen_key, counts_key, meta_key, score_key = (keys.rt_seen_event, keys.rt_post_counts, keys.rt_post_meta,
+                                                     keys.rt_post_score)
+        for e in events:
+            p, a, kind = e.post_id, e.author_id, e.kind
+            pj = posts.get(p)
+            if pj is None:
+                pj = posts[p] = len(posts) + 1
+                post_ids.append(p)
+                post_keys += (counts_key(p), meta_key(p), score_key(p))
+            aj = authors.get(a)
+            if aj is None:
+                aj = authors[a] = len(authors) + 1
+                author_ids.append(a)
+                author_keys.append(keys.rt_author_score(a))
+            uj = 0
+            if kind in _USER_KINDS:
+                u = e.user_id
+                uj = users.get(u)
+                if uj is None:
+                    uj = users[u] = len(users) + 1
+                    user_keys += (keys.rt_user_recent_posts(u), keys.rt_user_recent_authors(u), keys.hated_authors(u),
+                                  keys.follows(u), keys.rt_social_ts(u), keys.action_sequence(u))
+            t = e.event_ts.timestamp()
+            ets.append(t)
+            seen.append(seen_key(e.event_id))
+            ev += (kind, f"{t:.6f}", pj, aj, uj)
+        if ack is None:
+            head = EngagementBatchArgs(seen_ttl, f"{write_s:.6f}", len(events), len(posts), len(authors), len(users))
+            return [*_HEAD_KEYS, *seen, *post_keys, *author_keys, *user_keys], [*head, *post_ids, *author_ids, *ev], ets
+        stream, group, ids = ack
+        if len(ids) != len(events):
+            raise ValueError(f"{len(ids)} entry ids to acknowledge for {len(events)} events")
+        head = EngagementBatchArgs(seen_ttl, f"{write_s:.6f}", len(events), len(posts), len(authors), len(users),
+                                   len(ids))
+        return ([*_HEAD_KEYS, *seen, *post_keys, *author_keys, *user_keys, stream],
+                [*head, *post_ids, *author_ids, *ev, group, *ids], ets)
 
-
-ENGAGEMENT = LuaScriptSpec(_PACKAGE, "engagement.lua", EngagementKeys, EngagementArgs, helpers=("guard.lua",))
+    def queue(self, pipe, events: list, write_s: float, seen_ttl: int,
+              ack: tuple[str, str, list[str]] | None = None) -> list[float]:
+        """Queue the call for ``events`` on ``pipe`` (its reply: per event 1 applied now, 0 applied
+        before) and, with ``ack``, their XACK (``layout``); returns the events' times (epoch s)."""
+        k, a, ets = self.layout(events, write_s, seen_ttl, ack)
+        pipe.execute_command("EVALSHA", self.sha, len(k), *k, *a)
+        return ets
 
 
 # ---------------------------------------------------------------- social.lua
@@ -207,4 +274,4 @@ class AppliedUntilArgs(NamedTuple):
 APPLIED_UNTIL = LuaScriptSpec(_PACKAGE, "applied_until.lua", AppliedUntilKeys, AppliedUntilArgs,
                               helpers=("stream_helpers.lua",))
 
-ALL_SPECS: tuple[LuaScriptSpec, ...] = (ENGAGEMENT, SOCIAL, GRAPH_EDGE, COVERAGE_STAMP, SKIP_TRIMMED, APPLIED_UNTIL)
+ALL_SPECS: tuple[LuaScriptSpec, ...] = (ENGAGEMENT_BATCH, SOCIAL, GRAPH_EDGE, COVERAGE_STAMP, SKIP_TRIMMED, APPLIED_UNTIL)

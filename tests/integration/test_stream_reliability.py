@@ -33,11 +33,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from core import online_layout as keys
+from core.online_store import connect
 from core.services import RedisServer
 from core.state import StateDir
 from pipelines.raw import LOG_DTYPES, LOG_FILE, VIDEOS_DTYPES, VIDEOS_FILE, read_csv_typed
 from pipelines.streaming.bus import RedisStreamsBus
-from pipelines.streaming.events import encode_event, parse_event
+from pipelines.streaming.events import EngagementEvent, encode_event, parse_event
 from pipelines.streaming.replay import LogReplayer, ReplayEventBuilder, ReplayRowsBuilder
 from tests.integration._stream_recompute import (
     entity_ids, expected_state, observed_state, seen_event_ids, state_diff,
@@ -222,7 +223,7 @@ class ResumingProducer(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
-        client = redis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0))
+        client = connect(self.url, retry=Retry(NoBackoff(), 0))  # a redis:// or redis+sentinel:// address
         replayer = LogReplayer(RedisStreamsBus(client), topic=TOPIC, speed=self.speed, time_mode="log")
         published = 0  # length of the prefix of rows known to be published
         deadline = time.monotonic() + 60
@@ -277,6 +278,14 @@ def test_processor_sigkilled_mid_replay_is_replaced_without_loss_or_double_count
     assert {r["consumer"] for r in pending} == {b"A"}
     assert client.xpending(KEY, GROUP)["pending"] == len(pending)  # nothing changed at the kill
     assert 0 < len(applied_at_kill) < len(events) and published_at_kill < len(events), "kill not mid-replay"
+    # A batch's writes are atomic and in stream order (one script per run of engagements, in one
+    # pipeline), so what the killed process wrote of its entries in hand is a prefix of them: a
+    # whole batch (or a prefix of its pipeline), never a scattered subset.
+    marked = [e.event_id in written for e in pending_events]
+    assert marked == sorted(marked, reverse=True), marked
+    # ...and a run of engagements acknowledges its entries in its own script (the bus is this
+    # Redis): none can be written and still pending; only a social event's separate XACK can lag.
+    assert not {e.event_id for e in pending_events if isinstance(e, EngagementEvent)} & written
     print(f"\nkill after {attempts} freeze(s): {len(applied_at_kill)}/{len(events)} events applied, "
           f"{published_at_kill} published, {len(pending)} pending of which {len(written)} written, not acked")
 

@@ -4,6 +4,7 @@ records are built in field order, and the files ship as package data."""
 from __future__ import annotations
 
 import tomllib
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from core import online_layout as keys
 from core import realtime
 from core.lua import LuaScript, LuaScriptSpec, declared_names
 from pipelines.streaming import scripts as S
+from pipelines.streaming.events import EngagementEvent
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,10 +27,10 @@ def test_each_script_declares_the_keys_and_args_of_its_records(spec):
         assert source.index("local function") < source.index("unpack(KEYS)"), helper
 
 
-@pytest.mark.parametrize("spec", [S.ENGAGEMENT, S.SOCIAL], ids=lambda s: s.name)
-def test_the_type_guard_names_one_type_per_key(spec):
+def test_the_social_type_guard_names_one_type_per_key():
     import re
 
+    spec = S.SOCIAL
     types = re.search(r"guard_key_types\(\{([^}]*)\}\)", spec.source).group(1)
     types = [t.strip().strip("'") for t in types.split(",")]
     assert len(types) == len(spec.keys._fields) and set(types) <= {"string", "hash", "zset", "set"}
@@ -36,37 +38,50 @@ def test_the_type_guard_names_one_type_per_key(spec):
 
 
 def test_a_script_that_disagrees_with_its_records_fails_at_load():
-    spec = S.ENGAGEMENT
-    swapped = spec.source.replace("local seen, counts, rt_meta,", "local seen, rt_meta, counts,")
-    with pytest.raises(ValueError, match=r"unpack\(KEYS\) names .* differ from EngagementKeys fields"):
+    spec = S.ENGAGEMENT_BATCH
+    swapped = spec.source.replace("local index_post_meta, trending_posts,", "local trending_posts, index_post_meta,")
+    assert swapped != spec.source
+    with pytest.raises(ValueError, match=r"unpack\(KEYS\) names .* differ from EngagementBatchKeys fields"):
         spec.check(swapped)
+    # the head form must name as many values as it unpacks
+    with pytest.raises(ValueError, match=r"unpack\(KEYS, 1, 5\) assigned to 4 names"):
+        spec.check(spec.source.replace("unpack(KEYS, 1, 4)", "unpack(KEYS, 1, 5)"))
     with pytest.raises(ValueError, match="ARGV"):
         LuaScriptSpec("pipelines.streaming", "social.lua", S.SocialKeys, S.CoverageStampArgs,
                       helpers=("guard.lua",)).check()
 
 
-def test_engagement_records_built_positionally_equal_the_keyword_form():
-    k = S.EngagementKeys.of("e1", user_id=3, post_id=10, author_id=7)
-    assert k == S.EngagementKeys(
-        seen=keys.rt_seen_event("e1"), counts=keys.rt_post_counts(10), rt_meta=keys.rt_post_meta(10),
-        post_score=keys.rt_post_score(10), author_score=keys.rt_author_score(7),
-        recent_posts=keys.rt_user_recent_posts(3), recent_authors=keys.rt_user_recent_authors(3),
-        hated=keys.hated_authors(3), follows=keys.follows(3), social_ts=keys.rt_social_ts(3),
-        index_post_meta=keys.POST_META, trending_posts=keys.RT_TRENDING_POSTS, trending_tags=keys.RT_TRENDING_TAGS,
-        coverage=keys.RT_COVERAGE, action_sequence=keys.action_sequence(3))
-    a = S.EngagementArgs.of("like", 1_651_406_500.25, 1_651_406_501.5, 10, 7, seen_ttl=99)
-    assert a == S.EngagementArgs(
-        seen_ttl=99, kind="like", bucket_start=1_651_406_400, event_ts="1651406500.250000",
-        write_ts="1651406501.500000", weight=repr(realtime.kind_weight("like")), post_id=10, author_id=7, positive=1,
-        engaged=1, half_life=repr(realtime.HALF_LIFE_S), counts_ttl=realtime.COUNTS_TTL_S, score_ttl=realtime.SCORE_TTL_S,
-        recent_cap=realtime.RECENT_CAP, retention_s=realtime.RETENTION_S, bucket_s=realtime.BUCKET_S,
-        trending_half_life=repr(realtime.TRENDING_HALF_LIFE_S), trending_cap=realtime.TRENDING_CAP,
-        out_of_order_s=realtime.OUT_OF_ORDER_S, sequence_cap=128)
-    assert S.EngagementArgs.of("impression", 0.0, 0.0, 1, 2, 1).positive == 0
-    click = S.EngagementArgs.of("click", 0.0, 0.0, 1, 2, 1)
-    assert click.positive == 1 and click.engaged == 0  # a click is not in the action sequence
-    with pytest.raises(ValueError, match="unknown kind"):
-        S.EngagementArgs.of("retweet", 0.0, 0.0, 1, 2, 1)
+def _eng(eid, kind, user, post, author, ts):
+    return EngagementEvent(event_id=eid, kind=kind, user_id=user, post_id=post, author_id=author,
+                           event_ts=datetime.fromtimestamp(ts, tz=timezone.utc))
+
+
+def test_the_engagement_batch_layout_names_each_key_once_in_its_section():
+    events = [_eng("e1", "impression", 3, 10, 7, 1_651_406_500.25), _eng("e2", "like", 3, 10, 7, 1_651_406_501.5),
+              _eng("e3", "hate", 4, 11, 7, 1_651_406_400.0), _eng("e1", "impression", 3, 10, 7, 1_651_406_500.25)]
+    k, a, ets = S.EngagementBatchScript.layout(events, 1_651_406_600.0, seen_ttl=99)
+    head = S.EngagementBatchArgs(99, "1651406600.000000", 4, 2, 1, 2)
+    assert k == [keys.POST_META, keys.RT_TRENDING_POSTS, keys.RT_TRENDING_TAGS, keys.RT_COVERAGE,
+                 *(keys.rt_seen_event(e) for e in ("e1", "e2", "e3", "e1")),
+                 keys.rt_post_counts(10), keys.rt_post_meta(10), keys.rt_post_score(10),
+                 keys.rt_post_counts(11), keys.rt_post_meta(11), keys.rt_post_score(11),
+                 keys.rt_author_score(7),
+                 # the impression touches no user key: user 3 comes with the like, 4 with the hate
+                 keys.rt_user_recent_posts(3), keys.rt_user_recent_authors(3), keys.hated_authors(3),
+                 keys.follows(3), keys.rt_social_ts(3), keys.action_sequence(3),
+                 keys.rt_user_recent_posts(4), keys.rt_user_recent_authors(4), keys.hated_authors(4),
+                 keys.follows(4), keys.rt_social_ts(4), keys.action_sequence(4)]
+    assert a == [*head, 10, 11, 7,
+                 "impression", "1651406500.250000", 1, 1, 0, "like", "1651406501.500000", 1, 1, 1,
+                 "hate", "1651406400.000000", 2, 1, 2, "impression", "1651406500.250000", 1, 1, 0]
+    assert ets == [1_651_406_500.25, 1_651_406_501.5, 1_651_406_400.0, 1_651_406_500.25]
+    assert head.sequence_cap == 128 and head.recent_cap == realtime.RECENT_CAP
+    # the kind table: weight, positive head, engaged head (user action sequence)
+    table = dict((n, (w, p, e)) for n, w, p, e in zip(*[iter(head.kinds.split())] * 4))
+    assert table["impression"] == ("0.0", "0", "0") and table["hate"] == ("0.0", "0", "0")
+    assert table["click"] == (repr(realtime.kind_weight("click")), "1", "0")  # a click is not in the sequence
+    assert table["like"] == (repr(realtime.kind_weight("like")), "1", "1")
+    assert set(table) == set(realtime.ENGAGEMENT_KINDS)
 
 
 def test_a_call_with_another_record_is_refused():

@@ -118,3 +118,65 @@ def test_events_are_immutable_and_encode_refuses_dicts():
         e.user_id = 9
     with pytest.raises(TypeError, match="expected an event model"):
         encode_event(_valid())
+
+
+_GOOD = {"schema_version": 1, "event_id": "e1", "event_ts": "2022-04-25T08:00:00.123456Z", "type": "engagement",
+         "kind": "click", "user_id": 1, "post_id": 2, "author_id": 3}
+_EDGE_JSON = [  # stream-entry JSON the fast path (validate_json) and the general path must judge alike
+    json.dumps(_GOOD).encode(),
+    json.dumps(_GOOD | {"schema_version": 1.0}).encode(),
+    json.dumps(_GOOD | {"schema_version": True}).encode(),
+    json.dumps(_GOOD | {"schema_version": "1"}).encode(),
+    json.dumps({k: v for k, v in _GOOD.items() if k != "schema_version"}).encode(),
+    json.dumps(_GOOD | {"user_id": 1.0}).encode(),
+    json.dumps(_GOOD | {"user_id": True}).encode(),
+    json.dumps(_GOOD | {"user_id": "1"}).encode(),
+    json.dumps(_GOOD | {"user_id": 2 ** 63}).encode(),
+    json.dumps(_GOOD | {"user_id": -1}).encode(),
+    json.dumps(_GOOD | {"event_ts": 1650000000}).encode(),
+    json.dumps(_GOOD | {"event_ts": "1650000000"}).encode(),
+    json.dumps(_GOOD | {"event_ts": "2022-04-25T08:00:00"}).encode(),
+    json.dumps(_GOOD | {"event_ts": "2022-04-25T08:00:00+08:00"}).encode(),
+    json.dumps(_GOOD | {"event_id": ""}).encode(),
+    json.dumps(_GOOD | {"event_id": "é" * 128}).encode(),
+    json.dumps(_GOOD | {"event_id": "x" * 129}).encode(),
+    json.dumps(_GOOD | {"event_id": "a\"b\\c\u2028"}).encode(),
+    json.dumps(_GOOD).replace('"e1"', '"\\ud800"').encode(),  # a lone surrogate
+    json.dumps(_GOOD).replace('"event_id": "e1"', '"event_id": "e1", "event_id": "e2"').encode(),
+    json.dumps(_GOOD).replace('"2022-04-25T08:00:00.123456Z"', "NaN").encode(),
+    json.dumps(_GOOD).encode() + b" x",
+    json.dumps(_GOOD).encode() + b" \n",
+    b"\xef\xbb\xbf" + json.dumps(_GOOD).encode(),
+    json.dumps(_GOOD).encode().replace(b'"e1"', b'"e\xff"'),
+    json.dumps(_GOOD | {"extra": 1}).encode(),
+    json.dumps(_GOOD | {"kind": "share"}).encode(),
+    json.dumps(_GOOD).replace('"user_id": 1', '"user_id": 1e2').encode(),
+    json.dumps(_GOOD).replace('"user_id": 1', '"user_id": -0').encode(),
+    json.dumps({"schema_version": 1, "event_id": "s", "event_ts": "2022-04-25T08:00:00Z", "type": "social",
+                "action": "follow", "user_id": 1, "author_id": 1}).encode(),
+    json.dumps({"schema_version": 1, "event_id": "p", "event_ts": "2022-04-25T08:00:00Z", "type": "post_created",
+                "post_id": 1, "author_id": 1, "tags": [1, 2], "duration_ms": 1.0}).encode(),
+    b"[1, 2]",
+]
+
+
+def _general_path(raw: bytes):
+    """``parse_event``'s general path (json.loads + validate_python), the reference of the fast one."""
+    try:
+        return parse_event(raw)
+    except EventValidationError:
+        return None
+
+
+@pytest.mark.parametrize("raw", _EDGE_JSON, ids=range(len(_EDGE_JSON)))
+def test_the_stream_entry_fast_path_accepts_exactly_what_the_general_path_accepts(raw):
+    from pipelines.streaming.events import _parse_entry_fast
+
+    want = _general_path(raw)
+    for t in ("engagement", "social", "post_created"):  # the stream's type field: agreeing or not
+        fields = {b"event": raw, b"type": t.encode()}
+        fast = _parse_entry_fast(fields)
+        general = want if want is not None and want.type == t else None
+        assert fast == general  # None where the general path rejects (it then names the problem)
+        if general is not None:
+            assert parse_event(fields) == general

@@ -1,4 +1,4 @@
--- Prelude of the stream processor's event scripts (engagement.lua, social.lua), concatenated
+-- Prelude of the stream processor's per-event scripts (social.lua, graph_edge.lua), concatenated
 -- before them at load (pipelines/streaming/scripts.py).
 --
 -- guard_key_types(want): every KEYS[i] must have the type want[i] or not exist. A Lua script is not

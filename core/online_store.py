@@ -1,0 +1,429 @@
+"""The online store's address, and the one place that turns it into a Redis client.
+
+Every client of the online store (the mixer, the stream processor, the fan-out workers,
+materialisation, the CLI and the jobs) is configured with one string and opens its client with
+:func:`connect`, so a single Redis and a Sentinel-managed primary + replicas share every call site.
+Two forms are accepted:
+
+- ``redis://[[user]:password@]host:port[/db]`` (also ``rediss://`` and ``unix://``): one Redis,
+  opened with redis-py's ``Redis.from_url`` (the embedded default);
+- ``redis+sentinel://[[user]:password@]host:port[,host:port...]/service_name[/db]``: Redis Sentinel.
+  The hosts are Sentinels, ``service_name`` the monitored primary's name (``sentinel monitor
+  <name> ...``), the password that of the Redis nodes. The scheme is the one of the
+  ``redis-sentinel-url`` package and of several services' configs (a comma-separated Sentinel list,
+  then the service and the database as path segments).
+
+With Sentinel, :func:`connect` returns redis-py's ``Sentinel.master_for`` client: each new
+connection asks the Sentinels for the current primary, so after a failover the client writes to
+the promoted replica without being told. ``replica_reads=True`` (the mixer) adds a fallback for
+reads: while the primary cannot be reached (killed, or not yet replaced), read-only commands go to
+a replica (``Sentinel.slave_for``) instead of failing; writes still fail, and their caller buffers
+them (``mixer.side_effects.write_buffer``).
+
+Sources: redis-py's ``redis.sentinel`` (``Sentinel``, ``master_for``, ``slave_for``,
+``MasterNotFoundError``); Redis Sentinel's documentation (replicas are read-only by default, so a
+write sent to one is refused with ``READONLY`` rather than applied).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import redis
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.commands import READ_COMMANDS
+from redis.retry import Retry
+
+SENTINEL_SCHEME = "redis+sentinel"
+SINGLE_SCHEMES = ("redis", "rediss", "unix")
+FORMS = ("redis://host:port/db (one Redis) or "
+         "redis+sentinel://host:port,host:port,host:port/service_name/db (Redis Sentinel)")
+
+# Commands a replica can answer (redis-py's list of read-only commands, used by RedisCluster for
+# read_from_replicas), plus PING, TIME (the real-time reader stamps against the server clock) and
+# the script commands: the mixer's read paths run read-only Lua
+# (feature groups, real-time window sums). A script that writes fails on a replica with READONLY
+# (replica-read-only is Redis's default), so sending scripts there can never apply a write.
+REPLICA_COMMANDS = frozenset(READ_COMMANDS) | {"PING", "ECHO", "TIME", "ROLE", "INFO", "XINFO", "EVALSHA", "EVAL",
+                                                "SCRIPT"}
+
+
+class OnlineStoreAddressError(ValueError):
+    """An online-store address that cannot be used; the message says what was wrong and what to write."""
+
+
+@dataclass(frozen=True)
+class OnlineStoreAddress:
+    """A parsed online-store address (:func:`parse_address`).
+
+    Attributes:
+        text: the address as given.
+        sentinels: ``(host, port)`` of each Sentinel; empty for a single Redis.
+        service: the primary's name known to the Sentinels (None for a single Redis).
+        db: database number.
+        username, password: credentials of the Redis nodes (None: none).
+        ssl: TLS to the Redis nodes (``rediss://``; Sentinel addresses: never).
+    """
+
+    text: str
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    ssl: bool = False
+
+    @property
+    def ha(self) -> bool:
+        """True for a Sentinel address."""
+        return bool(self.sentinels)
+
+    def redacted(self) -> str:
+        """The address with its password replaced by ``***`` (for logs and messages)."""
+        if not self.password:
+            return self.text
+        return self.text.replace(f":{self.password}@", ":***@", 1)
+
+    def __str__(self) -> str:
+        return self.redacted()
+
+
+def sentinel_address(sentinels: list[tuple[str, int]] | tuple[tuple[str, int], ...], service: str, db: int = 0,
+                     password: str | None = None) -> str:
+    """``redis+sentinel://[:password@]host:port,.../service/db`` for these Sentinels.
+
+    Raises:
+        OnlineStoreAddressError: no Sentinels, or a service name Sentinel would not accept.
+    """
+    text = (f"{SENTINEL_SCHEME}://{f':{password}@' if password else ''}"
+            f"{','.join(f'{h}:{int(p)}' for h, p in sentinels)}/{service}/{int(db)}")
+    parse_address(text)  # the same checks as any configured address
+    return text
+
+
+def _port(text: str, address: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise OnlineStoreAddressError(f"{address!r}: port {text!r} is not a number; write {FORMS}") from None
+    if not 0 < port < 65536:
+        raise OnlineStoreAddressError(f"{address!r}: port {port} is out of range 1-65535; write {FORMS}")
+    return port
+
+
+def _db(text: str, address: str) -> int:
+    try:
+        db = int(text)
+    except ValueError:
+        raise OnlineStoreAddressError(f"{address!r}: database {text!r} is not a number; write {FORMS}") from None
+    if db < 0:
+        raise OnlineStoreAddressError(f"{address!r}: database {db} is negative; write {FORMS}")
+    return db
+
+
+def parse_address(address: "str | OnlineStoreAddress") -> OnlineStoreAddress:
+    """Check and split an online-store address (module docstring for the two forms).
+
+    Raises:
+        OnlineStoreAddressError: an empty address, another scheme, a Sentinel address without
+            hosts, with a host lacking its port, with a bad port or database, or without a service
+            name; a ``redis://`` URL without a host. The message names what was wrong and the forms
+            to write.
+    """
+    if isinstance(address, OnlineStoreAddress):
+        return address
+    if not isinstance(address, str) or not address.strip():
+        raise OnlineStoreAddressError(f"no online-store address given; write {FORMS}")
+    text = address.strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        raise OnlineStoreAddressError(f"{text!r} has no scheme; write {FORMS}")
+    scheme = scheme.lower()
+    if scheme in SINGLE_SCHEMES:
+        u = urlparse(text)
+        if scheme != "unix" and not u.hostname:
+            raise OnlineStoreAddressError(f"{text!r} has no host; write {FORMS}")
+        if scheme != "unix" and u.port is None and ":" in (u.netloc.rpartition("@")[2]):
+            raise OnlineStoreAddressError(f"{text!r}: the port is empty; write {FORMS}")
+        db = (u.path or "/").strip("/") if scheme != "unix" else "0"
+        return OnlineStoreAddress(text=text, db=_db(db, text) if db else 0,
+                                  username=unquote(u.username) if u.username else None,
+                                  password=unquote(u.password) if u.password else None, ssl=scheme == "rediss")
+    if scheme != SENTINEL_SCHEME:
+        raise OnlineStoreAddressError(f"{text!r}: unknown scheme {scheme!r}; write {FORMS}")
+    userinfo, _, hostpath = rest.rpartition("@")
+    hosts, _, path = hostpath.partition("/")
+    username = password = None
+    if userinfo:
+        user, colon, pw = userinfo.partition(":")
+        username, password = (unquote(user) or None), (unquote(pw) if colon else None)
+    sentinels = []
+    for item in hosts.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not item.strip():
+            raise OnlineStoreAddressError(f"{text!r}: an empty Sentinel in the host list; write {FORMS}")
+        if not colon or not host:
+            raise OnlineStoreAddressError(f"{text!r}: Sentinel {item.strip()!r} needs host:port "
+                                          f"(Sentinels have no default port here); write {FORMS}")
+        sentinels.append((host.strip("[]"), _port(port, text)))
+    segments = [s for s in path.split("/") if s != ""] if path else []
+    if not segments:
+        raise OnlineStoreAddressError(f"{text!r}: no service name (the primary's name in `sentinel monitor`) "
+                                      f"after the Sentinels; write {FORMS}")
+    if len(segments) > 2:
+        raise OnlineStoreAddressError(f"{text!r}: too many path segments {segments}; write {FORMS}")
+    service = unquote(segments[0])
+    if not all(c.isalnum() or c in "._-" for c in service):
+        raise OnlineStoreAddressError(f"{text!r}: service name {service!r} may hold only letters, digits and "
+                                      f"'.', '_', '-' (Sentinel's rule); write {FORMS}")
+    return OnlineStoreAddress(text=text, sentinels=tuple(sentinels), service=service,
+                              db=_db(segments[1], text) if len(segments) == 2 else 0,
+                              username=username, password=password)
+
+
+# ---------------------------------------------------------------- clients
+
+
+def _default_retry() -> Retry:
+    # 5 retries 0.1, 0.2, 0.4, 0.8, 1 s apart (2.5 s): a job or consumer rides out a local failover
+    # (~2 s until Sentinel promotes the replica; each retry reconnects and asks the Sentinels for
+    # the primary again). redis-py's default (3 retries, backoff from 1 s, jittered up to 10 s)
+    # waits longer; the mixer passes its own (one retry after 10 ms: a request must not wait).
+    return Retry(ExponentialBackoff(cap=1.0, base=0.05), 5)
+
+
+class _ReplicaFallbackPipeline(redis.client.Pipeline):
+    """A pipeline of a :class:`ReplicaFallbackRedis`: an all-read pipeline runs on a replica while
+    the primary is unreachable; any other pipeline only on the primary."""
+
+    def __init__(self, owner: "ReplicaFallbackRedis", transaction: bool, shard_hint):
+        super().__init__(owner.connection_pool, owner.response_callbacks, transaction, shard_hint)
+        self._owner = owner
+
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        owner = self._owner
+        stack, scripts = list(self.command_stack), set(self.scripts)
+        readable = bool(stack) and all(_command_name(args) in REPLICA_COMMANDS for args, _ in stack)
+        if readable and owner.reading_from_replica():
+            self.reset()
+            return owner._replica_pipeline(stack, scripts, self.transaction, raise_on_error)
+        try:
+            return super().execute(raise_on_error)
+        except (redis.ConnectionError, redis.TimeoutError):
+            if not readable:
+                raise
+            owner.primary_failed()
+            return owner._replica_pipeline(stack, scripts, self.transaction, raise_on_error)
+
+
+def _command_name(args: tuple) -> str:
+    name = args[0]
+    if isinstance(name, bytes):
+        name = name.decode()
+    return str(name).split(" ", 1)[0].upper()
+
+
+class ReplicaFallbackRedis(redis.Redis):
+    """A client of the Sentinel-managed primary whose reads fall back to a replica.
+
+    Built by :func:`connect` with ``replica_reads=True`` (redis-py's ``Sentinel.master_for`` with
+    this class, plus ``replica``, a ``Sentinel.slave_for`` client). A read-only command
+    (``REPLICA_COMMANDS``), or a pipeline of them, that fails to reach the primary with a connection
+    error or timeout is sent to a replica; for the next ``replica_window_s`` seconds reads go to the
+    replica at once (no connection attempt to a dead primary per command), then the primary is
+    tried again. Writes always go to the primary: their connection errors reach the caller.
+
+    A replica's data lags the primary's by the replication delay (milliseconds here); after a
+    failover it is the new primary and ``slave_for`` falls back to it (redis-py's rotation ends on
+    the primary).
+
+    Attributes:
+        replica: the ``slave_for`` client (set by :func:`connect`).
+        replica_window_s: seconds reads stay on the replica after the primary failed.
+        replica_reads: reads answered by the replica so far (this client).
+    """
+
+    replica: redis.Redis | None = None
+    replica_window_s: float = 0.5
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._primary_failed_at = -math.inf
+        self._lock = threading.Lock()
+        self.replica_reads = 0
+
+    def primary_failed(self) -> None:
+        """A read could not reach the primary: read from the replica for ``replica_window_s``."""
+        self._primary_failed_at = time.monotonic()
+
+    def reading_from_replica(self) -> bool:
+        """True while reads go straight to the replica (within ``replica_window_s`` of a failure)."""
+        return time.monotonic() - self._primary_failed_at < self.replica_window_s
+
+    def _count(self) -> None:
+        with self._lock:
+            self.replica_reads += 1
+
+    def _replica_pipeline(self, stack, scripts, transaction: bool, raise_on_error: bool) -> list[Any]:
+        self._count()
+        pipe = self.replica.pipeline(transaction=transaction)
+        pipe.command_stack = stack
+        pipe.scripts = scripts
+        return pipe.execute(raise_on_error)
+
+    def execute_command(self, *args, **options):
+        """Run one command (class docstring for where). Raises what redis-py raises."""
+        if self.replica is None or _command_name(args) not in REPLICA_COMMANDS:
+            return super().execute_command(*args, **options)
+        if self.reading_from_replica():
+            self._count()
+            return self.replica.execute_command(*args, **options)
+        try:
+            return super().execute_command(*args, **options)
+        except (redis.ConnectionError, redis.TimeoutError):
+            self.primary_failed()
+            self._count()
+            return self.replica.execute_command(*args, **options)
+
+    def pipeline(self, transaction: bool = True, shard_hint=None) -> redis.client.Pipeline:
+        """A pipeline whose all-read batches fall back to the replica (class docstring)."""
+        return _ReplicaFallbackPipeline(self, transaction, shard_hint)
+
+    def close(self) -> None:
+        """Close the primary's and the replica's connection pools."""
+        try:
+            super().close()
+        finally:
+            if self.replica is not None:
+                self.replica.close()
+
+
+def sentinel_manager(address: "str | OnlineStoreAddress", *, timeout_s: float = 0.5, **kwargs):
+    """A redis-py ``Sentinel`` over the address's Sentinels.
+
+    Sentinel connections get ``timeout_s`` (s) to connect and answer and no retries: redis-py asks
+    the next Sentinel when one fails, and its default retry (backoff from 1 s) would hold every
+    primary lookup behind a dead Sentinel. ``kwargs`` are the Redis nodes' connection options.
+
+    Raises:
+        OnlineStoreAddressError: not a Sentinel address.
+    """
+    from redis.sentinel import Sentinel
+
+    a = parse_address(address)
+    if not a.ha:
+        raise OnlineStoreAddressError(f"{a}: not a Sentinel address; write "
+                                      f"redis+sentinel://host:port,host:port/service_name/db")
+    node = {"db": a.db, "username": a.username, "password": a.password, **kwargs}
+    node = {k: v for k, v in node.items() if v is not None}
+    return Sentinel(list(a.sentinels), sentinel_kwargs={"socket_timeout": timeout_s,
+                                                        "socket_connect_timeout": timeout_s,
+                                                        "retry": Retry(NoBackoff(), 0)}, **node)
+
+
+def connect(address: "str | OnlineStoreAddress", *, replica_reads: bool = False, replica_window_s: float = 0.5,
+            sentinel_timeout_s: float = 0.5, **kwargs) -> redis.Redis:
+    """A Redis client of the online store at ``address`` (the module docstring's two forms).
+
+    Args:
+        address: ``redis://...`` or ``redis+sentinel://...``.
+        replica_reads: Sentinel only: reads fall back to a replica while the primary is unreachable
+            (:class:`ReplicaFallbackRedis`). Ignored for a single Redis (there is no replica).
+        replica_window_s: seconds reads stay on the replica after the primary failed.
+        sentinel_timeout_s: connect / answer timeout (s) of each Sentinel query.
+        kwargs: redis-py connection options (``socket_timeout``, ``retry``, ``decode_responses``,
+            ...); default ``retry``: 5 retries 0.1-1 s apart (2.5 s: rides out a ~2 s failover).
+
+    Returns:
+        a ``redis.Redis`` (for Sentinel, bound to the current primary through redis-py's
+        ``SentinelConnectionPool``: no I/O happens until the first command).
+
+    Raises:
+        OnlineStoreAddressError: a malformed address (the message says what to write).
+    """
+    a = parse_address(address)
+    kwargs.setdefault("retry", _default_retry())
+    if not a.ha:
+        return redis.Redis.from_url(a.text, **kwargs)
+    if a.ssl:
+        kwargs.setdefault("ssl", True)
+    sentinel = sentinel_manager(a, timeout_s=sentinel_timeout_s)
+    if not replica_reads:
+        return sentinel.master_for(a.service, **kwargs)
+    client = sentinel.master_for(a.service, redis_class=ReplicaFallbackRedis, **kwargs)
+    client.replica = sentinel.slave_for(a.service, **kwargs)
+    client.replica_window_s = float(replica_window_s)
+    return client
+
+
+def has_replica_reads(client: redis.Redis) -> bool:
+    """True if ``client`` reads from a replica while the primary is unreachable (:func:`connect`
+    with ``replica_reads``): its writes can fail while its reads succeed."""
+    return isinstance(client, ReplicaFallbackRedis) and client.replica is not None
+
+
+def current_primary(address: "str | OnlineStoreAddress", timeout_s: float = 0.5) -> tuple[str, int]:
+    """``(host, port)`` of the primary: the Sentinels' current answer, or the single Redis's own.
+
+    Raises:
+        redis.sentinel.MasterNotFoundError: no Sentinel knows a primary that is up now.
+        OnlineStoreAddressError: a malformed address.
+    """
+    a = parse_address(address)
+    if not a.ha:
+        u = urlparse(a.text)
+        return u.hostname or "127.0.0.1", u.port or 6379
+    manager = sentinel_manager(a, timeout_s=timeout_s)
+    try:
+        host, port = manager.discover_master(a.service)
+        return str(host), int(port)
+    finally:
+        for s in manager.sentinels:
+            s.close()
+
+
+def feast_online_store(address: "str | OnlineStoreAddress") -> dict[str, str]:
+    """Feast's ``RedisOnlineStoreConfig`` fields for ``address``: ``connection_string``,
+    ``redis_type`` and ``sentinel_master``.
+
+    Feast's Redis online store takes ``host:port[,key=value...]`` (the options become redis-py
+    keyword arguments) and ``redis_type: redis | redis_cluster | redis_sentinel``; with
+    ``redis_sentinel`` the hosts are Sentinels and ``sentinel_master`` the service name, and Feast
+    writes through ``Sentinel(...).master_for(sentinel_master)`` (feast
+    ``infra/online_stores/redis.py``; the option list is in the ``RedisOnlineStoreConfig``
+    reference). Dropping the db or password would make Feast write elsewhere than the mixer reads.
+
+    Raises:
+        OnlineStoreAddressError: a malformed address, or a ``unix://`` one (Feast's form has no
+            socket path).
+    """
+    a = parse_address(address)
+    if a.ha:
+        hosts = [f"{h}:{p}" for h, p in a.sentinels]
+        redis_type, master = "redis_sentinel", a.service
+    else:
+        u = urlparse(a.text)
+        if u.scheme == "unix":
+            raise OnlineStoreAddressError(f"{a}: Feast cannot reach Redis over a unix socket; write redis://host:port/db")
+        hosts = [f"{u.hostname}:{u.port or 6379}"]
+        redis_type, master = "redis", "mymaster"  # Feast's default name; unused for a single Redis
+    parts = list(hosts)
+    if a.db:
+        parts.append(f"db={a.db}")
+    if a.username:
+        parts.append(f"username={a.username}")
+    if a.password:
+        parts.append(f"password={a.password}")
+    if a.ssl:
+        parts.append("ssl=true")
+    return {"connection_string": ",".join(parts), "redis_type": redis_type, "sentinel_master": master}
+
+
+__all__ = ["FORMS", "OnlineStoreAddress", "OnlineStoreAddressError", "REPLICA_COMMANDS", "ReplicaFallbackRedis",
+           "connect", "current_primary", "feast_online_store", "has_replica_reads", "parse_address",
+           "sentinel_address", "sentinel_manager"]
