@@ -626,7 +626,9 @@ class RedisServer(ManagedProcess):
 
     service: ClassVar[str] = "redis"
     cmdline_marker: ClassVar[str] = "redis-server"
-    start_timeout_s: ClassVar[float] = 15.0
+    # Redis answers LOADING until its AOF is read back: a full demo state (~1.9 GB) takes 20-40 s
+    # on 2 cores, so 15 s refused to restart it. A process that dies is still reported at once.
+    start_timeout_s: ClassVar[float] = 120.0
 
     @property
     def url(self) -> str:

@@ -839,9 +839,80 @@ def _promotion_check(state: StateDir, name: str, version: int, alias: str, force
     return check
 
 
+def _print_front_door(status: dict) -> None:
+    if not status["running"]:
+        print(f"mixer front door: HAProxy stopped ({sum(r['running'] for r in status['replicas'])} of "
+              f"{len(status['replicas'])} replicas still running: `home-mixer serve mixer stop` stops them)")
+    else:
+        print(f"mixer front door: {status['url']} (HAProxy pid {status['pid']}; metrics {status['metrics']}, "
+              f"stats {status['stats']}; config {status['config']}; log {status['log']})")
+    for r in status["replicas"]:
+        where = f"{r['url']} (pid {r['pid']})" if r["running"] else "not running"
+        seen = f", HAProxy: {r['haproxy']} (last check {r['check'] or '-'})" if "haproxy" in r else ""
+        print(f"  replica {r['name']}: {where}{seen}")
+
+
+def _serve_front_door(args) -> int:
+    """``serve mixer --replicas N [run|start]``: N mixer replicas behind HAProxy
+    (``mixer.front_door.MixerFrontDoor``); ``run`` stays in the foreground until Ctrl-C or SIGTERM,
+    then stops them."""
+    from home_mixer import jobs
+    from mixer.front_door import MixerFrontDoor
+
+    if args.replicas < 1:
+        raise UsageError(f"--replicas must be >= 1, got {args.replicas}")
+    if args.workers not in (None, 1):
+        raise UsageError("--workers does not combine with --replicas: each replica is one process behind "
+                         "HAProxy; ask for more replicas instead")
+    state = _state(args)
+    if args.action in ("stop", "status", "token"):
+        return cmd_serve_mixer(argparse.Namespace(**{**vars(args), "replicas": None}))
+    found = MixerFrontDoor.find(state)
+    if found is not None:
+        print("mixer front door already running:")
+        _print_front_door(found.status())
+        return 0
+    door = MixerFrontDoor(state, replicas=args.replicas, host=args.host,
+                          port=args.port or (8080 if args.action == "run" else None),
+                          config=Path(args.config) if args.config else None, redis_url=jobs.redis_url_for(state))
+    stop = _stop_on_signals() if args.action == "run" else None
+    door.start(timeout_s=args.timeout)
+    print(f"mixer front door started: {args.replicas} replicas behind HAProxy")
+    _print_front_door(door.status())
+    if stop is None:
+        return 0
+    print("Ctrl-C stops HAProxy and the replicas", flush=True)
+    try:
+        stop.wait()
+    finally:
+        door.stop()
+        print("mixer front door stopped")
+    return 0
+
+
 def cmd_serve_mixer(args) -> int:
     """``serve mixer`` (no action, or ``run``): the mixer in the foreground; ``start|stop|status``:
-    a supervised background mixer (:func:`run_service_action`)."""
+    a supervised background mixer (:func:`run_service_action`). With ``--replicas N``: N replicas
+    behind HAProxy (:func:`_serve_front_door`); ``stop`` and ``status`` cover a front door too."""
+    if getattr(args, "replicas", None) is not None:
+        return _serve_front_door(args)
+    if args.action in ("stop", "status"):
+        from mixer.front_door import MixerFrontDoor
+
+        door = MixerFrontDoor.find(_state(args))
+        if door is not None:
+            if args.action == "stop":
+                door.stop()
+                print(f"mixer front door stopped (HAProxy and {door.replicas} replicas)")
+                if _mixer_class().find(_state(args)) is None:
+                    return 0
+            elif args.json:
+                print(json.dumps(door.status(), indent=1, default=str))
+                return 0
+            else:
+                status = door.status()
+                _print_front_door(status)
+                return 0 if status["running"] else 1
     if args.action != "run":
         return run_service_action(SERVICES["mixer"], args)
     from home_mixer import jobs
@@ -1256,6 +1327,7 @@ def build_parser() -> argparse.ArgumentParser:
         svsub, "mixer", "mixer", "the mixer HTTP API",
         "Without an action (or `run`): the mixer in the foreground (default port 8080). "
         "start/stop/status: a background mixer supervised through <state>/run/mixer.json. "
+        "--replicas N: N mixer processes behind HAProxy (run, start; stop and status find it). "
         "token: print the bearer token to send (`Authorization: Bearer $(home-mixer serve mixer token)`).",
         actions=("start", "stop", "status", "token"), port=True, default_action="run")
     mx.add_argument("--config", help="mixer YAML (default: embedded mixer/mixer.yaml)")
@@ -1263,6 +1335,10 @@ def build_parser() -> argparse.ArgumentParser:
     mx.add_argument("--workers", type=int, default=None,
                     help="worker processes behind the port, each with its own models and connections "
                          "(default: one per core)")
+    mx.add_argument("--replicas", type=int, default=None,
+                    help="run/start: N mixer processes, each on its own loopback port, behind HAProxy on "
+                         "--port (health checks, a bounded queue, retries; the config's front_door section; "
+                         "records in <state>/run, HAProxy config in <state>/haproxy)")
     mx.set_defaults(func=cmd_serve_mixer)
 
     mo = sub.add_parser("monitor", help="drift job and dashboards; Prometheus (start|stop|status)")

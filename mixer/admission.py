@@ -12,6 +12,12 @@ requests share the GIL and every one of them takes ``k`` times longer (processor
 the convoy of GIL hand-offs around each Redis round trip). Served one after another, the first
 finishes at once and the wait is bounded by the queue: with ``S`` ms of work per request, an
 admitted request is answered within about ``max_in_flight x S`` ms.
+
+Behind a front door (``mixer.haproxy``: HAProxy queues what the replicas cannot take yet), a request
+may have waited before this process saw it. The front door stamps each request with
+``X-Request-Start: t=<microseconds since the epoch>`` (the convention of Heroku's router and New
+Relic's queue time), and the wait before arrival counts as queue wait here: the quality factor and
+the queue-wait histogram see what the caller saw, wherever the request queued.
 """
 
 from __future__ import annotations
@@ -23,6 +29,37 @@ import time
 from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+REQUEST_START_HEADER = b"x-request-start"
+MAX_UPSTREAM_WAIT_S = 60.0  # a stamp older than this (or in the future) is a clock problem: ignored
+
+
+def upstream_wait_s(scope: dict, now_s: float) -> float:
+    """Seconds a request waited before it reached this process, from its ``X-Request-Start`` header
+    (``t=<epoch time>`` in seconds, milliseconds or microseconds, told apart by magnitude as New
+    Relic does; HAProxy sends microseconds).
+
+    Args:
+        scope: the ASGI scope (its raw headers).
+        now_s: the wall clock now (``time.time()``).
+
+    Returns:
+        The wait in seconds; 0.0 without the header, or when it is unreadable, in the future or
+        older than ``MAX_UPSTREAM_WAIT_S`` (clocks that disagree must not shed quality).
+    """
+    for name, value in scope.get("headers") or ():
+        if name.lower() != REQUEST_START_HEADER:
+            continue
+        text = value.decode("latin-1").strip()
+        try:
+            stamp = float(text[2:] if text.startswith("t=") else text)
+        except ValueError:
+            return 0.0
+        stamp_s = stamp / 1e6 if stamp > 1e14 else stamp / 1e3 if stamp > 1e11 else stamp
+        wait = now_s - stamp_s
+        return wait if 0.0 <= wait <= MAX_UPSTREAM_WAIT_S else 0.0
+    return 0.0
 
 
 class OverloadSettings(BaseModel):
@@ -58,8 +95,9 @@ class InFlightLimitMiddleware:
             uncounted, to be refused by the route at no cost, so they cannot crowd out callers.
         on_complete: called with each admitted request's latency (ms, float) from arrival to the
             end of its answer, queue wait included: what the caller saw (e.g. the quality factor).
+            Arrival is when the front door stamped the request (:func:`upstream_wait_s`), if it did.
         on_start: called with each admitted request's wait for an execution slot (ms, float), as
-            it starts (e.g. a queue-wait histogram).
+            it starts (e.g. a queue-wait histogram); the front door's queue included.
     """
 
     def __init__(self, app, settings: OverloadSettings, paths: tuple[str, ...],
@@ -88,7 +126,7 @@ class InFlightLimitMiddleware:
                 or (self.admit is not None and not self.admit(scope))):
             await self.app(scope, receive, send)
             return
-        arrived = time.perf_counter()
+        arrived = time.perf_counter() - upstream_wait_s(scope, time.time())
         if limit == 0:  # no bound and no queue: still timed, for the quality factor
             try:
                 await self.app(scope, receive, send)

@@ -22,6 +22,7 @@ from core.schema import HEADS
 from pipelines.graph.config import FanoutSettings
 from mixer.admission import OverloadSettings
 from mixer.caches import CacheSettings
+from mixer.haproxy import FrontDoorSettings
 from mixer.quality_factor import QualityFactorSettings
 from mixer.redis_health import RedisClientSettings
 
@@ -377,7 +378,14 @@ class MixerConfig(_Strict):
     overload: OverloadSettings = OverloadSettings()
     quality_factor: QualityFactorSettings = QualityFactorSettings()
     fanout: FanoutSettings = FanoutSettings()  # the social graph and fan-out (pipelines/graph/fanout.yaml)
+    front_door: FrontDoorSettings = FrontDoorSettings()  # HAProxy in front of replicas (mixer/haproxy.py)
     source_pool_workers: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _front_door_within_bound(self) -> "MixerConfig":
+        # HAProxy must never send a replica more than it admits: it would refuse (503) what could queue
+        self.front_door.maxconn(self.overload.max_in_flight, self.overload.max_concurrent)
+        return self
 
     def resolved_redis_url(self) -> str:
         """The online store's address: ``redis_url``, else ``$HOME_MIXER_REDIS_URL``, else the one
@@ -429,7 +437,9 @@ def parse_config(data: dict) -> MixerConfig:
     try:
         return MixerConfig.model_validate(data or {})
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        # a check across sections (a model validator) has no key path: its message names the keys
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" if err["loc"] else err["msg"]
+                             for err in e.errors())
         raise ConfigError(f"invalid mixer config: {problems}") from None
 
 

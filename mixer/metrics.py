@@ -49,7 +49,7 @@ class MixerMetrics:
         self.request_seconds = prom.Histogram("hm_mixer_request_seconds", "Home-timeline request latency",
                                               buckets=LATENCY_BUCKETS, registry=r)
         # mixer.admission: admitted requests wait here for an execution slot (request_seconds
-        # starts after it); the caller sees both
+        # starts after it), after any wait in the front door's queue (X-Request-Start); the caller sees both
         self.queue_wait_seconds = prom.Histogram("hm_mixer_queue_wait_seconds", "Wait of an admitted "
                                                  "home-timeline request for an execution slot",
                                                  buckets=LATENCY_BUCKETS, registry=r)

@@ -16,6 +16,10 @@ run records of the state folder (``<state>/run/*.json``, written by the services
 - ``fanout_worker``: every fan-out worker serving metrics (``home-mixer fanout run --metrics-port``:
   ``run/fanout_worker-<consumer>.json``, ``pipelines.graph.metrics``);
 - ``drift_exporter``: the drift exporter (``run/drift_exporter.json``), if recorded;
+- ``haproxy``: every mixer front door (``home-mixer serve mixer --replicas N``: records of service
+  ``haproxy``, ``mixer.haproxy.HAProxyServer``), HAProxy's built-in exporter at
+  ``<stats_port>/metrics`` (queue, retries, redispatches, server states); its replicas are
+  ``mixer`` records and are scraped one by one by the ``mixer`` job;
 - ``prometheus``: itself.
 
 The targets live in file-SD files (``<state>/prometheus/targets/<job>.json``) that Prometheus
@@ -51,6 +55,7 @@ SCRAPE_JOBS: dict[str, tuple[str, tuple[str, ...]]] = {
     "stream_processor": ("stream_processor", ("metrics_port", "port")),
     "fanout_worker": ("fanout_worker", ("metrics_port",)),
     "drift_exporter": ("drift_exporter", ("port",)),
+    "haproxy": ("haproxy", ("stats_port",)),
 }
 
 

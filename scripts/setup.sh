@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create the virtual environment from requirements.lock and install system services (redis-server,
-# redis-sentinel, prometheus + promtool, chromium, wrk).
+# redis-sentinel, prometheus + promtool, chromium, haproxy, wrk).
 # Idempotent: a venv whose lock hash matches is reused. Prints the venv path on its last line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +49,23 @@ if ! command -v chromium >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq >&2
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >&2
+fi
+
+# HAProxy: the mixer's front door (`home-mixer serve mixer --replicas N`, mixer/haproxy.py); 2.6 in
+# Debian 12, with the Prometheus exporter built in.
+if ! command -v haproxy >/dev/null 2>&1; then
+  echo "[setup] installing Debian's haproxy" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends haproxy >&2
+  # The package may start a system haproxy from /etc/haproxy; ours run per state folder from a
+  # generated config, so stop and disable the system one.
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now haproxy >/dev/null 2>&1 || true
+  elif [ -x /etc/init.d/haproxy ]; then
+    $SUDO /etc/init.d/haproxy stop >/dev/null 2>&1 || true
+    if command -v update-rc.d >/dev/null 2>&1; then $SUDO update-rc.d haproxy disable >/dev/null 2>&1 || true; fi
+  fi
 fi
 
 # wrk: the HTTP load generator of bench/load.py.

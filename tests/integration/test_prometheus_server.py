@@ -91,7 +91,7 @@ def test_prometheus_scrapes_the_mixer_and_loads_the_alert_rules(monitored_mixer,
         assert config["global"]["scrape_interval"] == "2000ms"
         assert f"--storage.tsdb.path={state.root / 'prometheus' / 'data'}" in psutil.Process(prom.pid).cmdline()
         assert {j["job_name"] for j in config["scrape_configs"]} == {"mixer", "stream_processor", "fanout_worker",
-                                                                     "drift_exporter", "prometheus"}
+                                                                     "drift_exporter", "haproxy", "prometheus"}
         assert json.loads((prom.targets_dir / "mixer.json").read_text())[0]["targets"] == [f"127.0.0.1:{mixer.port}"]
         assert (prom.data_dir).is_dir()
 

@@ -247,3 +247,43 @@ def test_an_unbounded_mixer_still_times_requests_for_the_quality_factor():
 
     latencies = asyncio.run(scenario())
     assert len(latencies) == 5 and min(latencies) >= 30.0
+
+
+def test_the_front_doors_request_start_stamp_counts_as_queue_wait():
+    """A request HAProxy stamped 200 ms ago (X-Request-Start, microseconds) reports that wait to the
+    quality factor and the queue-wait histogram; a stamp that cannot be right is ignored."""
+    import time
+
+    from mixer.admission import upstream_wait_s
+
+    now = time.time()
+
+    def scope(value: str) -> dict:
+        return {"headers": [(b"x-request-start", value.encode())]}
+
+    assert upstream_wait_s(scope(f"t={int((now - 0.2) * 1e6)}"), now) == pytest.approx(0.2, abs=1e-3)
+    assert upstream_wait_s(scope(f"t={int((now - 0.2) * 1e3)}"), now) == pytest.approx(0.2, abs=2e-3)  # ms
+    assert upstream_wait_s(scope(f"{now - 0.2:.3f}"), now) == pytest.approx(0.2, abs=2e-3)  # seconds, no t=
+    for bad in (f"t={int((now + 5) * 1e6)}", f"t={int((now - 3600) * 1e6)}", "t=soon", ""):
+        assert upstream_wait_s(scope(bad), now) == 0.0, bad
+    assert upstream_wait_s({"headers": []}, now) == 0.0
+
+    async def scenario():
+        waits, latencies = [], []
+        app = FastAPI()
+        app.add_middleware(InFlightLimitMiddleware, settings=OverloadSettings(max_in_flight=3), paths=("/work",),
+                           on_complete=latencies.append, on_start=waits.append)
+
+        @app.get("/work")
+        async def work():
+            return {}
+
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            stamp = int((time.time() - 0.2) * 1e6)
+            await client.get("/work", headers={"X-Request-Start": f"t={stamp}"})
+            await client.get("/work")
+        return waits, latencies
+
+    waits, latencies = asyncio.run(scenario())
+    assert waits[0] >= 200.0 and latencies[0] >= 200.0  # the front door's queue is the caller's wait
+    assert waits[1] < 50.0 and latencies[1] < 50.0
