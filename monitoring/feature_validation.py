@@ -152,12 +152,17 @@ def online_slice(frame: pd.DataFrame, spec: FeatureViewSpec, until: pd.Timestamp
     """The rows ``materialize`` writes to the online store: per entity (``spec.join_keys``), the
     latest row by ``event_timestamp`` at or before ``until`` (None: no bound). Rows with a null key
     or stamp are left out (``table_suite`` reports them)."""
-    rows = frame.dropna(subset=[*spec.join_keys, "event_timestamp"]) if len(frame) else frame
+    keys = list(spec.join_keys)
+    stamps = pd.to_datetime(frame["event_timestamp"], utc=True)
+    ok = frame[keys].notna().all(axis=1).to_numpy() & stamps.notna().to_numpy()
     if until is not None:
-        rows = rows[pd.to_datetime(rows["event_timestamp"], utc=True) <= until]
-    order = np.argsort(pd.to_datetime(rows["event_timestamp"], utc=True).to_numpy(dtype="datetime64[ns]"),
-                       kind="stable")
-    return rows.iloc[order].drop_duplicates(list(spec.join_keys), keep="last").reset_index(drop=True)
+        ok &= (stamps <= until).to_numpy()
+    kept = np.flatnonzero(ok)
+    # positions by time (stable: a tie keeps file order), then the last per key; only the keys are
+    # copied until the one final take (each pandas step on the wide table copied all of it)
+    order = kept[np.argsort(stamps.to_numpy(dtype="datetime64[ns]")[kept], kind="stable")]
+    latest = ~frame[keys].take(order).duplicated(keys, keep="last").to_numpy()
+    return frame.take(order[latest]).reset_index(drop=True)
 
 
 def _row_count(previous: int, config: FeatureGateConfig):

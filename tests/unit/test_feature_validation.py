@@ -7,6 +7,7 @@ Expectations suites, and checks which expectation of which table and column fail
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -118,6 +119,14 @@ def test_the_injected_fault_is_stopped_naming_table_column_and_expectation(tmp_p
     assert profile_path(tmp_path / "r").read_text() == before
     report = json.loads((tmp_path / "r" / REPORT_NAME).read_text())
     assert report["success"] is False and report["failed"] == 3
+    # the Data Docs site has a page for each run of the online suite, the failed one included
+    site = tmp_path / "r" / "gx" / "uncommitted" / "data_docs" / "local_site"
+    pages = sorted((site / "validations" / "feature_table_content_features_online").rglob("*.html"))
+    assert len(pages) == 2
+    text = [re.sub(r"<[^>]+>|\s+", " ", p.read_text()) for p in pages]
+    assert sum(bool(re.search(r"Unsuccessful Expectations\s+3\b", t)) for t in text) == 1
+    assert sum(bool(re.search(r"Unsuccessful Expectations\s+0\b", t)) for t in text) == 1
+    assert "feature_table_content_features_online" in (site / "index.html").read_text()
 
 
 def test_a_fault_in_the_newest_rows_only_is_caught_in_the_online_slice(tmp_path):
@@ -163,6 +172,17 @@ def test_online_slice_is_the_latest_row_per_entity_up_to_the_window_end():
     assert sorted(got["post_id"]) == [0, 1, 2]
     assert (got["event_timestamp"] == T0 + pd.Timedelta(hours=2)).all()
     assert (online_slice(table, CONTENT_VIEW)["event_timestamp"] == T0 + pd.Timedelta(hours=3)).all()
+
+
+def test_online_slice_leaves_out_null_keys_and_stamps_and_keeps_the_last_of_tied_rows():
+    table = content_table(n_posts=2, hours=2)
+    last = T0 + pd.Timedelta(hours=1)
+    tie = table[(table["post_id"] == 1) & (table["event_timestamp"] == last)].assign(post_click_rate_24h=0.5)
+    no_key = table.iloc[[0]].assign(post_id=np.nan, event_timestamp=last + pd.Timedelta(hours=1))
+    no_stamp = table.iloc[[2]].assign(event_timestamp=pd.NaT)
+    got = online_slice(pd.concat([table, tie, no_key, no_stamp], ignore_index=True), CONTENT_VIEW)
+    assert sorted(got["post_id"]) == [0, 1] and (got["event_timestamp"] == last).all()
+    assert got.set_index("post_id").loc[1, "post_click_rate_24h"] == 0.5  # the later row of the tie
 
 
 def test_gate_config_rejects_nonsense():
