@@ -66,11 +66,15 @@ class TimelineItem(BaseModel):
                                               "home timeline) or pulled (a followed celebrity's post, merged at "
                                               "read); empty otherwise")
     in_network: bool
+    propensity: float = Field(1.0, description="the probability this post had of its slot given the slots above it: "
+                                               "1 unless the arm explores (a feed service that logs its own "
+                                               "impressions keeps it for off-policy evaluation)")
 
 
 class TimelineResponse(BaseModel):
     """One page of a home timeline."""
 
+    request_id: str = Field(description="this page's id, logged with every served post (join engagements on it)")
     user_id: int
     surface: int = Field(description="the surface this page was ranked for (the request's, or the default)")
     arm: str
@@ -428,6 +432,7 @@ def open_resilience(config: MixerConfig, client: redis.Redis, metrics: MixerMetr
 def _response(result: TimelineResult) -> dict:
     return {
         "quality_factor": result.query.quality_factor,
+        "request_id": result.query.request_id,
         "user_id": result.query.user_id,
         "surface": result.query.surface,
         "arm": result.query.arm or "",
@@ -435,6 +440,7 @@ def _response(result: TimelineResult) -> dict:
             "post_id": c.post_id, "author_id": c.author_id, "score": finite(c.score),
             "heads": {h: finite(p) for h, p in c.heads.items()}, "light_score": finite(c.light_score),
             "source": c.source, "source_detail": c.source_detail, "in_network": c.in_network,
+            "propensity": c.propensity,
         } for c in result.items],
         "next_cursor": result.next_cursor.encode() if result.next_cursor else None,
         "model_versions": result.model_versions,

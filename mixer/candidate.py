@@ -121,6 +121,11 @@ class Candidate:
         light_score: light ranker output (NaN until scored).
         heads: head name -> heavy ranker probability (empty until scored).
         score: blended score used for ranking (NaN until blended).
+        propensity: the probability the serving policy had of putting this post in its slot,
+            given the slots above it (1 for a deterministic page; ``ExplorationSelector`` sets
+            it when the arm explores).
+        pool_index: the post's place in the exploration pool (0 = best ranked), -1 when it was
+            not in one.
     """
 
     post_id: int
@@ -134,3 +139,5 @@ class Candidate:
     light_score: float = math.nan
     heads: dict[str, float] = field(default_factory=dict)
     score: float = math.nan
+    propensity: float = 1.0
+    pool_index: int = -1

@@ -213,6 +213,7 @@ class ServedSettings(_Strict):
     ttl_seconds: int = Field(3600, ge=1)
     max_per_user: int = Field(2000, ge=1)
     impression_stream_maxlen: int = Field(100_000, ge=1)
+    exploration_stream_maxlen: int = Field(100_000, ge=1)  # exploring requests' pools (entries)
 
 
 class FeatureLoggingSettings(_Strict):
@@ -234,14 +235,32 @@ class DriftSampleSettings(_Strict):
     stream_maxlen: int = Field(50_000, ge=1)  # approximate cap (MAXLEN ~), entries
 
 
+class ExplorationSettings(_Strict):
+    """An arm's exploration policy (``mixer.selectors.exploration``): the page's slots drawn from
+    the top ``pool`` candidates, each served post logged with its propensity.
+
+    ``softmax`` draws by ``exp(score / temperature)`` (Plackett-Luce; ``temperature`` in the
+    blended score's units: the demo's scores are weighted sums of head probabilities, ~0.01-1);
+    ``epsilon_greedy`` takes the best remaining candidate except with probability ``epsilon`` a
+    uniform one.
+    """
+
+    policy: Literal["softmax", "epsilon_greedy"] = "softmax"
+    pool: int = Field(50, ge=2, le=1000)
+    temperature: float = Field(0.1, gt=0)
+    epsilon: float = Field(0.1, gt=0, le=1)
+
+
 class ArmSettings(_Strict):
-    """One experiment arm: its share of users, its blender weight per head and the exponent of
-    the light score in the blend (``mixer.blenders.WeightedSumBlender``; 0 = weighted sum only)."""
+    """One experiment arm: its share of users, its blender weight per head, the exponent of
+    the light score in the blend (``mixer.blenders.WeightedSumBlender``; 0 = weighted sum only)
+    and, optionally, its exploration policy (None: the page is the ranked order)."""
 
     name: str = Field(min_length=1)
     traffic_share: float = Field(ge=0, le=1)
     weights: dict[str, float]
     light_score_exponent: float = Field(0.0, ge=0, le=4)
+    exploration: ExplorationSettings | None = None
 
     @field_validator("weights")
     @classmethod

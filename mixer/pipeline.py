@@ -16,8 +16,10 @@ the request entry point around it (``HomeTimelinePipeline``).
     heavy ranker         TopKSelector (heavy_ranker_top_k by light score), then HeavyRankerScorer:
                          one probability per head
     blender              WeightedSumBlender with the arm's weights
-    selectors            AuthorDiversitySelector (decay + cap per author), PageSelector (+ cursor)
-    side effects         ServedPostsSideEffect, ImpressionLogSideEffect, FeatureLogSideEffect, DriftSampleSideEffect (the
+    selectors            AuthorDiversitySelector (decay + cap per author), ExplorationSelector (arms
+                         that explore: slots drawn with logged propensities), PageSelector (+ cursor)
+    side effects         ServedPostsSideEffect, ImpressionLogSideEffect, ExplorationLogSideEffect (exploring
+                         arms' pools), FeatureLogSideEffect, DriftSampleSideEffect (the
                          served items' feature rows), RequestMetricsSideEffect
 
 Filters run on core data (author, creation time) before feature hydration so filtered posts cost
@@ -71,9 +73,10 @@ from mixer.query_hydrators import (
 )
 from mixer.redis_health import RedisHealth
 from mixer.scorers import HeavyRankerScorer, LightRankerScorer, RankerHandle
-from mixer.selectors import AuthorDiversitySelector, PageCursor, PageSelector, TopKSelector
+from mixer.selectors import AuthorDiversitySelector, ExplorationSelector, PageCursor, PageSelector, TopKSelector
 from mixer.side_effects import (
     DriftSampleSideEffect,
+    ExplorationLogSideEffect,
     FeatureLogSideEffect,
     ImpressionLogSideEffect,
     RequestMetricsSideEffect,
@@ -142,6 +145,7 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
     """
     src, ranking = config.candidate_sources, config.ranking
     caches, health = resilience.caches, resilience.health
+    explorers = {a.name: a.exploration for a in config.experiment.arms if a.exploration is not None}
     return CandidatePipeline(
         query_hydrators=[
             UserContextQueryHydrator(client, config.served.ttl_seconds, caches=caches, health=health),
@@ -200,12 +204,15 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
         selectors=[
             AuthorDiversitySelector(config.filters.max_posts_per_author, ranking.author_diversity_decay,
                                     ranking.author_diversity_floor),
+            ExplorationSelector(explorers),
             PageSelector(),
         ],
         side_effects=[
             ServedPostsSideEffect(client, config.served.ttl_seconds, config.served.max_per_user,
                                   buffer=resilience.writes),
             ImpressionLogSideEffect(client, config.served.impression_stream_maxlen, buffer=resilience.writes),
+            ExplorationLogSideEffect(client, config.served.exploration_stream_maxlen, explorers,
+                                     buffer=resilience.writes),
             FeatureLogSideEffect(client, config.feature_logging.stream_maxlen,
                                  enabled=config.feature_logging.enabled, buffer=resilience.writes),
             DriftSampleSideEffect(client, config.drift_sample.rate, config.drift_sample.per_request,

@@ -19,7 +19,9 @@ class ImpressionLogSideEffect(SideEffect):
     Entry fields (strings): request_id, user_id, post_id, author_id, position (0-based), score,
     light_score, heads (JSON), arm, source, in_network (0/1), page_index, surface (the request's
     surface id, the log's ``tab``: training sets built from this stream need it), served_at (wall epoch s),
-    as_of (ranking clock epoch s), light_ranker_version, heavy_ranker_version.
+    as_of (ranking clock epoch s), light_ranker_version, heavy_ranker_version, propensity (the
+    probability the post had of its slot: 1 unless the arm explores, ``ExplorationSelector``),
+    pool_index (its place in the exploration pool, -1 outside one).
 
     With a ``buffer`` (the mixer's), entries Redis cannot take wait there in order and are
     appended when Redis answers again (``RedisWriteBuffer``; ``served_at`` stays the serve time);
@@ -60,6 +62,7 @@ class ImpressionLogSideEffect(SideEffect):
                 "served_at": served_at, "as_of": f"{q.now_s:.3f}",
                 "light_ranker_version": versions.get("light_ranker", ""),
                 "heavy_ranker_version": versions.get("heavy_ranker", ""),
+                "propensity": repr(c.propensity), "pool_index": c.pool_index,
             })
         stream, maxlen = self.stream, self.maxlen
 

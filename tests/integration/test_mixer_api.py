@@ -551,3 +551,61 @@ def test_a_killed_worker_is_replaced_while_the_others_keep_serving(mixer_server,
         assert gauge_pids and victim not in gauge_pids and gauge_pids <= {p.pid for p in workers()}, gauge_pids
     finally:
         srv.stop()
+
+
+def test_an_exploring_arm_serves_drawn_pages_whose_logged_pools_reproduce_the_propensities(
+        mixer_server, mixer_state, known_users, redis_server):
+    """A mixer whose only arm explores (softmax over the blended score, real rankers, real Redis):
+    every served post is logged with a propensity below 1, the request's pool goes to the
+    exploration stream, and the pool's logged scores with the logged temperature give back each
+    slot's propensity exactly: what off-policy evaluation (models.ope) will rely on."""
+    import json
+
+    from models.ope import softmax_policy
+
+    _, client = mixer_server
+    arm = {"name": "explore", "traffic_share": 1.0, "light_score_exponent": 1.0,
+           "weights": {"click": 1.0, "long_view": 2.0, "like": 4.0, "follow": 8.0, "comment": 6.0,
+                       "forward": 6.0, "hate": -20.0},
+           "exploration": {"policy": "softmax", "pool": 30, "temperature": 0.05}}
+    proc, base = _start_mixer(mixer_state, {
+        "redis_url": f"redis://127.0.0.1:{redis_server.port}/{DB}",
+        "models": {"tracking_uri": mixer_state.mlflow_tracking_uri, "reload_interval_s": 0},
+        "clock": {"now": AS_OF.isoformat().replace("+00:00", "Z")},
+        "experiment": {"salt": "explore-test", "arms": [arm]},
+    }, "mixer-explore")
+    try:
+        with httpx.Client(base_url=base, timeout=30, headers=auth_headers(mixer_state)) as http:
+            start = client.xinfo_stream(keys.EXPLORATION_LOG)["last-generated-id"] if client.exists(
+                keys.EXPLORATION_LOG) else "0-0"
+            served = {}
+            for i, user in enumerate(known_users * 2):
+                body = _timeline(http, user_id=user, limit=8)
+                assert body["arm"] == "explore"
+                served[body["request_id"]] = [it["post_id"] for it in body["items"]]
+            pages = {tuple(p) for p in served.values()}
+            assert len(pages) == len(served)  # the same user twice got two draws
+    finally:
+        stop_pid(proc.pid)
+    entries = {f[b"request_id"].decode(): f for _, f in client.xrange(keys.EXPLORATION_LOG, min=f"({start}"
+                                                                      if start != "0-0" else "-")}
+    assert set(served) <= set(entries)
+    checked = 0
+    for rid, page in served.items():
+        f = entries[rid]
+        pool = json.loads(f[b"pool"])
+        slots = json.loads(f[b"slots"])
+        temperature = json.loads(f[b"policy"])["temperature"]
+        assert [pool[i][0] for i, _ in slots] == page  # the page is the drawn slots, in order
+        scores = np.array([p[1] for p in pool])
+        left = np.ones(len(pool), dtype=bool)
+        for i, propensity in slots:
+            probs = softmax_policy(scores, temperature, mask=left)
+            assert propensity == pytest.approx(probs[i], rel=1e-9)
+            assert 0 < propensity < 1
+            left[i] = False
+            checked += 1
+    assert checked >= 8 * len(served) // 2
+    impressions = [f for _, f in client.xrevrange(keys.SERVED_IMPRESSIONS, count=200)
+                   if f[b"request_id"].decode() in served]
+    assert impressions and all(0 < float(f[b"propensity"]) < 1 and int(f[b"pool_index"]) >= 0 for f in impressions)

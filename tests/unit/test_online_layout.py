@@ -50,6 +50,7 @@ GOLDEN: dict[str, tuple[tuple, str]] = {
     "SERVED_IMPRESSIONS": ((), "hm:served_impressions"),
     "SERVED_FEATURES": ((), "hm:served_features"),
     "DRIFT_SAMPLE": ((), "hm:drift_sample"),
+    "EXPLORATION_LOG": ((), "hm:exploration"),
     "rt_seen_event": (("e-1",), "hm:rt:seen:e-1"),
     "rt_post_counts": ((10,), "hm:rt:post:10:counts"),
     "rt_post_meta": ((10,), "hm:rt:post:10:meta"),
