@@ -580,6 +580,26 @@ def cmd_monitor_drift(args) -> int:
     return 0 if run.summary.passed else 3
 
 
+def cmd_experiment_report(args) -> int:
+    """``home-mixer experiment report [EXP]``: the readout of an experiment (exit 4 on SRM or a
+    guardrail breach)."""
+    from home_mixer.experiment_job import EXIT_FAILED, readout_text, report_experiment
+    from mixer.config import ConfigError
+    from monitoring.experiment_report import ExperimentDataError
+
+    try:
+        rep = report_experiment(_state(args), args.experiment, config=Path(args.config) if args.config else None,
+                                impressions=Path(args.impressions) if args.impressions else None,
+                                control=args.control, window_s=args.window_s,
+                                out_dir=Path(args.out) if args.out else None, max_p99_ratio=args.max_p99_ratio,
+                                max_share_increase=args.max_share_increase)
+    except (ExperimentDataError, ConfigError) as e:
+        raise UsageError(str(e)) from None
+    print(readout_text(rep.result))
+    print(f"report: {rep.html}\nsummary: {rep.json}")
+    return 0 if rep.result.passed else EXIT_FAILED
+
+
 def cmd_monitor_dashboard(args) -> int:
     """``home-mixer monitor dashboard``: the static drift page of every run in <state>/reports/drift."""
     from monitoring.drift import RUNS_DIR
@@ -1379,6 +1399,24 @@ def build_parser() -> argparse.ArgumentParser:
     gf.add_argument("--out", help="JSON path (default <state>/reports/grafana/home_mixer_oncall.json)")
     gf.set_defaults(func=cmd_monitor_grafana)
 
+    xp = sub.add_parser("experiment", help="online experiments: the readout of an experiment's arms")
+    xpsub = xp.add_subparsers(dest="action", required=True)
+    xr = xpsub.add_parser("report", help="per arm: users, impressions, each head's rate with 95 %% intervals, "
+                                         "lift against control, SRM and guardrails (HTML + JSON); exit 4 on "
+                                         "SRM or a guardrail breach")
+    xr.add_argument("experiment", nargs="?", help="experiment id (default: the config's experiment.id)")
+    xr.add_argument("--config", help="the mixer config the experiment ran with (arms, shares)")
+    xr.add_argument("--impressions", help="canonical impressions parquet with the engagements "
+                                          "(default <state>/tables/impressions)")
+    xr.add_argument("--control", help="the arm lifts are against (default: the config's first arm)")
+    xr.add_argument("--window-s", type=_positive_float, default=3600.0,
+                    help="a serve is engaged by the first impression of its (user, post) within this many seconds")
+    xr.add_argument("--max-p99-ratio", type=_positive_float, default=1.2,
+                    help="guardrail: a treatment's p99 pipeline time over the control's")
+    xr.add_argument("--max-share-increase", type=float, default=0.01,
+                    help="guardrail: a treatment's degraded / fallback share over the control's")
+    xr.add_argument("--out", help="report folder (default <state>/reports/experiments/<id>/<time>)")
+    xr.set_defaults(func=cmd_experiment_report)
     ex = sub.add_parser("export", help="export a registered ranker, or the two-tower's user tower, to ONNX "
                                        "(checked against the native model)")
     ex.add_argument("--model", choices=sorted(MODEL_NAMES), required=True)

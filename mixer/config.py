@@ -274,6 +274,10 @@ class ArmSettings(_Strict):
 
 
 class ExperimentSettings(_Strict):
+    """The running experiment: its ``id`` (logged with every impression; ``home-mixer experiment
+    report`` reads by it), the ``salt`` of the user hash, and the arms with their shares."""
+
+    id: str = Field("home-timeline", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     salt: str = Field(min_length=1)
     arms: tuple[ArmSettings, ...] = Field(min_length=1)
 

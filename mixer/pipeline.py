@@ -210,7 +210,8 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
         side_effects=[
             ServedPostsSideEffect(client, config.served.ttl_seconds, config.served.max_per_user,
                                   buffer=resilience.writes),
-            ImpressionLogSideEffect(client, config.served.impression_stream_maxlen, buffer=resilience.writes),
+            ImpressionLogSideEffect(client, config.served.impression_stream_maxlen, buffer=resilience.writes,
+                                    experiment_id=config.experiment.id),
             ExplorationLogSideEffect(client, config.served.exploration_stream_maxlen, explorers,
                                      buffer=resilience.writes),
             FeatureLogSideEffect(client, config.feature_logging.stream_maxlen,

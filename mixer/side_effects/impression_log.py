@@ -21,7 +21,10 @@ class ImpressionLogSideEffect(SideEffect):
     surface id, the log's ``tab``: training sets built from this stream need it), served_at (wall epoch s),
     as_of (ranking clock epoch s), light_ranker_version, heavy_ranker_version, propensity (the
     probability the post had of its slot: 1 unless the arm explores, ``ExplorationSelector``),
-    pool_index (its place in the exploration pool, -1 outside one).
+    pool_index (its place in the exploration pool, -1 outside one), experiment (the experiment id),
+    and the request's guardrail fields: pipeline_ms (wall time of its stages up to the side
+    effects), degraded (the stages that failed open, comma-separated) and fallback (1 when a ranker
+    was scored by the in-process fallback).
 
     With a ``buffer`` (the mixer's), entries Redis cannot take wait there in order and are
     appended when Redis answers again (``RedisWriteBuffer``; ``served_at`` stays the serve time);
@@ -31,8 +34,10 @@ class ImpressionLogSideEffect(SideEffect):
     name = "impression_log"
 
     def __init__(self, client: redis.Redis, maxlen: int, stream: str = keys.SERVED_IMPRESSIONS,
-                 wall_clock: Callable[[], float] = time.time, buffer: RedisWriteBuffer | None = None):
+                 wall_clock: Callable[[], float] = time.time, buffer: RedisWriteBuffer | None = None,
+                 experiment_id: str = ""):
         self.client = client
+        self.experiment_id = experiment_id
         self.buffer = buffer
         self.maxlen = int(maxlen)
         self.stream = stream
@@ -51,6 +56,9 @@ class ImpressionLogSideEffect(SideEffect):
         q = result.query
         served_at = f"{self.wall_clock():.3f}"
         versions = result.model_versions
+        pipeline_ms = f"{sum(result.timings_ms.values()):.3f}"
+        degraded = ",".join(result.degraded)
+        fallback = int(any(p.endswith("fallback") for p in result.scoring_paths.values()))
         entries = []
         for pos, c in enumerate(result.items):
             entries.append({
@@ -63,6 +71,8 @@ class ImpressionLogSideEffect(SideEffect):
                 "light_ranker_version": versions.get("light_ranker", ""),
                 "heavy_ranker_version": versions.get("heavy_ranker", ""),
                 "propensity": repr(c.propensity), "pool_index": c.pool_index,
+                "experiment": self.experiment_id, "pipeline_ms": pipeline_ms, "degraded": degraded,
+                "fallback": fallback,
             })
         stream, maxlen = self.stream, self.maxlen
 

@@ -609,3 +609,35 @@ def test_an_exploring_arm_serves_drawn_pages_whose_logged_pools_reproduce_the_pr
     impressions = [f for _, f in client.xrevrange(keys.SERVED_IMPRESSIONS, count=200)
                    if f[b"request_id"].decode() in served]
     assert impressions and all(0 < float(f[b"propensity"]) < 1 and int(f[b"pool_index"]) >= 0 for f in impressions)
+
+
+def test_the_experiment_readout_reads_what_the_mixer_logged(mixer_server, data_dir):
+    """Real pages of the embedded two-arm experiment, logged by the mixer into Redis, read back and
+    labelled by engagements on the first post of each page: every arm's click rate per impression
+    must be exactly 1 / page size, and the counts must be the served ones."""
+    from monitoring.experiment_report import label_served, read_served_impressions, readout
+    from mixer.config import load_config
+
+    http, client = mixer_server
+    cfg = load_config()
+    since = time.time()
+    users = pd.read_csv(data_dir / "log_standard_20220425_20220504.csv", usecols=["user_id"])["user_id"]
+    users = [int(u) for u in users.drop_duplicates().sample(n=40, random_state=5)]
+    served_items = 0
+    for u in users:
+        served_items += len(_timeline(http, user_id=u, limit=5)["items"])
+    served = read_served_impressions(client, cfg.experiment.id, since_s=since)
+    assert len(served) == served_items and set(served["user_id"]) == set(users)
+    assert (served["pipeline_ms"] > 0).all() and set(served["experiment"]) == {cfg.experiment.id}
+    first = served[served["position"] == 0]
+    impressions = pd.DataFrame({"user_id": first["user_id"], "post_id": first["post_id"],
+                                "event_ts": pd.to_datetime((first["as_of"] + 60) * 1e6, unit="us", utc=True)})
+    for h in HEADS:
+        impressions[h] = int(h == "click")
+    result = readout(label_served(served, impressions), {a.name: a.traffic_share for a in cfg.experiment.arms},
+                     experiment=cfg.experiment.id)
+    assert sum(a.users for a in result.arms) == 40 and sum(a.impressions for a in result.arms) == served_items
+    for a in result.arms:
+        pages = served[served["arm"] == a.arm].groupby("request_id").size()
+        assert a.rate_per_impression["click"].value == pytest.approx(len(pages) / pages.sum())
+        assert a.rate_per_impression["like"].value == 0
