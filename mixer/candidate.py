@@ -126,6 +126,9 @@ class Candidate:
             it when the arm explores).
         pool_index: the post's place in the exploration pool (0 = best ranked), -1 when it was
             not in one.
+        team_scores: interleaving arms only: team arm -> the post's blended score under that
+            arm's weights (empty otherwise).
+        team: interleaving arms only: the team arm whose ranking placed the post on the page.
     """
 
     post_id: int
@@ -141,3 +144,5 @@ class Candidate:
     score: float = math.nan
     propensity: float = 1.0
     pool_index: int = -1
+    team_scores: dict[str, float] = field(default_factory=dict)
+    team: str = ""

@@ -258,9 +258,12 @@ class ArmSettings(_Strict):
 
     name: str = Field(min_length=1)
     traffic_share: float = Field(ge=0, le=1)
-    weights: dict[str, float]
+    weights: dict[str, float] = Field(default_factory=dict)
     light_score_exponent: float = Field(0.0, ge=0, le=4)
     exploration: ExplorationSettings | None = None
+    # team-draft interleaving (mixer.selectors.interleaving): this arm's users see the two named
+    # arms' rankings merged, each post credited to the arm that placed it; the arm has no weights
+    interleave: tuple[str, str] | None = None
 
     @field_validator("weights")
     @classmethod
@@ -268,9 +271,21 @@ class ArmSettings(_Strict):
         unknown = sorted(set(weights) - set(HEADS))
         if unknown:
             raise ValueError(f"unknown heads {unknown}; heads are {list(HEADS)}")
-        if not weights:
-            raise ValueError("an arm needs at least one head weight")
         return weights
+
+    @model_validator(mode="after")
+    def _weights_or_interleave(self) -> "ArmSettings":
+        if self.interleave is None and not self.weights:
+            raise ValueError(f"arm {self.name!r} needs at least one head weight (or `interleave: [arm, arm]`)")
+        if self.interleave is not None:
+            if self.weights:
+                raise ValueError(f"arm {self.name!r} interleaves {list(self.interleave)}: their weights rank, so "
+                                 "it takes no weights of its own")
+            if self.exploration is not None:
+                raise ValueError(f"arm {self.name!r} cannot both interleave and explore")
+            if self.interleave[0] == self.interleave[1]:
+                raise ValueError(f"arm {self.name!r} interleaves {self.interleave[0]!r} with itself")
+        return self
 
 
 class ExperimentSettings(_Strict):
@@ -289,6 +304,15 @@ class ExperimentSettings(_Strict):
         names = [a.name for a in self.arms]
         if len(set(names)) != len(names):
             raise ValueError(f"experiment.arms names must be unique, got {names}")
+        by_name = {a.name: a for a in self.arms}
+        for a in self.arms:
+            for team in a.interleave or ():
+                if team not in by_name:
+                    raise ValueError(f"arm {a.name!r} interleaves {team!r}, which is not an arm of the experiment "
+                                     f"({names})")
+                if by_name[team].interleave is not None:
+                    raise ValueError(f"arm {a.name!r} interleaves {team!r}, itself an interleaving arm: name two "
+                                     "arms with weights")
         return self
 
 

@@ -15,9 +15,10 @@ the request entry point around it (``HomeTimelinePipeline``).
     light ranker         LightRankerScorer over all candidates
     heavy ranker         TopKSelector (heavy_ranker_top_k by light score), then HeavyRankerScorer:
                          one probability per head
-    blender              WeightedSumBlender with the arm's weights
+    blender              WeightedSumBlender with the arm's weights (both team arms' for an interleaving arm)
     selectors            AuthorDiversitySelector (decay + cap per author), ExplorationSelector (arms
-                         that explore: slots drawn with logged propensities), PageSelector (+ cursor)
+                         that explore: slots drawn with logged propensities), InterleavingSelector
+                         (interleaving arms: team-draft of two arms' rankings), PageSelector (+ cursor)
     side effects         ServedPostsSideEffect, ImpressionLogSideEffect, ExplorationLogSideEffect (exploring
                          arms' pools), FeatureLogSideEffect, DriftSampleSideEffect (the
                          served items' feature rows), RequestMetricsSideEffect
@@ -73,7 +74,8 @@ from mixer.query_hydrators import (
 )
 from mixer.redis_health import RedisHealth
 from mixer.scorers import HeavyRankerScorer, LightRankerScorer, RankerHandle
-from mixer.selectors import AuthorDiversitySelector, ExplorationSelector, PageCursor, PageSelector, TopKSelector
+from mixer.selectors import (AuthorDiversitySelector, ExplorationSelector, InterleavingSelector, PageCursor, PageSelector,
+                             TopKSelector)
 from mixer.side_effects import (
     DriftSampleSideEffect,
     ExplorationLogSideEffect,
@@ -146,6 +148,7 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
     src, ranking = config.candidate_sources, config.ranking
     caches, health = resilience.caches, resilience.health
     explorers = {a.name: a.exploration for a in config.experiment.arms if a.exploration is not None}
+    interleaved = {a.name: a.interleave for a in config.experiment.arms if a.interleave is not None}
     return CandidatePipeline(
         query_hydrators=[
             UserContextQueryHydrator(client, config.served.ttl_seconds, caches=caches, health=health),
@@ -197,14 +200,17 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
             ScoringStage("heavy_ranker", selectors=[TopKSelector(ranking.heavy_ranker_top_k)],
                          scorers=[rankers.heavy]),
             ScoringStage("blender", scorers=[
-                WeightedSumBlender({a.name: a.weights for a in config.experiment.arms}, rankers.heavy.heads,
-                                   {a.name: a.light_score_exponent for a in config.experiment.arms}),
+                WeightedSumBlender({a.name: a.weights for a in config.experiment.arms if a.interleave is None},
+                                   rankers.heavy.heads,
+                                   {a.name: a.light_score_exponent for a in config.experiment.arms
+                                    if a.interleave is None}, interleaved),
             ]),
         ],
         selectors=[
             AuthorDiversitySelector(config.filters.max_posts_per_author, ranking.author_diversity_decay,
                                     ranking.author_diversity_floor),
             ExplorationSelector(explorers),
+            InterleavingSelector(interleaved),
             PageSelector(),
         ],
         side_effects=[

@@ -20,6 +20,9 @@ Statistics, per arm and head (the user is the randomisation unit, so every varia
 - **sample-ratio mismatch**: chi-square of users per arm against the configured shares; p < 0.001
   flags it (Fabijan et al. 2019, "Diagnosing sample ratio mismatch in online controlled
   experiments": the usual threshold, since SRM checks run on every experiment);
+- **interleaving** arms (``team`` logged per post): per head, the users whose engagements went
+  more to one team's posts, the preference statistic with a bootstrap interval over users and a
+  sign test (``models.interleaving.interleaving_credit``; Chapelle et al. 2012);
 - **guardrails** per arm: p99 of the request pipeline time, share of requests served degraded and
   share scored by the in-process fallback; a treatment arm breaches when its p99 exceeds the
   control's by ``max_p99_ratio`` or its degraded / fallback share by ``max_share_increase``.
@@ -38,6 +41,7 @@ import pandas as pd
 
 from core import online_layout as keys
 from core.schema import HEADS
+from models.interleaving import TEAM_A, TEAM_B, InterleavingResult, interleaving_credit
 from pipelines.logged_features import DEFAULT_LABEL_WINDOW_S, first_impressions
 
 Z95 = 1.959963984540054
@@ -63,7 +67,8 @@ def read_served_impressions(client, experiment: str | None = None, *, since_s: f
         Columns ``request_id`` (str), ``user_id``, ``post_id`` (int64), ``arm``, ``experiment``
         (str), ``position`` (int64), ``propensity``, ``served_at``, ``as_of`` (float64 epoch s),
         ``pipeline_ms`` (float64, NaN for entries logged before the field existed), ``degraded``
-        (str), ``fallback`` (int64), ``page_index`` (int64).
+        (str), ``fallback`` (int64), ``page_index`` (int64), ``team`` (str: an interleaving arm's
+        team arm, else empty).
     """
     rows = []
     start = "-"
@@ -77,10 +82,10 @@ def read_served_impressions(client, experiment: str | None = None, *, since_s: f
         last = chunk[-1][0].decode() if isinstance(chunk[-1][0], bytes) else chunk[-1][0]
         start = "(" + last
     cols = ["request_id", "user_id", "post_id", "arm", "experiment", "position", "propensity", "served_at", "as_of",
-            "pipeline_ms", "degraded", "fallback", "page_index"]
+            "pipeline_ms", "degraded", "fallback", "page_index", "team"]
     frame = pd.DataFrame(rows).reindex(columns=cols)
-    frame["experiment"] = frame["experiment"].fillna("")
-    frame["degraded"] = frame["degraded"].fillna("")
+    for c in ("experiment", "degraded", "team"):
+        frame[c] = frame[c].fillna("")
     for c in ("user_id", "post_id", "position", "page_index", "fallback"):
         frame[c] = pd.to_numeric(frame[c], errors="coerce").fillna(0).astype("int64")
     for c in ("propensity", "served_at", "as_of", "pipeline_ms"):
@@ -174,6 +179,8 @@ class ArmReadout:
     p99_pipeline_ms: float = math.nan
     degraded_share: float = 0.0
     fallback_share: float = 0.0
+    teams: tuple[str, str] | None = None  # an interleaving arm's (team A, team B) arms
+    interleaving: dict[str, InterleavingResult] = field(default_factory=dict)  # head -> credit (A = teams[0])
 
     def to_dict(self) -> dict:
         return {"arm": self.arm, "users": self.users, "requests": self.requests, "impressions": self.impressions,
@@ -181,7 +188,8 @@ class ArmReadout:
                 "per_user": {h: v.to_dict() for h, v in self.per_user.items()},
                 "lift": {h: v.to_dict() for h, v in self.lift.items()},
                 "p99_pipeline_ms": self.p99_pipeline_ms, "degraded_share": self.degraded_share,
-                "fallback_share": self.fallback_share}
+                "fallback_share": self.fallback_share, "teams": list(self.teams) if self.teams else None,
+                "interleaving": {h: r.to_dict() for h, r in self.interleaving.items()}}
 
 
 @dataclass
@@ -258,10 +266,14 @@ def readout(labelled: pd.DataFrame, shares: dict[str, float], *, experiment: str
             users[h] = Interval(float(x.mean()), float(sd / math.sqrt(len(x))))
         req = requests[requests["arm"] == arm]
         ms = req["pipeline_ms"].dropna().to_numpy()
-        arms.append(ArmReadout(arm, int(len(n)), int(len(req)), int(len(rows)), rates, users,
-                               p99_pipeline_ms=float(np.quantile(ms, 0.99)) if len(ms) else math.nan,
-                               degraded_share=float((req["degraded"] != "").mean()),
-                               fallback_share=float((req["fallback"] > 0).mean())))
+        readout_ = ArmReadout(arm, int(len(n)), int(len(req)), int(len(rows)), rates, users,
+                              p99_pipeline_ms=float(np.quantile(ms, 0.99)) if len(ms) else math.nan,
+                              degraded_share=float((req["degraded"] != "").mean()),
+                              fallback_share=float((req["fallback"] > 0).mean()))
+        team = rows["team"] if "team" in rows else pd.Series("", index=rows.index)
+        if (team != "").any():
+            readout_.teams, readout_.interleaving = _interleaving(rows[team != ""], heads)
+        arms.append(readout_)
     ctrl = next(a for a in arms if a.arm == control)
     breaches: list[str] = []
     for a in arms:
@@ -286,6 +298,20 @@ def readout(labelled: pd.DataFrame, shares: dict[str, float], *, experiment: str
         chi2, p = 0.0, 1.0
     return ExperimentReadout(experiment, control, arms, float(chi2), float(p), expected, breaches,
                              float(labelled["labelled"].mean()))
+
+
+def _interleaving(rows: pd.DataFrame, heads) -> tuple[tuple[str, str], dict[str, InterleavingResult]]:
+    """Per-user team-draft credit of an interleaving arm's posts, per head with any engagement."""
+    names = sorted(set(rows["team"]))
+    if len(names) != 2:
+        raise ExperimentDataError(f"an interleaving arm's posts name {len(names)} teams ({names}); expected 2")
+    teams = (names[0], names[1])
+    side = np.where(rows["team"].to_numpy() == teams[0], TEAM_A, TEAM_B)
+    out = {}
+    for h in heads:
+        if rows[h].sum() > 0:
+            out[h] = interleaving_credit(rows["user_id"].to_numpy(), side, rows[h].to_numpy())
+    return teams, out
 
 
 def write_report(result: ExperimentReadout, out_dir: Path, heads=HEADS) -> tuple[Path, Path]:
@@ -325,6 +351,15 @@ def write_report(result: ExperimentReadout, out_dir: Path, heads=HEADS) -> tuple
         f"<tr><td>{esc(a.arm)}</td><td>{a.users}</td><td>{a.requests}</td><td>{a.impressions}</td>"
         f"<td>{a.p99_pipeline_ms:.1f}</td><td>{a.degraded_share:.3f}</td><td>{a.fallback_share:.3f}</td></tr>"
         for a in result.arms)
+    inter = "".join(
+        f"<tr><td>{esc(a.arm)}</td><td>{esc(h)}</td><td>{esc(a.teams[0])} vs {esc(a.teams[1])}</td>"
+        f"<td>{r.wins_a}</td><td>{r.wins_b}</td><td>{r.ties}</td><td>{r.preference:+.3f} [{r.ci_low:+.3f}, "
+        f"{r.ci_high:+.3f}]</td><td>{r.p_value:.3g}</td></tr>"
+        for a in result.arms if a.teams for h, r in a.interleaving.items())
+    if inter:
+        inter = ("<h2>interleaving (per user; preference &gt; 0 favours the first team)</h2><table><tr><th>arm</th>"
+                 "<th>head</th><th>teams</th><th>wins A</th><th>wins B</th><th>ties</th><th>preference</th>"
+                 f"<th>sign test p</th></tr>{inter}</table>")
     status = "passed" if result.passed else "FAILED"
     breaches = "".join(f"<li>{esc(b)}</li>" for b in result.breaches) or "<li>none</li>"
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>experiment {esc(result.experiment)}</title>"
@@ -334,7 +369,7 @@ def write_report(result: ExperimentReadout, out_dir: Path, heads=HEADS) -> tuple
             f"({'FLAGGED' if result.srm else 'ok'}, threshold {SRM_P_VALUE}); labelled share of impressions "
             f"{result.labelled_share:.3f}</p><h2>guardrail breaches</h2><ul>{breaches}</ul>"
             "<table><tr><th>arm</th><th>users</th><th>requests</th><th>impressions</th><th>p99 ms</th>"
-            f"<th>degraded</th><th>fallback</th></tr>{rows}</table>{''.join(parts)}</body></html>")
+            f"<th>degraded</th><th>fallback</th></tr>{rows}</table>{inter}{''.join(parts)}</body></html>")
     html_path = out_dir / "report.html"
     html_path.write_text(page)
     return json_path, html_path

@@ -21,7 +21,8 @@ class ImpressionLogSideEffect(SideEffect):
     surface id, the log's ``tab``: training sets built from this stream need it), served_at (wall epoch s),
     as_of (ranking clock epoch s), light_ranker_version, heavy_ranker_version, propensity (the
     probability the post had of its slot: 1 unless the arm explores, ``ExplorationSelector``),
-    pool_index (its place in the exploration pool, -1 outside one), experiment (the experiment id),
+    pool_index (its place in the exploration pool, -1 outside one), team (an interleaving arm's
+    team arm that placed the post, empty otherwise), experiment (the experiment id),
     and the request's guardrail fields: pipeline_ms (wall time of its stages up to the side
     effects), degraded (the stages that failed open, comma-separated) and fallback (1 when a ranker
     was scored by the in-process fallback).
@@ -70,7 +71,7 @@ class ImpressionLogSideEffect(SideEffect):
                 "served_at": served_at, "as_of": f"{q.now_s:.3f}",
                 "light_ranker_version": versions.get("light_ranker", ""),
                 "heavy_ranker_version": versions.get("heavy_ranker", ""),
-                "propensity": repr(c.propensity), "pool_index": c.pool_index,
+                "propensity": repr(c.propensity), "pool_index": c.pool_index, "team": c.team,
                 "experiment": self.experiment_id, "pipeline_ms": pipeline_ms, "degraded": degraded,
                 "fallback": fallback,
             })

@@ -553,43 +553,54 @@ def test_a_killed_worker_is_replaced_while_the_others_keep_serving(mixer_server,
         srv.stop()
 
 
-def test_an_exploring_arm_serves_drawn_pages_whose_logged_pools_reproduce_the_propensities(
-        mixer_server, mixer_state, known_users, redis_server):
-    """A mixer whose only arm explores (softmax over the blended score, real rankers, real Redis):
-    every served post is logged with a propensity below 1, the request's pool goes to the
-    exploration stream, and the pool's logged scores with the logged temperature give back each
-    slot's propensity exactly: what off-policy evaluation (models.ope) will rely on."""
+def test_exploring_and_interleaving_arms_serve_what_their_logs_say(mixer_server, mixer_state, known_users,
+                                                                     redis_server, data_dir):
+    """A mixer with an exploring arm (softmax over the blended score) and an interleaving arm
+    (team-draft of two weighted arms), real rankers, real Redis. Exploring: every served post is
+    logged with a propensity below 1, the request's pool goes to the exploration stream, and the
+    pool's logged scores with the logged temperature give back each slot's propensity exactly
+    (what off-policy evaluation relies on). Interleaving: every post names its team, and the two
+    teams share each page."""
     import json
 
     from models.ope import softmax_policy
 
     _, client = mixer_server
-    arm = {"name": "explore", "traffic_share": 1.0, "light_score_exponent": 1.0,
-           "weights": {"click": 1.0, "long_view": 2.0, "like": 4.0, "follow": 8.0, "comment": 6.0,
-                       "forward": 6.0, "hate": -20.0},
-           "exploration": {"policy": "softmax", "pool": 30, "temperature": 0.05}}
+    weights = {"click": 1.0, "long_view": 2.0, "like": 4.0, "follow": 8.0, "comment": 6.0, "forward": 6.0,
+               "hate": -20.0}
+    arms = [{"name": "explore", "traffic_share": 0.5, "light_score_exponent": 1.0, "weights": weights,
+             "exploration": {"policy": "softmax", "pool": 30, "temperature": 0.05}},
+            {"name": "inter", "traffic_share": 0.5, "interleave": ["control", "clicks"]},
+            {"name": "control", "traffic_share": 0.0, "light_score_exponent": 1.0, "weights": weights},
+            {"name": "clicks", "traffic_share": 0.0, "weights": {"click": 1.0}}]
     proc, base = _start_mixer(mixer_state, {
         "redis_url": f"redis://127.0.0.1:{redis_server.port}/{DB}",
         "models": {"tracking_uri": mixer_state.mlflow_tracking_uri, "reload_interval_s": 0},
         "clock": {"now": AS_OF.isoformat().replace("+00:00", "Z")},
-        "experiment": {"salt": "explore-test", "arms": [arm]},
+        "experiment": {"id": "explore-test", "salt": "explore-test", "arms": arms},
     }, "mixer-explore")
+    users = pd.read_csv(data_dir / "log_standard_20220425_20220504.csv", usecols=["user_id"])["user_id"]
+    users = [int(u) for u in users.drop_duplicates().sample(n=20, random_state=9)] + known_users * 2
+    served, teams = {}, {}
     try:
         with httpx.Client(base_url=base, timeout=30, headers=auth_headers(mixer_state)) as http:
             start = client.xinfo_stream(keys.EXPLORATION_LOG)["last-generated-id"] if client.exists(
                 keys.EXPLORATION_LOG) else "0-0"
-            served = {}
-            for i, user in enumerate(known_users * 2):
+            for user in users:
                 body = _timeline(http, user_id=user, limit=8)
-                assert body["arm"] == "explore"
-                served[body["request_id"]] = [it["post_id"] for it in body["items"]]
-            pages = {tuple(p) for p in served.values()}
-            assert len(pages) == len(served)  # the same user twice got two draws
+                if body["arm"] == "explore":
+                    served[body["request_id"]] = [it["post_id"] for it in body["items"]]
+                    assert all(0 < it["propensity"] < 1 for it in body["items"])
+                else:
+                    assert body["arm"] == "inter"
+                    teams[body["request_id"]] = body["items"]
     finally:
         stop_pid(proc.pid)
+    assert len(served) >= 5 and len(teams) >= 5
+    assert len({tuple(p) for p in served.values()}) == len(served)  # a user asking twice got two draws
     entries = {f[b"request_id"].decode(): f for _, f in client.xrange(keys.EXPLORATION_LOG, min=f"({start}"
                                                                       if start != "0-0" else "-")}
-    assert set(served) <= set(entries)
+    assert set(served) == set(entries)  # only the exploring arm logs pools
     checked = 0
     for rid, page in served.items():
         f = entries[rid]
@@ -600,15 +611,23 @@ def test_an_exploring_arm_serves_drawn_pages_whose_logged_pools_reproduce_the_pr
         scores = np.array([p[1] for p in pool])
         left = np.ones(len(pool), dtype=bool)
         for i, propensity in slots:
-            probs = softmax_policy(scores, temperature, mask=left)
-            assert propensity == pytest.approx(probs[i], rel=1e-9)
+            assert propensity == pytest.approx(softmax_policy(scores, temperature, mask=left)[i], rel=1e-9)
             assert 0 < propensity < 1
             left[i] = False
             checked += 1
-    assert checked >= 8 * len(served) // 2
-    impressions = [f for _, f in client.xrevrange(keys.SERVED_IMPRESSIONS, count=200)
-                   if f[b"request_id"].decode() in served]
-    assert impressions and all(0 < float(f[b"propensity"]) < 1 and int(f[b"pool_index"]) >= 0 for f in impressions)
+    assert checked >= 4 * len(served)
+    logged = [f for _, f in client.xrevrange(keys.SERVED_IMPRESSIONS, count=800)
+              if f[b"experiment"] == b"explore-test"]
+    explore = [f for f in logged if f[b"arm"] == b"explore"]
+    assert explore and all(0 < float(f[b"propensity"]) < 1 and int(f[b"pool_index"]) >= 0 for f in explore)
+    inter = [f for f in logged if f[b"arm"] == b"inter"]
+    assert inter and {f[b"team"] for f in inter} == {b"control", b"clicks"}
+    for items in teams.values():
+        assert len(items) == 8
+    by_request: dict = {}
+    for f in inter:
+        by_request.setdefault(f[b"request_id"], []).append(f[b"team"])
+    assert all(abs(t.count(b"control") - t.count(b"clicks")) <= 1 for t in by_request.values())
 
 
 def test_the_experiment_readout_reads_what_the_mixer_logged(mixer_server, data_dir):

@@ -32,7 +32,8 @@ from mixer.metrics import MixerMetrics
 from mixer.pipeline import RankerSet, home_timeline
 from mixer.pipeline_runner import FIXED_STAGES, CandidatePipeline, PipelineRunner, ScoringStage
 from mixer.scorers import HeavyRankerScorer, LightRankerScorer
-from mixer.selectors import AuthorDiversitySelector, ExplorationSelector, PageSelector, TopKSelector
+from mixer.selectors import (AuthorDiversitySelector, ExplorationSelector, InterleavingSelector, PageSelector,
+                             TopKSelector)
 from mixer.side_effects import RequestMetricsSideEffect
 
 ALL_STAGES = ["query_hydration", "candidate_sources", "candidate_hydration", "filters", "feature_hydration",
@@ -444,7 +445,8 @@ def test_home_timeline_declaration_reads_top_to_bottom_and_gates_from_config():
         ("light_ranker", [], ["light_ranker"]), ("heavy_ranker", ["top_k"], ["heavy_ranker"]),
         ("blender", [], ["weighted_sum"])]
     assert isinstance(p.scoring[1].selectors[0], TopKSelector)
-    assert [type(s) for s in p.selectors] == [AuthorDiversitySelector, ExplorationSelector, PageSelector]
+    assert [type(s) for s in p.selectors] == [AuthorDiversitySelector, ExplorationSelector, InterleavingSelector,
+                                             PageSelector]
     assert not p.selectors[1].enabled(dataclasses.replace(_query(), arm="control"))  # the embedded arms do not explore
     assert [(e.name, e.after_total) for e in p.side_effects] == [
         ("served_posts", False), ("impression_log", False), ("exploration_log", False), ("feature_log", False),
