@@ -600,6 +600,36 @@ def cmd_experiment_report(args) -> int:
     return 0 if rep.result.passed else EXIT_FAILED
 
 
+def cmd_experiment_simulate(args) -> int:
+    """``home-mixer experiment simulate``: simulated users against a mixer started with the
+    experiment's config, then the readout (exit 4 on SRM or a guardrail breach)."""
+    from tqdm import tqdm
+
+    from core.services import ServiceError
+    from home_mixer.experiment_job import EXIT_FAILED, readout_text, simulate_experiment
+    from mixer.config import ConfigError
+    from monitoring.experiment_report import ExperimentDataError
+
+    if args.users < 2 or args.sessions < 1:
+        raise UsageError("--users must be >= 2 and --sessions >= 1")
+    bar = tqdm(total=args.users * args.sessions, desc="simulated requests", unit="req", mininterval=2)
+
+    def progress(done, total):
+        bar.update(done - bar.n)
+
+    try:
+        run = simulate_experiment(_state(args), config=Path(args.config) if args.config else None, users=args.users,
+                                  sessions=args.sessions, seed=args.seed, data_dir=Path(args.data),
+                                  workers=args.workers, progress=progress)
+    except (ExperimentDataError, ConfigError, ServiceError) as e:
+        raise UsageError(str(e)) from None
+    finally:
+        bar.close()
+    print(readout_text(run.report.result))
+    print(f"report: {run.report.html}\nsummary: {run.report.json}")
+    return 0 if run.report.result.passed else EXIT_FAILED
+
+
 def cmd_monitor_dashboard(args) -> int:
     """``home-mixer monitor dashboard``: the static drift page of every run in <state>/reports/drift."""
     from monitoring.drift import RUNS_DIR
@@ -1417,6 +1447,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="guardrail: a treatment's degraded / fallback share over the control's")
     xr.add_argument("--out", help="report folder (default <state>/reports/experiments/<id>/<time>)")
     xr.set_defaults(func=cmd_experiment_report)
+    xs = xpsub.add_parser("simulate", help="simulated users (a response model learned from the log) against a "
+                                           "mixer started with --config, then the readout")
+    xs.add_argument("--config", help="the mixer config with the experiment (arms, shares; default: embedded)")
+    xs.add_argument("--users", type=int, default=200, help="simulated users, drawn from the log")
+    xs.add_argument("--sessions", type=int, default=2, help="pages each user asks for")
+    xs.add_argument("--seed", type=int, default=0, help="user sample and response draws")
+    xs.add_argument("--workers", type=int, default=1, help="mixer worker processes (and requests in flight)")
+    xs.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="the KuaiRand folder the response model learns from")
+    xs.set_defaults(func=cmd_experiment_simulate)
     ex = sub.add_parser("export", help="export a registered ranker, or the two-tower's user tower, to ONNX "
                                        "(checked against the native model)")
     ex.add_argument("--model", choices=sorted(MODEL_NAMES), required=True)

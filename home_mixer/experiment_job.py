@@ -89,5 +89,69 @@ def readout_text(result: ExperimentReadout, heads=("click", "long_view", "like")
             lift_s = "control" if lift is None else f"{lift.value:+.1%} [{lift.low:+.1%},{lift.high:+.1%}]"
             row += f"{r.value:>9.4f}±{1.96 * r.std_error:.4f}{lift_s:>18}"
         lines.append(row)
+    for a in result.arms:
+        for h, r in a.interleaving.items():
+            lines.append(f"interleaving {a.arm} ({a.teams[0]} vs {a.teams[1]}), {h}: users won {r.wins_a} vs "
+                         f"{r.wins_b} ({r.ties} ties), preference {r.preference:+.3f} [{r.ci_low:+.3f}, "
+                         f"{r.ci_high:+.3f}], sign test p {r.p_value:.3g}")
     lines += [f"guardrail breach: {b}" for b in result.breaches]
     return "\n".join(lines)
+
+
+@dataclass
+class SimulatedExperiment:
+    """A simulated run: the simulation, its readout and where the report went."""
+
+    simulation: "object"  # home_mixer.simulator.SimulationResult
+    report: ExperimentReport
+    served: pd.DataFrame
+
+
+def simulate_experiment(state: StateDir, *, config: Path | None, users: int, sessions: int = 2, seed: int = 0,
+                        data_dir: Path | None = None, page_size: int = 10, workers: int = 1,
+                        out_dir: Path | None = None, progress=None) -> SimulatedExperiment:
+    """Start a mixer with ``config`` on the state, let ``users`` simulated users (drawn from the
+    log, ``seed``) ask for ``sessions`` pages each and respond (``home_mixer.simulator``), stop the
+    mixer, and read the experiment out from what it logged and what the users did.
+
+    Raises:
+        ExperimentDataError: no page was served, or as :func:`report_experiment`.
+        core.services.ServiceError: the mixer did not start (its log's end in the message).
+    """
+    import numpy as np
+
+    from core.state import DEFAULT_DATA_DIR
+    from home_mixer.simulator import load_response_model, simulate_users
+    from mixer.server import MixerServer
+    from pipelines.raw import LOG_FILE
+
+    data_dir = Path(data_dir or DEFAULT_DATA_DIR)
+    cfg = load_config(config)
+    model = load_response_model(data_dir)
+    log_users = pd.read_csv(data_dir / LOG_FILE, usecols=["user_id"])["user_id"].drop_duplicates().to_numpy()
+    if users > len(log_users):
+        raise ExperimentDataError(f"--users {users} is more than the log's {len(log_users)} users")
+    chosen = np.random.default_rng(seed).choice(log_users, users, replace=False)
+    since = time.time()
+    srv = MixerServer(state, name="mixer-simulation", config=config, redis_url=jobs.redis_url_for(state),
+                      workers=workers).start(timeout_s=300)
+    try:
+        sim = simulate_users(srv.url, srv.auth_headers, model, chosen, sessions=sessions, page_size=page_size,
+                             seed=seed, concurrency=workers, progress=progress)
+    finally:
+        srv.stop()
+    if sim.pages.empty:
+        raise ExperimentDataError(f"the mixer served no page to the simulated users (statuses {sim.failed}); "
+                                  f"see {srv.log_file}")
+    client = connect(jobs.redis_url_for(state))
+    try:
+        served = read_served_impressions(client, cfg.experiment.id, since_s=since)
+    finally:
+        client.close()
+    labelled = label_served(served, sim.impressions(served), DEFAULT_LABEL_WINDOW_S, heads=model.heads)
+    shares = {a.name: a.traffic_share for a in cfg.experiment.arms}
+    result = readout(labelled, shares, experiment=cfg.experiment.id, heads=model.heads)
+    out = out_dir or state.reports / "experiments" / cfg.experiment.id / (
+        "simulated-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    j, h = write_report(result, out, heads=model.heads)
+    return SimulatedExperiment(sim, ExperimentReport(result, j, h), labelled)

@@ -66,6 +66,7 @@ class TimelineItem(BaseModel):
                                               "home timeline) or pulled (a followed celebrity's post, merged at "
                                               "read); empty otherwise")
     in_network: bool
+    team: str = Field("", description="an interleaving arm's team arm that placed the post (empty otherwise)")
     propensity: float = Field(1.0, description="the probability this post had of its slot given the slots above it: "
                                                "1 unless the arm explores (a feed service that logs its own "
                                                "impressions keeps it for off-policy evaluation)")
@@ -440,7 +441,7 @@ def _response(result: TimelineResult) -> dict:
             "post_id": c.post_id, "author_id": c.author_id, "score": finite(c.score),
             "heads": {h: finite(p) for h, p in c.heads.items()}, "light_score": finite(c.light_score),
             "source": c.source, "source_detail": c.source_detail, "in_network": c.in_network,
-            "propensity": c.propensity,
+            "propensity": c.propensity, "team": c.team,
         } for c in result.items],
         "next_cursor": result.next_cursor.encode() if result.next_cursor else None,
         "model_versions": result.model_versions,

@@ -122,18 +122,21 @@ def label_served(served: pd.DataFrame, impressions: pd.DataFrame, window_s: floa
 
 @dataclass(frozen=True)
 class Interval:
-    """A point estimate with its standard error and 95 % normal interval."""
+    """A point estimate with its standard error and 95 % interval: normal unless ``lo`` / ``hi``
+    are given (a lift's interval is computed on the log scale, so it is not symmetric)."""
 
     value: float
     std_error: float
+    lo: float | None = None
+    hi: float | None = None
 
     @property
     def low(self) -> float:
-        return self.value - Z95 * self.std_error
+        return self.value - Z95 * self.std_error if self.lo is None else self.lo
 
     @property
     def high(self) -> float:
-        return self.value + Z95 * self.std_error
+        return self.value + Z95 * self.std_error if self.hi is None else self.hi
 
     def to_dict(self) -> dict:
         return {"value": self.value, "std_error": self.std_error, "ci_low": self.low, "ci_high": self.high}
@@ -156,13 +159,16 @@ def ratio_of_sums(x: np.ndarray, n: np.ndarray) -> Interval:
 
 
 def relative_lift(treatment: Interval, control: Interval) -> Interval:
-    """``t / c - 1`` with the standard error of the delta method on ``log t - log c`` mapped back
-    (``se(lift) = (1 + lift) * se(log ratio)``); NaN when a rate is 0."""
+    """``t / c - 1``: the delta method on ``log t - log c`` gives its standard error, mapped back
+    (``se(lift) = (1 + lift) * se(log ratio)``), and the interval ``exp(log ratio +- 1.96 se) - 1``
+    (never below -100 %); NaN when a rate is 0."""
     if treatment.value <= 0 or control.value <= 0:
         return Interval(math.nan, math.nan)
     se_log = math.sqrt((treatment.std_error / treatment.value) ** 2 + (control.std_error / control.value) ** 2)
-    lift = treatment.value / control.value - 1
-    return Interval(lift, (1 + lift) * se_log)
+    log_ratio = math.log(treatment.value / control.value)
+    lift = math.exp(log_ratio) - 1
+    return Interval(lift, (1 + lift) * se_log, math.exp(log_ratio - Z95 * se_log) - 1,
+                    math.exp(log_ratio + Z95 * se_log) - 1)
 
 
 @dataclass

@@ -660,3 +660,56 @@ def test_the_experiment_readout_reads_what_the_mixer_logged(mixer_server, data_d
         pages = served[served["arm"] == a.arm].groupby("request_id").size()
         assert a.rate_per_impression["click"].value == pytest.approx(len(pages) / pages.sum())
         assert a.rate_per_impression["like"].value == 0
+
+
+def test_simulated_users_tell_arms_apart_and_interleaving_needs_no_more_users(mixer_server, mixer_state,
+                                                                              redis_server, data_dir):
+    """Simulated users (a response model learned from the log, home_mixer.simulator) against a real
+    mixer with four arms: two identical ones (A/A), a deliberately worse order (negative weights on
+    the engagement heads) and an interleaving of the first with the worse. The A/A pair passes SRM
+    and holds 0 in its lift interval; the worse arm is found worse with the right sign by both the
+    A/B readout and interleaving; and interleaving decides with no more users than A/B."""
+    from home_mixer.simulator import SIM_HEADS, decision_sample_sizes, load_response_model, simulate_users
+    from monitoring.experiment_report import label_served, read_served_impressions, readout
+
+    _, client = mixer_server
+    weights = {"click": 1.0, "long_view": 2.0, "like": 4.0, "follow": 8.0, "comment": 6.0, "forward": 6.0,
+               "hate": -20.0}
+    arms = [{"name": "a1", "traffic_share": 0.25, "weights": weights},
+            {"name": "a2", "traffic_share": 0.25, "weights": weights},
+            {"name": "worse", "traffic_share": 0.2, "weights": {"click": -1.0, "long_view": -1.0}},
+            {"name": "inter", "traffic_share": 0.3, "interleave": ["a1", "worse"]}]
+    since = time.time()
+    proc, base = _start_mixer(mixer_state, {
+        "redis_url": f"redis://127.0.0.1:{redis_server.port}/{DB}",
+        "models": {"tracking_uri": mixer_state.mlflow_tracking_uri, "reload_interval_s": 0},
+        "clock": {"now": AS_OF.isoformat().replace("+00:00", "Z")},
+        "experiment": {"id": "simulated", "salt": "simulated", "arms": arms},
+    }, "mixer-simulated")
+    model = load_response_model(data_dir)
+    users = pd.read_csv(data_dir / "log_standard_20220425_20220504.csv", usecols=["user_id"])["user_id"]
+    users = users.drop_duplicates().sample(n=400, random_state=2).to_numpy()
+    try:
+        sim = simulate_users(base, auth_headers(mixer_state), model, users, sessions=2, seed=2)
+    finally:
+        stop_pid(proc.pid)
+    assert not sim.failed and len(sim.pages) == 400 * 2 * 10
+    served = read_served_impressions(client, "simulated", since_s=since)
+    labelled = label_served(served, sim.impressions(served), heads=SIM_HEADS)
+    assert labelled["labelled"].sum() == sim.pages["examined"].sum()  # every examined post found its serve
+    shares = {a["name"]: a["traffic_share"] for a in arms}
+    aa = readout(labelled[labelled["arm"].isin(["a1", "a2"])], shares, experiment="simulated", control="a1",
+                 heads=SIM_HEADS)
+    assert not aa.srm
+    a2 = next(a for a in aa.arms if a.arm == "a2")
+    assert a2.lift["click"].low <= 0 <= a2.lift["click"].high
+    ab = readout(labelled, shares, experiment="simulated", control="a1", heads=SIM_HEADS)
+    worse = next(a for a in ab.arms if a.arm == "worse")
+    assert worse.lift["click"].high < 0 and worse.lift["long_view"].high < 0
+    inter = next(a for a in ab.arms if a.arm == "inter")
+    assert inter.teams == ("a1", "worse") and inter.interleaving["click"].winner == "A"
+    sizes = decision_sample_sizes(labelled, control="a1", treatment="worse", interleaved="inter", head="click",
+                                  sizes=(5, 10, 15, 20, 30, 40, 60, 80, 120, 160))
+    print("users to decide (click):", sizes)
+    assert sizes["interleaving"] is not None
+    assert sizes["ab"] is None or sizes["interleaving"] <= sizes["ab"]
