@@ -2,8 +2,8 @@
 
 Every client of the online store (the mixer, the stream processor, the fan-out workers,
 materialisation, the CLI and the jobs) is configured with one string and opens its client with
-:func:`connect`, so a single Redis and a Sentinel-managed primary + replicas share every call site.
-Two forms are accepted:
+:func:`connect`, so a single Redis, a Sentinel-managed primary + replicas and a Redis Cluster share every call site.
+Three forms are accepted:
 
 - ``redis://[[user]:password@]host:port[/db]`` (also ``rediss://`` and ``unix://``): one Redis,
   opened with redis-py's ``Redis.from_url`` (the embedded default);
@@ -12,6 +12,9 @@ Two forms are accepted:
   <name> ...``), the password that of the Redis nodes. The scheme is the one of the
   ``redis-sentinel-url`` package and of several services' configs (a comma-separated Sentinel list,
   then the service and the database as path segments).
+- ``redis+cluster://[[user]:password@]host:port[,host:port...][/0]``: a Redis Cluster. The hosts
+  are startup nodes (any nodes of the cluster; the client learns the rest with ``CLUSTER SLOTS``);
+  a cluster has only database 0 (Redis Cluster specification, "Implemented subset").
 
 With Sentinel, :func:`connect` returns redis-py's ``Sentinel.master_for`` client: each new
 connection asks the Sentinels for the current primary, so after a failover the client writes to
@@ -20,7 +23,16 @@ reads: while the primary cannot be reached (killed, or not yet replaced), read-o
 a replica (``Sentinel.slave_for``) instead of failing; writes still fail, and their caller buffers
 them (``mixer.side_effects.write_buffer``).
 
-Sources: redis-py's ``redis.sentinel`` (``Sentinel``, ``master_for``, ``slave_for``,
+With a cluster, :func:`connect` returns redis-py's ``redis.cluster.RedisCluster``: each command
+goes to the primary of its key's slot (CRC16 of the key, or of its ``{hash tag}``, mod 16384); a
+script or ``MULTI`` must touch keys of one slot, which ``core.online_layout``'s hash tags give; a
+pipeline is split by node and sent to each (redis-py's ``ClusterPipeline``). ``replica_reads=True``
+sets redis-py's ``read_from_replicas``: read-only commands are spread over each slot's primary and
+replicas (a replica may lag by the replication delay).
+
+Sources: redis-py's ``redis.cluster`` (``RedisCluster``, ``ClusterNode``, ``read_from_replicas``,
+``ClusterPipeline``); the Redis Cluster specification (key distribution, hash tags, multi-key
+operations); redis-py's ``redis.sentinel`` (``Sentinel``, ``master_for``, ``slave_for``,
 ``MasterNotFoundError``); Redis Sentinel's documentation (replicas are read-only by default, so a
 write sent to one is refused with ``READONLY`` rather than applied).
 """
@@ -40,9 +52,11 @@ from redis.commands import READ_COMMANDS
 from redis.retry import Retry
 
 SENTINEL_SCHEME = "redis+sentinel"
+CLUSTER_SCHEME = "redis+cluster"
 SINGLE_SCHEMES = ("redis", "rediss", "unix")
-FORMS = ("redis://host:port/db (one Redis) or "
-         "redis+sentinel://host:port,host:port,host:port/service_name/db (Redis Sentinel)")
+FORMS = ("redis://host:port/db (one Redis), "
+         "redis+sentinel://host:port,host:port,host:port/service_name/db (Redis Sentinel) or "
+         "redis+cluster://host:port,host:port,host:port (Redis Cluster)")
 
 # Commands a replica can answer (redis-py's list of read-only commands, used by RedisCluster for
 # read_from_replicas), plus PING, TIME (the real-time reader stamps against the server clock) and
@@ -63,7 +77,8 @@ class OnlineStoreAddress:
 
     Attributes:
         text: the address as given.
-        sentinels: ``(host, port)`` of each Sentinel; empty for a single Redis.
+        sentinels: ``(host, port)`` of each Sentinel; empty for a single Redis or a cluster.
+        cluster_nodes: ``(host, port)`` of each startup node of a Redis Cluster; empty otherwise.
         service: the primary's name known to the Sentinels (None for a single Redis).
         db: database number.
         username, password: credentials of the Redis nodes (None: none).
@@ -72,6 +87,7 @@ class OnlineStoreAddress:
 
     text: str
     sentinels: tuple[tuple[str, int], ...] = ()
+    cluster_nodes: tuple[tuple[str, int], ...] = ()
     service: str | None = None
     db: int = 0
     username: str | None = None
@@ -82,6 +98,11 @@ class OnlineStoreAddress:
     def ha(self) -> bool:
         """True for a Sentinel address."""
         return bool(self.sentinels)
+
+    @property
+    def cluster(self) -> bool:
+        """True for a Redis Cluster address."""
+        return bool(self.cluster_nodes)
 
     def redacted(self) -> str:
         """The address with its password replaced by ``***`` (for logs and messages)."""
@@ -102,6 +123,17 @@ def sentinel_address(sentinels: list[tuple[str, int]] | tuple[tuple[str, int], .
     """
     text = (f"{SENTINEL_SCHEME}://{f':{password}@' if password else ''}"
             f"{','.join(f'{h}:{int(p)}' for h, p in sentinels)}/{service}/{int(db)}")
+    parse_address(text)  # the same checks as any configured address
+    return text
+
+
+def cluster_address(nodes: list[tuple[str, int]] | tuple[tuple[str, int], ...], password: str | None = None) -> str:
+    """``redis+cluster://[:password@]host:port,...`` for these startup nodes.
+
+    Raises:
+        OnlineStoreAddressError: no nodes, or a bad port.
+    """
+    text = f"{CLUSTER_SCHEME}://{f':{password}@' if password else ''}{','.join(f'{h}:{int(p)}' for h, p in nodes)}"
     parse_address(text)  # the same checks as any configured address
     return text
 
@@ -132,7 +164,8 @@ def parse_address(address: "str | OnlineStoreAddress") -> OnlineStoreAddress:
     Raises:
         OnlineStoreAddressError: an empty address, another scheme, a Sentinel address without
             hosts, with a host lacking its port, with a bad port or database, or without a service
-            name; a ``redis://`` URL without a host. The message names what was wrong and the forms
+            name; a cluster address without nodes, with a host lacking its port, or with a database
+            other than 0 or a service name; a ``redis://`` URL without a host. The message names what was wrong and the forms
             to write.
     """
     if isinstance(address, OnlineStoreAddress):
@@ -154,24 +187,31 @@ def parse_address(address: "str | OnlineStoreAddress") -> OnlineStoreAddress:
         return OnlineStoreAddress(text=text, db=_db(db, text) if db else 0,
                                   username=unquote(u.username) if u.username else None,
                                   password=unquote(u.password) if u.password else None, ssl=scheme == "rediss")
-    if scheme != SENTINEL_SCHEME:
+    if scheme not in (SENTINEL_SCHEME, CLUSTER_SCHEME):
         raise OnlineStoreAddressError(f"{text!r}: unknown scheme {scheme!r}; write {FORMS}")
+    what = "Sentinel" if scheme == SENTINEL_SCHEME else "cluster node"
     userinfo, _, hostpath = rest.rpartition("@")
     hosts, _, path = hostpath.partition("/")
     username = password = None
     if userinfo:
         user, colon, pw = userinfo.partition(":")
         username, password = (unquote(user) or None), (unquote(pw) if colon else None)
-    sentinels = []
+    nodes = []
     for item in hosts.split(","):
         host, colon, port = item.strip().rpartition(":")
         if not item.strip():
-            raise OnlineStoreAddressError(f"{text!r}: an empty Sentinel in the host list; write {FORMS}")
+            raise OnlineStoreAddressError(f"{text!r}: an empty {what} in the host list; write {FORMS}")
         if not colon or not host:
-            raise OnlineStoreAddressError(f"{text!r}: Sentinel {item.strip()!r} needs host:port "
-                                          f"(Sentinels have no default port here); write {FORMS}")
-        sentinels.append((host.strip("[]"), _port(port, text)))
+            raise OnlineStoreAddressError(f"{text!r}: {what} {item.strip()!r} needs host:port "
+                                          f"({what}s have no default port here); write {FORMS}")
+        nodes.append((host.strip("[]"), _port(port, text)))
     segments = [s for s in path.split("/") if s != ""] if path else []
+    if scheme == CLUSTER_SCHEME:
+        if segments not in ([], ["0"]):
+            raise OnlineStoreAddressError(f"{text!r}: a Redis Cluster has only database 0 and no service name, "
+                                          f"got path {path!r}; write {FORMS}")
+        return OnlineStoreAddress(text=text, cluster_nodes=tuple(nodes), username=username, password=password)
+    sentinels = nodes
     if not segments:
         raise OnlineStoreAddressError(f"{text!r}: no service name (the primary's name in `sentinel monitor`) "
                                       f"after the Sentinels; write {FORMS}")
@@ -328,12 +368,13 @@ def sentinel_manager(address: "str | OnlineStoreAddress", *, timeout_s: float = 
 
 def connect(address: "str | OnlineStoreAddress", *, replica_reads: bool = False, replica_window_s: float = 0.5,
             sentinel_timeout_s: float = 0.5, **kwargs) -> redis.Redis:
-    """A Redis client of the online store at ``address`` (the module docstring's two forms).
+    """A Redis client of the online store at ``address`` (the module docstring's three forms).
 
     Args:
-        address: ``redis://...`` or ``redis+sentinel://...``.
-        replica_reads: Sentinel only: reads fall back to a replica while the primary is unreachable
-            (:class:`ReplicaFallbackRedis`). Ignored for a single Redis (there is no replica).
+        address: ``redis://...``, ``redis+sentinel://...`` or ``redis+cluster://...``.
+        replica_reads: Sentinel: reads fall back to a replica while the primary is unreachable
+            (:class:`ReplicaFallbackRedis`); cluster: redis-py's ``read_from_replicas`` (reads
+            spread over each slot's primary and replicas). Ignored for a single Redis.
         replica_window_s: seconds reads stay on the replica after the primary failed.
         sentinel_timeout_s: connect / answer timeout (s) of each Sentinel query.
         kwargs: redis-py connection options (``socket_timeout``, ``retry``, ``decode_responses``,
@@ -341,13 +382,19 @@ def connect(address: "str | OnlineStoreAddress", *, replica_reads: bool = False,
 
     Returns:
         a ``redis.Redis`` (for Sentinel, bound to the current primary through redis-py's
-        ``SentinelConnectionPool``: no I/O happens until the first command).
+        ``SentinelConnectionPool``: no I/O happens until the first command), or for a cluster a
+        ``redis.cluster.RedisCluster`` (:func:`cluster_client`: it asks a startup node for the
+        slot map at once).
 
     Raises:
         OnlineStoreAddressError: a malformed address (the message says what to write).
+        redis.exceptions.RedisClusterException: a cluster address none of whose nodes answers
+            with a slot map (:func:`cluster_client`).
     """
     a = parse_address(address)
     kwargs.setdefault("retry", _default_retry())
+    if a.cluster:
+        return cluster_client(a, read_from_replicas=replica_reads, **kwargs)
     if not a.ha:
         return redis.Redis.from_url(a.text, **kwargs)
     if a.ssl:
@@ -359,6 +406,40 @@ def connect(address: "str | OnlineStoreAddress", *, replica_reads: bool = False,
     client.replica = sentinel.slave_for(a.service, **kwargs)
     client.replica_window_s = float(replica_window_s)
     return client
+
+
+def cluster_client(address: "str | OnlineStoreAddress", *, read_from_replicas: bool = False,
+                   **kwargs) -> "redis.cluster.RedisCluster":
+    """redis-py's ``RedisCluster`` over the address's startup nodes (``ClusterNode`` each).
+
+    ``kwargs`` are connection options of every node (``socket_timeout``, ``retry``,
+    ``decode_responses``, ...); ``db`` is refused by redis-py in cluster mode and dropped here (a
+    cluster address has database 0 only).
+
+    Raises:
+        OnlineStoreAddressError: not a cluster address.
+        redis.exceptions.RedisClusterException: no startup node answered with the slot map (the
+            cluster is not started, or not ``cluster_state:ok``).
+    """
+    from redis.cluster import ClusterNode, RedisCluster
+
+    a = parse_address(address)
+    if not a.cluster:
+        raise OnlineStoreAddressError(f"{a}: not a cluster address; write redis+cluster://host:port,host:port")
+    kwargs.pop("db", None)
+    if a.ssl:
+        kwargs.setdefault("ssl", True)
+    auth = {k: v for k, v in (("username", a.username), ("password", a.password)) if v is not None}
+    return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in a.cluster_nodes],
+                        read_from_replicas=read_from_replicas, **auth, **kwargs)
+
+
+def is_cluster(client) -> bool:
+    """True if ``client`` (or a pipeline of it) talks to a Redis Cluster: its scripts and
+    transactions must keep to one slot, and cross-slot reads go through a cluster pipeline."""
+    from redis.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster)
 
 
 def has_replica_reads(client: redis.Redis) -> bool:
@@ -375,6 +456,9 @@ def current_primary(address: "str | OnlineStoreAddress", timeout_s: float = 0.5)
         OnlineStoreAddressError: a malformed address.
     """
     a = parse_address(address)
+    if a.cluster:
+        raise OnlineStoreAddressError(f"{a}: a Redis Cluster has one primary per shard; ask the client "
+                                      "(RedisCluster.get_primaries) instead")
     if not a.ha:
         u = urlparse(a.text)
         return u.hostname or "127.0.0.1", u.port or 6379
@@ -403,7 +487,10 @@ def feast_online_store(address: "str | OnlineStoreAddress") -> dict[str, str]:
             socket path).
     """
     a = parse_address(address)
-    if a.ha:
+    if a.cluster:
+        hosts = [f"{h}:{p}" for h, p in a.cluster_nodes]
+        redis_type, master = "redis_cluster", "mymaster"  # Feast's default name; unused for a cluster
+    elif a.ha:
         hosts = [f"{h}:{p}" for h, p in a.sentinels]
         redis_type, master = "redis_sentinel", a.service
     else:
@@ -424,6 +511,6 @@ def feast_online_store(address: "str | OnlineStoreAddress") -> dict[str, str]:
     return {"connection_string": ",".join(parts), "redis_type": redis_type, "sentinel_master": master}
 
 
-__all__ = ["FORMS", "OnlineStoreAddress", "OnlineStoreAddressError", "REPLICA_COMMANDS", "ReplicaFallbackRedis",
+__all__ = ["CLUSTER_SCHEME", "FORMS", "cluster_address", "cluster_client", "is_cluster", "OnlineStoreAddress", "OnlineStoreAddressError", "REPLICA_COMMANDS", "ReplicaFallbackRedis",
            "connect", "current_primary", "feast_online_store", "has_replica_reads", "parse_address",
            "sentinel_address", "sentinel_manager"]
