@@ -99,15 +99,25 @@ class LuaScriptSpec:
 
     def register(self, client, source: str | None = None) -> "LuaScript":
         """Load (check + ``register_script``) on ``client``; ``source`` replaces the file's text
-        (a benchmark's variant), with the same KEYS / ARGV."""
-        return LuaScript(self, client.register_script(self.check(source)))
+        (a benchmark's variant), with the same KEYS / ARGV. On a Redis Cluster the script is also
+        loaded on every primary at once (``SCRIPT LOAD``): a cluster pipeline queues the
+        ``EVALSHA`` as is (:class:`LuaScript`), without redis-py's load-on-``NoScriptError``."""
+        from core.online_store import is_cluster
+
+        script = client.register_script(self.check(source))
+        if is_cluster(client):
+            client.script_load(script.script)
+        return LuaScript(self, script)
 
 
 class LuaScript:
     """A registered script, called with a keys and an args record of its spec.
 
     ``script(keys, args, client=pipe)`` queues it on a pipeline (or runs it on ``client``, default
-    the client it was registered on) and returns what redis-py's ``Script`` returns.
+    the client it was registered on) and returns what redis-py's ``Script`` returns. redis-py
+    refuses ``Script`` calls on a cluster pipeline (``ClusterPipeline.evalsha`` is blocked), so there
+    the ``EVALSHA`` is queued as a plain command, routed by its keys' slot (one slot: the layout's
+    hash tags).
     """
 
     def __init__(self, spec: LuaScriptSpec, script):
@@ -123,4 +133,9 @@ class LuaScript:
             if type(rec) is not cls and not (rec is None and cls is None):
                 raise TypeError(f"{self.spec.name}: expected a {getattr(cls, '__name__', None)}, "
                                 f"got {type(rec).__name__}")
+        from redis.cluster import ClusterPipeline
+
+        if isinstance(client, ClusterPipeline):
+            keys, args = tuple(keys or ()), tuple(args or ())
+            return client.execute_command("EVALSHA", self.script.sha, len(keys), *keys, *args)
         return self.script(keys=keys, args=args, client=client)
