@@ -125,17 +125,22 @@ PREFIX = "hm:"
 
 
 # Redis Cluster hashes only the part inside a key's first {...} (its hash tag): every key of one
-# user, post or author shares a slot, so each script and transaction touches one slot.
+# user, post or author shares a slot, so each script and transaction touches one slot. An id of
+# "*" gives the SCAN pattern of the family (e.g. ``action_sequence("*")``).
+def _id(value) -> str:
+    return "*" if value == "*" else str(int(value))
+
+
 def _user_tag(user_id: int) -> str:
-    return f"hm:{{u:{int(user_id)}}}"
+    return f"hm:{{u:{_id(user_id)}}}"
 
 
 def _post_tag(post_id: int) -> str:
-    return f"hm:{{p:{int(post_id)}}}"
+    return f"hm:{{p:{_id(post_id)}}}"
 
 
 def _author_tag(author_id: int) -> str:
-    return f"hm:{{a:{int(author_id)}}}"
+    return f"hm:{{a:{_id(author_id)}}}"
 
 # ---------------------------------------------------------------- candidate index
 POST_META = "hm:{rt}:post_meta"  # in the real-time slot: engagement_batch.lua reads tags with trending
