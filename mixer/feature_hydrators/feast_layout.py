@@ -16,7 +16,7 @@ import pandas as pd
 import redis
 
 from core.lua import lua_source
-from core.online_store import is_cluster
+from core.online_store import cluster_read, is_cluster
 from core.online_layout import FeastRedisLayout
 from mixer.caches import MixerCaches
 from mixer.candidate import Candidate, Query
@@ -238,20 +238,16 @@ class FeastLayoutFeatureHydrator(FeatureHydrator):
     def _read(self, groups: list[tuple[object, list[bytes]]]) -> list[np.ndarray]:
         """One ``hmget_groups.lua`` call for ``(view, keys)`` groups -> per group a float64
         ``[len(keys), len(view.features)]`` matrix (NaN: no value), in order. On a Redis Cluster
-        (Feast's keys hash whole: each in its own slot) the same HMGETs go in one cluster pipeline
-        (redis-py's ``ClusterPipeline`` sends each node its share: one round trip per node).
+        (Feast's keys hash whole: each in its own slot) the same HMGETs go to the nodes owning
+        them, one pipeline per node (``core.online_store.cluster_read``).
 
         Raises:
             redis.RedisError: Redis did not answer (the script is reloaded by redis-py after a
                 restart emptied Redis's script cache).
         """
         if self._cluster:
-            pipe = self.client.pipeline(transaction=False)
-            for v, group_keys in groups:
-                fields = self.layout.fields[v.name]
-                for key in group_keys:
-                    pipe.hmget(key, fields)
-            values = decode_values([x for row in pipe.execute() for x in row])
+            commands = [("HMGET", key, *self.layout.fields[v.name]) for v, group_keys in groups for key in group_keys]
+            values = decode_values([x for row in cluster_read(self.client, commands) for x in row])
         else:
             keys, args = [], [len(groups)]
             for v, group_keys in groups:

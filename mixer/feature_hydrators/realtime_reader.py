@@ -16,7 +16,7 @@ import redis
 
 from core import online_layout as keys
 from core.lua import lua_source
-from core.online_store import is_cluster
+from core.online_store import cluster_read, is_cluster
 from core.realtime import ENGAGEMENT_KINDS, WINDOWS_S, decay, feature_name, trending_score, window_buckets
 
 
@@ -30,7 +30,8 @@ class WindowSumsScript:
     Its KEYS are one counts hash per post (``rt_post_counts``) and its ARGV the number of windows,
     the ``(first, last)`` bucket starts per window and the kinds; this wrapper is the one place that
     lays them out. On a Redis Cluster the posts' hashes are in many slots, which a script may not
-    span: their ``HGETALL``\ s go in one cluster pipeline and the same sums are made here.
+    span: their ``HGETALL``\ s go to the nodes owning them (``core.online_store.cluster_read``)
+    and the same sums are made here.
     """
 
     def __init__(self, client: redis.Redis):
@@ -48,13 +49,13 @@ class WindowSumsScript:
         return np.asarray(flat, dtype=np.float64).reshape(len(post_ids), len(kinds), len(bounds))
 
     def _sums_here(self, post_ids: list[int], bounds: list[tuple[int, int]], kinds: list[str]) -> np.ndarray:
-        """``window_sums.lua``'s sums over the hashes read with a cluster pipeline."""
-        pipe = self._client.pipeline(transaction=False)
-        for p in post_ids:
-            pipe.hgetall(keys.rt_post_counts(p))
+        """``window_sums.lua``'s sums over the hashes read node by node (``cluster_read``)."""
         kind_of = {k: j for j, k in enumerate(kinds)}
         out = np.zeros((len(post_ids), len(kinds), len(bounds)), dtype=np.float64)
-        for i, counts in enumerate(pipe.execute()):
+        replies = cluster_read(self._client, [("HGETALL", keys.rt_post_counts(p)) for p in post_ids])
+        for i, counts in enumerate(replies):
+            if isinstance(counts, list):  # a RESP2 reply as a plain pipeline leaves it: field, value, ...
+                counts = dict(zip(counts[::2], counts[1::2]))
             for field, n in counts.items():
                 kind, _, bucket = _s(field).rpartition(":")
                 j = kind_of.get(kind)

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from core import online_layout as keys
 from core import realtime
-from core.lua import LuaScriptSpec
+from core.lua import LuaScriptSpec, queue_evalsha
 from core.history_features import SEQUENCE_LENGTH
 from core.schema import POSITIVE_HEADS
 from pipelines.sequences import ENGAGED_HEADS
@@ -234,7 +234,7 @@ class EngagementBatchScript:
         plan = self.split(events)
         for parts, idx, seen_key in plan:
             k, a, _ = self.layout([events[i] for i in idx], write_s, seen_ttl, parts=parts, seen_key=seen_key)
-            pipe.execute_command("EVALSHA", self.sha, len(k), *k, *a)
+            queue_evalsha(pipe, self.sha, k, a)
         self._plans.append((len(events), plan))
         return [e.event_ts.timestamp() for e in events]
 

@@ -79,12 +79,16 @@ def test_services_cluster_status_stop_and_restart_keep_roles_slots_and_data(redi
 
 
 def test_cluster_client_reads_from_replicas_and_refuses_cross_slot_scripts(cluster_client, redis_cluster):
-    """``replica_reads`` is redis-py's ``read_from_replicas``; a script over two slots is refused
+    """``replica_reads`` spreads reads over primaries and replicas (redis-py's round-robin load
+    balancing, its ``read_from_replicas``); a script over two slots is refused
     by the client before it reaches a node (so no half-applied script), one over one hash tag runs."""
     import redis
 
     reading = connect(redis_cluster.address, replica_reads=True)
-    assert reading.read_from_replicas
+    from redis.cluster import LoadBalancingStrategy
+
+    assert reading.load_balancing_strategy is LoadBalancingStrategy.ROUND_ROBIN
+    assert connect(redis_cluster.address).load_balancing_strategy is None
     cluster_client.set("{u:1}:a", "1")
     cluster_client.wait(1, 2000)
     assert reading.get("{u:1}:a") == b"1"
@@ -225,3 +229,35 @@ def test_feast_redis_cluster_store_serves_the_mixers_features(redis_cluster, clu
                           (NOW + pd.Timedelta(seconds=1)).to_pydatetime(), batch_keys=37)
     assert sum(w.rows for w in written) > 0
     pd.testing.assert_frame_equal(direct.hydrate(query, cands), by_feast, check_exact=True)
+
+
+def test_routed_pipelines_follow_a_moved_slot_and_apply_each_write_once(cluster_client):
+    """The slot-routed pipeline and ``cluster_read`` send each command to the primary their slot map
+    names; with a stale map (as after a resharding) the node answers MOVED, the command is sent
+    again through redis-py's ClusterPipeline, which follows it: each write applied once. Keyless
+    commands take redis-py's routing."""
+    from core.online_store import SlotRoutedPipeline, cluster_read
+
+    key, other = "{u:42}:probe", "{u:7}:probe"
+    slot = cluster_client.keyslot(key)
+    right = cluster_client.nodes_manager.slots_cache[slot][0]
+    wrong = next(n for n in cluster_client.get_primaries() if n.name != right.name)
+    cluster_client.nodes_manager.slots_cache[slot] = [wrong]  # stale: the slot "moved" to `right`
+    pipe = cluster_client.pipeline()
+    assert isinstance(pipe, SlotRoutedPipeline)
+    pipe.incr(key)
+    pipe.set(other, "x")
+    pipe.execute_command("TIME")
+    got = pipe.execute()
+    assert got[:2] == [1, True] and len(got[2]) == 2
+    cluster_client.nodes_manager.slots_cache[slot] = [wrong]
+    assert cluster_read(cluster_client, [("GET", key), ("GET", other)]) == [b"1", b"x"]
+    assert int(cluster_client.get(key)) == 1
+    with pytest.raises(ValueError, match="single-key commands"):
+        cluster_read(cluster_client, [("MGET", key, other)])
+    bad = cluster_client.pipeline()
+    bad.incr(other)  # "x" is not an integer: a command error, raised after the others ran
+    bad.set(key, "2")
+    with pytest.raises(Exception, match="not an integer"):
+        bad.execute()
+    assert cluster_client.get(key) == b"2"
