@@ -448,61 +448,21 @@ def is_cluster(client) -> bool:
 
 def cluster_read(client, commands: list[tuple]) -> list[Any]:
     """The raw replies (no response callbacks: an ``HGETALL`` is a flat list) of many single-key
-    commands (``(name, key, *args)``) on a Redis Cluster, in order.
-
-    Every node's commands are written on one connection of it first, then every node's replies
-    read, so the nodes work at once (one round trip in all) and a reply costs a socket read, not a
-    pipeline's bookkeeping: a request's ~800 feature reads took 12.9 ms through
-    :class:`SlotRoutedPipeline` and 18 ms more through redis-py's ``ClusterPipeline``. Routing:
-    :class:`SlotRoutedPipeline`'s; a ``MOVED`` / ``ASK`` reply (a slot being resharded) is asked
-    again through redis-py's ``ClusterPipeline``, which follows it and refreshes the slot map.
+    commands (``(name, key, *args)``) on a Redis Cluster, in order: :func:`_run_routed` without
+    the pipeline's bookkeeping (a request's ~800 feature reads: ~10 ms, one Redis's plain pipeline
+    ~9 ms, redis-py's ``ClusterPipeline`` ~21 ms, measured on this 2-core machine under load).
 
     Raises:
-        redis.RedisError: a node did not answer (its connection is dropped, not pooled), or a
-            command failed.
+        redis.RedisError: a node did not answer, or a command failed (the first error).
         ValueError: a command without a single key to route by.
     """
-    from redis.crc import key_slot
-
-    manager, parser = client.nodes_manager, client.commands_parser
-    nodes: dict[str, tuple] = {}
-    for i, command in enumerate(commands):
-        key = _routing_key(parser, command)
-        if key is None:
-            raise ValueError(f"cluster_read takes single-key commands; {command[0]!r} is not routable")
-        node = manager.get_node_from_slot(key_slot(key))
-        entry = nodes.get(node.name)
-        if entry is None:
-            entry = nodes[node.name] = (client.get_redis_connection(node).connection_pool, [], [])
-        entry[1].append(i)
-        entry[2].append(command)
-    out: list[Any] = [None] * len(commands)
-    taken = []
-    try:
-        for pool, _, node_commands in nodes.values():
-            conn = pool.get_connection()
-            taken.append((pool, conn))
-            conn.send_packed_command(conn.pack_commands(node_commands))
-        redo = []
-        for (pool, conn), (_, at, _) in zip(taken, nodes.values()):
-            for i in at:
-                try:
-                    out[i] = conn.read_response()
-                except redis.exceptions.AskError:  # MOVED too (its subclass): asked again below
-                    redo.append(i)
-    except BaseException:
-        for _, conn in taken:
-            conn.disconnect()  # replies may be left unread: never back to the pool in use
-        raise
-    finally:
-        for pool, conn in taken:
-            pool.release(conn)
-    if redo:
-        pipe = client.pipeline_of_cluster()
-        for i in redo:
-            pipe.execute_command(*commands[i])
-        for i, reply in zip(redo, pipe.execute()):
-            out[i] = reply
+    stack = [(tuple(c), {}) for c in commands]
+    out, unroutable = _run_routed(client, stack, parse=False)
+    if unroutable:
+        raise ValueError(f"cluster_read takes single-key commands; {commands[unroutable[0]][0]!r} is not routable")
+    error = next((r for r in out if isinstance(r, Exception)), None)
+    if error is not None:
+        raise error
     return out
 
 
@@ -525,24 +485,86 @@ def _routing_key(parser, args: tuple) -> bytes | None:
     return key if isinstance(key, bytes) else str(key).encode()
 
 
+def _run_routed(cluster, stack: list[tuple[tuple, dict]], parse: bool) -> tuple[list[Any], list[int]]:
+    """Run ``(args, options)`` commands on the primaries of their keys' slots: every node's
+    commands are written on one connection of it first, then every node's replies read, so the
+    nodes work at once (one round trip in all). Slot: CRC16 of the key or its hash tag mod 16384
+    (the Redis Cluster specification's key distribution; redis-py's ``key_slot`` and cached slot
+    map). A ``MOVED`` / ``ASK`` reply (a slot being resharded; the command did not run) is sent
+    again through redis-py's ``ClusterPipeline``, which follows it and refreshes the slot map.
+
+    Returns:
+        (per command its reply, with ``parse`` after redis-py's response callback, or its
+        ``ResponseError``; the indexes of the commands not run because they have no single key to
+        route by).
+
+    Raises:
+        redis.RedisError: a node did not answer (commands sent to other nodes may have run); the
+            connections in use are dropped, not pooled.
+    """
+    from redis.crc import key_slot
+
+    manager, parser = cluster.nodes_manager, cluster.commands_parser
+    groups: dict[str, tuple] = {}
+    unroutable: list[int] = []
+    for i, (args, options) in enumerate(stack):
+        key = _routing_key(parser, args)
+        if key is None:
+            unroutable.append(i)
+            continue
+        node = manager.get_node_from_slot(key_slot(key))
+        group = groups.get(node.name)
+        if group is None:
+            group = groups[node.name] = (cluster.get_redis_connection(node), [])
+        group[1].append(i)
+    out: list[Any] = [None] * len(stack)
+    redo: list[int] = []
+    taken = []
+    try:
+        for node_client, at in groups.values():
+            conn = node_client.connection_pool.get_connection()
+            taken.append((node_client.connection_pool, conn))
+            conn.send_packed_command(conn.pack_commands([stack[i][0] for i in at]))
+        for (_, conn), (node_client, at) in zip(taken, groups.values()):
+            for i in at:
+                args, options = stack[i]
+                try:
+                    out[i] = (node_client.parse_response(conn, args[0], **options) if parse
+                              else conn.read_response())
+                except redis.exceptions.AskError:  # MOVED too (its subclass): sent again below
+                    redo.append(i)
+                except redis.ResponseError as exc:
+                    out[i] = exc
+    except BaseException:
+        for _, conn in taken:
+            conn.disconnect()  # replies may be left unread: never back to the pool in use
+        raise
+    finally:
+        for pool, conn in taken:
+            pool.release(conn)
+    if redo:
+        pipe = super(HomeMixerCluster, cluster).pipeline(transaction=False)
+        for i in redo:
+            pipe.execute_command(*stack[i][0], **stack[i][1])
+        for i, reply in zip(redo, pipe.execute(raise_on_error=False)):
+            out[i] = reply
+    return out, unroutable
+
+
 class SlotRoutedPipeline(redis.client.Pipeline):
     """The non-transactional pipeline of :class:`HomeMixerCluster`: each queued command goes to the
-    primary of its key's slot, in one plain pipeline per node (one round trip per primary).
+    primary of its key's slot, all nodes at once (:func:`_run_routed`: one round trip).
 
     redis-py's ``ClusterPipeline`` routes the same way with tens of microseconds of Python per
-    command (policy lookup, node resolution; for a script call a ``COMMAND GETKEYS`` round trip),
-    which for a request's ~800 feature reads was 18 ms of its 24 ms. Here a command costs what it
-    costs in a plain pipeline plus a slot lookup (CRC16 of the key or its hash tag mod 16384: the
-    Redis Cluster specification's key distribution, redis-py's ``key_slot`` and cached slot map).
-
-    Commands this cannot route (keyless, multi-key, movable keys) and commands answered ``MOVED``
-    or ``ASK`` (a slot being resharded: redis-py then refreshes its slot map) are sent again, alone,
-    through ``ClusterPipeline``; the others are not repeated (a write is applied once). Scripts are
-    not loaded on the way (redis-py's ``Script`` would): ``core.lua`` loads them on every primary at
+    command (policy lookup, node resolution; for a script call a ``COMMAND GETKEYS`` round trip)
+    and asks the nodes one after the other. Commands this cannot route (keyless, multi-key,
+    movable keys) are sent through ``ClusterPipeline`` after the others; a command is never sent
+    twice unless its node answered ``MOVED`` / ``ASK`` (so never run twice). Scripts are not loaded
+    on the way (redis-py's ``Script`` would): ``core.lua`` loads them on every primary at
     registration. Like ``ClusterPipeline``, not atomic across nodes.
     """
 
-    def __init__(self, cluster: "redis.cluster.RedisCluster"):
+    def __init__(self, cluster: "HomeMixerCluster"):
         node = cluster.get_redis_connection(cluster.get_default_node())
         super().__init__(node.connection_pool, node.response_callbacks, False, None)
         self._cluster = cluster
@@ -555,38 +577,14 @@ class SlotRoutedPipeline(redis.client.Pipeline):
             redis.RedisError: a node did not answer (commands sent to other nodes may have run), or
                 with ``raise_on_error`` the first command error.
         """
-        from redis.crc import key_slot
-
-        stack, cluster = list(self.command_stack), self._cluster
+        stack = list(self.command_stack)
         self.reset()
-        out: list[Any] = [None] * len(stack)
-        nodes: dict[str, tuple] = {}
-        redo: list[int] = []
-        manager, parser = cluster.nodes_manager, cluster.commands_parser
-        for i, (args, options) in enumerate(stack):
-            key = _routing_key(parser, args)
-            if key is None:
-                redo.append(i)
-                continue
-            node = manager.get_node_from_slot(key_slot(key))
-            entry = nodes.get(node.name)
-            if entry is None:
-                entry = nodes[node.name] = (cluster.get_redis_connection(node).pipeline(transaction=False), [])
-            entry[0].execute_command(*args, **options)
-            entry[1].append(i)
-        for pipe, at in nodes.values():
-            for i, reply in zip(at, pipe.execute(raise_on_error=False)):
-                if isinstance(reply, redis.exceptions.AskError):  # MOVED too (its subclass)
-                    redo.append(i)
-                else:
-                    out[i] = reply
-        if redo:
-            redo.sort()
-            pipe = cluster.pipeline_of_cluster()
-            for i in redo:
-                args, options = stack[i]
-                pipe.execute_command(*args, **options)
-            for i, reply in zip(redo, pipe.execute(raise_on_error=False)):
+        out, unroutable = _run_routed(self._cluster, stack, parse=True)
+        if unroutable:
+            pipe = super(HomeMixerCluster, self._cluster).pipeline(transaction=False)
+            for i in unroutable:
+                pipe.execute_command(*stack[i][0], **stack[i][1])
+            for i, reply in zip(unroutable, pipe.execute(raise_on_error=False)):
                 out[i] = reply
         if raise_on_error:
             error = next((r for r in out if isinstance(r, Exception)), None)
@@ -597,18 +595,14 @@ class SlotRoutedPipeline(redis.client.Pipeline):
 
 class HomeMixerCluster(RedisCluster):
     """redis-py's ``RedisCluster`` (:func:`cluster_client`) whose non-transactional pipelines are
-    :class:`SlotRoutedPipeline`\\ s; ``pipeline(transaction=True)`` (one slot, ``MULTI``) and
-    :meth:`pipeline_of_cluster` give redis-py's own ``ClusterPipeline``."""
+    :class:`SlotRoutedPipeline`\\ s; ``pipeline(transaction=True)`` (one slot, ``MULTI``) gives
+    redis-py's own ``ClusterPipeline``."""
 
     def pipeline(self, transaction=None, shard_hint=None):
         """A :class:`SlotRoutedPipeline`, or with ``transaction`` redis-py's transactional one."""
         if transaction or shard_hint:
             return super().pipeline(transaction=transaction, shard_hint=shard_hint)
         return SlotRoutedPipeline(self)
-
-    def pipeline_of_cluster(self):
-        """redis-py's ``ClusterPipeline`` (follows ``MOVED`` / ``ASK``, routes any command)."""
-        return super().pipeline(transaction=False)
 
 
 def has_replica_reads(client: redis.Redis) -> bool:

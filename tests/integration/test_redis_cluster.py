@@ -17,6 +17,7 @@ import pytest
 from core.online_store import connect, parse_address
 from core.services import CLUSTER_SLOTS, RedisCluster, ServiceError
 from core.state import StateDir
+from tests.integration.test_mixer_api import known_users  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
@@ -261,3 +262,41 @@ def test_routed_pipelines_follow_a_moved_slot_and_apply_each_write_once(cluster_
     with pytest.raises(Exception, match="not an integer"):
         bad.execute()
     assert cluster_client.get(key) == b"2"
+
+
+# ---------------------------------------------------------------- the mixer on the cluster (last: it keeps its data)
+@pytest.fixture(scope="module")
+def cluster_mixer(redis_cluster, data_dir, known_users, tmp_path_factory):
+    """A mixer (``python -m mixer.api``) on the cluster address: the candidate index built into the
+    cluster, tiny real rankers in MLflow, and the known users' features written by Feast's
+    ``redis_cluster`` online store (``test_mixer_api``'s served state, on the cluster)."""
+    from core.schema import FEATURE_VIEWS
+    from feature_repo import store as fs
+    from pipelines.candidate_index import build_candidate_index
+    from tests.integration.test_mixer_api import AS_OF, _canonical, _latest_rows, _train_rankers, serve_mixer
+
+    state = StateDir(tmp_path_factory.mktemp("cluster_mixer_state")).ensure()
+    client = connect(redis_cluster.address)
+    client.flushall(target_nodes="primaries")
+    build_candidate_index(state, redis_cluster.address, AS_OF, tables=_canonical(data_dir))
+    frame = _train_rankers(data_dir, state)
+    store = fs.open_store(state, redis_cluster.address)
+    fs.apply(store, state.tables)
+    scoped = frame[frame.user_id.isin(known_users)]
+    for spec in FEATURE_VIEWS:
+        store.write_to_online_store(spec.name, _latest_rows(frame if spec.join_keys == ("post_id",) else scoped, spec))
+    yield from serve_mixer(state, redis_cluster.address, client)
+
+
+def test_the_mixer_answers_from_the_cluster(cluster_mixer, known_users, data_dir):
+    """``POST /v1/home-timeline`` on the cluster store: ``test_mixer_api``'s checks of a known
+    user's ranked, diverse page (features, served record and impression log on the cluster), of the
+    cursor's next page, and of a cold-start user; nothing degraded."""
+    from tests.integration import test_mixer_api as api
+
+    api.test_known_user_gets_a_ranked_diverse_page(cluster_mixer, known_users, data_dir)
+    api.test_next_page_via_cursor_has_no_repeats(cluster_mixer, known_users)
+    api.test_cold_start_user_gets_popular_posts(cluster_mixer)
+    http, _ = cluster_mixer
+    page = http.post("/v1/home-timeline", json={"user_id": known_users[2], "limit": 20}).json()
+    assert page["degraded"] == [] and len(page["items"]) == 20
