@@ -668,8 +668,8 @@ class RedisServer(ManagedProcess):
         return self.state.redis / "redis.log"
 
     def prepare(self) -> None:
-        """Raises ServiceError if ``redis-server`` is not installed, or the HA set (``RedisHA``)
-        runs for this state folder (one online store per state folder)."""
+        """Raises ServiceError if ``redis-server`` is not installed, or the HA set (``RedisHA``) or
+        the cluster (``RedisCluster``) runs for this state folder (one online store per state folder)."""
         if shutil.which("redis-server") is None:
             raise ServiceError(
                 "redis-server not found on PATH. Install it with `apt-get install -y redis-server` "
