@@ -6,36 +6,49 @@ below and that no other module spells an ``hm:`` key. Ids are decimal strings, t
 UTC. Keys of home-mixer start with ``PREFIX`` (``hm:``); Feast's keys never do (they start with a
 little-endian key count, ``FeastRedisLayout``).
 
+Hash tags (Redis Cluster). Redis Cluster puts a key in slot CRC16(tag) mod 16384, where the tag is
+the part inside the key's first ``{...}`` (the whole key if it has none), and a Lua script or a
+``MULTI`` may only touch keys of one slot (Redis Cluster specification, "Keys hash tags"). So every
+key of one entity carries the entity's tag: ``{u:<user_id>}`` (a user's sets, sequences, timelines,
+real-time zsets), ``{p:<post_id>}`` (a post's real-time counts, meta, score, fan-out progress,
+co-engagement neighbours), ``{a:<author_id>}`` (an author's score and posts), ``{<topic>}`` (a
+topic's stream and its dead letters), and the global real-time keys share ``{rt}`` (trending,
+coverage, the post metadata that trending reads, the markers of a batch's global part). Keys without
+a tag (the popular lists, tag posts, index meta, the mixer's streams, the global graph keys) are read
+and written alone. A script that spans entities is run once per tag in cluster mode
+(``pipelines.streaming.scripts.EngagementBatchScript``), each part idempotent by its own marker;
+with one Redis the same keys serve, and the script runs once per batch.
+
 Candidate index (``pipelines.candidate_index.build_candidate_index``, rebuilt as a whole: the keys of
 ``INDEX_KEY_PATTERNS`` and ``INDEX_SINGLE_KEYS`` are deleted first):
 
 | builder | key | type | content | writer | readers |
 | --- | --- | --- | --- | --- | --- |
-| ``POST_META`` | ``hm:post_meta`` | hash | post_id -> ``"author_id|created_ts|tag,tag"`` (``encode_post_meta``) | candidate index | ``PostMetadataHydrator``; ``engagement_batch.lua`` (a post's tags for trending) |
+| ``POST_META`` | ``hm:{rt}:post_meta`` | hash | post_id -> ``"author_id|created_ts|tag,tag"`` (``encode_post_meta``) | candidate index | ``PostMetadataHydrator``; ``engagement_batch.lua`` (a post's tags for trending) |
 | ``INDEX_META`` | ``hm:index_meta`` | hash | ``as_of``, ``built_at``, one count per family | candidate index | mixer API (``as_of``), operators |
-| ``author_posts(author_id)`` | ``hm:author_posts:{author_id}`` | zset | post_id -> created_ts | candidate index | ``InNetworkCandidateSource`` |
+| ``author_posts(author_id)`` | ``hm:{a:{author_id}}:author_posts`` | zset | post_id -> created_ts | candidate index | ``InNetworkCandidateSource`` |
 | ``popular(window)`` | ``hm:popular:{window}`` (``24h``, ``7d``) | zset | post_id -> weighted engagements in the window | candidate index | ``PopularCandidateSource`` |
 | ``tag_posts(tag)`` | ``hm:tag_posts:{tag}`` | zset | post_id -> weighted engagements in the last 7 d (0 if none) | candidate index | ``TagInterestCandidateSource`` |
-| ``engaged_authors(user_id)`` | ``hm:engaged_authors:{user_id}`` | zset | author_id -> summed engagement edge weight | candidate index | ``UserContextHydrator`` |
-| ``tag_interest(user_id)`` | ``hm:tag_interest:{user_id}`` | zset | tag -> summed engagement weight of engaged posts with the tag | candidate index | ``UserContextHydrator`` |
-| ``seen_posts(user_id)`` | ``hm:seen:{user_id}`` | zset | post_id -> last impression time in the log | candidate index | ``UserContextHydrator`` (previously-seen filter) |
-| ``action_sequence(user_id)`` | ``hm:seq:{user_id}`` | zset | ``"post_id|author_id|action"`` (``encode_action``) -> engagement time (epoch s, float): the user's last N engaged posts (``pipelines.sequences``) | candidate index (history before its cutoff); ``engagement_batch.lua`` (live engagements, capped at N) | ``UserActionSequenceQueryHydrator`` |
-| ``coengagement(post_id)`` | ``hm:coeng:{post_id}`` | zset | neighbour post_id -> co-engagement cosine (``pipelines.coengagement``), top N | candidate index | ``CoEngagementCandidateSource`` |
+| ``engaged_authors(user_id)`` | ``hm:{u:{user_id}}:engaged_authors`` | zset | author_id -> summed engagement edge weight | candidate index | ``UserContextHydrator`` |
+| ``tag_interest(user_id)`` | ``hm:{u:{user_id}}:tag_interest`` | zset | tag -> summed engagement weight of engaged posts with the tag | candidate index | ``UserContextHydrator`` |
+| ``seen_posts(user_id)`` | ``hm:{u:{user_id}}:seen_posts`` | zset | post_id -> last impression time in the log | candidate index | ``UserContextHydrator`` (previously-seen filter) |
+| ``action_sequence(user_id)`` | ``hm:{u:{user_id}}:seq`` | zset | ``"post_id|author_id|action"`` (``encode_action``) -> engagement time (epoch s, float): the user's last N engaged posts (``pipelines.sequences``) | candidate index (history before its cutoff); ``engagement_batch.lua`` (live engagements, capped at N) | ``UserActionSequenceQueryHydrator`` |
+| ``coengagement(post_id)`` | ``hm:{p:{post_id}}:coeng`` | zset | neighbour post_id -> co-engagement cosine (``pipelines.coengagement``), top N | candidate index | ``CoEngagementCandidateSource`` |
 
 Graph sets (author_ids; the index writes them from the log, the stream processor keeps them current):
 
 | builder | key | type | writers | readers |
 | --- | --- | --- | --- | --- |
-| ``follows(user_id)`` | ``hm:follows:{user_id}`` | set | candidate index; ``social.lua`` (follow / unfollow / block), ``engagement_batch.lua`` (kind ``follow``) | ``UserContextHydrator`` |
-| ``hated_authors(user_id)`` | ``hm:hated_authors:{user_id}`` | set | candidate index; ``engagement_batch.lua`` (kind ``hate``) | ``UserContextHydrator`` |
-| ``blocked_authors(user_id)`` | ``hm:blocked_authors:{user_id}`` | set | ``social.lua`` (block) | ``UserContextHydrator`` |
-| ``muted_authors(user_id)`` | ``hm:muted_authors:{user_id}`` | set | ``social.lua`` (mute) | ``UserContextHydrator`` |
+| ``follows(user_id)`` | ``hm:{u:{user_id}}:follows`` | set | candidate index; ``social.lua`` (follow / unfollow / block), ``engagement_batch.lua`` (kind ``follow``) | ``UserContextHydrator`` |
+| ``hated_authors(user_id)`` | ``hm:{u:{user_id}}:hated_authors`` | set | candidate index; ``engagement_batch.lua`` (kind ``hate``) | ``UserContextHydrator`` |
+| ``blocked_authors(user_id)`` | ``hm:{u:{user_id}}:blocked_authors`` | set | ``social.lua`` (block) | ``UserContextHydrator`` |
+| ``muted_authors(user_id)`` | ``hm:{u:{user_id}}:muted_authors`` | set | ``social.lua`` (mute) | ``UserContextHydrator`` |
 
 The mixer's own records (a rebuild of the index leaves them alone):
 
 | builder | key | type | content | writer | readers |
 | --- | --- | --- | --- | --- | --- |
-| ``served_posts(user_id)`` | ``hm:served:{user_id}`` | zset (TTL) | post_id -> wall-clock serve time | ``ServedPostsSideEffect`` | ``UserContextHydrator`` |
+| ``served_posts(user_id)`` | ``hm:{u:{user_id}}:served`` | zset (TTL) | post_id -> wall-clock serve time | ``ServedPostsSideEffect`` | ``UserContextHydrator`` |
 | ``SERVED_IMPRESSIONS`` | ``hm:served_impressions`` | stream (capped) | one entry per served post (fields in ``ImpressionLogSideEffect``) | ``ImpressionLogSideEffect`` | training-data / drift jobs |
 | ``SERVED_FEATURES`` | ``hm:served_features`` | stream (capped, ``MAXLEN ~ feature_logging.stream_maxlen``) | one entry per served post: ids, request clock, model versions and the feature row the rankers saw (float64 bytes in ``ALL_FEATURES`` order; ``core.feature_log``) | ``FeatureLogSideEffect`` | ``pipelines.logged_features`` (``home-mixer train --from-logged``) |
 | ``EXPLORATION_LOG`` | ``hm:exploration`` | stream (capped, ``MAXLEN ~ served.exploration_stream_maxlen``) | one entry per request of an exploring arm: the pool (ids, blended / light scores, heads) and the drawn slots with their propensities | ``ExplorationLogSideEffect`` | off-policy evaluation (``models.ope``) |
@@ -46,17 +59,20 @@ is in ``core.realtime``):
 
 | builder | key | type | content | writer | readers |
 | --- | --- | --- | --- | --- | --- |
-| ``rt_seen_event(event_id)`` | ``hm:rt:seen:{event_id}`` | string (TTL) | ``1``: the event was applied (idempotency) | ``engagement_batch.lua``, ``social.lua`` | the same scripts |
-| ``rt_post_counts(post_id)`` | ``hm:rt:post:{post_id}:counts`` | hash (TTL) | ``{kind}:{bucket_start_s}`` -> count in that 5-min bucket | ``engagement_batch.lua`` | ``RealtimeFeatureReader`` (``window_sums.lua``) |
-| ``rt_post_meta(post_id)`` | ``hm:rt:post:{post_id}:meta`` | hash (TTL) | ``last_event_ts`` (newest event), ``last_write_ts`` | ``engagement_batch.lua`` | ``engagement_batch.lua``; ``RealtimeFeatureReader.post_meta`` |
-| ``rt_post_score(post_id)`` | ``hm:rt:post:{post_id}:score`` | hash (TTL) | ``v`` decayed engagement score at time ``t`` | ``engagement_batch.lua`` | ``RealtimeFeatureReader.decayed_scores`` |
-| ``rt_author_score(author_id)`` | ``hm:rt:author:{author_id}:score`` | hash (TTL) | the same, over the author's posts | ``engagement_batch.lua`` | ``RealtimeFeatureReader.decayed_scores`` |
-| ``rt_user_recent_posts(user_id)`` | ``hm:rt:user:{user_id}:posts`` | zset | last 50 positively engaged posts -> event ts | ``engagement_batch.lua`` | ``RealtimeFeatureReader.user_recent`` |
-| ``rt_user_recent_authors(user_id)`` | ``hm:rt:user:{user_id}:authors`` | zset | their authors -> event ts | ``engagement_batch.lua`` | ``RealtimeFeatureReader.user_recent`` |
-| ``rt_social_ts(user_id)`` | ``hm:rt:social_ts:{user_id}`` | hash | ``{follow|block|mute}:{author_id}`` -> ts of the last applied action | ``engagement_batch.lua``, ``social.lua`` | the same scripts (stale actions are dropped) |
-| ``RT_TRENDING_POSTS`` | ``hm:rt:trending:posts`` | zset | post -> log2 forward-decayed score | ``engagement_batch.lua`` | ``RealtimeFeatureReader.trending`` (``TrendingCandidateSource``) |
-| ``RT_TRENDING_TAGS`` | ``hm:rt:trending:tags`` | zset | tag -> the same | ``engagement_batch.lua`` | ``RealtimeFeatureReader.trending`` |
-| ``RT_COVERAGE`` | ``hm:rt:coverage`` | hash | ``newest``, ``first``, ``since`` event times; ``caught_up``: Redis server time before which the processors' group applied every entry (liveness) | ``engagement_batch.lua`` (event times), ``StreamProcessor`` (``HDEL`` after lost entries), ``coverage_stamp.lua`` (``caught_up``) | ``RealtimeFeatureReader.coverage`` (``RealtimeFeatureHydrator``) |
+| ``rt_seen_event(event_id)`` | ``hm:{rt}:seen:{event_id}`` | string (TTL) | ``1``: the event was applied (idempotency); in a cluster, its global part (trending, coverage) | ``engagement_batch.lua`` | the same script |
+| ``rt_post_seen_event(post_id, event_id)`` | ``hm:{p:{post_id}}:rt:seen:{event_id}`` | string (TTL) | ``1``: the event's post part was applied (cluster mode) | ``engagement_batch.lua`` | the same script |
+| ``rt_author_seen_event(author_id, event_id)`` | ``hm:{a:{author_id}}:rt:seen:{event_id}`` | string (TTL) | ``1``: the event's author part was applied (cluster mode) | ``engagement_batch.lua`` | the same script |
+| ``rt_user_seen_event(user_id, event_id)`` | ``hm:{u:{user_id}}:rt:seen:{event_id}`` | string (TTL) | ``1``: the event's user part was applied (``engagement_batch.lua`` in cluster mode; ``social.lua`` always) | ``engagement_batch.lua``, ``social.lua`` | the same scripts |
+| ``rt_post_counts(post_id)`` | ``hm:{p:{post_id}}:rt:counts`` | hash (TTL) | ``{kind}:{bucket_start_s}`` -> count in that 5-min bucket | ``engagement_batch.lua`` | ``RealtimeFeatureReader`` (``window_sums.lua``) |
+| ``rt_post_meta(post_id)`` | ``hm:{p:{post_id}}:rt:meta`` | hash (TTL) | ``last_event_ts`` (newest event), ``last_write_ts`` | ``engagement_batch.lua`` | ``engagement_batch.lua``; ``RealtimeFeatureReader.post_meta`` |
+| ``rt_post_score(post_id)`` | ``hm:{p:{post_id}}:rt:score`` | hash (TTL) | ``v`` decayed engagement score at time ``t`` | ``engagement_batch.lua`` | ``RealtimeFeatureReader.decayed_scores`` |
+| ``rt_author_score(author_id)`` | ``hm:{a:{author_id}}:rt:score`` | hash (TTL) | the same, over the author's posts | ``engagement_batch.lua`` | ``RealtimeFeatureReader.decayed_scores`` |
+| ``rt_user_recent_posts(user_id)`` | ``hm:{u:{user_id}}:rt:posts`` | zset | last 50 positively engaged posts -> event ts | ``engagement_batch.lua`` | ``RealtimeFeatureReader.user_recent`` |
+| ``rt_user_recent_authors(user_id)`` | ``hm:{u:{user_id}}:rt:authors`` | zset | their authors -> event ts | ``engagement_batch.lua`` | ``RealtimeFeatureReader.user_recent`` |
+| ``rt_social_ts(user_id)`` | ``hm:{u:{user_id}}:rt:social_ts`` | hash | ``{follow|block|mute}:{author_id}`` -> ts of the last applied action | ``engagement_batch.lua``, ``social.lua`` | the same scripts (stale actions are dropped) |
+| ``RT_TRENDING_POSTS`` | ``hm:{rt}:trending:posts`` | zset | post -> log2 forward-decayed score | ``engagement_batch.lua`` | ``RealtimeFeatureReader.trending`` (``TrendingCandidateSource``) |
+| ``RT_TRENDING_TAGS`` | ``hm:{rt}:trending:tags`` | zset | tag -> the same | ``engagement_batch.lua`` | ``RealtimeFeatureReader.trending`` |
+| ``RT_COVERAGE`` | ``hm:{rt}:coverage`` | hash | ``newest``, ``first``, ``since`` event times; ``caught_up``: Redis server time before which the processors' group applied every entry (liveness) | ``engagement_batch.lua`` (event times), ``StreamProcessor`` (``HDEL`` after lost entries), ``coverage_stamp.lua`` (``caught_up``) | ``RealtimeFeatureReader.coverage`` (``RealtimeFeatureHydrator``) |
 
 Social graph and home timelines (``pipelines.graph``). Every key carries a Redis Cluster hash tag
 ``{u:<user_id>}`` (``{p:<post_id>}`` for a post's fan-out progress), so the keys of one user share a
@@ -85,8 +101,8 @@ Event bus (``pipelines.streaming.bus.RedisStreamsBus``; stream ids ``"<ms>-<seq>
 
 | builder | key | type | content | writer | readers |
 | --- | --- | --- | --- | --- | --- |
-| ``event_stream(topic)`` | ``hm:events:{topic}`` | stream (``MAXLEN ~``), consumer groups | one event per entry (``events.encode_event``) | ``RedisStreamsBus.publish`` (``LogReplayer``, producers) | consumer groups (``StreamProcessor``); ``applied_until.lua``, ``skip_trimmed.lua`` |
-| ``dead_letter_stream(topic)`` | ``hm:events:{topic}:dead`` | stream (never trimmed) | reason, original topic / id / group, ``orig:*`` fields | ``RedisStreamsBus`` (dead letters), ``skip_trimmed.lua`` | ``RedisStreamsBus.dead_letters``, ``backlog`` |
+| ``event_stream(topic)`` | ``hm:events:{{topic}}`` | stream (``MAXLEN ~``), consumer groups | one event per entry (``events.encode_event``) | ``RedisStreamsBus.publish`` (``LogReplayer``, producers) | consumer groups (``StreamProcessor``); ``applied_until.lua``, ``skip_trimmed.lua`` |
+| ``dead_letter_stream(topic)`` | ``hm:events:{{topic}}:dead`` | stream (never trimmed) | reason, original topic / id / group, ``orig:*`` fields | ``RedisStreamsBus`` (dead letters), ``skip_trimmed.lua`` | ``RedisStreamsBus.dead_letters``, ``backlog`` |
 
 Feast online store (``feast materialize`` / push writes it; ``FeastLayoutFeatureHydrator`` reads it):
 
@@ -107,14 +123,33 @@ from core.schema import FEATURE_VIEWS, FeatureViewSpec
 
 PREFIX = "hm:"
 
+
+# Redis Cluster hashes only the part inside a key's first {...} (its hash tag): every key of one
+# user, post or author shares a slot, so each script and transaction touches one slot. An id of
+# "*" gives the SCAN pattern of the family (e.g. ``action_sequence("*")``).
+def _id(value) -> str:
+    return "*" if value == "*" else str(int(value))
+
+
+def _user_tag(user_id: int) -> str:
+    return f"hm:{{u:{_id(user_id)}}}"
+
+
+def _post_tag(post_id: int) -> str:
+    return f"hm:{{p:{_id(post_id)}}}"
+
+
+def _author_tag(author_id: int) -> str:
+    return f"hm:{{a:{_id(author_id)}}}"
+
 # ---------------------------------------------------------------- candidate index
-POST_META = "hm:post_meta"
+POST_META = "hm:{rt}:post_meta"  # in the real-time slot: engagement_batch.lua reads tags with trending
 INDEX_META = "hm:index_meta"
 
 
 def author_posts(author_id: int) -> str:
     """zset post_id -> created time (epoch s)."""
-    return f"hm:author_posts:{author_id}"
+    return f"{_author_tag(author_id)}:author_posts"
 
 
 def popular(window: str) -> str:
@@ -129,27 +164,27 @@ def tag_posts(tag: int) -> str:
 
 def engaged_authors(user_id: int) -> str:
     """zset author_id -> summed RealGraph-style engagement weight."""
-    return f"hm:engaged_authors:{user_id}"
+    return f"{_user_tag(user_id)}:engaged_authors"
 
 
 def tag_interest(user_id: int) -> str:
     """zset tag -> summed engagement weight of the user's engaged posts carrying the tag."""
-    return f"hm:tag_interest:{user_id}"
+    return f"{_user_tag(user_id)}:tag_interest"
 
 
 def seen_posts(user_id: int) -> str:
     """zset post_id -> last impression time (epoch s) in the log."""
-    return f"hm:seen:{user_id}"
+    return f"{_user_tag(user_id)}:seen_posts"
 
 
 def action_sequence(user_id: int) -> str:
     """zset ``encode_action(post, author, action)`` -> engagement time (epoch s): the user action sequence."""
-    return f"hm:seq:{user_id}"
+    return f"{_user_tag(user_id)}:seq"
 
 
 def coengagement(post_id: int) -> str:
     """zset neighbour post_id -> co-engagement similarity (top N per post)."""
-    return f"hm:coeng:{post_id}"
+    return f"{_post_tag(post_id)}:coeng"
 
 
 def encode_action(post_id: int, author_id: int, action: str) -> str:
@@ -173,22 +208,22 @@ def decode_action(value: bytes | str) -> tuple[int, int, str]:
 # ---------------------------------------------------------------- graph sets
 def follows(user_id: int) -> str:
     """set of author_ids the user follows (index; kept current by the stream processor)."""
-    return f"hm:follows:{user_id}"
+    return f"{_user_tag(user_id)}:follows"
 
 
 def hated_authors(user_id: int) -> str:
     """set of author_ids whose posts the user marked with hate (index; stream processor)."""
-    return f"hm:hated_authors:{user_id}"
+    return f"{_user_tag(user_id)}:hated_authors"
 
 
 def blocked_authors(user_id: int) -> str:
     """set of author_ids the user blocked (written by the stream processor)."""
-    return f"hm:blocked_authors:{user_id}"
+    return f"{_user_tag(user_id)}:blocked_authors"
 
 
 def muted_authors(user_id: int) -> str:
     """set of author_ids the user muted (written by the stream processor)."""
-    return f"hm:muted_authors:{user_id}"
+    return f"{_user_tag(user_id)}:muted_authors"
 
 
 # ---------------------------------------------------------------- the mixer's records
@@ -200,14 +235,14 @@ DRIFT_SAMPLE = "hm:drift_sample"  # the production sample of drift monitoring
 
 def served_posts(user_id: int) -> str:
     """zset post_id -> wall-clock time (epoch s) the mixer served it (written by the mixer, TTL)."""
-    return f"hm:served:{user_id}"
+    return f"{_user_tag(user_id)}:served"
 
 
 # Patterns of every key the index builder owns (a rebuild deletes them first). Served records and
 # the impression stream belong to the mixer and survive a rebuild.
 INDEX_KEY_PATTERNS: tuple[str, ...] = (
-    "hm:author_posts:*", "hm:popular:*", "hm:tag_posts:*", "hm:follows:*", "hm:engaged_authors:*",
-    "hm:tag_interest:*", "hm:hated_authors:*", "hm:seen:*", "hm:seq:*", "hm:coeng:*",
+    "hm:{a:*}:author_posts", "hm:popular:*", "hm:tag_posts:*", "hm:{u:*}:follows", "hm:{u:*}:engaged_authors",
+    "hm:{u:*}:tag_interest", "hm:{u:*}:hated_authors", "hm:{u:*}:seen_posts", "hm:{u:*}:seq", "hm:{p:*}:coeng",
 )
 INDEX_SINGLE_KEYS: tuple[str, ...] = (POST_META, INDEX_META)
 
@@ -233,60 +268,80 @@ def decode_post_meta(value: bytes | str) -> tuple[int, int, tuple[int, ...]]:
 
 
 # ---------------------------------------------------------------- real-time features
-RT_TRENDING_POSTS = "hm:rt:trending:posts"
-RT_TRENDING_TAGS = "hm:rt:trending:tags"
-RT_COVERAGE = "hm:rt:coverage"
+_RT_TAG = "hm:{rt}"  # the real-time slot: trending, coverage, post metadata, the global part's markers
+RT_TRENDING_POSTS = f"{_RT_TAG}:trending:posts"
+RT_TRENDING_TAGS = f"{_RT_TAG}:trending:tags"
+RT_COVERAGE = f"{_RT_TAG}:coverage"
 # Every key family the stream processor writes (a bench or a test resets the real-time state with these).
 RT_KEY_PATTERNS: tuple[str, ...] = (
-    "hm:rt:*", "hm:follows:*", "hm:hated_authors:*", "hm:blocked_authors:*", "hm:muted_authors:*",
+    "hm:{rt}:trending:*", "hm:{rt}:coverage", "hm:{rt}:seen:*", "hm:{p:*}:rt:*", "hm:{a:*}:rt:*", "hm:{u:*}:rt:*",
+    "hm:{u:*}:follows", "hm:{u:*}:hated_authors", "hm:{u:*}:blocked_authors", "hm:{u:*}:muted_authors",
 )
 
 
 def rt_seen_event(event_id: str) -> str:
-    """string (TTL): idempotency marker of one applied event."""
-    return f"hm:rt:seen:{event_id}"
+    """string (TTL): idempotency marker of one applied event (a batch's global part in a cluster)."""
+    return f"{_RT_TAG}:seen:{event_id}"
+
+
+def rt_post_seen_event(post_id: int, event_id: str) -> str:
+    """string (TTL): the event's post part was applied (cluster mode: one marker per slot's part)."""
+    return f"{_post_tag(post_id)}:rt:seen:{event_id}"
+
+
+def rt_author_seen_event(author_id: int, event_id: str) -> str:
+    """string (TTL): the event's author part was applied (cluster mode)."""
+    return f"{_author_tag(author_id)}:rt:seen:{event_id}"
+
+
+def rt_user_seen_event(user_id: int, event_id: str) -> str:
+    """string (TTL): the event's user part (``engagement_batch.lua`` in cluster mode, ``social.lua``)
+    was applied."""
+    return f"{_user_tag(user_id)}:rt:seen:{event_id}"
 
 
 def rt_post_counts(post_id: int) -> str:
     """hash ``{kind}:{bucket_start_s}`` -> count."""
-    return f"hm:rt:post:{post_id}:counts"
+    return f"{_post_tag(post_id)}:rt:counts"
 
 
 def rt_post_meta(post_id: int) -> str:
     """hash ``last_event_ts``, ``last_write_ts`` (epoch s)."""
-    return f"hm:rt:post:{post_id}:meta"
+    return f"{_post_tag(post_id)}:rt:meta"
 
 
 def rt_post_score(post_id: int) -> str:
     """hash ``v`` (decayed score at ``t``), ``t`` (epoch s)."""
-    return f"hm:rt:post:{post_id}:score"
+    return f"{_post_tag(post_id)}:rt:score"
 
 
 def rt_author_score(author_id: int) -> str:
     """hash ``v``, ``t`` like ``rt_post_score``, over all of the author's posts."""
-    return f"hm:rt:author:{author_id}:score"
+    return f"{_author_tag(author_id)}:rt:score"
 
 
 def rt_user_recent_posts(user_id: int) -> str:
     """zset post_id -> newest positive engagement ts, capped at ``core.realtime.RECENT_CAP``."""
-    return f"hm:rt:user:{user_id}:posts"
+    return f"{_user_tag(user_id)}:rt:posts"
 
 
 def rt_user_recent_authors(user_id: int) -> str:
     """zset author_id -> newest positive engagement ts, capped at ``core.realtime.RECENT_CAP``."""
-    return f"hm:rt:user:{user_id}:authors"
+    return f"{_user_tag(user_id)}:rt:authors"
 
 
 def rt_social_ts(user_id: int) -> str:
     """hash ``{follow|block|mute}:{author_id}`` -> ts of the last applied action (drops stale events)."""
-    return f"hm:rt:social_ts:{user_id}"
+    return f"{_user_tag(user_id)}:rt:social_ts"
 
 
 # ---------------------------------------------------------------- social graph and home timelines
 DELETED_POSTS = "hm:deleted_posts"
 FANOUT_CELEBRITIES = "hm:fanout:celebrities"
 # Every key family of the graph and timelines (a bench or a test resets them with these).
-GRAPH_KEY_PATTERNS: tuple[str, ...] = ("hm:{u:*", "hm:{p:*", DELETED_POSTS, FANOUT_CELEBRITIES)
+GRAPH_KEY_PATTERNS: tuple[str, ...] = ("hm:{u:*}:followees", "hm:{u:*}:followers", "hm:{u:*}:edge_ts",
+                                        "hm:{u:*}:seen:*", "hm:{u:*}:timeline", "hm:{u:*}:posts",
+                                        "hm:{p:*}:fanout", DELETED_POSTS, FANOUT_CELEBRITIES)
 # SCAN pattern of every user's followee set (``SocialGraphStore.snapshot``); ``graph_key_user`` parses one.
 GRAPH_FOLLOWEES_PATTERN = "hm:{u:*}:followees"
 
@@ -305,9 +360,6 @@ def graph_key_user(key: bytes | str) -> int:
     return int(uid)
 
 
-def _user_tag(user_id: int) -> str:
-    # Redis Cluster hashes only the part inside the first {...}: one slot per user
-    return f"hm:{{u:{int(user_id)}}}"
 
 
 def graph_followees(user_id: int) -> str:
@@ -342,7 +394,7 @@ def user_posts(user_id: int) -> str:
 
 def fanout_progress(post_id: int) -> str:
     """hash (TTL) ``cursor``, ``pages``, ``done``: a post's fan-out checkpoint."""
-    return f"hm:{{p:{int(post_id)}}}:fanout"
+    return f"{_post_tag(post_id)}:fanout"
 
 
 def encode_timeline_entry(post_id: int, author_id: int) -> str:
@@ -370,7 +422,7 @@ _TOPIC_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 
 
 def event_stream(topic: str) -> str:
-    """Redis key of a topic's stream: ``hm:events:<topic>``.
+    """Redis key of a topic's stream: ``hm:events:{<topic>}``.
 
     Raises:
         ValueError: the topic is empty, longer than 100 characters or has characters other than
@@ -378,11 +430,11 @@ def event_stream(topic: str) -> str:
     """
     if not isinstance(topic, str) or not _TOPIC_RE.match(topic):
         raise ValueError(f"bad topic {topic!r}: use 1-100 letters, digits, '_', '.', '-' (e.g. 'engagements')")
-    return f"{EVENT_STREAM_PREFIX}{topic}"
+    return f"{EVENT_STREAM_PREFIX}{{{topic}}}"  # the topic as hash tag: the stream and its dead letters share a slot
 
 
 def dead_letter_stream(topic: str) -> str:
-    """Redis key of a topic's dead-letter stream: ``hm:events:<topic>:dead``."""
+    """Redis key of a topic's dead-letter stream: ``hm:events:{<topic>}:dead``."""
     return event_stream(topic) + DEAD_LETTER_SUFFIX
 
 

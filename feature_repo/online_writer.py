@@ -170,45 +170,96 @@ def write_views(client: redis.Redis, tables_dir: str | Path, start: datetime, en
     """
     import time
 
+    from core.online_store import is_cluster
+
     layout = FeastRedisLayout(project, views=views)
+    write = _write_cluster if is_cluster(client) else _write_one
     out = []
     for spec in views:
         t0 = time.perf_counter()
         rows = latest_rows(Path(tables_dir) / f"{spec.table}.parquet", spec, start, end)
         n = rows.num_rows
-        fields = [f"_ts:{spec.name}".encode(), *layout.fields[spec.name]]
-        heads = [_bulk(f) for f in fields]
-        hset = b"*%d\r\n$4\r\nHSET\r\n" % (2 + 2 * len(fields))
-        ttl = _bulk(str(int(key_ttl_seconds)).encode()) if key_ttl_seconds else None
-        conn = client.connection_pool.get_connection()
-        try:
-            pending = 0  # replies of the batch Redis is working on: read after the next batch is sent
-            for lo in range(0, n, batch_keys):
-                # built while Redis applies the previous batch (one core each)
-                batch = rows.slice(lo, batch_keys)
-                keys = layout.keys_of(spec.name, {k: batch.column(k).to_numpy() for k in spec.join_keys})
-                columns = [encode_timestamps(batch.column(TIMESTAMP_COLUMN))]
-                columns += [encode_values(batch.column(f), dtype) for f, dtype in spec.features.items()]
-                parts = [[hset] * len(keys), [_bulk(k) for k in keys]]
-                for head, values in zip(heads, columns):
-                    memo: dict[bytes, bytes] = {}
-                    parts.append([memo.get(v) or memo.setdefault(v, head + _bulk(v)) for v in values])
-                commands = [b"".join(c) for c in zip(*parts)]
-                if ttl is not None:
-                    commands = [c + b"*3\r\n$6\r\nEXPIRE\r\n" + _bulk(k) + ttl for c, k in zip(commands, keys)]
-                _send(conn, commands)
-                _read(conn, pending)
-                pending = len(commands) * (2 if ttl is not None else 1)
-                if progress is not None:
-                    progress(len(keys))
-            _read(conn, pending)
-        except (redis.ConnectionError, redis.TimeoutError):
-            conn.disconnect()  # out of sync with its replies: never back to the pool in use
-            raise
-        finally:
-            client.connection_pool.release(conn)
+        write(client, _batches(rows, spec, layout, key_ttl_seconds, batch_keys), progress)
         out.append(ViewWrite(spec.name, n, n * len(spec.features), time.perf_counter() - t0))
     return out
+
+
+def _batches(rows, spec: FeatureViewSpec, layout: FeastRedisLayout, key_ttl_seconds: int | None,
+             batch_keys: int):
+    """Per batch of ``batch_keys`` entities: ``(keys, commands, replies per command)``, each command
+    the packed ``HSET`` (+ ``EXPIRE``) of one key."""
+    fields = [f"_ts:{spec.name}".encode(), *layout.fields[spec.name]]
+    heads = [_bulk(f) for f in fields]
+    hset = b"*%d\r\n$4\r\nHSET\r\n" % (2 + 2 * len(fields))
+    ttl = _bulk(str(int(key_ttl_seconds)).encode()) if key_ttl_seconds else None
+    for lo in range(0, rows.num_rows, batch_keys):
+        batch = rows.slice(lo, batch_keys)
+        keys = layout.keys_of(spec.name, {k: batch.column(k).to_numpy() for k in spec.join_keys})
+        columns = [encode_timestamps(batch.column(TIMESTAMP_COLUMN))]
+        columns += [encode_values(batch.column(f), dtype) for f, dtype in spec.features.items()]
+        parts = [[hset] * len(keys), [_bulk(k) for k in keys]]
+        for head, values in zip(heads, columns):
+            memo: dict[bytes, bytes] = {}
+            parts.append([memo.get(v) or memo.setdefault(v, head + _bulk(v)) for v in values])
+        commands = [b"".join(c) for c in zip(*parts)]
+        if ttl is not None:
+            commands = [c + b"*3\r\n$6\r\nEXPIRE\r\n" + _bulk(k) + ttl for c, k in zip(commands, keys)]
+        yield keys, commands, 2 if ttl is not None else 1
+
+
+def _write_one(client: redis.Redis, batches, progress) -> None:
+    """Send the batches on one connection of ``client``, each while Redis applies the previous one."""
+    conn = client.connection_pool.get_connection()
+    try:
+        pending = 0  # replies of the batch Redis is working on: read after the next batch is sent
+        for keys, commands, per in batches:  # built while Redis applies the previous batch (one core each)
+            _send(conn, commands)
+            _read(conn, pending)
+            pending = len(commands) * per
+            if progress is not None:
+                progress(len(keys))
+        _read(conn, pending)
+    except (redis.ConnectionError, redis.TimeoutError):
+        conn.disconnect()  # out of sync with its replies: never back to the pool in use
+        raise
+    finally:
+        client.connection_pool.release(conn)
+
+
+def _write_cluster(client, batches, progress) -> None:
+    """Send each batch's commands to the primaries owning their keys' slots (redis-py's
+    ``RedisCluster`` slot map; CRC16 of the key mod 16384, Redis Cluster specification), one
+    connection per primary, then read every primary's replies.
+
+    Raises:
+        redis.RedisError: a write failed; a slot moved meanwhile (``MOVED``): rerun after the
+            cluster settles (the client refreshes its map on the error).
+    """
+    from redis.crc import key_slot
+
+    conns: dict[str, tuple] = {}
+    try:
+        for keys, commands, per in batches:
+            by_node: dict[str, list[bytes]] = {}
+            for key, command in zip(keys, commands):
+                node = client.nodes_manager.get_node_from_slot(key_slot(key))
+                if node.name not in conns:
+                    pool = client.get_redis_connection(node).connection_pool
+                    conns[node.name] = (pool, pool.get_connection())
+                by_node.setdefault(node.name, []).append(command)
+            for name, node_commands in by_node.items():
+                _send(conns[name][1], node_commands)
+            for name, node_commands in by_node.items():
+                _read(conns[name][1], len(node_commands) * per)
+            if progress is not None:
+                progress(len(keys))
+    except (redis.ConnectionError, redis.TimeoutError):
+        for _, conn in conns.values():
+            conn.disconnect()
+        raise
+    finally:
+        for pool, conn in conns.values():
+            pool.release(conn)
 
 
 def _bulk(b: bytes) -> bytes:

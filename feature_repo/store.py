@@ -7,7 +7,8 @@ environment ``feature_repo/feature_store.yaml`` reads (``${HOME_MIXER_STATE}``, 
 The online store may be one Redis or a Sentinel-managed primary + replicas: Feast's Redis online
 store takes ``redis_type: redis_sentinel`` with the Sentinels as ``connection_string`` and the
 primary's name as ``sentinel_master``, and writes through redis-py's ``Sentinel.master_for`` (so a
-materialisation running through a failover reconnects to the promoted replica).
+materialisation running through a failover reconnects to the promoted replica). A Redis Cluster is
+``redis_type: redis_cluster`` with the nodes as ``connection_string`` (Feast's ``RedisCluster``).
 """
 
 from __future__ import annotations
@@ -161,8 +162,9 @@ def materialize(store, start: datetime, end: datetime, *, engine: str = "redis",
 def _online_client(connection_string: str, redis_type: str = "redis", sentinel_master: str = "mymaster"):
     """A ``redis.Redis`` from Feast's ``host:port[,host:port...][,db=N][,password=P][,ssl=true]``
     (``core.online_store.feast_online_store`` in reverse): with ``redis_type`` ``redis_sentinel``
-    the hosts are Sentinels and the client writes to the primary named ``sentinel_master``."""
-    from core.online_store import connect, sentinel_address
+    the hosts are Sentinels and the client writes to the primary named ``sentinel_master``; with
+    ``redis_cluster`` they are cluster nodes (a ``RedisCluster`` client)."""
+    from core.online_store import cluster_address, connect, sentinel_address
 
     hosts, options = [], {}
     for part in (p.strip() for p in connection_string.split(",")):
@@ -175,6 +177,8 @@ def _online_client(connection_string: str, redis_type: str = "redis", sentinel_m
     db, password = int(options.get("db", 0)), options.get("password")
     if redis_type == "redis_sentinel":
         return connect(sentinel_address(hosts, sentinel_master, db, password))
+    if redis_type == "redis_cluster":
+        return connect(cluster_address(hosts, password))
     import redis
 
     kwargs: dict = {"host": hosts[0][0], "port": hosts[0][1], "db": db}

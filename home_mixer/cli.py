@@ -270,46 +270,69 @@ def cmd_service(args) -> int:
 
 
 def cmd_redis_services(args) -> int:
-    """``home-mixer services start [--ha] | stop | status``: the online store.
+    """``home-mixer services start [--ha | --cluster N] | stop | status``: the online store.
 
-    ``start`` starts the single Redis (the embedded default) or, with ``--ha``, a primary, a
-    replica and three Sentinels (``core.services.RedisHA``); ``stop`` and ``status`` cover whichever
-    runs. Returns 0, or 1 for ``status`` when nothing runs.
+    ``start`` starts the single Redis (the embedded default); with ``--ha``, a primary, a replica
+    and three Sentinels (``core.services.RedisHA``); with ``--cluster N``, a Redis Cluster of N
+    primaries and N replicas (``core.services.RedisCluster``). ``stop`` and ``status`` cover
+    whichever runs. Returns 0, or 1 for ``status`` when nothing runs.
 
     Raises:
-        core.services.ServiceError: start failed, or the other mode runs for the state folder.
+        core.services.ServiceError: start failed, or another mode runs for the state folder.
     """
-    from core.services import RedisHA, RedisServer
+    from core.services import RedisCluster, RedisHA, RedisServer
 
     state = _state(args)
     ha = RedisHA.find(state)
+    cluster = RedisCluster.find(state)
     single = RedisServer.find(state)
     if args.action == "start":
-        if not args.ha:
+        if args.ha and args.cluster is not None:
+            raise SystemExit("--ha and --cluster are two modes of the online store: choose one")
+        if not args.ha and args.cluster is None:
             return run_service_action(SERVICES["redis"], args)
         if args.port is not None:
-            raise SystemExit("--port is for the single Redis; the HA set records a port per process in <state>/run")
+            raise SystemExit("--port is for the single Redis; --ha and --cluster record a port per process in "
+                             "<state>/run")
+        if args.cluster is not None:
+            cluster = RedisCluster(state, shards=args.cluster).start(timeout_s=args.timeout)
+            print(f"redis cluster started: {cluster.address} ({cluster.shards} primaries + {cluster.shards} "
+                  f"replicas, ready in {cluster.started_seconds:.1f} s, logs in {cluster.log_file})")
+            return 0
         ha = RedisHA(state).start(timeout_s=args.timeout)
         print(f"redis HA started: {ha.address} (primary 127.0.0.1:{ha.primary_port()}, "
               f"ready in {ha.started_seconds:.1f} s, logs in {ha.log_file})")
         return 0
     if args.action == "stop":
-        if ha is None and single is None:
+        if ha is None and single is None and cluster is None:
             print("redis is not running")
         if ha is not None:
             ha.stop()
             print("redis HA stopped (primary, replica, Sentinels)")
+        if cluster is not None:
+            cluster.stop()
+            print(f"redis cluster stopped ({2 * cluster.shards} nodes)")
         if single is not None:
             single.stop()
             print("redis stopped")
         return 0
-    statuses = ([ha.status()] if ha is not None else []) + ([single.status()] if single is not None else [])
+    statuses = ([ha.status()] if ha is not None else []) + ([cluster.status()] if cluster is not None else []) \
+        + ([single.status()] if single is not None else [])
     if args.json:
         print(json.dumps(statuses[0] if len(statuses) == 1 else statuses or
                          {"service": "redis", "running": False, "ready": False}, indent=1, default=str))
     elif not statuses:
         print("redis: stopped")
     for status in [] if args.json else statuses:
+        if status["service"] == "redis-cluster":
+            print(f"redis cluster: {status['address']} ({'ready' if status['ready'] else 'not ready'}), "
+                  f"{status['shards']} primaries + {status['shards']} replicas")
+            for m in status["members"]:
+                _print_status(f"  {m['service']}", m)
+                if m.get("role"):
+                    print(f"    role: {'primary' if m['role'] == 'master' else 'replica'}, "
+                          f"cluster_state {m.get('cluster_state')}")
+            continue
         if status["service"] != "redis-ha":
             _print_status("redis", status)
             continue
@@ -1235,16 +1258,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     sv = _add_service_parser(sub, "services", "redis", "start/stop/status of the online store (single Redis, or "
-                             "HA with --ha) or of a Spark standalone cluster (spark)",
+                             "HA with --ha, or a Redis Cluster with --cluster N) or of a Spark standalone cluster (spark)",
                              "Start/stop/status of the online store: redis-server (AOF on) on a loopback port "
                              "recorded in <state>/run (kept across restarts), data in <state>/redis; with --ha "
                              "a primary, a replica and three redis-sentinel processes instead (clients find "
-                             "the primary through the Sentinels). stop/status cover whichever runs. With `spark`: "
+                             "the primary through the Sentinels); with --cluster N a Redis Cluster of N primaries "
+                             "and N replicas (redis-cli --cluster create; data in <state>/redis-cluster). "
+                             "stop/status cover whichever runs. With `spark`: "
                              "a Spark standalone master and workers from the pyspark wheel (the batch jobs take "
                              "--spark-master).",
                              port=True)
     sv.add_argument("--ha", action="store_true",
                     help="start: a primary + replica + 3 Sentinels (redis+sentinel:// address) instead of one Redis")
+    sv.add_argument("--cluster", type=int, metavar="SHARDS",
+                    help="start: a Redis Cluster of SHARDS primaries (>= 3) and one replica each "
+                         "(redis+cluster:// address) instead of one Redis")
     sv.add_argument("engine", nargs="?", choices=["redis", "spark"], default="redis",
                     help="what to start/stop: redis (default; the online store) or spark (standalone master + workers)")
     sv.add_argument("--workers", type=int, default=2, help="spark: workers to start")

@@ -328,7 +328,7 @@ def delete_candidate_index(client: redis.Redis) -> int:
 
 
 def _live_sequence_members(client: redis.Redis, since_s: float) -> dict[bytes, list[tuple[bytes, float]]]:
-    """Members of every ``hm:seq:{user}`` stamped at or after ``since_s``: what the stream processor
+    """Members of every ``hm:{u:<user>}:seq`` stamped at or after ``since_s``: what the stream processor
     appended after the cutoff of the index being replaced (key -> [(member, ts)])."""
     keys_found = list(client.scan_iter(match=keys.action_sequence("*"), count=10_000))  # type: ignore[arg-type]
     live: dict[bytes, list[tuple[bytes, float]]] = {}
@@ -411,7 +411,7 @@ def build_candidate_index(state: StateDir, redis_url: str, as_of: datetime | pd.
         tables: already loaded tables (skips reading ``state``), e.g. in tests.
         coengagement: co-engagement neighbours as of the same cutoff (``build_coengagement``
             computes them with Spark); None leaves the co-engagement lists empty.
-        sequence_length: engaged posts kept per user in ``hm:seq:{user}``.
+        sequence_length: engaged posts kept per user in ``hm:{u:<user>}:seq``.
 
     Returns:
         counts per family (``posts``, ``authors``, ``popular_24h``, ``popular_7d``, ``tags``,

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Redis server, a temporary state folder, a real local Spark session.
+"""Shared fixtures: a real Redis server, a real Redis Cluster, a temporary state folder, a real local
+Spark session.
 
 Services are real (Debian's redis-server, pyspark local mode); each is started once per test
 session and stopped by pid at the end.
@@ -56,6 +57,29 @@ def redis_client(redis_server):
 
     client = redis.Redis.from_url(redis_server.url)
     client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A real local Redis Cluster (3 primaries + 3 replicas, ``home-mixer services start --cluster
+    3``'s ``RedisCluster``) in its own state folder, for the whole session: one cluster per run
+    (it takes ~3 s to form), used by the tests marked ``cluster``."""
+    from core.services import RedisCluster
+
+    cluster = RedisCluster(StateDir(tmp_path_factory.mktemp("cluster-state")).ensure(), shards=3).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture()
+def cluster_client(redis_cluster):
+    """A ``RedisCluster`` client (``core.online_store.connect``) on a flushed cluster."""
+    from core.online_store import connect
+
+    client = connect(redis_cluster.address)
+    client.flushall(target_nodes="primaries")
     yield client
     client.close()
 

@@ -16,6 +16,7 @@ import pandas as pd
 import redis
 
 from core.lua import lua_source
+from core.online_store import cluster_read, is_cluster
 from core.online_layout import FeastRedisLayout
 from mixer.caches import MixerCaches
 from mixer.candidate import Candidate, Query
@@ -136,7 +137,10 @@ class FeastLayoutFeatureHydrator(FeatureHydrator):
             raise ValueError(f"feature views {odd} have join keys this hydrator does not know; it reads "
                              f"views keyed by (user_id,), (post_id,) or (user_id, X) with X in "
                              f"{sorted(self.PAIR_KEYS)}")
-        self._script = client.register_script(lua_source("mixer.feature_hydrators", "hmget_groups.lua"))
+        # a Redis Cluster refuses a script over many slots: plain HMGETs in a cluster pipeline there
+        self._cluster = is_cluster(client)
+        self._script = None if self._cluster else client.register_script(
+            lua_source("mixer.feature_hydrators", "hmget_groups.lua"))
 
     @classmethod
     def _pair_key(cls, join_keys: tuple[str, ...]) -> str | None:
@@ -233,17 +237,23 @@ class FeastLayoutFeatureHydrator(FeatureHydrator):
 
     def _read(self, groups: list[tuple[object, list[bytes]]]) -> list[np.ndarray]:
         """One ``hmget_groups.lua`` call for ``(view, keys)`` groups -> per group a float64
-        ``[len(keys), len(view.features)]`` matrix (NaN: no value), in order.
+        ``[len(keys), len(view.features)]`` matrix (NaN: no value), in order. On a Redis Cluster
+        (Feast's keys hash whole: each in its own slot) the same HMGETs go to the nodes owning
+        them, one pipeline per node (``core.online_store.cluster_read``).
 
         Raises:
             redis.RedisError: Redis did not answer (the script is reloaded by redis-py after a
                 restart emptied Redis's script cache).
         """
-        keys, args = [], [len(groups)]
-        for v, group_keys in groups:
-            keys += group_keys
-            args += [len(group_keys), len(self.layout.fields[v.name]), *self.layout.fields[v.name]]
-        values = decode_values(self._script(keys=keys, args=args))
+        if self._cluster:
+            commands = [("HMGET", key, *self.layout.fields[v.name]) for v, group_keys in groups for key in group_keys]
+            values = decode_values([x for row in cluster_read(self.client, commands) for x in row])
+        else:
+            keys, args = [], [len(groups)]
+            for v, group_keys in groups:
+                keys += group_keys
+                args += [len(group_keys), len(self.layout.fields[v.name]), *self.layout.fields[v.name]]
+            values = decode_values(self._script(keys=keys, args=args))
         out, at = [], 0
         for v, group_keys in groups:
             size = len(group_keys) * len(v.features)

@@ -138,7 +138,7 @@ class RealtimeFeatureHydrator:
     runs after it.
 
     Args:
-        client: Redis holding the stream processor's ``hm:rt:*`` keys.
+        client: Redis holding the stream processor's real-time keys (``core.online_layout``'s ``rt_*``).
         max_staleness_s: the stream counts are used only if the processors' group had applied
             every stream entry older than this many seconds (Redis server clock). A processor
             stamps every 0.1 s when busy and once a second when idle; a crashed one's entries are

@@ -16,6 +16,7 @@ import redis
 
 from core import online_layout as keys
 from core.lua import lua_source
+from core.online_store import cluster_read, is_cluster
 from core.realtime import ENGAGEMENT_KINDS, WINDOWS_S, decay, feature_name, trending_score, window_buckets
 
 
@@ -28,17 +29,43 @@ class WindowSumsScript:
 
     Its KEYS are one counts hash per post (``rt_post_counts``) and its ARGV the number of windows,
     the ``(first, last)`` bucket starts per window and the kinds; this wrapper is the one place that
-    lays them out.
+    lays them out. On a Redis Cluster the posts' hashes are in many slots, which a script may not
+    span: their ``HGETALL``\ s go to the nodes owning them (``core.online_store.cluster_read``)
+    and the same sums are made here.
     """
 
     def __init__(self, client: redis.Redis):
-        self._script = client.register_script(lua_source("mixer.feature_hydrators", "window_sums.lua"))
+        self._client = client
+        self._cluster = is_cluster(client)
+        self._script = None if self._cluster else client.register_script(
+            lua_source("mixer.feature_hydrators", "window_sums.lua"))
 
     def __call__(self, post_ids: list[int], bounds: list[tuple[int, int]], kinds: list[str]) -> np.ndarray:
         """float64 ``[posts, kinds, windows]`` for ``bounds`` = inclusive bucket-start ranges per window."""
+        if self._cluster:
+            return self._sums_here(post_ids, bounds, kinds)
         flat = self._script(keys=[keys.rt_post_counts(p) for p in post_ids],
                             args=[len(bounds), *(b for lo_hi in bounds for b in lo_hi), *kinds])
         return np.asarray(flat, dtype=np.float64).reshape(len(post_ids), len(kinds), len(bounds))
+
+    def _sums_here(self, post_ids: list[int], bounds: list[tuple[int, int]], kinds: list[str]) -> np.ndarray:
+        """``window_sums.lua``'s sums over the hashes read node by node (``cluster_read``)."""
+        kind_of = {k: j for j, k in enumerate(kinds)}
+        out = np.zeros((len(post_ids), len(kinds), len(bounds)), dtype=np.float64)
+        replies = cluster_read(self._client, [("HGETALL", keys.rt_post_counts(p)) for p in post_ids])
+        for i, counts in enumerate(replies):
+            if isinstance(counts, list):  # a RESP2 reply as a plain pipeline leaves it: field, value, ...
+                counts = dict(zip(counts[::2], counts[1::2]))
+            for field, n in counts.items():
+                kind, _, bucket = _s(field).rpartition(":")
+                j = kind_of.get(kind)
+                if j is None:
+                    continue
+                b = int(bucket)
+                for w, (lo, hi) in enumerate(bounds):
+                    if lo <= b <= hi:
+                        out[i, j, w] += float(n)
+        return out
 
 
 @dataclass(frozen=True)
@@ -150,7 +177,12 @@ class RealtimeFeatureReader:
     def coverage(self) -> StreamCoverage:
         """What the stream covers (``RT_COVERAGE``) and the Redis server time, in one round trip;
         fields ``None`` before the first write."""
-        pipe = self.client.pipeline(transaction=False)
+        client = self.client
+        if is_cluster(client):
+            # TIME has no key, so a cluster pipeline refuses it: ask the node holding RT_COVERAGE
+            # both, still in one round trip
+            client = client.get_redis_connection(client.get_node_from_key(keys.RT_COVERAGE))
+        pipe = client.pipeline(transaction=False)
         pipe.hmget(keys.RT_COVERAGE, ["since", "newest", "first", "caught_up"])
         pipe.time()
         fields, (secs, micros) = pipe.execute()

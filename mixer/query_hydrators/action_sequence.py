@@ -16,7 +16,7 @@ from pipelines.sequences import ACTION_STRENGTH
 
 class UserActionSequenceQueryHydrator(QueryHydrator):
     """Puts the user's last ``max_length`` engaged posts on the query (``Query.action_sequence``,
-    newest first), read in one command from ``hm:seq:{user}``: the candidate index writes the
+    newest first), read in one command from ``hm:{u:<user>}:seq``: the candidate index writes the
     history before its cutoff (``pipelines.sequences``: log and pre-log engagements), the stream
     processor appends live engagements (``engagement_batch.lua``, once per event id).
 

@@ -138,7 +138,9 @@ class StreamProcessor:
         self._last_stamp = -math.inf
         self._batch = EngagementBatchScript(client)
         # the XACK of a run of engagements inside its script: only on the bus's own server
-        self._ack_in_script = isinstance(bus, RedisStreamsBus) and _same_server(bus.client, client)
+        # (never on a Redis Cluster: the stream's slot is not the batch's; the XACK follows the writes)
+        self._ack_in_script = (isinstance(bus, RedisStreamsBus) and not self._batch.cluster
+                               and _same_server(bus.client, client))
         self._stream_key = keys.event_stream(topic)
         self._social = SOCIAL.register(client)
         self._stamp = COVERAGE_STAMP.register(client)
@@ -271,7 +273,11 @@ class StreamProcessor:
         if stamp:
             self._stamp(self._stamp_keys, CoverageStampArgs(caught_up=f"{caught_up:.3f}"), client=pipe)
         queued = any(len(st) == 2 or st[2] for st in steps)
-        replies = iter(pipe.execute(raise_on_error=False) if queued or stamp else [])
+        try:
+            replies = iter(pipe.execute(raise_on_error=False) if queued or stamp else [])
+        except redis.RedisError:
+            self._batch.discard()
+            raise
         results: list = [None] * len(events)  # per event: reply, exception, or None (no write)
         acked = [False] * len(events)
         graph_ok: list[int] = []  # follows whose social and graph writes succeeded (backfill)
@@ -279,7 +285,7 @@ class StreamProcessor:
         for st in steps:
             if len(st) == 2:
                 start, stop = st
-                res = next(replies)
+                res = self._batch.take(replies)
                 if isinstance(res, Exception):
                     retry.append((start, stop, res))  # the call changed nothing: try its events one by one
                 elif len(res) != stop - start:
@@ -334,10 +340,14 @@ class StreamProcessor:
             for i in range(start, stop):
                 self._batch.queue(pipe, [events[i]], write_ts, self.seen_ttl_s,
                                   None if ids is None else (self._stream_key, self.group, [ids[i]]))
-        replies = iter(pipe.execute(raise_on_error=False))
+        try:
+            replies = iter(pipe.execute(raise_on_error=False))
+        except redis.RedisError:
+            self._batch.discard()
+            raise
         for start, stop, _ in runs:
             for i in range(start, stop):
-                res = next(replies)
+                res = self._batch.take(replies)
                 results[i] = res if isinstance(res, Exception) else res[0]
                 acked[i] = ids is not None and not isinstance(res, Exception)
 

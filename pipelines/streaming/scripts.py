@@ -18,11 +18,12 @@ and build them from an event; ``SPEC.register(client)`` loads it at start-up and
 
 from __future__ import annotations
 
+import collections
 from typing import NamedTuple
 
 from core import online_layout as keys
 from core import realtime
-from core.lua import LuaScriptSpec
+from core.lua import LuaScriptSpec, queue_evalsha
 from core.history_features import SEQUENCE_LENGTH
 from core.schema import POSITIVE_HEADS
 from pipelines.sequences import ENGAGED_HEADS
@@ -74,6 +75,7 @@ class EngagementBatchArgs(NamedTuple):
     # members kept in the user action sequence: one per (post, action), so 2N leave room for N posts
     # (the mixer reads 2N members and keeps one per post; pipelines.history_features does the same)
     sequence_cap: int = 2 * SEQUENCE_LENGTH
+    parts: str = "gpau"             # what this call writes (engagement_batch.lua's header): all, or one part
 
 
 ENGAGEMENT_BATCH = LuaScriptSpec(_PACKAGE, "engagement_batch.lua", EngagementBatchKeys, EngagementBatchArgs)
@@ -81,7 +83,14 @@ ENGAGEMENT_BATCH = LuaScriptSpec(_PACKAGE, "engagement_batch.lua", EngagementBat
 # kinds whose event touches the user's keys (recent engagements, action sequence, hated, follows)
 _USER_KINDS = frozenset(k for k in realtime.ENGAGEMENT_KINDS
                         if k in POSITIVE_HEADS or k in ENGAGED_HEADS or k in ("hate", "follow"))
+# kinds whose event touches the author's key (a decayed score adds only weights > 0)
+_AUTHOR_KINDS = frozenset(k for k in realtime.ENGAGEMENT_KINDS if realtime.kind_weight(k) > 0)
 _HEAD_KEYS = tuple(EngagementBatchKeys())
+ALL_PARTS = "gpau"
+
+
+def _global_seen(e) -> str:
+    return keys.rt_seen_event(e.event_id)
 
 
 class EngagementBatchScript:
@@ -102,49 +111,61 @@ class EngagementBatchScript:
     The call is ``EVALSHA`` queued directly (not redis-py's ``Script``, whose pipeline sends a
     ``SCRIPT EXISTS`` round trip first): a ``NoScriptError`` reply (Redis restarted or flushed its
     scripts) means nothing was applied; ``load`` and call again.
+
+    On a Redis Cluster (``core.online_store.is_cluster``) a batch is one call per hash tag
+    (:meth:`split`, :meth:`queue`), read back with :meth:`take`: the same writes as one call, each
+    part atomic and idempotent on its own (the script's header).
     """
 
     def __init__(self, client):
+        from core.online_store import is_cluster
+
         self.client = client
+        self.cluster = is_cluster(client)
         self.source = ENGAGEMENT_BATCH.check()
-        self.sha = client.script_load(self.source)
+        self.sha = client.script_load(self.source)  # a RedisCluster loads it on every primary
+        self._plans: collections.deque = collections.deque()  # cluster: per queued batch, its parts
 
     def load(self) -> None:
         """``SCRIPT LOAD`` again (after a ``NoScriptError``: the server lost its script cache)."""
         self.sha = self.client.script_load(self.source)
 
     @staticmethod
-    def layout(events: list, write_s: float, seen_ttl: int,
-               ack: tuple[str, str, list[str]] | None = None) -> tuple[list, list, list[float]]:
+    def layout(events: list, write_s: float, seen_ttl: int, ack: tuple[str, str, list[str]] | None = None,
+               parts: str = ALL_PARTS, seen_key=_global_seen) -> tuple[list, list, list[float]]:
         """``(keys, args, event_s)`` of one call for ``events`` (``EngagementEvent``) written at
         ``write_s`` (epoch s); ``event_s`` is each event's time (epoch s), which the caller needs
         for the event-to-online lag. ``ack``: ``(stream key, group, one entry id per event)`` to
-        acknowledge in the same call.
+        acknowledge in the same call. ``parts`` (letters of ``"gpau"``) and ``seen_key`` (event ->
+        its marker key) lay out one part of a cluster-mode batch (:meth:`split`): keys of the
+        parts not named are left out.
 
         Raises:
             ValueError: ``ack`` has another number of entry ids than there are events.
         """
+        with_post, with_author, with_user = "p" in parts, "a" in parts, "u" in parts
         seen, ev, ets = [], [], []
         posts: dict[int, int] = {}
         authors: dict[int, int] = {}
         users: dict[int, int] = {}
         post_ids, post_keys, author_ids, author_keys, user_keys = [], [], [], [], []
-        seen_key, counts_key, meta_key, score_key = (keys.rt_seen_event, keys.rt_post_counts, keys.rt_post_meta,
-                                                     keys.rt_post_score)
+        counts_key, meta_key, score_key = keys.rt_post_counts, keys.rt_post_meta, keys.rt_post_score
         for e in events:
             p, a, kind = e.post_id, e.author_id, e.kind
             pj = posts.get(p)
             if pj is None:
                 pj = posts[p] = len(posts) + 1
                 post_ids.append(p)
-                post_keys += (counts_key(p), meta_key(p), score_key(p))
+                if with_post:
+                    post_keys += (counts_key(p), meta_key(p), score_key(p))
             aj = authors.get(a)
             if aj is None:
                 aj = authors[a] = len(authors) + 1
                 author_ids.append(a)
-                author_keys.append(keys.rt_author_score(a))
+                if with_author:
+                    author_keys.append(keys.rt_author_score(a))
             uj = 0
-            if kind in _USER_KINDS:
+            if with_user and kind in _USER_KINDS:
                 u = e.user_id
                 uj = users.get(u)
                 if uj is None:
@@ -153,26 +174,94 @@ class EngagementBatchScript:
                                   keys.follows(u), keys.rt_social_ts(u), keys.action_sequence(u))
             t = e.event_ts.timestamp()
             ets.append(t)
-            seen.append(seen_key(e.event_id))
+            seen.append(seen_key(e))
             ev += (kind, f"{t:.6f}", pj, aj, uj)
+        head_keys = _HEAD_KEYS if "g" in parts else ()
         if ack is None:
-            head = EngagementBatchArgs(seen_ttl, f"{write_s:.6f}", len(events), len(posts), len(authors), len(users))
-            return [*_HEAD_KEYS, *seen, *post_keys, *author_keys, *user_keys], [*head, *post_ids, *author_ids, *ev], ets
+            head = EngagementBatchArgs(seen_ttl, f"{write_s:.6f}", len(events), len(posts), len(authors), len(users),
+                                       parts=parts)
+            return [*head_keys, *seen, *post_keys, *author_keys, *user_keys], [*head, *post_ids, *author_ids, *ev], ets
         stream, group, ids = ack
         if len(ids) != len(events):
             raise ValueError(f"{len(ids)} entry ids to acknowledge for {len(events)} events")
         head = EngagementBatchArgs(seen_ttl, f"{write_s:.6f}", len(events), len(posts), len(authors), len(users),
-                                   len(ids))
-        return ([*_HEAD_KEYS, *seen, *post_keys, *author_keys, *user_keys, stream],
+                                   len(ids), parts=parts)
+        return ([*head_keys, *seen, *post_keys, *author_keys, *user_keys, stream],
                 [*head, *post_ids, *author_ids, *ev, group, *ids], ets)
+
+    @staticmethod
+    def split(events: list) -> list[tuple[str, list[int], object]]:
+        """A cluster-mode batch's parts, one per hash tag (``engagement_batch.lua``'s header):
+        ``(parts, event indexes in batch order, seen_key)`` for the global part (every event; slot
+        ``{rt}``), one per post (its events; ``{p:<id>}``), one per author (its weighted events;
+        ``{a:<id>}``) and one per user (its events that touch a user key; ``{u:<id>}``). Each part
+        keeps its own seen marker in its own slot, so each is applied once per event id."""
+        by_post: dict[int, list[int]] = {}
+        by_author: dict[int, list[int]] = {}
+        by_user: dict[int, list[int]] = {}
+        for i, e in enumerate(events):
+            by_post.setdefault(e.post_id, []).append(i)
+            if e.kind in _AUTHOR_KINDS:
+                by_author.setdefault(e.author_id, []).append(i)
+            if e.kind in _USER_KINDS:
+                by_user.setdefault(e.user_id, []).append(i)
+        out: list[tuple[str, list[int], object]] = [("g", list(range(len(events))), _global_seen)]
+        out += [("p", idx, lambda e: keys.rt_post_seen_event(e.post_id, e.event_id)) for idx in by_post.values()]
+        out += [("a", idx, lambda e: keys.rt_author_seen_event(e.author_id, e.event_id)) for idx in by_author.values()]
+        out += [("u", idx, lambda e: keys.rt_user_seen_event(e.user_id, e.event_id)) for idx in by_user.values()]
+        return out
 
     def queue(self, pipe, events: list, write_s: float, seen_ttl: int,
               ack: tuple[str, str, list[str]] | None = None) -> list[float]:
-        """Queue the call for ``events`` on ``pipe`` (its reply: per event 1 applied now, 0 applied
-        before) and, with ``ack``, their XACK (``layout``); returns the events' times (epoch s)."""
-        k, a, ets = self.layout(events, write_s, seen_ttl, ack)
-        pipe.execute_command("EVALSHA", self.sha, len(k), *k, *a)
-        return ets
+        """Queue the call for ``events`` on ``pipe`` and, with ``ack``, their XACK (``layout``);
+        returns the events' times (epoch s). :meth:`take` reads its reply: per event 1 applied now,
+        0 applied before.
+
+        On a Redis Cluster the batch is queued as one call per part (:meth:`split`: each keeps to
+        one slot; a ``ClusterPipeline`` sends each node its calls) and the XACK cannot join them
+        (the stream has its own slot): ``ack`` must be None, the caller acknowledges after the
+        writes.
+
+        Raises:
+            ValueError: ``ack`` on a cluster, or with another number of ids than events.
+        """
+        if not self.cluster:
+            k, a, ets = self.layout(events, write_s, seen_ttl, ack)
+            pipe.execute_command("EVALSHA", self.sha, len(k), *k, *a)
+            return ets
+        if ack is not None:
+            raise ValueError("engagement_batch.lua cannot acknowledge in a cluster: the stream has its own slot")
+        plan = self.split(events)
+        for parts, idx, seen_key in plan:
+            k, a, _ = self.layout([events[i] for i in idx], write_s, seen_ttl, parts=parts, seen_key=seen_key)
+            queue_evalsha(pipe, self.sha, k, a)
+        self._plans.append((len(events), plan))
+        return [e.event_ts.timestamp() for e in events]
+
+    def take(self, replies):
+        """The reply of the next batch :meth:`queue`\ d, from the pipeline's ``replies`` iterator:
+        per event 1 (applied now) or 0 (applied before), or the exception a call raised (cluster:
+        the first of its parts' errors; the parts that succeeded stay applied and their markers
+        make a retry skip them). On a cluster an event counts as applied now if any part applied it."""
+        reply = next(replies)
+        if not self.cluster:
+            return reply
+        n, plan = self._plans.popleft()
+        out, error = [0] * n, None
+        for j, (_, idx, _) in enumerate(plan):
+            if j:
+                reply = next(replies)
+            if isinstance(reply, Exception):
+                error = error or reply
+                continue
+            for i, r in zip(idx, reply):
+                if r:
+                    out[i] = 1
+        return error if error is not None else out
+
+    def discard(self) -> None:
+        """Forget the plans of batches queued but not taken (a pipeline that failed as a whole)."""
+        self._plans.clear()
 
 
 # ---------------------------------------------------------------- social.lua
@@ -187,7 +276,7 @@ class SocialKeys(NamedTuple):
 
     @classmethod
     def of(cls, event_id: str, user_id: int) -> "SocialKeys":
-        return cls(seen=keys.rt_seen_event(event_id), social_ts=keys.rt_social_ts(user_id),
+        return cls(seen=keys.rt_user_seen_event(user_id, event_id), social_ts=keys.rt_social_ts(user_id),
                    follows=keys.follows(user_id), blocked=keys.blocked_authors(user_id),
                    muted=keys.muted_authors(user_id))
 

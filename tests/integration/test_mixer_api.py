@@ -111,9 +111,13 @@ def mixer_state(tmp_path_factory) -> StateDir:
 
 @pytest.fixture(scope="module")
 def mixer_server(data_dir, redis_server, mixer_state, known_users):
-    state = mixer_state
-    url, client = prepare_served_state(state, data_dir, redis_server, known_users)
+    url, client = prepare_served_state(mixer_state, data_dir, redis_server, known_users)
+    yield from serve_mixer(mixer_state, url, client)
 
+
+def serve_mixer(state: StateDir, url: str, client):
+    """Yield ``(httpx client of a mixer on url, client)`` (a fixture's body): the mixer loads the
+    state's models, at the demo clock; stopped, and ``client`` closed, afterwards."""
     proc, base = _start_mixer(state, {
         "redis_url": url,
         "models": {"tracking_uri": state.mlflow_tracking_uri, "reload_interval_s": 0.5},

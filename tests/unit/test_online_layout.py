@@ -4,8 +4,8 @@
    constants, not from a list that could go stale) has a row in the module docstring's tables,
    with a Redis type, and the row's key template renders to what the builder returns; every row
    names a builder that exists.
-2. The keys are the historical ones, byte for byte (``GOLDEN``): the online store written by an
-   older version stays readable. This file and the layout module are the only two that may spell
+2. The keys are the documented ones, byte for byte (``GOLDEN``), each per-entity key with its
+   entity's Redis Cluster hash tag. This file and the layout module are the only two that may spell
    an ``hm:`` literal.
 3. No other module, test, benchmark or Lua script spells an ``hm:`` key (a scan of every string
    literal outside docstrings in the source tree).
@@ -30,41 +30,45 @@ ALLOWED = {ROOT / "core" / "online_layout.py", Path(__file__).resolve()}
 REDIS_TYPES = ("string", "hash", "zset", "set", "stream")
 SAMPLE = {int: 7, str: "t"}
 
-# builder -> (arguments, the key every version so far has written)
+# builder -> (arguments, the key written since the Redis Cluster hash tags (issue 21); a store written
+# by an older version is rebuilt: the index by its builder, the real-time keys by replaying the stream)
 GOLDEN: dict[str, tuple[tuple, str]] = {
-    "POST_META": ((), "hm:post_meta"),
+    "POST_META": ((), "hm:{rt}:post_meta"),
     "INDEX_META": ((), "hm:index_meta"),
-    "author_posts": ((11,), "hm:author_posts:11"),
-    "action_sequence": ((11,), "hm:seq:11"),
-    "coengagement": ((11,), "hm:coeng:11"),
+    "author_posts": ((11,), "hm:{a:11}:author_posts"),
+    "action_sequence": ((11,), "hm:{u:11}:seq"),
+    "coengagement": ((11,), "hm:{p:11}:coeng"),
     "popular": (("24h",), "hm:popular:24h"),
     "tag_posts": ((5,), "hm:tag_posts:5"),
-    "engaged_authors": ((3,), "hm:engaged_authors:3"),
-    "tag_interest": ((3,), "hm:tag_interest:3"),
-    "seen_posts": ((3,), "hm:seen:3"),
-    "follows": ((3,), "hm:follows:3"),
-    "hated_authors": ((3,), "hm:hated_authors:3"),
-    "blocked_authors": ((3,), "hm:blocked_authors:3"),
-    "muted_authors": ((3,), "hm:muted_authors:3"),
-    "served_posts": ((3,), "hm:served:3"),
+    "engaged_authors": ((3,), "hm:{u:3}:engaged_authors"),
+    "tag_interest": ((3,), "hm:{u:3}:tag_interest"),
+    "seen_posts": ((3,), "hm:{u:3}:seen_posts"),
+    "follows": ((3,), "hm:{u:3}:follows"),
+    "hated_authors": ((3,), "hm:{u:3}:hated_authors"),
+    "blocked_authors": ((3,), "hm:{u:3}:blocked_authors"),
+    "muted_authors": ((3,), "hm:{u:3}:muted_authors"),
+    "served_posts": ((3,), "hm:{u:3}:served"),
     "SERVED_IMPRESSIONS": ((), "hm:served_impressions"),
     "SERVED_FEATURES": ((), "hm:served_features"),
     "DRIFT_SAMPLE": ((), "hm:drift_sample"),
     "EXPLORATION_LOG": ((), "hm:exploration"),
-    "rt_seen_event": (("e-1",), "hm:rt:seen:e-1"),
-    "rt_post_counts": ((10,), "hm:rt:post:10:counts"),
-    "rt_post_meta": ((10,), "hm:rt:post:10:meta"),
-    "rt_post_score": ((10,), "hm:rt:post:10:score"),
-    "rt_author_score": ((7,), "hm:rt:author:7:score"),
-    "rt_user_recent_posts": ((3,), "hm:rt:user:3:posts"),
-    "rt_user_recent_authors": ((3,), "hm:rt:user:3:authors"),
-    "rt_social_ts": ((3,), "hm:rt:social_ts:3"),
-    "RT_TRENDING_POSTS": ((), "hm:rt:trending:posts"),
-    "RT_TRENDING_TAGS": ((), "hm:rt:trending:tags"),
+    "rt_seen_event": (("e-1",), "hm:{rt}:seen:e-1"),
+    "rt_post_seen_event": ((10, "e-1"), "hm:{p:10}:rt:seen:e-1"),
+    "rt_author_seen_event": ((7, "e-1"), "hm:{a:7}:rt:seen:e-1"),
+    "rt_user_seen_event": ((3, "e-1"), "hm:{u:3}:rt:seen:e-1"),
+    "rt_post_counts": ((10,), "hm:{p:10}:rt:counts"),
+    "rt_post_meta": ((10,), "hm:{p:10}:rt:meta"),
+    "rt_post_score": ((10,), "hm:{p:10}:rt:score"),
+    "rt_author_score": ((7,), "hm:{a:7}:rt:score"),
+    "rt_user_recent_posts": ((3,), "hm:{u:3}:rt:posts"),
+    "rt_user_recent_authors": ((3,), "hm:{u:3}:rt:authors"),
+    "rt_social_ts": ((3,), "hm:{u:3}:rt:social_ts"),
+    "RT_TRENDING_POSTS": ((), "hm:{rt}:trending:posts"),
+    "RT_TRENDING_TAGS": ((), "hm:{rt}:trending:tags"),
     "FEATURE_VERSION": ((), "hm:feature_version"),
-    "RT_COVERAGE": ((), "hm:rt:coverage"),
-    "event_stream": (("engagements",), "hm:events:engagements"),
-    "dead_letter_stream": (("engagements",), "hm:events:engagements:dead"),
+    "RT_COVERAGE": ((), "hm:{rt}:coverage"),
+    "event_stream": (("engagements",), "hm:events:{engagements}"),
+    "dead_letter_stream": (("engagements",), "hm:events:{engagements}:dead"),
     "graph_followees": ((3,), "hm:{u:3}:followees"),
     "graph_followers": ((3,), "hm:{u:3}:followers"),
     "graph_edge_ts": ((3,), "hm:{u:3}:edge_ts"),
@@ -140,17 +144,19 @@ def test_every_key_the_layout_builds_has_a_documented_row_with_its_type_and_temp
     assert "FeastRedisLayout.key" in rows
 
 
-def test_keys_are_the_historical_ones_byte_for_byte():
+def test_keys_are_the_documented_ones_byte_for_byte():
     built = _built_keys()
     assert built.keys() == GOLDEN.keys(), "a key was added or removed: add it to GOLDEN (and the docstring table)"
     for name, (args, want) in GOLDEN.items():
         obj = getattr(layout, name)
         assert (obj(*args) if callable(obj) else obj) == want
     assert layout.INDEX_KEY_PATTERNS == (
-        "hm:author_posts:*", "hm:popular:*", "hm:tag_posts:*", "hm:follows:*", "hm:engaged_authors:*",
-        "hm:tag_interest:*", "hm:hated_authors:*", "hm:seen:*", "hm:seq:*", "hm:coeng:*")
+        "hm:{a:*}:author_posts", "hm:popular:*", "hm:tag_posts:*", "hm:{u:*}:follows", "hm:{u:*}:engaged_authors",
+        "hm:{u:*}:tag_interest", "hm:{u:*}:hated_authors", "hm:{u:*}:seen_posts", "hm:{u:*}:seq", "hm:{p:*}:coeng")
     assert layout.RT_KEY_PATTERNS == (
-        "hm:rt:*", "hm:follows:*", "hm:hated_authors:*", "hm:blocked_authors:*", "hm:muted_authors:*")
+        "hm:{rt}:trending:*", "hm:{rt}:coverage", "hm:{rt}:seen:*", "hm:{p:*}:rt:*", "hm:{a:*}:rt:*",
+        "hm:{u:*}:rt:*", "hm:{u:*}:follows", "hm:{u:*}:hated_authors", "hm:{u:*}:blocked_authors",
+        "hm:{u:*}:muted_authors")
     with pytest.raises(ValueError, match="bad topic"):
         layout.event_stream("a:b")  # a ':' would collide with the dead-letter suffix
 

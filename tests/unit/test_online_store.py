@@ -1,4 +1,4 @@
-"""The online-store address (``core.online_store``): the two forms, the errors for bad ones, Feast's
+"""The online-store address (``core.online_store``): the three forms, the errors for bad ones, Feast's
 fields, and the clients they open (no I/O: redis-py connects on the first command)."""
 
 from __future__ import annotations
@@ -8,6 +8,9 @@ import redis
 
 from core.online_store import (
     OnlineStoreAddressError,
+    cluster_address,
+    cluster_client,
+    current_primary,
     ReplicaFallbackRedis,
     connect,
     feast_online_store,
@@ -50,20 +53,55 @@ def test_sentinel_address_round_trips():
     ("redis+sentinel://127.0.0.1:1/home-mixer/zero", "database 'zero' is not a number"),
     ("redis+sentinel://127.0.0.1:1/home-mixer/0/extra", "too many path segments"),
     ("redis:///0", "has no host"),
+    ("redis+cluster://", "an empty cluster node"),
+    ("redis+cluster://127.0.0.1", "cluster node '127.0.0.1' needs host:port"),
+    ("redis+cluster://127.0.0.1:1,127.0.0.1:y", "port 'y' is not a number"),
+    ("redis+cluster://127.0.0.1:1/3", "only database 0"),
+    ("redis+cluster://127.0.0.1:1/home-mixer/0", "only database 0"),
 ])
 def test_bad_addresses_say_what_was_wrong_and_what_to_write(address, says):
     with pytest.raises(OnlineStoreAddressError) as e:
         parse_address(address)
     assert says in str(e.value)
-    assert "redis+sentinel://host:port" in str(e.value)  # the form to write instead
+    assert "redis+sentinel://host:port" in str(e.value)  # the forms to write instead
+    assert "redis+cluster://host:port" in str(e.value)
 
 
-def test_feast_fields_single_and_sentinel():
+def test_cluster_address():
+    a = parse_address("redis+cluster://:pw@10.0.0.1:7000,[::1]:7001,node.local:7002")
+    assert a.cluster and not a.ha and a.db == 0 and a.password == "pw" and a.sentinels == ()
+    assert a.cluster_nodes == (("10.0.0.1", 7000), ("::1", 7001), ("node.local", 7002))
+    assert parse_address("redis+cluster://127.0.0.1:7000/0").cluster_nodes == (("127.0.0.1", 7000),)
+    text = cluster_address([("127.0.0.1", 7000), ("127.0.0.1", 7001)], password="pw")
+    assert text == "redis+cluster://:pw@127.0.0.1:7000,127.0.0.1:7001" and str(parse_address(text)).count("***") == 1
+    with pytest.raises(OnlineStoreAddressError, match="one primary per shard"):
+        current_primary(text)
+    with pytest.raises(OnlineStoreAddressError, match="not a cluster address"):
+        cluster_client("redis://127.0.0.1:1/0")
+
+
+def test_connect_cluster_needs_a_node_that_answers():
+    """redis-py's RedisCluster asks a startup node for the slot map at once: no cluster there is a
+    RedisClusterException naming the nodes, not a client that fails later."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from core.services import free_port
+
+    port = free_port()
+    with pytest.raises(redis.exceptions.RedisClusterException):
+        connect(f"redis+cluster://127.0.0.1:{port}", socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+
+
+def test_feast_fields_single_sentinel_and_cluster():
     assert feast_online_store("redis://127.0.0.1:6390/3") == {
         "connection_string": "127.0.0.1:6390,db=3", "redis_type": "redis", "sentinel_master": "mymaster"}
     assert feast_online_store("redis+sentinel://:pw@127.0.0.1:1,127.0.0.1:2/home-mixer/5") == {
         "connection_string": "127.0.0.1:1,127.0.0.1:2,db=5,password=pw", "redis_type": "redis_sentinel",
         "sentinel_master": "home-mixer"}
+    fields = feast_online_store("redis+cluster://:pw@127.0.0.1:1,127.0.0.1:2")
+    assert fields["connection_string"] == "127.0.0.1:1,127.0.0.1:2,password=pw"
+    assert fields["redis_type"] == "redis_cluster"
 
 
 def test_feast_env_takes_an_address_or_feasts_own_form(tmp_path):

@@ -20,10 +20,19 @@
 -- event is applied and its marker set (expiring seen_ttl s from now) in the same script, so a crash
 -- leaves either the whole batch applied and marked or none of it.
 --
--- KEYS: the 4 named below, then one seen marker per event, then per post (counts, meta, score),
--- per author (score), per user (recent_posts, recent_authors, hated, follows, social_ts,
--- action_sequence), then (n_acks > 0) the events' stream.
--- ARGV: the 18 named below, then per post its id, per author its id, then per event: kind,
+-- Parts (ARGV ``parts``, letters of 'gpau'; one Redis: all four in one call). In a Redis Cluster a
+-- script may touch one slot only, so scripts.EngagementBatchScript splits a batch by hash tag and
+-- calls this script once per part: 'g' (global: trending, coverage, post tags; slot {rt}) with every
+-- event, 'p' with one post's events, 'a' with one author's weighted events, 'u' with one user's
+-- events that touch a user key. Each entity's state depends only on its own events in batch order,
+-- and trending / coverage only on all events in order, so the parts together write what one call
+-- writes; each part has its own seen markers (in its slot), so a part applied before a crash is
+-- skipped on redelivery and the others applied: exact once per part.
+--
+-- KEYS: the 4 named below ('g' only), then one seen marker per event, then per post (counts, meta,
+-- score; 'p' only), per author (score; 'a' only), per user (recent_posts, recent_authors, hated,
+-- follows, social_ts, action_sequence), then (n_acks > 0) the events' stream.
+-- ARGV: the 19 named below, then per post its id, per author its id, then per event: kind,
 -- event_ts ('%.6f'), post index, author index, user index (1-based into the lists above; user
 -- index 0: the event touches no user key), then (n_acks > 0) the consumer group and one stream
 -- entry id per event, acknowledged (XACK) as the last write: the writes and the ack are one
@@ -36,11 +45,11 @@
 local index_post_meta, trending_posts, trending_tags, coverage = unpack(KEYS, 1, 4)
 local seen_ttl, write_ts, n_events, n_posts, n_authors, n_users, n_acks, kinds, half_life, counts_ttl,
       score_ttl, recent_cap, retention_s, bucket_s, trending_half_life, trending_cap, out_of_order_s,
-      sequence_cap = unpack(ARGV, 1, 18)
+      sequence_cap, parts = unpack(ARGV, 1, 19)
 
 local tonumber, type, pairs, ipairs, unpack, error = tonumber, type, pairs, ipairs, unpack, error
 local floor, min, max, pow, log = math.floor, math.min, math.max, math.pow, math.log
-local format, match, gmatch = string.format, string.match, string.gmatch
+local format, match, gmatch, find = string.format, string.match, string.gmatch, string.find
 local rcall, rpcall = redis.call, redis.pcall
 local KEYS, ARGV = KEYS, ARGV
 
@@ -50,10 +59,11 @@ local write_s, half, retention, bucket_len = tonumber(write_ts), tonumber(half_l
                                              tonumber(bucket_s)
 local tr_half, tr_cap, ooo = tonumber(trending_half_life), tonumber(trending_cap), tonumber(out_of_order_s)
 local rcap, scap = tonumber(recent_cap), tonumber(sequence_cap)
-local K_SEEN, A_POST = 4, 18
+local G, P, A = find(parts, 'g', 1, true) ~= nil, find(parts, 'p', 1, true) ~= nil, find(parts, 'a', 1, true) ~= nil
+local K_SEEN, A_POST = G and 4 or 0, 19
 local K_POST = K_SEEN + ne
-local K_AUTHOR = K_POST + 3 * np
-local K_USER = K_AUTHOR + na
+local K_AUTHOR = K_POST + (P and 3 * np or 0)
+local K_USER = K_AUTHOR + (A and na or 0)
 local A_AUTHOR = A_POST + np
 local A_EVENT = A_AUTHOR + na
 local A_ACK = A_EVENT + 5 * ne  -- then the group and the entry ids; their stream is the last key
@@ -125,7 +135,7 @@ end
 
 -- tags of the posts with a weighted event (the candidate index's post metadata), one HMGET
 local tags_of = {}  -- post index (string) -> list of tags
-do
+if G then
   local ids, want = {}, {}
   for i = 1, ne do
     local b = A_EVENT + 5 * (i - 1)
@@ -246,17 +256,19 @@ for i = 1, ne do
     local kind, event_ts, pj, aj, uj = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
     local ets = tonumber(event_ts)
     local bucket = floor(ets / bucket_len) * bucket_len  -- = core.realtime.bucket_start
-    local p = posts[pj] or post_state(pj)
-    local a = authors[aj] or author_state(aj)
+    local p = P and (posts[pj] or post_state(pj))
+    local a = A and (authors[aj] or author_state(aj))
+    local post_id = p and p.id or ARGV[A_POST + tonumber(pj)]
+    local author_id = a and a.id or ARGV[A_AUTHOR + tonumber(aj)]
     -- post meta: the newest event time (kept; an older event does not move it back)
     local newest = ets
-    if p.newest and p.newest > ets then newest = p.newest end
-    p.newest = newest
+    if p and p.newest and p.newest > ets then newest = p.newest end
+    if p then p.newest = newest end
     -- a bucket wholly older than the 24 h window of the newest event is dropped, never written; the
     -- newest is taken at most a bucket ahead of the processor's clock, so one event from a skewed
     -- producer cannot push the post's real buckets out of the window
     local horizon = min(newest, clock_edge) - retention
-    if bucket + bucket_len > horizon then
+    if p and bucket + bucket_len > horizon then
       if not p.counts then load_counts(p) end
       local counts = p.counts
       local f = field_of(kind, bucket)
@@ -283,7 +295,7 @@ for i = 1, ne do
     -- and at most out_of_order_s (core.realtime.OUT_OF_ORDER_S) before first, so a lone straggler
     -- cannot claim that the stream holds everything back to its time. An event more than a bucket
     -- ahead of the processor's clock (a skewed producer) is applied but moves no coverage field.
-    if ets <= clock_edge then
+    if G and ets <= clock_edge then
       if not cov then
         cov = read('HMGET', coverage, 'since', 'newest', 'first')
         for k = 1, 3 do covn[k] = cov[k] and tonumber(cov[k]) end
@@ -299,33 +311,35 @@ for i = 1, ne do
     local l2w = LOG2W[kind]
     if l2w then  -- weight > 0
       local w = WEIGHT[kind]
-      decayed_add(p, ets, w)
-      decayed_add(a, ets, w)
-      -- forward decay in log2 space: score = log2(sum_i w_i 2^(t_i / half)), summed with log-sum-exp
-      local x = l2w + ets / tr_half
-      tr_posts[#tr_posts + 1] = p.id; tr_posts[#tr_posts + 1] = x
-      local tags = tags_of[pj]
-      if tags then
-        for _, tag in ipairs(tags) do tr_tags[#tr_tags + 1] = tag; tr_tags[#tr_tags + 1] = x end
+      if p then decayed_add(p, ets, w) end
+      if a then decayed_add(a, ets, w) end
+      if G then
+        -- forward decay in log2 space: score = log2(sum_i w_i 2^(t_i / half)), summed with log-sum-exp
+        local x = l2w + ets / tr_half
+        tr_posts[#tr_posts + 1] = post_id; tr_posts[#tr_posts + 1] = x
+        local tags = tags_of[pj]
+        if tags then
+          for _, tag in ipairs(tags) do tr_tags[#tr_tags + 1] = tag; tr_tags[#tr_tags + 1] = x end
+        end
       end
     end
     if uj ~= '0' then
       local u = users[uj] or user_state(uj)
       if POSITIVE[kind] then
         local rp, ra = zset_pairs(u, RECENT_POSTS), zset_pairs(u, RECENT_AUTHORS)
-        rp[#rp + 1] = ets; rp[#rp + 1] = p.id
-        ra[#ra + 1] = ets; ra[#ra + 1] = a.id
+        rp[#rp + 1] = ets; rp[#rp + 1] = post_id
+        ra[#ra + 1] = ets; ra[#ra + 1] = author_id
       end
       if ENGAGED[kind] then
         -- the user action sequence (core.online_layout.action_sequence, member encode_action): the
         -- index wrote the history before its cutoff, live engagements are appended here, the
         -- newest 2N members kept (one per post and action: N posts fit)
         local seq = zset_pairs(u, SEQUENCE)
-        seq[#seq + 1] = ets; seq[#seq + 1] = p.id .. '|' .. a.id .. '|' .. kind
+        seq[#seq + 1] = ets; seq[#seq + 1] = post_id .. '|' .. author_id .. '|' .. kind
       end
       if kind == 'hate' then
         if not u.hated_add then guard_type(u.hated, 'set'); u.hated_add = {} end
-        u.hated_add[#u.hated_add + 1] = a.id
+        u.hated_add[#u.hated_add + 1] = author_id
       end
       if kind == 'follow' then
         -- an engagement "follow" is a follow action: same stale-event rule as social.lua
@@ -333,12 +347,12 @@ for i = 1, ne do
           guard_type(u.follows, 'set')
           u.follows_add, u.social, u.social_dirty = {}, {}, {}
         end
-        local f = 'follow:' .. a.id
+        local f = 'follow:' .. author_id
         local last = u.social[f]
         if last == nil then last = read('HGET', u.social_ts, f); u.social[f] = last end
         if (not last) or tonumber(last) <= ets then
           u.social[f] = event_ts; u.social_dirty[f] = true
-          u.follows_add[#u.follows_add + 1] = a.id
+          u.follows_add[#u.follows_add + 1] = author_id
         end
       end
     end
