@@ -22,26 +22,8 @@ from pathlib import Path
 import pandas as pd
 
 from core.state import StateDir
+from home_mixer.drift_job import served_rows
 from monitoring.drift_eval import evaluate_gate
-from monitoring.drift_forms import history_origin
-from monitoring.reference import monitored_features
-
-# what the evaluation reads of a training set besides the features
-CONTEXT_COLUMNS = ("date", "request_ts", "user_id", "post_id", "author_id", "tag_id")
-
-
-def served_rows(state: StateDir) -> tuple[pd.DataFrame, pd.Timestamp]:
-    """The state's training set (features as served) with the evaluation's columns, and the
-    history origin (the local day of the log's first impression).
-
-    Raises:
-        FileNotFoundError: the state has no training set (run ``home-mixer features build``).
-    """
-    from pipelines.training_set import load_training_set, log_span
-
-    frame = load_training_set(state)
-    columns = [c for c in (*CONTEXT_COLUMNS, *monitored_features()) if c in frame.columns]
-    return frame[columns], history_origin(pd.Timestamp(log_span(state)[0]))
 
 
 def main() -> None:

@@ -82,6 +82,25 @@ def production_window(state: StateDir, seconds: float) -> tuple[pd.DataFrame, pd
     return frame, before
 
 
+# what the gate's evaluation reads of a training set besides the features
+GATE_CONTEXT_COLUMNS = ("date", "request_ts", "user_id", "post_id", "author_id", "tag_id")
+
+
+def served_rows(state: StateDir) -> tuple[pd.DataFrame, pd.Timestamp | None]:
+    """The state's training set (features as served) with what ``monitoring.drift_eval`` reads,
+    and ``state_origin``.
+
+    Raises:
+        FileNotFoundError: the state has no training set (run ``home-mixer features build``).
+    """
+    from monitoring.reference import monitored_features
+    from pipelines.training_set import load_training_set
+
+    frame = load_training_set(state)
+    columns = [c for c in (*GATE_CONTEXT_COLUMNS, *monitored_features()) if c in frame.columns]
+    return frame[columns], state_origin(state)
+
+
 def state_origin(state: StateDir) -> pd.Timestamp | None:
     """Where the state's accumulated features start counting (``drift_forms.history_origin`` of
     the canonical log's first impression); None without an impressions table (features stay raw)."""

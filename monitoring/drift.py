@@ -445,25 +445,26 @@ def entity_keys(feature: str) -> tuple[str, ...] | None:
     return None
 
 
-def unchanged_share(frame: pd.DataFrame, feature: str, keys) -> tuple[float, int]:
+def unchanged_share(frame: pd.DataFrame, feature: str, keys, hours: np.ndarray | None = None) -> tuple[float, int]:
     """Among entities (``keys``) with present values in two or more request hours of ``frame``,
     the share whose value never changes; and how many such entities there are.
 
     A feature served from a table that stopped updating keeps each entity's value for the whole
-    window, while a live one changes between hours (counts grow, rates move). Hours come from
-    ``drift_forms.request_times``; (nan, 0) without a request time or the keys.
+    window, while a live one changes between hours (counts grow, rates move). ``hours``:
+    ``drift_forms.request_hours(frame)`` (computed when not given); (nan, 0) without a request
+    time or the keys.
     """
-    from monitoring.drift_forms import request_times
+    from monitoring.drift_forms import request_hours
 
-    times = request_times(frame)
-    if times is None or any(k not in frame.columns for k in keys) or feature not in frame.columns:
+    hours = request_hours(frame) if hours is None else hours
+    if hours is None or any(k not in frame.columns for k in keys) or feature not in frame.columns:
         return float("nan"), 0
     values = pd.to_numeric(frame[feature], errors="coerce")
     ok = values.notna().to_numpy()
     if not ok.any():
         return float("nan"), 0
     g = pd.DataFrame({**{k: frame[k].to_numpy()[ok] for k in keys}, "v": values.to_numpy()[ok],
-                      "h": times.dt.floor("h").to_numpy()[ok]}).groupby(list(keys))
+                      "h": hours[ok]}).groupby(list(keys))
     per = pd.DataFrame({"hours": g["h"].nunique(), "values": g["v"].nunique()})
     per = per[per["hours"] >= 2]
     if per.empty:
@@ -474,13 +475,16 @@ def unchanged_share(frame: pd.DataFrame, feature: str, keys) -> tuple[float, int
 def _stale_faults(recent: pd.DataFrame, current: pd.DataFrame, features, gate: DriftGateConfig) -> list[GateFault]:
     """The ``stale`` rule: a feature's unchanged-entity share (``unchanged_share``) rises by
     ``stale_jump`` or more against the recent reference, with ``min_entities`` on each side."""
+    from monitoring.drift_forms import request_hours
+
     faults = []
+    hours_before, hours_now = request_hours(recent), request_hours(current)
     for f in features:
         keys = entity_keys(f)
         if keys is None:
             continue
-        before, n_before = unchanged_share(recent, f, keys)
-        now, n_now = unchanged_share(current, f, keys)
+        before, n_before = unchanged_share(recent, f, keys, hours_before)
+        now, n_now = unchanged_share(current, f, keys, hours_now)
         if n_before >= gate.min_entities and n_now >= gate.min_entities and now - before >= gate.stale_jump:
             faults.append(GateFault("stale", f, now - before, gate.stale_jump,
                                     f"{now:.0%} of {n_now} entities seen in >= 2 hours never change "

@@ -172,12 +172,18 @@ def request_times(frame: pd.DataFrame) -> pd.Series | None:
     """Each row's request time (UTC): ``request_ts`` (training sets), else ``as_of`` (epoch
     seconds, the production sample); None when the frame has neither (e.g. an older reference)."""
     if "request_ts" in frame.columns:
-        ts = pd.to_datetime(frame["request_ts"], utc=True)
-        return pd.Series(ts.to_numpy(), index=frame.index)
+        return pd.to_datetime(frame["request_ts"], utc=True)
     if "as_of" in frame.columns:
-        return pd.Series(pd.to_datetime(pd.to_numeric(frame["as_of"]), unit="s", utc=True).to_numpy(),
-                         index=frame.index)
+        return pd.to_datetime(pd.to_numeric(frame["as_of"]), unit="s", utc=True)
     return None
+
+
+def request_hours(frame: pd.DataFrame) -> np.ndarray | None:
+    """Each row's request hour as int64 hours since the epoch (None without a request time)."""
+    times = request_times(frame)
+    if times is None:
+        return None
+    return ((times - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(hours=1)).to_numpy(dtype="int64")
 
 
 def comparison_form(frame: pd.DataFrame, features, origin: pd.Timestamp | None) -> tuple[pd.DataFrame, dict[str, str]]:

@@ -195,3 +195,18 @@ def test_faults_survive_the_json_summary_and_the_dashboard_reads_them(log, tmp_p
     back = summary_from_dict(json.loads(write_summary(summary, tmp_path / "s.json").read_text()))
     assert summary.drift_share <= summary.max_drift_share  # one feature of 14: the share alone passes
     assert not back.passed and back.reasons() == summary.reasons() and back.faults[0].rule == "missing"
+
+
+def test_the_evaluation_counts_false_positives_and_detections(log):
+    from monitoring.drift_eval import MIN_HISTORY_DAYS, evaluate_gate
+
+    result = evaluate_gate(log, ORIGIN, fault_days=1, features=("post_duration_ms", "user_impressions"))
+    assert [d["date"] for d in result.days] == list(DAYS[MIN_HISTORY_DAYS:])
+    assert [d["date"] for d in result.warmup] == list(DAYS[1:MIN_HISTORY_DAYS])
+    assert result.false_positive_rate() == 0.0 and result.false_positive_rate(before=True) == 1.0
+    kinds = {(f["kind"], f["feature"]) for f in result.faults}
+    assert ("stale", "user_impressions") in kinds and ("stale", "post_duration_ms") not in kinds  # static: no stale
+    assert len(result.faults) == 1 + 4 + 5 and result.detection_rate() == 1.0
+    assert result.detection_rate(before=True) == 0.0  # the share-only gate failed on the clean day already
+    table = result.to_table()
+    assert "false positives (3 normal days)" in table and "<= 5%" in table and ">= 95%" in table
