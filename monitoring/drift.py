@@ -212,6 +212,8 @@ class DriftSummary:
         return out
 
     def to_dict(self) -> dict:
+        """The JSON summary: gate (``passed``, ``reasons``, ``faults``), share, per-view counts, every
+        column's result, labels; non-finite numbers as None."""
         def clean(o):
             if isinstance(o, float) and not math.isfinite(o):
                 return None

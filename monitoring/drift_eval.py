@@ -186,6 +186,8 @@ class GateEvaluation:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
+        """JSON-ready: the rates (now and before), the targets, detection per kind, every day and
+        fault (NaN where a rate was not measured)."""
         return {"false_positive_rate": self.false_positive_rate(), "detection_rate": self.detection_rate(),
                 "before": {"false_positive_rate": self.false_positive_rate(True),
                            "detection_rate": self.detection_rate(True)},
