@@ -10,7 +10,7 @@ Prints the rates against the targets (false positives <= 5 % of normal days, >= 
 detected), the gate as it was (raw features against the training reference, drift share only)
 next to it, and each normal day; writes the JSON (``--out``).
 
-    .venv/bin/python bench/drift_gate.py --state .state [--out drift_gate.json]
+    .venv/bin/python bench/drift_gate.py --state .state [--out drift_gate.json] [--seed 0]
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ def main() -> None:
     ap.add_argument("--state", default=".state", help="a demo state folder (its training set)")
     ap.add_argument("--out", help="write the JSON here")
     ap.add_argument("--fault-days", type=int, default=None, help="inject on the last N evaluated days only")
+    ap.add_argument("--seed", type=int, default=0, help="of the reference sample, the tests' samples and the faults")
     args = ap.parse_args()
     rows, origin = served_rows(StateDir(Path(args.state).resolve()))
     days = sorted(pd.unique(rows["date"]))
     print(f"{len(rows)} served rows, days {days[0]}..{days[-1]}; history origin {origin}")
-    result = evaluate_gate(rows, origin, fault_days=args.fault_days, log=lambda line: print(f"  {line}", flush=True))
+    result = evaluate_gate(rows, origin, fault_days=args.fault_days, seed=args.seed,
+                           log=lambda line: print(f"  {line}", flush=True))
     print(result.to_table())
     if args.out:
         Path(args.out).write_text(json.dumps(result.to_dict(), indent=1, default=float))

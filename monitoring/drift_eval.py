@@ -200,7 +200,7 @@ class GateEvaluation:
 def evaluate_gate(rows: pd.DataFrame, origin: pd.Timestamp | None = None, gate: DriftGateConfig | None = None,
                   first_day: int = MIN_HISTORY_DAYS, fault_days: int | None = None, features=FAULT_FEATURES,
                   kinds=FAULT_KINDS, max_rows: int = 20_000, last_days: int | None = None,
-                  before_faults: bool = True, log=None) -> GateEvaluation:
+                  before_faults: bool = True, seed: int = 0, log=None) -> GateEvaluation:
     """False positives and detection of the gate over the days of ``rows``.
 
     Args:
@@ -217,6 +217,7 @@ def evaluate_gate(rows: pd.DataFrame, origin: pd.Timestamp | None = None, gate: 
         last_days: gate only the last ``last_days`` counted days (no warm-up days; e.g. the demo's
             validation days), None for all.
         before_faults: also gate each faulted day as the gate was (half the cost of the faults).
+        seed: of the training reference's sample, the tests' row samples and the injected faults.
         log: a callable taking one line of progress, or None.
 
     Returns:
@@ -243,10 +244,10 @@ def evaluate_gate(rows: pd.DataFrame, origin: pd.Timestamp | None = None, gate: 
         warmup = d not in evaluated
         cur = rows[rows["date"] == d]
         earlier = rows[rows["date"] < d]
-        training = earlier.sample(n=min(max_rows, len(earlier)), random_state=0)
+        training = earlier.sample(n=min(max_rows, len(earlier)), random_state=seed)
         recent = rows[rows["date"].isin(days[max(0, i - gate.recent_days):i])]
-        before = compute_drift(training, cur, gate=gate, max_rows=max_rows)
-        kwargs = dict(recent=recent, origin=origin, gate=gate, max_rows=max_rows)
+        before = compute_drift(training, cur, gate=gate, max_rows=max_rows, seed=seed)
+        kwargs = dict(recent=recent, origin=origin, gate=gate, max_rows=max_rows, seed=seed)
         clean = compute_drift(training, cur, **kwargs)
         (out.warmup if warmup else out.days).append({"date": d, "rows": int(len(cur)), "before_share": before.drift_share,
                          "before_passed": before.drift_share <= before.max_drift_share,
@@ -265,14 +266,14 @@ def evaluate_gate(rows: pd.DataFrame, origin: pd.Timestamp | None = None, gate: 
             cols = list(SURFACE_FEATURES) if kind == "category" else [f]
             # the faulted columns and what the forms and the stale rule read: the rest is the clean day's
             keep = [c for c in rows.columns if c in cols or c not in feature_columns]
-            bad = inject(cur[keep], kind, f, history=earlier, seed=d)
+            bad = inject(cur[keep], kind, f, history=earlier, seed=d + seed)
             merged = gate_faulted_day(clean, compute_drift(training[keep], bad, features=cols,
                                                            **{**kwargs, "recent": recent[keep]}))
             entry = {"date": d, "kind": kind, "feature": f or "surface mix",
                      "detected": detected(clean, merged, cols), "reasons": merged.reasons()}
             if before_faults:
                 old = gate_faulted_day(before, compute_drift(training[keep], bad, features=cols, gate=gate,
-                                                             max_rows=max_rows))
+                                                             max_rows=max_rows, seed=seed))
                 entry["before_detected"] = old.drift_share > old.max_drift_share >= before.drift_share
             out.faults.append(entry)
     out.seconds = time.perf_counter() - t0
