@@ -491,19 +491,28 @@ def cmd_features(args) -> int:
     return 0
 
 
-def _gate_config(path: str | None):
-    """The feature gate's tolerances from a YAML file (defaults without one)."""
-    from monitoring.feature_validation import FeatureGateConfig
+def _yaml_config(path: str | None, model, what: str):
+    """A pydantic ``model`` from a YAML file (its defaults without one).
 
+    Raises:
+        UsageError: the file is unreadable, not YAML, or not valid for ``model`` (names ``what``).
+    """
     if not path:
-        return FeatureGateConfig()
+        return model()
     import pydantic
     import yaml
 
     try:
-        return FeatureGateConfig.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+        return model.model_validate(yaml.safe_load(Path(path).read_text()) or {})
     except (OSError, yaml.YAMLError, pydantic.ValidationError) as exc:
-        raise UsageError(f"gate config {path}: {exc}") from exc
+        raise UsageError(f"{what} {path}: {exc}") from exc
+
+
+def _gate_config(path: str | None):
+    """The feature gate's tolerances from a YAML file (defaults without one)."""
+    from monitoring.feature_validation import FeatureGateConfig
+
+    return _yaml_config(path, FeatureGateConfig, "gate config")
 
 
 def cmd_materialize(args) -> int:
@@ -585,16 +594,24 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _drift_gate_config(path: str | None):
+    """The drift gate's thresholds from a YAML file (defaults without one)."""
+    from monitoring.drift import DriftGateConfig
+
+    return _yaml_config(path, DriftGateConfig, "drift gate config")
+
+
 def cmd_monitor_drift(args) -> int:
     from home_mixer.drift_job import run_drift
     from monitoring.reference import ReferenceNotFoundError
 
     state = _state(args)
+    gate = _drift_gate_config(args.gate_config)
     try:
         run = run_drift(state, window=args.window, against=args.against,
                         log=Path(args.log) if args.log else None, data_dir=Path(args.data),
                         method=args.method, max_drift_share=args.max_drift_share,
-                        out_dir=Path(args.out) if args.out else None)
+                        out_dir=Path(args.out) if args.out else None, gate=gate)
     except (ValueError, ReferenceNotFoundError) as e:
         raise UsageError(str(e)) from None
     print(run.summary.to_text())
@@ -1421,8 +1438,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     mo = sub.add_parser("monitor", help="drift job and dashboards; Prometheus (start|stop|status)")
     mosub = mo.add_subparsers(dest="action", required=True)
-    dr = mosub.add_parser("drift", help="a window against the champion's training reference (Evidently); "
-                                        "exit 3 when the share of drifted features passes the gate")
+    dr = mosub.add_parser("drift", help="a window against the champion's training reference and the days before "
+                                        "(Evidently; growing features in their declared forms); exit 3 when the "
+                                        "share of drifted features passes the gate or a feature has a critical fault")
     dr.add_argument("--window", help="1h / 24h / <n>h / <n>m: the mixer's production sample of that recent window; "
                                      "or FROM..TO log dates (yyyymmdd) of the training set (default: the validation days)")
     dr.add_argument("--against", default="champion",
@@ -1430,7 +1448,10 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--log", help="an impression log CSV (KuaiRand schema) as the current window")
     dr.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="users/videos folder for --log")
     dr.add_argument("--method", help="one Evidently stat test for every column, e.g. psi (default: per column type and size)")
-    dr.add_argument("--max-drift-share", type=float, default=0.3, help="gate on the share of drifted features")
+    dr.add_argument("--max-drift-share", type=float, default=None,
+                    help="gate on the share of drifted features (default 0.3, or the gate config's)")
+    dr.add_argument("--gate-config", help="YAML of the drift gate's thresholds (monitoring.drift.DriftGateConfig: "
+                                          "max_drift_share, null_share_tolerance, scale_ratio, stale_jump, ...)")
     dr.add_argument("--out", help="report folder (default <state>/reports/drift/<time>)")
     dr.set_defaults(func=cmd_monitor_drift)
     db = mosub.add_parser("dashboard", help="write the drift dashboard: one static HTML page of every drift run "

@@ -24,6 +24,7 @@ from feature_repo import store as fs
 from home_mixer import jobs
 from home_mixer.demo_fanout import DEMO_CELEBRITY_THRESHOLD, fanout_stage, format_in_network, showcase_timeline
 from core.requests import REQUEST_GAP_S
+from core.schema import VALIDATION_DAYS
 from core.online_store import connect
 from core.services import RedisServer
 from core.stages import StageTimer
@@ -218,7 +219,28 @@ def drift_stage(state: StateDir, valid: pd.DataFrame) -> str:
               f"{flagged} (exit code {0 if fault.summary.passed else 3} at gate {fault.summary.max_drift_share})",
               f"  report {fault.html}", f"  drift dashboard over both runs {fault.dashboard}", ""]
     lines += fault_gate_stage(state)
+    lines += ["", *gate_rates_stage(state)]
     return "\n".join(lines)
+
+
+# the demo's share of bench/drift_gate.py: its validation days, faults on the last one over these
+DEMO_GATE_FEATURES = ("post_duration_ms", "user_impressions", "post_impressions_24h", "user_lt_click_rate",
+                      "ut_click_rate", "req_post_age_hours")
+
+
+def gate_rates_stage(state: StateDir) -> list[str]:
+    """The drift gate's false-positive and detection rates on the validation days (each against
+    the earlier days and the day before) and on faults injected into the last one
+    (``monitoring.drift_eval``; all days and more features: ``bench/drift_gate.py``)."""
+    from home_mixer.drift_job import served_rows
+    from monitoring.drift_eval import evaluate_gate
+
+    rows, origin = served_rows(state)
+    result = evaluate_gate(rows, origin, last_days=VALIDATION_DAYS, fault_days=1, features=DEMO_GATE_FEATURES,
+                           before_faults=False)
+    return ["The drift gate on the validation days and on faults injected into the last one (x 10, / 1000, "
+            "20 % nulls, frozen at 3 days before, dropped; 30 % of requests moved to another surface):",
+            *(f"  {line}" for line in result.to_table().splitlines())]
 
 
 def run_demo(state: StateDir, data_dir: Path, users: list[int] | None = None, n_users: int = 3,

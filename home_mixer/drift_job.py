@@ -27,8 +27,9 @@ from core.schema import CHAMPION_ALIAS, HEADS, HEAVY_RANKER_NAME, VALIDATION_DAY
 from core.state import StateDir
 from monitoring.dashboards.drift_page import write_drift_dashboard
 from monitoring.drift import (
-    DEFAULT_MAX_DRIFT_SHARE, RUN_TIME_FORMAT, RUNS_DIR, SUMMARY_FILE, DriftSummary, compute_drift, write_summary,
+    RUN_TIME_FORMAT, RUNS_DIR, SUMMARY_FILE, DriftGateConfig, DriftSummary, compute_drift, write_summary,
 )
+from monitoring.drift_forms import history_origin
 from monitoring.reference import build_reference, load_reference, log_reference, score_column
 
 
@@ -56,8 +57,9 @@ def parse_recent(spec: str) -> float | None:
     return None
 
 
-def production_window(state: StateDir, seconds: float) -> pd.DataFrame:
-    """The production sample of the last ``seconds`` (Redis server clock).
+def production_window(state: StateDir, seconds: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The production sample of the last ``seconds`` (Redis server clock), and of the ``seconds``
+    before them (the rolling reference; empty when the capped stream no longer has them).
 
     Raises:
         ValueError: nothing was sampled in that window (names the stream and what to check).
@@ -71,12 +73,42 @@ def production_window(state: StateDir, seconds: float) -> pd.DataFrame:
     try:
         now = client.time()[0]
         frame = read_production_sample(client, since_s=now - seconds)
+        before = read_production_sample(client, since_s=now - 2 * seconds, until_s=now - seconds - 0.001)
     finally:
         client.close()
     if frame.empty:
         raise ValueError(f"no production sample in the last {seconds / 3600:g} h ({online_layout.DRIFT_SAMPLE} is "
                          "empty there): is a mixer serving with drift_sample.enabled and a rate > 0?")
-    return frame
+    return frame, before
+
+
+# what the gate's evaluation reads of a training set besides the features
+GATE_CONTEXT_COLUMNS = ("date", "request_ts", "user_id", "post_id", "author_id", "tag_id")
+
+
+def served_rows(state: StateDir) -> tuple[pd.DataFrame, pd.Timestamp | None]:
+    """The state's training set (features as served) with what ``monitoring.drift_eval`` reads,
+    and ``state_origin``.
+
+    Raises:
+        FileNotFoundError: the state has no training set (run ``home-mixer features build``).
+    """
+    from monitoring.reference import monitored_features
+    from pipelines.training_set import load_training_set
+
+    frame = load_training_set(state)
+    columns = [c for c in (*GATE_CONTEXT_COLUMNS, *monitored_features()) if c in frame.columns]
+    return frame[columns], state_origin(state)
+
+
+def state_origin(state: StateDir) -> pd.Timestamp | None:
+    """Where the state's accumulated features start counting (``drift_forms.history_origin`` of
+    the canonical log's first impression); None without an impressions table (features stay raw)."""
+    from pipelines.training_set import log_span
+
+    if not state.table("impressions").exists():
+        return None
+    return history_origin(pd.Timestamp(log_span(state)[0]))
 
 
 def label_window(state: StateDir, frame: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
@@ -141,9 +173,14 @@ class DriftRun:
 
 def run_drift(state: StateDir, window: str | None = None, against: str = CHAMPION_ALIAS,
               log: Path | None = None, data_dir: Path | None = None, method: str | None = None,
-              max_drift_share: float = DEFAULT_MAX_DRIFT_SHARE, out_dir: Path | None = None,
-              frame: pd.DataFrame | None = None) -> DriftRun:
+              max_drift_share: float | None = None, out_dir: Path | None = None,
+              frame: pd.DataFrame | None = None, gate: DriftGateConfig | None = None) -> DriftRun:
     """Compare a current window with the reference and write the report.
+
+    Features are compared in their declared forms (``monitoring.drift_forms``): those declared
+    against the recent reference with the rolling one, the ``gate.recent_days`` dates of the
+    training set before a dates window, or the production sample of the same length before a
+    recent window (none for ``log`` and ``frame``: every feature against the reference).
 
     Args:
         window: ``1h`` / ``24h`` / ``<n>h`` / ``<n>m``: the mixer's production sample of that
@@ -154,6 +191,7 @@ def run_drift(state: StateDir, window: str | None = None, against: str = CHAMPIO
         log / data_dir: an impression log to featurise as the current window instead.
         frame: a ready current window (served-feature rows; scored here), e.g. a faulted copy.
         out_dir: report folder (default ``<state>/reports/drift/<UTC time>``).
+        gate: the gate's thresholds (``DriftGateConfig()``); ``max_drift_share`` overrides its own.
 
     Raises:
         FileNotFoundError: no training set (run ``home-mixer features build``).
@@ -175,12 +213,18 @@ def run_drift(state: StateDir, window: str | None = None, against: str = CHAMPIO
             raise ValueError(f"the training set has no rows dated {lo}..{hi} (it spans {days[0]}..{days[-1]})")
         return rows
 
+    gate = gate or DriftGateConfig()
+    if max_drift_share is not None:
+        gate = gate.model_copy(update={"max_drift_share": max_drift_share})
     recent = parse_recent(window) if window and frame is None and log is None else None
+    rolling, rolling_info = None, {}
     if frame is not None:
         current, current_info = frame, {"source": "frame"}
     elif recent is not None:
-        current, labels_info = label_window(state, production_window(state, recent))
+        served, rolling = production_window(state, recent)
+        current, labels_info = label_window(state, served)
         current_info = {"source": f"production sample, last {window}", **labels_info}
+        rolling_info = {"source": f"production sample, the {window} before"}
     elif log is not None:
         from home_mixer.evaluation import featurize_log
         from core.state import DEFAULT_DATA_DIR
@@ -195,6 +239,10 @@ def run_drift(state: StateDir, window: str | None = None, against: str = CHAMPIO
         else:
             lo, hi = parse_dates(window)
         current, current_info = training_rows(lo, hi), {"source": f"training set dates {lo}..{hi}"}
+        earlier = sorted(int(d) for d in pd.unique(training["date"]) if d < lo)[-gate.recent_days:]
+        if earlier:
+            rolling = training[training["date"].isin(earlier)]
+            rolling_info = {"source": f"training set dates {earlier[0]}..{earlier[-1]}"}
     if recent is None:  # a production sample keeps the scores it was served with
         current = scored_window(current, uri)
 
@@ -210,8 +258,9 @@ def run_drift(state: StateDir, window: str | None = None, against: str = CHAMPIO
     runs = state.reports / RUNS_DIR
     folder = Path(out_dir) if out_dir else runs / time.strftime(RUN_TIME_FORMAT, time.gmtime())
     html = folder / "report.html"
-    summary = compute_drift(reference, current, method=method, max_drift_share=max_drift_share, heads=HEADS,
-                            html_path=html, reference_info=reference_info, current_info=current_info)
+    summary = compute_drift(reference, current, recent=rolling if rolling is not None and len(rolling) else None,
+                            origin=state_origin(state), gate=gate, method=method, heads=HEADS, html_path=html,
+                            reference_info=reference_info, current_info=current_info, recent_info=rolling_info)
     written = write_summary(summary, folder / SUMMARY_FILE)
     # the dashboard over all runs is redrawn after each one, so it is never stale
     dashboard = write_drift_dashboard(runs) if out_dir is None else None

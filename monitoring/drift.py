@@ -16,6 +16,19 @@ feature view; predictions are the heavy ranker's per-head probabilities (``score
 the current window has labels, each head's label rate, AUC and ECE are reported against the
 reference's (label and calibration drift), on the labelled rows only: a production sample's
 candidate that was never shown has NaN labels (no label, not a negative).
+
+Features that grow by construction are compared in the form, and against the reference,
+``monitoring.drift_forms.DRIFT_FORMS`` declares: the training reference, or a rolling ``recent``
+one (the previous day(s) of served rows). The gate (``DriftGateConfig``) fails on (a) the share of
+drifted features passing ``max_drift_share``, or (b) any critical fault of a single feature, each
+named in ``DriftSummary.faults``: ``missing`` (a feature that had values arrives empty), ``nulls``
+(its null share rises by more than ``null_share_tolerance``, or it loses more than
+``present_loss_tolerance`` of its present values), ``constant`` (one value where the
+reference had many), ``scale`` (the mean absolute value moves by ``scale_ratio`` or more either way:
+a unit change), ``stale`` (the share of entities seen in two or more hours whose value never
+changes jumps against the recent reference: a feature table that stopped updating) and
+``category mix`` (a critical feature, the surface mix, drifted). Distribution tests stay
+Evidently's; the fault rules are plain counts over the same frames.
 """
 
 from __future__ import annotations
@@ -28,8 +41,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
 
-from core.schema import HEADS
+from core.schema import FEATURE_VIEWS, HEADS
+from monitoring.drift_forms import CALENDAR, CREATION_TIME, RAW, RECENT, comparison_form, drift_form
 from monitoring.reference import feature_view_of, monitored_features, score_column
 
 DEFAULT_MAX_DRIFT_SHARE = 0.3
@@ -43,6 +58,67 @@ NO_CURRENT_LABELS = "no labelled rows in the current window"
 RUNS_DIR = "drift"
 RUN_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
 SUMMARY_FILE = "summary.json"
+# the gate's rules, as named in DriftSummary.faults and reasons()
+SHARE_RULE = "drift share"
+FAULT_RULES = ("missing", "nulls", "constant", "scale", "stale", "category mix")
+
+
+class DriftGateConfig(BaseModel):
+    """The drift gate's thresholds (YAML-loadable with ``DriftGateConfig.model_validate``; the CLI's
+    ``monitor drift --gate-config``).
+
+    Attributes:
+        max_drift_share: the gate on drifted / tested features (rule a).
+        null_share_tolerance: absolute change of a column's null share that counts as drift, and
+            the rise that is a ``nulls`` fault (a fall, fewer cold users, is not a fault).
+        scale_ratio: factor of the mean absolute value (in the compared form), either way, that is
+            a ``scale`` fault (x 10 or a unit change fails; day-to-day moves of KuaiRand's features
+            stay under 3).
+        constant_mode_share: a ``constant`` fault needs the reference's most common value below this
+            share (a nearly constant feature may come out constant by chance).
+        stale_jump: rise of the share of unchanged entities (seen in >= 2 request hours, one value)
+            against the recent reference that is a ``stale`` fault.
+        present_loss_tolerance: share of a feature's present values lost (null share rise over the
+            reference's present share) that is a ``nulls`` fault too: a sparse feature present in
+            3 % of rows that loses a third of them moves its null share by 1 point only. (The
+            sparsest KuaiRand features, ``ua_*`` in ~500 of 20,000 rows, move their present share
+            by up to 17 % from one real day to the next, so a smaller loss is not a fault.)
+        category_shift: absolute move of a critical one-hot feature's share (the surface mix) that,
+            with its drift test flagging, is a ``category mix`` fault.
+        min_rows: fewest present values on each side for the scale / constant rules.
+        min_entities: fewest entities seen in >= 2 hours on each side for the stale rule.
+        recent_days: days before the window that make the rolling reference (``home-mixer monitor
+            drift`` over dates).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_drift_share: float = Field(DEFAULT_MAX_DRIFT_SHARE, ge=0.0, le=1.0)
+    null_share_tolerance: float = Field(DEFAULT_NULL_SHARE_TOLERANCE, ge=0.0, le=1.0)
+    scale_ratio: float = Field(5.0, gt=1.0)
+    constant_mode_share: float = Field(0.99, gt=0.0, le=1.0)
+    stale_jump: float = Field(0.5, gt=0.0, le=1.0)
+    category_shift: float = Field(0.05, gt=0.0, le=1.0)
+    present_loss_tolerance: float = Field(0.3, gt=0.0, le=1.0)
+    min_rows: int = Field(50, ge=1)
+    min_entities: int = Field(30, ge=1)
+    recent_days: int = Field(1, ge=1)
+
+
+@dataclass(frozen=True)
+class GateFault:
+    """A critical fault of one feature: fails the gate whatever the drift share.
+
+    Attributes:
+        rule: one of ``FAULT_RULES``. column: the feature. value / threshold: the rule's measure
+        and its limit (see ``DriftGateConfig``). detail: one readable line.
+    """
+
+    rule: str
+    column: str
+    value: float
+    threshold: float
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -70,6 +146,8 @@ class ColumnDrift:
     distribution_method: str | None = None
     distribution_statistic: float | None = None
     distribution_threshold: float | None = None
+    against: str = "training"
+    form: str = RAW
 
 
 @dataclass
@@ -84,7 +162,9 @@ class DriftSummary:
             when both windows carry label columns, each side computed on its labelled (non-NaN)
             rows; with no labelled current row, ``{"status": NO_CURRENT_LABELS, ...}`` and no
             current metric.
-        reference / current: descriptions of the two windows (rows, source).
+        reference / current: descriptions of the two windows (rows, source); ``reference["recent"]``
+            describes the rolling reference when there was one.
+        faults: critical single-feature faults (``GateFault``); any fails the gate.
     """
 
     features: list[ColumnDrift]
@@ -94,11 +174,22 @@ class DriftSummary:
     labels: dict[str, dict] = field(default_factory=dict)
     reference: dict = field(default_factory=dict)
     current: dict = field(default_factory=dict)
+    faults: list[GateFault] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        """True when the share of drifted features is at most ``max_drift_share``."""
-        return self.drift_share <= self.max_drift_share
+        """True when the share of drifted features is at most ``max_drift_share`` and no feature
+        has a critical fault."""
+        return self.drift_share <= self.max_drift_share and not self.faults
+
+    def reasons(self) -> list[str]:
+        """Why the gate failed, one line a reason (empty when it passed): the drift share rule, then
+        each fault as ``"<rule>: <column> (<detail>)"``."""
+        out = []
+        if self.drift_share > self.max_drift_share:
+            out.append(f"{SHARE_RULE}: {self.drift_share:.3f} > {self.max_drift_share:.2f}")
+        out += [f"{f.rule}: {f.column} ({f.detail})" for f in self.faults]
+        return out
 
     def drifted_features(self) -> list[ColumnDrift]:
         """Drifted features, strongest first (largest null-share change or smallest p-value /
@@ -121,6 +212,8 @@ class DriftSummary:
         return out
 
     def to_dict(self) -> dict:
+        """The JSON summary: gate (``passed``, ``reasons``, ``faults``), share, per-view counts, every
+        column's result, labels; non-finite numbers as None."""
         def clean(o):
             if isinstance(o, float) and not math.isfinite(o):
                 return None
@@ -136,12 +229,14 @@ class DriftSummary:
             "features": [asdict(c) for c in self.features],
             "predictions": [asdict(c) for c in self.predictions],
             "labels": self.labels,
+            "faults": [asdict(f) for f in self.faults], "reasons": self.reasons(),
         })
 
     def to_text(self, top: int = 10) -> str:
         """A short report: gate, drift share per view, the top drifted features, prediction drift."""
         lines = [f"drift share {self.drift_share:.3f} of {len(self.features)} features "
                  f"(gate {self.max_drift_share:.2f}): {'PASS' if self.passed else 'FAIL'}"]
+        lines += [f"  gate: {r}" for r in self.reasons()]
         for view, e in sorted(self.by_view().items()):
             lines.append(f"  {view:24s} {e['drifted']:3d} / {e['features']:3d} drifted")
         worst = self.drifted_features()[:top]
@@ -175,79 +270,228 @@ def _ece(y: np.ndarray, p: np.ndarray) -> float:
     return expected_calibration_error(y, p)
 
 
-def compute_drift(reference: pd.DataFrame, current: pd.DataFrame, *, method: str | None = None,
-                  max_drift_share: float = DEFAULT_MAX_DRIFT_SHARE,
-                  null_share_tolerance: float = DEFAULT_NULL_SHARE_TOLERANCE, max_rows: int = DEFAULT_MAX_ROWS,
-                  heads=HEADS, seed: int = 0, html_path: Path | None = None,
-                  reference_info: dict | None = None, current_info: dict | None = None) -> DriftSummary:
-    """Compare ``current`` with ``reference`` column by column.
+def compute_drift(reference: pd.DataFrame, current: pd.DataFrame, *, recent: pd.DataFrame | None = None,
+                  origin: pd.Timestamp | None = None, gate: DriftGateConfig | None = None,
+                  method: str | None = None, max_drift_share: float | None = None,
+                  null_share_tolerance: float | None = None, max_rows: int = DEFAULT_MAX_ROWS,
+                  heads=HEADS, seed: int = 0, html_path: Path | None = None, features=None,
+                  reference_info: dict | None = None, current_info: dict | None = None,
+                  recent_info: dict | None = None) -> DriftSummary:
+    """Compare ``current`` with its references column by column, and apply the gate.
 
     Args:
-        reference / current: frames with the monitored features and ``score_<head>`` columns (and
-            optionally the head labels, NaN = unlabelled row); columns absent from either side are
-            skipped.
+        reference: the training reference (the champion's sample, or a window of the training
+            set): monitored features, ``score_<head>`` columns, optionally head labels (NaN =
+            unlabelled row). Columns absent from either side are skipped.
+        current: the window under test, the same columns; with a request time (``request_ts`` or
+            ``as_of``) and entity ids (``user_id``, ``post_id``, ...) the transformed forms and the
+            stale rule apply.
+        recent: the rolling reference (the previous day(s) of served rows, same columns): features
+            declared ``RECENT`` in ``monitoring.drift_forms.DRIFT_FORMS`` are compared with it. None:
+            every feature against ``reference`` (and no stale rule).
+        origin: ``drift_forms.history_origin`` of the log the features accumulate from; None keeps
+            every feature raw. A form is applied only when both sides of a comparison can take it.
+        gate: thresholds (``DriftGateConfig()`` by default); ``max_drift_share`` /
+            ``null_share_tolerance`` override its fields when given.
         method: None for Evidently's per-column default, or one stat test for every column
             (e.g. ``"psi"``, ``"ks"``, ``"wasserstein"``; Evidently's names).
-        max_drift_share: the gate on the share of drifted features.
-        null_share_tolerance: absolute change of a column's null share that counts as drift.
         max_rows: rows per side given to the distribution tests (seeded sample; label metrics use
             every row).
         html_path: write Evidently's HTML report (plots per column) there; without it the same
             per-column tests run without the report (its plots are most of the cost).
+        features: test only these monitored features (default: all present on both sides).
 
     Returns:
-        ``DriftSummary``.
+        ``DriftSummary`` (``passed`` is the gate: share at most ``max_drift_share`` and no fault).
 
     Raises:
         ValueError: an empty side, or no monitored column in common.
     """
+    gate = gate or DriftGateConfig()
+    overrides = {k: v for k, v in (("max_drift_share", max_drift_share),
+                                   ("null_share_tolerance", null_share_tolerance)) if v is not None}
+    gate = gate.model_copy(update=overrides) if overrides else gate
     if len(reference) == 0 or len(current) == 0:
         raise ValueError(f"drift needs rows on both sides (reference {len(reference)}, current {len(current)})")
     ref = _sample(reference, max_rows, seed)
     cur = _sample(current, max_rows, seed)
-    features = [f for f in monitored_features() if f in ref.columns and f in cur.columns]
+    rec = _sample(recent, max_rows, seed) if recent is not None and len(recent) else None
+    wanted = monitored_features() if features is None else tuple(features)
+    names = [f for f in wanted if f in ref.columns and f in cur.columns]
     scores = [score_column(h) for h in heads if score_column(h) in ref.columns and score_column(h) in cur.columns]
-    columns = features + scores
-    if not features:
+    if not names:
         raise ValueError("reference and current share no monitored feature column")
-    ref_x = ref[columns].apply(pd.to_numeric, errors="coerce").astype("float64")
-    cur_x = cur[columns].apply(pd.to_numeric, errors="coerce").astype("float64")
-    null_ref, null_cur = ref_x.isna().mean(), cur_x.isna().mean()
+    against = {f: RECENT if rec is not None and f in rec.columns and drift_form(f).against == RECENT
+               else "training" for f in names}
+    cur_x, cur_used = comparison_form(cur, names + scores, origin)
+    ref_x, ref_used = comparison_form(ref, names + scores, origin)
+    raw_cur = cur[names + scores].apply(pd.to_numeric, errors="coerce").astype("float64")
+    raw_ref = ref[names + scores].apply(pd.to_numeric, errors="coerce").astype("float64")
+    rec_x, rec_used = comparison_form(rec, [f for f in names if against[f] == RECENT], origin) if rec is not None \
+        else (None, {})
+    # each column's two sides: its reference in the same form as the current window (raw when
+    # either side lacks what the form needs)
+    def raw_base(c: str) -> pd.Series:
+        return pd.to_numeric(rec[c], errors="coerce").astype("float64") if against.get(c) == RECENT else raw_ref[c]
+
+    sides: dict[str, tuple[pd.Series, pd.Series, str]] = {}
+    for c in names + scores:
+        base_x, base_used = (rec_x, rec_used) if against.get(c) == RECENT else (ref_x, ref_used)
+        if base_used.get(c, RAW) == cur_used[c]:
+            sides[c] = (base_x[c], cur_x[c], cur_used[c])
+        else:
+            sides[c] = (raw_base(c), raw_cur[c], RAW)
+    # one reference frame for Evidently: columns of either reference side by side, padded with NaN
+    # (its tests drop missing values column by column; null shares are computed before padding)
+    ref_frame = pd.concat({c: b.reset_index(drop=True) for c, (b, _, _) in sides.items()}, axis=1)
+    cur_frame = pd.concat({c: k.reset_index(drop=True) for c, (_, k, _) in sides.items()}, axis=1)
+    null_ref = {c: float(b.isna().mean()) for c, (b, _, _) in sides.items()}
+    null_cur = {c: float(k.isna().mean()) for c, (_, k, _) in sides.items()}
     # a column with no values on a side has no distribution: only its null share can speak
-    testable = [c for c in columns if ref_x[c].notna().any() and cur_x[c].notna().any()]
+    testable = [c for c, (b, k, form) in sides.items() if form != CALENDAR and b.notna().any() and k.notna().any()]
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         # constant or sparse columns make some tests divide by zero; their results stay finite or NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         if html_path is None:
-            tests = _stat_tests(ref_x, cur_x, testable, method)
+            tests = _stat_tests(ref_frame, cur_frame, testable, method)
         else:
-            tests = _report_tests(ref_x, cur_x, testable, method, Path(html_path))
+            tests = _report_tests(ref_frame, cur_frame, testable, method, Path(html_path))
 
     def result(col: str, view: str) -> ColumnDrift:
-        nr, nc = float(null_ref[col]), float(null_cur[col])
+        nr, nc = null_ref[col], null_cur[col]
+        where, form = against.get(col, "training"), sides[col][2]
         d_method, d_stat, d_thr = tests.get(col, (None, None, None))
         dist_drift = False
         if d_method is not None and math.isfinite(d_stat):
             dist_drift = d_stat < d_thr if "p_value" in d_method else d_stat >= d_thr
         null_change = abs(nc - nr)
-        if null_change > null_share_tolerance:
-            return ColumnDrift(col, view, "null share", null_change, null_share_tolerance, True, nr, nc,
-                               d_method, d_stat, d_thr)
+        if null_change > gate.null_share_tolerance:
+            return ColumnDrift(col, view, "null share", null_change, gate.null_share_tolerance, True, nr, nc,
+                               d_method, d_stat, d_thr, where, form)
         if d_method is None:
-            return ColumnDrift(col, view, "none (no values)", float("nan"), float("nan"), False, nr, nc)
-        return ColumnDrift(col, view, d_method, d_stat, d_thr, dist_drift, nr, nc, d_method, d_stat, d_thr)
+            what = "none (calendar)" if form == CALENDAR else "none (no values)"
+            return ColumnDrift(col, view, what, float("nan"), float("nan"), False, nr, nc, against=where, form=form)
+        return ColumnDrift(col, view, d_method, d_stat, d_thr, dist_drift, nr, nc, d_method, d_stat, d_thr,
+                           where, form)
 
-    feature_results = [result(c, feature_view_of(c)) for c in features]
+    feature_results = [result(c, feature_view_of(c)) for c in names]
     prediction_results = [result(c, "prediction") for c in scores]
-    share = sum(c.drifted for c in feature_results) / len(feature_results)
+    tested = [c for c in feature_results if c.form != CALENDAR]
+    share = sum(c.drifted for c in tested) / max(len(tested), 1)
+    raws = {c: (raw_base(c).dropna(), raw_cur[c].dropna()) for c in names if sides[c][2] == CREATION_TIME}
+    faults = _faults(feature_results, sides, raws, gate)
+    if rec is not None:
+        faults += _stale_faults(rec, cur, [c for c in names if against[c] == RECENT], gate)
     # label metrics are cheap and labelled rows may be few: all rows, not the tests' sample
     labels = _label_drift(reference, current, heads)
+    reference_out = {"rows": len(reference), "tested_rows": len(ref), **(reference_info or {})}
+    if rec is not None:
+        reference_out["recent"] = {"rows": len(recent), "tested_rows": len(rec), **(recent_info or {})}
     return DriftSummary(
         features=feature_results, predictions=prediction_results, drift_share=share,
-        max_drift_share=max_drift_share, labels=labels,
-        reference={"rows": len(reference), "tested_rows": len(ref), **(reference_info or {})},
-        current={"rows": len(current), "tested_rows": len(cur), **(current_info or {})},
+        max_drift_share=gate.max_drift_share, labels=labels, reference=reference_out,
+        current={"rows": len(current), "tested_rows": len(cur), **(current_info or {})}, faults=faults,
     )
+
+
+def _faults(results: list[ColumnDrift], sides: dict[str, tuple[pd.Series, pd.Series, str]],
+            raws: dict[str, tuple[pd.Series, pd.Series]], gate: DriftGateConfig) -> list[GateFault]:
+    """The single-feature rules ``missing``, ``nulls``, ``constant``, ``scale`` and ``category mix``
+    (``DriftGateConfig``), on each feature's compared form against its own reference (``raws``:
+    the raw present values of both sides, for the scale of an offset form)."""
+    faults = []
+    for c in results:
+        base, now, form = sides[c.column]
+        b, k = base.dropna(), now.dropna()
+        nr, nc = c.null_share_reference, c.null_share_current
+        if nc >= 1.0 and nr < 1.0:
+            faults.append(GateFault("missing", c.column, nc, 1.0, f"every value missing, {nr:.1%} in the reference"))
+            continue
+        # a sparse feature (present in a few % of rows) loses few points of null share when part of
+        # its values go missing: the loss relative to its present share speaks for it
+        loss = (nc - nr) / (1.0 - nr) if nr < 1.0 else 0.0
+        if nc - nr > gate.null_share_tolerance or (loss > gate.present_loss_tolerance and len(b) >= gate.min_rows):
+            faults.append(GateFault("nulls", c.column, nc - nr, gate.null_share_tolerance,
+                                    f"null share {nr:.1%} -> {nc:.1%} ({loss:.0%} of the present values lost)"))
+        if form == CALENDAR or len(b) < gate.min_rows or len(k) < gate.min_rows:
+            continue
+        mode_share = float(b.value_counts(normalize=True).iloc[0])
+        if k.nunique() == 1 and b.nunique() > 1 and mode_share < gate.constant_mode_share:
+            faults.append(GateFault("constant", c.column, 1.0, gate.constant_mode_share,
+                                    f"one value {k.iloc[0]:g} (the reference's most common value has "
+                                    f"{mode_share:.0%} of rows)"))
+        # an offset form (creation time) hides a unit change of the age it was made from: raw values
+        sb, sk = (raws[c.column] if form == CREATION_TIME else (b, k))
+        scale_b, scale_k = float(sb.abs().mean()), float(sk.abs().mean())
+        if scale_b > 0 and scale_k > 0:
+            ratio = scale_k / scale_b
+            if max(ratio, 1 / ratio) >= gate.scale_ratio:
+                faults.append(GateFault("scale", c.column, ratio, gate.scale_ratio,
+                                        f"mean |value| x {ratio:.3g} ({form if form != CREATION_TIME else RAW} form)"))
+        if c.drifted and c.method != "null share" and drift_form(c.column).critical and len(b) and len(k):
+            # a p-value test flags 5 % of unshifted columns: the mix must also move by a share that matters
+            moved = abs(float(k.mean()) - float(b.mean()))
+            if moved >= gate.category_shift:
+                faults.append(GateFault("category mix", c.column, moved, gate.category_shift,
+                                        f"share {b.mean():.1%} -> {k.mean():.1%}; {c.method} {c.statistic:.3g} "
+                                        f"(threshold {c.threshold:g})"))
+    return faults
+
+
+def entity_keys(feature: str) -> tuple[str, ...] | None:
+    """The join keys of ``feature``'s feature view; None for request and history features (no
+    entity)."""
+    for view in FEATURE_VIEWS:
+        if feature in view.features:
+            return view.join_keys
+    return None
+
+
+def unchanged_share(frame: pd.DataFrame, feature: str, keys, hours: np.ndarray | None = None) -> tuple[float, int]:
+    """Among entities (``keys``) with present values in two or more request hours of ``frame``,
+    the share whose value never changes; and how many such entities there are.
+
+    A feature served from a table that stopped updating keeps each entity's value for the whole
+    window, while a live one changes between hours (counts grow, rates move). ``hours``:
+    ``drift_forms.request_hours(frame)`` (computed when not given); (nan, 0) without a request
+    time or the keys.
+    """
+    from monitoring.drift_forms import request_hours
+
+    hours = request_hours(frame) if hours is None else hours
+    if hours is None or any(k not in frame.columns for k in keys) or feature not in frame.columns:
+        return float("nan"), 0
+    values = pd.to_numeric(frame[feature], errors="coerce")
+    ok = values.notna().to_numpy()
+    if not ok.any():
+        return float("nan"), 0
+    g = pd.DataFrame({**{k: frame[k].to_numpy()[ok] for k in keys}, "v": values.to_numpy()[ok],
+                      "h": hours[ok]}).groupby(list(keys))
+    per = pd.DataFrame({"hours": g["h"].nunique(), "values": g["v"].nunique()})
+    per = per[per["hours"] >= 2]
+    if per.empty:
+        return float("nan"), 0
+    return float((per["values"] == 1).mean()), int(len(per))
+
+
+def _stale_faults(recent: pd.DataFrame, current: pd.DataFrame, features, gate: DriftGateConfig) -> list[GateFault]:
+    """The ``stale`` rule: a feature's unchanged-entity share (``unchanged_share``) rises by
+    ``stale_jump`` or more against the recent reference, with ``min_entities`` on each side."""
+    from monitoring.drift_forms import request_hours
+
+    faults = []
+    hours_before, hours_now = request_hours(recent), request_hours(current)
+    for f in features:
+        keys = entity_keys(f)
+        if keys is None:
+            continue
+        before, n_before = unchanged_share(recent, f, keys, hours_before)
+        now, n_now = unchanged_share(current, f, keys, hours_now)
+        if n_before >= gate.min_entities and n_now >= gate.min_entities and now - before >= gate.stale_jump:
+            faults.append(GateFault("stale", f, now - before, gate.stale_jump,
+                                    f"{now:.0%} of {n_now} entities seen in >= 2 hours never change "
+                                    f"({before:.0%} in the recent reference)"))
+    return faults
 
 
 def _report_tests(ref_x: pd.DataFrame, cur_x: pd.DataFrame, columns: list[str], method: str | None,

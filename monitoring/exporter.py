@@ -8,6 +8,9 @@ The drift job (``home-mixer monitor drift``) writes a JSON summary per run under
   ``null share``: the absolute change of the null share), ``hm_feature_drifted{view,feature}`` 0/1;
 - ``hm_prediction_drift_score{head,method}`` and ``hm_prediction_drifted{head}``;
 - ``hm_drift_share`` (drifted features / monitored features) and ``hm_drift_gate`` (its threshold);
+- ``hm_drift_gate_passed`` (1 when the run passed the whole gate: the share and no critical fault)
+  and ``hm_drift_fault{rule,feature}`` (1 per critical fault: ``missing``, ``nulls``, ``constant``,
+  ``scale``, ``stale``, ``category mix``; none when there was none);
 - ``hm_drift_summary_timestamp_seconds``: when that drift run was written (to alert on a stale job);
 - ``hm_feature_age_seconds``: seconds since the online store was last materialised (wall clock,
   ``StateDir.last_materialization``), and ``hm_feature_materialized_until_seconds``: the event time
@@ -77,6 +80,14 @@ class DriftCollector:
                                     value=float(summary.get("drift_share", 0.0)))
             yield GaugeMetricFamily("hm_drift_gate", "The drift job's gate on hm_drift_share",
                                     value=float(summary.get("max_drift_share", 0.0)))
+            faults = GaugeMetricFamily("hm_drift_fault", "1 per critical single-feature fault of the latest drift run",
+                                       labels=["rule", "feature"])
+            for f in summary.get("faults", []):
+                faults.add_metric([str(f.get("rule", "?")), str(f.get("column", "?"))], 1.0)
+            yield faults
+            if "passed" in summary:
+                yield GaugeMetricFamily("hm_drift_gate_passed", "1 if the latest drift run passed the whole gate "
+                                        "(drift share and no critical fault)", value=float(bool(summary["passed"])))
             yield GaugeMetricFamily("hm_drift_summary_timestamp_seconds", "When the latest drift summary was written",
                                     value=path.stat().st_mtime)
         last = self.state.last_materialization()

@@ -70,7 +70,7 @@ class ReferenceProfile:
     Attributes:
         sample: DataFrame of up to ``DEFAULT_SAMPLE_ROWS`` rows: ``monitored_features()`` (float64),
             ``score_<head>`` (float64 probabilities), the ``HEADS`` labels (int64 0/1, when the
-            frame had them), ``tab`` and ``date``.
+            frame had them), ``tab``, ``date`` and ``request_ts`` (when the frame had it).
         profile: JSON-ready summary (see the module docstring).
     """
 
@@ -115,7 +115,8 @@ def build_reference(frame: pd.DataFrame, predict, heads=HEADS, max_rows: int = D
     for h in heads:
         if h in frame.columns:
             sample[h] = frame[h].to_numpy()[idx].astype("int64")
-    for col in ("tab", "date"):
+    # the request time lets the drift job put growing features in their declared forms
+    for col in ("tab", "date", "request_ts"):
         if col in frame.columns:
             sample[col] = frame[col].to_numpy()[idx]
     sample = sample.reset_index(drop=True)

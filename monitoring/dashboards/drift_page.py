@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from monitoring.drift import RUN_TIME_FORMAT, SUMMARY_FILE, ColumnDrift, DriftSummary
+from monitoring.drift import RUN_TIME_FORMAT, SUMMARY_FILE, ColumnDrift, DriftSummary, GateFault
 
 REPORT_FILE = "report.html"
 INDEX_FILE = "index.html"
@@ -93,6 +93,14 @@ def _column(d, where: str) -> ColumnDrift:
     )
 
 
+def _fault(d: dict) -> GateFault:
+    """A ``GateFault`` from its JSON (a critical fault fails the gate whatever the share)."""
+    return GateFault(rule=str(d.get("rule", "?")), column=str(d.get("column", "?")),
+                     value=_number(d.get("value"), "fault value", required=False),
+                     threshold=_number(d.get("threshold"), "fault threshold", required=False),
+                     detail=str(d.get("detail", "")))
+
+
 def summary_from_dict(data) -> DriftSummary:
     """The ``DriftSummary`` of a ``summary.json`` (the inverse of ``DriftSummary.to_dict``).
 
@@ -118,9 +126,12 @@ def summary_from_dict(data) -> DriftSummary:
     labels = data.get("labels", {})
     if not all(isinstance(v, dict) for v in labels.values()):
         raise ValueError("labels has a head that is not an object")
+    faults = data.get("faults", [])
+    if not isinstance(faults, list) or not all(isinstance(f, dict) for f in faults):
+        raise ValueError("faults is not a list of objects")
     return DriftSummary(features=parts["features"], predictions=parts["predictions"], drift_share=share,
                         max_drift_share=gate, labels=labels, reference=data.get("reference", {}),
-                        current=data.get("current", {}))
+                        current=data.get("current", {}), faults=[_fault(f) for f in faults])
 
 
 def _run_time(folder: Path, summary_path: Path) -> float:
@@ -404,6 +415,8 @@ def render_page(runs: list[DriftRunEntry], skipped: list[SkippedRun], drift_dir:
         f"{_e(s.current.get('source', '–'))} ({_e(s.current.get('rows', '–'))} rows); reference: "
         f"{_e(s.reference.get('source', '–'))} ({_e(s.reference.get('rows', '–'))} rows). "
         f"{_report_link(latest, page_dir)}</p>")
+    if s.reasons():
+        latest_header += "<p>Gate failed on: " + "; ".join(_e(r) for r in s.reasons()) + "</p>"
     body = [
         header,
         f"<h2>All runs ({len(runs)})</h2>",

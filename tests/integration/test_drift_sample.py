@@ -70,3 +70,27 @@ def test_rate_zero_writes_nothing_and_the_window_bounds_apply(redis_client):
     assert read_production_sample(redis_client, since_s=now + 60).empty
     with pytest.raises(ValueError, match="rate"):
         DriftSampleSideEffect(redis_client, rate=1.5, per_request=5, maxlen=10)
+
+
+def test_the_drift_job_reads_the_window_and_the_one_before_as_its_rolling_reference(redis_client, redis_server,
+                                                                                      tmp_path, monkeypatch):
+    from core.state import StateDir
+    from home_mixer.drift_job import production_window
+
+    redis_client.delete(keys.DRIFT_SAMPLE)
+    DriftSampleSideEffect(redis_client, rate=1.0, per_request=20, maxlen=1000, wall_clock=lambda: 5.0).apply(
+        _result("now"))
+    # the same entries as sampled 90 minutes ago too (stream ids are the server's clock in ms; a
+    # stream takes ids in order, so the stream is rewritten older copy first)
+    now_ms = redis_client.time()[0] * 1000
+    current = redis_client.xrange(keys.DRIFT_SAMPLE)
+    old = [(f"{now_ms - 90 * 60_000}-{k}", fields) for k, (_, fields) in enumerate(current)]
+    redis_client.delete(keys.DRIFT_SAMPLE)
+    for entry_id, fields in [*old, *current]:
+        redis_client.xadd(keys.DRIFT_SAMPLE, fields, id=entry_id)
+    monkeypatch.setenv("HOME_MIXER_REDIS_URL", redis_server.url)
+    frame, before = production_window(StateDir(tmp_path).ensure(), 3600.0)
+    assert len(frame) == 20 and len(before) == 20  # the hour before holds the copy of 90 minutes ago
+    assert (frame["request_id"] == "now").all() and len(before.merge(frame, on=["post_id", "user_id"])) == 20
+    frame, before = production_window(StateDir(tmp_path).ensure(), 1800.0)
+    assert len(frame) == 20 and len(before) == 0  # the half hour before has nothing

@@ -292,6 +292,9 @@ def test_reference_profile_travels_with_the_version_and_gates_drift(frames, stat
     run = run_drift(state, out_dir=tmp_path / "drift")
     assert run.html.exists() and json.loads(run.json.read_text())["drift_share"] == run.summary.drift_share
     assert run.summary.current["rows"] == len(valid)
+    # features accumulated from the log are compared with the day before the window
+    assert run.summary.reference["recent"]["rows"] > 0
+    assert {c.against for c in run.summary.features} == {"training", "recent"}
     # the CLI exits 3 when the gate fails, 0 when it passes
     gate = run.summary.drift_share
     assert main(["--state", str(state.root), "monitor", "drift", "--max-drift-share", str(max(gate - 0.01, 0)),

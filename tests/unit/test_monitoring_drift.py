@@ -11,8 +11,9 @@ import pytest
 
 from core.schema import HEADS
 from monitoring.drift import (
-    DEFAULT_MAX_DRIFT_SHARE, NO_CURRENT_LABELS, compute_drift, false_positive_rate, write_summary,
+    DEFAULT_MAX_DRIFT_SHARE, NO_CURRENT_LABELS, SHARE_RULE, compute_drift, false_positive_rate, write_summary,
 )
+from monitoring.drift_forms import CALENDAR
 from monitoring.reference import (
     DEFAULT_SAMPLE_ROWS, build_reference, feature_view_of, monitored_features, score_column,
 )
@@ -69,11 +70,15 @@ def test_the_gate_fails_when_the_share_of_drifted_features_passes_it(windows):
     shifted = cur.copy()
     features = list(monitored_features())
     for f in features[: len(features) // 2]:
-        shifted[f] = shifted[f] * 3 + 5
+        shifted[f] = shifted[f] * 1.5 + 1  # a broad shift, below the scale rule's factor
     summary = compute_drift(ref, shifted, max_drift_share=0.3)
-    assert summary.drift_share == pytest.approx(sum(c.drifted for c in summary.features) / len(features))
+    tested = [c for c in summary.features if c.form != CALENDAR]  # day of week is not tested
+    assert len(tested) == len(features) - 1
+    assert summary.drift_share == pytest.approx(sum(c.drifted for c in tested) / len(tested))
     assert summary.drift_share >= 0.45 and not summary.passed
-    assert compute_drift(ref, shifted, max_drift_share=0.9).passed
+    assert not summary.faults and summary.reasons()[0].startswith(f"{SHARE_RULE}: ")
+    loose = compute_drift(ref, shifted, max_drift_share=0.9)
+    assert loose.passed and loose.reasons() == []
 
 
 def test_prediction_and_label_drift_are_reported(windows):
@@ -120,7 +125,7 @@ def test_psi_for_every_column_and_a_json_summary_without_nan(windows, tmp_path):
     bad["post_duration_ms"] *= 1000
     bad["user_impressions"] = np.nan  # no values at all: only the null share can speak
     summary = compute_drift(ref, bad, method="psi")
-    methods = {c.method for c in summary.features if c.column not in ("user_impressions",)}
+    methods = {c.method for c in summary.features if c.column not in ("user_impressions",) and c.form != CALENDAR}
     assert methods == {"psi"}
     empty = next(c for c in summary.features if c.column == "user_impressions")
     assert empty.drifted and empty.method == "null share" and empty.distribution_method is None
@@ -211,4 +216,8 @@ def test_a_synthetic_shift_is_flagged_on_exactly_its_columns(served_rows, method
     flagged = {c.column: c.method for c in summary.drifted_features()}
     assert set(flagged) == {"post_duration_ms", "post_click_rate_24h", "user_register_days"}
     assert flagged["post_click_rate_24h"] == "null share" and flagged["user_register_days"] != "null share"
-    assert summary.passed  # 3 of 84 features: the gate is for broad drift, the flags name the columns
+    # 3 of 90 features do not move the share; the unit change and the new nulls are critical faults,
+    # the mean shift is not
+    assert summary.drift_share <= summary.max_drift_share and not summary.passed
+    assert {(f.rule, f.column) for f in summary.faults} == {("scale", "post_duration_ms"),
+                                                            ("nulls", "post_click_rate_24h")}

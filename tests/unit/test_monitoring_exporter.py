@@ -53,6 +53,20 @@ def test_gauges_come_from_the_newest_summary(tmp_path):
     assert got[("hm_feature_drifted", (("feature", "ua_clicks"), ("view", "social_features")))] == 0.0
     assert not any(k[0] == "hm_feature_drift_score" and ("feature", "ua_clicks") in k[1] for k in got)
     assert got[("hm_prediction_drift_score", (("head", "click"), ("method", "K-S p_value")))] == 0.5
+    assert got[("hm_drift_gate_passed", ())] == 0.0  # a share of 0.5 fails
+    assert not any(k[0] == "hm_drift_fault" for k in got)
+
+
+def test_a_critical_fault_is_a_series_and_fails_the_gate_gauge(tmp_path):
+    state = StateDir(tmp_path).ensure()
+    folder = state.reports / "drift" / "20261202T110000Z"
+    folder.mkdir(parents=True)
+    summary = _summary(0.05) | {"passed": False, "faults": [
+        {"rule": "missing", "column": "user_follow_num", "value": 1.0, "threshold": 1.0, "detail": "every value missing"}]}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    got = _samples(state)
+    assert got[("hm_drift_share", ())] == 0.05 and got[("hm_drift_gate_passed", ())] == 0.0
+    assert got[("hm_drift_fault", (("feature", "user_follow_num"), ("rule", "missing")))] == 1.0
 
 
 def test_feature_age_follows_the_last_materialization(tmp_path):

@@ -13,7 +13,7 @@ import yaml
 from core.state import PROJECT_ROOT
 
 RULES_DIR = PROJECT_ROOT / "monitoring" / "prometheus"
-ALERTS = ("HomeMixerDriftShareHigh", "HomeMixerFeaturesStale", "HomeMixerStreamLagHigh", "HomeMixerFanoutLagHigh",
+ALERTS = ("HomeMixerDriftShareHigh", "HomeMixerDriftFault", "HomeMixerFeaturesStale", "HomeMixerStreamLagHigh", "HomeMixerFanoutLagHigh",
           "HomeMixerLatencyP99High", "HomeMixerScoringFallbackRateHigh", "HomeMixerSourceFailureRateHigh")
 
 promtool = shutil.which("promtool")
