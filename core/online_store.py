@@ -466,6 +466,54 @@ def cluster_read(client, commands: list[tuple]) -> list[Any]:
     return out
 
 
+def node_of_key(cluster, key: bytes) -> str:
+    """The name (``host:port``) of the primary that owns ``key``'s slot in ``cluster``'s cached slot
+    map (CRC16 of the key or its hash tag mod 16384: the Redis Cluster specification)."""
+    from redis.crc import key_slot
+
+    return cluster.nodes_manager.get_node_from_slot(key_slot(key)).name
+
+
+def run_on_nodes(cluster, commands: dict[str, tuple]) -> dict[str, Any]:
+    """One raw command per primary (``{node name: (name, *args)}``, names from
+    :func:`node_of_key`), every command written before any reply is read, so the nodes work at
+    once: one round trip in all. For a script whose keys a node owns but that span many slots
+    (``allow-cross-slot-keys``, keys in ARGV: ``hmget_node.lua``).
+
+    Returns:
+        per node its raw reply (no response callback), or the ``ResponseError`` it answered (a
+        ``NOSCRIPT``, a key it does not own: the caller decides).
+
+    Raises:
+        redis.RedisError: a node did not answer (the connections in use are dropped, not pooled).
+        KeyError: a node name the cluster does not know.
+    """
+    taken = []
+    out: dict[str, Any] = {}
+    try:
+        for name, args in commands.items():
+            node = cluster.get_node(node_name=name)
+            if node is None:
+                raise KeyError(f"{name} is not a node of this Redis Cluster")
+            pool = cluster.get_redis_connection(node).connection_pool
+            conn = pool.get_connection()
+            taken.append((pool, conn, name))
+            conn.send_packed_command(conn.pack_command(*args))
+        for _, conn, name in taken:
+            try:
+                out[name] = conn.read_response()
+            except redis.ResponseError as exc:
+                out[name] = exc
+    except BaseException:
+        for _, conn, _ in taken:
+            conn.disconnect()  # replies may be left unread: never back to the pool in use
+        raise
+    finally:
+        for pool, conn, _ in taken:
+            pool.release(conn)
+    return out
+
+
 def _routing_key(parser, args: tuple) -> bytes | None:
     """The key that routes ``args`` on a cluster: the only key of a single-key command, the first
     key of a script call (its keys share a slot); None for a keyless, multi-key or movable-keys

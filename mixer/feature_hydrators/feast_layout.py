@@ -16,7 +16,7 @@ import pandas as pd
 import redis
 
 from core.lua import lua_source
-from core.online_store import cluster_read, is_cluster
+from core.online_store import cluster_read, is_cluster, node_of_key, run_on_nodes
 from core.online_layout import FeastRedisLayout
 from mixer.caches import MixerCaches
 from mixer.candidate import Candidate, Query
@@ -137,10 +137,10 @@ class FeastLayoutFeatureHydrator(FeatureHydrator):
             raise ValueError(f"feature views {odd} have join keys this hydrator does not know; it reads "
                              f"views keyed by (user_id,), (post_id,) or (user_id, X) with X in "
                              f"{sorted(self.PAIR_KEYS)}")
-        # a Redis Cluster refuses a script over many slots: plain HMGETs in a cluster pipeline there
+        # a Redis Cluster refuses declared KEYS over many slots: there one call per node, keys in ARGV
         self._cluster = is_cluster(client)
-        self._script = None if self._cluster else client.register_script(
-            lua_source("mixer.feature_hydrators", "hmget_groups.lua"))
+        self._script = client.register_script(
+            lua_source("mixer.feature_hydrators", "hmget_node.lua" if self._cluster else "hmget_groups.lua"))
 
     @classmethod
     def _pair_key(cls, join_keys: tuple[str, ...]) -> str | None:
@@ -238,16 +238,14 @@ class FeastLayoutFeatureHydrator(FeatureHydrator):
     def _read(self, groups: list[tuple[object, list[bytes]]]) -> list[np.ndarray]:
         """One ``hmget_groups.lua`` call for ``(view, keys)`` groups -> per group a float64
         ``[len(keys), len(view.features)]`` matrix (NaN: no value), in order. On a Redis Cluster
-        (Feast's keys hash whole: each in its own slot) the same HMGETs go to the nodes owning
-        them, one pipeline per node (``core.online_store.cluster_read``).
+        (Feast's keys hash whole: each in its own slot) one call per node: :meth:`_read_cluster`.
 
         Raises:
             redis.RedisError: Redis did not answer (the script is reloaded by redis-py after a
                 restart emptied Redis's script cache).
         """
         if self._cluster:
-            commands = [("HMGET", key, *self.layout.fields[v.name]) for v, group_keys in groups for key in group_keys]
-            values = decode_values([x for row in cluster_read(self.client, commands) for x in row])
+            values = self._read_cluster(groups)
         else:
             keys, args = [], [len(groups)]
             for v, group_keys in groups:
@@ -260,3 +258,55 @@ class FeastLayoutFeatureHydrator(FeatureHydrator):
             out.append(values[at:at + size].reshape(len(group_keys), len(v.features)))
             at += size
         return out
+
+    def _read_cluster(self, groups: list[tuple[object, list[bytes]]]) -> np.ndarray:
+        """:meth:`_read`'s flat float64 values on a Redis Cluster: one ``hmget_node.lua`` call per
+        primary with the keys it owns (keys in ARGV, ``allow-cross-slot-keys``), all nodes at once
+        (``core.online_store.run_on_nodes``), the replies put back in ``groups``' order. ~800 keys
+        as one script call per node instead of ~800 slot-routed HMGETs (``bench/cluster.py``
+        measures both). If a node answers an error (a slot moved since the client's slot map was
+        read), the request's reads go as slot-routed HMGETs (``core.online_store.cluster_read``),
+        which follow ``MOVED``; a node without the script (restarted, failed over) gets it loaded.
+
+        Raises:
+            redis.RedisError: a node did not answer.
+        """
+        fields = self.layout.fields
+        # per node: its (view, keys) groups in order, and the flat start of each of its keys' values
+        per_node: dict[str, tuple[list, list[int]]] = {}
+        at = 0
+        for v, group_keys in groups:
+            nf = len(fields[v.name])
+            node_groups: dict[str, list[bytes]] = {}
+            for i, key in enumerate(group_keys):
+                node = node_of_key(self.client, key)
+                keys = node_groups.get(node)
+                if keys is None:
+                    keys = node_groups[node] = []
+                    per_node.setdefault(node, ([], []))[0].append((v, keys))
+                keys.append(key)
+                per_node[node][1].append(at + i * nf)
+            at += len(group_keys) * nf
+        commands = {}
+        for node, (node_groups, _) in per_node.items():
+            args: list = [len(node_groups)]
+            for v, keys in node_groups:
+                args += [len(keys), len(fields[v.name]), *fields[v.name], *keys]
+            commands[node] = ("EVALSHA", self._script.sha, 0, *args)
+        replies = run_on_nodes(self.client, commands)
+        missing = [n for n, r in replies.items() if isinstance(r, redis.exceptions.NoScriptError)]
+        if missing:
+            for node in missing:
+                self.client.get_redis_connection(self.client.get_node(node_name=node)).script_load(
+                    self._script.script)
+            replies.update(run_on_nodes(self.client, {n: commands[n] for n in missing}))
+        if any(isinstance(r, redis.ResponseError) for r in replies.values()):
+            commands = [("HMGET", key, *fields[v.name]) for v, group_keys in groups for key in group_keys]
+            return decode_values([x for row in cluster_read(self.client, commands) for x in row])
+        values = np.empty(at, dtype=np.float64)
+        for node, (node_groups, starts) in per_node.items():
+            # each of the node's keys spans its group's field count, from its start
+            widths = np.repeat([len(fields[v.name]) for v, _ in node_groups], [len(k) for _, k in node_groups])
+            offsets = np.arange(int(widths.sum())) - np.repeat(np.cumsum(widths) - widths, widths)
+            values[np.repeat(np.asarray(starts, dtype=np.int64), widths) + offsets] = decode_values(replies[node])
+        return values

@@ -1,6 +1,6 @@
 """The stream processor: engagement / social events -> real-time features in Redis (the online store).
 
-A batch's ``EngagementEvent``\ s are applied by ONE Lua script call (``lua/engagement_batch.lua``,
+A batch's ``EngagementEvent`` events are applied by ONE Lua script call (``lua/engagement_batch.lua``,
 laid out by ``scripts.EngagementBatchScript``; a run of engagements between two social events is
 one call, at most ``MAX_BATCH_EVENTS`` events), atomic in Redis. The script folds the events into
 each key's state in order, as one script per event did before, but reads and writes each key once

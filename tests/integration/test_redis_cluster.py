@@ -191,8 +191,8 @@ def test_the_processor_writes_on_the_cluster_exactly_what_it_writes_on_one_redis
 
 def test_feast_redis_cluster_store_serves_the_mixers_features(redis_cluster, cluster_client, tmp_path):
     """Feast's online store with ``redis_type: redis_cluster`` (``feast_online_store`` of the
-    cluster address): rows written by Feast are read by the mixer's direct reader (a cluster
-    pipeline of HMGETs) exactly as the Feast SDK reads them, and the project's materialisation
+    cluster address): rows written by Feast are read by the mixer's direct reader (one script
+    call per node, or slot-routed HMGETs when a node refuses) exactly as the Feast SDK reads them, and the project's materialisation
     writer (``write_views``, routed by slot to each primary) leaves the same values."""
     import numpy as np
     import pandas as pd
@@ -223,6 +223,25 @@ def test_feast_redis_cluster_store_serves_the_mixers_features(redis_cluster, clu
     by_feast = direct.hydrate(query, cands)
     pd.testing.assert_frame_equal(by_feast, FeastSdkFeatureHydrator(store).hydrate(query, cands), check_exact=True)
     assert by_feast["user_register_days"].notna().all() and by_feast["post_created_ts"].notna().any()
+
+    # the fast path: one hmget_node.lua call per primary holding keys, no HMGET sent on its own
+    cluster_client.config_resetstat(target_nodes="primaries")
+    pd.testing.assert_frame_equal(direct.hydrate(query, cands), by_feast, check_exact=True)
+    stats = [cluster_client.get_redis_connection(n).info("commandstats") for n in cluster_client.get_primaries()]
+    assert 1 <= sum(s.get("cmdstat_evalsha", {}).get("calls", 0) for s in stats) <= len(stats)
+    assert sum(s.get("cmdstat_hmget", {}).get("calls", 0) for s in stats) > 11  # inside the scripts
+    # a primary without the script (restarted, failed over) gets it loaded; a stale slot map (a slot
+    # moved) makes a node refuse a key it does not own: the reads go slot-routed, same values
+    for node in cluster_client.get_primaries():
+        cluster_client.get_redis_connection(node).script_flush()
+    pd.testing.assert_frame_equal(direct.hydrate(query, cands), by_feast, check_exact=True)
+    user_key = FeastRedisLayout("home_mixer").key("user_features", user_id=3)
+    slot = cluster_client.keyslot(user_key)
+    right = cluster_client.nodes_manager.slots_cache[slot][0]
+    cluster_client.nodes_manager.slots_cache[slot] = [
+        next(n for n in cluster_client.get_primaries() if n.name != right.name)]
+    pd.testing.assert_frame_equal(direct.hydrate(query, cands), by_feast, check_exact=True)
+    cluster_client.nodes_manager.initialize()
 
     cluster_client.flushall(target_nodes="primaries")
     assert direct.hydrate(query, cands)["post_created_ts"].isna().all()
