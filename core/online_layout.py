@@ -52,6 +52,7 @@ The mixer's own records (a rebuild of the index leaves them alone):
 | ``SERVED_IMPRESSIONS`` | ``hm:served_impressions`` | stream (capped) | one entry per served post (fields in ``ImpressionLogSideEffect``) | ``ImpressionLogSideEffect`` | training-data / drift jobs |
 | ``SERVED_FEATURES`` | ``hm:served_features`` | stream (capped, ``MAXLEN ~ feature_logging.stream_maxlen``) | one entry per served post: ids, request clock, model versions and the feature row the rankers saw (float64 bytes in ``ALL_FEATURES`` order; ``core.feature_log``) | ``FeatureLogSideEffect`` | ``pipelines.logged_features`` (``home-mixer train --from-logged``) |
 | ``EXPLORATION_LOG`` | ``hm:exploration`` | stream (capped, ``MAXLEN ~ served.exploration_stream_maxlen``) | one entry per request of an exploring arm: the pool (ids, blended / light scores, heads) and the drawn slots with their propensities | ``ExplorationLogSideEffect`` | off-policy evaluation (``models.ope``) |
+| ``SHADOW_LOG`` | ``hm:shadow`` | stream (capped, ``MAXLEN ~ experiment.shadow.stream_maxlen``) | one entry per shadow-scored request: the heavy-ranked posts with the served and the challenger heavy ranker's blended scores and ranks, the page positions | ``ShadowScoringSideEffect`` | ``monitoring.shadow`` (``home-mixer experiment shadow``) |
 | ``DRIFT_SAMPLE`` | ``hm:drift_sample`` | stream (capped, ``MAXLEN ~ drift_sample.stream_maxlen``) | for a sampled share of requests, up to ``drift_sample.per_request`` heavy-ranked candidates each: ids, surface, arm, source, model versions, light / per-head / blended scores and the feature row | ``DriftSampleSideEffect`` | ``monitoring.production`` (``home-mixer monitor drift --window 1h``) |
 
 Real-time features (stream processor, ``pipelines/streaming/lua/{engagement_batch,social}.lua``; the math
@@ -230,6 +231,7 @@ def muted_authors(user_id: int) -> str:
 SERVED_IMPRESSIONS = "hm:served_impressions"
 SERVED_FEATURES = "hm:served_features"  # feature logging: core.feature_log encodes the entries
 EXPLORATION_LOG = "hm:exploration"  # exploring requests' pools (off-policy evaluation)
+SHADOW_LOG = "hm:shadow"  # shadow-scored requests: the challenger's scores and ranks beside the served ones
 DRIFT_SAMPLE = "hm:drift_sample"  # the production sample of drift monitoring
 
 

@@ -40,7 +40,7 @@ from mixer.auth import TokenVerifier, accepted_tokens, bearer_dependency, scope_
 from mixer.config import MixerConfig, load_config
 from mixer.metrics import MixerMetrics
 from mixer.model_watcher import ModelAliasWatcher
-from mixer.pipeline import HomeTimelinePipeline, Resilience, TimelineResult, build_pipeline, finite
+from mixer.pipeline import HomeTimelinePipeline, Resilience, ServedModels, TimelineResult, build_pipeline, finite
 from mixer.redis_health import StoreWatcher, redis_client
 from mixer.scorers import RankerHandle
 from mixer.selectors import CursorError, PageCursor
@@ -115,12 +115,15 @@ class MixerResources:
     resilience: Resilience = field(default_factory=Resilience)
     store_watcher: StoreWatcher | None = None
     user_tower: object | None = None  # the Triton user-tower client (user_tower: triton), closed at shutdown
+    config_watcher: object | None = None  # mixer.config_watcher.ExperimentConfigWatcher (started with a file)
 
     def close(self) -> None:
         """Stop the alias and store watchers, flush buffered writes (if Redis answers), close the
         model-server client, the source pool and Redis."""
         if self.watcher is not None:
             self.watcher.stop()
+        if self.config_watcher is not None:
+            self.config_watcher.stop()
         if self.store_watcher is not None:
             self.store_watcher.stop()
         writes = self.resilience.writes
@@ -129,6 +132,8 @@ class MixerResources:
             if writes.pending():
                 log.warning("shutdown with %d side-effect writes still buffered (Redis unreachable): lost",
                             len(writes))
+        if self.resilience.shadow is not None:
+            self.resilience.shadow.close()  # before Redis closes: what it scored is written
         for remote in (self.backend, self.user_tower):
             if remote is not None:
                 remote.close()
@@ -248,23 +253,24 @@ def _scoring_backend(config: MixerConfig):
     return make_backend(config.scoring.backend, config.scoring.url)
 
 
-def _load_rankers(config: MixerConfig, metrics: MixerMetrics, backend=None,
-                  client: redis.Redis | None = None) -> tuple[RankerHandle, RankerHandle]:
-    """Both rankers at the alias's versions, warmed up, wrapped for ``backend`` (None: in-process);
-    the light ranker compiled per ``light_ranker.backend`` (its load check reads the feature log
-    through ``client``)."""
+def _load_ranker(config: MixerConfig, role: str, ref: str, metrics: MixerMetrics, backend=None,
+                 client: redis.Redis | None = None) -> RankerHandle:
+    """One ranker (``role`` "light" or "heavy") at the version ``ref`` names (an alias or a
+    version), warmed up, wrapped for ``backend`` (None: in-process); a light ranker compiled per
+    ``light_ranker.backend`` (its load check reads the feature log through ``client``)."""
     from mixer.scorers.light_backend import light_ranker_backend
-    from models.registry import load_ranker
+    from models.registry import load_ranker_version, resolve_model_ref
 
-    uri = config.resolved_tracking_uri()
-    m = config.models
-    threads = config.scoring.threads
-    light = dataclasses.replace(load_ranker(m.light_ranker, alias=m.alias, tracking_uri=uri), num_threads=threads)
-    light = light_ranker_backend(light, config.light_ranker, client)
-    heavy = dataclasses.replace(load_ranker(m.heavy_ranker, alias=m.alias, tracking_uri=uri), num_threads=threads)
-    _warm_up(light, heavy)  # also the fallback of a remote backend: it must not be cold either
+    uri, m = config.resolved_tracking_uri(), config.models
+    name = m.light_ranker if role == "light" else m.heavy_ranker
+    version = resolve_model_ref(name, ref, uri)
+    handle = dataclasses.replace(load_ranker_version(name, version, uri, alias="" if ref.isdigit() else ref),
+                                 num_threads=config.scoring.threads)
+    if role == "light":
+        handle = light_ranker_backend(handle, config.light_ranker, client)
+    _warm_up(handle)  # also the fallback of a remote backend: it must not be cold either
     if backend is None:
-        return light, heavy
+        return handle
     from mixer.scorers.remote import RemoteRankerHandle
 
     scoring = config.scoring
@@ -273,8 +279,42 @@ def _load_rankers(config: MixerConfig, metrics: MixerMetrics, backend=None,
         metrics.scoring_fallbacks.labels(model=model, backend=path, reason=reason).inc()
 
     backend.circuits.configure(scoring.breaker_fail_max, scoring.breaker_reset_s, metrics.set_circuit_state)
-    return tuple(RemoteRankerHandle(h, backend, scoring.backend, scoring.timeout_ms / 1000.0, on_fallback)
-                 for h in (light, heavy))
+    return RemoteRankerHandle(handle, backend, scoring.backend, scoring.timeout_ms / 1000.0, on_fallback)
+
+
+def _load_rankers(config: MixerConfig, metrics: MixerMetrics, backend=None,
+                  client: redis.Redis | None = None) -> tuple[RankerHandle, RankerHandle]:
+    """Both rankers at the served alias's versions (``_load_ranker``)."""
+    alias = config.models.alias
+    return (_load_ranker(config, "light", alias, metrics, backend, client),
+            _load_ranker(config, "heavy", alias, metrics, backend, client))
+
+
+def _load_experiment_rankers(config: MixerConfig, metrics: MixerMetrics, backend=None,
+                             client: redis.Redis | None = None) -> tuple[dict, dict, RankerHandle | None]:
+    """The rankers the experiment names besides the served ones: (arm -> light ranker, arm ->
+    heavy ranker, the shadow challenger or None); one load per distinct reference."""
+    loaded: dict[tuple[str, str], RankerHandle] = {}
+
+    def get(role: str, ref: str) -> RankerHandle:
+        if (role, ref) not in loaded:
+            loaded[(role, ref)] = _load_ranker(config, role, ref, metrics, backend, client)
+        return loaded[(role, ref)]
+
+    exp = config.experiment
+    light = {a.name: get("light", a.models.light_ranker) for a in exp.arms if a.models.light_ranker}
+    heavy = {a.name: get("heavy", a.models.heavy_ranker) for a in exp.arms if a.models.heavy_ranker}
+    shadow = get("heavy", exp.shadow.heavy_ranker) if exp.shadow is not None else None
+    return light, heavy, shadow
+
+
+def _load_models(config: MixerConfig, metrics: MixerMetrics, backend=None, client: redis.Redis | None = None,
+                 user_tower=None) -> ServedModels:
+    """Every model the config serves: the served rankers, the two-tower, the arms' own rankers and
+    the shadow challenger (``ServedModels``; the model watcher's ``load``)."""
+    light, heavy = _load_rankers(config, metrics, backend, client)
+    retrieval = _load_retrieval(config, metrics, user_tower)
+    return ServedModels(light, heavy, retrieval, *_load_experiment_rankers(config, metrics, backend, client))
 
 
 def _user_tower_backend(config: MixerConfig):
@@ -320,11 +360,21 @@ def _load_retrieval(config: MixerConfig, metrics: MixerMetrics | None = None, us
 
 
 def _alias_versions(config: MixerConfig) -> dict[str, int]:
-    from models.registry import RankerNotFoundError, alias_version
+    """The versions every model reference of ``config`` points at now, keyed as
+    ``RankerSet.model_versions`` (the model watcher compares them)."""
+    from models.registry import RankerNotFoundError, alias_version, resolve_model_ref
 
     uri, m = config.resolved_tracking_uri(), config.models
     versions = {"light_ranker": alias_version(m.light_ranker, m.alias, uri),
                 "heavy_ranker": alias_version(m.heavy_ranker, m.alias, uri)}
+    exp = config.experiment
+    for a in exp.arms:
+        if a.models.light_ranker:
+            versions[f"light_ranker:{a.name}"] = resolve_model_ref(m.light_ranker, a.models.light_ranker, uri)
+        if a.models.heavy_ranker:
+            versions[f"heavy_ranker:{a.name}"] = resolve_model_ref(m.heavy_ranker, a.models.heavy_ranker, uri)
+    if exp.shadow is not None:
+        versions["heavy_ranker:shadow"] = resolve_model_ref(m.heavy_ranker, exp.shadow.heavy_ranker, uri)
     if config.candidate_sources.embedding.enabled:
         try:
             versions["two_tower"] = alias_version(m.two_tower, m.alias, uri)
@@ -349,12 +399,14 @@ LOAD_RETRIEVAL = "load"
 
 def open_resources(config: MixerConfig, metrics: MixerMetrics,
                    rankers: tuple[RankerHandle, RankerHandle] | None = None,
-                   feature_hydrator=None, retrieval=LOAD_RETRIEVAL) -> MixerResources:
+                   feature_hydrator=None, retrieval=LOAD_RETRIEVAL,
+                   config_path: str | Path | None = None) -> MixerResources:
     """Open Redis, load models (unless ``rankers`` is given), build the pipeline and what serves it
     through Redis faults (``open_resilience``).
 
     ``retrieval``: the embedding source's two-tower handle; by default the one registered with the
-    alias (None when there is none), None to serve without it.
+    alias (None when there is none), None to serve without it. ``config_path``: the file ``config``
+    was read from; its ``experiment`` section is then followed (``mixer.config_watcher``).
 
     Raises:
         ConfigError: no Redis configured. redis.RedisError: Redis does not answer (at start-up
@@ -373,16 +425,19 @@ def open_resources(config: MixerConfig, metrics: MixerMetrics,
         if rankers is None:
             backend = _scoring_backend(config)
             light, heavy = _load_rankers(config, metrics, backend, client)
+            by_arm_light, by_arm_heavy, shadow_heavy = _load_experiment_rankers(config, metrics, backend, client)
         else:
             light, heavy = rankers
             _warm_up(light, heavy)
+            by_arm_light, by_arm_heavy, shadow_heavy = {}, {}, None
         if isinstance(retrieval, str) and retrieval == LOAD_RETRIEVAL:
             user_tower = _user_tower_backend(config)
             retrieval = _load_retrieval(config, metrics, user_tower)
         hydrator = feature_hydrator or _feature_hydrator(config, client, resilience)
         executor = ThreadPoolExecutor(max_workers=config.source_pool_workers, thread_name_prefix="hm-source")
         pipeline = build_pipeline(config, client=client, light=light, heavy=heavy, feature_hydrator=hydrator,
-                                  executor=executor, metrics=metrics, resilience=resilience, retrieval=retrieval)
+                                  executor=executor, metrics=metrics, resilience=resilience, retrieval=retrieval,
+                                  light_by_arm=by_arm_light, heavy_by_arm=by_arm_heavy, shadow_heavy=shadow_heavy)
         store_watcher = StoreWatcher(client, resilience.caches, resilience.health,
                                      version_check_s=config.caches.version_check_s, probe_s=config.redis.probe_s,
                                      flush=resilience.writes.flush, pending=resilience.writes.pending).start()
@@ -394,12 +449,24 @@ def open_resources(config: MixerConfig, metrics: MixerMetrics,
         raise
     watcher = None
     if rankers is None and config.models.reload_interval_s > 0:
-        watcher = ModelAliasWatcher(pipeline, lambda: _alias_versions(config),
-                                    lambda: (*_load_rankers(config, metrics, backend, client),
-                                             _load_retrieval(config, metrics, user_tower)),
+        # the pipeline's config: a reloaded experiment's arm models and shadow are followed too
+        watcher = ModelAliasWatcher(pipeline, lambda: _alias_versions(pipeline.config),
+                                    lambda: _load_models(pipeline.config, metrics, backend, client, user_tower),
                                     config.models.reload_interval_s, metrics).start()
+    config_watcher = None
+    if config_path is not None and rankers is None and config.config_reload_interval_s > 0:
+        from mixer.config_watcher import ExperimentConfigWatcher
+        from mixer.pipeline import declaration
+
+        config_watcher = ExperimentConfigWatcher(
+            config_path, pipeline, lambda cfg: _load_experiment_rankers(cfg, metrics, backend, client),
+            lambda cfg: declaration(cfg, client=client, feature_hydrator=hydrator, metrics=metrics,
+                                    resilience=resilience),
+            config.config_reload_interval_s,
+            lambda outcome: metrics.config_reloads.labels(outcome=outcome).inc()).start()
     return MixerResources(client=client, executor=executor, pipeline=pipeline, watcher=watcher, backend=backend,
-                          resilience=resilience, store_watcher=store_watcher, user_tower=user_tower)
+                          resilience=resilience, store_watcher=store_watcher, user_tower=user_tower,
+                          config_watcher=config_watcher)
 
 
 def open_resilience(config: MixerConfig, client: redis.Redis, metrics: MixerMetrics) -> Resilience:
@@ -426,8 +493,13 @@ def open_resilience(config: MixerConfig, client: redis.Redis, metrics: MixerMetr
         replica_acks=config.redis.replica_acks if ha else 0, ack_timeout_ms=config.redis.replica_ack_timeout_ms,
         ack_pause_s=config.redis.replica_ack_pause_s,
         on_unreplicated=lambda name, n: metrics.side_effect_unreplicated.labels(side_effect=name).inc(n))
+    from mixer.side_effects import ShadowRunner
+
+    # always there (its thread starts on the first shadowed request): a reloaded experiment may turn shadowing on
+    shadow = ShadowRunner(config.experiment.shadow.queue_size if config.experiment.shadow else 64,
+                          lambda outcome: metrics.shadow_requests.labels(outcome=outcome).inc())
     return Resilience(caches=MixerCaches(config.caches, on_lookup), health=health, liveness=StreamLiveness(),
-                      writes=writes)
+                      writes=writes, shadow=shadow)
 
 
 def _response(result: TimelineResult) -> dict:
@@ -453,7 +525,7 @@ def _response(result: TimelineResult) -> dict:
 
 def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle] | None = None,
                feature_hydrator=None, multiprocess_dir: str | None = None,
-               api_tokens: tuple[str, ...] | None = None) -> FastAPI:
+               api_tokens: tuple[str, ...] | None = None, config_path: str | Path | None = None) -> FastAPI:
     """The FastAPI app of the mixer.
 
     Args:
@@ -464,6 +536,8 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
             (``mixer.metrics.MixerMetrics``).
         api_tokens: bearer tokens to accept instead of ``mixer.auth.accepted_tokens`` (config,
             ``$HOME_MIXER_API_TOKENS``, else the state folder's); unused when ``auth.enabled`` is false.
+        config_path: the file ``config`` came from: a changed ``experiment`` section in it is
+            served without a restart (``config_reload_interval_s``; ``mixer.config_watcher``).
 
     Resources open in the lifespan (on server start), so creating the app does no I/O beyond
     reading the accepted tokens (and generating the state folder's on first use).
@@ -479,7 +553,8 @@ def create_app(config: MixerConfig, *, rankers: tuple[RankerHandle, RankerHandle
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        res = open_resources(config, metrics, rankers=rankers, feature_hydrator=feature_hydrator)
+        res = open_resources(config, metrics, rankers=rankers, feature_hydrator=feature_hydrator,
+                             config_path=config_path)
         app.state.resources = res
         gc.collect()
         gc.freeze()
@@ -641,8 +716,8 @@ def app_from_env() -> FastAPI:
     """The app of one worker process (``uvicorn`` factory of ``--workers N``): config from
     ``$HOME_MIXER_MIXER_CONFIG`` (unset: the embedded one), Redis from ``$HOME_MIXER_REDIS_URL`` or
     the state folder, metrics summed over the workers through ``$HOME_MIXER_METRICS_DIR``."""
-    return create_app(load_config(os.environ.get(CONFIG_ENV) or None),
-                      multiprocess_dir=os.environ.get(METRICS_DIR_ENV))
+    path = os.environ.get(CONFIG_ENV) or None
+    return create_app(load_config(path), multiprocess_dir=os.environ.get(METRICS_DIR_ENV), config_path=path)
 
 
 def default_workers() -> int:
@@ -681,7 +756,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.redis_url:
         config = config.with_overrides(redis_url=args.redis_url)
     if args.workers == 1:
-        uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+        uvicorn.run(create_app(config, config_path=args.config), host=args.host, port=args.port,
+                    log_level=args.log_level, access_log=False)
         return
     # workers are fresh interpreters: they inherit these before importing prometheus_client
     if args.config:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Mapping, NamedTuple
 
 import numpy as np
 
@@ -53,6 +53,9 @@ class Query:
             Twitter's home-mixer query; the feature hydrators turn it into the ``req_surface_*``
             request features.
         arm: experiment arm name (set by ExperimentArmQueryHydrator).
+        source_limits: candidate source name -> the arm's own ``max_candidates`` for it
+            (``mixer.candidate_sources.base.source_limit``; set by ExperimentArmQueryHydrator).
+        disabled_sources: candidate sources the arm switches off (set by ExperimentArmQueryHydrator).
         follows: author ids the user followed.
         engaged_authors: author id -> engagement weight (RealGraph-style), strongest first.
         tag_interests: tag -> weight, strongest first.
@@ -78,6 +81,8 @@ class Query:
     cursor: PageCursor | None = None
     surface: int = HOME_SURFACE
     arm: str | None = None
+    source_limits: Mapping[str, int] = field(default_factory=dict)
+    disabled_sources: frozenset[str] = frozenset()
     follows: frozenset[int] = frozenset()
     engaged_authors: dict[int, float] = field(default_factory=dict)
     tag_interests: dict[int, float] = field(default_factory=dict)

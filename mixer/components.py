@@ -231,6 +231,8 @@ class Scorer(Protocol):
             ``model`` label of ``hm_mixer_scoring_total``.
         version: the registered model version it serves, or "" for a scorer without a model
             (the blender); non-empty versions are reported in ``TimelineResult.model_versions``.
+            A scorer whose model depends on the query's arm also has ``version_for(query) -> str``
+            (``mixer.scorers.RankerScorer``): the runner reports that version for the request.
     """
 
     name: str

@@ -251,6 +251,53 @@ class ExplorationSettings(_Strict):
     epsilon: float = Field(0.1, gt=0, le=1)
 
 
+# a registered model's reference: a registry alias ("champion", "challenger") or a version ("7")
+MODEL_REF_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+HOLDOUT_ARM = "holdout"
+
+
+class ArmModels(_Strict):
+    """The registered rankers an arm serves instead of the served alias (``models.alias``), each a
+    registry alias (``challenger``) or version (``7``) of ``models.light_ranker`` /
+    ``models.heavy_ranker``; None keeps the served one. Loaded at start-up and followed like the
+    served alias (``mixer.model_watcher``)."""
+
+    light_ranker: str | None = Field(None, pattern=MODEL_REF_PATTERN)
+    heavy_ranker: str | None = Field(None, pattern=MODEL_REF_PATTERN)
+
+
+class ArmSourceSettings(_Strict):
+    """An arm's candidate-source overrides: a source switched off (``enabled: false``) or given
+    another ``max_candidates``; left out, the source runs as ``candidate_sources`` sets it."""
+
+    enabled: bool = True
+    max_candidates: int | None = Field(None, ge=1)
+
+
+class ShadowSettings(_Strict):
+    """Shadow scoring (``mixer.side_effects.shadow_scoring``): for a ``share`` of requests a
+    challenger heavy ranker scores the candidates the served one scored, off the request path (a
+    bounded queue of ``queue_size`` requests, one thread; full: the request is not shadowed and
+    is counted). Its scores and ranks go next to the served ones to ``core.online_layout.SHADOW_LOG``
+    (capped at ``stream_maxlen``); it never changes what is served."""
+
+    heavy_ranker: str = Field(pattern=MODEL_REF_PATTERN)
+    share: float = Field(0.1, gt=0, le=1)
+    queue_size: int = Field(64, ge=1)
+    stream_maxlen: int = Field(100_000, ge=1)
+
+
+class HoldoutSettings(_Strict):
+    """A holdout: ``share`` of users kept out of every arm (logged as arm ``holdout``) and served
+    as arm ``serves`` is (its weights, the served models, no exploration), to measure the
+    experiments' sum against a group that saw none of them. Its own ``salt`` keeps the same users
+    held out while experiments (and their salts) change."""
+
+    share: float = Field(gt=0, lt=1)
+    salt: str = Field(min_length=1)
+    serves: str = Field(min_length=1)
+
+
 class ArmSettings(_Strict):
     """One experiment arm: its share of users, its blender weight per head, the exponent of
     the light score in the blend (``mixer.blenders.WeightedSumBlender``; 0 = weighted sum only)
@@ -264,6 +311,17 @@ class ArmSettings(_Strict):
     # team-draft interleaving (mixer.selectors.interleaving): this arm's users see the two named
     # arms' rankings merged, each post credited to the arm that placed it; the arm has no weights
     interleave: tuple[str, str] | None = None
+    models: ArmModels = ArmModels()
+    sources: dict[str, ArmSourceSettings] = Field(default_factory=dict)
+
+    @field_validator("sources")
+    @classmethod
+    def _known_sources(cls, sources: dict[str, "ArmSourceSettings"]) -> dict[str, "ArmSourceSettings"]:
+        known = list(CandidateSourceSettings.model_fields)
+        unknown = sorted(set(sources) - set(known))
+        if unknown:
+            raise ValueError(f"unknown candidate sources {unknown}; sources are {known}")
+        return sources
 
     @field_validator("weights")
     @classmethod
@@ -285,6 +343,8 @@ class ArmSettings(_Strict):
                 raise ValueError(f"arm {self.name!r} cannot both interleave and explore")
             if self.interleave[0] == self.interleave[1]:
                 raise ValueError(f"arm {self.name!r} interleaves {self.interleave[0]!r} with itself")
+        if self.name == HOLDOUT_ARM:
+            raise ValueError(f"arm name {HOLDOUT_ARM!r} is reserved for the holdout (experiment.holdout)")
         return self
 
 
@@ -295,6 +355,8 @@ class ExperimentSettings(_Strict):
     id: str = Field("home-timeline", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     salt: str = Field(min_length=1)
     arms: tuple[ArmSettings, ...] = Field(min_length=1)
+    holdout: HoldoutSettings | None = None
+    shadow: ShadowSettings | None = None
 
     @model_validator(mode="after")
     def _shares_sum_to_one(self) -> "ExperimentSettings":
@@ -313,7 +375,48 @@ class ExperimentSettings(_Strict):
                 if by_name[team].interleave is not None:
                     raise ValueError(f"arm {a.name!r} interleaves {team!r}, itself an interleaving arm: name two "
                                      "arms with weights")
+                if by_name[team].models != a.models:
+                    raise ValueError(f"arm {a.name!r} interleaves {team!r}, which serves other models: "
+                                     "interleaving merges two blends of one scoring; compare models with "
+                                     "A/B arms or experiment.shadow")
+        if self.holdout is not None:
+            serves = by_name.get(self.holdout.serves)
+            if serves is None or serves.interleave is not None:
+                raise ValueError(f"experiment.holdout.serves {self.holdout.serves!r} must name an arm with "
+                                 f"weights, one of {[a.name for a in self.arms if a.interleave is None]}")
         return self
+
+    @property
+    def served_arms(self) -> tuple[ArmSettings, ...]:
+        """The arms a request can be assigned: ``arms`` plus, with a holdout, the ``holdout``
+        arm: a copy of ``holdout.serves`` with the served models, its default sources, no
+        exploration, and the holdout's share."""
+        if self.holdout is None:
+            return self.arms
+        serves = next(a for a in self.arms if a.name == self.holdout.serves)
+        held = ArmSettings(name="placeholder", traffic_share=self.holdout.share, weights=serves.weights,
+                           light_score_exponent=serves.light_score_exponent)
+        return (*self.arms, held.model_copy(update={"name": HOLDOUT_ARM}))
+
+    def assignment_shares(self) -> dict[str, float]:
+        """Arm -> the share of users it gets: ``traffic_share``, scaled by ``1 - holdout.share``
+        with a holdout, which gets its own share (sums to 1)."""
+        kept = 1.0 - (self.holdout.share if self.holdout else 0.0)
+        shares = {a.name: a.traffic_share * kept for a in self.arms}
+        if self.holdout is not None:
+            shares[HOLDOUT_ARM] = self.holdout.share
+        return shares
+
+    def model_refs(self, default: str) -> dict[str, set[str]]:
+        """``{"light_ranker": refs, "heavy_ranker": refs}``: every registry reference the arms and
+        the shadow serve, ``default`` (the served alias) included."""
+        refs = {"light_ranker": {default}, "heavy_ranker": {default}}
+        for a in self.arms:
+            refs["light_ranker"].add(a.models.light_ranker or default)
+            refs["heavy_ranker"].add(a.models.heavy_ranker or default)
+        if self.shadow is not None:
+            refs["heavy_ranker"].add(self.shadow.heavy_ranker)
+        return refs
 
 
 class ClockSettings(_Strict):
@@ -427,6 +530,8 @@ class MixerConfig(_Strict):
     fanout: FanoutSettings = FanoutSettings()  # the social graph and fan-out (pipelines/graph/fanout.yaml)
     front_door: FrontDoorSettings = FrontDoorSettings()  # HAProxy in front of replicas (mixer/haproxy.py)
     source_pool_workers: int = Field(8, ge=1)
+    # poll the config file this often and serve a changed `experiment` section without a restart (0 = off)
+    config_reload_interval_s: float = Field(5.0, ge=0)
 
     @model_validator(mode="after")
     def _front_door_within_bound(self) -> "MixerConfig":

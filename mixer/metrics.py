@@ -15,7 +15,9 @@ version in use), ``requests_total{status}``, ``scoring_total{model,path}``,
 ``side_effect_buffer_dropped_total{side_effect}`` / ``side_effect_buffer_flushed_total{side_effect}``
 (writes buffered during a Redis outage), ``side_effect_unreplicated_total{side_effect}`` (HA: writes
 no replica acknowledged in time), ``redis_outages_total``, ``redis_primary_outages_total`` (HA: the
-primary unreachable while reads went on from a replica).
+primary unreachable while reads went on from a replica), ``shadow_requests_total{outcome}`` (shadow
+scoring: scored, dropped with the queue full, failed), ``config_reloads_total{outcome}`` (a changed
+config file: applied, invalid, failed, restart_needed).
 """
 
 from __future__ import annotations
@@ -106,6 +108,12 @@ class MixerMetrics:
         self.side_effect_buffer_flushed = prom.Counter("hm_mixer_side_effect_buffer_flushed_total",
                                                        "Buffered side-effect writes written after an outage",
                                                        ["side_effect"], registry=r)
+        self.shadow_requests = prom.Counter("hm_mixer_shadow_requests_total",
+                                            "Requests sampled for shadow scoring by outcome (scored, dropped: "
+                                            "queue full, failed)", ["outcome"], registry=r)
+        self.config_reloads = prom.Counter("hm_mixer_config_reloads_total",
+                                           "Config file changes seen by outcome (applied, invalid, failed, "
+                                           "restart_needed)", ["outcome"], registry=r)
         self.redis_outages = prom.Counter("hm_mixer_redis_outages_total",
                                           "Times Redis became unreachable (served from caches meanwhile)",
                                           registry=r)

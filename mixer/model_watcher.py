@@ -9,13 +9,14 @@ the rollback. A version that fails to load is logged and counted, and the runnin
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Callable
+
+from mixer.polling import PeriodicCheck
 
 log = logging.getLogger(__name__)
 
 
-class ModelAliasWatcher:
+class ModelAliasWatcher(PeriodicCheck):
     """Polls ``resolve_versions`` every ``interval_s`` seconds; on a change, ``load`` + swap.
 
     Args:
@@ -28,6 +29,8 @@ class ModelAliasWatcher:
         metrics: ``MixerMetrics`` (``model_reloads_total{model,outcome}``).
     """
 
+    thread_name = "hm-model-watcher"
+
     def __init__(self, pipeline, resolve_versions: Callable[[], dict[str, int]],
                  load: Callable[[], tuple], interval_s: float, metrics):
         self.pipeline = pipeline
@@ -36,8 +39,6 @@ class ModelAliasWatcher:
         self.interval_s = interval_s
         self.metrics = metrics
         self._failed: dict[str, str] | None = None  # versions that could not be served
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def check_once(self) -> bool:
         """Swap if an alias moved; True when new versions are now served."""
@@ -62,18 +63,3 @@ class ModelAliasWatcher:
             self.metrics.model_reloads.labels(model=m, outcome="swapped").inc()
         log.info("now serving %s (was %s)", self.pipeline.model_versions, current)
         return True
-
-    def start(self) -> "ModelAliasWatcher":
-        """Poll in a daemon thread until ``stop``."""
-        def loop():
-            while not self._stop.wait(self.interval_s):
-                self.check_once()
-
-        self._thread = threading.Thread(target=loop, name="hm-model-watcher", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)

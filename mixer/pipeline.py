@@ -21,7 +21,11 @@ the request entry point around it (``HomeTimelinePipeline``).
                          (interleaving arms: team-draft of two arms' rankings), PageSelector (+ cursor)
     side effects         ServedPostsSideEffect, ImpressionLogSideEffect, ExplorationLogSideEffect (exploring
                          arms' pools), FeatureLogSideEffect, DriftSampleSideEffect (the
-                         served items' feature rows), RequestMetricsSideEffect
+                         served items' feature rows), ShadowScoringSideEffect (a challenger scores
+                         a sampled share off the request path), RequestMetricsSideEffect
+
+An experiment arm can serve its own rankers (``experiment.arms[].models``: the scorers pick the
+arm's model per request) and its own candidate-source limits (``Query.source_limits``).
 
 Filters run on core data (author, creation time) before feature hydration so filtered posts cost
 no feature reads, as product-mixer runs filters before its feature hydrators. The stages run in
@@ -33,11 +37,12 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import numbers
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import redis
 
@@ -83,45 +88,87 @@ from mixer.side_effects import (
     ImpressionLogSideEffect,
     RequestMetricsSideEffect,
     ServedPostsSideEffect,
+    ShadowRunner,
+    ShadowScoringSideEffect,
 )
 from mixer.side_effects.write_buffer import RedisWriteBuffer
 
 
 @dataclass(frozen=True)
 class Resilience:
-    """What the components of one mixer process share across requests and model swaps to serve
-    through Redis faults (all optional: None = the component reads Redis directly and raises).
+    """What the components of one mixer process share across requests and model swaps: what
+    serves through Redis faults (all optional: None = the component reads Redis directly and
+    raises), and the shadow-scoring thread.
 
     Attributes:
         caches: shared reads keyed by store version, and last-known-good values (``mixer.caches``).
         health: Redis up / down: cached components fail fast while it is down (``mixer.redis_health``).
         liveness: what this process has seen of the stream processor (batch-only vs real-time mode).
         writes: the buffer of served-posts / impression-log writes Redis could not take.
+        shadow: the background thread of shadow scoring (``experiment.shadow``; None: no shadow).
     """
 
     caches: MixerCaches | None = None
     health: RedisHealth | None = None
     liveness: StreamLiveness | None = None
     writes: RedisWriteBuffer | None = None
+    shadow: ShadowRunner | None = None
+
+
+class ServedModels(NamedTuple):
+    """The loaded models of one mixer (``HomeTimelinePipeline.swap_rankers``' arguments, in order).
+
+    Attributes:
+        light, heavy: the served rankers (``models.alias``).
+        retrieval: the embedding source's two-tower handle, or None.
+        light_by_arm, heavy_by_arm: arm -> the ranker it serves instead (``experiment.arms[].models``).
+        shadow_heavy: the challenger heavy ranker of ``experiment.shadow``, or None.
+    """
+
+    light: RankerHandle
+    heavy: RankerHandle
+    retrieval: object | None = None
+    light_by_arm: dict | None = None
+    heavy_by_arm: dict | None = None
+    shadow_heavy: RankerHandle | None = None
 
 
 @dataclass(frozen=True)
 class RankerSet:
     """The models in use, swapped as one object so a request never mixes model versions: the
-    scorers, and the retrieval model of the embedding source (a ``models.registry.TwoTowerHandle``,
-    None when no two-tower model is registered)."""
+    scorers (each with its arms' own models), the retrieval model of the embedding source (a
+    ``models.registry.TwoTowerHandle``, None when no two-tower model is registered) and the shadow
+    challenger (None when ``experiment.shadow`` is off)."""
 
     light: LightRankerScorer
     heavy: HeavyRankerScorer
     retrieval: object | None = None
+    shadow: HeavyRankerScorer | None = None
+
+    @classmethod
+    def of(cls, models: ServedModels) -> "RankerSet":
+        """Scorers around loaded models.
+
+        Raises:
+            ValueError: a model needs features the mixer cannot hydrate, or an arm's model has other
+                heads than the served one.
+        """
+        return cls(LightRankerScorer(models.light, by_arm=models.light_by_arm),
+                   HeavyRankerScorer(models.heavy, by_arm=models.heavy_by_arm), models.retrieval,
+                   HeavyRankerScorer(models.shadow_heavy) if models.shadow_heavy is not None else None)
 
     @property
     def model_versions(self) -> dict[str, str]:
         """``{"light_ranker": version, "heavy_ranker": version}`` (registered versions, str), plus
-        ``"two_tower"`` when a retrieval model is served."""
+        ``"two_tower"`` when a retrieval model is served, ``"<ranker>:<arm>"`` for each arm that
+        serves its own, and ``"heavy_ranker:shadow"`` for the shadow challenger."""
         versions = {"light_ranker": self.light.version, "heavy_ranker": self.heavy.version}
+        for role, scorer in (("light_ranker", self.light), ("heavy_ranker", self.heavy)):
+            versions |= {f"{role}:{arm}": v for arm, v in scorer.versions.items() if arm}
         if self.retrieval is not None:
             versions["two_tower"] = str(self.retrieval.version)
+        if self.shadow is not None:
+            versions["heavy_ranker:shadow"] = self.shadow.version
         return versions
 
 
@@ -147,8 +194,12 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
     """
     src, ranking = config.candidate_sources, config.ranking
     caches, health = resilience.caches, resilience.health
-    explorers = {a.name: a.exploration for a in config.experiment.arms if a.exploration is not None}
-    interleaved = {a.name: a.interleave for a in config.experiment.arms if a.interleave is not None}
+    arms = config.experiment.served_arms  # the holdout's arm included
+    explorers = {a.name: a.exploration for a in arms if a.exploration is not None}
+    interleaved = {a.name: a.interleave for a in arms if a.interleave is not None}
+    blender = WeightedSumBlender({a.name: a.weights for a in arms if a.interleave is None}, rankers.heavy.heads,
+                                 {a.name: a.light_score_exponent for a in arms if a.interleave is None}, interleaved)
+    shadow = config.experiment.shadow
     return CandidatePipeline(
         query_hydrators=[
             UserContextQueryHydrator(client, config.served.ttl_seconds, caches=caches, health=health),
@@ -199,12 +250,7 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
             ScoringStage("light_ranker", scorers=[rankers.light]),
             ScoringStage("heavy_ranker", selectors=[TopKSelector(ranking.heavy_ranker_top_k)],
                          scorers=[rankers.heavy]),
-            ScoringStage("blender", scorers=[
-                WeightedSumBlender({a.name: a.weights for a in config.experiment.arms if a.interleave is None},
-                                   rankers.heavy.heads,
-                                   {a.name: a.light_score_exponent for a in config.experiment.arms
-                                    if a.interleave is None}, interleaved),
-            ]),
+            ScoringStage("blender", scorers=[blender]),
         ],
         selectors=[
             AuthorDiversitySelector(config.filters.max_posts_per_author, ranking.author_diversity_decay,
@@ -224,6 +270,8 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
                                  enabled=config.feature_logging.enabled, buffer=resilience.writes),
             DriftSampleSideEffect(client, config.drift_sample.rate, config.drift_sample.per_request,
                                   config.drift_sample.stream_maxlen, enabled=config.drift_sample.enabled),
+            ShadowScoringSideEffect(rankers.shadow, blender, resilience.shadow, client,
+                                    shadow.share if shadow else 1.0, shadow.stream_maxlen if shadow else 1),
             RequestMetricsSideEffect(metrics),  # after_total: sees every timing, "total" included
         ],
     )
@@ -231,9 +279,10 @@ def home_timeline(config: MixerConfig, rankers: RankerSet, *, client: redis.Redi
 
 @dataclass(frozen=True)
 class _Serving:
-    """What one request runs with, replaced as one attribute: the rankers and the runner of the
-    pipeline declared with them."""
+    """What one request runs with, replaced as one attribute: the config, the rankers and the
+    runner of the pipeline declared with them."""
 
+    config: MixerConfig
     rankers: RankerSet
     runner: PipelineRunner
 
@@ -257,11 +306,17 @@ class HomeTimelinePipeline:
 
     def __init__(self, *, config: MixerConfig, declare: Callable[[RankerSet], CandidatePipeline],
                  rankers: RankerSet, executor: ThreadPoolExecutor, metrics: MixerMetrics):
-        self.config = config
         self.declare = declare
+        self._swap = threading.Lock()  # the model watcher and the config watcher swap from their threads
         self.executor = executor
         self.metrics = metrics
-        self._serving = _Serving(rankers, PipelineRunner(declare(rankers), executor=executor, metrics=metrics))
+        self._serving = _Serving(config, rankers, PipelineRunner(declare(rankers), executor=executor,
+                                                                 metrics=metrics))
+
+    @property
+    def config(self) -> MixerConfig:
+        """The config serving new requests (``reconfigure`` replaces it)."""
+        return self._serving.config
 
     @property
     def rankers(self) -> RankerSet:
@@ -278,10 +333,14 @@ class HomeTimelinePipeline:
         """``{"light_ranker": version, "heavy_ranker": version}`` serving new requests."""
         return self._serving.rankers.model_versions
 
-    def swap_rankers(self, light: RankerHandle, heavy: RankerHandle, retrieval=None) -> None:
+    def swap_rankers(self, light: RankerHandle, heavy: RankerHandle, retrieval=None, light_by_arm=None,
+                     heavy_by_arm=None, shadow_heavy=None) -> None:
         """Serve new model versions from the next request on (in-flight requests finish on the old).
+        The arguments are :class:`ServedModels`' fields (``swap_rankers(*models)``).
 
-        ``retrieval``: the two-tower handle of the embedding source (None: none is served).
+        ``retrieval``: the two-tower handle of the embedding source (None: none is served);
+        ``light_by_arm`` / ``heavy_by_arm``: arm -> its own ranker; ``shadow_heavy``: the shadow
+        challenger.
 
         The pipeline is declared again with the new rankers, and rankers + declaration are replaced
         by one attribute assignment (atomic for readers): a request never mixes versions.
@@ -290,13 +349,36 @@ class HomeTimelinePipeline:
             ValueError: the new heavy ranker has other heads than the blender's (a restart with a
                 matching config is needed), or a model needs features the mixer cannot hydrate.
         """
-        new = RankerSet(LightRankerScorer(light), HeavyRankerScorer(heavy), retrieval)
-        current = self._serving.rankers
-        if list(new.heavy.heads) != list(current.heavy.heads):
-            raise ValueError(f"heavy ranker v{heavy.version} has heads {list(new.heavy.heads)}, "
-                             f"the running blender expects {list(current.heavy.heads)}")
-        serving = _Serving(new, PipelineRunner(self.declare(new), executor=self.executor, metrics=self.metrics))
-        self._serving = serving  # one attribute assignment: atomic for readers
+        new = RankerSet.of(ServedModels(light, heavy, retrieval, light_by_arm, heavy_by_arm, shadow_heavy))
+        with self._swap:
+            current = self._serving
+            if list(new.heavy.heads) != list(current.rankers.heavy.heads):
+                raise ValueError(f"heavy ranker v{heavy.version} has heads {list(new.heavy.heads)}, "
+                                 f"the running blender expects {list(current.rankers.heavy.heads)}")
+            runner = PipelineRunner(self.declare(new), executor=self.executor, metrics=self.metrics)
+            self._serving = _Serving(current.config, new, runner)  # one attribute assignment: atomic for readers
+        self.metrics.set_model_versions(new.model_versions)
+
+    def reconfigure(self, config: MixerConfig, declare: Callable[[RankerSet], CandidatePipeline],
+                    light_by_arm: dict | None = None, heavy_by_arm: dict | None = None,
+                    shadow_heavy: RankerHandle | None = None) -> None:
+        """Serve a new experiment from the next request on (``mixer.config_watcher``): ``config``
+        and the pipeline ``declare`` binds it to, with the served rankers kept and the experiment's
+        own (``ServedModels.light_by_arm``, ``heavy_by_arm``, ``shadow_heavy``) replaced. The new
+        declaration is built before anything is replaced, so an experiment the models do not fit
+        leaves the running one serving.
+
+        Raises:
+            ValueError: the experiment does not fit the models (an arm weighs a head the heavy
+                ranker does not predict; an arm's model has other heads).
+        """
+        with self._swap:
+            current = self._serving.rankers
+            new = RankerSet.of(ServedModels(current.light.handle, current.heavy.handle, current.retrieval,
+                                            light_by_arm, heavy_by_arm, shadow_heavy))
+            runner = PipelineRunner(declare(new), executor=self.executor, metrics=self.metrics)
+            self._serving = _Serving(config, new, runner)
+            self.declare = declare
         self.metrics.set_model_versions(new.model_versions)
 
     def run(self, user_id: int, page_size: int | None = None, cursor: PageCursor | None = None,
@@ -317,7 +399,8 @@ class HomeTimelinePipeline:
             redis.RedisError: Redis is unreachable and a component has no fallback (built without
                 ``Resilience``: the API then answers 503).
         """
-        cfg = self.config
+        serving = self._serving  # one snapshot per request: versions and config cannot change mid-request
+        cfg = serving.config
         size = cfg.page.default_size if page_size is None else int(page_size)
         if not 1 <= size <= cfg.page.max_size:
             raise ValueError(f"page size must be between 1 and {cfg.page.max_size}, got {size}")
@@ -328,23 +411,33 @@ class HomeTimelinePipeline:
         if not 0.0 < quality_factor <= 1.0:
             raise ValueError(f"quality factor must be in (0, 1], got {quality_factor}")
         cursor = cursor or PageCursor(0, ())
-        serving = self._serving  # one snapshot per request: versions cannot change mid-request
         query = Query(user_id=int(user_id), page_size=size, now_s=cfg.clock.now_s(), request_id=uuid.uuid4().hex,
                       excluded_posts=frozenset(cursor.served), page_index=cursor.page_index, cursor=cursor,
                       surface=int(surface), quality_factor=float(quality_factor))
         return serving.runner.run(query)
 
 
+def declaration(config: MixerConfig, *, client: redis.Redis, feature_hydrator: FeatureHydrator,
+                metrics: MixerMetrics, resilience: Resilience = Resilience()) -> Callable[[RankerSet], CandidatePipeline]:
+    """``home_timeline`` with ``config`` and the process's resources bound: ``RankerSet`` -> the
+    pipeline declaration (``HomeTimelinePipeline``'s ``declare``; ``reconfigure`` takes a new one)."""
+    return functools.partial(home_timeline, config, client=client, feature_hydrator=feature_hydrator,
+                             metrics=metrics, resilience=resilience)
+
+
 def build_pipeline(config: MixerConfig, *, client: redis.Redis, light: RankerHandle, heavy: RankerHandle,
                    feature_hydrator: FeatureHydrator, executor: ThreadPoolExecutor,
                    metrics: MixerMetrics, resilience: Resilience = Resilience(),
-                   retrieval=None) -> HomeTimelinePipeline:
+                   retrieval=None, light_by_arm: dict | None = None, heavy_by_arm: dict | None = None,
+                   shadow_heavy: RankerHandle | None = None) -> HomeTimelinePipeline:
     """Assemble the home-timeline pipeline (``home_timeline``) from the config and already-opened resources.
 
     Args:
         client: Redis with the candidate index (and served records).
         light, heavy: loaded rankers (``models.registry.load_ranker``).
         retrieval: the loaded two-tower model (``models.registry.load_two_tower``), or None.
+        light_by_arm, heavy_by_arm: arm -> the ranker it serves instead (``experiment.arms[].models``).
+        shadow_heavy: the challenger of ``experiment.shadow`` (needs ``resilience.shadow``), or None.
         feature_hydrator: ``FeastLayoutFeatureHydrator`` or ``FeastSdkFeatureHydrator``.
         executor: thread pool for candidate sources (caller shuts it down).
         metrics: where the pipeline records metrics.
@@ -355,9 +448,9 @@ def build_pipeline(config: MixerConfig, *, client: redis.Redis, light: RankerHan
     """
     pipeline = HomeTimelinePipeline(
         config=config,
-        declare=functools.partial(home_timeline, config, client=client, feature_hydrator=feature_hydrator,
-                                  metrics=metrics, resilience=resilience),
-        rankers=RankerSet(LightRankerScorer(light), HeavyRankerScorer(heavy), retrieval),
+        declare=declaration(config, client=client, feature_hydrator=feature_hydrator, metrics=metrics,
+                            resilience=resilience),
+        rankers=RankerSet.of(ServedModels(light, heavy, retrieval, light_by_arm, heavy_by_arm, shadow_heavy)),
         executor=executor, metrics=metrics,
     )
     metrics.set_model_versions(pipeline.model_versions)
@@ -369,4 +462,4 @@ def finite(x: float) -> float | None:
     return x if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-__all__ = ["HomeTimelinePipeline", "RankerSet", "Resilience", "TimelineResult", "build_pipeline", "finite", "home_timeline"]
+__all__ = ["HomeTimelinePipeline", "RankerSet", "Resilience", "ServedModels", "declaration", "TimelineResult", "build_pipeline", "finite", "home_timeline"]

@@ -285,6 +285,7 @@ class PipelineRunner:
             features = _missing_features(query, candidates)
 
         paths: dict[str, str] = {}
+        versions = dict(p.model_versions)
         for stage in p.scoring:
             ran = False
             for selector in stage.selectors:
@@ -299,6 +300,9 @@ class PipelineRunner:
                 if scorer.enabled(query):
                     ran = True
                     path = scorer.score(query, candidates, features)
+                    version_for = getattr(scorer, "version_for", None)
+                    if version_for is not None:  # an arm serving its own model
+                        versions[scorer.name] = version_for(query)
                     if path is not None:
                         paths[scorer.name] = path
                         self.metrics.scoring.labels(model=scorer.name, path=path).inc()
@@ -321,7 +325,7 @@ class PipelineRunner:
             source_results=source_results, filtered=filtered,
             counts={"retrieved": retrieved, "hydrated": hydrated, "after_filters": after_filters,
                     "heavy_ranked": ranked, "selected": len(candidates)},
-            model_versions=dict(p.model_versions), degraded=degraded, scoring_paths=paths,
+            model_versions=versions, degraded=degraded, scoring_paths=paths,
             ranked=scored, features=scored_features,
         )
 

@@ -292,6 +292,22 @@ def alias_version(name: str, alias: str = CHAMPION_ALIAS, tracking_uri: str | No
         f"{_not_found_hint()}, or point the alias at a version with `home-mixer models promote`") from None
 
 
+def resolve_model_ref(name: str, ref: str | int, tracking_uri: str | None = None) -> int:
+    """The version a model reference names: a version number (``7``, ``"7"``) as is, else an alias
+    resolved with :func:`alias_version` (an experiment arm's ``models``, the shadow challenger).
+
+    Raises:
+        RankerNotFoundError: ``ref`` is an alias model ``name`` does not have (or no such model).
+        ValueError: ``ref`` is a version number below 1.
+    """
+    text = str(ref)
+    if text.isdigit():
+        if int(text) < 1:
+            raise ValueError(f"model versions start at 1, got {ref!r} for {name!r}")
+        return int(text)
+    return alias_version(name, text, tracking_uri)
+
+
 def model_aliases(name: str, tracking_uri: str | None = None) -> dict[str, int]:
     """Every alias of registered model ``name`` and the version it points at (one registry call).
 

@@ -31,4 +31,11 @@ class SourceResult:
     error: str = ""
 
 
-__all__ = ["CandidateSource", "SourceResult"]
+def source_limit(source: CandidateSource, query) -> int:
+    """How many candidates ``source`` returns for ``query``: the query arm's limit for it
+    (``experiment.arms[].sources.<name>.max_candidates``, set on ``Query.source_limits`` by
+    ``ExperimentArmQueryHydrator``), else the source's own ``max_candidates``."""
+    return int(query.source_limits.get(source.name, source.max_candidates))
+
+
+__all__ = ["CandidateSource", "SourceResult", "source_limit"]

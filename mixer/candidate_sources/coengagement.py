@@ -11,6 +11,7 @@ from mixer.caches import MixerCaches
 from mixer.candidate import Candidate, Query
 from mixer.components import CandidateSource, Fallback
 from mixer.redis_health import RedisHealth, read_through
+from mixer.candidate_sources.base import source_limit
 
 
 class CoEngagementCandidateSource(CandidateSource):
@@ -75,7 +76,7 @@ class CoEngagementCandidateSource(CandidateSource):
         ids, total, _, _ = coengagement_scores([lists[s] for s in seeds if s in lists])
         keep = ~np.isin(ids, np.fromiter((a.post_id for a in sequence), dtype="int64"))
         ids, total = ids[keep], total[keep]
-        order = np.lexsort((ids, -total))[: self.max_candidates]  # best first, ties by id
+        order = np.lexsort((ids, -total))[: source_limit(self, query)]  # best first, ties by id
         out = [Candidate(post_id=int(pid), source=self.name, source_score=float(s))
                for pid, s in zip(ids[order], total[order])]
         if failed is not None:

@@ -6,6 +6,7 @@ import numpy as np
 
 from mixer.candidate import Candidate, Query
 from mixer.components import CandidateSource
+from mixer.candidate_sources.base import source_limit
 
 
 class EmbeddingCandidateSource(CandidateSource):
@@ -67,9 +68,10 @@ class EmbeddingCandidateSource(CandidateSource):
             return []
         vector = query.user_embedding  # hydrated once per request; computed here when it was not
         vector = self.retrieval.user_embeddings([list(sequence)]) if vector is None else vector[None, :]
-        ids, scores = self.retrieval.search(vector, self.max_candidates + len(sequence))
+        limit = source_limit(self, query)
+        ids, scores = self.retrieval.search(vector, limit + len(sequence))
         ids, scores = ids[0], scores[0]
         keep = (ids >= 0) & ~np.isin(ids, np.fromiter((a.post_id for a in sequence), dtype="int64",
                                                        count=len(sequence)))
         return [Candidate(post_id=int(p), source=self.name, source_score=float(s))
-                for p, s in zip(ids[keep][: self.max_candidates], scores[keep][: self.max_candidates])]
+                for p, s in zip(ids[keep][:limit], scores[keep][:limit])]

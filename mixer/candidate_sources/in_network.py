@@ -20,6 +20,7 @@ from mixer.caches import MixerCaches
 from mixer.candidate import Candidate, Query
 from mixer.components import CandidateSource, Fallback
 from mixer.redis_health import RedisHealth, guarded
+from mixer.candidate_sources.base import source_limit
 
 
 class InNetworkCandidateSource(CandidateSource):
@@ -94,7 +95,7 @@ class InNetworkCandidateSource(CandidateSource):
                 out.append(Candidate(post_id=pid, source=self.name, author_id=author,
                                      created_ts=created, in_network=True, source_score=weight))
         out.sort(key=lambda c: (-c.source_score, -c.created_ts))
-        out = out[: self.max_candidates]
+        out = out[: source_limit(self, query)]
         if failed is not None:
             raise Fallback(out, f"Redis unavailable: {len(lists)} of {len(authors)} authors from the cache "
                                 f"({failed!r})")
@@ -107,7 +108,7 @@ class InNetworkCandidateSource(CandidateSource):
         (``RedisUnavailable`` at once) and the runner fails the source open."""
         strength = query.engaged_authors
         got = guarded(self.health, lambda: self._timeline.read(
-            query.user_id, self.max_candidates, until=query.now_s, blocked=query.blocked_authors,
+            query.user_id, source_limit(self, query), until=query.now_s, blocked=query.blocked_authors,
             muted=query.muted_authors, strength=strength, max_celebrity_pulls=self.max_celebrity_pulls,
             posts_per_celebrity=self.posts_per_author))
         return [Candidate(post_id=e.post_id, source=self.name, author_id=e.author_id, created_ts=e.created_ts,

@@ -11,6 +11,7 @@ from mixer.candidate import Candidate, Query
 from mixer.candidate_sources.base import CandidateSource, SourceResult
 from mixer.components import Fallback
 from mixer.quality_factor import scaled
+from mixer.candidate_sources.base import source_limit
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,12 @@ class ParallelSourceRunner:
         self.executor = executor
 
     def run(self, query: Query) -> tuple[list[Candidate], list[SourceResult]]:
-        """Call every source enabled for ``query`` (``source.enabled(query)``); return all
+        """Call every source enabled for ``query`` (``source.enabled(query)``, and not switched off
+        for the query's arm: ``Query.disabled_sources``); return all
         candidates (in source order) and one result per source called (a disabled source is not
         called and has no result)."""
         start = time.perf_counter()
-        sources = [s for s in self.sources if s.enabled(query)]
+        sources = [s for s in self.sources if s.enabled(query) and s.name not in query.disabled_sources]
         futures: list[Future] = [self.executor.submit(s.fetch, query) for s in sources]
         results: list[SourceResult] = []
         for source, fut in zip(sources, futures):
@@ -65,7 +67,8 @@ class ParallelSourceRunner:
                 results.append(SourceResult(source.name, "error", [], (time.perf_counter() - start) * 1000, repr(e)))
         if query.quality_factor < 1.0:  # under load: each source keeps its best share (lists are best first)
             for r in results:
-                limit = getattr(self._by_name[r.name], "max_candidates", None)
+                source = self._by_name[r.name]
+                limit = source_limit(source, query) if hasattr(source, "max_candidates") else None
                 if limit is not None:
                     del r.candidates[scaled(limit, query.quality_factor):]
         candidates = [c for r in results for c in r.candidates]

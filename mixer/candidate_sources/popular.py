@@ -9,6 +9,7 @@ from mixer.caches import MISSING, MixerCaches
 from mixer.candidate import Candidate, Query
 from mixer.components import CandidateSource, Fallback
 from mixer.redis_health import RedisHealth, guarded
+from mixer.candidate_sources.base import source_limit
 
 
 class PopularCandidateSource(CandidateSource):
@@ -34,8 +35,8 @@ class PopularCandidateSource(CandidateSource):
         self.cache = caches.popular if caches is not None and caches.enabled else None
         self.health = health
 
-    def _read(self) -> list[tuple[int, float]]:
-        rows = self.client.zrevrange(keys.popular(self.window), 0, self.max_candidates - 1, withscores=True)
+    def _read(self, n: int) -> list[tuple[int, float]]:
+        rows = self.client.zrevrange(keys.popular(self.window), 0, n - 1, withscores=True)
         return [(int(pid), float(s)) for pid, s in rows]
 
     def fetch(self, query: Query) -> list[Candidate]:
@@ -45,16 +46,16 @@ class PopularCandidateSource(CandidateSource):
             redis.RedisError: Redis is unreachable (no cache).
             Fallback: Redis is unreachable and nothing is cached (no candidates).
         """
-        cache = self.cache
+        cache, limit = self.cache, source_limit(self, query)
         if cache is None:
-            rows = self._read()
+            rows = self._read(limit)
         else:
-            key = (self.window, self.max_candidates)
+            key = (self.window, limit)
             version = cache.version
             rows = cache.get(key)
             if rows is MISSING:
                 try:
-                    rows = guarded(self.health, self._read)
+                    rows = guarded(self.health, lambda: self._read(limit))
                 except redis.RedisError as e:
                     raise Fallback([], f"Redis unavailable and no cached popular list: {e!r}") from e
                 cache.put(key, rows, version)

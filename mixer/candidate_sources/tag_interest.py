@@ -11,6 +11,7 @@ from mixer.caches import MixerCaches
 from mixer.candidate import Candidate, Query
 from mixer.components import CandidateSource, Fallback
 from mixer.redis_health import RedisHealth, guarded
+from mixer.candidate_sources.base import source_limit
 
 
 class TagInterestCandidateSource(CandidateSource):
@@ -53,18 +54,19 @@ class TagInterestCandidateSource(CandidateSource):
         tags = sorted(query.tag_interests.items(), key=lambda kv: -kv[1])[: self.top_tags]
         if not tags:
             return []
-        quota = math.ceil(self.max_candidates / len(tags))
+        limit = source_limit(self, query)
+        quota = math.ceil(limit / len(tags))
         cache, failed = self.cache, None
         if cache is None:
             lists = self._read([t for t, _ in tags], quota)
         else:
             version = cache.version
-            lists, missing = cache.get_many([(t, self.max_candidates) for t, _ in tags])
+            lists, missing = cache.get_many([(t, limit) for t, _ in tags])
             lists = {t: rows for (t, _), rows in lists.items()}
             if missing:
                 try:
-                    read = guarded(self.health, lambda: self._read([t for t, _ in missing], self.max_candidates))
-                    cache.put_many({(t, self.max_candidates): rows for t, rows in read.items()}, version)
+                    read = guarded(self.health, lambda: self._read([t for t, _ in missing], limit))
+                    cache.put_many({(t, limit): rows for t, rows in read.items()}, version)
                     lists.update(read)
                 except redis.RedisError as e:
                     failed = e
@@ -72,7 +74,7 @@ class TagInterestCandidateSource(CandidateSource):
         for tag, weight in tags:
             for pid, score in lists.get(tag, ())[:quota]:
                 best[pid] = max(best.get(pid, 0.0), weight * (1.0 + score))
-        ranked = sorted(best.items(), key=lambda kv: -kv[1])[: self.max_candidates]
+        ranked = sorted(best.items(), key=lambda kv: -kv[1])[: limit]
         out = [Candidate(post_id=pid, source=self.name, source_score=s) for pid, s in ranked]
         if failed is not None:
             raise Fallback(out, f"Redis unavailable: {len(lists)} of {len(tags)} tags from the cache ({failed!r})")

@@ -9,6 +9,7 @@ from mixer.candidate import Candidate, Query
 from mixer.components import CandidateSource, Fallback
 from mixer.feature_hydrators.realtime_reader import RealtimeFeatureReader
 from mixer.redis_health import RedisHealth, guarded
+from mixer.candidate_sources.base import source_limit
 
 
 class TrendingCandidateSource(CandidateSource):
@@ -47,15 +48,16 @@ class TrendingCandidateSource(CandidateSource):
 
     def fetch(self, query: Query) -> list[Candidate]:
         """Candidates with post_id and source_score (author and created time come from the hydrator)."""
+        limit = source_limit(self, query)
         if self.lkg is None:
-            rows = self.reader.trending(query.now_s, k=self.max_candidates)
+            rows = self.reader.trending(query.now_s, k=limit)
         else:
             try:
-                rows = guarded(self.health, lambda: self.reader.trending(query.now_s, k=self.max_candidates))
+                rows = guarded(self.health, lambda: self.reader.trending(query.now_s, k=limit))
             except redis.RedisError as e:
-                last = self.lkg.get(self.max_candidates, lkg=True)
+                last = self.lkg.get(limit, lkg=True)
                 cands = [] if last is MISSING else [Candidate(post_id=p, source=self.name, source_score=s)
                                                      for p, s in last]
                 raise Fallback(cands, f"Redis unavailable: last-known trending list ({e!r})") from e
-            self.lkg.put(self.max_candidates, rows, "lkg")
+            self.lkg.put(limit, rows, "lkg")
         return [Candidate(post_id=p, source=self.name, source_score=s) for p, s in rows]

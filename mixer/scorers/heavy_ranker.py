@@ -10,7 +10,8 @@ from mixer.scorers.ranker_handle import RankerHandle, RankerScorer
 
 
 class HeavyRankerScorer(RankerScorer, Scorer):
-    """Sets ``Candidate.heads`` = {head: probability} from the multi-task heavy ranker.
+    """Sets ``Candidate.heads`` = {head: probability} from the multi-task heavy ranker (the
+    query's arm's own when it has one: ``RankerScorer``).
 
     Raises:
         ValueError: the model needs unknown features or declares no heads.
@@ -20,8 +21,8 @@ class HeavyRankerScorer(RankerScorer, Scorer):
 
     role = "heavy ranker"
 
-    def __init__(self, handle: RankerHandle):
-        super().__init__(handle)
+    def __init__(self, handle: RankerHandle, by_arm: dict[str, RankerHandle] | None = None):
+        super().__init__(handle, by_arm)
         self.heads = list(handle.heads)
 
     def assign(self, candidates: list[Candidate], probs: np.ndarray) -> None:

@@ -15,6 +15,7 @@ class LightRankerScorer(RankerScorer, Scorer):
     Args:
         handle: the registered light ranker.
         head: which output column is the score (default: the first head, e.g. "click").
+        by_arm: arm name -> the model that arm serves instead (``RankerScorer``).
 
     Raises:
         ValueError: ``head`` is not one of the model's heads, or the model needs unknown features.
@@ -24,8 +25,9 @@ class LightRankerScorer(RankerScorer, Scorer):
 
     role = "light ranker"
 
-    def __init__(self, handle: RankerHandle, head: str | None = None):
-        super().__init__(handle)
+    def __init__(self, handle: RankerHandle, head: str | None = None,
+                 by_arm: dict[str, RankerHandle] | None = None):
+        super().__init__(handle, by_arm)
         heads = list(handle.heads)
         self.head = head or heads[0]
         if self.head not in heads:

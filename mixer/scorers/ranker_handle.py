@@ -66,18 +66,32 @@ def predict_matrix(handle: RankerHandle, frame: pd.DataFrame, role: str) -> tupl
 
 
 class RankerScorer:
-    """What the light and heavy ranker scorers share: a handle, its version, the scoring call.
+    """What the light and heavy ranker scorers share: a handle per arm, its version, the scoring call.
 
     Subclasses set ``name``, ``role`` (for error messages) and ``assign(candidates, probs)``,
     which writes the ``float [len(candidates), len(heads)]`` probabilities into the candidates.
+
+    Args:
+        handle: the served model (arms without their own).
+        by_arm: arm name -> the model that arm serves instead (``experiment.arms[].models``).
+
+    Raises:
+        ValueError: a model needs features the mixer cannot hydrate, declares no heads, or an
+            arm's model has other heads than ``handle`` (the blender weighs one set of heads).
     """
 
     name: str
     role: str
 
-    def __init__(self, handle: RankerHandle):
+    def __init__(self, handle: RankerHandle, by_arm: dict[str, RankerHandle] | None = None):
         check_handle(handle, self.role)
         self.handle = handle
+        self.by_arm = dict(by_arm or {})
+        for arm, h in self.by_arm.items():
+            check_handle(h, f"{self.role} of arm {arm!r}")
+            if list(h.heads) != list(handle.heads):
+                raise ValueError(f"{self.role} of arm {arm!r} (version {h.version}) has heads {list(h.heads)}, "
+                                 f"the served one {list(handle.heads)}: every arm must predict the same heads")
 
     def enabled(self, query) -> bool:
         """Rankers always run."""
@@ -85,22 +99,35 @@ class RankerScorer:
 
     @property
     def version(self) -> str:
-        """The registered model version served (``handle.version`` as a string)."""
+        """The served model's registered version (``handle.version`` as a string)."""
         return str(self.handle.version)
+
+    def handle_for(self, query) -> RankerHandle:
+        """The model ``query.arm`` serves: its own, else the served one."""
+        return self.by_arm.get(getattr(query, "arm", None), self.handle)
+
+    def version_for(self, query) -> str:
+        """The registered version that scores ``query`` (``handle_for``)."""
+        return str(self.handle_for(query).version)
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """Every model this scorer serves: ``{"": served version, arm: version, ...}``."""
+        return {"": self.version, **{arm: str(h.version) for arm, h in self.by_arm.items()}}
 
     def assign(self, candidates: list, probs: np.ndarray) -> None:
         raise NotImplementedError
 
     def score(self, query, candidates: list, features: pd.DataFrame) -> str | None:
-        """Score in place; ``features`` row i belongs to ``candidates[i]`` (float64, the handle's
-        ``feature_names`` among its columns). Returns the scoring path (None when there was
-        nothing to score).
+        """Score in place with ``handle_for(query)``; ``features`` row i belongs to
+        ``candidates[i]`` (float64, the handle's ``feature_names`` among its columns). Returns the
+        scoring path (None when there was nothing to score).
 
         Raises:
             ValueError: the model returned another shape than [len(candidates), len(heads)].
         """
         if not candidates:
             return None
-        probs, path = predict_matrix(self.handle, features, self.role)
+        probs, path = predict_matrix(self.handle_for(query), features, self.role)
         self.assign(candidates, probs)
         return path

@@ -161,8 +161,7 @@ def test_pipeline_run_puts_the_surface_on_the_query():
             return query
 
     pipeline = HomeTimelinePipeline.__new__(HomeTimelinePipeline)
-    pipeline.config = load_config()
-    pipeline._serving = SimpleNamespace(runner=Runner())
+    pipeline._serving = SimpleNamespace(runner=Runner(), config=load_config())
     assert pipeline.run(1, 5).surface == HOME_SURFACE
     assert pipeline.run(1, 5, PageCursor(1, (7,)), surface=6).surface == 6
     for bad, error in ((True, TypeError), (-2, ValueError), (1.0, TypeError)):

@@ -450,9 +450,10 @@ def test_home_timeline_declaration_reads_top_to_bottom_and_gates_from_config():
     assert not p.selectors[1].enabled(dataclasses.replace(_query(), arm="control"))  # the embedded arms do not explore
     assert [(e.name, e.after_total) for e in p.side_effects] == [
         ("served_posts", False), ("impression_log", False), ("exploration_log", False), ("feature_log", False),
-        ("drift_sample", False), ("request_metrics", True)]
+        ("drift_sample", False), ("shadow_scoring", False), ("request_metrics", True)]
     assert p.model_versions == {"light_ranker": "3", "heavy_ranker": "4"}
     q = _query()
+    assert not p.side_effects[5].enabled(q)  # no experiment.shadow: nothing is shadow-scored
     assert not p.candidate_sources[1].enabled(q)  # no two-tower model registered: learned retrieval off
 
     @dataclass

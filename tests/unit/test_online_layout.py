@@ -52,6 +52,7 @@ GOLDEN: dict[str, tuple[tuple, str]] = {
     "SERVED_FEATURES": ((), "hm:served_features"),
     "DRIFT_SAMPLE": ((), "hm:drift_sample"),
     "EXPLORATION_LOG": ((), "hm:exploration"),
+    "SHADOW_LOG": ((), "hm:shadow"),
     "rt_seen_event": (("e-1",), "hm:{rt}:seen:e-1"),
     "rt_post_seen_event": ((10, "e-1"), "hm:{p:10}:rt:seen:e-1"),
     "rt_author_seen_event": ((7, "e-1"), "hm:{a:7}:rt:seen:e-1"),
