@@ -670,6 +670,52 @@ def cmd_experiment_simulate(args) -> int:
     return 0 if run.report.result.passed else EXIT_FAILED
 
 
+def cmd_experiment_ope(args) -> int:
+    """``home-mixer experiment ope``: off-policy estimates of the config's arms (greedy, or a
+    softmax at --temperature) from an exploring arm's logged pages; --simulate checks them against
+    simulated users' true values."""
+    import json
+
+    from tqdm import tqdm
+
+    from core.services import ServiceError
+    from home_mixer.experiment_job import evaluate_off_policy, off_policy_text, simulate_off_policy
+    from mixer.config import ConfigError
+    from monitoring.experiment_report import ExperimentDataError
+    from monitoring.ope_report import OffPolicyDataError
+
+    weights = None
+    if args.weights:
+        try:
+            weights = {str(k): float(v) for k, v in json.loads(args.weights).items()}
+        except (ValueError, AttributeError) as e:
+            raise UsageError(f"--weights must be a JSON object of head -> weight, e.g. '{{\"click\": 1}}': {e}") from None
+    config = Path(args.config) if args.config else None
+    try:
+        if args.simulate:
+            if args.users < 2:
+                raise UsageError("--users must be >= 2")
+            bar = tqdm(total=args.users * args.sessions, desc="simulated requests", unit="req", mininterval=2)
+            try:
+                rows = simulate_off_policy(_state(args), config=config, users=args.users, sessions=args.sessions,
+                                           seed=args.seed, head=args.head, temperature=args.temperature,
+                                           weights=weights, data_dir=Path(args.data), workers=args.workers,
+                                           progress=lambda done, total: bar.update(done - bar.n))
+            finally:
+                bar.close()
+        else:
+            rows = evaluate_off_policy(_state(args), config=config, arm=args.arm, head=args.head,
+                                       temperature=args.temperature, weights=weights,
+                                       impressions=Path(args.impressions) if args.impressions else None)
+    except (ExperimentDataError, OffPolicyDataError, ConfigError, ServiceError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    print(off_policy_text(rows, args.head))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=2))
+        print(f"written: {args.json}")
+    return 0
+
+
 def cmd_monitor_dashboard(args) -> int:
     """``home-mixer monitor dashboard``: the static drift page of every run in <state>/reports/drift."""
     from monitoring.drift import RUNS_DIR
@@ -1505,6 +1551,26 @@ def build_parser() -> argparse.ArgumentParser:
     xs.add_argument("--workers", type=int, default=1, help="mixer worker processes (and requests in flight)")
     xs.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="the KuaiRand folder the response model learns from")
     xs.set_defaults(func=cmd_experiment_simulate)
+    xo = xpsub.add_parser("ope", help="off-policy evaluation: each arm's value (greedy, or softmax at "
+                                      "--temperature) estimated by IPS, SNIPS and DR from an exploring arm's "
+                                      "logged pages; --simulate: against simulated users' true values")
+    xo.add_argument("--config", help="the mixer config (its arms are the targets; one arm explores)")
+    xo.add_argument("--arm", help="the exploring arm whose pages are the log (default: the first)")
+    xo.add_argument("--head", default="click", help="the reward: engagements on this head (default click)")
+    xo.add_argument("--temperature", type=_positive_float, default=None,
+                    help="evaluate the targets as softmax policies at this temperature (default: greedy)")
+    xo.add_argument("--weights", help="also evaluate these blend weights (JSON head -> weight) as `custom`")
+    xo.add_argument("--impressions", help="canonical impressions parquet with the engagements "
+                                          "(default <state>/tables/impressions)")
+    xo.add_argument("--simulate", action="store_true",
+                    help="serve simulated users first (a mixer with --config) and print each target's truth")
+    xo.add_argument("--users", type=int, default=200, help="--simulate: simulated users")
+    xo.add_argument("--sessions", type=int, default=2, help="--simulate: pages each user asks for")
+    xo.add_argument("--seed", type=int, default=0, help="--simulate: user sample and response draws")
+    xo.add_argument("--workers", type=int, default=1, help="--simulate: mixer worker processes")
+    xo.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="--simulate: the KuaiRand folder")
+    xo.add_argument("--json", help="also write the rows to this JSON file")
+    xo.set_defaults(func=cmd_experiment_ope)
     ex = sub.add_parser("export", help="export a registered ranker, or the two-tower's user tower, to ONNX "
                                        "(checked against the native model)")
     ex.add_argument("--model", choices=sorted(MODEL_NAMES), required=True)
