@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -714,6 +715,49 @@ def cmd_experiment_ope(args) -> int:
         Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=2))
         print(f"written: {args.json}")
     return 0
+
+
+def cmd_loop_run(args) -> int:
+    """``home-mixer loop run``: the model updater (home_mixer/loop.py): waits for a trigger, then
+    trains a challenger from the feature log, shadows and ramps it through the mixer's config, and
+    promotes or rolls it back; --once runs one cycle now."""
+    from pydantic import ValidationError
+
+    from core.online_store import connect
+    from home_mixer import jobs
+    from home_mixer.loop import ModelUpdater, load_loop_settings
+    from models.registry import RankerNotFoundError
+    from pipelines.logged_features import EmptyFeatureLogError
+
+    try:
+        settings = load_loop_settings(Path(args.config) if args.config else None)
+    except (ValueError, ValidationError, OSError) as e:
+        raise UsageError(f"loop settings: {e}") from None
+    mixer_config = Path(args.mixer_config)
+    if not mixer_config.exists():
+        raise UsageError(f"{mixer_config} does not exist: pass the YAML file the mixers were started with")
+    state = _state(args)
+    if not state.table("impressions").exists():
+        raise UsageError(f"{state.table('impressions')} does not exist: the feature log is labelled from the "
+                         "impressions table (`home-mixer features build`)")
+    client = connect(jobs.redis_url_for(state))
+    updater = ModelUpdater(state, mixer_config, settings, client)
+    try:
+        while True:
+            trigger = "forced" if args.once else updater.trigger()
+            if trigger is not None:
+                d = updater.run_cycle(trigger)
+                print(f"{d.decision}: heavy_ranker v{d.challenger_version} (champion was v{d.champion_version}); "
+                      f"{d.reason}; MLflow run {d.run_id}", flush=True)
+            if args.once:
+                return 0
+            time.sleep(args.poll_s)
+    except (EmptyFeatureLogError, RankerNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
 
 
 def cmd_monitor_dashboard(args) -> int:
@@ -1571,6 +1615,16 @@ def build_parser() -> argparse.ArgumentParser:
     xo.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="--simulate: the KuaiRand folder")
     xo.add_argument("--json", help="also write the rows to this JSON file")
     xo.set_defaults(func=cmd_experiment_ope)
+    lp = sub.add_parser("loop", help="the model updater: retrain from served traffic, shadow, ramp, promote or roll back")
+    lpsub = lp.add_subparsers(dest="action", required=True)
+    lr = lpsub.add_parser("run", help="wait for a trigger (new labelled serves, the drift gate, the schedule), then "
+                                      "run a cycle; each decision is an MLflow run of experiment home-mixer-loop")
+    lr.add_argument("--mixer-config", required=True, help="the YAML file the mixers were started with (its "
+                                                          "experiment is rewritten during a cycle and restored)")
+    lr.add_argument("--config", help="loop settings YAML (home_mixer/loop.py LoopSettings; default: built-in)")
+    lr.add_argument("--once", action="store_true", help="run one cycle now, whatever the triggers")
+    lr.add_argument("--poll-s", type=_positive_float, default=60.0, help="seconds between trigger checks")
+    lr.set_defaults(func=cmd_loop_run)
     ex = sub.add_parser("export", help="export a registered ranker, or the two-tower's user tower, to ONNX "
                                        "(checked against the native model)")
     ex.add_argument("--model", choices=sorted(MODEL_NAMES), required=True)
