@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -668,6 +669,95 @@ def cmd_experiment_simulate(args) -> int:
     print(readout_text(run.report.result))
     print(f"report: {run.report.html}\nsummary: {run.report.json}")
     return 0 if run.report.result.passed else EXIT_FAILED
+
+
+def cmd_experiment_ope(args) -> int:
+    """``home-mixer experiment ope``: off-policy estimates of the config's arms (greedy, or a
+    softmax at --temperature) from an exploring arm's logged pages; --simulate checks them against
+    simulated users' true values."""
+    import json
+
+    from tqdm import tqdm
+
+    from core.services import ServiceError
+    from home_mixer.experiment_job import evaluate_off_policy, off_policy_text, simulate_off_policy
+    from mixer.config import ConfigError
+    from monitoring.experiment_report import ExperimentDataError
+    from monitoring.ope_report import OffPolicyDataError
+
+    weights = None
+    if args.weights:
+        try:
+            weights = {str(k): float(v) for k, v in json.loads(args.weights).items()}
+        except (ValueError, AttributeError) as e:
+            raise UsageError(f"--weights must be a JSON object of head -> weight, e.g. '{{\"click\": 1}}': {e}") from None
+    config = Path(args.config) if args.config else None
+    try:
+        if args.simulate:
+            if args.users < 2:
+                raise UsageError("--users must be >= 2")
+            bar = tqdm(total=args.users * args.sessions, desc="simulated requests", unit="req", mininterval=2)
+            try:
+                rows = simulate_off_policy(_state(args), config=config, users=args.users, sessions=args.sessions,
+                                           seed=args.seed, head=args.head, temperature=args.temperature,
+                                           weights=weights, data_dir=Path(args.data), workers=args.workers,
+                                           progress=lambda done, total: bar.update(done - bar.n))
+            finally:
+                bar.close()
+        else:
+            rows = evaluate_off_policy(_state(args), config=config, arm=args.arm, head=args.head,
+                                       temperature=args.temperature, weights=weights,
+                                       impressions=Path(args.impressions) if args.impressions else None)
+    except (ExperimentDataError, OffPolicyDataError, ConfigError, ServiceError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    print(off_policy_text(rows, args.head))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=2))
+        print(f"written: {args.json}")
+    return 0
+
+
+def cmd_loop_run(args) -> int:
+    """``home-mixer loop run``: the model updater (home_mixer/loop.py): waits for a trigger, then
+    trains a challenger from the feature log, shadows and ramps it through the mixer's config, and
+    promotes or rolls it back; --once runs one cycle now."""
+    from pydantic import ValidationError
+
+    from core.online_store import connect
+    from home_mixer import jobs
+    from home_mixer.loop import ModelUpdater, load_loop_settings
+    from models.registry import RankerNotFoundError
+    from pipelines.logged_features import EmptyFeatureLogError
+
+    try:
+        settings = load_loop_settings(Path(args.config) if args.config else None)
+    except (ValueError, ValidationError, OSError) as e:
+        raise UsageError(f"loop settings: {e}") from None
+    mixer_config = Path(args.mixer_config)
+    if not mixer_config.exists():
+        raise UsageError(f"{mixer_config} does not exist: pass the YAML file the mixers were started with")
+    state = _state(args)
+    if not state.table("impressions").exists():
+        raise UsageError(f"{state.table('impressions')} does not exist: the feature log is labelled from the "
+                         "impressions table (`home-mixer features build`)")
+    client = connect(jobs.redis_url_for(state))
+    updater = ModelUpdater(state, mixer_config, settings, client)
+    try:
+        while True:
+            trigger = "forced" if args.once else updater.trigger()
+            if trigger is not None:
+                d = updater.run_cycle(trigger)
+                print(f"{d.decision}: heavy_ranker v{d.challenger_version} (champion was v{d.champion_version}); "
+                      f"{d.reason}; MLflow run {d.run_id}", flush=True)
+            if args.once:
+                return 0
+            time.sleep(args.poll_s)
+    except (EmptyFeatureLogError, RankerNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
 
 
 def cmd_monitor_dashboard(args) -> int:
@@ -1505,6 +1595,36 @@ def build_parser() -> argparse.ArgumentParser:
     xs.add_argument("--workers", type=int, default=1, help="mixer worker processes (and requests in flight)")
     xs.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="the KuaiRand folder the response model learns from")
     xs.set_defaults(func=cmd_experiment_simulate)
+    xo = xpsub.add_parser("ope", help="off-policy evaluation: each arm's value (greedy, or softmax at "
+                                      "--temperature) estimated by IPS, SNIPS and DR from an exploring arm's "
+                                      "logged pages; --simulate: against simulated users' true values")
+    xo.add_argument("--config", help="the mixer config (its arms are the targets; one arm explores)")
+    xo.add_argument("--arm", help="the exploring arm whose pages are the log (default: the first)")
+    xo.add_argument("--head", default="click", help="the reward: engagements on this head (default click)")
+    xo.add_argument("--temperature", type=_positive_float, default=None,
+                    help="evaluate the targets as softmax policies at this temperature (default: greedy)")
+    xo.add_argument("--weights", help="also evaluate these blend weights (JSON head -> weight) as `custom`")
+    xo.add_argument("--impressions", help="canonical impressions parquet with the engagements "
+                                          "(default <state>/tables/impressions)")
+    xo.add_argument("--simulate", action="store_true",
+                    help="serve simulated users first (a mixer with --config) and print each target's truth")
+    xo.add_argument("--users", type=int, default=200, help="--simulate: simulated users")
+    xo.add_argument("--sessions", type=int, default=2, help="--simulate: pages each user asks for")
+    xo.add_argument("--seed", type=int, default=0, help="--simulate: user sample and response draws")
+    xo.add_argument("--workers", type=int, default=1, help="--simulate: mixer worker processes")
+    xo.add_argument("--data", default=str(DEFAULT_DATA_DIR), help="--simulate: the KuaiRand folder")
+    xo.add_argument("--json", help="also write the rows to this JSON file")
+    xo.set_defaults(func=cmd_experiment_ope)
+    lp = sub.add_parser("loop", help="the model updater: retrain from served traffic, shadow, ramp, promote or roll back")
+    lpsub = lp.add_subparsers(dest="action", required=True)
+    lr = lpsub.add_parser("run", help="wait for a trigger (new labelled serves, the drift gate, the schedule), then "
+                                      "run a cycle; each decision is an MLflow run of experiment home-mixer-loop")
+    lr.add_argument("--mixer-config", required=True, help="the YAML file the mixers were started with (its "
+                                                          "experiment is rewritten during a cycle and restored)")
+    lr.add_argument("--config", help="loop settings YAML (home_mixer/loop.py LoopSettings; default: built-in)")
+    lr.add_argument("--once", action="store_true", help="run one cycle now, whatever the triggers")
+    lr.add_argument("--poll-s", type=_positive_float, default=60.0, help="seconds between trigger checks")
+    lr.set_defaults(func=cmd_loop_run)
     ex = sub.add_parser("export", help="export a registered ranker, or the two-tower's user tower, to ONNX "
                                        "(checked against the native model)")
     ex.add_argument("--model", choices=sorted(MODEL_NAMES), required=True)

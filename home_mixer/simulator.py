@@ -167,6 +167,22 @@ class SimulationResult:
         return out
 
 
+def canonical_impressions(impressions: pd.DataFrame) -> pd.DataFrame:
+    """Simulated impressions (``SimulationResult.impressions``) in the canonical impressions
+    table's shape, so the feature-log labelling (``pipelines.logged_features``) and training read
+    them as they read the log: ``date`` (yyyymmdd of ``event_ts``, UTC), ``tab`` (the home surface)
+    and every head of ``core.schema.HEADS`` (0 for the heads the users do not simulate)."""
+    from core.schema import HEADS, HOME_SURFACE
+
+    out = impressions.copy()
+    out["date"] = out["event_ts"].dt.strftime("%Y%m%d").astype("int64")
+    out["tab"] = HOME_SURFACE
+    for h in HEADS:
+        if h not in out.columns:
+            out[h] = 0
+    return out
+
+
 def simulate_users(base_url: str, headers: dict, model: ResponseModel, users, *, sessions: int = 2,
                    page_size: int = 10, seed: int = 0, concurrency: int = 2, timeout_s: float = 30.0,
                    progress=None) -> SimulationResult:

@@ -20,6 +20,10 @@ class Result:
     query: Query
     items: list
     model_versions: dict = field(default_factory=lambda: {"light_ranker": "3", "heavy_ranker": "5"})
+    timings_ms: dict = field(default_factory=lambda: {"candidate_sources": 4.0, "heavy_ranker": 6.5})
+    degraded: list = field(default_factory=list)
+    scoring_paths: dict = field(default_factory=lambda: {"light_ranker": "in_process",
+                                                         "heavy_ranker": "in_process"})
 
 
 class Clock:
@@ -58,3 +62,5 @@ def test_impression_log_entries_and_cap(redis_client):
     _, last = redis_client.xrevrange(keys.SERVED_IMPRESSIONS, count=1)[0]
     assert last[b"post_id"] == b"299" and last[b"position"] == b"9" and last[b"arm"] == b"control"
     assert last[b"heavy_ranker_version"] == b"5" and last[b"author_id"] == b"1299"
+    # the readout's guardrail fields: the request's pipeline time so far, degraded stages, fallbacks
+    assert float(last[b"pipeline_ms"]) == 10.5 and last[b"degraded"] == b"" and last[b"fallback"] == b"0"
