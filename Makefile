@@ -9,8 +9,9 @@ setup:
 demo: setup
 	.venv/bin/home-mixer demo $(ARGS)
 
+# two workers, a test file each at a time (pytest-xdist --dist loadfile: a module's fixtures stay in one process)
 test: setup
-	.venv/bin/python -m pytest -q $(ARGS)
+	.venv/bin/python -m pytest -q -n 2 --dist loadfile $(ARGS)
 
 test-unit: setup
 	.venv/bin/python -m pytest -q -m "not integration" $(ARGS)

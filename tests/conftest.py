@@ -8,9 +8,17 @@ session and stopped by pid at the end.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# A pytest-xdist worker's __main__ has neither __spec__ nor __file__, which pyspark.sql.connect
+# (imported by great_expectations) takes for a doctest run without its extras, and exits the
+# worker's import with SystemExit(0). Give it a file name so that check sees a normal program.
+_main = sys.modules.get("__main__")
+if _main is not None and getattr(_main, "__spec__", None) is None and not hasattr(_main, "__file__"):
+    _main.__file__ = "<pytest-xdist worker>"
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 

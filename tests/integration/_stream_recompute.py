@@ -174,6 +174,6 @@ def seen_event_ids(client: redis.Redis) -> set[str]:
     prefix = keys.rt_seen_event("")
     out = {k.decode()[len(prefix):] for k in client.scan_iter(match=prefix + "*", count=1000)}
     user_marker = keys.rt_user_seen_event(0, "").split("}", 1)[1]  # ":rt:seen:" after the user's tag
-    for k in client.scan_iter(match="hm:{u:*}" + user_marker + "*", count=1000):
+    for k in client.scan_iter(match=keys.rt_user_seen_event("*", "*"), count=1000):
         out.add(k.decode().split(user_marker, 1)[1])
     return out

@@ -133,9 +133,11 @@ def serve_mixer(state: StateDir, url: str, client):
 
 
 def _start_mixer(state: StateDir, config_data: dict, name: str) -> tuple[subprocess.Popen, str]:
-    """``python -m mixer.api`` on a free loopback port with this config; waits for /healthz."""
+    """``python -m mixer.api`` on a free loopback port with this config; waits for /healthz. The
+    quality factor is off unless the config sets it: these tests compare whole pages, which a loaded
+    machine would otherwise shorten (the factor has its own tests: tests/unit/test_mixer_overload.py)."""
     config = state.root / f"{name}.yaml"
-    config.write_text(yaml.safe_dump(config_data))
+    config.write_text(yaml.safe_dump({"quality_factor": {"enabled": False}, **config_data}))
     port = free_port()
     log_path = state.root / f"{name}.log"
     env = {**os.environ, "HOME_MIXER_STATE": str(state.root), "PYTHONUNBUFFERED": "1"}

@@ -23,7 +23,7 @@ pytestmark = [
                        reason="prometheus not on PATH: install Debian's prometheus (scripts/setup.sh does it)"),
 ]
 
-ALERTS = {"HomeMixerDriftShareHigh", "HomeMixerFeaturesStale", "HomeMixerStreamLagHigh", "HomeMixerFanoutLagHigh",
+ALERTS = {"HomeMixerDriftShareHigh", "HomeMixerDriftFault", "HomeMixerFeaturesStale", "HomeMixerStreamLagHigh", "HomeMixerFanoutLagHigh",
           "HomeMixerLatencyP99High", "HomeMixerScoringFallbackRateHigh", "HomeMixerSourceFailureRateHigh"}
 
 
