@@ -577,7 +577,8 @@ def cmd_train(args) -> int:
     results = {}
     if args.model in ("light", "both") and args.light_on == "impressions":
         results["light_ranker"] = train_light(train, valid, state, register=not args.no_register,
-                                              set_champion=not args.no_promote)
+                                              set_champion=not args.no_promote,
+                                              **_continued_light(state, args.continue_from))
     if args.model in ("heavy", "both"):
         results["heavy_ranker"] = heavy = train_heavy(train, valid, state, register=not args.no_register,
                                                       set_champion=not args.no_promote, ablation=args.ablation)
@@ -795,6 +796,24 @@ def _train_light_on_candidates(state, valid, args):
                          f"train both rankers on impressions first (`home-mixer train`). MLflow said: {exc}") from exc
     return train_light_on_candidates(cts.frame, valid, state, register=not args.no_register,
                                      set_champion=not args.no_promote, context=cts.run_context())
+
+
+def _continued_light(state, ref: str | None) -> dict:
+    """``--continue-from REF``: ``train_light``'s arguments for an incremental update of the light
+    ranker version REF names (an alias or a version): its booster and its feature names."""
+    if not ref:
+        return {}
+    from core.schema import LIGHT_RANKER_NAME
+    from models.registry import RankerNotFoundError, load_ranker_version, resolve_model_ref
+
+    uri = state.mlflow_tracking_uri
+    try:
+        version = resolve_model_ref(LIGHT_RANKER_NAME, ref, uri)
+        handle = load_ranker_version(LIGHT_RANKER_NAME, version, uri)
+    except (RankerNotFoundError, ValueError) as e:
+        raise UsageError(f"--continue-from {ref}: {e}") from None
+    print(f"continuing light_ranker v{version} ({handle.model.num_trees()} trees) on the new rows")
+    return {"continue_from": (version, handle.model), "feature_names": tuple(handle.feature_names)}
 
 
 def _logged_training_set(state, window_s: float):
@@ -1426,6 +1445,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the impressions of the same (user, post) after each serve")
     t.add_argument("--label-window-s", type=_positive_float, default=3600.0,
                    help="with --from-logged: an impression labels a serve within this many seconds after it")
+    t.add_argument("--continue-from", metavar="REF",
+                   help="an incremental update of the light ranker: add trees to the version this alias or "
+                        "version names, fit on the training rows alone (LightGBM init_model), instead of training "
+                        "from scratch (with --light-on impressions; bench/light_update.py compares the two)")
     t.add_argument("--light-on", choices=["impressions", "candidates"], default="impressions",
                    help="the light ranker's training rows: logged impressions, or the mixer's own candidate sets "
                         "as of a cutoff before the validation days labelled by the next days' engagements "

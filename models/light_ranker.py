@@ -114,6 +114,7 @@ def fit_light_ranker(
     train: pd.DataFrame,
     params: LightRankerParams | None = None,
     feature_names: Sequence[str] = LIGHT_RANKER_FEATURES,
+    init_model: lgb.Booster | None = None,
 ) -> LightRankerFit:
     """Train on all but the last day of ``train``; early-stop on the last day.
 
@@ -122,13 +123,20 @@ def fit_light_ranker(
             the feature columns.
         params: LightGBM settings (default :class:`LightRankerParams`).
         feature_names: input columns (default ``schema.LIGHT_RANKER_FEATURES``).
+        init_model: continue boosting from this booster (an incremental update: up to
+            ``params.num_boost_round`` trees are added to its trees, fit on ``train`` alone;
+            LightGBM's ``init_model``); its feature names must be ``feature_names``.
 
     Raises:
-        ValueError: fewer than 2 days, or the fit part has a single class.
+        ValueError: fewer than 2 days, the fit part has a single class, or ``init_model`` reads
+            other features.
         KeyError / MissingFeaturesError: label or feature columns are missing.
     """
     params = params or LightRankerParams()
     names = tuple(feature_names)
+    if init_model is not None and tuple(init_model.feature_name()) != names:
+        raise ValueError(f"the booster to continue reads {init_model.feature_name()}, not {list(names)}: "
+                         "train it in full instead")
     fit_df, cal_df = split_calibration_day(train)
     y_fit, y_cal = engaged_label(fit_df), engaged_label(cal_df)
     if y_fit.min() == y_fit.max():
@@ -143,7 +151,9 @@ def fit_light_ranker(
         valid_sets=[d_cal],
         valid_names=["calibration"],
         callbacks=[lgb.early_stopping(params.early_stopping_rounds, verbose=False)],
+        init_model=init_model,
     )
+    # with init_model the iterations count on from its trees: best_iteration covers old and new
     best = booster.best_iteration or booster.current_iteration()
     booster.best_iteration = best
     return LightRankerFit(booster, names, best, len(fit_df), len(cal_df))

@@ -163,6 +163,7 @@ def train_light(
     set_champion: bool = True,
     params: LightRankerParams | None = None,
     feature_names: Sequence[str] = LIGHT_RANKER_FEATURES,
+    continue_from: tuple[int, Any] | None = None,
 ) -> TrainResult:
     """Train, evaluate, log and register the light ranker (LightGBM, target ``engaged``).
 
@@ -173,6 +174,9 @@ def train_light(
         register: register the model as ``schema.LIGHT_RANKER_NAME``.
         set_champion: move alias ``champion`` to the new version (needs ``register``).
         params: LightGBM settings; feature_names: input columns.
+        continue_from: ``(version, booster)``: an incremental update that adds trees to that
+            registered version's booster, fit on ``train_df`` alone (``fit_light_ranker``'s
+            ``init_model``; logged as ``continued_from``), instead of training from scratch.
 
     Raises:
         ValueError: empty frames or fewer than 2 training days.
@@ -181,11 +185,13 @@ def train_light(
     _require_rows(train_df, valid_df)
     params = params or LightRankerParams()
     started = time.monotonic()
-    fit = fit_light_ranker(train_df, params, feature_names)
+    fit = fit_light_ranker(train_df, params, feature_names,
+                           init_model=continue_from[1] if continue_from is not None else None)
     seconds = time.monotonic() - started
 
     run_params = {
         **params.as_dict(),
+        "continued_from": continue_from[0] if continue_from is not None else "",
         "ranker": "light", "objective": "impressions", "n_features": len(fit.feature_names),
         "best_iteration": fit.best_iteration, "fit_rows": fit.fit_rows, "calibration_rows": fit.calibration_rows,
         "valid_rows": len(valid_df), "train_days": _days(train_df), "valid_days": _days(valid_df),

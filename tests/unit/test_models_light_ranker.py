@@ -83,3 +83,23 @@ def test_prediction_threads_do_not_change_scores(fit, split):
     one = predict_booster(fit.booster, x, num_threads=1)
     assert one.shape == (len(x), 1) and np.isfinite(one).all()
     np.testing.assert_array_equal(one, default)
+
+
+def test_an_incremental_update_adds_trees_to_the_booster_it_continues(fit, split):
+    """``init_model``: the new booster holds the old trees, then up to num_boost_round new ones fit
+    on the new days alone; it predicts differently from the old one, and it ranks the validation
+    days at least about as well as the old one (the new days are the nearer past)."""
+    train, valid = split
+    days = sorted(train["date"].unique())
+    newest = train[train["date"].isin(days[-3:])]  # the update's data: three days, the last early-stops
+    params = LightRankerParams(num_boost_round=30, early_stopping_rounds=5, num_threads=1)
+    updated = fit_light_ranker(newest, params, init_model=fit.booster)
+    old_trees = fit.booster.num_trees()
+    assert old_trees < updated.booster.num_trees() <= old_trees + 30
+    assert updated.best_iteration > fit.best_iteration  # counted on from the old trees
+    p_old, p_new = fit.predict(valid)[:, 0], updated.predict(valid)[:, 0]
+    assert not np.allclose(p_old, p_new)
+    y = engaged_label(valid)
+    assert M.auc(y, p_new) > M.auc(y, p_old) - 0.01
+    with pytest.raises(ValueError, match="train it in full instead"):
+        fit_light_ranker(newest, params, feature_names=LIGHT_RANKER_FEATURES[:-1], init_model=fit.booster)
