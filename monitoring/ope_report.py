@@ -36,9 +36,8 @@ import pandas as pd
 
 from core import online_layout as keys
 from core.schema import HEADS
+from mixer.blenders.weighted_sum import LIGHT_SCORE_FLOOR
 from models.ope import OffPolicyEstimate, estimate_all, ips, softmax_policy
-
-LIGHT_SCORE_FLOOR = 1e-6  # as mixer.blenders.weighted_sum (the layers keep monitoring off mixer)
 
 
 class OffPolicyDataError(ValueError):
