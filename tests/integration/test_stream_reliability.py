@@ -166,8 +166,9 @@ def _pending_now(client: redis.Redis) -> tuple[list[dict], list, set[str]]:
     for r in rows:
         pipe.xrange(KEY, r["message_id"], r["message_id"])
     events = [parse_event(entry[0][1]) for entry in pipe.execute()]
-    for e in events:
-        pipe.exists(keys.rt_seen_event(e.event_id))
+    for e in events:  # the marker each kind of event writes (single-Redis layout)
+        pipe.exists(keys.rt_seen_event(e.event_id) if isinstance(e, EngagementEvent)
+                    else keys.rt_user_seen_event(e.user_id, e.event_id))
     written = {e.event_id for e, n in zip(events, pipe.execute()) if n}
     return rows, events, written
 
