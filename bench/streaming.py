@@ -134,7 +134,7 @@ def _drain_processor(proc, count: int) -> int:
     """``run_once(count)`` until a call finds nothing new; returns the events handled."""
     done = 0
     while True:
-        proc.run_once(count=count)
+        proc.run_once(count=count, pipelined=True)
         new = sum(proc.stats.values())
         if new == done:
             return done

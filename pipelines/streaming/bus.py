@@ -261,16 +261,40 @@ class RedisStreamsBus:
         """
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
-        self.ensure_group(topic, group)
-        key = event_stream(topic)
         pipe = self.client.pipeline(transaction=False)
+        self.queue_poll(pipe, topic, group, consumer, count, block_ms)
+        lost, resp = pipe.execute(raise_on_error=False)
+        return self.take_poll(topic, group, consumer, lost, resp, count, block_ms)
+
+    def queue_poll(self, pipe, topic: str, group: str, consumer: str, count: int = 100,
+                   block_ms: int | None = None) -> None:
+        """Queue ``poll``'s two commands (the trimmed-entries check and XREADGROUP) at the end of
+        ``pipe`` (a non-transactional pipeline on this bus's server), so a caller can send them
+        with its own writes in one round trip; :meth:`take_poll` turns their two replies into
+        ``poll``'s answer. Creates the group first if it is not known to exist (one round trip, once).
+
+        Raises:
+            ValueError: ``count`` < 1.
+        """
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        self.ensure_group(topic, group)
         k, a = SkipTrimmedKeys.of(topic), SkipTrimmedArgs(group=group, topic=topic)
         pipe.execute_command("EVAL", self._skip_trimmed.script.script, len(k), *k, *a)
-        pipe.xreadgroup(group, consumer, {key: ">"}, count=count, block=block_ms)
-        lost, resp = pipe.execute(raise_on_error=False)
+        pipe.xreadgroup(group, consumer, {event_stream(topic): ">"}, count=count, block=block_ms)
+
+    def take_poll(self, topic: str, group: str, consumer: str, lost, resp, count: int = 100,
+                  block_ms: int | None = None) -> tuple[int, list[Delivery]]:
+        """``poll``'s answer ``(entries lost, deliveries)`` from the two replies of
+        :meth:`queue_poll` (as ``execute(raise_on_error=False)`` returns them). A missing group
+        (the stream was deleted meanwhile) is recreated and read again with ``consume``.
+
+        Raises:
+            redis.RedisError: either reply is an error other than a missing group.
+        """
         if isinstance(resp, redis.ResponseError) and "NOGROUP" in str(resp):
             # the stream or group was deleted meanwhile: consume() recreates it and reads again
-            self._groups.discard((key, group))
+            self._groups.discard((event_stream(topic), group))
             return int(lost or 0) if not isinstance(lost, Exception) else 0, self.consume(
                 topic, group, consumer, count=count, block_ms=block_ms)
         for res in (lost, resp):
@@ -285,7 +309,8 @@ class RedisStreamsBus:
         restarted under the same name. Entries trimmed meanwhile are dead-lettered, as in ``reclaim``;
         delivery counts come from XPENDING, so poison entries still end in the dead-letter stream.
         ``count`` is the page size of each read, not a cap: a consumer's pending list is at most
-        what it read in one batch (it acknowledges each batch), so all of it is returned.
+        what it read in a few batches (it acknowledges each batch; the stream processor's pipelined
+        drain reads up to two ahead), so all of it is returned.
         """
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")

@@ -19,7 +19,11 @@ Redis Streams on this same Redis, a run of engagements acknowledges its entries 
 crash in between leaves those entries pending with their seen markers set, and their redelivery is
 a no-op. A failed write leaves its entry pending, and a processor reclaims entries idle for
 ``reclaim_idle_ms`` when it starts and every ``reclaim_every_s`` after. A batch is two round trips
-when all goes well: ``EventBus.poll`` (the trimmed-entries check and the read) and the write. Key
+when all goes well: ``EventBus.poll`` (the trimmed-entries check and the read) and the write. While
+the group has a backlog, ``run`` drains it pipelined (``StreamProcessor._drain_pipelined``): each
+round trip carries one batch's writes and the read of a later batch, and the next batch is parsed
+and laid out while Redis runs the scripts, so the processor's Python and Redis work overlap instead
+of taking turns (one batch written at a time, in stream order: the same effects). Key
 layout: ``core/online_layout.py``; window / decay math: ``core/realtime.py``; the reader:
 ``mixer.feature_hydrators.realtime_reader``.
 
@@ -47,6 +51,7 @@ posts into the follower's home timeline (one more round trip per batch).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import os
@@ -74,6 +79,60 @@ log = logging.getLogger(__name__)
 # and the lists it unpacks; a larger read is several calls in the same pipeline.
 MAX_BATCH_EVENTS = 1000
 _OUTCOMES = {0: "duplicate", 1: "applied"}  # script replies; social.lua's 2 is "stale"
+
+
+@dataclasses.dataclass
+class _PreparedWrite:
+    """A batch's writes laid out on a pipeline not yet sent (``StreamProcessor._prepare``) and what
+    reading their replies needs (``_finish``)."""
+
+    pipe: object
+    events: list
+    ack_ids: list[str] | None  # the entries the scripts acknowledge, or None
+    steps: list[tuple]
+    event_s: list[float]
+    write_ts: float
+    stamp: bool
+    reset_coverage: bool
+    sends: bool  # anything queued (else the pipeline need not be sent)
+    deliveries: list = dataclasses.field(default_factory=list)
+
+
+class _SentPipeline:
+    """A non-transactional redis-py pipeline sent now and its replies read later: redis-py's
+    ``Pipeline._execute_pipeline`` in two halves, on a connection of the pipeline's pool, so the
+    caller can do other work while Redis runs the commands. No retry: a connection error raises
+    (from the send or from :meth:`replies`) and the connection is dropped."""
+
+    def __init__(self, pipe):
+        if pipe.scripts:  # redis-py Script calls queued (social.lua, the stamp): loaded as execute() does
+            pipe.load_scripts()
+        self.pipe, self.commands = pipe, list(pipe.command_stack)
+        self.conn = pipe.connection_pool.get_connection()
+        try:
+            self.conn.send_packed_command(self.conn.pack_commands([args for args, _ in self.commands]))
+        except BaseException:
+            self.conn.disconnect()
+            pipe.connection_pool.release(self.conn)
+            raise
+
+    def replies(self) -> list:
+        """The replies in command order, a ``redis.ResponseError`` in place of a failed command's
+        (``execute(raise_on_error=False)``)."""
+        out: list = []
+        try:
+            for args, options in self.commands:
+                try:
+                    out.append(self.pipe.parse_response(self.conn, args[0], **options))
+                except redis.ResponseError as exc:
+                    out.append(exc)
+        except BaseException:
+            self.conn.disconnect()  # replies left unread: the connection cannot be reused
+            raise
+        finally:
+            self.pipe.connection_pool.release(self.conn)
+            self.pipe.reset()
+        return out
 
 
 def _same_server(a: redis.Redis, b: redis.Redis) -> bool:
@@ -151,6 +210,7 @@ class StreamProcessor:
         self._outcome_counters: dict = {}
         self._lag_histogram = self.metrics.lag.labels(topic=topic)
         self.stats = collections.Counter()  # applied, duplicate, stale, skipped, failed, lost
+        self._unobserved: list[float] | None = None  # lags the pipelined drain has yet to put in the histogram
 
     # ---- applying events ----
     def _call(self, event, client) -> int:
@@ -189,10 +249,16 @@ class StreamProcessor:
             self._count(outcome, n)
         if lags:
             self._lags.extend(lags)
-            observe = self._lag_histogram.observe
-            for lag in lags:
-                observe(lag if lag > 0.0 else 0.0)
+            if self._unobserved is not None:  # a pipelined drain observes them while Redis works
+                self._unobserved += lags
+            else:
+                self._observe(lags)
         return out
+
+    def _observe(self, lags: list[float]) -> None:
+        observe = self._lag_histogram.observe
+        for lag in lags:
+            observe(lag if lag > 0.0 else 0.0)
 
     def _count(self, outcome: str, n: int) -> None:
         self.stats[outcome] += n
@@ -237,6 +303,22 @@ class StreamProcessor:
         """Write ``events`` (see ``apply_many``); with ``ids`` (their stream entries) and the bus on
         this Redis, each engagement run's script also acknowledges its entries. Returns
         ``apply_many``'s list and, per event, whether it was acknowledged here."""
+        prep = self._prepare(events, stamp, ids)
+        return self._finish(prep, self._execute(prep))
+
+    def _execute(self, prep: "_PreparedWrite"):
+        """Send ``prep``'s pipeline and wait: an iterator over its replies (errors in place)."""
+        try:
+            return iter(prep.pipe.execute(raise_on_error=False) if prep.sends else [])
+        except redis.RedisError:
+            self._batch.discard()
+            raise
+
+    def _prepare(self, events: list, stamp: bool, ids: list[str] | None = None,
+                 reset_coverage: bool = False) -> "_PreparedWrite":
+        """Lay out the writes of ``events`` on a new pipeline, not sent: ``_write``'s first half
+        (``_finish`` reads the replies). With ``reset_coverage`` the pipeline starts with the
+        coverage reset of entries lost before these events (``_lost``)."""
         write_ts = self.clock()
         ack = ids is not None and self._ack_in_script
         # before the writes and their XACK: this batch is still pending, so the stamp claims only
@@ -244,6 +326,8 @@ class StreamProcessor:
         caught_up = self._applied_until() if stamp else None
         stamp = caught_up is not None
         pipe = self.client.pipeline(transaction=False)
+        if reset_coverage:
+            pipe.hdel(keys.RT_COVERAGE, "since", "first")
         # steps in event order: (start, stop) of a run of engagements (one script call), or
         # (i, None, queued) for one other event
         steps: list[tuple] = []
@@ -272,12 +356,19 @@ class StreamProcessor:
             queue_run(run_start, len(events))
         if stamp:
             self._stamp(self._stamp_keys, CoverageStampArgs(caught_up=f"{caught_up:.3f}"), client=pipe)
-        queued = any(len(st) == 2 or st[2] for st in steps)
-        try:
-            replies = iter(pipe.execute(raise_on_error=False) if queued or stamp else [])
-        except redis.RedisError:
-            self._batch.discard()
-            raise
+        sends = reset_coverage or stamp or any(len(st) == 2 or st[2] for st in steps)
+        return _PreparedWrite(pipe, events, ids if ack else None, steps, event_s, write_ts, stamp,
+                              reset_coverage, sends)
+
+    def _finish(self, prep: "_PreparedWrite", replies) -> tuple[list[bool | Exception], list[bool]]:
+        """``_write``'s second half: take ``prep``'s replies from the iterator ``replies`` (in the
+        order ``_prepare`` queued them; the iterator may go on with other commands' replies), retry
+        failed engagement runs one event per call, backfill follows, count the outcomes."""
+        events, steps, event_s, ack_ids = prep.events, prep.steps, prep.event_s, prep.ack_ids
+        if prep.reset_coverage:
+            res = next(replies)
+            if isinstance(res, Exception):
+                log.warning("coverage reset of %s failed: %s", self.topic, res)
         results: list = [None] * len(events)  # per event: reply, exception, or None (no write)
         acked = [False] * len(events)
         graph_ok: list[int] = []  # follows whose social and graph writes succeeded (backfill)
@@ -292,7 +383,7 @@ class StreamProcessor:
                     raise RuntimeError(f"engagement_batch.lua answered {len(res)} results for {stop - start} events")
                 else:
                     results[start:stop] = res
-                    acked[start:stop] = [ack] * (stop - start)
+                    acked[start:stop] = [ack_ids is not None] * (stop - start)
                 continue
             i, _, q = st
             if not q:
@@ -305,13 +396,13 @@ class StreamProcessor:
             event_s[i] = event.event_ts.timestamp()
             if self.graph is not None and event.action == "follow" and not isinstance(results[i], Exception):
                 graph_ok.append(i)
-        if stamp:
+        if prep.stamp:
             res = next(replies)
             if isinstance(res, Exception):
                 # the mixer will judge the stream stale: say why here
                 log.warning("liveness stamp of %s / %s failed: %s", self.topic, self.group, res)
         if retry:
-            self._retry_one_by_one(events, retry, results, write_ts, ids if ack else None, acked)
+            self._retry_one_by_one(events, retry, results, prep.write_ts, ack_ids, acked)
         done_ts = self.clock()  # the writes are visible to readers from here: the lag's end
         # a follow's backfill reads the followee's posts: a second round trip, after the edges
         if graph_ok:
@@ -368,13 +459,26 @@ class StreamProcessor:
         docstring) in one pipeline, then XACK the ones written that their script did not
         acknowledge itself (the class); an empty batch writes the stamp alone (an idle processor
         stays live)."""
+        prep = self._process_prepare(deliveries)
+        return self._process_finish(prep, self._execute(prep))
+
+    def _process_prepare(self, deliveries: list[Delivery], reset_coverage: bool = False) -> "_PreparedWrite":
+        """``_process``'s first half: the stamp decision and ``_prepare`` of the deliveries' events."""
         now = time.monotonic()
         stamp = now - self._last_stamp >= self.stamp_every_s
         if stamp:
             self._last_stamp = now
-        results, acked = self._write([d.event for d in deliveries], stamp=stamp, ids=[d.id for d in deliveries])
+        prep = self._prepare([d.event for d in deliveries], stamp=stamp, ids=[d.id for d in deliveries],
+                             reset_coverage=reset_coverage)
+        prep.deliveries = deliveries
+        return prep
+
+    def _process_finish(self, prep: "_PreparedWrite", replies) -> int:
+        """``_process``'s second half: ``_finish``, then one XACK of the entries written that their
+        script did not acknowledge; returns the events applied now."""
+        results, acked = self._finish(prep, replies)
         done = []
-        for d, res, was_acked in zip(deliveries, results, acked):
+        for d, res, was_acked in zip(prep.deliveries, results, acked):
             if isinstance(res, Exception):
                 # No ack: the entry stays pending and is reclaimed later (or dead-lettered after
                 # max_deliveries by the bus).
@@ -385,15 +489,77 @@ class StreamProcessor:
             self.bus.ack_many(done)
         return sum(r is True for r in results)
 
-    def _lost(self, n: int) -> None:
+    def _drain_pipelined(self, got: list[Delivery], count: int, budget_s: float) -> int:
+        """Apply ``got`` (a full batch: the group is behind) and go on reading and applying while
+        the stream has a backlog, for about ``budget_s`` s, with the next batch's Python work
+        (event parsing, script layout) done while Redis runs the previous batch's script: the two
+        overlap on two cores instead of taking turns. Returns the events applied now.
+
+        Each pipeline is one batch's writes (as ``_process``: the scripts acknowledge their
+        entries) followed by the read (``EventBus.queue_poll``) of the batch after the next one, so
+        one batch read earlier is parsed and laid out between sending the pipeline and reading its
+        replies (``_SentPipeline``). Pipelines run one at a time in stream order, so the
+        effects, the idempotency and the crash guarantees are those of ``run_once``: a batch is
+        written and acknowledged in one script, the batches read ahead stay pending with this
+        consumer (``consume_own_pending`` / the reclaim take them after a crash). Reads stop when
+        one comes back short (caught up) or the budget is spent; the batches read by then are
+        applied before returning. Entries lost to trimming reset the coverage in the pipeline of
+        the batch read after them, after the writes of every batch before the gap.
+
+        Needs the bus to be ``RedisStreamsBus`` on this Redis (``_ack_in_script``).
+
+        Raises:
+            redis.RedisError: a pipeline failed as a whole (the batches in hand stay pending).
+        """
+        deadline = time.monotonic() + budget_s
+        reading = True
+        ahead: collections.deque = collections.deque()  # poll replies (lost, resp) read, not yet parsed
+
+        def take(raw) -> "_PreparedWrite | None":
+            nonlocal reading
+            lost, batch = self.bus.take_poll(self.topic, self.group, self.consumer, *raw, count=count)
+            if len(batch) < count or time.monotonic() >= deadline:
+                reading = False  # caught up (or out of time): read no further
+            if lost:
+                self._lost(lost, reset_now=False)  # reset in this batch's pipeline, after the earlier writes
+            return self._process_prepare(batch, reset_coverage=bool(lost)) if batch or lost else None
+
+        applied, prep = 0, self._process_prepare(got)
+        self._unobserved = []  # lags go to the histogram while Redis runs the next pipeline
+        try:
+            while prep is not None:
+                n_reads = 2 - len(ahead) if reading else 0
+                for _ in range(n_reads):
+                    self.bus.queue_poll(prep.pipe, self.topic, self.group, self.consumer, count)
+                sent = _SentPipeline(prep.pipe)
+                # meanwhile (Redis runs the scripts): the next batch read earlier, parsed and laid
+                # out, and the previous batches' lags observed
+                nxt = take(ahead.popleft()) if ahead else None
+                lags, self._unobserved = self._unobserved, []
+                self._observe(lags)
+                replies = iter(sent.replies())
+                applied += self._process_finish(prep, replies)
+                for _ in range(n_reads):
+                    ahead.append((next(replies), next(replies)))
+                while nxt is None and ahead:  # an empty read: the ones behind it may still hold entries
+                    nxt = take(ahead.popleft())
+                prep = nxt
+        finally:
+            lags, self._unobserved = self._unobserved, None
+            self._observe(lags)
+        return applied
+
+    def _lost(self, n: int, reset_now: bool = True) -> None:
         """``n`` entries were trimmed before the group read them: the stream's windows have a hole,
         so coverage restarts at the next event applied (the mixer takes the part of each window
-        before it from the batch values)."""
+        before it from the batch values). ``reset_now=False``: the caller queues the reset itself
+        (``_prepare(reset_coverage=True)``) after the writes of the events before the gap."""
         log.error("%d %s entries were trimmed (MAXLEN) before group %s read them; their events are lost "
                   "(see the dead-letter stream). Raise the bus maxlen or keep the processors up; "
                   "real-time coverage restarts now", n, self.topic, self.group)
         self._count("lost", n)
-        self.client.hdel(keys.RT_COVERAGE, "since", "first")
+        if reset_now:
+            self.client.hdel(keys.RT_COVERAGE, "since", "first")
 
     def reclaim(self, count: int = 100) -> int:
         """Take over and apply entries of the group pending >= ``reclaim_idle_ms``; returns events applied."""
@@ -407,12 +573,17 @@ class StreamProcessor:
             if len(got) < count:
                 return applied
 
-    def run_once(self, count: int = 100, block_ms: int | None = None) -> int:
+    def run_once(self, count: int = 100, block_ms: int | None = None, pipelined: bool = False) -> int:
         """Reclaim orphaned entries if due (always on the first call), then read up to ``count`` new
         entries (waiting up to ``block_ms`` ms; ``None`` = no wait) and apply them, with the liveness
         stamp (``caught_up`` of ``RT_COVERAGE``, module docstring; an idle processor stamps once per
         ``block_ms``, a busy one every ``stamp_every_s``), which the mixer reads to tell a live
         stream from a stopped or overloaded one.
+
+        With ``pipelined`` and a full batch (the group is behind), it goes on with
+        ``_drain_pipelined`` for up to ``backlog_every_s``: later batches' reads and Python work
+        overlap the scripts of earlier ones (when the bus is Redis Streams on this Redis; else one
+        batch, as without).
 
         Returns the number of events applied now (duplicates and post-created events excluded).
         """
@@ -423,14 +594,18 @@ class StreamProcessor:
         lost, got = self.bus.poll(self.topic, self.group, self.consumer, count=count, block_ms=block_ms)
         if lost:
             self._lost(lost)
-        applied += self._process(got)
+        if pipelined and self._ack_in_script and len(got) >= count:
+            applied += self._drain_pipelined(got, count, budget_s=max(self.backlog_every_s, 0.1))
+        else:
+            applied += self._process(got)
         if time.monotonic() - self._last_backlog >= self.backlog_every_s:
             self.refresh_backlog()
         return applied
 
     def run(self, stop_event: threading.Event, count: int = 100, block_ms: int = 1000) -> int:
-        """Loop ``run_once`` until ``stop_event`` is set (checked at least every ``block_ms`` ms);
-        returns the total events applied. A Redis error is logged and retried after a second.
+        """Loop ``run_once`` (pipelined while the group has a backlog) until ``stop_event`` is set
+        (checked at least every ``block_ms`` ms, or every ``backlog_every_s`` while draining a
+        backlog); returns the total events applied. A Redis error is logged and retried after a second.
 
         At start and after every error it first re-reads its own pending entries (what this
         consumer name read but did not acknowledge, e.g. the batch in hand when Redis went away),
@@ -438,7 +613,7 @@ class StreamProcessor:
         """
         return run_consumer_loop(
             stop_event, lambda: self._process(self.bus.consume_own_pending(self.topic, self.group, self.consumer, count)),
-            lambda: self.run_once(count, block_ms), "stream processor")
+            lambda: self.run_once(count, block_ms, pipelined=True), "stream processor")
 
     def refresh_backlog(self):
         """Read the group's backlog from the bus into the consumer-lag gauges and set the lag

@@ -39,6 +39,7 @@ from core.state import StateDir
 from pipelines.raw import LOG_DTYPES, LOG_FILE, VIDEOS_DTYPES, VIDEOS_FILE, read_csv_typed
 from pipelines.streaming.bus import RedisStreamsBus
 from pipelines.streaming.events import EngagementEvent, encode_event, parse_event
+from pipelines.streaming.processor import StreamProcessor
 from pipelines.streaming.replay import LogReplayer, ReplayEventBuilder, ReplayRowsBuilder
 from tests.integration._stream_recompute import (
     entity_ids, expected_state, observed_state, seen_event_ids, state_diff,
@@ -423,3 +424,62 @@ def test_malformed_entries_are_dead_lettered_while_a_running_processor_applies_t
     g = _group(client)
     assert (g["pending"], g["lag"]) == (0, 0)
     _assert_final_state(client, valid)
+
+
+# ---------------------------------------------------------------- 4. the pipelined drain
+def test_a_pipelined_drain_of_a_backlog_writes_what_one_batch_at_a_time_writes(own_redis, replay_slice):
+    """``run_once(pipelined=True)`` on a backlog overlaps the next batches' reads and Python work
+    with the scripts of earlier ones; the effects must be those of one batch at a time: every event
+    once (republished ones are duplicates), nothing left pending, the state equal to the recomputation."""
+    _, _, _, events = replay_slice
+    client = redis.Redis.from_url(own_redis.url)
+    bus = RedisStreamsBus(client)
+    again = events[::25]  # published twice (new entries, same event ids): a producer's retry
+    bus.publish_many([(TOPIC, e) for e in events] + [(TOPIC, e) for e in again])
+    proc = StreamProcessor(client, bus, consumer="P", backlog_every_s=0.2)
+    calls = []
+    while (n := proc.run_once(count=100, pipelined=True)) or not calls:
+        calls.append(n)
+    assert max(calls) > 300, calls  # one call went on past its first batch: the pipelined path ran
+    assert proc.stats["applied"] == len(events) and proc.stats["duplicate"] == len(again)
+    assert not proc.stats["failed"]
+    assert client.xpending(KEY, GROUP)["pending"] == 0 and proc.refresh_backlog().lag == 0
+    _assert_final_state(client, events)
+
+
+class _TrimsOnRead(RedisStreamsBus):
+    """A real ``RedisStreamsBus`` whose ``nth`` queued read first trims the stream's head up to the
+    entry ``keep_from`` (``XTRIM MINID``), as a producer outrunning the length cap does: the
+    entries not yet delivered before it are lost while batches read earlier are still in hand."""
+
+    def __init__(self, client, nth: int, keep_from: bytes):
+        super().__init__(client)
+        self.nth, self.keep_from, self.reads = nth, keep_from, 0
+
+    def queue_poll(self, pipe, *args, **kw):
+        self.reads += 1
+        if self.reads == self.nth:
+            self.client.xtrim(KEY, minid=self.keep_from, approximate=False)
+        return super().queue_poll(pipe, *args, **kw)
+
+
+def test_entries_lost_mid_pipelined_drain_restart_coverage_after_the_batches_before_the_gap(own_redis):
+    from mixer.feature_hydrators.realtime_reader import RealtimeFeatureReader
+
+    client = redis.Redis.from_url(own_redis.url)
+    t0 = 1_651_406_400.0
+    events = [EngagementEvent(event_id=f"g{i}", kind="click", user_id=1 + i % 7, post_id=10 + i % 13,
+                              author_id=7, event_ts=pd.Timestamp(t0 + i, unit="s", tz="UTC").to_pydatetime())
+              for i in range(1000)]
+    ids = RedisStreamsBus(client).publish_many([(TOPIC, e) for e in events])
+    # reads: 1 = run_once's poll (entries 0-99), 2-3 = the first pipeline's (100-299), 4 = the
+    # second pipeline's: entries 300-499, never delivered, are trimmed just before it
+    bus = _TrimsOnRead(client, nth=4, keep_from=ids[500].encode())
+    proc = StreamProcessor(client, bus, consumer="P", clock=lambda: t0 + 1001.0)
+    while proc.run_once(count=100, pipelined=True):
+        pass
+    assert bus.reads > 4 and proc.stats["lost"] == 200 and proc.stats["applied"] == 800
+    # the reset ran after the writes of entries 200-299 (read before the gap) and before 500's:
+    # coverage starts at the first event after the gap
+    assert RealtimeFeatureReader(client).coverage().since == t0 + 500
+    assert client.xpending(KEY, GROUP)["pending"] == 0
