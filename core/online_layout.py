@@ -10,7 +10,7 @@ Hash tags (Redis Cluster). Redis Cluster puts a key in slot CRC16(tag) mod 16384
 the part inside the key's first ``{...}`` (the whole key if it has none), and a Lua script or a
 ``MULTI`` may only touch keys of one slot (Redis Cluster specification, "Keys hash tags"). So every
 key of one entity carries the entity's tag: ``{u:<user_id>}`` (a user's sets, sequences, timelines,
-real-time zsets), ``{p:<post_id>}`` (a post's real-time counts, meta, score, fan-out progress,
+real-time zsets), ``{p:<post_id>}`` (a post's real-time counts (with its newest-event fields), score, fan-out progress,
 co-engagement neighbours), ``{a:<author_id>}`` (an author's score and posts), ``{<topic>}`` (a
 topic's stream and its dead letters), and the global real-time keys share ``{rt}`` (trending,
 coverage, the post metadata that trending reads, the markers of a batch's global part). Keys without
@@ -64,8 +64,7 @@ is in ``core.realtime``):
 | ``rt_post_seen_event(post_id, event_id)`` | ``hm:{p:{post_id}}:rt:seen:{event_id}`` | string (TTL) | ``1``: the event's post part was applied (cluster mode) | ``engagement_batch.lua`` | the same script |
 | ``rt_author_seen_event(author_id, event_id)`` | ``hm:{a:{author_id}}:rt:seen:{event_id}`` | string (TTL) | ``1``: the event's author part was applied (cluster mode) | ``engagement_batch.lua`` | the same script |
 | ``rt_user_seen_event(user_id, event_id)`` | ``hm:{u:{user_id}}:rt:seen:{event_id}`` | string (TTL) | ``1``: the event's user part was applied (``engagement_batch.lua`` in cluster mode; ``social.lua`` always) | ``engagement_batch.lua``, ``social.lua`` | the same scripts |
-| ``rt_post_counts(post_id)`` | ``hm:{p:{post_id}}:rt:counts`` | hash (TTL) | ``{kind}:{bucket_start_s}`` -> count in that 5-min bucket | ``engagement_batch.lua`` | ``RealtimeFeatureReader`` (``window_sums.lua``) |
-| ``rt_post_meta(post_id)`` | ``hm:{p:{post_id}}:rt:meta`` | hash (TTL) | ``last_event_ts`` (newest event), ``last_write_ts`` | ``engagement_batch.lua`` | ``engagement_batch.lua``; ``RealtimeFeatureReader.post_meta`` |
+| ``rt_post_counts(post_id)`` | ``hm:{p:{post_id}}:rt:counts`` | hash (TTL) | ``{kind}:{bucket_start_s}`` -> count in that 5-min bucket; ``last_event_ts`` (newest event), ``last_write_ts`` (one hash, so a batch writes and expires one key per post) | ``engagement_batch.lua`` | ``RealtimeFeatureReader`` (``window_sums.lua``, ``post_meta``); ``engagement_batch.lua`` |
 | ``rt_post_score(post_id)`` | ``hm:{p:{post_id}}:rt:score`` | hash (TTL) | ``v`` decayed engagement score at time ``t`` | ``engagement_batch.lua`` | ``RealtimeFeatureReader.decayed_scores`` |
 | ``rt_author_score(author_id)`` | ``hm:{a:{author_id}}:rt:score`` | hash (TTL) | the same, over the author's posts | ``engagement_batch.lua`` | ``RealtimeFeatureReader.decayed_scores`` |
 | ``rt_user_recent_posts(user_id)`` | ``hm:{u:{user_id}}:rt:posts`` | zset | last 50 positively engaged posts -> event ts | ``engagement_batch.lua`` | ``RealtimeFeatureReader.user_recent`` |
@@ -303,13 +302,9 @@ def rt_user_seen_event(user_id: int, event_id: str) -> str:
 
 
 def rt_post_counts(post_id: int) -> str:
-    """hash ``{kind}:{bucket_start_s}`` -> count."""
+    """hash ``{kind}:{bucket_start_s}`` -> count, and ``last_event_ts`` / ``last_write_ts`` (epoch
+    s: the post's newest event and the last write; fields without a bucket, which window readers skip)."""
     return f"{_post_tag(post_id)}:rt:counts"
-
-
-def rt_post_meta(post_id: int) -> str:
-    """hash ``last_event_ts``, ``last_write_ts`` (epoch s)."""
-    return f"{_post_tag(post_id)}:rt:meta"
 
 
 def rt_post_score(post_id: int) -> str:

@@ -195,4 +195,6 @@ class RealtimeFeatureReader:
 
     def post_meta(self, post_id: int) -> dict[str, float]:
         """``{"last_event_ts": s, "last_write_ts": s}`` (empty if the post has no events)."""
-        return {_s(k): float(v) for k, v in self.client.hgetall(keys.rt_post_meta(post_id)).items()}
+        names = ("last_event_ts", "last_write_ts")
+        values = self.client.hmget(keys.rt_post_counts(post_id), names)
+        return {n: float(v) for n, v in zip(names, values) if v is not None}

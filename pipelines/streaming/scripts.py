@@ -97,8 +97,8 @@ class EngagementBatchScript:
     """``engagement_batch.lua`` loaded on a client: applies a list of ``EngagementEvent`` in one
     atomic call (the script's header comment says what it writes and how).
 
-    KEYS = ``EngagementBatchKeys`` + one seen marker per event + per distinct post (counts, meta,
-    score) + per distinct author (score) + per distinct user of a non-impression event
+    KEYS = ``EngagementBatchKeys`` + one seen marker per event + per distinct post (counts with
+    the newest-event fields, score) + per distinct author (score) + per distinct user of a non-impression event
     (recent posts, recent authors, hated, follows, social_ts, action sequence) [+ the events'
     stream]; ARGV = ``EngagementBatchArgs`` + the post ids + the author ids + per event (kind,
     event time ``%.6f``, post / author / user index, 1-based, user 0 for an impression) [+ the
@@ -149,7 +149,7 @@ class EngagementBatchScript:
         authors: dict[int, int] = {}
         users: dict[int, int] = {}
         post_ids, post_keys, author_ids, author_keys, user_keys = [], [], [], [], []
-        counts_key, meta_key, score_key = keys.rt_post_counts, keys.rt_post_meta, keys.rt_post_score
+        counts_key, score_key = keys.rt_post_counts, keys.rt_post_score
         for e in events:
             p, a, kind = e.post_id, e.author_id, e.kind
             pj = posts.get(p)
@@ -157,7 +157,7 @@ class EngagementBatchScript:
                 pj = posts[p] = len(posts) + 1
                 post_ids.append(p)
                 if with_post:
-                    post_keys += (counts_key(p), meta_key(p), score_key(p))
+                    post_keys += (counts_key(p), score_key(p))
             aj = authors.get(a)
             if aj is None:
                 aj = authors[a] = len(authors) + 1

@@ -49,9 +49,10 @@ def _eng(eid, kind, ts, user=1, post=10, author=7) -> EngagementEvent:
 
 def _reference_call(e: EngagementEvent, write_s: float, seen_ttl: int, caps: dict) -> tuple[list, list]:
     """KEYS / ARGV of the per-event script for ``e`` (its former ``EngagementKeys.of`` /
-    ``EngagementArgs.of``)."""
+    ``EngagementArgs.of``). Its post meta hash is the counts hash, which holds the newest-event
+    fields since the layout merged the two (its pruning skips fields without a bucket)."""
     u, p, a, t = e.user_id, e.post_id, e.author_id, e.event_ts.timestamp()
-    k = [keys.rt_seen_event(e.event_id), keys.rt_post_counts(p), keys.rt_post_meta(p), keys.rt_post_score(p),
+    k = [keys.rt_seen_event(e.event_id), keys.rt_post_counts(p), keys.rt_post_counts(p), keys.rt_post_score(p),
          keys.rt_author_score(a), keys.rt_user_recent_posts(u), keys.rt_user_recent_authors(u), keys.hated_authors(u),
          keys.follows(u), keys.rt_social_ts(u), keys.POST_META, keys.RT_TRENDING_POSTS, keys.RT_TRENDING_TAGS,
          keys.RT_COVERAGE, keys.action_sequence(u)]
@@ -76,7 +77,7 @@ def _dump(client: redis.Redis, event_ids, posts=POSTS, users=USERS) -> dict:
     names = [keys.RT_TRENDING_POSTS, keys.RT_TRENDING_TAGS, keys.RT_COVERAGE]
     names += [keys.rt_seen_event(e) for e in event_ids]
     for p in posts:
-        names += [keys.rt_post_counts(p), keys.rt_post_meta(p), keys.rt_post_score(p)]
+        names += [keys.rt_post_counts(p), keys.rt_post_score(p)]
     names += [keys.rt_author_score(_author(p)) for p in posts]
     for u in users:
         names += [keys.rt_user_recent_posts(u), keys.rt_user_recent_authors(u), keys.hated_authors(u), keys.follows(u),

@@ -29,8 +29,8 @@
 -- writes; each part has its own seen markers (in its slot), so a part applied before a crash is
 -- skipped on redelivery and the others applied: exact once per part.
 --
--- KEYS: the 4 named below ('g' only), then one seen marker per event, then per post (counts, meta,
--- score; 'p' only), per author (score; 'a' only), per user (recent_posts, recent_authors, hated,
+-- KEYS: the 4 named below ('g' only), then one seen marker per event, then per post (counts, which
+-- also holds the newest-event fields, and score; 'p' only), per author (score; 'a' only), per user (recent_posts, recent_authors, hated,
 -- follows, social_ts, action_sequence), then (n_acks > 0) the events' stream.
 -- ARGV: the 19 named below, then per post its id, per author its id, then per event: kind,
 -- event_ts ('%.6f'), post index, author index, user index (1-based into the lists above; user
@@ -62,7 +62,7 @@ local rcap, scap = tonumber(recent_cap), tonumber(sequence_cap)
 local G, P, A = find(parts, 'g', 1, true) ~= nil, find(parts, 'p', 1, true) ~= nil, find(parts, 'a', 1, true) ~= nil
 local K_SEEN, A_POST = G and 4 or 0, 19
 local K_POST = K_SEEN + ne
-local K_AUTHOR = K_POST + (P and 3 * np or 0)
+local K_AUTHOR = K_POST + (P and 2 * np or 0)
 local K_USER = K_AUTHOR + (A and na or 0)
 local A_AUTHOR = A_POST + np
 local A_EVENT = A_AUTHOR + na
@@ -177,21 +177,19 @@ end
 local posts, authors, users = {}, {}, {}
 local post_order, author_order, user_order = {}, {}, {}
 local function post_state(pj)
-  local b = K_POST + 3 * (tonumber(pj) - 1)
-  local p = {counts_key = KEYS[b + 1], meta_key = KEYS[b + 2], score_key = KEYS[b + 3],
-             id = ARGV[A_POST + tonumber(pj)]}
-  local prev = read('HGET', p.meta_key, 'last_event_ts')
-  p.newest = prev and tonumber(prev)
-  posts[pj] = p
-  post_order[#post_order + 1] = p
-  return p
-end
-local function load_counts(p)
-  -- field -> count; dirty / deleted: what phase 2 writes
+  local b = K_POST + 2 * (tonumber(pj) - 1)
+  local p = {counts_key = KEYS[b + 1], score_key = KEYS[b + 2], id = ARGV[A_POST + tonumber(pj)]}
+  -- field -> count; dirty / deleted: what phase 2 writes. The hash's two fields without a bucket
+  -- (the newest event, the last write) are kept apart: p.newest, rewritten with every batch
   local flat = read('HGETALL', p.counts_key)
   local counts = {}
   for k = 1, #flat, 2 do counts[flat[k]] = tonumber(flat[k + 1]) end
+  p.newest = counts['last_event_ts']
+  counts['last_event_ts'], counts['last_write_ts'] = nil, nil
   p.counts, p.dirty = counts, {}
+  posts[pj] = p
+  post_order[#post_order + 1] = p
+  return p
 end
 local function author_state(aj)
   local j = tonumber(aj)
@@ -260,7 +258,7 @@ for i = 1, ne do
     local a = A and (authors[aj] or author_state(aj))
     local post_id = p and p.id or ARGV[A_POST + tonumber(pj)]
     local author_id = a and a.id or ARGV[A_AUTHOR + tonumber(aj)]
-    -- post meta: the newest event time (kept; an older event does not move it back)
+    -- the post's newest event time (kept; an older event does not move it back)
     local newest = ets
     if p and p.newest and p.newest > ets then newest = p.newest end
     if p then p.newest = newest end
@@ -269,7 +267,6 @@ for i = 1, ne do
     -- producer cannot push the post's real buckets out of the window
     local horizon = min(newest, clock_edge) - retention
     if p and bucket + bucket_len > horizon then
-      if not p.counts then load_counts(p) end
       local counts = p.counts
       local f = field_of(kind, bucket)
       local n = counts[f]
@@ -373,17 +370,14 @@ local function write_score(s)
   end
 end
 for _, p in ipairs(post_order) do
-  rcall('HSET', p.meta_key, 'last_event_ts', format('%.6f', p.newest), 'last_write_ts', write_ts)
-  rcall('PEXPIREAT', p.meta_key, counts_at)
-  if p.counts then  -- an event of the post fell in the window
-    local set, counts = {}, p.counts
-    for f, _ in pairs(p.dirty) do
-      if counts[f] then set[#set + 1] = f; set[#set + 1] = counts[f] end
-    end
-    if #set > 0 then chunked('HSET', p.counts_key, set, 2) end
-    if p.deleted then chunked('HDEL', p.counts_key, p.deleted, 1) end
-    rcall('PEXPIREAT', p.counts_key, counts_at)
+  -- one hash per post: its changed buckets and its newest-event fields in one HSET, one expiry
+  local set, counts = {'last_event_ts', format('%.6f', p.newest), 'last_write_ts', write_ts}, p.counts
+  for f, _ in pairs(p.dirty) do
+    if counts[f] then set[#set + 1] = f; set[#set + 1] = counts[f] end
   end
+  chunked('HSET', p.counts_key, set, 2)
+  if p.deleted then chunked('HDEL', p.counts_key, p.deleted, 1) end
+  rcall('PEXPIREAT', p.counts_key, counts_at)
   write_score(p)
 end
 for _, a in ipairs(author_order) do write_score(a) end
