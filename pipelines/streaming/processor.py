@@ -531,13 +531,13 @@ class StreamProcessor:
                 n_reads = 2 - len(ahead) if reading else 0
                 for _ in range(n_reads):
                     self.bus.queue_poll(prep.pipe, self.topic, self.group, self.consumer, count)
-                sent = _SentPipeline(prep.pipe)
+                sent = _SentPipeline(prep.pipe) if prep.sends or n_reads else None
                 # meanwhile (Redis runs the scripts): the next batch read earlier, parsed and laid
                 # out, and the previous batches' lags observed
                 nxt = take(ahead.popleft()) if ahead else None
                 lags, self._unobserved = self._unobserved, []
                 self._observe(lags)
-                replies = iter(sent.replies())
+                replies = iter(sent.replies() if sent is not None else [])
                 applied += self._process_finish(prep, replies)
                 for _ in range(n_reads):
                     ahead.append((next(replies), next(replies)))
