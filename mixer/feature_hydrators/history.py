@@ -13,6 +13,7 @@ from mixer.candidate import Candidate, Query
 from mixer.candidate_hydrators.post_metadata import read_post_meta
 from mixer.candidate_sources.coengagement import read_neighbours
 from mixer.components import FeatureHydrator
+from mixer.feature_hydrators.frame import set_feature_columns
 from mixer.redis_health import RedisHealth, read_through
 
 _EMPTY = (np.zeros(0, dtype="int64"), np.zeros(0, dtype="float64"))
@@ -85,9 +86,8 @@ class HistoryFeatureHydrator(FeatureHydrator):
         cols = history_feature_columns([a.author_id for a in seq], seq_tags, [lists.get(s, _EMPTY) for s in seeds],
                                        [c.post_id for c in candidates], [c.author_id for c in candidates],
                                        [c.tag_id for c in candidates])
-        for name in HISTORY_FEATURES:
-            features[name] = cols[name]
+        update = {name: cols[name] for name in HISTORY_FEATURES}
         # the sequence for the heavy ranker's target attention: the same row for every candidate
         seq_row = sequence_bucket_rows(posts, [a.author_id for a in seq])
-        features[list(SEQUENCE_ID_FEATURES)] = np.broadcast_to(seq_row, (len(candidates), len(seq_row)))
-        return features
+        update.update(zip(SEQUENCE_ID_FEATURES, seq_row))
+        return set_feature_columns(features, update)

@@ -51,6 +51,7 @@ import redis
 from core.realtime import bucket_start
 from core.schema import SMOOTHING_M
 from mixer.candidate import Candidate, Query
+from mixer.feature_hydrators.frame import set_feature_columns
 from mixer.feature_hydrators.realtime_reader import RealtimeFeatureReader, StreamCoverage
 
 # batch feature -> stream kind (``events.ENGAGEMENT_KINDS``)
@@ -217,18 +218,21 @@ class RealtimeFeatureHydrator:
         if fresh.since is None or not len(features):
             return features
         end = -bucket_start(-fresh.now_s)  # the windows end on the bucket grid (core.realtime.window_buckets)
-        out = features.copy()
-        n_batch = out["post_impressions_24h"].to_numpy()
-        priors = {rate: recover_prior(out[rate].to_numpy(), out[k].to_numpy(), n_batch) for rate, k in RATES_24H.items()}
+        def batch(col: str) -> np.ndarray:
+            return features[col].to_numpy(dtype="float64")
+
+        n_batch = batch("post_impressions_24h")
+        priors = {rate: recover_prior(batch(rate), batch(k), n_batch) for rate, k in RATES_24H.items()}
+        update: dict[str, np.ndarray] = {}
         for j, (w, secs) in enumerate(WINDOWS.items()):
             for i, name in enumerate(COUNT_KINDS):
                 col = f"post_{name}_{w}"
-                out[col] = merge_window(fresh.counts[:, i, j], out[col].to_numpy(), end - secs, secs, fresh.since)
-        n = out["post_impressions_24h"].to_numpy()
+                update[col] = merge_window(fresh.counts[:, i, j], batch(col), end - secs, secs, fresh.since)
+        n = update.get("post_impressions_24h", n_batch)
         for rate, k in RATES_24H.items():
             if np.isfinite(priors[rate]):
-                out[rate] = (out[k].to_numpy() + priors[rate] * SMOOTHING_M) / (n + SMOOTHING_M)
-        return out
+                update[rate] = (update.get(k, batch(k)) + priors[rate] * SMOOTHING_M) / (n + SMOOTHING_M)
+        return set_feature_columns(features.copy(), update)
 
     def hydrate(self, query: Query, candidates: list[Candidate], features: pd.DataFrame) -> pd.DataFrame:
         """``merge(fetch(query, candidates), features)``; ``features`` is the batch frame (float64,

@@ -8,6 +8,7 @@ import pandas as pd
 from core.schema import RETRIEVAL_FEATURES
 from mixer.candidate import Candidate, Query
 from mixer.components import FeatureHydrator
+from mixer.feature_hydrators.frame import set_feature_columns
 
 
 class RetrievalScoreFeatureHydrator(FeatureHydrator):
@@ -73,8 +74,7 @@ class RetrievalScoreFeatureHydrator(FeatureHydrator):
         tower = getattr(self.retrieval, "model", None)
         if len(new) and tower is not None:
             score[new] = tower.item_embeddings(_item_rows(candidates, features, new))[1] @ user
-        features[RETRIEVAL_FEATURES[0]] = score
-        return features
+        return set_feature_columns(features, {RETRIEVAL_FEATURES[0]: score})
 
 
 def _item_rows(candidates: list[Candidate], features: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:

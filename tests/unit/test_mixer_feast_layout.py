@@ -6,6 +6,7 @@ import math
 import random
 
 import numpy as np
+import pandas as pd
 import pytest
 from feast.protos.feast.types.Value_pb2 import Value
 
@@ -141,3 +142,25 @@ def test_finish_feature_frame_of_columns_equals_the_frame_path_and_the_offline_r
     with pytest.raises(ValueError, match="user_click_rate has 39 rows"):
         finish_feature_frame({**columns, "user_click_rate": columns["user_click_rate"][:-1]}, now_s, 4, user_id=3,
                              post_ids=posts, author_ids=authors)
+
+
+def test_set_feature_columns_writes_in_place_and_keeps_one_block():
+    from core.schema import ALL_FEATURES
+    from mixer.feature_hydrators.frame import finish_feature_frame, set_feature_columns
+
+    n = 7
+    frame = finish_feature_frame({"post_duration_ms": np.arange(n, dtype="float64")}, 1_651_406_400.0, 0,
+                                 user_id=3, post_ids=list(range(n)), author_ids=[1] * n)
+    assert frame._mgr.nblocks == 1
+    before = frame.copy()
+    names = [ALL_FEATURES[5], ALL_FEATURES[-1], ALL_FEATURES[40]]
+    out = set_feature_columns(frame, {names[0]: np.linspace(0, 1, n), names[1]: 2.5, names[2]: np.full(n, np.nan)})
+    assert out is frame and frame._mgr.nblocks == 1 and list(frame.columns) == list(ALL_FEATURES)
+    np.testing.assert_array_equal(frame[names[0]].to_numpy(), np.linspace(0, 1, n))
+    assert (frame[names[1]] == 2.5).all() and frame[names[2]].isna().all()
+    untouched = [c for c in ALL_FEATURES if c not in names]
+    pd.testing.assert_frame_equal(frame[untouched], before[untouched])
+    with pytest.raises(KeyError, match="no_such_feature"):
+        set_feature_columns(frame, {"no_such_feature": np.zeros(n)})
+    with pytest.raises(ValueError):
+        set_feature_columns(frame, {names[0]: np.zeros(n + 1)})
