@@ -52,8 +52,8 @@ def finish_feature_frame(stored, now_s: float, surface: int, *, user_id: int,
 
 
 def set_feature_columns(frame: pd.DataFrame, columns: dict[str, np.ndarray]) -> pd.DataFrame:
-    """Overwrite existing columns of ``frame`` (in place; returned) with ``columns`` (name -> float64
-    array, one value per row, or a scalar) in one positional write.
+    """Set ``columns`` (name -> float64 array, one value per row, or a scalar) in ``frame``, in place
+    (returned): the existing ones in one positional write, any others appended after them.
 
     The hydrated frame is one float64 block (``finish_feature_frame``). Setting its columns one by
     one (``frame[name] = ...``) splits that block once per column, each split copying the block
@@ -61,19 +61,20 @@ def set_feature_columns(frame: pd.DataFrame, columns: dict[str, np.ndarray]) -> 
     fragmented frame that ``models.features.feature_matrix`` must consolidate (copy) again.
 
     Raises:
-        KeyError: a name is not a column of ``frame`` (the hydrators refine, never add, columns).
         ValueError: an array of another length than ``frame``.
     """
-    if not columns:
-        return frame
     names = list(columns)
     idx = frame.columns.get_indexer(names)
-    if (idx < 0).any():
-        raise KeyError(f"not columns of the feature frame: {[n for n, i in zip(names, idx) if i < 0]}")
-    values = np.empty((len(frame), len(names)))
-    for j, name in enumerate(names):
-        values[:, j] = columns[name]
-    frame.iloc[:, idx] = values
+    known = [j for j, i in enumerate(idx) if i >= 0]
+    if known:
+        values = np.empty((len(frame), len(known)))
+        for k, j in enumerate(known):
+            values[:, k] = columns[names[j]]
+        frame.iloc[:, idx[known]] = values
+    for j in np.flatnonzero(idx < 0):  # a frame without the column (the frame of ALL_FEATURES has all)
+        values = np.empty(len(frame))
+        values[:] = columns[names[j]]
+        frame[names[j]] = values
     return frame
 
 

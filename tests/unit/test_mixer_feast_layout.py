@@ -160,7 +160,8 @@ def test_set_feature_columns_writes_in_place_and_keeps_one_block():
     assert (frame[names[1]] == 2.5).all() and frame[names[2]].isna().all()
     untouched = [c for c in ALL_FEATURES if c not in names]
     pd.testing.assert_frame_equal(frame[untouched], before[untouched])
-    with pytest.raises(KeyError, match="no_such_feature"):
-        set_feature_columns(frame, {"no_such_feature": np.zeros(n)})
+    set_feature_columns(frame, {"not_in_the_frame": np.arange(n, dtype="float64"), names[1]: 1.0})
+    assert list(frame.columns) == [*ALL_FEATURES, "not_in_the_frame"] and (frame[names[1]] == 1.0).all()
+    np.testing.assert_array_equal(frame["not_in_the_frame"].to_numpy(), np.arange(n))
     with pytest.raises(ValueError):
         set_feature_columns(frame, {names[0]: np.zeros(n + 1)})
