@@ -116,6 +116,15 @@ class _SentPipeline:
             pipe.connection_pool.release(self.conn)
             raise
 
+    def close(self) -> None:
+        """Give the connection back without reading the replies (after an error elsewhere): it is
+        disconnected first, since unread replies would answer the next user's commands."""
+        if self.conn is not None:
+            self.conn.disconnect()
+            self.pipe.connection_pool.release(self.conn)
+            self.pipe.reset()
+            self.conn = None
+
     def replies(self) -> list:
         """The replies in command order, a ``redis.ResponseError`` in place of a failed command's
         (``execute(raise_on_error=False)``)."""
@@ -132,6 +141,7 @@ class _SentPipeline:
         finally:
             self.pipe.connection_pool.release(self.conn)
             self.pipe.reset()
+            self.conn = None
         return out
 
 
@@ -211,6 +221,7 @@ class StreamProcessor:
         self._lag_histogram = self.metrics.lag.labels(topic=topic)
         self.stats = collections.Counter()  # applied, duplicate, stale, skipped, failed, lost
         self._unobserved: list[float] | None = None  # lags the pipelined drain has yet to put in the histogram
+        self._coverage_reset_due = False  # see _drain_pipelined's error path
 
     # ---- applying events ----
     def _call(self, event, client) -> int:
@@ -460,7 +471,11 @@ class StreamProcessor:
         acknowledge itself (the class); an empty batch writes the stamp alone (an idle processor
         stays live)."""
         prep = self._process_prepare(deliveries)
-        return self._process_finish(prep, self._execute(prep))
+        applied = self._process_finish(prep, self._execute(prep))
+        if self._coverage_reset_due:  # a gap a failed pipelined drain could not reset in order
+            self.client.hdel(keys.RT_COVERAGE, "since", "first")
+            self._coverage_reset_due = False
+        return applied
 
     def _process_prepare(self, deliveries: list[Delivery], reset_coverage: bool = False) -> "_PreparedWrite":
         """``_process``'s first half: the stamp decision and ``_prepare`` of the deliveries' events."""
@@ -522,9 +537,12 @@ class StreamProcessor:
                 reading = False  # caught up (or out of time): read no further
             if lost:
                 self._lost(lost, reset_now=False)  # reset in this batch's pipeline, after the earlier writes
+                nonlocal reset_pending
+                reset_pending = True
             return self._process_prepare(batch, reset_coverage=bool(lost)) if batch or lost else None
 
-        applied, prep = 0, self._process_prepare(got)
+        reset_pending = False  # a gap was seen and its queued coverage reset has not run yet
+        applied, prep, sent = 0, self._process_prepare(got), None
         self._unobserved = []  # lags go to the histogram while Redis runs the next pipeline
         try:
             while prep is not None:
@@ -538,12 +556,28 @@ class StreamProcessor:
                 lags, self._unobserved = self._unobserved, []
                 self._observe(lags)
                 replies = iter(sent.replies() if sent is not None else [])
+                sent = None
                 applied += self._process_finish(prep, replies)
+                if prep.reset_coverage and not any(p.reset_coverage for p in (nxt,) if p is not None):
+                    reset_pending = False  # ran, and no later gap is waiting in the batch laid out
                 for _ in range(n_reads):
                     ahead.append((next(replies), next(replies)))
                 while nxt is None and ahead:  # an empty read: the ones behind it may still hold entries
                     nxt = take(ahead.popleft())
                 prep = nxt
+        except BaseException:
+            # the batches in hand stay pending (re-read after the error); a pipeline sent and not
+            # read gives its connection back disconnected. A gap seen (or read and not yet parsed)
+            # whose queued reset never ran: the poll that found it moved the group past it, so no
+            # one would report it again; the reset is due after the next batch this processor
+            # writes (run() re-reads its pending entries first: coverage restarts after all of them)
+            if sent is not None:
+                sent.close()
+            unparsed = sum(int(lost) for lost, _ in ahead if isinstance(lost, int))
+            if unparsed:
+                self._lost(unparsed, reset_now=False)
+            self._coverage_reset_due |= reset_pending or unparsed > 0
+            raise
         finally:
             lags, self._unobserved = self._unobserved, None
             self._observe(lags)

@@ -463,15 +463,20 @@ class _TrimsOnRead(RedisStreamsBus):
         return super().queue_poll(pipe, *args, **kw)
 
 
+def _thousand_clicks(own_redis, prefix: str):
+    """``(client, t0, events, entry ids)``: 1,000 clicks one second apart from ``t0``, published."""
+    client = redis.Redis.from_url(own_redis.url)
+    t0 = 1_651_406_400.0
+    events = [EngagementEvent(event_id=f"{prefix}{i}", kind="click", user_id=1 + i % 7, post_id=10 + i % 13,
+                              author_id=7, event_ts=pd.Timestamp(t0 + i, unit="s", tz="UTC").to_pydatetime())
+              for i in range(1000)]
+    return client, t0, events, RedisStreamsBus(client).publish_many([(TOPIC, e) for e in events])
+
+
 def test_entries_lost_mid_pipelined_drain_restart_coverage_after_the_batches_before_the_gap(own_redis):
     from mixer.feature_hydrators.realtime_reader import RealtimeFeatureReader
 
-    client = redis.Redis.from_url(own_redis.url)
-    t0 = 1_651_406_400.0
-    events = [EngagementEvent(event_id=f"g{i}", kind="click", user_id=1 + i % 7, post_id=10 + i % 13,
-                              author_id=7, event_ts=pd.Timestamp(t0 + i, unit="s", tz="UTC").to_pydatetime())
-              for i in range(1000)]
-    ids = RedisStreamsBus(client).publish_many([(TOPIC, e) for e in events])
+    client, t0, events, ids = _thousand_clicks(own_redis, "g")
     # reads: 1 = run_once's poll (entries 0-99), 2-3 = the first pipeline's (100-299), 4 = the
     # second pipeline's: entries 300-499, never delivered, are trimmed just before it
     bus = _TrimsOnRead(client, nth=4, keep_from=ids[500].encode())
@@ -483,3 +488,59 @@ def test_entries_lost_mid_pipelined_drain_restart_coverage_after_the_batches_bef
     # coverage starts at the first event after the gap
     assert RealtimeFeatureReader(client).coverage().since == t0 + 500
     assert client.xpending(KEY, GROUP)["pending"] == 0
+
+
+class _FailsOnce(_TrimsOnRead):
+    """``_TrimsOnRead`` that raises once, as a read-ahead reply with an error (a failover's
+    READONLY, a BUSY script) would: at the 5th ``take_poll`` (``where="take"``: entries 600-699,
+    while the pipeline with the gap's coverage reset and the writes of 500-599 is in flight) or at
+    the 6th ``queue_poll`` (``where="queue"``: before that pipeline is sent). Either comes after
+    the writes of the entries before the gap: the trim removed them from the stream, so had they
+    still been pending they would be dead-lettered, not applied (Redis Streams' trimming)."""
+
+    def __init__(self, client, nth: int, keep_from: bytes, where: str):
+        super().__init__(client, nth, keep_from)
+        self.where, self.takes = where, 0
+
+    def queue_poll(self, pipe, *args, **kw):
+        if self.where == "queue" and self.reads + 1 == 6:
+            self.reads += 1
+            raise redis.ResponseError("READONLY You can't write against a read only replica.")
+        return super().queue_poll(pipe, *args, **kw)
+
+    def take_poll(self, *args, **kw):
+        self.takes += 1
+        if self.where == "take" and self.takes == 5:
+            raise redis.ResponseError("READONLY You can't write against a read only replica.")
+        return super().take_poll(*args, **kw)
+
+
+@pytest.mark.parametrize("where", ["take", "queue"])
+def test_an_error_mid_pipelined_drain_leaks_no_connection_keeps_the_gap_and_loses_nothing(own_redis, where):
+    from mixer.feature_hydrators.realtime_reader import RealtimeFeatureReader
+
+    client, t0, events, ids = _thousand_clicks(own_redis, "f")
+    # entries 300-499 trimmed before the 4th read; then an error (the class) before or while the
+    # pipeline carrying the gap's coverage reset runs
+    bus = _FailsOnce(client, nth=4, keep_from=ids[500].encode(), where=where)
+    proc = StreamProcessor(client, bus, consumer="P", clock=lambda: t0 + 1001.0)
+    with pytest.raises(redis.ResponseError, match="READONLY"):
+        while proc.run_once(count=100, pipelined=True):
+            pass
+    assert not client.connection_pool._in_use_connections  # the pipeline in flight gave its connection back
+    # what was in hand stays pending with P and is applied on P's restart (run()'s first step);
+    # the gap's coverage reset, if its pipeline never ran, follows that first write
+    proc._process(bus.consume_own_pending(TOPIC, GROUP, "P", 100))
+    while proc.run_once(count=100, pipelined=True):
+        pass
+    # (the pipeline whose replies were dropped was applied in Redis but not counted here); coverage
+    # starts after the gap
+    assert proc.stats["lost"] == 200 and 700 <= proc.stats["applied"] <= 800 and not proc.stats["failed"]
+    assert client.xpending(KEY, GROUP)["pending"] == 0
+    assert RealtimeFeatureReader(client).coverage().since >= t0 + 500
+    # each event once, none of the gap (coverage is not the recomputation's: it restarted after the gap)
+    kept = events[:300] + events[500:]
+    assert seen_event_ids(client) == {e.event_id for e in kept}
+    now, ids = kept[-1].event_ts.timestamp() + 1.0, entity_ids(kept)
+    assert [d for d in state_diff(observed_state(client, now, ids), expected_state(kept, now, ids))
+            if not d.startswith("('coverage'")] == []
