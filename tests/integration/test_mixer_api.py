@@ -852,7 +852,9 @@ def test_off_policy_estimates_from_an_exploring_arm_find_the_simulated_truth(mix
         stop_pid(proc.pid)
     assert not sim.failed
     log = read_exploration_log(client, arm="explore", since_s=since)
-    assert len(log) == len(sim.pages) == 400 * 2 * 10
+    # every served slot logged once; a request whose sources ran out of time on a loaded box may
+    # serve a short page (7 of 8,000 slots once), so the count is not exact
+    assert len(log) == len(sim.pages) >= 0.99 * 400 * 2 * 10
     cfg = load_config(mixer_state.root / "mixer-ope.yaml")
     targets = ope_targets(cfg)
     rows = off_policy_against_truth(log, sim.pages, model, {"explore (greedy)": targets["explore"],
@@ -939,8 +941,10 @@ def test_the_model_updater_promotes_a_better_challenger_and_rolls_back_a_worse_o
 
     try:
         serve(pool[:400], 10)  # the bad champion's serves: the feature log to learn from
-        settings = LoopSettings(shadow_min_requests=20, ramp_share=0.5, settle_s=1.0, window_serves=100_000,
-                                eval_fraction=0.2, max_p99_ratio=3.0)  # p99 of ~300 requests on a busy box
+        # a shadow share of 0.5 over 120 requests: ~60 shadowed, far from the minimum of 20 (at the
+        # default 0.2, ~24 expected, 17 happened once); the p99 ratio is of ~300 requests on a busy box
+        settings = LoopSettings(shadow_min_requests=20, shadow_share=0.5, ramp_share=0.5, settle_s=1.0,
+                                window_serves=100_000, eval_fraction=0.2, max_p99_ratio=3.0)
         updater = ModelUpdater(mixer_state, config_path, settings, client, drive=drive,
                                trainer=lambda train, valid: train_heavy(train, valid, mixer_state, set_champion=False,
                                                                         params=params),
