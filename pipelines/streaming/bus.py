@@ -259,10 +259,8 @@ class RedisStreamsBus:
             ValueError: ``count`` < 1.
             redis.RedisError: the round trip failed, or a reply other than a missing group.
         """
-        if count < 1:
-            raise ValueError(f"count must be >= 1, got {count}")
         pipe = self.client.pipeline(transaction=False)
-        self.queue_poll(pipe, topic, group, consumer, count, block_ms)
+        self.queue_poll(pipe, topic, group, consumer, count, block_ms)  # checks count
         lost, resp = pipe.execute(raise_on_error=False)
         return self.take_poll(topic, group, consumer, lost, resp, count, block_ms)
 

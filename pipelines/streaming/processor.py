@@ -145,6 +145,13 @@ class _SentPipeline:
         return out
 
 
+def _reset_coverage(target) -> None:
+    """The coverage reset after entries were lost (``StreamProcessor._lost``): ``since`` and
+    ``first`` restart at the next event applied. ``target``: the online store's client (now) or a
+    pipeline (in order with its writes)."""
+    target.hdel(keys.RT_COVERAGE, "since", "first")
+
+
 def _same_server(a: redis.Redis, b: redis.Redis) -> bool:
     """Whether two clients reach the same Redis database: the same client, or the same host,
     port, unix socket and db (a name and its address count as different: the answer errs on no)."""
@@ -338,7 +345,7 @@ class StreamProcessor:
         stamp = caught_up is not None
         pipe = self.client.pipeline(transaction=False)
         if reset_coverage:
-            pipe.hdel(keys.RT_COVERAGE, "since", "first")
+            _reset_coverage(pipe)
         # steps in event order: (start, stop) of a run of engagements (one script call), or
         # (i, None, queued) for one other event
         steps: list[tuple] = []
@@ -473,7 +480,7 @@ class StreamProcessor:
         prep = self._process_prepare(deliveries)
         applied = self._process_finish(prep, self._execute(prep))
         if self._coverage_reset_due:  # a gap a failed pipelined drain could not reset in order
-            self.client.hdel(keys.RT_COVERAGE, "since", "first")
+            _reset_coverage(self.client)
             self._coverage_reset_due = False
         return applied
 
@@ -558,8 +565,8 @@ class StreamProcessor:
                 replies = iter(sent.replies() if sent is not None else [])
                 sent = None
                 applied += self._process_finish(prep, replies)
-                if prep.reset_coverage and not any(p.reset_coverage for p in (nxt,) if p is not None):
-                    reset_pending = False  # ran, and no later gap is waiting in the batch laid out
+                # every batch laid out before has run: a reset is pending only in the next one
+                reset_pending = nxt is not None and nxt.reset_coverage
                 for _ in range(n_reads):
                     ahead.append((next(replies), next(replies)))
                 while nxt is None and ahead:  # an empty read: the ones behind it may still hold entries
@@ -593,7 +600,7 @@ class StreamProcessor:
                   "real-time coverage restarts now", n, self.topic, self.group)
         self._count("lost", n)
         if reset_now:
-            self.client.hdel(keys.RT_COVERAGE, "since", "first")
+            _reset_coverage(self.client)
 
     def reclaim(self, count: int = 100) -> int:
         """Take over and apply entries of the group pending >= ``reclaim_idle_ms``; returns events applied."""
