@@ -13,6 +13,10 @@ and config but ``drift_sample`` (off; on at rate 1.0, so every request pays it; 
 end to end and of the ``side_effects`` stage for each, and the ratios on/off. The rate-1.0 mixer
 writes to the state's ``hm:drift_sample`` stream; those entries are deleted afterwards when the
 bench started Redis itself (no other writer), else left (the stream is capped).
+
+``--heavy-backend``: the heavy ranker in torch against ONNX Runtime in process
+(``heavy_ranker.backend``), the same way: two mixers, the same users interleaved; prints p50/p99 end
+to end and of the ``heavy_ranker`` stage, and the ratios onnx / torch.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from pipelines.training_set import load_training_set
 # (label, drift_sample overrides of the embedded mixer.yaml)
 DRIFT_VARIANTS = (("off", {"enabled": False}), ("on, rate 1.0", {"enabled": True, "rate": 1.0}),
                   ("on, rate 0.01", {"enabled": True, "rate": 0.01}))
+# (label, heavy_ranker overrides): the first is the peer of the ratios
+HEAVY_VARIANTS = (("torch", {"backend": "torch"}), ("onnx", {"backend": "onnx"}))
 
 
 def pct(values, q) -> float:
@@ -52,36 +58,56 @@ def timeline(client: httpx.Client, base: str, uid: int) -> tuple[float, dict, in
     return ms, body.get("timings_ms", {}), len(body["items"])
 
 
-def drift_sample_cost(state: StateDir, srv: RedisServer, users: list[int], own_redis: bool) -> None:
-    """The ``--drift-sample`` mode: p50/p99 with the side effect off and on (see the module doc)."""
-    import redis
-
-    r = redis.Redis.from_url(srv.url)
-    before = r.xinfo_stream(keys.DRIFT_SAMPLE)["last-generated-id"] if r.exists(keys.DRIFT_SAMPLE) else b"0-0"
+def interleaved(state: StateDir, srv: RedisServer, users: list[int], section: str, variants, stage_name: str):
+    """One mixer per variant (``{section: overrides}`` over the embedded config), the same users sent
+    to each in rotated order (so load on the machine hits all alike): per variant the end-to-end
+    milliseconds and the ``stage_name`` stage's."""
     mixers, bases = [], []
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            for i, (_, overrides) in enumerate(DRIFT_VARIANTS):
-                path = Path(tmp) / f"drift{i}.yaml"
-                path.write_text(yaml.safe_dump({"drift_sample": overrides}))
-                mixer, base = start_mixer(state, srv.url, config=path, name=f"bench-mixer-drift{i}")
+            for i, (_, overrides) in enumerate(variants):
+                path = Path(tmp) / f"variant{i}.yaml"
+                path.write_text(yaml.safe_dump({section: overrides}))
+                mixer, base = start_mixer(state, srv.url, config=path, name=f"bench-mixer-{section}{i}")
                 mixers.append(mixer)
                 bases.append(base)
             client = httpx.Client(timeout=30, headers=mixers[0].auth_headers)  # one state: one token
             for base in bases:
                 for uid in users[:5]:  # warm-up (model load, connection pools)
                     timeline(client, base, uid)
-            total = [[] for _ in DRIFT_VARIANTS]
-            stage = [[] for _ in DRIFT_VARIANTS]
+            total = [[] for _ in variants]
+            stage = [[] for _ in variants]
             for n, uid in enumerate(users):
-                for k in range(len(DRIFT_VARIANTS)):
-                    v = (n + k) % len(DRIFT_VARIANTS)  # rotate the order: none always goes first
+                for k in range(len(variants)):
+                    v = (n + k) % len(variants)  # rotate the order: none always goes first
                     ms, timings, _ = timeline(client, bases[v], uid)
                     total[v].append(ms)
-                    stage[v].append(timings.get("side_effects", float("nan")))
+                    stage[v].append(timings.get(stage_name, float("nan")))
         finally:
             for mixer in mixers:
                 mixer.stop()
+    return total, stage
+
+
+def heavy_backend_cost(state: StateDir, srv: RedisServer, users: list[int]) -> None:
+    """The ``--heavy-backend`` mode: torch against ONNX Runtime (see the module doc)."""
+    total, stage = interleaved(state, srv, users, "heavy_ranker", HEAVY_VARIANTS, "heavy_ranker")
+    print(f"requests: {len(users)} distinct users per variant, interleaved, page size 20")
+    print(f"{'heavy_ranker':<16} {'p50 ms':>8} {'p99 ms':>8} {'heavy stage p50':>16} {'p99':>8}")
+    for (label, _), t, st in zip(HEAVY_VARIANTS, total, stage):
+        print(f"{label:<16} {pct(t, 50):8.2f} {pct(t, 99):8.2f} {pct(st, 50):16.3f} {pct(st, 99):8.3f}")
+    print(f"ratio onnx / torch: end to end p50 {pct(total[1], 50) / pct(total[0], 50):.3f}x, "
+          f"p99 {pct(total[1], 99) / pct(total[0], 99):.3f}x; heavy stage p50 "
+          f"{pct(stage[1], 50) / pct(stage[0], 50):.3f}x, p99 {pct(stage[1], 99) / pct(stage[0], 99):.3f}x")
+
+
+def drift_sample_cost(state: StateDir, srv: RedisServer, users: list[int], own_redis: bool) -> None:
+    """The ``--drift-sample`` mode: p50/p99 with the side effect off and on (see the module doc)."""
+    import redis
+
+    r = redis.Redis.from_url(srv.url)
+    before = r.xinfo_stream(keys.DRIFT_SAMPLE)["last-generated-id"] if r.exists(keys.DRIFT_SAMPLE) else b"0-0"
+    total, stage = interleaved(state, srv, users, "drift_sample", DRIFT_VARIANTS, "side_effects")
     written = r.xrange(keys.DRIFT_SAMPLE, min=f"({_text(before)}", max="+")
     print(f"requests: {len(users)} distinct users per variant, interleaved, page size 20")
     print(f"{'drift_sample':<16} {'p50 ms':>8} {'p99 ms':>8} {'side effects p50':>17} {'p99':>8}")
@@ -110,17 +136,22 @@ def main() -> None:
     ap.add_argument("--state", default=None)
     ap.add_argument("--drift-sample", action="store_true",
                     help="compare the drift-sample side effect off / on (rate 1.0) / on (rate 0.01)")
+    ap.add_argument("--heavy-backend", action="store_true",
+                    help="compare the heavy ranker in torch and in ONNX Runtime (heavy_ranker.backend)")
     args = ap.parse_args()
     state = StateDir(Path(args.state).resolve()) if args.state else StateDir.from_env()
     srv = RedisServer.running(state)
     started = None
     if srv is None:
         srv = started = RedisServer(state).start()
-    if args.drift_sample:
+    if args.drift_sample or args.heavy_backend:
         try:
             users = load_training_set(state)["user_id"].drop_duplicates().sample(
                 n=args.requests, random_state=7).tolist()
-            drift_sample_cost(state, srv, users, own_redis=started is not None)
+            if args.drift_sample:
+                drift_sample_cost(state, srv, users, own_redis=started is not None)
+            else:
+                heavy_backend_cost(state, srv, users)
         finally:
             if started:
                 started.stop()

@@ -257,7 +257,8 @@ def _load_ranker(config: MixerConfig, role: str, ref: str, metrics: MixerMetrics
                  client: redis.Redis | None = None) -> RankerHandle:
     """One ranker (``role`` "light" or "heavy") at the version ``ref`` names (an alias or a
     version), warmed up, wrapped for ``backend`` (None: in-process); a light ranker compiled per
-    ``light_ranker.backend`` (its load check reads the feature log through ``client``)."""
+    ``light_ranker.backend``, a heavy ranker in ONNX Runtime per ``heavy_ranker.backend`` (their load
+    checks read the feature log through ``client``)."""
     from mixer.scorers.light_backend import light_ranker_backend
     from models.registry import load_ranker_version, resolve_model_ref
 
@@ -268,6 +269,13 @@ def _load_ranker(config: MixerConfig, role: str, ref: str, metrics: MixerMetrics
                                  num_threads=config.scoring.threads)
     if role == "light":
         handle = light_ranker_backend(handle, config.light_ranker, client)
+    else:
+        from mixer.scorers.heavy_backend import heavy_ranker_backend
+
+        def program():  # only on a cache miss: the export's input, a second download of the version
+            return load_ranker_version(name, version, uri, with_program=True).program
+
+        handle = heavy_ranker_backend(handle, config.heavy_ranker, program, client, config.scoring.threads)
     _warm_up(handle)  # also the fallback of a remote backend: it must not be cold either
     if backend is None:
         return handle

@@ -79,6 +79,7 @@ class CompiledLightRanker:
         key: :func:`cache_key` of the model.
         from_cache: True when this load read ``path`` instead of compiling.
         max_abs_diff: the largest difference to LightGBM seen by the load-time check (NaN if unchecked).
+        engine: ``"lleaves"`` (``models.registry.RankerHandle.engine`` reports it).
     """
 
     model: Any
@@ -86,6 +87,7 @@ class CompiledLightRanker:
     key: str
     from_cache: bool
     max_abs_diff: float = float("nan")
+    engine: str = "lleaves"
 
     def predict(self, x: np.ndarray, n_jobs: int = 1) -> np.ndarray:
         """Probabilities (or the objective's transform of the raw score, as ``booster.predict``)

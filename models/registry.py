@@ -448,9 +448,11 @@ class RankerHandle:
         num_threads: LightGBM's (and the compiled model's) prediction threads (0: LightGBM's
             default, OpenMP's, all cores). Torch's intra-op pool is per process:
             ``torch.set_num_threads``, set by the server.
-        compiled: the light ranker compiled by lleaves (``models.compiled_light``), which then
-            scores instead of LightGBM; None scores with the loaded model. Set by
-            :func:`with_compiled_light`.
+        compiled: a faster engine of the same model, which then scores instead of the loaded one:
+            the light ranker compiled by lleaves (``models.compiled_light``, set by
+            :func:`with_compiled_light`) or the heavy ranker in ONNX Runtime
+            (``serving.onnx_ranker.OnnxRanker``, set by the mixer). Any object with
+            ``engine`` name and ``predict(float32 [N, F], n_jobs) -> float32 [N, heads]``; None scores with the loaded model.
     """
 
     name: str
@@ -467,9 +469,9 @@ class RankerHandle:
 
     @property
     def engine(self) -> str:
-        """What scores :meth:`predict`: ``"lleaves"`` (compiled), ``"lightgbm"`` or ``"torch"``."""
+        """What scores :meth:`predict`: ``"lleaves"`` (compiled), ``"onnxruntime"``, ``"lightgbm"`` or ``"torch"``."""
         if self.compiled is not None:
-            return "lleaves"
+            return self.compiled.engine
         return "lightgbm" if self.kind == "light" else "torch"
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:

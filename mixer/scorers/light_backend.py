@@ -59,8 +59,16 @@ def light_ranker_backend(handle, settings, client: redis.Redis | None = None):
 
     if settings.backend == "lightgbm":
         return handle
+    cache_dir, rows = load_check_inputs(handle, settings, client)
+    return with_compiled_light(handle, cache_dir, check_rows=rows)
+
+
+def load_check_inputs(handle, settings, client: redis.Redis | None) -> tuple[Path, pd.DataFrame | None]:
+    """What a backend's load needs: the cache folder (``settings.cache_dir``, null:
+    ``<state>/compiled``) and the feature log's newest ``settings.check_rows`` rows for the
+    equality check (None: no client, no rows, or rows without the handle's features)."""
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else StateDir.from_env().compiled_models
     rows = served_feature_rows(client, settings.check_rows) if client is not None else None
     if rows is not None and not set(handle.feature_names) <= set(rows.columns):
         rows = None  # a model on features the mixer does not hydrate: its scorer refuses it with the reason
-    return with_compiled_light(handle, cache_dir, check_rows=rows)
+    return cache_dir, rows

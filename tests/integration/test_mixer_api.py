@@ -329,7 +329,7 @@ def test_promote_and_rollback_without_restart(mixer_server, mixer_state, known_u
     assert swap_s < 30
 
 
-def test_the_mixer_compiles_the_light_ranker_once_and_a_restart_reuses_it(mixer_server, mixer_state, known_users):
+def test_the_mixer_compiles_its_rankers_once_and_a_restart_reuses_them(mixer_server, mixer_state, known_users):
     """The mixer (``light_ranker.backend: compiled``, the default) compiled its light ranker at start
     into ``<state>/compiled``; a later load of the same version (what a restart or a second worker
     does) reads that file instead of compiling, and scores the feature log's real rows as LightGBM."""
@@ -357,6 +357,18 @@ def test_the_mixer_compiles_the_light_ranker_once_and_a_restart_reuses_it(mixer_
     ours, theirs = fast.predict(rows), plain.predict(rows)
     assert np.abs(ours.astype(np.float64) - theirs).max() <= MAX_ABS_DIFF
     assert np.isnan(rows[list(plain.feature_names)].to_numpy()).any()  # real rows with missing features
+
+    # the heavy ranker (heavy_ranker.backend: onnx, the default) was exported once for its version, and
+    # the cached file scores the same real rows as torch
+    from serving.onnx_ranker import MAX_ABS_DIFF as ONNX_MAX_ABS_DIFF, load_checked
+
+    heavy = load_ranker("heavy_ranker", tracking_uri=uri)
+    (exported,) = mixer_state.compiled_models.glob(f"heavy_ranker-v{heavy.version}-*.onnx")
+    onnx_heavy = load_checked(heavy, mixer_state.compiled_models, rows, lambda: None)  # None: no export
+    assert onnx_heavy.from_cache and onnx_heavy.path == exported
+    theirs = heavy.predict(rows)
+    ours = onnx_heavy.predict(rows[list(heavy.feature_names)].to_numpy())
+    assert np.abs(ours.astype(np.float64) - theirs).max() <= ONNX_MAX_ABS_DIFF
 
 
 def test_mixer_on_bentoml_answers_every_request_when_the_server_dies(mixer_server, mixer_state, known_users,

@@ -246,3 +246,87 @@ def test_sync_serves_challenger_and_keeps_the_previous_version_for_rollback(regi
     finally:  # the module's registry is shared: leave no challenger behind
         if "challenger" in client.get_registered_model(LIGHT_RANKER_NAME).aliases:
             client.delete_registered_model_alias(LIGHT_RANKER_NAME, "challenger")
+
+
+# ---------------------------------------------------------------- the heavy ranker in ONNX Runtime, in process
+
+
+def _heavy_with_program(registry):
+    from models.registry import alias_version, load_ranker_version
+
+    uri = registry.mlflow_tracking_uri
+    version = alias_version(HEAVY_RANKER_NAME, tracking_uri=uri)
+    plain = load_ranker(HEAVY_RANKER_NAME, tracking_uri=uri)
+    return plain, (lambda: load_ranker_version(HEAVY_RANKER_NAME, version, uri, with_program=True).program)
+
+
+def test_heavy_ranker_in_onnx_runtime_is_exported_once_then_read_back(registry, check_rows, tmp_path):
+    """``heavy_ranker.backend: onnx``: the first load exports and checks, a later load (a restart, a
+    second worker) reads the cached file without touching the program, and both score as torch."""
+    import dataclasses
+
+    from mixer.config import HeavyRankerSettings
+    from mixer.scorers.heavy_backend import heavy_ranker_backend
+    from serving.onnx_ranker import MAX_ABS_DIFF
+
+    plain, program = _heavy_with_program(registry)
+    settings = HeavyRankerSettings(cache_dir=str(tmp_path))
+    calls = []
+
+    def counted():
+        calls.append(1)
+        return program()
+
+    fast = heavy_ranker_backend(plain, settings, counted)
+    assert fast.engine == "onnxruntime" and plain.engine == "torch" and calls == [1]
+    assert not fast.compiled.from_cache and fast.compiled.max_abs_diff <= MAX_ABS_DIFF
+    (cached,) = tmp_path.glob(f"{HEAVY_RANKER_NAME}-v{plain.version}-*.onnx")
+    assert fast.compiled.path == cached
+    props = {p.key: p.value for p in onnx.load(str(cached)).metadata_props}
+    assert props["run_id"] == plain.run_id and float(props["check_max_abs_diff"]) <= MAX_ABS_DIFF
+
+    def no_export():
+        raise AssertionError("a cached version must not be exported again")
+
+    again = heavy_ranker_backend(plain, settings, no_export)
+    assert again.engine == "onnxruntime" and again.compiled.from_cache and again.compiled.path == cached
+    ours, theirs = again.predict(check_rows), plain.predict(check_rows)
+    assert ours.shape == theirs.shape == (len(check_rows), len(HEADS))
+    assert np.abs(ours.astype(np.float64) - theirs).max() <= MAX_ABS_DIFF
+    assert heavy_ranker_backend(plain, HeavyRankerSettings(backend="torch"), no_export) is plain
+    # another registered version (a retrain: new run id) never reads this file
+    other = dataclasses.replace(plain, run_id="0" * 32)
+    assert heavy_ranker_backend(other, settings, program).compiled.path != cached
+
+
+def test_heavy_ranker_onnx_replaces_a_bad_file_and_falls_back_to_torch_on_a_bad_export(registry, tmp_path, caplog,
+                                                                                          monkeypatch):
+    """A half-written or altered cached file is exported again; an export that scores differently
+    from torch, and a version without a program, leave torch scoring, with a warning saying why."""
+    from mixer.config import HeavyRankerSettings
+    from mixer.scorers.heavy_backend import heavy_ranker_backend
+    from serving import onnx_ranker
+    from serving.onnx_ranker import OnnxLoadError, load_checked
+
+    plain, program = _heavy_with_program(registry)
+    settings = HeavyRankerSettings(cache_dir=str(tmp_path))
+    path = heavy_ranker_backend(plain, settings, program).compiled.path
+    good = path.read_bytes()
+
+    for bad in (good[: len(good) // 3], _tamper_heavy(onnx.load(str(path))).SerializeToString()):
+        path.write_bytes(bad)
+        fixed = heavy_ranker_backend(plain, settings, program)
+        assert fixed.engine == "onnxruntime" and not fixed.compiled.from_cache and path.read_bytes() == good
+
+    real = onnx_ranker.to_onnx
+    monkeypatch.setattr(onnx_ranker, "to_onnx", lambda h, alias=None: _tamper_heavy(real(h, alias)))
+    path.write_bytes(_tamper_heavy(onnx.load(str(path))).SerializeToString())
+    with caplog.at_level("WARNING", logger="serving.onnx_ranker"):
+        kept = heavy_ranker_backend(plain, settings, program)
+    assert kept is plain and kept.engine == "torch"
+    assert "scores with torch" in caplog.text and "differs from the native model" in caplog.text
+
+    path.unlink()
+    with pytest.raises(OnnxLoadError, match="no torch.export program"):
+        load_checked(plain, tmp_path, None, lambda: None)
+    assert not path.exists()
