@@ -389,7 +389,7 @@ def write_candidate_index(client: redis.Redis, content: CandidateIndexContent) -
         p.add("zadd", key, {m: ts for m, ts in rows}, gt=True)
         p.add("zremrangebyrank", key, 0, -(2 * SEQUENCE_LENGTH + 1))
     for post, (nbrs, scores) in grouped_arrays(content.coengagement, "post_id", ["neighbour_id", "score"]):
-        p.add("zadd", keys.coengagement(post), dict(zip(nbrs.tolist(), scores.tolist())))
+        p.add("set", keys.coengagement(post), keys.encode_neighbours(nbrs, scores))
 
     counts = content.counts()
     p.add("hset", keys.INDEX_META, mapping={

@@ -85,13 +85,25 @@ class CoEngagementCandidateSource(CandidateSource):
 
 
 def read_neighbours(client: redis.Redis, posts: list[int], n: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """The top ``n`` co-engagement neighbours of each post, one pipeline: post -> (ids int64,
-    similarities float64), best first (empty arrays for a post without a list)."""
+    """The top ``n`` co-engagement neighbours of each post, one pipeline of GETRANGEs of the packed
+    lists (``core.online_layout.encode_neighbours``): post -> (ids int64, similarities float64),
+    best first (empty arrays for a post without a list).
+
+    Raises:
+        ValueError: a list is not in the packed form (an index written by an older version, as
+            zsets): the message says to rebuild the candidate index.
+        redis.RedisError: Redis is unreachable.
+    """
+    width = keys.NEIGHBOUR_DTYPE.itemsize
     pipe = client.pipeline(transaction=False)
     for post in posts:
-        pipe.zrevrange(keys.coengagement(post), 0, n - 1, withscores=True)
-    out = {}
-    for post, rows in zip(posts, pipe.execute()):
-        out[post] = (np.fromiter((int(m) for m, _ in rows), dtype="int64", count=len(rows)),
-                     np.fromiter((float(s) for _, s in rows), dtype="float64", count=len(rows)))
-    return out
+        pipe.getrange(keys.coengagement(post), 0, n * width - 1)
+    try:
+        raw = pipe.execute()
+    except redis.ResponseError as e:
+        if "WRONGTYPE" in str(e):
+            raise ValueError(f"co-engagement lists ({keys.coengagement(posts[0])}, ...) are not packed strings: the "
+                             "candidate index was written by an older version; rebuild it (`home-mixer index "
+                             "build`)") from e
+        raise
+    return {post: keys.decode_neighbours(b) for post, b in zip(posts, raw)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import redis
@@ -14,6 +15,7 @@ from core import online_layout as keys
 from core.schema import IMPRESSIONS_COLUMNS, POSTS_COLUMNS, PRELOG_EVENTS_COLUMNS, SOCIAL_EDGES_COLUMNS
 from mixer.candidate import EngagedAction, Query
 from mixer.candidate_sources import CoEngagementCandidateSource
+from mixer.candidate_sources.coengagement import read_neighbours
 from mixer.caches import CacheSettings, MixerCaches
 from mixer.components import Fallback
 from mixer.query_hydrators import UserActionSequenceQueryHydrator
@@ -86,9 +88,20 @@ def test_index_holds_point_in_time_sequences_and_neighbours(store):
     assert [keys.decode_action(m) for m in members] == [(3, 1003, "long_view"), (2, 1002, "like")]
     assert client.zcard(keys.action_sequence(6)) == 2  # the pre-log history counts
     assert not client.exists(keys.action_sequence(5))  # engaged only after the cutoff
-    nbrs = {int(p) for p in client.zrange(keys.coengagement(3), 0, -1)}
-    assert nbrs == {1, 2, 4}  # 5 co-occurs with 2 only after the cutoff
-    assert 5 not in {int(p) for p in client.zrange(keys.coengagement(2), 0, -1)}
+    ids3, sims3 = keys.decode_neighbours(client.get(keys.coengagement(3)))
+    assert set(ids3.tolist()) == {1, 2, 4}  # 5 co-occurs with 2 only after the cutoff
+    assert (np.diff(sims3) <= 0).all() and (sims3 > 0).all()  # best first
+    expect = content.coengagement[content.coengagement["post_id"] == 3]
+    assert dict(zip(ids3.tolist(), sims3.tolist())) == dict(zip(expect["neighbour_id"], expect["score"]))
+    assert 5 not in keys.decode_neighbours(client.get(keys.coengagement(2)))[0]
+    # the top n of a list are its first n records: what the mixer reads (one GETRANGE per seed)
+    top1 = read_neighbours(client, [3, 999], 1)
+    assert top1[3][0].tolist() == ids3[:1].tolist() and len(top1[999][0]) == 0
+    # an index of the older layout (zsets) is named, with what to do
+    client.delete(keys.coengagement(3))
+    client.zadd(keys.coengagement(3), {"1": 0.5})
+    with pytest.raises(ValueError, match="rebuild it"):
+        read_neighbours(client, [3], 10)
     assert content.counts()["coengagement_posts"] == 4 and content.counts()["sequence_users"] == 5
 
 
@@ -135,7 +148,9 @@ def test_stream_appends_live_engagements_once_and_the_source_expands_them(store)
     ids = [c.post_id for c in cands]
     assert 3 not in ids and 2 not in ids  # the user's own engagements are not candidates
     scores = {c.post_id: c.source_score for c in cands}
-    expect_1 = client.zscore(keys.coengagement(3), 1) + client.zscore(keys.coengagement(2), 1)
+    sim_to_1 = {seed: dict(zip(*(a.tolist() for a in keys.decode_neighbours(client.get(keys.coengagement(seed))))))[1]
+                for seed in (3, 2)}
+    expect_1 = sim_to_1[3] + sim_to_1[2]
     assert scores[1] == pytest.approx(expect_1) and ids[0] == 1  # neighbour of both seeds leads
     assert all(c.source == "coengagement" for c in cands)
     assert source.fetch(Query(user_id=7, page_size=10, now_s=0.0, request_id="r")) == []

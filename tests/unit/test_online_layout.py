@@ -19,6 +19,7 @@ import re
 import typing
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from core import online_layout as layout
@@ -201,3 +202,21 @@ def test_the_scan_sees_literals_but_not_docstrings(tmp_path):
                      'def f(u):\n    """hm:doc"""\n    return f"hm:follows:{u}", "ok", b"hm:b"\n')
     hits = _hm_literals(probe, root=tmp_path)
     assert sorted(hits) == ["probe.py:4: 'hm:follows:'", "probe.py:4: b'hm:b'"]
+
+
+def test_neighbour_lists_pack_best_first_and_read_back_exactly():
+    ids, sims = [7, 3, 9, 4], [0.25, 0.5, 0.25, 0.125]
+    raw = layout.encode_neighbours(ids, sims)
+    assert len(raw) == 4 * layout.NEIGHBOUR_DTYPE.itemsize
+    got_ids, got_sims = layout.decode_neighbours(raw)
+    assert got_ids.tolist() == [3, 7, 9, 4] and got_sims.tolist() == [0.5, 0.25, 0.25, 0.125]  # ties by id
+    assert got_ids.dtype == np.int64 and got_sims.dtype == np.float64
+    top2 = layout.decode_neighbours(raw[: 2 * layout.NEIGHBOUR_DTYPE.itemsize])  # what GETRANGE returns
+    assert top2[0].tolist() == [3, 7]
+    assert [len(a) for a in layout.decode_neighbours(None)] == [0, 0] == [len(a) for a in layout.decode_neighbours(b"")]
+    with pytest.raises(ValueError, match="rebuild it"):
+        layout.decode_neighbours(raw[:-1])
+    with pytest.raises(ValueError, match="aligned"):
+        layout.encode_neighbours([1, 2], [0.5])
+    with pytest.raises(ValueError, match="finite"):
+        layout.encode_neighbours([1], [float("nan")])
