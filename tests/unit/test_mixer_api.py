@@ -214,3 +214,43 @@ def test_an_empty_degraded_page_is_503_and_counted_unavailable_not_degraded():
     assert metrics.registry.get_sample_value("hm_mixer_requests_total", {"status": "unavailable"}) == 1
     assert metrics.registry.get_sample_value("hm_mixer_requests_total", {"status": "degraded"}) is None
     assert metrics.registry.get_sample_value("hm_mixer_requests_total", {"status": "ok"}) == 1
+
+
+@pytest.mark.parametrize("section,threshold,frozen", [
+    ({}, (20_000, 50, 100), True),  # the embedded defaults
+    ({"thresholds": None, "freeze_at_start": False}, None, False),  # Python's own, left alone
+])
+def test_start_up_sets_the_collector_as_configured(monkeypatch, section, threshold, frozen):
+    import gc
+
+    from mixer import api as api_module
+
+    closed = []
+    monkeypatch.setattr(api_module, "open_resources", lambda *a, **k: SimpleNamespace(
+        pipeline=SimpleNamespace(model_versions={}), close=lambda: closed.append(1)))
+    data = load_config().model_dump(mode="json")
+    data["gc"] = {**data["gc"], **section}
+    from mixer.config import MixerConfig
+
+    before = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)
+    gc.unfreeze()  # whatever an earlier test froze: the count below is this start-up's
+    try:
+        with TestClient(create_app(MixerConfig.model_validate(data), api_tokens=(TOKEN,))):
+            assert gc.get_threshold() == (threshold or (700, 10, 10))
+            assert (gc.get_freeze_count() > 0) == frozen
+        assert closed == [1]
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
+
+
+def test_collector_thresholds_must_be_positive():
+    from pydantic import ValidationError
+
+    from mixer.config import GcSettings
+
+    with pytest.raises(ValidationError, match="gc.thresholds must be three integers >= 1"):
+        GcSettings(thresholds=(0, 10, 10))
+    with pytest.raises(ValidationError):
+        GcSettings(thresholds=(700, 10))
