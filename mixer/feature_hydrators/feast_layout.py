@@ -84,7 +84,9 @@ def decode_values(raw: list[bytes | None]) -> np.ndarray:
 class FeastLayoutFeatureHydrator(FeatureHydrator):
     """Features for 1 user + N posts + the distinct (user, author) and (user, tag) pairs in one
     Redis call (``lua/hmget_groups.lua``: the HMGETs run inside Redis, so ~800 reads cost one
-    command to send and one reply to parse rather than ~800; measured 2.7 -> 1.0 ms for 550 keys).
+    command to send and one reply to parse rather than ~800; measured 2.7 -> 1.0 ms for 550 keys). Of
+    a real request's ~785 (user, author) hashes ~14 exist: the script answers one flag byte for a
+    missing hash instead of a nil per field (Redis time per request 3.7 -> 1.9 ms on the demo).
 
     HMGETs: one per view keyed by ``user_id`` alone (user_features, temporal_features and
     user_longterm_features share the user's hash: one HMGET each), one per distinct post and view
@@ -251,7 +253,17 @@ class FeastLayoutFeatureHydrator(FeatureHydrator):
             for v, group_keys in groups:
                 keys += group_keys
                 args += [len(group_keys), len(self.layout.fields[v.name]), *self.layout.fields[v.name]]
-            values = decode_values(self._script(keys=keys, args=args))
+            flags, present = self._script(keys=keys, args=args)
+            exists = np.frombuffer(flags, dtype=np.uint8) == ord("1")
+            if len(exists) != len(keys):
+                raise redis.ResponseError(f"hmget_groups.lua answered {len(exists)} flags for {len(keys)} keys")
+            # each key's field count; the existing keys' values fill their places, the rest stay NaN
+            widths = np.repeat([len(v.features) for v, _ in groups], [len(k) for _, k in groups])
+            values = np.full(int(widths.sum()), np.nan)
+            starts = np.cumsum(widths) - widths
+            w = widths[exists]
+            offsets = np.arange(int(w.sum())) - np.repeat(np.cumsum(w) - w, w)
+            values[np.repeat(starts[exists], w) + offsets] = decode_values(present)
         out, at = [], 0
         for v, group_keys in groups:
             size = len(group_keys) * len(v.features)
