@@ -64,9 +64,8 @@ is in ``core.realtime``):
 | ``rt_post_seen_event(post_id, event_id)`` | ``hm:{p:{post_id}}:rt:seen:{event_id}`` | string (TTL) | ``1``: the event's post part was applied (cluster mode) | ``engagement_batch.lua`` | the same script |
 | ``rt_author_seen_event(author_id, event_id)`` | ``hm:{a:{author_id}}:rt:seen:{event_id}`` | string (TTL) | ``1``: the event's author part was applied (cluster mode) | ``engagement_batch.lua`` | the same script |
 | ``rt_user_seen_event(user_id, event_id)`` | ``hm:{u:{user_id}}:rt:seen:{event_id}`` | string (TTL) | ``1``: the event's user part was applied (``engagement_batch.lua`` in cluster mode; ``social.lua`` always) | ``engagement_batch.lua``, ``social.lua`` | the same scripts |
-| ``rt_post_counts(post_id)`` | ``hm:{p:{post_id}}:rt:counts`` | hash (TTL) | ``{kind}:{bucket_start_s}`` -> count in that 5-min bucket; ``last_event_ts`` (newest event), ``last_write_ts`` (one hash, so a batch writes and expires one key per post) | ``engagement_batch.lua`` | ``RealtimeFeatureReader`` (``window_sums.lua``, ``post_meta``); ``engagement_batch.lua`` |
-| ``rt_post_score(post_id)`` | ``hm:{p:{post_id}}:rt:score`` | hash (TTL) | ``v`` decayed engagement score at time ``t`` | ``engagement_batch.lua`` | ``RealtimeFeatureReader.decayed_scores`` |
-| ``rt_author_score(author_id)`` | ``hm:{a:{author_id}}:rt:score`` | hash (TTL) | the same, over the author's posts | ``engagement_batch.lua`` | ``RealtimeFeatureReader.decayed_scores`` |
+| ``rt_post_counts(post_id)`` | ``hm:{p:{post_id}}:rt:counts`` | hash (TTL) | ``{kind}:{bucket_start_s}`` -> count in that 5-min bucket; ``last_event_ts`` (newest event), ``last_write_ts``, ``score_v`` (decayed engagement score at time ``score_t``) (one hash, so a batch reads, writes and expires one key per post) | ``engagement_batch.lua`` | ``RealtimeFeatureReader`` (``window_sums.lua``, ``post_meta``, ``decayed_scores``); ``engagement_batch.lua`` |
+| ``rt_author_score(author_id)`` | ``hm:{a:{author_id}}:rt:score`` | hash (TTL) | ``v`` decayed engagement score over the author's posts at time ``t`` (a post's own is in its counts hash) | ``engagement_batch.lua`` | ``RealtimeFeatureReader.decayed_scores`` |
 | ``rt_user_recent_posts(user_id)`` | ``hm:{u:{user_id}}:rt:posts`` | zset | last 50 positively engaged posts -> event ts | ``engagement_batch.lua`` | ``RealtimeFeatureReader.user_recent`` |
 | ``rt_user_recent_authors(user_id)`` | ``hm:{u:{user_id}}:rt:authors`` | zset | their authors -> event ts | ``engagement_batch.lua`` | ``RealtimeFeatureReader.user_recent`` |
 | ``rt_social_ts(user_id)`` | ``hm:{u:{user_id}}:rt:social_ts`` | hash | ``{follow|block|mute}:{author_id}`` -> ts of the last applied action | ``engagement_batch.lua``, ``social.lua`` | the same scripts (stale actions are dropped) |
@@ -348,18 +347,15 @@ def rt_user_seen_event(user_id: int, event_id: str) -> str:
 
 
 def rt_post_counts(post_id: int) -> str:
-    """hash ``{kind}:{bucket_start_s}`` -> count, and ``last_event_ts`` / ``last_write_ts`` (epoch
-    s: the post's newest event and the last write; fields without a bucket, which window readers skip)."""
+    """hash ``{kind}:{bucket_start_s}`` -> count, ``last_event_ts`` / ``last_write_ts`` (epoch s: the
+    post's newest event and the last write) and ``score_v`` / ``score_t`` (the decayed engagement
+    score at ``score_t``, epoch s); the fields without a bucket are skipped by the window readers."""
     return f"{_post_tag(post_id)}:rt:counts"
 
 
-def rt_post_score(post_id: int) -> str:
-    """hash ``v`` (decayed score at ``t``), ``t`` (epoch s)."""
-    return f"{_post_tag(post_id)}:rt:score"
-
-
 def rt_author_score(author_id: int) -> str:
-    """hash ``v``, ``t`` like ``rt_post_score``, over all of the author's posts."""
+    """hash ``v`` (decayed engagement score at ``t``), ``t`` (epoch s), over all of the author's
+    posts (a post's own score: ``score_v`` / ``score_t`` of ``rt_post_counts``)."""
     return f"{_author_tag(author_id)}:rt:score"
 
 

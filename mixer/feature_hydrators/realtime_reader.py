@@ -140,13 +140,16 @@ class RealtimeFeatureReader:
         Raises:
             ValueError: unknown ``entity``.
         """
-        key_of = {"post": keys.rt_post_score, "author": keys.rt_author_score}.get(entity)
-        if key_of is None:
+        # a post's score is in its counts hash (score_v, score_t), an author's in its own (v, t)
+        layout = {"post": (keys.rt_post_counts, "score_v", "score_t"),
+                  "author": (keys.rt_author_score, "v", "t")}.get(entity)
+        if layout is None:
             raise ValueError(f"entity must be 'post' or 'author', got {entity!r}")
+        key_of, v_field, t_field = layout
         ids = [int(i) for i in ids]
         pipe = self.client.pipeline(transaction=False)
         for i in ids:
-            pipe.hmget(key_of(i), "v", "t")
+            pipe.hmget(key_of(i), v_field, t_field)
         out = {}
         for i, (v, t) in zip(ids, pipe.execute()):
             out[i] = 0.0 if v is None else decay(float(v), float(t), now_s)

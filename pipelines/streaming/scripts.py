@@ -149,7 +149,7 @@ class EngagementBatchScript:
         authors: dict[int, int] = {}
         users: dict[int, int] = {}
         post_ids, post_keys, author_ids, author_keys, user_keys = [], [], [], [], []
-        counts_key, score_key = keys.rt_post_counts, keys.rt_post_score
+        counts_key = keys.rt_post_counts
         for e in events:
             p, a, kind = e.post_id, e.author_id, e.kind
             pj = posts.get(p)
@@ -157,7 +157,7 @@ class EngagementBatchScript:
                 pj = posts[p] = len(posts) + 1
                 post_ids.append(p)
                 if with_post:
-                    post_keys += (counts_key(p), score_key(p))
+                    post_keys.append(counts_key(p))
             aj = authors.get(a)
             if aj is None:
                 aj = authors[a] = len(authors) + 1

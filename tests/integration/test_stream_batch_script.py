@@ -49,10 +49,11 @@ def _eng(eid, kind, ts, user=1, post=10, author=7) -> EngagementEvent:
 
 def _reference_call(e: EngagementEvent, write_s: float, seen_ttl: int, caps: dict) -> tuple[list, list]:
     """KEYS / ARGV of the per-event script for ``e`` (its former ``EngagementKeys.of`` /
-    ``EngagementArgs.of``). Its post meta hash is the counts hash, which holds the newest-event
-    fields since the layout merged the two (its pruning skips fields without a bucket)."""
+    ``EngagementArgs.of``). Its post meta and post score hashes are the counts hash, which holds the
+    newest-event fields and the score since the layout merged the three (its pruning skips fields
+    without a bucket)."""
     u, p, a, t = e.user_id, e.post_id, e.author_id, e.event_ts.timestamp()
-    k = [keys.rt_seen_event(e.event_id), keys.rt_post_counts(p), keys.rt_post_counts(p), keys.rt_post_score(p),
+    k = [keys.rt_seen_event(e.event_id), keys.rt_post_counts(p), keys.rt_post_counts(p), keys.rt_post_counts(p),
          keys.rt_author_score(a), keys.rt_user_recent_posts(u), keys.rt_user_recent_authors(u), keys.hated_authors(u),
          keys.follows(u), keys.rt_social_ts(u), keys.POST_META, keys.RT_TRENDING_POSTS, keys.RT_TRENDING_TAGS,
          keys.RT_COVERAGE, keys.action_sequence(u)]
@@ -77,7 +78,7 @@ def _dump(client: redis.Redis, event_ids, posts=POSTS, users=USERS) -> dict:
     names = [keys.RT_TRENDING_POSTS, keys.RT_TRENDING_TAGS, keys.RT_COVERAGE]
     names += [keys.rt_seen_event(e) for e in event_ids]
     for p in posts:
-        names += [keys.rt_post_counts(p), keys.rt_post_score(p)]
+        names += [keys.rt_post_counts(p)]
     names += [keys.rt_author_score(_author(p)) for p in posts]
     for u in users:
         names += [keys.rt_user_recent_posts(u), keys.rt_user_recent_authors(u), keys.hated_authors(u), keys.follows(u),
@@ -221,7 +222,8 @@ def test_a_bad_key_fails_its_own_event_and_the_rest_of_the_batch_is_applied(redi
     assert proc.run_once(count=10) == 4
     assert proc.stats["failed"] == 1 and proc.stats["applied"] == 4 and _pending(redis_client) == 1
     # nothing of the failed event was written; the others are complete
-    assert not redis_client.exists(keys.rt_seen_event("b2")) and not redis_client.exists(keys.rt_post_score(42))
+    assert not redis_client.exists(keys.rt_seen_event("b2")) and redis_client.get(keys.rt_post_counts(42)) == b"not a hash"
+    assert redis_client.zscore(keys.RT_TRENDING_POSTS, 42) is None
     reader = RealtimeFeatureReader(redis_client)
     counts = reader.post_window_counts([40, 41, 43, 44], NOW)
     assert all(counts[p]["rt_clicks_1h"] == 1 for p in (40, 41, 43, 44))

@@ -155,7 +155,10 @@ def test_failed_write_is_not_acked_and_is_applied_after_reclaim(redis_client):
     assert proc.run_once(count=10) == 0
     assert proc.stats["failed"] == 1 and _pending(redis_client) == 1
     assert not redis_client.exists(keys.rt_seen_event("x1"))
-    assert not redis_client.exists(keys.rt_post_score(42))  # nothing half-written
+    # nothing half-written: the bad key as it was, no score of the author, no trending entry
+    assert redis_client.get(keys.rt_post_counts(42)) == b"not a hash"
+    assert not redis_client.exists(keys.rt_author_score(e.author_id))
+    assert redis_client.zscore(keys.RT_TRENDING_POSTS, 42) is None
     redis_client.delete(keys.rt_post_counts(42))
     b = _proc(redis_client, bus, name="B", reclaim_idle_ms=0)
     assert b.run_once(count=10) == 1

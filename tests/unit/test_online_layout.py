@@ -59,7 +59,6 @@ GOLDEN: dict[str, tuple[tuple, str]] = {
     "rt_author_seen_event": ((7, "e-1"), "hm:{a:7}:rt:seen:e-1"),
     "rt_user_seen_event": ((3, "e-1"), "hm:{u:3}:rt:seen:e-1"),
     "rt_post_counts": ((10,), "hm:{p:10}:rt:counts"),
-    "rt_post_score": ((10,), "hm:{p:10}:rt:score"),
     "rt_author_score": ((7,), "hm:{a:7}:rt:score"),
     "rt_user_recent_posts": ((3,), "hm:{u:3}:rt:posts"),
     "rt_user_recent_authors": ((3,), "hm:{u:3}:rt:authors"),

@@ -63,8 +63,7 @@ def test_the_engagement_batch_layout_names_each_key_once_in_its_section():
     head = S.EngagementBatchArgs(99, "1651406600.000000", 4, 2, 1, 2)
     assert k == [keys.POST_META, keys.RT_TRENDING_POSTS, keys.RT_TRENDING_TAGS, keys.RT_COVERAGE,
                  *(keys.rt_seen_event(e) for e in ("e1", "e2", "e3", "e1")),
-                 keys.rt_post_counts(10), keys.rt_post_score(10),
-                 keys.rt_post_counts(11), keys.rt_post_score(11),
+                 keys.rt_post_counts(10), keys.rt_post_counts(11),
                  keys.rt_author_score(7),
                  # the impression touches no user key: user 3 comes with the like, 4 with the hate
                  keys.rt_user_recent_posts(3), keys.rt_user_recent_authors(3), keys.hated_authors(3),

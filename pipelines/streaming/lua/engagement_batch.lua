@@ -29,9 +29,10 @@
 -- writes; each part has its own seen markers (in its slot), so a part applied before a crash is
 -- skipped on redelivery and the others applied: exact once per part.
 --
--- KEYS: the 4 named below ('g' only), then one seen marker per event, then per post (counts, which
--- also holds the newest-event fields, and score; 'p' only), per author (score; 'a' only), per user (recent_posts, recent_authors, hated,
--- follows, social_ts, action_sequence), then (n_acks > 0) the events' stream.
+-- KEYS: the 4 named below ('g' only), then one seen marker per event, then per post its counts hash,
+-- which also holds the newest-event fields and the decayed score ('p' only), per author (score; 'a'
+-- only), per user (recent_posts, recent_authors, hated, follows, social_ts, action_sequence), then
+-- (n_acks > 0) the events' stream.
 -- ARGV: the 19 named below, then per post its id, per author its id, then per event: kind,
 -- event_ts ('%.6f'), post index, author index, user index (1-based into the lists above; user
 -- index 0: the event touches no user key), then (n_acks > 0) the consumer group and one stream
@@ -62,7 +63,7 @@ local rcap, scap = tonumber(recent_cap), tonumber(sequence_cap)
 local G, P, A = find(parts, 'g', 1, true) ~= nil, find(parts, 'p', 1, true) ~= nil, find(parts, 'a', 1, true) ~= nil
 local K_SEEN, A_POST = G and 4 or 0, 19
 local K_POST = K_SEEN + ne
-local K_AUTHOR = K_POST + (P and 2 * np or 0)
+local K_AUTHOR = K_POST + (P and np or 0)
 local K_USER = K_AUTHOR + (A and na or 0)
 local A_AUTHOR = A_POST + np
 local A_EVENT = A_AUTHOR + na
@@ -177,15 +178,16 @@ end
 local posts, authors, users = {}, {}, {}
 local post_order, author_order, user_order = {}, {}, {}
 local function post_state(pj)
-  local b = K_POST + 2 * (tonumber(pj) - 1)
-  local p = {counts_key = KEYS[b + 1], score_key = KEYS[b + 2], id = ARGV[A_POST + tonumber(pj)]}
-  -- field -> count; dirty / deleted: what phase 2 writes. The hash's two fields without a bucket
-  -- (the newest event, the last write) are kept apart: p.newest, rewritten with every batch
+  local p = {counts_key = KEYS[K_POST + tonumber(pj)], id = ARGV[A_POST + tonumber(pj)]}
+  -- field -> count; dirty / deleted: what phase 2 writes. The hash's fields without a bucket are
+  -- kept apart: p.newest (the newest event; with the last write, rewritten with every batch) and
+  -- the decayed score (p.v at p.t, read here: decayed_add needs no read of its own)
   local flat = read('HGETALL', p.counts_key)
   local counts = {}
   for k = 1, #flat, 2 do counts[flat[k]] = tonumber(flat[k + 1]) end
   p.newest = counts['last_event_ts']
-  counts['last_event_ts'], counts['last_write_ts'] = nil, nil
+  p.v, p.t, p.loaded = counts['score_v'], counts['score_t'], true
+  counts['last_event_ts'], counts['last_write_ts'], counts['score_v'], counts['score_t'] = nil, nil, nil, nil
   p.counts, p.dirty = counts, {}
   posts[pj] = p
   post_order[#post_order + 1] = p
@@ -370,15 +372,19 @@ local function write_score(s)
   end
 end
 for _, p in ipairs(post_order) do
-  -- one hash per post: its changed buckets and its newest-event fields in one HSET, one expiry
+  -- one hash per post: its changed buckets, its newest-event fields and its score in one HSET, one
+  -- expiry (the score lives as long as the counts: 26 h after the post's last event, by when a 6 h
+  -- half-life has decayed it to 5 %)
   local set, counts = {'last_event_ts', format('%.6f', p.newest), 'last_write_ts', write_ts}, p.counts
+  if p.score_dirty then
+    set[5], set[6], set[7], set[8] = 'score_v', format('%.17g', p.v), 'score_t', format('%.17g', p.t)
+  end
   for f, _ in pairs(p.dirty) do
     if counts[f] then set[#set + 1] = f; set[#set + 1] = counts[f] end
   end
   chunked('HSET', p.counts_key, set, 2)
   if p.deleted then chunked('HDEL', p.counts_key, p.deleted, 1) end
   rcall('PEXPIREAT', p.counts_key, counts_at)
-  write_score(p)
 end
 for _, a in ipairs(author_order) do write_score(a) end
 

@@ -66,8 +66,10 @@ if bucket + bucket_len > horizon then
   end
   redis.call('EXPIRE', counts, counts_ttl)
 end
-local function decayed_add(key)
-  local cur = redis.call('HMGET', key, 'v', 't')
+-- the decayed score in fields vf, tf of key, expiring ttl s from now (the post's lives in its counts
+-- hash: score_v, score_t, as long as the counts; the author's in its own hash: v, t)
+local function decayed_add(key, vf, tf, ttl)
+  local cur = redis.call('HMGET', key, vf, tf)
   local v, t = 0.0, ets
   if cur[1] then v = tonumber(cur[1]); t = tonumber(cur[2]) end
   if ets >= t then
@@ -76,8 +78,8 @@ local function decayed_add(key)
   else
     v = v + w * math.pow(2, -(t - ets) / half)
   end
-  redis.call('HSET', key, 'v', string.format('%.17g', v), 't', string.format('%.17g', t))
-  redis.call('EXPIRE', key, score_ttl)
+  redis.call('HSET', key, vf, string.format('%.17g', v), tf, string.format('%.17g', t))
+  redis.call('EXPIRE', key, ttl)
 end
 -- coverage (StreamCoverage): ``newest`` event time, ``first`` (the first event applied) and
 -- ``since``, the earliest event time applied that can count in a window: within 24 h of newest and at
@@ -106,8 +108,8 @@ local function trending_add(key, member, x)
   redis.call('ZREMRANGEBYRANK', key, 0, -(tonumber(trending_cap) + 1))
 end
 if w > 0 then
-  decayed_add(post_score)
-  decayed_add(author_score)
+  decayed_add(post_score, 'score_v', 'score_t', counts_ttl)
+  decayed_add(author_score, 'v', 't', score_ttl)
   local x = math.log(w) / math.log(2) + ets / tonumber(trending_half_life)
   trending_add(trending_posts, post_id, x)
   local meta = redis.call('HGET', index_post_meta, post_id)
