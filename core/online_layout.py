@@ -10,7 +10,7 @@ Hash tags (Redis Cluster). Redis Cluster puts a key in slot CRC16(tag) mod 16384
 the part inside the key's first ``{...}`` (the whole key if it has none), and a Lua script or a
 ``MULTI`` may only touch keys of one slot (Redis Cluster specification, "Keys hash tags"). So every
 key of one entity carries the entity's tag: ``{u:<user_id>}`` (a user's sets, sequences, timelines,
-real-time zsets), ``{p:<post_id>}`` (a post's real-time counts (with its newest-event fields), score, fan-out progress,
+real-time zsets), ``{p:<post_id>}`` (a post's real-time counts (with its newest-event fields and score), fan-out progress,
 co-engagement neighbours), ``{a:<author_id>}`` (an author's score and posts), ``{<topic>}`` (a
 topic's stream and its dead letters), and the global real-time keys share ``{rt}`` (trending,
 coverage, the post metadata that trending reads, the markers of a batch's global part). Keys without

@@ -72,9 +72,10 @@ class LoopSettings(BaseModel):
     offline_gate: bool = True                     # the promotion check on the held-out window first
     max_p99_ratio: float = Field(1.2, gt=1)       # readout guardrail: the challenger arm's p99 over control's
     hold_s: float = Field(3600, gt=0)             # how long each phase waits for traffic (without a driver)
-    # after a config change: the mixers' reload interval, twice, plus loading a new challenger (with
-    # heavy_ranker.backend onnx its export, ~4-8 s the first time a version is loaded)
-    settle_s: float = Field(12, ge=0)
+    # after a config change: the mixers' config and alias polls (5 s each), plus loading a new
+    # challenger (with heavy_ranker.backend onnx its export, ~4-8 s the first time a version is
+    # loaded, in every worker at once)
+    settle_s: float = Field(25, ge=0)
 
 
 @dataclass

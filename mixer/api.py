@@ -392,6 +392,18 @@ def _alias_versions(config: MixerConfig) -> dict[str, int]:
     return versions
 
 
+def _after_swap(config: MixerConfig) -> None:
+    """After a model or experiment swap: collect the old models' reference cycles now (with the
+    raised ``gc.thresholds`` a full collection may be hours away, a frozen object is never
+    collected, and a torch module's cycles hold its weights), then freeze the new ones as start-up
+    froze the first (``gc.freeze_at_start``). One full collection on the watcher's thread, once per
+    swap (the swap's load already took seconds)."""
+    gc.unfreeze()
+    gc.collect()
+    if config.gc.freeze_at_start:
+        gc.freeze()
+
+
 def _warm_up(*handles: RankerHandle) -> None:
     """One prediction per model on two all-NaN rows: the first call of a torch.export graph or a
     LightGBM booster allocates and compiles (~0.25 s measured), which must not land on a request."""
@@ -461,7 +473,8 @@ def open_resources(config: MixerConfig, metrics: MixerMetrics,
         # the pipeline's config: a reloaded experiment's arm models and shadow are followed too
         watcher = ModelAliasWatcher(pipeline, lambda: _alias_versions(pipeline.config),
                                     lambda: _load_models(pipeline.config, metrics, backend, client, user_tower),
-                                    config.models.reload_interval_s, metrics).start()
+                                    config.models.reload_interval_s, metrics,
+                                    after_swap=lambda: _after_swap(config)).start()
     config_watcher = None
     if config_path is not None and rankers is None and config.config_reload_interval_s > 0:
         from mixer.config_watcher import ExperimentConfigWatcher
@@ -472,7 +485,8 @@ def open_resources(config: MixerConfig, metrics: MixerMetrics,
             lambda cfg: declaration(cfg, client=client, feature_hydrator=hydrator, metrics=metrics,
                                     resilience=resilience),
             config.config_reload_interval_s,
-            lambda outcome: metrics.config_reloads.labels(outcome=outcome).inc()).start()
+            lambda outcome: metrics.config_reloads.labels(outcome=outcome).inc(),
+            after_swap=lambda: _after_swap(config)).start()
     return MixerResources(client=client, executor=executor, pipeline=pipeline, watcher=watcher, backend=backend,
                           resilience=resilience, store_watcher=store_watcher, user_tower=user_tower,
                           config_watcher=config_watcher)

@@ -35,13 +35,16 @@ class ExperimentConfigWatcher(PeriodicCheck):
         interval_s: seconds between polls.
         on_outcome: called with "applied", "invalid", "failed" (models could not load or do not fit)
             or "restart_needed" (a change outside ``experiment``) per change seen.
+        after_swap: called after an experiment was applied (``PeriodicCheck.after_swap``).
     """
 
     thread_name = "hm-config-watcher"
 
     def __init__(self, path: str | Path, pipeline, load_models: Callable[[MixerConfig], tuple],
                  declare_for: Callable[[MixerConfig], Callable], interval_s: float,
-                 on_outcome: Callable[[str], None] = lambda outcome: None):
+                 on_outcome: Callable[[str], None] = lambda outcome: None,
+                 after_swap: Callable[[], None] | None = None):
+        self.after_swap = after_swap
         self.path = Path(path)
         self.pipeline = pipeline
         self.load_models = load_models
@@ -87,6 +90,7 @@ class ExperimentConfigWatcher(PeriodicCheck):
             return self._outcome("failed")
         log.info("now serving experiment %r (arms %s)", config.experiment.id,
                  [a.name for a in config.experiment.served_arms])
+        self.swapped()
         return self._outcome("applied")
 
     def _outcome(self, outcome: str) -> str:

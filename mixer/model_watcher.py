@@ -32,7 +32,9 @@ class ModelAliasWatcher(PeriodicCheck):
     thread_name = "hm-model-watcher"
 
     def __init__(self, pipeline, resolve_versions: Callable[[], dict[str, int]],
-                 load: Callable[[], tuple], interval_s: float, metrics):
+                 load: Callable[[], tuple], interval_s: float, metrics,
+                 after_swap: Callable[[], None] | None = None):
+        self.after_swap = after_swap
         self.pipeline = pipeline
         self.resolve_versions = resolve_versions
         self.load = load
@@ -62,4 +64,5 @@ class ModelAliasWatcher(PeriodicCheck):
         for m in changed:
             self.metrics.model_reloads.labels(model=m, outcome="swapped").inc()
         log.info("now serving %s (was %s)", self.pipeline.model_versions, current)
+        self.swapped()
         return True

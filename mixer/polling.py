@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -16,9 +17,20 @@ class PeriodicCheck:
 
     interval_s: float
     thread_name: str = "hm-watcher"
+    # called after each swap a check made (models or experiment): the mixer collects the old
+    # models' reference cycles there (mixer.api._after_swap)
+    after_swap: Callable[[], None] | None = None
 
     def check_once(self):
         raise NotImplementedError
+
+    def swapped(self) -> None:
+        """Run ``after_swap`` (if set); an exception is logged, the swap stands."""
+        if self.after_swap is not None:
+            try:
+                self.after_swap()
+            except Exception as e:  # noqa: BLE001
+                log.warning("%s: after-swap hook failed: %r", self.thread_name, e)
 
     def start(self):
         """Poll in a daemon thread until ``stop``; returns self."""

@@ -97,8 +97,8 @@ class EngagementBatchScript:
     """``engagement_batch.lua`` loaded on a client: applies a list of ``EngagementEvent`` in one
     atomic call (the script's header comment says what it writes and how).
 
-    KEYS = ``EngagementBatchKeys`` + one seen marker per event + per distinct post (counts with
-    the newest-event fields, score) + per distinct author (score) + per distinct user of a non-impression event
+    KEYS = ``EngagementBatchKeys`` + one seen marker per event + per distinct post (its counts
+    hash, which holds the newest-event fields and the score) + per distinct author (score) + per distinct user of a non-impression event
     (recent posts, recent authors, hated, follows, social_ts, action sequence) [+ the events'
     stream]; ARGV = ``EngagementBatchArgs`` + the post ids + the author ids + per event (kind,
     event time ``%.6f``, post / author / user index, 1-based, user 0 for an impression) [+ the

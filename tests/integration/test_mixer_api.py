@@ -924,7 +924,7 @@ def test_the_model_updater_promotes_a_better_challenger_and_rolls_back_a_worse_o
     weights = {"click": 1.0, "long_view": 2.0, "like": 4.0, "follow": 8.0, "comment": 6.0, "forward": 6.0,
                "hate": -20.0}
     # heavy ranker in torch: exporting each new challenger to ONNX at load takes seconds, longer than
-    # this test's 1 s settle (the loop's default settle, 12 s, covers it)
+    # this test's 1 s settle (the loop's default settle, 25 s, covers it)
     data = {"redis_url": f"redis://127.0.0.1:{redis_server.port}/{DB}",
             "models": {"tracking_uri": uri, "reload_interval_s": 0.3}, "config_reload_interval_s": 0.2,
             "heavy_ranker": {"backend": "torch"},

@@ -273,7 +273,9 @@ def test_a_changed_experiment_is_served_without_a_restart_and_a_bad_one_is_not(t
 
     pipeline, pool = _pipeline(cfg, ServedModels(Handle(1), Handle(1)))
     outcomes = []
-    watcher = ExperimentConfigWatcher(path, pipeline, load_models, _declare, 60, outcomes.append)
+    swaps = []
+    watcher = ExperimentConfigWatcher(path, pipeline, load_models, _declare, 60, outcomes.append,
+                                      after_swap=lambda: swaps.append(pipeline.config.experiment.id))
     try:
         assert watcher.check_once() is None  # unchanged
         user = 42
@@ -294,6 +296,7 @@ def test_a_changed_experiment_is_served_without_a_restart_and_a_bad_one_is_not(t
         challenger.heads = ("click",)  # the model it names does not predict the weighted heads
         path.write_text(yaml.safe_dump(bad_heads))
         assert watcher.check_once() == "failed"
+        assert swaps == ["e2"]  # after the applied experiment only, not the invalid or failed ones
         challenger.heads = HEADS
         assert pipeline.config.experiment.id == "e2" and pipeline.run(user, page_size=5).query.arm == "challenger"
 

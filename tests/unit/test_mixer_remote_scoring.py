@@ -95,12 +95,14 @@ def test_watcher_swaps_only_when_an_alias_moves_and_keeps_serving_on_failure():
         loads.append(dict(wanted))
         return ("broken", 0) if wanted["light_ranker"] == 9 else (wanted["light_ranker"], wanted["heavy_ranker"])
 
-    w = ModelAliasWatcher(pipe, lambda: dict(wanted), load, 60, metrics)
+    after = []
+    w = ModelAliasWatcher(pipe, lambda: dict(wanted), load, 60, metrics, after_swap=lambda: after.append(1))
     assert w.check_once() is False and loads == []  # nothing moved: no load
     wanted["heavy_ranker"] = 2
     assert w.check_once() is True and pipe.model_versions == {"light_ranker": "1", "heavy_ranker": "2"}
+    assert after == [1]  # the hook ran once, after the swap
     wanted["light_ranker"] = 9  # a version that cannot be served
-    assert w.check_once() is False and pipe.model_versions["light_ranker"] == "1"
+    assert w.check_once() is False and pipe.model_versions["light_ranker"] == "1" and after == [1]
     n_loads = len(loads)
     assert w.check_once() is False and len(loads) == n_loads  # not retried until the alias moves again
     wanted["light_ranker"] = 4
@@ -325,3 +327,32 @@ def test_calls_through_a_closed_breaker_do_not_queue_behind_a_slow_one():
     release.set()
     slow.join(5)
     assert path == "bentoml" and seconds < 0.5
+
+
+def test_after_swap_collects_cycles_of_frozen_models_and_freezes_again():
+    """Start-up froze the first models; a swap drops them. Their reference cycles must be collected
+    (a frozen object never is) and the new models frozen."""
+    import gc
+    import weakref
+
+    from mixer.api import _after_swap
+    from mixer.config import load_config
+
+    class Model:
+        pass
+
+    old = Model()
+    old.self = old  # a cycle, as a torch module's graph has
+    gone = weakref.ref(old)
+    before = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    try:
+        del old
+        gc.collect()
+        assert gone() is not None  # frozen: a plain collection does not free it
+        _after_swap(load_config())
+        assert gone() is None and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -373,8 +373,8 @@ local function write_score(s)
 end
 for _, p in ipairs(post_order) do
   -- one hash per post: its changed buckets, its newest-event fields and its score in one HSET, one
-  -- expiry (the score lives as long as the counts: 26 h after the post's last event, by when a 6 h
-  -- half-life has decayed it to 5 %)
+  -- expiry (the score lives as long as the counts: 26 h after the last batch that touched the post,
+  -- by when a 6 h half-life has decayed it to 5 % at most)
   local set, counts = {'last_event_ts', format('%.6f', p.newest), 'last_write_ts', write_ts}, p.counts
   if p.score_dirty then
     set[5], set[6], set[7], set[8] = 'score_v', format('%.17g', p.v), 'score_t', format('%.17g', p.t)
