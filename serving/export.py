@@ -322,7 +322,8 @@ def verify_onnx(model, handle: RankerHandle, check_rows: pd.DataFrame, tolerance
     """Compare the ONNX model with the native model on ``check_matrix(check_rows)``.
 
     Args:
-        model: ``onnx.ModelProto``, serialized bytes or a path.
+        model: ``onnx.ModelProto``, serialized bytes, a path, or an ``onnxruntime.InferenceSession``
+            (then that session is the one checked).
         handle: the native ranker (``RankerHandle.predict`` runs the native model on the same
             float32 matrix, so both see identical inputs).
         check_rows: real rows with the handle's feature columns (validation days).
@@ -337,7 +338,8 @@ def verify_onnx(model, handle: RankerHandle, check_rows: pd.DataFrame, tolerance
     """
     x = check_matrix(check_rows, handle.feature_names)
     native = handle.predict(pd.DataFrame(x, columns=list(handle.feature_names)))
-    got = onnx_session(model).run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    session = model if hasattr(model, "run") else onnx_session(model)
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
     label = f"{handle.name} v{handle.version}"
     if got.shape != native.shape or got.dtype != np.float32:
         raise ExportMismatchError(

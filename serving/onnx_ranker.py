@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
-from serving.export import (DEFAULT_TOLERANCE, INPUT_NAME, OUTPUT_NAME, _set_metadata, _write_atomically, onnx_session,
-                            to_onnx, verify_onnx)
+from serving.export import (DEFAULT_TOLERANCE, INPUT_NAME, OUTPUT_NAME, ExportError, _set_metadata, _write_atomically,
+                            onnx_session, to_onnx, verify_onnx)
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +119,14 @@ def load_checked(handle, cache_dir: Path, check_rows: pd.DataFrame | None, load_
         OnnxLoadError: the export failed, or the check of a new export found a difference over
             :data:`MAX_ABS_DIFF` (the message says which); nothing is written then.
     """
-    import dataclasses
-
-    from serving.export import ExportError
-
     key = cache_key(handle)
     path = Path(cache_dir) / f"{handle.name}-v{handle.version}-{key[:16]}.onnx"
     rows = check_rows if check_rows is not None and len(check_rows) else synthetic_rows(handle.feature_names)
     if path.exists():
         try:
-            worst = verify_onnx(path, handle, rows, MAX_ABS_DIFF)  # checked like a new file, on this load's rows
-            return OnnxRanker(session=onnx_session(path, threads), path=path, key=key, from_cache=True,
-                              max_abs_diff=worst)
+            session = onnx_session(path, threads)
+            worst = verify_onnx(session, handle, rows, MAX_ABS_DIFF)  # the serving session, on this load's rows
+            return OnnxRanker(session=session, path=path, key=key, from_cache=True, max_abs_diff=worst)
         except Exception as e:  # a damaged, half-written or altered file: export again
             log.warning("cached ONNX %s unusable (%s: %s); exporting again", path, type(e).__name__, e)
     program = load_program()
@@ -138,7 +134,7 @@ def load_checked(handle, cache_dir: Path, check_rows: pd.DataFrame | None, load_
         raise OnnxLoadError(f"{handle.name} v{handle.version} has no torch.export program (.pt2) to export; "
                             "re-train it with `home-mixer train --model heavy`")
     try:
-        model = to_onnx(dataclasses.replace(handle, program=program))
+        model = to_onnx(replace(handle, program=program))
         worst = verify_onnx(model, handle, rows, MAX_ABS_DIFF)
     except ExportError as e:
         raise OnnxLoadError(str(e)) from e

@@ -81,6 +81,14 @@ def decode_values(raw: list[bytes | None]) -> np.ndarray:
     return out
 
 
+def _run_positions(starts: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """The flat positions of runs: ``starts[i], starts[i] + 1, ..., starts[i] + widths[i] - 1`` for
+    each i in order (int64 ``[widths.sum()]``): where a script's values, key after key, go in the
+    request's flat ``[key, field]`` array."""
+    offsets = np.arange(int(widths.sum())) - np.repeat(np.cumsum(widths) - widths, widths)
+    return np.repeat(starts, widths) + offsets
+
+
 class FeastLayoutFeatureHydrator(FeatureHydrator):
     """Features for 1 user + N posts + the distinct (user, author) and (user, tag) pairs in one
     Redis call (``lua/hmget_groups.lua``: the HMGETs run inside Redis, so ~800 reads cost one
@@ -261,9 +269,7 @@ class FeastLayoutFeatureHydrator(FeatureHydrator):
             widths = np.repeat([len(v.features) for v, _ in groups], [len(k) for _, k in groups])
             values = np.full(int(widths.sum()), np.nan)
             starts = np.cumsum(widths) - widths
-            w = widths[exists]
-            offsets = np.arange(int(w.sum())) - np.repeat(np.cumsum(w) - w, w)
-            values[np.repeat(starts[exists], w) + offsets] = decode_values(present)
+            values[_run_positions(starts[exists], widths[exists])] = decode_values(present)
         out, at = [], 0
         for v, group_keys in groups:
             size = len(group_keys) * len(v.features)
@@ -319,6 +325,5 @@ class FeastLayoutFeatureHydrator(FeatureHydrator):
         for node, (node_groups, starts) in per_node.items():
             # each of the node's keys spans its group's field count, from its start
             widths = np.repeat([len(fields[v.name]) for v, _ in node_groups], [len(k) for _, k in node_groups])
-            offsets = np.arange(int(widths.sum())) - np.repeat(np.cumsum(widths) - widths, widths)
-            values[np.repeat(np.asarray(starts, dtype=np.int64), widths) + offsets] = decode_values(replies[node])
+            values[_run_positions(np.asarray(starts, dtype=np.int64), widths)] = decode_values(replies[node])
         return values
