@@ -934,17 +934,20 @@ def _pairs(answer) -> dict[str, str]:
             for k, v in items}
 
 
-def _last_monitored_port(config: Path) -> int | None:
-    """The primary port in a Sentinel config's ``sentinel monitor`` line (Sentinel rewrites it after
-    a failover), or None."""
+def _last_monitored_port(config: Path) -> tuple[int, int] | None:
+    """``(config epoch, primary port)`` from a Sentinel config's ``sentinel config-epoch`` and
+    ``sentinel monitor`` lines (Sentinel rewrites both after a failover; epoch 0 when absent), or None."""
+    port, epoch = None, 0
     try:
         for line in config.read_text().splitlines():
             parts = line.split()
             if parts[:2] == ["sentinel", "monitor"] and len(parts) >= 5 and parts[2] == HA_SERVICE_NAME:
-                return int(parts[4])
+                port = int(parts[4])
+            elif parts[:2] == ["sentinel", "config-epoch"] and len(parts) >= 4 and parts[2] == HA_SERVICE_NAME:
+                epoch = int(parts[3])
     except (OSError, ValueError):
         return None
-    return None
+    return None if port is None else (epoch, port)
 
 
 def _recorded_hosts(members: list[ManagedProcess], label: str, flag: str) -> list[tuple[str, int]]:
@@ -1022,10 +1025,11 @@ class RedisHA(RedisSet):
     (``redis-ha-node-<i>``, ``redis-ha-sentinel-<i>``).
 
     :meth:`start` starts whatever of the set is not running, and keeps the roles the set had: the
-    primary is the one the running Sentinels name, else a running node that says it is a primary,
-    else the one the Sentinels' configs name (they are rewritten at each failover), else node 1.
-    Every other node starts as its replica. A primary killed and started again therefore comes back
-    as a replica of the promoted one (it resyncs from it), never as a second primary.
+    primary is the one the running Sentinels name (the newest config epoch wins), else a running
+    node that says it is a primary, else the one the Sentinels' configs name (they are rewritten at
+    each failover; again the newest epoch wins), else node 1. Every other node starts as its
+    replica, once the running Sentinels agree. A primary killed and started again therefore comes
+    back as a replica of the promoted one (it resyncs from it), never as a second primary.
 
     Clients reach it through :attr:`address` (``redis+sentinel://...``; ``core.online_store``).
 
@@ -1083,20 +1087,32 @@ class RedisHA(RedisSet):
         hosts = _recorded_hosts(self.sentinels(), "Redis HA", "--ha")
         return sentinel_address(hosts, HA_SERVICE_NAME, 0)
 
-    def primary_port(self) -> int | None:
-        """The current primary's port (see the class docstring for the order of the sources)."""
+    def sentinel_views(self) -> list[tuple[int, int]]:
+        """``(config epoch, primary port)`` as each running Sentinel names it now (``SENTINEL
+        MASTER``). Right after a failover the Sentinels can disagree for a moment: the leader has
+        switched, the others learn the new epoch from its hello messages (Redis Sentinel docs,
+        "Configuration propagation")."""
+        views = []
         for s in self.sentinels():
             if s.is_ours():
-                port = s.primary()
-                if port is not None:
-                    return port
+                m = s.master_state()
+                if m and m.get("port", "").isdigit():
+                    views.append((int(m.get("config-epoch", "0") or 0), int(m["port"])))
+        return views
+
+    def primary_port(self) -> int | None:
+        """The current primary's port (see the class docstring for the order of the sources);
+        among Sentinels that disagree, the one with the newest config epoch wins."""
+        views = self.sentinel_views()
+        if views:
+            return max(views)[1]
         for n in self.nodes():
             if n.is_ours() and n.role() == "master":
                 return n.port
-        for s in self.sentinels():
-            port = _last_monitored_port(s.config_file)
-            if port is not None and port in {n.port for n in self.nodes()}:
-                return port
+        ports = {n.port for n in self.nodes()}
+        recorded = [v for s in self.sentinels() if (v := _last_monitored_port(s.config_file)) and v[1] in ports]
+        if recorded:
+            return max(recorded)[1]
         return self.nodes()[0].port
 
     def primary_node(self) -> RedisNode | None:
@@ -1128,6 +1144,10 @@ class RedisHA(RedisSet):
         started: list[ManagedProcess] = []
         try:
             nodes = self.nodes()
+            if not all(n.is_ours() for n in nodes):
+                # a node restarted while the Sentinels still disagree could start as a second
+                # primary and be kept as the primary by a Sentinel with the stale config
+                self._wait_agreed(t0 + timeout_s)
             primary_port = self.primary_port()
             primary = next((n for n in nodes if n.port == primary_port), nodes[0])
             order = [primary, *[n for n in nodes if n is not primary]]
@@ -1151,9 +1171,28 @@ class RedisHA(RedisSet):
         self.started_seconds = time.monotonic() - t0
         return self
 
+    def _wait_agreed(self, deadline: float) -> None:
+        """Wait until the running Sentinels name one primary and none is failing over.
+
+        Raises:
+            ServiceError: they still disagree at ``deadline`` (monotonic s).
+        """
+        while True:
+            states = [m for s in self.sentinels() if s.is_ours() and (m := s.master_state())]
+            ports = {m.get("port") for m in states}
+            if len(ports) <= 1 and not any("failover" in m.get("flags", "") for m in states):
+                return
+            if time.monotonic() > deadline:
+                raise ServiceError(f"the Sentinels have not settled a failover: they name the primary ports "
+                                   f"{sorted(ports)}; wait a few seconds and start again (logs in {self.log_file})")
+            time.sleep(0.1)
+
     def problems(self) -> list[str]:
         """What keeps the set from failing over now (empty when ready)."""
         problems = []
+        named = {port for _, port in self.sentinel_views()}
+        if len(named) > 1:
+            problems.append(f"the Sentinels name different primaries (ports {sorted(named)})")
         for s in self.sentinels():
             m = s.master_state()
             if m is None:
