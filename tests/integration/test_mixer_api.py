@@ -454,9 +454,9 @@ def test_a_burst_on_a_post_during_a_replay_raises_its_rank_within_a_second(mixer
         with httpx.Client(base_url=base, timeout=30, headers=auth_headers(mixer_state)) as http:
             _, page = rank_of(http, -1)
             assert len(page["items"]) == 30
-            target = page["items"][20]
-            before, _ = rank_of(http, target["post_id"])
-            assert before is not None and before > 0
+            # its rank on the page it was drawn from: the replay keeps moving posts, so a second
+            # page could already have dropped it (CI saw that under load)
+            before, target = 20, page["items"][20]
             now = datetime.now(timezone.utc)
             burst = []
             for k in range(100):  # 100 viewers who click, watch long and like it
