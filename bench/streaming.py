@@ -248,7 +248,7 @@ def _post_meta(videos) -> dict[str, str]:
 
 
 def _reset(client, post_meta: dict[str, str]) -> None:
-    """Empty Redis (so event ids are new and no seen marker turns events into duplicates) and
+    """Empty Redis (so event ids are new and no idempotency set turns events into duplicates) and
     re-seed the candidate index's post metadata."""
     from core import online_layout as keys
 

@@ -60,10 +60,11 @@ is in ``core.realtime``):
 
 | builder | key | type | content | writer | readers |
 | --- | --- | --- | --- | --- | --- |
-| ``rt_seen_event(event_id)`` | ``hm:{rt}:seen:{event_id}`` | string (TTL) | ``1``: the event was applied (idempotency); in a cluster, its global part (trending, coverage) | ``engagement_batch.lua`` | the same script |
-| ``rt_post_seen_event(post_id, event_id)`` | ``hm:{p:{post_id}}:rt:seen:{event_id}`` | string (TTL) | ``1``: the event's post part was applied (cluster mode) | ``engagement_batch.lua`` | the same script |
-| ``rt_author_seen_event(author_id, event_id)`` | ``hm:{a:{author_id}}:rt:seen:{event_id}`` | string (TTL) | ``1``: the event's author part was applied (cluster mode) | ``engagement_batch.lua`` | the same script |
-| ``rt_user_seen_event(user_id, event_id)`` | ``hm:{u:{user_id}}:rt:seen:{event_id}`` | string (TTL) | ``1``: the event's user part was applied (``engagement_batch.lua`` in cluster mode; ``social.lua`` always) | ``engagement_batch.lua``, ``social.lua`` | the same scripts |
+| ``rt_seen_set(hour)`` | ``hm:{rt}:seen_h:{hour}`` | set (TTL) | ids of the applied events whose event time falls in the hour starting at ``hour`` (epoch s; ``core.realtime.seen_hour``): idempotency; in a cluster, the global part's (trending, coverage) | ``engagement_batch.lua`` | the same script |
+| ``rt_post_seen_set(post_id, hour)`` | ``hm:{p:{post_id}}:rt:seen_h:{hour}`` | set (TTL) | the same for the events' post part (cluster mode) | ``engagement_batch.lua`` | the same script |
+| ``rt_author_seen_set(author_id, hour)`` | ``hm:{a:{author_id}}:rt:seen_h:{hour}`` | set (TTL) | the same for the author part (cluster mode) | ``engagement_batch.lua`` | the same script |
+| ``rt_user_seen_set(user_id, hour)`` | ``hm:{u:{user_id}}:rt:seen_h:{hour}`` | set (TTL) | the same for the user part (cluster mode) | ``engagement_batch.lua`` | the same script |
+| ``rt_user_seen_event(user_id, event_id)`` | ``hm:{u:{user_id}}:rt:seen:{event_id}`` | string (TTL) | ``1``: the social event was applied | ``social.lua`` | the same script |
 | ``rt_post_counts(post_id)`` | ``hm:{p:{post_id}}:rt:counts`` | hash (TTL) | ``{kind}:{bucket_start_s}`` -> count in that 5-min bucket; ``last_event_ts`` (newest event), ``last_write_ts``, ``score_v`` (decayed engagement score at time ``score_t``) (one hash, so a batch reads, writes and expires one key per post) | ``engagement_batch.lua`` | ``RealtimeFeatureReader`` (``window_sums.lua``, ``post_meta``, ``decayed_scores``); ``engagement_batch.lua`` |
 | ``rt_author_score(author_id)`` | ``hm:{a:{author_id}}:rt:score`` | hash (TTL) | ``v`` decayed engagement score over the author's posts at time ``t`` (a post's own is in its counts hash) | ``engagement_batch.lua`` | ``RealtimeFeatureReader.decayed_scores`` |
 | ``rt_user_recent_posts(user_id)`` | ``hm:{u:{user_id}}:rt:posts`` | zset | last 50 positively engaged posts -> event ts | ``engagement_batch.lua`` | ``RealtimeFeatureReader.user_recent`` |
@@ -320,29 +321,39 @@ RT_TRENDING_TAGS = f"{_RT_TAG}:trending:tags"
 RT_COVERAGE = f"{_RT_TAG}:coverage"
 # Every key family the stream processor writes (a bench or a test resets the real-time state with these).
 RT_KEY_PATTERNS: tuple[str, ...] = (
-    "hm:{rt}:trending:*", "hm:{rt}:coverage", "hm:{rt}:seen:*", "hm:{p:*}:rt:*", "hm:{a:*}:rt:*", "hm:{u:*}:rt:*",
+    "hm:{rt}:trending:*", "hm:{rt}:coverage", "hm:{rt}:seen:*", "hm:{rt}:seen_h:*", "hm:{p:*}:rt:*", "hm:{a:*}:rt:*", "hm:{u:*}:rt:*",
     "hm:{u:*}:follows", "hm:{u:*}:hated_authors", "hm:{u:*}:blocked_authors", "hm:{u:*}:muted_authors",
 )
 
 
-def rt_seen_event(event_id: str) -> str:
-    """string (TTL): idempotency marker of one applied event (a batch's global part in a cluster)."""
-    return f"{_RT_TAG}:seen:{event_id}"
+def rt_seen_set(hour: int) -> str:
+    """set (TTL): ids of the applied engagement events whose event time lies in the hour starting at
+    ``hour`` (epoch s, ``core.realtime.seen_hour``); a batch's global part in a cluster.
+
+    One set per event hour instead of one key per event: a batch checks its ids with one
+    ``SMISMEMBER`` and marks them with one ``SADD`` per hour, where a key per event cost a write
+    command per event. A redelivery carries its event's time, so it meets its id in the same set."""
+    return f"{_RT_TAG}:seen_h:{hour}"
 
 
-def rt_post_seen_event(post_id: int, event_id: str) -> str:
-    """string (TTL): the event's post part was applied (cluster mode: one marker per slot's part)."""
-    return f"{_post_tag(post_id)}:rt:seen:{event_id}"
+def rt_post_seen_set(post_id: int, hour: int) -> str:
+    """set (TTL): the events of ``hour`` whose post part was applied (cluster mode: one set per
+    slot's part)."""
+    return f"{_post_tag(post_id)}:rt:seen_h:{hour}"
 
 
-def rt_author_seen_event(author_id: int, event_id: str) -> str:
-    """string (TTL): the event's author part was applied (cluster mode)."""
-    return f"{_author_tag(author_id)}:rt:seen:{event_id}"
+def rt_author_seen_set(author_id: int, hour: int) -> str:
+    """set (TTL): the events of ``hour`` whose author part was applied (cluster mode)."""
+    return f"{_author_tag(author_id)}:rt:seen_h:{hour}"
+
+
+def rt_user_seen_set(user_id: int, hour: int) -> str:
+    """set (TTL): the events of ``hour`` whose user part was applied (cluster mode)."""
+    return f"{_user_tag(user_id)}:rt:seen_h:{hour}"
 
 
 def rt_user_seen_event(user_id: int, event_id: str) -> str:
-    """string (TTL): the event's user part (``engagement_batch.lua`` in cluster mode, ``social.lua``)
-    was applied."""
+    """string (TTL): idempotency marker of one applied social event (``social.lua``)."""
     return f"{_user_tag(user_id)}:rt:seen:{event_id}"
 
 

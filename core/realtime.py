@@ -41,6 +41,7 @@ RETENTION_S = 24 * 3600           # the longest window; older buckets are pruned
 COUNTS_TTL_S = 26 * 3600          # counts / meta keys outlive the 24 h window by 2 h
 SCORE_TTL_S = 7 * 24 * 3600       # after 7 days of silence a score has decayed by 2**-28
 SEEN_TTL_S = 7 * 24 * 3600        # a redelivery later than this would be applied again
+SEEN_HOUR_S = 3600                # engagement ids are marked applied in one set per event hour
 RECENT_CAP = 50                   # last N engaged posts / authors per user
 WINDOWS_S: dict[str, int] = {"5m": 300, "1h": 3600, "24h": 86400}
 TRENDING_HALF_LIFE_S = 3600.0     # trending reacts within the hour (the 6 h score is the slower signal)
@@ -68,6 +69,12 @@ def bucket_start(ts_s: float, bucket_s: int = BUCKET_S) -> int:
     if bucket_s < 1:
         raise ValueError(f"bucket_s must be >= 1, got {bucket_s}")
     return int(math.floor(ts_s / bucket_s)) * bucket_s
+
+
+def seen_hour(ts_s: float) -> int:
+    """Start (epoch s) of the hour whose idempotency set holds an engagement event of time ``ts_s``
+    (``core.online_layout.rt_seen_set``)."""
+    return bucket_start(ts_s, SEEN_HOUR_S)
 
 
 def window_buckets(now_s: float, window_s: int, bucket_s: int = BUCKET_S) -> tuple[int, int]:

@@ -4,19 +4,19 @@ A batch's ``EngagementEvent`` events are applied by ONE Lua script call (``lua/e
 laid out by ``scripts.EngagementBatchScript``; a run of engagements between two social events is
 one call, at most ``MAX_BATCH_EVENTS`` events), atomic in Redis. The script folds the events into
 each key's state in order, as one script per event did before, but reads and writes each key once
-per call: a batch costs about one Redis command per event (its seen marker) plus a few per post,
-author and user. It reads (and so type-checks) every key before its first write, since a script is
-not rolled back on an error; a call that fails changes nothing and is retried one event per call,
-so only the event whose write fails stays pending. Each event has a seen marker
-(``online_layout.rt_seen_event``, expiring ``seen_ttl_s`` after its write): an event whose marker
-exists, or whose id an earlier
+per call: a batch costs a few Redis commands per post, author and user, and two per event hour
+(its idempotency set). It reads (and so type-checks) every key before its first write, since a
+script is not rolled back on an error; a call that fails changes nothing and is retried one event
+per call, so only the event whose write fails stays pending. Each applied event's id goes into the
+idempotency set of its event hour (``online_layout.rt_seen_set``, expiring ``seen_ttl_s`` after
+its last write): an event whose id is in it, or whose id an earlier
 event of the same call had, changes nothing, so an event delivered twice (at-least-once bus,
 reclaim after a crash, a partly applied batch delivered again) counts once. A social event is one
 ``lua/social.lua`` call (after the ``lua/guard.lua`` prelude), in order with the engagement calls in
 the batch's pipeline. The bus entry is acknowledged only with or after its write: when the bus is
 Redis Streams on this same Redis, a run of engagements acknowledges its entries in its own script
 (write and XACK one atomic step), else (and for social events) one XACK follows the pipeline; a
-crash in between leaves those entries pending with their seen markers set, and their redelivery is
+crash in between leaves those entries pending with their ids marked applied, and their redelivery is
 a no-op. A failed write leaves its entry pending, and a processor reclaims entries idle for
 ``reclaim_idle_ms`` when it starts and every ``reclaim_every_s`` after. A batch is two round trips
 when all goes well: ``EventBus.poll`` (the trimmed-entries check and the read) and the write. While

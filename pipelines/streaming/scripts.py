@@ -25,6 +25,7 @@ from core import online_layout as keys
 from core import realtime
 from core.lua import LuaScriptSpec, queue_evalsha
 from core.history_features import SEQUENCE_LENGTH
+from core.realtime import SEEN_HOUR_S
 from core.schema import POSITIVE_HEADS
 from pipelines.sequences import ENGAGED_HEADS
 
@@ -61,6 +62,7 @@ class EngagementBatchArgs(NamedTuple):
     n_posts: int                    # distinct posts of the events
     n_authors: int                  # distinct authors
     n_users: int                    # distinct users of the events that touch a user key (not impressions)
+    n_seen: int                     # idempotency sets: distinct event hours (core.realtime.seen_hour)
     n_acks: int = 0                 # stream entries to XACK at the end (0, or one per event)
     kinds: str = _kind_table()
     half_life: str = repr(realtime.HALF_LIFE_S)
@@ -89,20 +91,21 @@ _HEAD_KEYS = tuple(EngagementBatchKeys())
 ALL_PARTS = "gpau"
 
 
-def _global_seen(e) -> str:
-    return keys.rt_seen_event(e.event_id)
+def _global_seen(e, hour: int) -> str:
+    return keys.rt_seen_set(hour)
 
 
 class EngagementBatchScript:
     """``engagement_batch.lua`` loaded on a client: applies a list of ``EngagementEvent`` in one
     atomic call (the script's header comment says what it writes and how).
 
-    KEYS = ``EngagementBatchKeys`` + one seen marker per event + per distinct post (its counts
-    hash, which holds the newest-event fields and the score) + per distinct author (score) + per distinct user of a non-impression event
-    (recent posts, recent authors, hated, follows, social_ts, action sequence) [+ the events'
-    stream]; ARGV = ``EngagementBatchArgs`` + the post ids + the author ids + per event (kind,
-    event time ``%.6f``, post / author / user index, 1-based, user 0 for an impression) [+ the
-    consumer group and one entry id per event]. This class is the one place that lays them out.
+    KEYS = ``EngagementBatchKeys`` + one idempotency set per distinct event hour + per distinct post
+    (its counts hash, which holds the newest-event fields and the score) + per distinct author
+    (score) + per distinct user of a non-impression event (recent posts, recent authors, hated,
+    follows, social_ts, action sequence) [+ the events' stream]; ARGV = ``EngagementBatchArgs`` +
+    the post ids + the author ids + per event (kind, event time ``%.6f``, post / author / user
+    index, 1-based, user 0 for an impression, event id, idempotency set index) [+ the consumer
+    group and one entry id per event]. This class is the one place that lays them out.
 
     With ``ack`` the script ends with the XACK of the events' stream entries: the writes and the
     acknowledgement are one atomic step (the bus must be Redis Streams on the same server; the
@@ -136,15 +139,18 @@ class EngagementBatchScript:
         """``(keys, args, event_s)`` of one call for ``events`` (``EngagementEvent``) written at
         ``write_s`` (epoch s); ``event_s`` is each event's time (epoch s), which the caller needs
         for the event-to-online lag. ``ack``: ``(stream key, group, one entry id per event)`` to
-        acknowledge in the same call. ``parts`` (letters of ``"gpau"``) and ``seen_key`` (event ->
-        its marker key) lay out one part of a cluster-mode batch (:meth:`split`): keys of the
+        acknowledge in the same call. ``parts`` (letters of ``"gpau"``) and ``seen_key`` ((event,
+        its event hour) -> the part's idempotency set) lay out one part of a cluster-mode batch (:meth:`split`): keys of the
         parts not named are left out.
 
         Raises:
             ValueError: ``ack`` has another number of entry ids than there are events.
         """
         with_post, with_author, with_user = "p" in parts, "a" in parts, "u" in parts
-        seen, ev, ets = [], [], []
+        ev, ets = [], []
+        seen: dict[str, int] = {}  # idempotency set -> its index
+        seen_of_hour: dict[int, int] = {}  # one entity per call (or the global part): the hour decides
+        hour_s = SEEN_HOUR_S
         posts: dict[int, int] = {}
         authors: dict[int, int] = {}
         users: dict[int, int] = {}
@@ -174,19 +180,22 @@ class EngagementBatchScript:
                                   keys.follows(u), keys.rt_social_ts(u), keys.action_sequence(u))
             t = e.event_ts.timestamp()
             ets.append(t)
-            seen.append(seen_key(e))
-            ev += (kind, f"{t:.6f}", pj, aj, uj)
+            h = int(t // hour_s) * hour_s  # = core.realtime.seen_hour
+            sj = seen_of_hour.get(h)
+            if sj is None:
+                sj = seen_of_hour[h] = seen[seen_key(e, h)] = len(seen) + 1
+            ev += (kind, f"{t:.6f}", pj, aj, uj, e.event_id, sj)
         head_keys = _HEAD_KEYS if "g" in parts else ()
         if ack is None:
             head = EngagementBatchArgs(seen_ttl, f"{write_s:.6f}", len(events), len(posts), len(authors), len(users),
-                                       parts=parts)
-            return [*head_keys, *seen, *post_keys, *author_keys, *user_keys], [*head, *post_ids, *author_ids, *ev], ets
+                                       len(seen), parts=parts)
+            return [*head_keys, *seen.keys(), *post_keys, *author_keys, *user_keys], [*head, *post_ids, *author_ids, *ev], ets
         stream, group, ids = ack
         if len(ids) != len(events):
             raise ValueError(f"{len(ids)} entry ids to acknowledge for {len(events)} events")
         head = EngagementBatchArgs(seen_ttl, f"{write_s:.6f}", len(events), len(posts), len(authors), len(users),
-                                   len(ids), parts=parts)
-        return ([*head_keys, *seen, *post_keys, *author_keys, *user_keys, stream],
+                                   len(seen), len(ids), parts=parts)
+        return ([*head_keys, *seen.keys(), *post_keys, *author_keys, *user_keys, stream],
                 [*head, *post_ids, *author_ids, *ev, group, *ids], ets)
 
     @staticmethod
@@ -195,7 +204,7 @@ class EngagementBatchScript:
         ``(parts, event indexes in batch order, seen_key)`` for the global part (every event; slot
         ``{rt}``), one per post (its events; ``{p:<id>}``), one per author (its weighted events;
         ``{a:<id>}``) and one per user (its events that touch a user key; ``{u:<id>}``). Each part
-        keeps its own seen marker in its own slot, so each is applied once per event id."""
+        keeps its own idempotency sets in its own slot, so each is applied once per event id."""
         by_post: dict[int, list[int]] = {}
         by_author: dict[int, list[int]] = {}
         by_user: dict[int, list[int]] = {}
@@ -206,9 +215,9 @@ class EngagementBatchScript:
             if e.kind in _USER_KINDS:
                 by_user.setdefault(e.user_id, []).append(i)
         out: list[tuple[str, list[int], object]] = [("g", list(range(len(events))), _global_seen)]
-        out += [("p", idx, lambda e: keys.rt_post_seen_event(e.post_id, e.event_id)) for idx in by_post.values()]
-        out += [("a", idx, lambda e: keys.rt_author_seen_event(e.author_id, e.event_id)) for idx in by_author.values()]
-        out += [("u", idx, lambda e: keys.rt_user_seen_event(e.user_id, e.event_id)) for idx in by_user.values()]
+        out += [("p", idx, lambda e, h: keys.rt_post_seen_set(e.post_id, h)) for idx in by_post.values()]
+        out += [("a", idx, lambda e, h: keys.rt_author_seen_set(e.author_id, h)) for idx in by_author.values()]
+        out += [("u", idx, lambda e, h: keys.rt_user_seen_set(e.user_id, h)) for idx in by_user.values()]
         return out
 
     def queue(self, pipe, events: list, write_s: float, seen_ttl: int,

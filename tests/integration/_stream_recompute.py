@@ -168,11 +168,12 @@ def state_diff(observed: dict[Key, float], expected: dict[Key, float], rel: floa
 
 
 def seen_event_ids(client: redis.Redis) -> set[str]:
-    """Event ids with an idempotency marker, i.e. applied events: an engagement's global marker
-    (``online_layout.rt_seen_event``) or a social event's, which ``social.lua`` keeps under its user's
-    hash tag (``online_layout.rt_user_seen_event``)."""
-    prefix = keys.rt_seen_event("")
-    out = {k.decode()[len(prefix):] for k in client.scan_iter(match=prefix + "*", count=1000)}
+    """Event ids marked applied: an engagement's id in its hour's idempotency set (the global part's,
+    ``online_layout.rt_seen_set``) or a social event's marker, which ``social.lua`` keeps under its
+    user's hash tag (``online_layout.rt_user_seen_event``)."""
+    out = set()
+    for k in client.scan_iter(match=keys.rt_seen_set(0).rsplit(":", 1)[0] + ":*", count=1000):
+        out |= {m.decode() for m in client.smembers(k)}
     user_marker = keys.rt_user_seen_event(0, "").split("}", 1)[1]  # ":rt:seen:" after the user's tag
     for k in client.scan_iter(match=keys.rt_user_seen_event("*", "*"), count=1000):
         out.add(k.decode().split(user_marker, 1)[1])

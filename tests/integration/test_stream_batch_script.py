@@ -53,14 +53,14 @@ def _reference_call(e: EngagementEvent, write_s: float, seen_ttl: int, caps: dic
     newest-event fields and the score since the layout merged the three (its pruning skips fields
     without a bucket)."""
     u, p, a, t = e.user_id, e.post_id, e.author_id, e.event_ts.timestamp()
-    k = [keys.rt_seen_event(e.event_id), keys.rt_post_counts(p), keys.rt_post_counts(p), keys.rt_post_counts(p),
+    k = [keys.rt_seen_set(rt.seen_hour(t)), keys.rt_post_counts(p), keys.rt_post_counts(p), keys.rt_post_counts(p),
          keys.rt_author_score(a), keys.rt_user_recent_posts(u), keys.rt_user_recent_authors(u), keys.hated_authors(u),
          keys.follows(u), keys.rt_social_ts(u), keys.POST_META, keys.RT_TRENDING_POSTS, keys.RT_TRENDING_TAGS,
          keys.RT_COVERAGE, keys.action_sequence(u)]
     args = [seen_ttl, e.kind, rt.bucket_start(t), f"{t:.6f}", f"{write_s:.6f}", repr(rt.kind_weight(e.kind)), p, a,
             int(e.kind in POSITIVE_HEADS), int(e.kind in ENGAGED_HEADS), repr(rt.HALF_LIFE_S), rt.COUNTS_TTL_S,
             rt.SCORE_TTL_S, caps["recent_cap"], rt.RETENTION_S, rt.BUCKET_S, repr(rt.TRENDING_HALF_LIFE_S),
-            caps["trending_cap"], rt.OUT_OF_ORDER_S, caps["sequence_cap"]]
+            caps["trending_cap"], rt.OUT_OF_ORDER_S, caps["sequence_cap"], e.event_id]
     return k, args
 
 
@@ -71,12 +71,12 @@ def _batch_call(events: list, write_s: float, seen_ttl: int, caps: dict) -> tupl
     return k, args
 
 
-def _dump(client: redis.Redis, event_ids, posts=POSTS, users=USERS) -> dict:
+def _dump(client: redis.Redis, events, posts=POSTS, users=USERS) -> dict:
     """Every key the engagement scripts can write for ``posts`` / ``users`` / the posts' authors
-    and ``event_ids``: type, content (scores as Redis prints them) and whether it has a TTL (the
-    TTL itself within 5 s)."""
+    and ``events`` (their idempotency sets): type, content (scores as Redis prints them) and whether
+    it has a TTL (the TTL itself within 5 s)."""
     names = [keys.RT_TRENDING_POSTS, keys.RT_TRENDING_TAGS, keys.RT_COVERAGE]
-    names += [keys.rt_seen_event(e) for e in event_ids]
+    names += [keys.rt_seen_set(rt.seen_hour(e.event_ts.timestamp())) for e in events]
     for p in posts:
         names += [keys.rt_post_counts(p)]
     names += [keys.rt_author_score(_author(p)) for p in posts]
@@ -161,7 +161,7 @@ def test_a_batch_leaves_what_one_script_per_event_leaves(redis_client, caps):
             calls += 1
         assert calls > 10
         ids = {e.event_id for e in events}
-        got, want = _dump(redis_client, ids), _dump(reference_db, ids)
+        got, want = _dump(redis_client, events), _dump(reference_db, events)
         assert got.keys() == want.keys()
         assert _differ(got, want) == []
         # the state is not trivial: every path of the scripts ran
@@ -197,7 +197,7 @@ def test_a_call_longer_than_the_scripts_chunks_leaves_what_one_script_per_event_
         assert got == want == [1] * len(events)
         assert redis_client.zcard(keys.RT_TRENDING_POSTS) == 1500 and redis_client.zcard(keys.RT_TRENDING_TAGS) == 1900
         ids = {e.event_id for e in events}
-        got, want = _dump(redis_client, ids, posts, USERS), _dump(reference_db, ids, posts, USERS)
+        got, want = _dump(redis_client, events, posts, USERS), _dump(reference_db, events, posts, USERS)
         assert _differ(got, want) == []
     finally:
         reference_db.flushdb()
@@ -222,7 +222,8 @@ def test_a_bad_key_fails_its_own_event_and_the_rest_of_the_batch_is_applied(redi
     assert proc.run_once(count=10) == 4
     assert proc.stats["failed"] == 1 and proc.stats["applied"] == 4 and _pending(redis_client) == 1
     # nothing of the failed event was written; the others are complete
-    assert not redis_client.exists(keys.rt_seen_event("b2")) and redis_client.get(keys.rt_post_counts(42)) == b"not a hash"
+    assert not redis_client.sismember(keys.rt_seen_set(rt.seen_hour(NOW - 20)), "b2")
+    assert redis_client.get(keys.rt_post_counts(42)) == b"not a hash"
     assert redis_client.zscore(keys.RT_TRENDING_POSTS, 42) is None
     reader = RealtimeFeatureReader(redis_client)
     counts = reader.post_window_counts([40, 41, 43, 44], NOW)
@@ -234,8 +235,8 @@ def test_a_bad_key_fails_its_own_event_and_the_rest_of_the_batch_is_applied(redi
 
 
 def test_a_batch_written_but_not_acknowledged_is_a_no_op_when_delivered_again(redis_client):
-    """A crash between the batched write and the XACK: every entry stays pending with its seen
-    marker set, and the consumer that reclaims them changes nothing."""
+    """A crash between the batched write and the XACK: every entry stays pending with its id in
+    its hour's idempotency set, and the consumer that reclaims them changes nothing."""
     bus = RedisStreamsBus(redis_client)
     rng = random.Random(3)
     events = [_eng(f"w{i}", rng.choice(["impression", "click", "like", "long_view"]), NOW - rng.uniform(0, 3600),
@@ -245,12 +246,13 @@ def test_a_batch_written_but_not_acknowledged_is_a_no_op_when_delivered_again(re
     crashed = _proc(redis_client, bus, name="A")
     got = bus.consume("engagements", "feature-writer", "A", count=100)
     assert crashed.apply_many([d.event for d in got]) == [True] * 60  # written, never acknowledged
-    before = _dump(redis_client, {e.event_id for e in events})
-    assert _pending(redis_client) == 60 and len(before) > 60
+    before = _dump(redis_client, events)
+    marked = {keys.rt_seen_set(rt.seen_hour(e.event_ts.timestamp())) for e in events}
+    assert _pending(redis_client) == 60 and sum(len(before[k][1]) for k in marked) == 60
     b = _proc(redis_client, bus, name="B", reclaim_idle_ms=0)
     assert b.run_once(count=100) == 0
     assert b.stats["duplicate"] == 60 and _pending(redis_client) == 0
-    after = _dump(redis_client, {e.event_id for e in events})
+    after = _dump(redis_client, events)
     after[keys.RT_COVERAGE][1].pop(b"caught_up")  # the liveness stamp moved on: the group caught up
     assert _differ(after, before) == []
 
@@ -277,3 +279,19 @@ def test_a_read_longer_than_one_call_is_split_and_applied_once(redis_client):
     assert proc.apply_many(events[900:1100]) == [False] * 200  # again, across the split: all duplicates
     counts = RealtimeFeatureReader(redis_client).post_window_counts(range(11), NOW)
     assert sum(c["rt_impressions_24h"] + c["rt_clicks_24h"] for c in counts.values()) == n
+
+
+def test_an_hours_idempotency_set_lives_seen_ttl_past_its_last_write(redis_client):
+    """Ids of one event hour share one set; each write sets its expiry to seen_ttl from now, so an
+    id stays marked at least seen_ttl after it was added, and an id of another hour is not in it."""
+    proc = _proc(redis_client, RedisStreamsBus(redis_client), seen_ttl_s=600)
+    hour = keys.rt_seen_set(rt.seen_hour(NOW))
+    assert proc.apply_many([_eng("h1", "click", NOW - 5)]) == [True]
+    assert redis_client.smembers(hour) == {b"h1"} and 590 <= redis_client.ttl(hour) <= 600
+    redis_client.expire(hour, 30)  # as if most of the TTL had passed
+    earlier = _eng("h0", "click", rt.seen_hour(NOW) - 1)  # the hour before: its own set
+    assert proc.apply_many([_eng("h2", "like", NOW - 3), earlier]) == [True, True]
+    assert redis_client.smembers(hour) == {b"h1", b"h2"} and 590 <= redis_client.ttl(hour) <= 600
+    assert redis_client.smembers(keys.rt_seen_set(rt.seen_hour(NOW) - 3600)) == {b"h0"}
+    assert proc.apply_many([_eng("h1", "click", NOW - 5), earlier]) == [False, False]  # still marked
+    assert RealtimeFeatureReader(redis_client).post_window_counts([10], NOW)[10]["rt_clicks_1h"] == 2

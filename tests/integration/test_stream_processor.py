@@ -154,7 +154,7 @@ def test_failed_write_is_not_acked_and_is_applied_after_reclaim(redis_client):
     proc = _proc(redis_client, bus, name="A")
     assert proc.run_once(count=10) == 0
     assert proc.stats["failed"] == 1 and _pending(redis_client) == 1
-    assert not redis_client.exists(keys.rt_seen_event("x1"))
+    assert not redis_client.sismember(keys.rt_seen_set(rt.seen_hour(NOW - 10)), "x1")
     # nothing half-written: the bad key as it was, no score of the author, no trending entry
     assert redis_client.get(keys.rt_post_counts(42)) == b"not a hash"
     assert not redis_client.exists(keys.rt_author_score(e.author_id))

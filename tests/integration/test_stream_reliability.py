@@ -34,6 +34,7 @@ from redis.retry import Retry
 
 from core import online_layout as keys
 from core.online_store import connect
+from core.realtime import seen_hour
 from core.services import RedisServer
 from core.state import StateDir
 from pipelines.raw import LOG_DTYPES, LOG_FILE, VIDEOS_DTYPES, VIDEOS_FILE, read_csv_typed
@@ -168,8 +169,10 @@ def _pending_now(client: redis.Redis) -> tuple[list[dict], list, set[str]]:
         pipe.xrange(KEY, r["message_id"], r["message_id"])
     events = [parse_event(entry[0][1]) for entry in pipe.execute()]
     for e in events:  # the marker each kind of event writes (single-Redis layout)
-        pipe.exists(keys.rt_seen_event(e.event_id) if isinstance(e, EngagementEvent)
-                    else keys.rt_user_seen_event(e.user_id, e.event_id))
+        if isinstance(e, EngagementEvent):
+            pipe.sismember(keys.rt_seen_set(seen_hour(e.event_ts.timestamp())), e.event_id)
+        else:
+            pipe.exists(keys.rt_user_seen_event(e.user_id, e.event_id))
     written = {e.event_id for e, n in zip(events, pipe.execute()) if n}
     return rows, events, written
 

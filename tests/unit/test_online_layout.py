@@ -54,9 +54,10 @@ GOLDEN: dict[str, tuple[tuple, str]] = {
     "DRIFT_SAMPLE": ((), "hm:drift_sample"),
     "EXPLORATION_LOG": ((), "hm:exploration"),
     "SHADOW_LOG": ((), "hm:shadow"),
-    "rt_seen_event": (("e-1",), "hm:{rt}:seen:e-1"),
-    "rt_post_seen_event": ((10, "e-1"), "hm:{p:10}:rt:seen:e-1"),
-    "rt_author_seen_event": ((7, "e-1"), "hm:{a:7}:rt:seen:e-1"),
+    "rt_seen_set": ((1_651_406_400,), "hm:{rt}:seen_h:1651406400"),
+    "rt_post_seen_set": ((10, 3600), "hm:{p:10}:rt:seen_h:3600"),
+    "rt_author_seen_set": ((7, 3600), "hm:{a:7}:rt:seen_h:3600"),
+    "rt_user_seen_set": ((3, 3600), "hm:{u:3}:rt:seen_h:3600"),
     "rt_user_seen_event": ((3, "e-1"), "hm:{u:3}:rt:seen:e-1"),
     "rt_post_counts": ((10,), "hm:{p:10}:rt:counts"),
     "rt_author_score": ((7,), "hm:{a:7}:rt:score"),
@@ -154,7 +155,7 @@ def test_keys_are_the_documented_ones_byte_for_byte():
         "hm:{a:*}:author_posts", "hm:popular:*", "hm:tag_posts:*", "hm:{u:*}:follows", "hm:{u:*}:engaged_authors",
         "hm:{u:*}:tag_interest", "hm:{u:*}:hated_authors", "hm:{u:*}:seen_posts", "hm:{u:*}:seq", "hm:{p:*}:coeng")
     assert layout.RT_KEY_PATTERNS == (
-        "hm:{rt}:trending:*", "hm:{rt}:coverage", "hm:{rt}:seen:*", "hm:{p:*}:rt:*", "hm:{a:*}:rt:*",
+        "hm:{rt}:trending:*", "hm:{rt}:coverage", "hm:{rt}:seen:*", "hm:{rt}:seen_h:*", "hm:{p:*}:rt:*", "hm:{a:*}:rt:*",
         "hm:{u:*}:rt:*", "hm:{u:*}:follows", "hm:{u:*}:hated_authors", "hm:{u:*}:blocked_authors",
         "hm:{u:*}:muted_authors")
     with pytest.raises(ValueError, match="bad topic"):

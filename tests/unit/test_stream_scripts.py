@@ -58,11 +58,12 @@ def _eng(eid, kind, user, post, author, ts):
 
 def test_the_engagement_batch_layout_names_each_key_once_in_its_section():
     events = [_eng("e1", "impression", 3, 10, 7, 1_651_406_500.25), _eng("e2", "like", 3, 10, 7, 1_651_406_501.5),
-              _eng("e3", "hate", 4, 11, 7, 1_651_406_400.0), _eng("e1", "impression", 3, 10, 7, 1_651_406_500.25)]
+              _eng("e3", "hate", 4, 11, 7, 1_651_406_399.0), _eng("e1", "impression", 3, 10, 7, 1_651_406_500.25)]
     k, a, ets = S.EngagementBatchScript.layout(events, 1_651_406_600.0, seen_ttl=99)
-    head = S.EngagementBatchArgs(99, "1651406600.000000", 4, 2, 1, 2)
+    head = S.EngagementBatchArgs(99, "1651406600.000000", 4, 2, 1, 2, 2)
     assert k == [keys.POST_META, keys.RT_TRENDING_POSTS, keys.RT_TRENDING_TAGS, keys.RT_COVERAGE,
-                 *(keys.rt_seen_event(e) for e in ("e1", "e2", "e3", "e1")),
+                 # one idempotency set per event hour, in order of first use (e3 is a second before e1's hour)
+                 keys.rt_seen_set(1_651_406_400), keys.rt_seen_set(1_651_402_800),
                  keys.rt_post_counts(10), keys.rt_post_counts(11),
                  keys.rt_author_score(7),
                  # the impression touches no user key: user 3 comes with the like, 4 with the hate
@@ -71,9 +72,9 @@ def test_the_engagement_batch_layout_names_each_key_once_in_its_section():
                  keys.rt_user_recent_posts(4), keys.rt_user_recent_authors(4), keys.hated_authors(4),
                  keys.follows(4), keys.rt_social_ts(4), keys.action_sequence(4)]
     assert a == [*head, 10, 11, 7,
-                 "impression", "1651406500.250000", 1, 1, 0, "like", "1651406501.500000", 1, 1, 1,
-                 "hate", "1651406400.000000", 2, 1, 2, "impression", "1651406500.250000", 1, 1, 0]
-    assert ets == [1_651_406_500.25, 1_651_406_501.5, 1_651_406_400.0, 1_651_406_500.25]
+                 "impression", "1651406500.250000", 1, 1, 0, "e1", 1, "like", "1651406501.500000", 1, 1, 1, "e2", 1,
+                 "hate", "1651406399.000000", 2, 1, 2, "e3", 2, "impression", "1651406500.250000", 1, 1, 0, "e1", 1]
+    assert ets == [1_651_406_500.25, 1_651_406_501.5, 1_651_406_399.0, 1_651_406_500.25]
     assert head.sequence_cap == 128 and head.recent_cap == realtime.RECENT_CAP
     # the kind table: weight, positive head, engaged head (user action sequence)
     table = dict((n, (w, p, e)) for n, w, p, e in zip(*[iter(head.kinds.split())] * 4))

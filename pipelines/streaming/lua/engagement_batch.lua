@@ -6,19 +6,21 @@
 -- below (the former engagement.lua, one call per event; tests/integration/test_stream_batch_script.py
 -- compares the two byte for byte), but each key is read at most once and written at most once per
 -- batch: the state of every key lives in Lua tables while the events are folded in, so a batch
--- costs about one redis.call per event (its seen marker) plus a few per post, author and user
+-- costs a few redis.calls per post, author and user (and per event hour: its idempotency set)
 -- instead of ~37 per event.
 --
 -- Two phases. 1: reads only. Every key is first read with a command of its type (HGET, HGETALL,
--- HMGET, ZCARD, ...; TYPE for the two sets only written), which is also the key's type check: a
+-- HMGET, ZCARD, SMISMEMBER, ...; TYPE for the two sets only written), which is also the key's type check: a
 -- key of another type aborts the script with an error naming it while nothing is written (a
 -- script is not rolled back), and the processor retries the batch one event per call, so only the
 -- event whose key is bad stays pending. 2: writes, which cannot fail on a key's type any more.
 --
--- Idempotency: an event whose seen marker (online_layout.rt_seen_event) exists, or whose id an
--- earlier event of this batch had, is a redelivery: it changes nothing and returns 0. Every other
--- event is applied and its marker set (expiring seen_ttl s from now) in the same script, so a crash
--- leaves either the whole batch applied and marked or none of it.
+-- Idempotency: an event whose id is in the idempotency set of its event hour
+-- (online_layout.rt_seen_set), or whose id an earlier event of this batch had, is a redelivery: it
+-- changes nothing and returns 0 (a redelivery carries its event's time, so its hour's set). Every
+-- other event is applied and its id added to that set in the same script, so a crash leaves either
+-- the whole batch applied and marked or none of it. A set expires seen_ttl s after its last write:
+-- an id stays at least seen_ttl s after it was added. One SADD per hour replaces a SET per event.
 --
 -- Parts (ARGV ``parts``, letters of 'gpau'; one Redis: all four in one call). In a Redis Cluster a
 -- script may touch one slot only, so scripts.EngagementBatchScript splits a batch by hash tag and
@@ -26,16 +28,16 @@
 -- event, 'p' with one post's events, 'a' with one author's weighted events, 'u' with one user's
 -- events that touch a user key. Each entity's state depends only on its own events in batch order,
 -- and trending / coverage only on all events in order, so the parts together write what one call
--- writes; each part has its own seen markers (in its slot), so a part applied before a crash is
+-- writes; each part has its own idempotency sets (in its slot), so a part applied before a crash is
 -- skipped on redelivery and the others applied: exact once per part.
 --
--- KEYS: the 4 named below ('g' only), then one seen marker per event, then per post its counts hash,
+-- KEYS: the 4 named below ('g' only), then one idempotency set per event hour, then per post its counts hash,
 -- which also holds the newest-event fields and the decayed score ('p' only), per author (score; 'a'
 -- only), per user (recent_posts, recent_authors, hated, follows, social_ts, action_sequence), then
 -- (n_acks > 0) the events' stream.
--- ARGV: the 19 named below, then per post its id, per author its id, then per event: kind,
+-- ARGV: the 20 named below, then per post its id, per author its id, then per event: kind,
 -- event_ts ('%.6f'), post index, author index, user index (1-based into the lists above; user
--- index 0: the event touches no user key), then (n_acks > 0) the consumer group and one stream
+-- index 0: the event touches no user key), event id, idempotency set index, then (n_acks > 0) the consumer group and one stream
 -- entry id per event, acknowledged (XACK) as the last write: the writes and the ack are one
 -- atomic step. ``kinds`` is 'name weight positive engaged ...'.
 -- Returns per event 1 (applied now) or 0 (applied before: nothing written).
@@ -44,9 +46,9 @@
 -- number concatenated ~600 ns): library functions are locals, the per-event indexes stay strings
 -- (table keys), expiry times are formatted once.
 local index_post_meta, trending_posts, trending_tags, coverage = unpack(KEYS, 1, 4)
-local seen_ttl, write_ts, n_events, n_posts, n_authors, n_users, n_acks, kinds, half_life, counts_ttl,
-      score_ttl, recent_cap, retention_s, bucket_s, trending_half_life, trending_cap, out_of_order_s,
-      sequence_cap, parts = unpack(ARGV, 1, 19)
+local seen_ttl, write_ts, n_events, n_posts, n_authors, n_users, n_seen, n_acks, kinds, half_life,
+      counts_ttl, score_ttl, recent_cap, retention_s, bucket_s, trending_half_life, trending_cap,
+      out_of_order_s, sequence_cap, parts = unpack(ARGV, 1, 20)
 
 local tonumber, type, pairs, ipairs, unpack, error = tonumber, type, pairs, ipairs, unpack, error
 local floor, min, max, pow, log = math.floor, math.min, math.max, math.pow, math.log
@@ -56,18 +58,20 @@ local KEYS, ARGV = KEYS, ARGV
 
 local ne, np, na, nu, nk = tonumber(n_events), tonumber(n_posts), tonumber(n_authors), tonumber(n_users),
                           tonumber(n_acks)
+local ns = tonumber(n_seen)
 local write_s, half, retention, bucket_len = tonumber(write_ts), tonumber(half_life), tonumber(retention_s),
                                              tonumber(bucket_s)
 local tr_half, tr_cap, ooo = tonumber(trending_half_life), tonumber(trending_cap), tonumber(out_of_order_s)
 local rcap, scap = tonumber(recent_cap), tonumber(sequence_cap)
 local G, P, A = find(parts, 'g', 1, true) ~= nil, find(parts, 'p', 1, true) ~= nil, find(parts, 'a', 1, true) ~= nil
-local K_SEEN, A_POST = G and 4 or 0, 19
-local K_POST = K_SEEN + ne
+local K_SEEN, A_POST = G and 4 or 0, 20
+local K_POST = K_SEEN + ns
 local K_AUTHOR = K_POST + (P and np or 0)
 local K_USER = K_AUTHOR + (A and na or 0)
 local A_AUTHOR = A_POST + np
 local A_EVENT = A_AUTHOR + na
-local A_ACK = A_EVENT + 5 * ne  -- then the group and the entry ids; their stream is the last key
+local EV = 7  -- ARGV values per event
+local A_ACK = A_EVENT + EV * ne  -- then the group and the entry ids; their stream is the last key
 if #KEYS ~= K_USER + 6 * nu + (nk > 0 and 1 or 0) or #ARGV ~= A_ACK + (nk > 0 and nk + 1 or 0)
    or (nk > 0 and nk ~= ne) then
   return redis.error_reply('ERR engagement_batch.lua: ' .. #KEYS .. ' keys / ' .. #ARGV ..
@@ -119,19 +123,33 @@ local function chunked(cmd, key, list, step, pre)
 end
 
 -- ---------------------------------------------------------------- phase 1: reads, folding in memory
-local seen = {}
-for i = 1, ne do seen[i] = KEYS[K_SEEN + i] end
-local marks = {}
-for s = 1, ne, CHUNK do
-  local part = {}
-  for i = s, min(s + CHUNK - 1, ne) do part[#part + 1] = seen[i] end
-  local got = rcall('MGET', unpack(part))
-  local n = 0
-  for k = 1, #part do marks[s + k - 1] = got[k]; if got[k] then n = n + 1 end end
-  -- MGET answers nil for a key of another type too: EXISTS counts every type
-  if rcall('EXISTS', unpack(part)) ~= n then
-    for k = 1, #part do if not got[k] then guard_type(part[k], 'string') end end
+-- each event's id and set; per set, its distinct ids and whether each is in it (SMISMEMBER, which
+-- is also the set's type check)
+local ids, set_of = {}, {}
+local set_ids, set_pos = {}, {}  -- per set: its distinct ids; id -> position in that list
+for s = 1, ns do set_ids[s] = {}; set_pos[s] = {} end
+for i = 1, ne do
+  local b = A_EVENT + EV * (i - 1)
+  local id, sj = ARGV[b + 6], tonumber(ARGV[b + 7])
+  ids[i], set_of[i] = id, sj
+  local pos = set_pos[sj]
+  if not pos[id] then local l = set_ids[sj]; l[#l + 1] = id; pos[id] = #l end
+end
+local marked = {}  -- per set: position -> 1 if the id is in the set
+for s = 1, ns do
+  local l, got = set_ids[s], {}
+  for c = 1, #l, CHUNK do
+    local part = {}
+    for k = c, min(c + CHUNK - 1, #l) do part[#part + 1] = l[k] end
+    local r = read('SMISMEMBER', KEYS[K_SEEN + s], unpack(part))
+    for k = 1, #r do got[c + k - 1] = r[k] end
   end
+  marked[s] = got
+end
+local marks = {}
+for i = 1, ne do
+  local sj = set_of[i]
+  marks[i] = marked[sj][set_pos[sj][ids[i]]] == 1
 end
 
 -- tags of the posts with a weighted event (the candidate index's post metadata), one HMGET
@@ -139,7 +157,7 @@ local tags_of = {}  -- post index (string) -> list of tags
 if G then
   local ids, want = {}, {}
   for i = 1, ne do
-    local b = A_EVENT + 5 * (i - 1)
+    local b = A_EVENT + EV * (i - 1)
     local pj = ARGV[b + 3]
     if LOG2W[ARGV[b + 1]] and not want[pj] then want[pj] = true; ids[#ids + 1] = pj end
   end
@@ -246,12 +264,12 @@ local result = {}
 local in_batch = {}
 local clock_edge = write_s + bucket_len  -- events beyond: a skewed producer's clock
 for i = 1, ne do
-  local b = A_EVENT + 5 * (i - 1)
-  local key = seen[i]
-  if marks[i] or in_batch[key] then
+  local b = A_EVENT + EV * (i - 1)
+  local id = ids[i]
+  if marks[i] or in_batch[id] then
     result[i] = 0
   else
-    in_batch[key] = true
+    in_batch[id] = true
     result[i] = 1
     local kind, event_ts, pj, aj, uj = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
     local ets = tonumber(event_ts)
@@ -362,8 +380,16 @@ if #tr_posts > 0 then tr_card[trending_posts] = read('ZCARD', trending_posts) en
 if #tr_tags > 0 then tr_card[trending_tags] = read('ZCARD', trending_tags) end
 
 -- ---------------------------------------------------------------- phase 2: writes
+local applied = {}  -- per set: the ids applied now
+for s = 1, ns do applied[s] = {} end
 for i = 1, ne do
-  if result[i] == 1 then rcall('SET', seen[i], '1', 'PXAT', seen_at) end
+  if result[i] == 1 then local l = applied[set_of[i]]; l[#l + 1] = ids[i] end
+end
+for s = 1, ns do
+  if #applied[s] > 0 then
+    chunked('SADD', KEYS[K_SEEN + s], applied[s], 1)
+    rcall('PEXPIREAT', KEYS[K_SEEN + s], seen_at)
+  end
 end
 local function write_score(s)
   if s.score_dirty then

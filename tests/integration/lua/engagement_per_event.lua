@@ -18,11 +18,13 @@ local function guard_key_types(want)
   return nil
 end
 
--- mark_seen(key, ttl): false if the event's seen marker exists (a redelivery: the script changes
--- nothing and returns 0), else set it with TTL ttl (s) and return true.
-local function mark_seen(key, ttl)
-  if redis.call('EXISTS', key) == 1 then return false end
-  redis.call('SET', key, '1', 'EX', ttl)
+-- mark_seen(key, id, ttl): false if the event's id is in its hour's idempotency set (a
+-- redelivery: the script changes nothing and returns 0), else add it, (re)set the set's TTL to ttl
+-- (s) and return true. (The former marker, one string key per event, had the same rule.)
+local function mark_seen(key, id, ttl)
+  if redis.call('SISMEMBER', key, id) == 1 then return false end
+  redis.call('SADD', key, id)
+  redis.call('EXPIRE', key, ttl)
   return true
 end
 -- Apply one EngagementEvent to the real-time features, atomically (scripts.ENGAGEMENT; prelude
@@ -32,13 +34,13 @@ local seen, counts, rt_meta, post_score, author_score, recent_posts, recent_auth
       social_ts, index_post_meta, trending_posts, trending_tags, coverage, action_sequence = unpack(KEYS)
 local seen_ttl, kind, bucket_start, event_ts, write_ts, weight, post_id, author_id, positive, engaged,
       half_life, counts_ttl, score_ttl, recent_cap, retention_s, bucket_s, trending_half_life,
-      trending_cap, out_of_order_s, sequence_cap = unpack(ARGV)
+      trending_cap, out_of_order_s, sequence_cap, event_id = unpack(ARGV)
 
 -- one type per key above, in order
-local bad = guard_key_types({'string', 'hash', 'hash', 'hash', 'hash', 'zset', 'zset', 'set', 'set',
+local bad = guard_key_types({'set', 'hash', 'hash', 'hash', 'hash', 'zset', 'zset', 'set', 'set',
                              'hash', 'hash', 'zset', 'zset', 'hash', 'zset'})
 if bad then return bad end
-if not mark_seen(seen, seen_ttl) then return 0 end
+if not mark_seen(seen, event_id, seen_ttl) then return 0 end
 
 local bucket = tonumber(bucket_start)
 local ets = tonumber(event_ts)
