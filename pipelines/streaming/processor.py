@@ -21,9 +21,10 @@ a no-op. A failed write leaves its entry pending, and a processor reclaims entri
 ``reclaim_idle_ms`` when it starts and every ``reclaim_every_s`` after. A batch is two round trips
 when all goes well: ``EventBus.poll`` (the trimmed-entries check and the read) and the write. While
 the group has a backlog, ``run`` drains it pipelined (``StreamProcessor._drain_pipelined``): each
-round trip carries one batch's writes and the read of a later batch, and the next batch is parsed
-and laid out while Redis runs the scripts, so the processor's Python and Redis work overlap instead
-of taking turns (one batch written at a time, in stream order: the same effects). Key
+round trip carries one batch's writes and the read of a later batch, two are in flight on one
+connection, and the next batch is parsed and laid out while Redis runs the scripts, so the
+processor's Python and Redis work overlap instead of taking turns (batches written one after the
+other, in stream order: the same effects). Key
 layout: ``core/online_layout.py``; window / decay math: ``core/realtime.py``; the reader:
 ``mixer.feature_hydrators.realtime_reader``.
 
@@ -100,28 +101,35 @@ class _PreparedWrite:
 
 class _SentPipeline:
     """A non-transactional redis-py pipeline sent now and its replies read later: redis-py's
-    ``Pipeline._execute_pipeline`` in two halves, on a connection of the pipeline's pool, so the
-    caller can do other work while Redis runs the commands. No retry: a connection error raises
-    (from the send or from :meth:`replies`) and the connection is dropped."""
+    ``Pipeline._execute_pipeline`` in two halves, so the caller can do other work while Redis runs
+    the commands. On ``conn`` (a connection the caller holds: pipelines sent on it run in the order
+    sent, and their replies are read in that order) or on a connection of the pipeline's pool, given
+    back after the replies. No retry: a connection error raises (from the send or from
+    :meth:`replies`) and the connection is dropped."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, conn=None):
         if pipe.scripts:  # redis-py Script calls queued (social.lua, the stamp): loaded as execute() does
             pipe.load_scripts()
         self.pipe, self.commands = pipe, list(pipe.command_stack)
-        self.conn = pipe.connection_pool.get_connection()
+        self.owned = conn is None
+        self.conn = pipe.connection_pool.get_connection() if self.owned else conn
         try:
             self.conn.send_packed_command(self.conn.pack_commands([args for args, _ in self.commands]))
         except BaseException:
             self.conn.disconnect()
-            pipe.connection_pool.release(self.conn)
+            self._release()
             raise
+
+    def _release(self) -> None:
+        if self.owned:
+            self.pipe.connection_pool.release(self.conn)
 
     def close(self) -> None:
         """Give the connection back without reading the replies (after an error elsewhere): it is
         disconnected first, since unread replies would answer the next user's commands."""
         if self.conn is not None:
             self.conn.disconnect()
-            self.pipe.connection_pool.release(self.conn)
+            self._release()
             self.pipe.reset()
             self.conn = None
 
@@ -139,7 +147,7 @@ class _SentPipeline:
             self.conn.disconnect()  # replies left unread: the connection cannot be reused
             raise
         finally:
-            self.pipe.connection_pool.release(self.conn)
+            self._release()
             self.pipe.reset()
             self.conn = None
         return out
@@ -518,12 +526,17 @@ class StreamProcessor:
         overlap on two cores instead of taking turns. Returns the events applied now.
 
         Each pipeline is one batch's writes (as ``_process``: the scripts acknowledge their
-        entries) followed by the read (``EventBus.queue_poll``) of the batch after the next one, so
-        one batch read earlier is parsed and laid out between sending the pipeline and reading its
-        replies (``_SentPipeline``). Pipelines run one at a time in stream order, so the
-        effects, the idempotency and the crash guarantees are those of ``run_once``: a batch is
-        written and acknowledged in one script, the batches read ahead stay pending with this
-        consumer (``consume_own_pending`` / the reclaim take them after a crash). Reads stop when
+        entries) followed by reads (``EventBus.queue_poll``) of later batches, so that a batch read
+        earlier is parsed and laid out while Redis runs a pipeline (``_SentPipeline``). Two
+        pipelines are in flight on one connection: Redis runs them in the order sent, one after
+        the other, and the newer waits in the socket while this thread reads the older one's
+        replies and lays out and sends the next; Redis does not sit idle between batches. The
+        batches are written in stream order, so the effects, the idempotency and the crash
+        guarantees are those of ``run_once``: a batch is written and acknowledged in one script,
+        the batches read ahead stay pending with this consumer (``consume_own_pending`` / the
+        reclaim take them after a crash). One difference: a batch whose script call failed (a key
+        of another type; ``_retry_one_by_one``) has its events retried after the batch sent
+        behind it, not before. Reads stop when
         one comes back short (caught up) or the budget is spent; the batches read by then are
         applied before returning. Entries lost to trimming reset the coverage in the pipeline of
         the batch read after them, after the writes of every batch before the gap.
@@ -536,56 +549,73 @@ class StreamProcessor:
         deadline = time.monotonic() + budget_s
         reading = True
         ahead: collections.deque = collections.deque()  # poll replies (lost, resp) read, not yet parsed
+        lost_unprepared = False  # a gap seen whose batch (carrying the coverage reset) is not laid out
 
         def take(raw) -> "_PreparedWrite | None":
-            nonlocal reading
+            nonlocal reading, lost_unprepared
             lost, batch = self.bus.take_poll(self.topic, self.group, self.consumer, *raw, count=count)
             if len(batch) < count or time.monotonic() >= deadline:
                 reading = False  # caught up (or out of time): read no further
             if lost:
                 self._lost(lost, reset_now=False)  # reset in this batch's pipeline, after the earlier writes
-                nonlocal reset_pending
-                reset_pending = True
-            return self._process_prepare(batch, reset_coverage=bool(lost)) if batch or lost else None
+                lost_unprepared = True
+            prepared = self._process_prepare(batch, reset_coverage=bool(lost)) if batch or lost else None
+            lost_unprepared = False
+            return prepared
 
-        reset_pending = False  # a gap was seen and its queued coverage reset has not run yet
-        applied, prep, sent = 0, self._process_prepare(got), None
+        def next_batch() -> "_PreparedWrite | None":
+            nxt = None
+            while nxt is None and ahead:  # an empty read: the ones behind it may still hold entries
+                nxt = take(ahead.popleft())
+            return nxt
+
+        # Two pipelines in flight on one connection: Redis runs them in the order sent, and while it
+        # runs the older one the newer waits in its socket, so Redis does not sit idle while this
+        # thread reads a reply, counts the outcomes and sends the next pipeline.
+        conn = self.client.connection_pool.get_connection()
+        inflight: collections.deque = collections.deque()  # (prep, sent or None, reads queued in it)
+        reads_in_flight = 0
+        applied, prep = 0, self._process_prepare(got)
         self._unobserved = []  # lags go to the histogram while Redis runs the next pipeline
         try:
-            while prep is not None:
-                n_reads = 2 - len(ahead) if reading else 0
-                for _ in range(n_reads):
-                    self.bus.queue_poll(prep.pipe, self.topic, self.group, self.consumer, count)
-                sent = _SentPipeline(prep.pipe) if prep.sends or n_reads else None
-                # meanwhile (Redis runs the scripts): the next batch read earlier, parsed and laid
-                # out, and the previous batches' lags observed
-                nxt = take(ahead.popleft()) if ahead else None
-                lags, self._unobserved = self._unobserved, []
-                self._observe(lags)
+            while prep is not None or inflight:
+                if prep is not None:
+                    n_reads = max(0, 2 - len(ahead) - reads_in_flight) if reading else 0
+                    for _ in range(n_reads):
+                        self.bus.queue_poll(prep.pipe, self.topic, self.group, self.consumer, count)
+                    sent = _SentPipeline(prep.pipe, conn) if prep.sends or n_reads else None
+                    inflight.append((prep, sent, n_reads))
+                    reads_in_flight += n_reads
+                    # meanwhile (Redis runs the scripts): the previous batches' lags observed and,
+                    # with one pipeline in flight only, the next batch read earlier laid out and sent
+                    lags, self._unobserved = self._unobserved, []
+                    self._observe(lags)
+                    prep = next_batch() if len(inflight) < 2 else None
+                    if prep is not None:
+                        continue
+                old, sent, n_reads = inflight.popleft()
                 replies = iter(sent.replies() if sent is not None else [])
-                sent = None
-                applied += self._process_finish(prep, replies)
-                # every batch laid out before has run: a reset is pending only in the next one
-                reset_pending = nxt is not None and nxt.reset_coverage
+                applied += self._process_finish(old, replies)
                 for _ in range(n_reads):
                     ahead.append((next(replies), next(replies)))
-                while nxt is None and ahead:  # an empty read: the ones behind it may still hold entries
-                    nxt = take(ahead.popleft())
-                prep = nxt
+                reads_in_flight -= n_reads
+                prep = next_batch()
         except BaseException:
-            # the batches in hand stay pending (re-read after the error); a pipeline sent and not
-            # read gives its connection back disconnected. A gap seen (or read and not yet parsed)
-            # whose queued reset never ran: the poll that found it moved the group past it, so no
-            # one would report it again; the reset is due after the next batch this processor
-            # writes (run() re-reads its pending entries first: coverage restarts after all of them)
-            if sent is not None:
-                sent.close()
+            # the batches in hand stay pending (re-read after the error); the connection with
+            # replies unread is dropped. A gap seen (or read and not yet parsed) whose queued reset
+            # may not have run: the poll that found it moved the group past it, so no one would
+            # report it again; the reset is due after the next batch this processor writes (run()
+            # re-reads its pending entries first: coverage restarts after all of them)
             unparsed = sum(int(lost) for lost, _ in ahead if isinstance(lost, int))
             if unparsed:
                 self._lost(unparsed, reset_now=False)
-            self._coverage_reset_due |= reset_pending or unparsed > 0
+            unfinished = [p for p, _, _ in inflight] + ([prep] if prep is not None else [])
+            self._coverage_reset_due |= (lost_unprepared or unparsed > 0
+                                         or any(p.reset_coverage for p in unfinished))
+            conn.disconnect()
             raise
         finally:
+            self.client.connection_pool.release(conn)
             lags, self._unobserved = self._unobserved, None
             self._observe(lags)
         return applied

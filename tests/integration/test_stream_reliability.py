@@ -450,6 +450,29 @@ def test_a_pipelined_drain_of_a_backlog_writes_what_one_batch_at_a_time_writes(o
     _assert_final_state(client, events)
 
 
+def test_a_bad_key_mid_pipelined_drain_fails_its_events_alone_and_they_apply_once_it_is_mended(own_redis):
+    """With two pipelines in flight, a batch whose script fails (one of its posts' counts key is a
+    string) is retried one event per call after the batch sent behind it: the bad post's events stay
+    pending, every other event is applied once, and once the key is mended a reclaim applies the
+    rest; the state then equals the recomputation (the effects do not depend on that order)."""
+    client, t0, events, _ = _thousand_clicks(own_redis, "k")
+    bad = 10 + 5  # post of every 13th click
+    client.set(keys.rt_post_counts(bad), "not a hash")
+    proc = StreamProcessor(client, RedisStreamsBus(client), consumer="P", clock=lambda: t0 + 1001.0)
+    while proc.run_once(count=100, pipelined=True):
+        pass
+    on_bad = [e for e in events if e.post_id == bad]
+    assert proc.stats["failed"] == len(on_bad) and proc.stats["applied"] == len(events) - len(on_bad)
+    assert client.xpending(KEY, GROUP)["pending"] == len(on_bad)
+    assert seen_event_ids(client) == {e.event_id for e in events if e.post_id != bad}
+    client.delete(keys.rt_post_counts(bad))
+    mended = StreamProcessor(client, RedisStreamsBus(client), consumer="Q", reclaim_idle_ms=0,
+                             clock=lambda: t0 + 1001.0)
+    assert mended.reclaim(count=1000) == len(on_bad)
+    assert client.xpending(KEY, GROUP)["pending"] == 0
+    _assert_final_state(client, events)
+
+
 class _TrimsOnRead(RedisStreamsBus):
     """A real ``RedisStreamsBus`` whose ``nth`` queued read first trims the stream's head up to the
     entry ``keep_from`` (``XTRIM MINID``), as a producer outrunning the length cap does: the
