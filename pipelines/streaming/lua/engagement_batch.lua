@@ -10,8 +10,8 @@
 -- instead of ~37 per event.
 --
 -- Two phases. 1: reads only. Every key is first read with a command of its type (HGET, HGETALL,
--- HMGET, ZCARD, SMISMEMBER, ...; TYPE for the two sets only written), which is also the key's type check: a
--- key of another type aborts the script with an error naming it while nothing is written (a
+-- HMGET, ZCARD, SMISMEMBER, ...; TYPE for the two sets only written), which is also the key's type
+-- check: a key of another type aborts the script with an error naming it while nothing is written (a
 -- script is not rolled back), and the processor retries the batch one event per call, so only the
 -- event whose key is bad stays pending. 2: writes, which cannot fail on a key's type any more.
 --
@@ -31,14 +31,14 @@
 -- writes; each part has its own idempotency sets (in its slot), so a part applied before a crash is
 -- skipped on redelivery and the others applied: exact once per part.
 --
--- KEYS: the 4 named below ('g' only), then one idempotency set per event hour, then per post its counts hash,
--- which also holds the newest-event fields and the decayed score ('p' only), per author (score; 'a'
--- only), per user (recent_posts, recent_authors, hated, follows, social_ts, action_sequence), then
+-- KEYS: the 4 named below ('g' only), then one idempotency set per event hour, then per post its
+-- counts hash, which also holds the newest-event fields and the decayed score ('p' only), per
+-- author (score; 'a' only), per user (recent_posts, recent_authors, hated, follows, social_ts, action_sequence), then
 -- (n_acks > 0) the events' stream.
 -- ARGV: the 20 named below, then per post its id, per author its id, then per event: kind,
 -- event_ts ('%.6f'), post index, author index, user index (1-based into the lists above; user
--- index 0: the event touches no user key), event id, idempotency set index, then (n_acks > 0) the consumer group and one stream
--- entry id per event, acknowledged (XACK) as the last write: the writes and the ack are one
+-- index 0: the event touches no user key), event id, idempotency set index, then (n_acks > 0) the
+-- consumer group and one stream entry id per event, acknowledged (XACK) as the last write: the writes and the ack are one
 -- atomic step. ``kinds`` is 'name weight positive engaged ...'.
 -- Returns per event 1 (applied now) or 0 (applied before: nothing written).
 --
@@ -155,22 +155,22 @@ end
 -- tags of the posts with a weighted event (the candidate index's post metadata), one HMGET
 local tags_of = {}  -- post index (string) -> list of tags
 if G then
-  local ids, want = {}, {}
+  local tagged, want = {}, {}  -- post indexes (strings), each once
   for i = 1, ne do
     local b = A_EVENT + EV * (i - 1)
     local pj = ARGV[b + 3]
-    if LOG2W[ARGV[b + 1]] and not want[pj] then want[pj] = true; ids[#ids + 1] = pj end
+    if LOG2W[ARGV[b + 1]] and not want[pj] then want[pj] = true; tagged[#tagged + 1] = pj end
   end
-  for s = 1, #ids, CHUNK do
+  for s = 1, #tagged, CHUNK do
     local part = {}
-    for k = s, min(s + CHUNK - 1, #ids) do part[#part + 1] = ARGV[A_POST + tonumber(ids[k])] end
+    for k = s, min(s + CHUNK - 1, #tagged) do part[#part + 1] = ARGV[A_POST + tonumber(tagged[k])] end
     local got = read('HMGET', index_post_meta, unpack(part))
     for k = 1, #part do
       local tags = got[k] and match(got[k], '|([%d,]*)$')
       if tags then
         local list = {}
         for tag in gmatch(tags, '%d+') do list[#list + 1] = tag end
-        tags_of[ids[s + k - 1]] = list
+        tags_of[tagged[s + k - 1]] = list
       end
     end
   end
