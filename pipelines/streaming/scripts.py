@@ -140,8 +140,8 @@ class EngagementBatchScript:
         ``write_s`` (epoch s); ``event_s`` is each event's time (epoch s), which the caller needs
         for the event-to-online lag. ``ack``: ``(stream key, group, one entry id per event)`` to
         acknowledge in the same call. ``parts`` (letters of ``"gpau"``) and ``seen_key`` ((event,
-        its event hour) -> the part's idempotency set) lay out one part of a cluster-mode batch (:meth:`split`): keys of the
-        parts not named are left out.
+        its event hour) -> the part's idempotency set) lay out one part of a cluster-mode batch
+        (:meth:`split`): keys of the parts not named are left out.
 
         Raises:
             ValueError: ``ack`` has another number of entry ids than there are events.
