@@ -575,7 +575,7 @@ class StreamProcessor:
         conn = self.client.connection_pool.get_connection()
         inflight: collections.deque = collections.deque()  # (prep, sent or None, reads queued in it)
         reads_in_flight = 0
-        applied, prep = 0, self._process_prepare(got)
+        applied, prep, finishing = 0, self._process_prepare(got), None
         self._unobserved = []  # lags go to the histogram while Redis runs the next pipeline
         try:
             while prep is not None or inflight:
@@ -594,8 +594,10 @@ class StreamProcessor:
                     if prep is not None:
                         continue
                 old, sent, n_reads = inflight.popleft()
+                finishing = old  # its reset may not have run until its replies are read
                 replies = iter(sent.replies() if sent is not None else [])
                 applied += self._process_finish(old, replies)
+                finishing = None
                 for _ in range(n_reads):
                     ahead.append((next(replies), next(replies)))
                 reads_in_flight -= n_reads
@@ -609,7 +611,7 @@ class StreamProcessor:
             unparsed = sum(int(lost) for lost, _ in ahead if isinstance(lost, int))
             if unparsed:
                 self._lost(unparsed, reset_now=False)
-            unfinished = [p for p, _, _ in inflight] + ([prep] if prep is not None else [])
+            unfinished = [p for p in (finishing, prep, *(q for q, _, _ in inflight)) if p is not None]
             self._coverage_reset_due |= (lost_unprepared or unparsed > 0
                                          or any(p.reset_coverage for p in unfinished))
             conn.disconnect()
