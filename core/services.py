@@ -680,6 +680,8 @@ class RedisServer(ManagedProcess):
     def command(self) -> list[str]:
         return [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.state.redis), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                # an expiring idempotency set (an hour of event ids) is freed off the main thread
+                "--lazyfree-lazy-expire", "yes",
                 "--protected-mode", "yes", "--daemonize", "no"]
 
     def _ping(self) -> bool:
@@ -807,6 +809,8 @@ class RedisNode(IndexedInstance, ManagedProcess):
         lines = [
             f"port {self.port}", "bind 127.0.0.1", "protected-mode yes", "daemonize no",
             f'dir "{self.folder}"', "appendonly yes", "appendfsync everysec", 'save ""',
+            # an expiring idempotency set (an hour of event ids) is freed off the main thread
+            "lazyfree-lazy-expire yes",
             # a replica (re)syncs at once: Redis 7 waits 5 s by default for more replicas to share
             # a diskless transfer, which would delay the start and the old primary's return
             "repl-diskless-sync yes", "repl-diskless-sync-delay 0",
@@ -1146,8 +1150,9 @@ class RedisHA(RedisSet):
             nodes = self.nodes()
             if not all(n.is_ours() for n in nodes):
                 # a node restarted while the Sentinels still disagree could start as a second
-                # primary and be kept as the primary by a Sentinel with the stale config
-                self._wait_agreed(t0 + timeout_s)
+                # primary and be kept as the primary by a Sentinel with the stale config; while a
+                # node runs, a primary the Sentinels see down is about to be failed over: wait for it
+                self._wait_agreed(t0 + timeout_s, primary_down_too=any(n.is_ours() for n in nodes))
             primary_port = self.primary_port()
             primary = next((n for n in nodes if n.port == primary_port), nodes[0])
             order = [primary, *[n for n in nodes if n is not primary]]
@@ -1171,16 +1176,22 @@ class RedisHA(RedisSet):
         self.started_seconds = time.monotonic() - t0
         return self
 
-    def _wait_agreed(self, deadline: float) -> None:
-        """Wait until the running Sentinels name one primary and none is failing over.
+    def _wait_agreed(self, deadline: float, primary_down_too: bool = False) -> None:
+        """Wait until the running Sentinels name one primary and none is failing over (with
+        ``primary_down_too``, also until none sees that primary down, ``s_down`` / ``o_down``, for
+        up to 10 s: the failover that follows names another).
 
         Raises:
             ServiceError: they still disagree at ``deadline`` (monotonic s).
         """
+        # a primary seen down is waited for a failover's time at most (down-after, the vote, the
+        # promotion): if none comes (no replica to promote) the node starts as the named primary
+        down_until = min(deadline, time.monotonic() + 10.0) if primary_down_too else 0.0
         while True:
             states = [m for s in self.sentinels() if s.is_ours() and (m := s.master_state())]
             ports = {m.get("port") for m in states}
-            if len(ports) <= 1 and not any("failover" in m.get("flags", "") for m in states):
+            busy = ("failover", "s_down", "o_down") if time.monotonic() < down_until else ("failover",)
+            if len(ports) <= 1 and not any(b in m.get("flags", "") for m in states for b in busy):
                 return
             if time.monotonic() > deadline:
                 raise ServiceError(f"the Sentinels have not settled a failover: they name the primary ports "

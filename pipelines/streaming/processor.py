@@ -573,13 +573,19 @@ class StreamProcessor:
         # runs the older one the newer waits in its socket, so Redis does not sit idle while this
         # thread reads a reply, counts the outcomes and sends the next pipeline.
         conn = self.client.connection_pool.get_connection()
+        # a health check would send a PING on a connection whose replies are still unread and take
+        # the older pipeline's first reply for its answer: none on this connection while it is ours
+        health_check_interval, conn.health_check_interval = conn.health_check_interval, 0
         inflight: collections.deque = collections.deque()  # (prep, sent or None, reads queued in it)
         reads_in_flight = 0
         applied, prep, finishing = 0, self._process_prepare(got), None
         self._unobserved = []  # lags go to the histogram while Redis runs the next pipeline
         try:
             while prep is not None or inflight:
-                if prep is not None:
+                # a batch after a gap is sent alone: its coverage reset must follow every write of
+                # the batches before the gap, including a failed one's retry (_retry_one_by_one,
+                # which runs after the replies of its own pipeline are read)
+                if prep is not None and not (prep.reset_coverage and inflight):
                     n_reads = max(0, 2 - len(ahead) - reads_in_flight) if reading else 0
                     for _ in range(n_reads):
                         self.bus.queue_poll(prep.pipe, self.topic, self.group, self.consumer, count)
@@ -601,7 +607,8 @@ class StreamProcessor:
                 for _ in range(n_reads):
                     ahead.append((next(replies), next(replies)))
                 reads_in_flight -= n_reads
-                prep = next_batch()
+                if prep is None:
+                    prep = next_batch()
         except BaseException:
             # the batches in hand stay pending (re-read after the error); the connection with
             # replies unread is dropped. A gap seen (or read and not yet parsed) whose queued reset
@@ -614,9 +621,13 @@ class StreamProcessor:
             unfinished = [p for p in (finishing, prep, *(q for q, _, _ in inflight)) if p is not None]
             self._coverage_reset_due |= (lost_unprepared or unparsed > 0
                                          or any(p.reset_coverage for p in unfinished))
+            for _, unread, _ in inflight:
+                if unread is not None:
+                    unread.close()  # also resets its pipeline (a connection its script loading took)
             conn.disconnect()
             raise
         finally:
+            conn.health_check_interval = health_check_interval
             self.client.connection_pool.release(conn)
             lags, self._unobserved = self._unobserved, None
             self._observe(lags)

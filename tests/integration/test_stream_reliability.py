@@ -516,6 +516,23 @@ def test_entries_lost_mid_pipelined_drain_restart_coverage_after_the_batches_bef
     assert client.xpending(KEY, GROUP)["pending"] == 0
 
 
+def test_a_failed_batch_before_a_gap_is_retried_before_the_gaps_coverage_reset(own_redis):
+    """A batch before a gap whose script fails (a post's counts key is a string) is retried one
+    event per call; the batch after the gap carries the coverage reset and must not run before that
+    retry, or the retried events would pull coverage back over the hole."""
+    from mixer.feature_hydrators.realtime_reader import RealtimeFeatureReader
+
+    client, t0, events, ids = _thousand_clicks(own_redis, "r")
+    client.set(keys.rt_post_counts(10 + 5), "not a hash")  # every batch holds clicks on post 15
+    bus = _TrimsOnRead(client, nth=4, keep_from=ids[500].encode())  # 300-499 trimmed before read 4
+    proc = StreamProcessor(client, bus, consumer="P", clock=lambda: t0 + 1001.0)
+    while proc.run_once(count=100, pipelined=True):
+        pass
+    kept = [e for e in events[:300] + events[500:] if e.post_id != 15]
+    assert proc.stats["lost"] == 200 and proc.stats["applied"] == len(kept)
+    assert RealtimeFeatureReader(client).coverage().since == t0 + 500
+
+
 class _FailsOnce(_TrimsOnRead):
     """``_TrimsOnRead`` that raises once, as a read-ahead reply with an error (a failover's
     READONLY, a BUSY script) would: at the 5th ``take_poll`` (``where="take"``: entries 600-699,

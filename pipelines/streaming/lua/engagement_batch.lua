@@ -261,15 +261,16 @@ end
 local tr_posts, tr_tags = {}, {}  -- member, x, member, x, ... in event order
 local cov, covn, cov_dirty = nil, {}, {}  -- since, newest, first: as stored ('%.6f'), as numbers
 local result = {}
-local in_batch = {}
+local in_batch = {}  -- per idempotency set: the ids applied by this call (an id counts once per hour, as across calls)
+for s = 1, ns do in_batch[s] = {} end
 local clock_edge = write_s + bucket_len  -- events beyond: a skewed producer's clock
 for i = 1, ne do
   local b = A_EVENT + EV * (i - 1)
-  local id = ids[i]
-  if marks[i] or in_batch[id] then
+  local id, applied_here = ids[i], in_batch[set_of[i]]
+  if marks[i] or applied_here[id] then
     result[i] = 0
   else
-    in_batch[id] = true
+    applied_here[id] = true
     result[i] = 1
     local kind, event_ts, pj, aj, uj = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4], ARGV[b + 5]
     local ets = tonumber(event_ts)
