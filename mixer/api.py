@@ -93,9 +93,7 @@ class TimelineResponse(BaseModel):
                     "query_hydration (user context last-known or unknown), candidate_sources / "
                     "candidate_hydration / feature_hydration (served from the last-known-good caches, Redis "
                     "unreachable), realtime_features (batch counts: Redis unreachable or the stream processor "
-                    "stopped), filters (a degraded page left with no candidate: posts served before are served again, "
-                    "only earlier pages of this timeline stay excluded), side_effects (served-posts / impression "
-                    "writes buffered until Redis is back)")
+                    "stopped), side_effects (served-posts / impression writes buffered until Redis is back)")
     quality_factor: float = Field(
         1.0, description="share of the full work this page got, in (0, 1]: under load the candidate source "
                          "limits and the heavy ranker's top K are scaled by it (1: full quality)")

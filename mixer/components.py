@@ -169,12 +169,6 @@ class FilterResult:
 class Filter(Protocol):
     """Drops candidates before feature hydration, on core data only (cheapest first).
 
-    A filter may also define ``apply_relaxed(query, candidates)``: the looser rule the runner uses
-    when a degraded request (a stage fell back) has no candidate left after the filters, because a
-    page with posts served before beats no page (``PreviouslySeenFilter`` then keeps posts served
-    recently and drops only the ones on earlier pages of this timeline). Filters without it (safety:
-    blocked, muted, hated authors) apply their rule as always.
-
     Attributes:
         name: short name: key of ``TimelineResult.filtered`` and the ``filter`` metric label.
     """

@@ -9,9 +9,7 @@ A pipeline is declared as a ``CandidatePipeline``: one list of components per st
     candidate_hydration      candidate hydrators, in order    raise
     (each of the above, and feature hydrators and side effects: ``Fallback(value)`` = go on with
     ``value``, degraded += the stage; see ``mixer.components.Fallback``)
-    filters                  filters, in order                raise; a degraded request left
-                             (again with ``apply_relaxed``)   with nothing: the filters' looser
-                                                              rules, degraded += filters
+    filters                  filters, in order                raise
     <hydrator.stage>         feature hydrators, in order      fail open: degraded += stage
     <scoring stage name>     per ScoringStage: its selectors,
                              then its scorers                 raise
@@ -256,16 +254,12 @@ class PipelineRunner:
         hydrated = len(candidates)
         clock.lap(CANDIDATE_HYDRATION)
 
-        filtered, kept = self._filter(query, candidates, relaxed=False)
-        if not kept and candidates and degraded:
-            # a degraded request left with nothing: the looser rules of the filters that have one
-            # (Filter docstring); a page of posts served before beats no page
-            filtered, kept = self._filter(query, candidates, relaxed=True)
-            if kept:
-                self._degraded(degraded, FILTERS, "relaxed", query,
-                               Fallback(None, f"every candidate was filtered while {', '.join(degraded)} fell "
-                                              f"back; {len(kept)} kept by the relaxed rules"))
-        candidates = kept
+        filtered: dict[str, int] = {}
+        for f in p.filters:
+            if f.enabled(query):
+                outcome = f.apply(query, candidates)
+                candidates = outcome.kept
+                filtered[f.name] = len(outcome.removed)
         after_filters = len(candidates)
         clock.lap(FILTERS)
 
@@ -347,18 +341,6 @@ class PipelineRunner:
         for effect in after_total:
             self._side_effect(effect, result)
         return result
-
-    def _filter(self, query: Query, candidates: list[Candidate], relaxed: bool) -> tuple[dict[str, int], list[Candidate]]:
-        """``({filter name: removed count}, kept)`` of the enabled filters in order; ``relaxed``:
-        each filter's ``apply_relaxed`` where it has one."""
-        filtered: dict[str, int] = {}
-        for f in self.pipeline.filters:
-            if f.enabled(query):
-                rule = getattr(f, "apply_relaxed", None) if relaxed else None
-                outcome = (rule or f.apply)(query, candidates)
-                candidates = outcome.kept
-                filtered[f.name] = len(outcome.removed)
-        return filtered, candidates
 
     @staticmethod
     def _degraded(degraded: list[str], stage: str, component: str, query: Query, fallback: Fallback) -> None:

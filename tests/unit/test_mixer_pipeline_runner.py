@@ -17,7 +17,6 @@ from mixer.candidate import Candidate, Query
 from mixer.components import (
     CandidateHydrator,
     CandidateSource,
-    Fallback,
     FeatureHydrator,
     Filter,
     FilterResult,
@@ -485,32 +484,3 @@ def test_home_timeline_declaration_reads_top_to_bottom_and_gates_from_config():
     off_tt = home_timeline(parse_config(data), RankerSet(rankers.light, rankers.heavy, TwoTower()), client=client,
                            feature_hydrator=Store(), metrics=MixerMetrics())
     assert not off_tt.candidate_sources[1].enabled(q) and not off_tt.feature_hydrators[2].enabled(q)
-
-
-class Fallen(Posts):
-    """``Posts`` served from a last-known-good list: the source stage is degraded."""
-
-    name = "fallen"
-
-    def fetch(self, query):
-        raise Fallback(super().fetch(query), "Redis unavailable")
-
-
-def test_a_degraded_request_with_every_candidate_filtered_gets_the_relaxed_filters(pool):
-    """Redis dies between the query hydration (the user's served posts were read) and the sources
-    (their last-known-good lists hold only posts the user was served): the page repeats posts
-    served before instead of being empty; earlier pages of this timeline stay excluded."""
-    calls, metrics = Calls(), MixerMetrics()
-    pipeline = dataclasses.replace(_declare(calls, metrics), candidate_sources=[Fallen(calls)])
-    served = frozenset(range(20))
-    query = dataclasses.replace(_query(), served_posts=served, excluded_posts=frozenset({18, 16}))
-    res = _run(pool, pipeline, metrics, query)
-    assert res.degraded == ["candidate_sources", "filters"]
-    assert res.items and not {c.post_id for c in res.items} & {16, 18}  # earlier pages stay out
-    assert res.filtered["previously_seen"] == 2 and res.counts["after_filters"] == 18
-
-    # not degraded: a user who was served everything gets an empty page, as before
-    calls, metrics = Calls(), MixerMetrics()
-    pipeline = _declare(calls, metrics)
-    res = _run(pool, pipeline, metrics, dataclasses.replace(_query(), served_posts=served))
-    assert res.items == [] and res.degraded == [] and res.counts["after_filters"] == 0
