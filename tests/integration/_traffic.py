@@ -1,8 +1,9 @@
 """Steady timeline traffic for the fault tests: ``threads`` clients posting home-timeline requests
 on a fixed schedule (``rate_hz`` in all, evenly spread), each on its own keep-alive connection, so a
 fault meets requests in flight on every worker. Each answer is recorded as
-``(answered_at, user, status, degraded, sent_at)`` (wall-clock seconds; status -1 when no HTTP
-answer came; degraded only for 200s)."""
+``(answered_at, user, status, degraded, sent_at, message)`` (wall-clock seconds; status -1 when
+no HTTP answer came; degraded only for 200s; message: the start of a non-200 answer's body, or of
+the client's error, so a failure says which refusal it was)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class PacedLoad:
     def __init__(self, base: str, users: list[int], rate_hz: float, threads: int = 4,
                  headers: dict[str, str] | None = None):
         self.base, self.users, self.rate_hz, self.headers = base, users, rate_hz, headers or {}
-        self.records: list[tuple[float, int, int, list[str] | None, float]] = []
+        self.records: list[tuple[float, int, int, list[str] | None, float, str]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i, threads), daemon=True) for i in range(threads)]
@@ -41,14 +42,17 @@ class PacedLoad:
                 user = self.users[i % len(self.users)]
                 i += n
                 sent = time.time()
+                message = ""
                 try:
                     r = http.post("/v1/home-timeline", json={"user_id": user, "limit": 10})
                     status = r.status_code
                     degraded = r.json().get("degraded") if status == 200 else None
-                except httpx.HTTPError:
-                    status, degraded = -1, None  # no answer at all (the caller counts it as an error)
+                    if status != 200:
+                        message = r.text[:300]
+                except httpx.HTTPError as e:
+                    status, degraded, message = -1, None, repr(e)[:300]  # no answer at all: an error
                 with self._lock:
-                    self.records.append((time.time(), user, status, degraded, sent))
+                    self.records.append((time.time(), user, status, degraded, sent, message))
 
     def __enter__(self) -> "PacedLoad":
         for t in self._threads:

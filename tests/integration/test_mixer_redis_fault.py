@@ -134,7 +134,7 @@ def test_redis_killed_and_restarted_under_load(tmp_path, data_dir, monkeypatch):
         print(f"  during the outage: {len(outage)} answers, {len(surely_down)} wholly inside it, "
               f"{len(degraded_answers)} of those degraded, "
               f"stages {sorted({s for r in outage for s in (r[3] or [])})}; /healthz {health_seen}")
-        print(f"  errors (non-200) overall: {len(errors)} {[r[2] for r in errors][:10]}")
+        print(f"  errors (non-200) overall: {len(errors)} {[(r[2], r[5][:160]) for r in errors][:10]}")
         print(f"  first normal answer {recovery_s if recovery_s is None else round(recovery_s, 3)} s after Redis "
               f"answered (limit {RECOVERY_LIMIT_S} s)")
         print(f"  buffered writes: flushed {flushed}, dropped {dropped}; impressions in the stream {before} -> "
