@@ -1201,14 +1201,13 @@ class RedisHA(RedisSet):
     def problems(self) -> list[str]:
         """What keeps the set from failing over now (empty when ready)."""
         problems = []
-        named = {port for _, port in self.sentinel_views()}
-        if len(named) > 1:
-            problems.append(f"the Sentinels name different primaries (ports {sorted(named)})")
+        named = set()
         for s in self.sentinels():
             m = s.master_state()
             if m is None:
                 problems.append(f"sentinel {s.index} does not answer")
                 continue
+            named.add(m.get("port"))
             flags = m.get("flags", "")
             if "s_down" in flags or "o_down" in flags or "failover" in flags:
                 problems.append(f"sentinel {s.index}: primary flags {flags}")
@@ -1219,6 +1218,8 @@ class RedisHA(RedisSet):
             for replica in s.replicas():
                 if {"s_down", "o_down", "disconnected"} & set(replica.get("flags", "").split(",")):
                     problems.append(f"sentinel {s.index}: replica {replica.get('name')} is {replica.get('flags')}")
+        if len(named) > 1:
+            problems.append(f"the Sentinels name different primaries (ports {sorted(named)})")
         primary = self.primary_port()
         for n in self.nodes():
             if n.port == primary:

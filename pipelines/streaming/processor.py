@@ -100,36 +100,28 @@ class _PreparedWrite:
 
 
 class _SentPipeline:
-    """A non-transactional redis-py pipeline sent now and its replies read later: redis-py's
-    ``Pipeline._execute_pipeline`` in two halves, so the caller can do other work while Redis runs
-    the commands. On ``conn`` (a connection the caller holds: pipelines sent on it run in the order
-    sent, and their replies are read in that order) or on a connection of the pipeline's pool, given
-    back after the replies. No retry: a connection error raises (from the send or from
-    :meth:`replies`) and the connection is dropped."""
+    """A non-transactional redis-py pipeline sent now on ``conn`` and its replies read later:
+    redis-py's ``Pipeline._execute_pipeline`` in two halves, so the caller can do other work while
+    Redis runs the commands. ``conn`` is a connection the caller holds: pipelines sent on it run in
+    the order sent, and their replies are read in that order. No retry: a connection error raises
+    (from the send or from :meth:`replies`) and the connection is dropped (the caller gives it
+    back)."""
 
-    def __init__(self, pipe, conn=None):
+    def __init__(self, pipe, conn):
         if pipe.scripts:  # redis-py Script calls queued (social.lua, the stamp): loaded as execute() does
             pipe.load_scripts()
-        self.pipe, self.commands = pipe, list(pipe.command_stack)
-        self.owned = conn is None
-        self.conn = pipe.connection_pool.get_connection() if self.owned else conn
+        self.pipe, self.commands, self.conn = pipe, list(pipe.command_stack), conn
         try:
-            self.conn.send_packed_command(self.conn.pack_commands([args for args, _ in self.commands]))
+            conn.send_packed_command(conn.pack_commands([args for args, _ in self.commands]))
         except BaseException:
-            self.conn.disconnect()
-            self._release()
+            conn.disconnect()
             raise
 
-    def _release(self) -> None:
-        if self.owned:
-            self.pipe.connection_pool.release(self.conn)
-
     def close(self) -> None:
-        """Give the connection back without reading the replies (after an error elsewhere): it is
-        disconnected first, since unread replies would answer the next user's commands."""
+        """Drop the replies unread (after an error elsewhere): the connection is disconnected,
+        since unread replies would answer its next user's commands."""
         if self.conn is not None:
             self.conn.disconnect()
-            self._release()
             self.pipe.reset()
             self.conn = None
 
@@ -147,7 +139,6 @@ class _SentPipeline:
             self.conn.disconnect()  # replies left unread: the connection cannot be reused
             raise
         finally:
-            self._release()
             self.pipe.reset()
             self.conn = None
         return out

@@ -25,7 +25,7 @@ from core import online_layout as keys
 from core import realtime
 from core.lua import LuaScriptSpec, queue_evalsha
 from core.history_features import SEQUENCE_LENGTH
-from core.realtime import SEEN_HOUR_S
+from core.realtime import seen_hour
 from core.schema import POSITIVE_HEADS
 from pipelines.sequences import ENGAGED_HEADS
 
@@ -150,7 +150,6 @@ class EngagementBatchScript:
         ev, ets = [], []
         seen: dict[str, int] = {}  # idempotency set -> its index
         seen_of_hour: dict[int, int] = {}  # one entity per call (or the global part): the hour decides
-        hour_s = SEEN_HOUR_S
         posts: dict[int, int] = {}
         authors: dict[int, int] = {}
         users: dict[int, int] = {}
@@ -180,7 +179,7 @@ class EngagementBatchScript:
                                   keys.follows(u), keys.rt_social_ts(u), keys.action_sequence(u))
             t = e.event_ts.timestamp()
             ets.append(t)
-            h = int(t // hour_s) * hour_s  # = core.realtime.seen_hour
+            h = seen_hour(t)
             sj = seen_of_hour.get(h)
             if sj is None:
                 sj = seen_of_hour[h] = seen[seen_key(e, h)] = len(seen) + 1
